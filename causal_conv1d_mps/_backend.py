@@ -1,0 +1,83 @@
+"""Which backend serves a call: the device's default, or the one forced by CAUSAL_CONV1D_BACKEND.
+
+A backend that cannot run a call (no compiler, old PyTorch, an unsupported dtype) hands it to the
+reference path on the same device, with one warning per distinct reason.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from types import ModuleType
+
+import torch
+
+ENV_VAR = "CAUSAL_CONV1D_BACKEND"
+BACKENDS = ("reference", "triton", "metal")
+_MODULES = {"reference": "causal_conv1d_mps.reference",
+            "triton": "causal_conv1d_mps.triton",
+            "metal": "causal_conv1d_mps.metal"}
+_DEVICE_DEFAULT = {"cuda": "triton", "mps": "metal"}
+
+_selected: dict[tuple, ModuleType] = {}
+_warned: set[str] = set()
+
+
+def requested_backend(device: torch.device) -> str:
+    """The backend asked for on `device`: the environment variable (read at call time) or the default."""
+    forced = os.environ.get(ENV_VAR)
+    if forced:
+        name = forced.strip().lower()
+        if name not in BACKENDS:
+            raise ValueError(f"{ENV_VAR}: expected one of {', '.join(BACKENDS)}, got {forced!r}")
+        return name
+    return _DEVICE_DEFAULT.get(device.type, "reference")
+
+
+def _load(name: str) -> ModuleType | str:
+    try:
+        return importlib.import_module(_MODULES[name])
+    except ImportError as exc:
+        return f"cannot import {_MODULES[name]}: {exc}"
+
+
+def backend_unavailable_reason(name: str, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """None when backend `name` can run on `device` (for `dtype`, float32 if not given); else why not."""
+    if name not in BACKENDS:
+        return f"unknown backend {name!r}"
+    module = _load(name)
+    if isinstance(module, str):
+        return module
+    return module.unsupported_reason(torch.device(device), dtype or torch.float32)
+
+
+def select(device: torch.device, dtype: torch.dtype) -> ModuleType:
+    """The backend module that runs an op on `device` for an `x` of `dtype`."""
+    name = requested_backend(device)
+    key = (name, device.type, dtype)
+    module = _selected.get(key)
+    if module is None:
+        module = _resolve(name, device, dtype)
+        _selected[key] = module
+    return module
+
+
+def _resolve(name: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
+    reference = importlib.import_module(_MODULES["reference"])
+    if name == "reference":
+        return reference
+    reason = backend_unavailable_reason(name, device, dtype)
+    if reason is None:
+        return _load(name)
+    message = (f"causal_conv1d_mps: the {name} backend cannot run on {device.type} with {dtype}: {reason}; "
+               f"using the PyTorch reference path instead")
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+    return reference
+
+
+def clear_cache() -> None:
+    """Forget resolved backends and issued warnings (tests that change the environment use this)."""
+    _selected.clear()
+    _warned.clear()

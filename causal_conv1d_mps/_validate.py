@@ -1,0 +1,161 @@
+"""Argument checks of the public functions (SPEC section 4).
+
+Each check raises before any kernel runs, with a message naming the argument, what was expected and
+what was received. Value checks that need the tensor's contents (cu_seqlens, index ranges) run where they
+cost no host synchronisation: on CPU tensors always, on GPUs only in eager mode outside CUDA-graph capture.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def activation_is_silu(activation, name: str = "activation") -> bool:
+    if activation is None:
+        return False
+    if activation in ("silu", "swish"):
+        return True
+    raise ValueError(f"{name}: expected None, 'silu' or 'swish', got {activation!r}")
+
+
+def tensor(name: str, value, *, ndim: int | None = None) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(value.shape)}")
+    return value
+
+
+def floating(name: str, value: Tensor) -> None:
+    if not value.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor (float32, float16, bfloat16), "
+                        f"got dtype {value.dtype}")
+
+
+def integer(name: str, value: Tensor) -> None:
+    if value.dtype not in _INTEGER_DTYPES:
+        raise TypeError(f"{name}: expected an integer tensor (int32 or int64), got dtype {value.dtype}")
+
+
+def shape(name: str, value: Tensor, expected: tuple, meaning: str) -> None:
+    if tuple(value.shape) != tuple(expected):
+        raise ValueError(f"{name}: expected shape {tuple(expected)} {meaning}, got {tuple(value.shape)}")
+
+
+def same_device(**tensors) -> torch.device:
+    given = {name: t for name, t in tensors.items() if t is not None}
+    devices = {t.device for t in given.values()}
+    if len(devices) > 1:
+        listing = ", ".join(f"{name} on {t.device}" for name, t in given.items())
+        raise ValueError(f"all tensor arguments must be on one device, got {listing}")
+    return next(iter(devices))
+
+
+def weight_and_bias(weight, bias, channels: int) -> int:
+    tensor("weight", weight, ndim=2)
+    floating("weight", weight)
+    if weight.shape[0] != channels:
+        raise ValueError(f"weight: expected shape ({channels}, W) for {channels} channels, got {tuple(weight.shape)}")
+    if weight.shape[1] < 1:
+        raise ValueError(f"weight: expected width W >= 1, got shape {tuple(weight.shape)}")
+    if bias is not None:
+        tensor("bias", bias)
+        floating("bias", bias)
+        shape("bias", bias, (channels,), "(D,)")
+    return weight.shape[1]
+
+
+def states(name: str, value, rows: int, channels: int, width: int, rows_meaning: str) -> None:
+    if value is None:
+        return
+    tensor(name, value, ndim=3)
+    floating(name, value)
+    shape(name, value, (rows, channels, width - 1), f"({rows_meaning}, D, W-1) for W={width}")
+
+
+def index_vector(name: str, value, length: int) -> None:
+    if value is None:
+        return
+    tensor(name, value)
+    integer(name, value)
+    shape(name, value, (length,), "(B,)")
+
+
+def values_checkable(value: Tensor) -> bool:
+    """True where reading the tensor's values costs no capture-unsafe host synchronisation."""
+    if value.device.type == "cpu":
+        return True
+    if value.device.type == "meta" or torch.compiler.is_compiling():
+        return False
+    if value.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def cu_seqlens(value, total: int) -> int:
+    """Checks `(N+1,)` integer, 0 first, `total` last, non-decreasing; returns N."""
+    tensor("cu_seqlens", value, ndim=1)
+    integer("cu_seqlens", value)
+    if value.shape[0] < 1:
+        raise ValueError("cu_seqlens: expected shape (N+1,) with N >= 0, got an empty tensor")
+    if values_checkable(value):
+        cpu = value.detach().to("cpu", torch.int64)
+        if int(cpu[0]) != 0 or int(cpu[-1]) != total:
+            raise ValueError(f"cu_seqlens: expected to start at 0 and end at T={total}, "
+                             f"got first {int(cpu[0])} and last {int(cpu[-1])}")
+        if cpu.shape[0] > 1 and bool((cpu[1:] < cpu[:-1]).any()):
+            raise ValueError(f"cu_seqlens: expected non-decreasing values, got {cpu.tolist()}")
+    return value.shape[0] - 1
+
+
+def state_indices_in_range(value: Tensor | None, num_states: int) -> None:
+    """Rejects indices >= N where that is free (CPU); GPUs treat them as padding instead."""
+    if value is None or value.device.type != "cpu" or value.numel() == 0:
+        return
+    top = int(value.max())
+    if top >= num_states:
+        raise ValueError(f"conv_state_indices: expected values < {num_states} (conv_state rows) or negative "
+                         f"for padding, got {top}")
+
+
+_MASK_FORMS = "(B, T), (1, T), (B, 1), (T, B), or 1-D of length T, B or B*T"
+
+
+def normalize_mask(mask, batch: int, length: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Any accepted attention-mask form -> `[B, T]` contiguous in `dtype` (float32; float64 for float64 x).
+
+    A 1-D mask of length T == B is read as per-time (length T), like a square 2-D mask is read as (B, T).
+    """
+    tensor("attention_mask", mask)
+    if mask.is_complex():
+        raise TypeError(f"attention_mask: expected bool, integer or floating dtype, got {mask.dtype}")
+    m = mask
+    got = tuple(mask.shape)
+    if m.dim() == 1:
+        n = m.shape[0]
+        if n == batch * length:
+            m = m.view(batch, length)
+        elif n == length:
+            m = m.view(1, length).expand(batch, length)
+        elif n == batch:
+            m = m.view(batch, 1).expand(batch, length)
+        else:
+            m = None
+    elif m.dim() == 2:
+        r, c = m.shape
+        if r in (batch, 1) and c >= length:
+            m = m[:, c - length:].expand(batch, length)  # a longer mask keeps its last T columns
+        elif r == batch and c == 1:
+            m = m.expand(batch, length)
+        elif r == length and c == batch:
+            m = m.t()
+        else:
+            m = None
+    else:
+        m = None
+    if m is None:
+        raise ValueError(f"attention_mask: cannot be read as (B, T) = ({batch}, {length}): got shape {got}; "
+                         f"accepted forms are {_MASK_FORMS}, with more than T columns keeping the last T")
+    return m.to(dtype).contiguous()

@@ -1,0 +1,213 @@
+"""The public functions (SPEC section 3): validate, normalise, then run the op of `ops.py`.
+
+Shapes are written `[B, D, T]` (channel-first family) and `[B, T, D]` (fused family). Accumulation is
+float32 (float64 for float64 inputs); outputs take `x`'s dtype; weights are used in their own dtype.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _validate as check
+from . import _window, ops
+
+
+def _int32(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.to(torch.int32).contiguous()
+
+
+def _contig(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def _bdt_layout(x: Tensor) -> Tensor:
+    """`x` itself when contiguous or channel-last (a transposed contiguous `[B, T, D]`), else a contiguous copy."""
+    if x.is_contiguous() or x.transpose(1, 2).is_contiguous():
+        return x
+    return x.contiguous()
+
+
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None, *,
+                  seq_idx: Tensor | None = None, initial_states: Tensor | None = None,
+                  return_final_states: bool = False, final_states_out: Tensor | None = None):
+    """Causal depthwise conv of `x` `[B, D, T]` with `weight` `[D, W]`, optional `bias` `[D]` and SiLU.
+
+    `x` may be contiguous or the channel-last view `x_btd.transpose(1, 2)`; `out` has the same layout and
+    no copy is made (other strides are copied to contiguous first). `seq_idx` `[B, T]` int: taps only
+    within one sequence id, output 0 where it is negative. `initial_states` `[B, D, W-1]` are the inputs
+    before t = 0. With `return_final_states` (implied by `final_states_out`), returns `(out, final_states)`,
+    the last W-1 columns of the extended input; `final_states_out` is written in place and returned.
+    Differentiable in x, weight, bias and initial_states (a gradient on final_states is honoured).
+    """
+    silu = check.activation_is_silu(activation)
+    check.tensor("x", x, ndim=3)
+    check.floating("x", x)
+    b, d, t = x.shape
+    width = check.weight_and_bias(weight, bias, d)
+    if seq_idx is not None:
+        check.tensor("seq_idx", seq_idx, ndim=2)
+        check.integer("seq_idx", seq_idx)
+        check.shape("seq_idx", seq_idx, (b, t), "(B, T)")
+    check.states("initial_states", initial_states, b, d, width, "B")
+    check.states("final_states_out", final_states_out, b, d, width, "B")
+    check.same_device(x=x, weight=weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states,
+                      final_states_out=final_states_out)
+    want_final = return_final_states or final_states_out is not None
+    out, final = ops.causal_conv1d(_bdt_layout(x), weight.contiguous(), _contig(bias), _int32(seq_idx),
+                                   _contig(initial_states), silu, want_final)
+    if not want_final:
+        return out
+    if final_states_out is not None:
+        final = final_states_out.copy_(final)
+    return out, final
+
+
+def causal_conv1d_fn(x: Tensor, weight: Tensor, bias: Tensor | None = None, seq_idx: Tensor | None = None,
+                     initial_states: Tensor | None = None, return_final_states: bool = False,
+                     final_states_out: Tensor | None = None, activation: str | None = None):
+    """Dao-AILab `causal_conv1d_fn`'s positional order; the same op as `causal_conv1d`."""
+    return causal_conv1d(x, weight, bias, activation, seq_idx=seq_idx, initial_states=initial_states,
+                         return_final_states=return_final_states, final_states_out=final_states_out)
+
+
+def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None = None, silu_activation: bool = False) -> Tensor:
+    """Forward only (records no autograd graph): `[B, D, T]` result."""
+    with torch.no_grad():
+        return causal_conv1d(x, weight, bias, "silu" if silu_activation else None)
+
+
+def _activation_flag(activation) -> bool:
+    if isinstance(activation, bool):
+        return activation
+    return check.activation_is_silu(activation)
+
+
+def short_conv_fused(x: Tensor, weight: Tensor, bias: Tensor | None = None, attention_mask: Tensor | None = None,
+                     activation: bool = True, residual: bool = True, *, initial_states: Tensor | None = None,
+                     return_final_states: bool = False, cu_seqlens: Tensor | None = None):
+    """`out = (x if residual else 0) + act(bias + conv(x * mask))` over `x` `[B, T, D]`, in one pass.
+
+    `x` needs `x.stride(2) == 1` and is read in place whatever its B/T strides (otherwise it is copied);
+    `out` is a new contiguous `[B, T, D]`. `attention_mask` in any form of SPEC 3.4 multiplies the conv input
+    (the residual adds the unmasked x); it gets no gradient. `activation` True (or 'silu'/'swish') applies
+    SiLU. `cu_seqlens` `[N+1]` (with B == 1) packs N sequences convolved independently; states are then
+    `[N, D, W-1]`, else `[B, D, W-1]`. States are inputs of the conv: `initial_states` are not masked again,
+    final states are the last W-1 columns of the masked, extended input. Returns `out`, or
+    `(out, final_states)` with `return_final_states`.
+    """
+    act = _activation_flag(activation)
+    check.tensor("x", x, ndim=3)
+    check.floating("x", x)
+    b, t, d = x.shape
+    width = check.weight_and_bias(weight, bias, d)
+    mask = None if attention_mask is None else check.normalize_mask(
+        attention_mask, b, t, torch.float64 if x.dtype == torch.float64 else torch.float32)
+    rows = b
+    if cu_seqlens is not None:
+        if b != 1:
+            raise ValueError(f"x: expected batch size 1 with cu_seqlens (packed sequences), got shape {tuple(x.shape)}")
+        rows = check.cu_seqlens(cu_seqlens, t)
+    check.states("initial_states", initial_states, rows, d, width, "N" if cu_seqlens is not None else "B")
+    check.same_device(x=x, weight=weight, bias=bias, attention_mask=attention_mask, initial_states=initial_states,
+                      cu_seqlens=cu_seqlens)
+    if x.stride(2) != 1 and d > 1:
+        x = x.contiguous()
+    out, final = ops.short_conv_fused(x, weight.contiguous(), _contig(bias), mask, _contig(initial_states),
+                                      _int32(cu_seqlens), act, bool(residual), return_final_states)
+    return (out, final) if return_final_states else out
+
+
+def short_conv_fused_fwd_only(*args, **kwargs):
+    """`short_conv_fused` without recording an autograd graph."""
+    with torch.no_grad():
+        return short_conv_fused(*args, **kwargs)
+
+
+def _decode_step(x3: Tensor, conv_state: Tensor, weight: Tensor, bias, cache_seqlens, conv_state_indices,
+                 act: bool, residual: bool) -> Tensor:
+    """Validated decode step on `x3` `[B, L, D]`; returns `out` like `x3`."""
+    b, _, d = x3.shape
+    width = check.weight_and_bias(weight, bias, d)
+    check.tensor("conv_state", conv_state, ndim=3)
+    check.floating("conv_state", conv_state)
+    if conv_state.dtype != x3.dtype:
+        raise TypeError(f"conv_state: expected dtype {x3.dtype} (the dtype of x), got {conv_state.dtype}")
+    n, state_d, state_len = conv_state.shape
+    if state_d != d or state_len < width - 1:
+        raise ValueError(f"conv_state: expected shape (B or N, {d}, S) with S >= W-1 = {width - 1}, "
+                         f"got {tuple(conv_state.shape)}")
+    if conv_state_indices is None and n != b:
+        raise ValueError(f"conv_state: expected {b} rows (one per batch row, no conv_state_indices), "
+                         f"got shape {tuple(conv_state.shape)}")
+    check.index_vector("cache_seqlens", cache_seqlens, b)
+    check.index_vector("conv_state_indices", conv_state_indices, b)
+    check.same_device(x=x3, conv_state=conv_state, weight=weight, bias=bias, cache_seqlens=cache_seqlens,
+                      conv_state_indices=conv_state_indices)
+    check.state_indices_in_range(conv_state_indices, n)
+    seqlens, indices = _int32(cache_seqlens), _int32(conv_state_indices)
+    weight, bias = weight.contiguous(), _contig(bias)
+    if not ops._wants_grad(x3, weight, bias):
+        return ops.short_conv_update(x3, conv_state, weight, bias, seqlens, indices, act, residual)
+    # Differentiable route: the pre-update window is a constant input of the fused op; then write the state.
+    window = _window.gather_window(conv_state.detach(), seqlens, indices, width - 1, b)
+    out, _ = ops.short_conv_fused(x3, weight, bias, None, window, None, act, residual, False)
+    if indices is not None:
+        out = out * _window.valid_rows(indices, b, n, x3.device).view(b, 1, 1).to(out.dtype)
+    with torch.no_grad():
+        ops.short_conv_update(x3.detach(), conv_state, weight, bias, seqlens, indices, act, residual)
+    return out
+
+
+def short_conv_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None = None,
+                      cache_seqlens: Tensor | None = None, activation: bool = True, residual: bool = True, *,
+                      conv_state_indices: Tensor | None = None) -> Tensor:
+    """Decode step of the `[B, T, D]` family; `x` `[B, D]` (one token) or `[B, L, D]`; returns the same shape.
+
+    `conv_state` `[B, D, S]` (`[N, D, S]` with `conv_state_indices`), `S >= W-1`, dtype of x, is updated in
+    place whatever its strides. Shift mode (`cache_seqlens=None`): the state holds the last S inputs, newest
+    last. Circular mode: input i of row b goes to column `(cache_seqlens[b] + i) % S` (the caller advances
+    cache_seqlens). `conv_state_indices[b] < 0` marks a padding row: output 0, no state touched (indices
+    >= N raise on CPU and are treated as padding on GPUs). Differentiable in x, weight and bias.
+    """
+    act = _activation_flag(activation)
+    check.tensor("x", x)
+    check.floating("x", x)
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x: expected shape (B, D) or (B, L, D), got {tuple(x.shape)}")
+    x3 = x.unsqueeze(1) if x.dim() == 2 else x
+    out = _decode_step(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices, act, bool(residual))
+    return out.squeeze(1) if x.dim() == 2 else out
+
+
+def short_conv_update_fwd_only(*args, **kwargs) -> Tensor:
+    """`short_conv_update` without recording an autograd graph."""
+    with torch.no_grad():
+        return short_conv_update(*args, **kwargs)
+
+
+def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None = None,
+                         activation: str | None = None, cache_seqlens: Tensor | None = None,
+                         conv_state_indices: Tensor | None = None) -> Tensor:
+    """Dao-compatible decode step: `x` `[B, D]` or `[B, D, L]`, `conv_state` `[B|N, D, S]` updated in place."""
+    silu = check.activation_is_silu(activation)
+    check.tensor("x", x)
+    check.floating("x", x)
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x: expected shape (B, D) or (B, D, L), got {tuple(x.shape)}")
+    x3 = x.unsqueeze(1) if x.dim() == 2 else x.transpose(1, 2)
+    out = _decode_step(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices, silu, False)
+    return out.squeeze(1) if x.dim() == 2 else out.transpose(1, 2)
+
+
+def causal_conv1d_varlen_states(x: Tensor, cu_seqlens: Tensor, state_len: int) -> Tensor:
+    """`x` `[total_T, D]` packed by `cu_seqlens` `[N+1]`: returns `[N, D, state_len]`, each sequence's last
+    `state_len` inputs, zero-filled on the left where the sequence is shorter (decode caches after prefill)."""
+    check.tensor("x", x, ndim=2)
+    check.floating("x", x)
+    if isinstance(state_len, bool) or not isinstance(state_len, int) or state_len < 0:
+        raise ValueError(f"state_len: expected an int >= 0, got {state_len!r}")
+    check.cu_seqlens(cu_seqlens, x.shape[0])
+    check.same_device(x=x, cu_seqlens=cu_seqlens)
+    if x.stride(1) != 1 and x.shape[1] > 1:
+        x = x.contiguous()
+    return ops.causal_conv1d_varlen_states(x, _int32(cu_seqlens), state_len)

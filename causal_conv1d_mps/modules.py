@@ -1,0 +1,59 @@
+"""`ShortConvolution`: a drop-in module over the fused short convolution and its decode step."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from . import _validate as check
+from .api import short_conv_fused, short_conv_update
+
+
+class ShortConvolution(nn.Module):
+    """Causal depthwise conv over `[B, T, D]` with optional bias, SiLU and residual (Canon layers, Mamba and
+    linear-attention short convs).
+
+    Parameters: `weight` `[D, W]` and `bias` `[D]`, initialised like `nn.Conv1d(D, D, W, groups=D)`.
+    A cache is a conv state `[B, D, W-1]` (`[N, D, W-1]` with `cu_seqlens`).
+    """
+
+    def __init__(self, hidden_size: int, kernel_size: int = 4, bias: bool = False, activation: str | None = "silu",
+                 residual: bool = False, device=None, dtype=None):
+        super().__init__()
+        if kernel_size < 1:
+            raise ValueError(f"kernel_size: expected an int >= 1, got {kernel_size!r}")
+        self.hidden_size = hidden_size
+        self.kernel_size = kernel_size
+        self.silu = check.activation_is_silu(activation)
+        self.activation = activation
+        self.residual = residual
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(hidden_size, kernel_size, **factory))
+        self.bias = nn.Parameter(torch.empty(hidden_size, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Conv1d(D, D, W, groups=D): kaiming_uniform_(a=sqrt(5)) on fan_in = W, i.e. U(-1/sqrt(W), 1/sqrt(W)).
+        bound = 1.0 / math.sqrt(self.kernel_size)
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def extra_repr(self) -> str:
+        return (f"{self.hidden_size}, kernel_size={self.kernel_size}, bias={self.bias is not None}, "
+                f"activation={self.activation!r}, residual={self.residual}")
+
+    def forward(self, x: Tensor, attention_mask: Tensor | None = None, cache: Tensor | None = None,
+                output_final_state: bool = False, cu_seqlens: Tensor | None = None):
+        """`x` `[B, T, D]` -> `(y [B, T, D], new_cache)`. A given `cache` serves as the initial states; the new
+        cache is returned when `output_final_state` is true or a cache was given, else None."""
+        want_cache = output_final_state or cache is not None
+        result = short_conv_fused(x, self.weight, self.bias, attention_mask, self.silu, self.residual,
+                                  initial_states=cache, return_final_states=want_cache, cu_seqlens=cu_seqlens)
+        return result if want_cache else (result, None)
+
+    def step(self, x: Tensor, cache: Tensor):
+        """Decodes `x` `[B, D]` or `[B, L, D]`; `cache` `[B, D, S]` (S >= W-1) is updated in place."""
+        y = short_conv_update(x, cache, self.weight, self.bias, None, self.silu, self.residual)
+        return y, cache

@@ -1,0 +1,271 @@
+"""The op contracts: each operation is one `torch.library` custom op (schema, fake, autograd), defined here once.
+
+The implementation of every op asks `_backend.select` for the backend module of the call and runs the
+function of the same name (docs/BACKENDS.md). `torch.compile` traces these ops without graph breaks.
+
+Eager calls take a shorter road to the same backend functions (an `autograd.Function`, or the backend
+directly when no gradient is needed): the custom-op dispatcher costs tens of microseconds per call, which
+dominates small shapes. Both roads share the autograd formulas below, so they cannot drift apart.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from . import _backend
+
+NS = "causal_conv1d_mps"
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def _impl(x: Tensor):
+    return _backend.select(x.device, x.dtype)
+
+
+def _direct(x: Tensor) -> bool:
+    """True for an ordinary eager call (no tracing, no fake tensors, no functorch wrapper)."""
+    return (type(x) in _PLAIN_TYPES and not torch.compiler.is_compiling()
+            and _get_current_dispatch_mode() is None
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x))
+
+
+def _wants_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _absent(x: Tensor) -> Tensor:
+    return x.new_empty(0)
+
+
+def _like_or_absent(t: Optional[Tensor], x: Tensor) -> Tensor:
+    return torch.empty_like(t) if t is not None else _absent(x)
+
+
+def _states_like(x: Tensor, rows: int, weight: Tensor, wanted: bool) -> Tensor:
+    if not wanted:
+        return _absent(x)
+    return x.new_empty(rows, weight.shape[0], weight.shape[1] - 1)
+
+
+def in_layout_of(t: Tensor, ref: Tensor) -> Tensor:
+    """`t` with `ref`'s memory layout: contiguous, or channel-last for a transposed (B, T, D) `ref`."""
+    if ref.is_contiguous():
+        return t.contiguous()
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# causal_conv1d
+
+
+@torch.library.custom_op(f"{NS}::causal_conv1d_fwd", mutates_args=())
+def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], seq_idx: Optional[Tensor],
+                      initial_states: Optional[Tensor], silu: bool,
+                      return_final_states: bool) -> tuple[Tensor, Tensor]:
+    return _impl(x).causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, silu, return_final_states)
+
+
+@causal_conv1d_fwd.register_fake
+def _(x, weight, bias, seq_idx, initial_states, silu, return_final_states):
+    return torch.empty_like(x), _states_like(x, x.shape[0], weight, return_final_states)
+
+
+@torch.library.custom_op(f"{NS}::causal_conv1d_bwd", mutates_args=())
+def causal_conv1d_bwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], seq_idx: Optional[Tensor],
+                      initial_states: Optional[Tensor], dout: Tensor, dfinal_states: Optional[Tensor],
+                      silu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _impl(x).causal_conv1d_bwd(x, weight, bias, seq_idx, initial_states, dout, dfinal_states, silu)
+
+
+@causal_conv1d_bwd.register_fake
+def _(x, weight, bias, seq_idx, initial_states, dout, dfinal_states, silu):
+    return (torch.empty_like(x), torch.empty_like(weight), _like_or_absent(bias, x),
+            _like_or_absent(initial_states, x))
+
+
+def _cc_setup_context(ctx, inputs, output):
+    x, weight, bias, seq_idx, initial_states, silu, return_final_states = inputs
+    ctx.save_for_backward(x, weight, bias, seq_idx, initial_states)
+    ctx.silu = silu
+    ctx.return_final_states = return_final_states
+
+
+def _cc_gradients(ctx, dout, dfinal, bwd):
+    x, weight, bias, seq_idx, initial_states = ctx.saved_tensors
+    dout = torch.zeros_like(x) if dout is None else in_layout_of(dout, x)
+    if not ctx.return_final_states or dfinal is None or dfinal.numel() == 0:
+        dfinal = None
+    else:
+        dfinal = dfinal.contiguous()
+    dx, dweight, dbias, dinit = bwd(x, weight, bias, seq_idx, initial_states, dout, dfinal, ctx.silu)
+    return (dx, dweight, dbias if bias is not None else None, None,
+            dinit if initial_states is not None else None, None, None)
+
+
+torch.library.register_autograd(
+    f"{NS}::causal_conv1d_fwd",
+    lambda ctx, dout, dfinal: _cc_gradients(ctx, dout, dfinal, causal_conv1d_bwd),
+    setup_context=_cc_setup_context)
+
+
+class _CausalConv1dEager(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, seq_idx, initial_states, silu, return_final_states):
+        ctx.set_materialize_grads(False)
+        args = (x, weight, bias, seq_idx, initial_states, silu, return_final_states)
+        _cc_setup_context(ctx, args, None)
+        return _impl(x).causal_conv1d_fwd(*args)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, dfinal):
+        return _cc_gradients(ctx, dout, dfinal, lambda *a: _impl(a[0]).causal_conv1d_bwd(*a))
+
+
+def causal_conv1d(x, weight, bias, seq_idx, initial_states, silu: bool, return_final_states: bool):
+    """Runs the op on validated arguments; returns `(out, final_states)` (final empty when not asked)."""
+    args = (x, weight, bias, seq_idx, initial_states, silu, return_final_states)
+    if not _direct(x):
+        return causal_conv1d_fwd(*args)
+    if _wants_grad(x, weight, bias, initial_states):
+        return _CausalConv1dEager.apply(*args)
+    return _impl(x).causal_conv1d_fwd(*args)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# short_conv_fused
+
+
+@torch.library.custom_op(f"{NS}::short_conv_fused_fwd", mutates_args=())
+def short_conv_fused_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
+                         initial_states: Optional[Tensor], cu_seqlens: Optional[Tensor], activation: bool,
+                         residual: bool, return_final_states: bool) -> tuple[Tensor, Tensor]:
+    return _impl(x).short_conv_fused_fwd(x, weight, bias, mask, initial_states, cu_seqlens, activation,
+                                         residual, return_final_states)
+
+
+def _fused_rows(x: Tensor, cu_seqlens: Optional[Tensor]) -> int:
+    return x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
+@short_conv_fused_fwd.register_fake
+def _(x, weight, bias, mask, initial_states, cu_seqlens, activation, residual, return_final_states):
+    out = x.new_empty(x.shape)
+    return out, _states_like(x, _fused_rows(x, cu_seqlens), weight, return_final_states)
+
+
+@torch.library.custom_op(f"{NS}::short_conv_fused_bwd", mutates_args=())
+def short_conv_fused_bwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
+                         initial_states: Optional[Tensor], cu_seqlens: Optional[Tensor], dout: Tensor,
+                         dfinal_states: Optional[Tensor], activation: bool,
+                         residual: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _impl(x).short_conv_fused_bwd(x, weight, bias, mask, initial_states, cu_seqlens, dout,
+                                         dfinal_states, activation, residual)
+
+
+@short_conv_fused_bwd.register_fake
+def _(x, weight, bias, mask, initial_states, cu_seqlens, dout, dfinal_states, activation, residual):
+    return (x.new_empty(x.shape), torch.empty_like(weight), _like_or_absent(bias, x),
+            _like_or_absent(initial_states, x))
+
+
+def _fused_setup_context(ctx, inputs, output):
+    x, weight, bias, mask, initial_states, cu_seqlens, activation, residual, return_final_states = inputs
+    ctx.save_for_backward(x, weight, bias, mask, initial_states, cu_seqlens)
+    ctx.activation = activation
+    ctx.residual = residual
+    ctx.return_final_states = return_final_states
+
+
+def _fused_gradients(ctx, dout, dfinal, bwd):
+    x, weight, bias, mask, initial_states, cu_seqlens = ctx.saved_tensors
+    dout = x.new_zeros(x.shape) if dout is None else dout.contiguous()
+    if not ctx.return_final_states or dfinal is None or dfinal.numel() == 0:
+        dfinal = None
+    else:
+        dfinal = dfinal.contiguous()
+    dx, dweight, dbias, dinit = bwd(x, weight, bias, mask, initial_states, cu_seqlens, dout, dfinal,
+                                    ctx.activation, ctx.residual)
+    return (dx, dweight, dbias if bias is not None else None, None,
+            dinit if initial_states is not None else None, None, None, None, None)
+
+
+torch.library.register_autograd(
+    f"{NS}::short_conv_fused_fwd",
+    lambda ctx, dout, dfinal: _fused_gradients(ctx, dout, dfinal, short_conv_fused_bwd),
+    setup_context=_fused_setup_context)
+
+
+class _ShortConvFusedEager(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, mask, initial_states, cu_seqlens, activation, residual,
+                return_final_states):
+        ctx.set_materialize_grads(False)
+        args = (x, weight, bias, mask, initial_states, cu_seqlens, activation, residual, return_final_states)
+        _fused_setup_context(ctx, args, None)
+        return _impl(x).short_conv_fused_fwd(*args)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, dfinal):
+        return _fused_gradients(ctx, dout, dfinal, lambda *a: _impl(a[0]).short_conv_fused_bwd(*a))
+
+
+def short_conv_fused(x, weight, bias, mask, initial_states, cu_seqlens, activation: bool, residual: bool,
+                     return_final_states: bool):
+    """Runs the op on validated arguments; returns `(out, final_states)` (final empty when not asked)."""
+    args = (x, weight, bias, mask, initial_states, cu_seqlens, activation, residual, return_final_states)
+    if not _direct(x):
+        return short_conv_fused_fwd(*args)
+    if _wants_grad(x, weight, bias, initial_states):
+        return _ShortConvFusedEager.apply(*args)
+    return _impl(x).short_conv_fused_fwd(*args)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decode step (mutates its state: no autograd formula; see api.short_conv_update) and varlen states
+
+
+@torch.library.custom_op(f"{NS}::short_conv_update", mutates_args=("conv_state",))
+def short_conv_update_op(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor],
+                         cache_seqlens: Optional[Tensor], conv_state_indices: Optional[Tensor],
+                         activation: bool, residual: bool) -> Tensor:
+    return _impl(x).short_conv_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indices,
+                                      activation, residual)
+
+
+@short_conv_update_op.register_fake
+def _(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation, residual):
+    return torch.empty_like(x)
+
+
+def short_conv_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation: bool,
+                      residual: bool) -> Tensor:
+    args = (x, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation, residual)
+    if _direct(x):
+        return _impl(x).short_conv_update(*args)
+    return short_conv_update_op(*args)
+
+
+@torch.library.custom_op(f"{NS}::causal_conv1d_varlen_states", mutates_args=())
+def varlen_states_op(x: Tensor, cu_seqlens: Tensor, state_len: int) -> Tensor:
+    return _impl(x).causal_conv1d_varlen_states(x, cu_seqlens, state_len)
+
+
+@varlen_states_op.register_fake
+def _(x, cu_seqlens, state_len):
+    return x.new_empty(cu_seqlens.shape[0] - 1, x.shape[1], state_len)
+
+
+def causal_conv1d_varlen_states(x, cu_seqlens, state_len: int) -> Tensor:
+    if _direct(x):
+        return _impl(x).causal_conv1d_varlen_states(x, cu_seqlens, state_len)
+    return varlen_states_op(x, cu_seqlens, state_len)
+
+
+ALL_OPS = (causal_conv1d_fwd, causal_conv1d_bwd, short_conv_fused_fwd, short_conv_fused_bwd,
+           short_conv_update_op, varlen_states_op)

@@ -1,0 +1,91 @@
+"""Device helpers shared by the forward, backward and state kernels.
+
+Vocabulary used in every kernel file (flash-linear-attention habits):
+`i_` program ids, `o_` offsets, `m_` masks, `b_` block values, `p_` pointers.
+A *source* position `s` is a time step of the extended input `xe`: `s >= bos` reads `x[s]` (times the
+mask), `bos - (W-1) <= s < bos` reads the initial state of that sequence, anything earlier is zero.
+`bos`/`eos` are the first and one-past-last time steps of the sequence a row belongs to.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def silu(b_x):
+    return b_x * tl.sigmoid(b_x)
+
+
+@triton.jit
+def silu_grad(b_x):
+    b_sig = tl.sigmoid(b_x)
+    return b_sig * (1.0 + b_x * (1.0 - b_sig))
+
+
+@triton.jit
+def find_sequence(cu_seqlens, o_t, N, n_search_steps):
+    """For each time step in `o_t`, the index of its packed sequence and that sequence's bounds.
+
+    A binary search over `cu_seqlens` inside the kernel keeps the launch free of host syncs (the grid
+    does not depend on the sequence lengths). With empty sequences the last one starting at `o_t` wins.
+    """
+    i_lo = tl.zeros_like(o_t)
+    i_hi = i_lo + (N - 1)
+    for _ in range(n_search_steps):
+        i_mid = (i_lo + i_hi + 1) // 2
+        b_start = tl.load(cu_seqlens + i_mid)
+        i_lo = tl.where(b_start <= o_t, i_mid, i_lo)
+        i_hi = tl.where(b_start <= o_t, i_hi, i_mid - 1)
+    bos = tl.load(cu_seqlens + i_lo)
+    eos = tl.load(cu_seqlens + i_lo + 1)
+    return i_lo, bos, eos
+
+
+@triton.jit
+def load_source(x, mask, h0, i_b, i_h, o_s, o_d, m_d, ok_x, ok_h, bos, T, D,
+                stride_x_b, stride_x_t, stride_x_d,
+                W: tl.constexpr, HAS_MASK: tl.constexpr, USE_INITIAL_STATE: tl.constexpr):
+    """The extended input `xe` at source rows `o_s` (float32, [len(o_s), BD]).
+
+    `ok_x` / `ok_h` say per row whether the tap may read `x` / the initial state at all (row in range,
+    same sequence id); `i_h` is the initial-state row (batch row, or packed sequence index per row).
+    """
+    m_x = ok_x & (o_s >= bos)
+    p_x = (x + i_b.to(tl.int64) * stride_x_b + o_s.to(tl.int64)[:, None] * stride_x_t
+           + o_d.to(tl.int64)[None, :] * stride_x_d)
+    b_x = tl.load(p_x, mask=m_x[:, None] & m_d[None, :], other=0.).to(tl.float32)
+    if HAS_MASK:
+        b_m = tl.load(mask + i_b.to(tl.int64) * T + o_s, mask=m_x, other=0.).to(tl.float32)
+        b_x = b_x * b_m[:, None]
+    if USE_INITIAL_STATE:
+        o_j = o_s - bos + (W - 1)
+        m_h = ok_h & (o_s < bos) & (o_j >= 0)
+        p_h = h0 + (i_h.to(tl.int64) * D * (W - 1))[:, None] + o_d[None, :] * (W - 1) + o_j[:, None]
+        b_x += tl.load(p_h, mask=m_h[:, None] & m_d[None, :], other=0.).to(tl.float32)
+    return b_x
+
+
+@triton.jit
+def conv_pre(x, weight, bias, mask, seq_idx, h0, i_b, i_h, o_t, o_d, m_t, m_d, bos, b_seq_t, ok_h, T, D,
+             stride_x_b, stride_x_t, stride_x_d,
+             W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+             HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
+             USE_INITIAL_STATE: tl.constexpr):
+    """Pre-activation `bias + sum_k weight[:, k] * xe[t - (W-1) + k]` for the rows `o_t` (float32).
+
+    Each tap is a shifted re-load of the same tile: the W-1 rows of halo and the overlap between taps
+    come from L1/L2, so device memory sees each input once.
+    """
+    b_pre = tl.zeros([BT, BD], dtype=tl.float32)
+    if HAS_BIAS:
+        b_pre += tl.load(bias + o_d, mask=m_d, other=0.).to(tl.float32)[None, :]
+    for k in tl.static_range(W):
+        o_s = o_t - (W - 1) + k
+        ok_x = m_t
+        if HAS_SEQ_IDX:
+            b_seq_s = tl.load(seq_idx + i_b.to(tl.int64) * T + o_s, mask=m_t & (o_s >= 0), other=-2)
+            ok_x = ok_x & (b_seq_s == b_seq_t)
+        b_x = load_source(x, mask, h0, i_b, i_h, o_s, o_d, m_d, ok_x, ok_h, bos, T, D,
+                          stride_x_b, stride_x_t, stride_x_d, W, HAS_MASK, USE_INITIAL_STATE)
+        b_w = tl.load(weight + o_d * W + k, mask=m_d, other=0.).to(tl.float32)
+        b_pre += b_x * b_w[None, :]
+    return b_pre
