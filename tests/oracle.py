@@ -212,6 +212,8 @@ def _update_rows(x, conv_state, weight, bias, cache_seqlens, conv_state_indices,
             outs.append(y)
             # The state write happens after the read: with S == W-1 the oldest tap is the slot written.
             new = x[b, i].detach().to(state.dtype)
+            if size == 0:  # W == 1 with an empty state: nothing to remember
+                continue
             if cache_seqlens is None:
                 state[slot] = torch.cat([state[slot][:, 1:], new[:, None]], dim=1)
             else:

@@ -1,0 +1,181 @@
+"""Shared test harness: the backend and device fixtures, shapes, tolerances, input builders.
+
+Every op test takes the `backend` fixture, which forces one backend through
+`CAUSAL_CONV1D_BACKEND` (SPEC 1) and skips, with the reason, where that backend cannot run.
+`--device` (default `cpu`) picks the device of the test tensors: on CPU the `triton`
+parametrisation runs the Triton kernels in the interpreter and `metal` runs the shipped
+`.metal` sources through the Linux harness, both slow per element, so their shapes are small.
+
+Select backends with markers: `-m reference`, `-m triton`, `-m metal`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if importlib.util.find_spec("causal_conv1d_mps") is None:  # a source checkout, not installed
+    sys.path.insert(0, str(REPO_ROOT))
+
+BACKENDS = ("reference", "triton", "metal")
+KERNEL_BACKENDS = ("triton", "metal")
+
+# SPEC 6: relative Frobenius error against float64, for outputs and every gradient.
+TOLERANCE = {
+    torch.float32: 1e-5,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1e-2,
+    torch.float64: 1e-12,
+}
+
+X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+WIDTHS = (1, 2, 3, 4, 5, 6, 7, 8, 16)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda", "mps"),
+        help="device of the test tensors (default cpu; cuda or mps on GPU machines)",
+    )
+
+
+def pytest_configure(config):
+    for name in BACKENDS:
+        config.addinivalue_line("markers", f"{name}: op tests run through the {name} backend")
+    config.addinivalue_line("markers", "slow: long-running, excluded from the quick CI job with -m 'not slow'")
+    if config.getoption("--device") == "cpu":
+        # Triton reads this when kernels are decorated; set it before the package imports them.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _device_skip_reason(device: torch.device) -> str | None:
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "--device cuda: no CUDA device here"
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        return "--device mps: MPS is not available here"
+    return None
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    dev = torch.device(request.config.getoption("--device"))
+    reason = _device_skip_reason(dev)
+    if reason:
+        pytest.skip(reason)
+    return dev
+
+
+@pytest.fixture(params=[pytest.param(name, marks=getattr(pytest.mark, name)) for name in BACKENDS])
+def backend(request, device, monkeypatch) -> str:
+    """Forces one backend for the test; skips where `_backend` says it cannot run on `device`."""
+    from causal_conv1d_mps._backend import backend_unavailable_reason
+
+    name = request.param
+    reason = backend_unavailable_reason(name, device)
+    if reason is not None:
+        pytest.skip(f"backend {name} on {device}: {reason}")
+    monkeypatch.setenv("CAUSAL_CONV1D_BACKEND", name)
+    return name
+
+
+def uses_small_shapes(backend: str, device: torch.device) -> bool:
+    """Kernel backends on CPU run in an interpreter/harness: keep their shapes small."""
+    return backend in KERNEL_BACKENDS and device.type == "cpu"
+
+
+def small_shapes(backend: str, device: torch.device) -> list[tuple[int, int, int]]:
+    """`(B, D, T)` triples: awkward sizes (T off every block size, T < W, odd D, B == 1).
+
+    Empty shapes (B == 0, T == 0) are covered by dedicated tests.
+    """
+    if uses_small_shapes(backend, device):
+        return [(2, 5, 17), (1, 33, 3), (3, 5, 67), (1, 4, 130)]
+    return [(2, 64, 129), (1, 33, 151), (3, 5, 1), (2, 17, 3), (1, 40, 1030), (4, 8, 67)]
+
+
+def tol(dtype: torch.dtype) -> float:
+    return TOLERANCE[dtype]
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """`||out - ref|| / ||ref||` in float64; absolute where the reference is all zero."""
+    out64, ref64 = out.detach().to(torch.float64).cpu(), ref.detach().to(torch.float64).cpu()
+    diff = torch.linalg.vector_norm(out64 - ref64).item()
+    scale = torch.linalg.vector_norm(ref64).item()
+    return diff / scale if scale > 0 else diff
+
+
+def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+    """SPEC 6 check of `out` against the float64 `ref`, at the tolerance of `dtype`."""
+    assert tuple(out.shape) == tuple(ref.shape), f"{name}: shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
+    if ref.numel() == 0:
+        return
+    assert not torch.isnan(out).any() or torch.isnan(ref).any(), f"{name}: NaN in result, none in reference"
+    err = rel_error(out, ref)
+    assert err <= tol(dtype), f"{name}: relative error {err:.3e} > {tol(dtype):.0e} ({dtype}, shape {tuple(ref.shape)})"
+
+
+def assert_equal_exact(out: torch.Tensor, ref: torch.Tensor, name: str) -> None:
+    """Bitwise equality (decode states are copies of inputs, SPEC 6)."""
+    assert tuple(out.shape) == tuple(ref.shape), f"{name}: shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
+    assert out.dtype == ref.dtype, f"{name}: dtype {out.dtype}, expected {ref.dtype}"
+    mismatch = (out.cpu() != ref.cpu()) & ~(torch.isnan(out.cpu()) & torch.isnan(ref.cpu()))
+    assert not mismatch.any(), f"{name}: {int(mismatch.sum())} of {out.numel()} entries differ"
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", generator=None, scale=1.0) -> torch.Tensor:
+    """Normal values generated in float32 on CPU (reproducible across devices), then cast."""
+    t = torch.randn(*shape, generator=generator, dtype=torch.float32) * scale
+    return t.to(device=device, dtype=dtype)
+
+
+def make_params(dim: int, width: int, dtype, device, generator, with_bias=True):
+    """Non-trivial depthwise weights `[D, W]` and bias `[D]` (scaled like nn.Conv1d's init)."""
+    weight = randn(dim, width, dtype=dtype, device=device, generator=generator, scale=width**-0.5)
+    bias = randn(dim, dtype=dtype, device=device, generator=generator, scale=0.5) if with_bias else None
+    return weight, bias
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def leaf(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A detached copy that requires grad (or None)."""
+    return None if t is None else t.detach().clone().requires_grad_(True)
+
+
+def leaf64(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The same values as a float64 CPU leaf for the oracle (MPS has no float64)."""
+    return None if t is None else t.detach().cpu().to(torch.float64).requires_grad_(True)
+
+
+def grads_of(tensors) -> list[torch.Tensor | None]:
+    return [None if t is None else t.grad for t in tensors]
+
+
+def oracle_grads(outputs, cotangents, inputs) -> list[torch.Tensor | None]:
+    """Gradients of `sum(<output, cotangent>)` with respect to `inputs` (float64 oracle graph)."""
+    live = [t for t in inputs if t is not None]
+    pairs = [(o, c) for o, c in zip(outputs, cotangents) if c is not None and o.numel() > 0]
+    if not pairs or not live:
+        return [None if t is None else torch.zeros_like(t) for t in inputs]
+    total = sum((o * c.detach().cpu().to(torch.float64)).sum() for o, c in pairs)
+    found = torch.autograd.grad(total, live, allow_unused=True)
+    it = iter(found)
+    result = []
+    for t in inputs:
+        if t is None:
+            result.append(None)
+        else:
+            g = next(it)
+            result.append(torch.zeros_like(t) if g is None else g)
+    return result

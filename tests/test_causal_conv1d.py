@@ -1,0 +1,259 @@
+"""`causal_conv1d`, `causal_conv1d_fn` and `causal_conv1d_fwd` (SPEC 3.1-3.3) against the float64 oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import causal_conv1d_mps as ccmps
+import oracle
+from conftest import (
+    WIDTHS,
+    X_DTYPES,
+    assert_close_rel,
+    leaf,
+    leaf64,
+    make_params,
+    oracle_grads,
+    randn,
+    seeded,
+    small_shapes,
+)
+
+
+def _run_and_check(x, weight, bias, initial_states, activation, seq_idx=None, name=""):
+    """Forward + backward (a gradient on out and, with states, on final_states) vs the oracle."""
+    dtype = x.dtype
+    xg, wg, bg, sg = leaf(x), leaf(weight), leaf(bias), leaf(initial_states)
+    out, final = ccmps.causal_conv1d(
+        xg, wg, bg, activation, seq_idx=seq_idx, initial_states=sg, return_final_states=True
+    )
+    gen = seeded(7)
+    dout = randn(*out.shape, dtype=dtype, device=x.device, generator=gen)
+    dfinal = randn(*final.shape, dtype=dtype, device=x.device, generator=gen)
+    torch.autograd.backward([out, final], [dout, dfinal])
+
+    x64, w64, b64, s64 = leaf64(x), leaf64(weight), leaf64(bias), leaf64(initial_states)
+    seq_idx_cpu = None if seq_idx is None else seq_idx.cpu()
+    ref_out, ref_final = oracle.causal_conv1d(x64, w64, b64, activation, seq_idx=seq_idx_cpu, initial_states=s64)
+    ref_grads = oracle_grads([ref_out, ref_final], [dout, dfinal], [x64, w64, b64, s64])
+
+    assert out.dtype == dtype and final.dtype == dtype, f"{name}: out {out.dtype}, final {final.dtype}, x {dtype}"
+    assert_close_rel(out, ref_out, dtype, f"{name} out")
+    assert_close_rel(final, ref_final, dtype, f"{name} final_states")
+    for label, got, ref, inp in zip(("dx", "dweight", "dbias", "dinitial_states"), (xg, wg, bg, sg), ref_grads,
+                                    (x, weight, bias, initial_states)):
+        if inp is None:
+            continue
+        assert got.grad is not None, f"{name} {label}: no gradient"
+        assert got.grad.dtype == inp.dtype, f"{name} {label}: dtype {got.grad.dtype}, expected {inp.dtype}"
+        assert_close_rel(got.grad, ref, dtype, f"{name} {label}")
+
+
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("weight_fp32", [False, True], ids=["w_same", "w_fp32"])
+@pytest.mark.parametrize("dtype", X_DTYPES, ids=str)
+def test_forward_backward_matches_oracle(backend, device, dtype, weight_fp32, width, activation):
+    gen = seeded(width)
+    wdtype = torch.float32 if weight_fp32 else dtype
+    for i, (b, d, t) in enumerate(small_shapes(backend, device)):
+        x = randn(b, d, t, dtype=dtype, device=device, generator=gen)
+        weight, bias = make_params(d, width, wdtype, device, gen, with_bias=i % 3 != 2)
+        states = randn(b, d, width - 1, dtype=dtype, device=device, generator=gen) if i % 2 == 0 else None
+        _run_and_check(x, weight, bias, states, activation, name=f"B{b} D{d} T{t} W{width} states={states is not None}")
+
+
+def test_oracle_agrees_with_conv1d():
+    """The oracle itself against a structurally different definition (F.conv1d)."""
+    gen = seeded(1)
+    x = randn(2, 7, 37, dtype=torch.float64, generator=gen)
+    weight, bias = make_params(7, 5, torch.float64, "cpu", gen)
+    out, _ = oracle.causal_conv1d(x, weight, bias)
+    assert_close_rel(out, oracle.conv1d_reference_check(x, weight, bias), torch.float64, "oracle")
+
+
+@pytest.mark.parametrize("width", [1, 4, 7])
+def test_channel_last_input_keeps_layout(backend, device, width):
+    """A `(B, T, D)` buffer viewed as `(B, D, T)` is read in place and `out` keeps that layout."""
+    gen = seeded(2)
+    b, d, t = (2, 33, 67)
+    x_btd = randn(b, t, d, device=device, generator=gen)
+    weight, bias = make_params(d, width, torch.float32, device, gen)
+    x_leaf = leaf(x_btd)
+    x = x_leaf.transpose(1, 2)  # no .contiguous(): the op must take the view as it is
+    assert x.stride(1) == 1
+    out = ccmps.causal_conv1d(x, weight, bias, "silu")
+    assert out.stride() == x.stride(), f"out strides {out.stride()}, channel-last x strides {x.stride()}"
+    dout = randn(b, d, t, device=device, generator=gen)
+    out.backward(dout)
+
+    x64 = leaf64(x_btd)
+    ref, _ = oracle.causal_conv1d(x64.transpose(1, 2), weight, bias, "silu")
+    (ref_dx,) = oracle_grads([ref], [dout], [x64])
+    assert_close_rel(out, ref, torch.float32, "out")
+    assert_close_rel(x_leaf.grad, ref_dx, torch.float32, "dx")
+
+
+def test_channel_last_with_states_and_seq_idx(backend, device):
+    gen = seeded(3)
+    b, d, t, width = 2, 5, 17, 4
+    x = randn(b, t, d, device=device, generator=gen).transpose(1, 2)
+    weight, bias = make_params(d, width, torch.float32, device, gen)
+    states = randn(b, d, width - 1, device=device, generator=gen)
+    seq_idx = torch.tensor([[0] * 6 + [1] * 9 + [-1] * 2, [3] * 17], dtype=torch.int32, device=device)
+    _run_and_check(x, weight, bias, states, "silu", seq_idx=seq_idx, name="channel-last seq_idx")
+
+
+def test_strided_input_is_accepted(backend, device):
+    """A slice of a wider tensor (neither layout) works; values match the oracle."""
+    gen = seeded(4)
+    wide = randn(3, 40, 2 * 67, device=device, generator=gen)
+    x = wide[:, 3:36, ::2]
+    weight, bias = make_params(33, 4, torch.float32, device, gen)
+    _run_and_check(x, weight, bias, None, None, name="strided")
+
+
+@pytest.mark.parametrize("width", [2, 4, 5])
+def test_seq_idx_with_padding(backend, device, width):
+    gen = seeded(5)
+    b, d, t = 3, 5, 23
+    x = randn(b, d, t, device=device, generator=gen)
+    weight, bias = make_params(d, width, torch.float32, device, gen)
+    states = randn(b, d, width - 1, device=device, generator=gen)
+    rows = [
+        [0] * 4 + [1] * 1 + [2] * 10 + [-1] * 8,  # padding at the end
+        [-1] * 3 + [5] * 20,  # padding at the start: the initial states belong to -1, never used
+        [7] * 2 + [8] * 2 + [9] * 2 + [10] * 17,  # sequences shorter than W
+    ]
+    seq_idx = torch.tensor(rows, dtype=torch.int32, device=device)
+    _run_and_check(x, weight, bias, states, "silu", seq_idx=seq_idx, name="seq_idx")
+    out = ccmps.causal_conv1d(x, weight, bias, "silu", seq_idx=seq_idx)
+    assert (out[seq_idx[:, None, :].expand_as(out) < 0] == 0).all(), "padding positions must output 0"
+
+
+@pytest.mark.parametrize("t", [1, 2, 9])
+def test_final_states_out_written_in_place(backend, device, t):
+    """`final_states_out` is filled and returned (including T < W-1, where it takes initial states)."""
+    gen = seeded(6)
+    b, d, width = 2, 5, 4
+    x = randn(b, d, t, device=device, generator=gen)
+    weight, bias = make_params(d, width, torch.float32, device, gen)
+    states = randn(b, d, width - 1, device=device, generator=gen)
+    buffer = torch.full((b, d, width - 1), float("nan"), device=device)
+    out, final = ccmps.causal_conv1d(
+        x, weight, bias, None, initial_states=states, return_final_states=True, final_states_out=buffer
+    )
+    assert final is buffer, "final_states_out must be the returned final states"
+    ref_out, ref_final = oracle.causal_conv1d(x.cpu(), weight.cpu(), bias.cpu(), None, initial_states=states.cpu())
+    assert_close_rel(out, ref_out, torch.float32, "out")
+    assert torch.equal(buffer.cpu(), ref_final.float()), "final states are copies of inputs: exact"
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 9), (2, 5, 0), (0, 5, 0)], ids=["B0", "T0", "B0T0"])
+def test_empty_batch_or_sequence(backend, device, shape):
+    gen = seeded(8)
+    b, d, t = shape
+    width = 4
+    x = leaf(randn(b, d, t, device=device, generator=gen))
+    weight, bias = make_params(d, width, torch.float32, device, gen)
+    weight, bias = leaf(weight), leaf(bias)
+    states = leaf(randn(b, d, width - 1, device=device, generator=gen))
+    out, final = ccmps.causal_conv1d(x, weight, bias, "silu", initial_states=states, return_final_states=True)
+    assert out.shape == (b, d, t) and final.shape == (b, d, width - 1)
+    assert torch.equal(final.detach(), states.detach()), "T == 0: the final states are the initial states"
+    (out.sum() + final.sum()).backward()
+    assert torch.equal(weight.grad, torch.zeros_like(weight)), "no positions: dweight is 0"
+    assert torch.equal(bias.grad, torch.zeros_like(bias)), "no positions: dbias is 0"
+    assert torch.equal(states.grad, torch.ones_like(states)), "d final / d initial is the identity at T == 0"
+
+
+def test_nan_propagates_to_the_taps_that_read_it(backend, device):
+    b, d, t, width = 1, 5, 17, 4
+    gen = seeded(9)
+    x = randn(b, d, t, device=device, generator=gen)
+    x[0, 2, 6] = float("nan")
+    weight, bias = make_params(d, width, torch.float32, device, gen)
+    out = ccmps.causal_conv1d(x, weight, bias).cpu()
+    nan_positions = torch.isnan(out).nonzero().tolist()
+    assert nan_positions == [[0, 2, s] for s in range(6, 6 + width)], f"NaN found at {nan_positions}"
+
+
+def test_swish_is_silu(backend, device):
+    gen = seeded(10)
+    x = randn(2, 5, 17, device=device, generator=gen)
+    weight, bias = make_params(5, 4, torch.float32, device, gen)
+    assert torch.equal(ccmps.causal_conv1d(x, weight, bias, "swish"), ccmps.causal_conv1d(x, weight, bias, "silu"))
+
+
+def test_causal_conv1d_fn_takes_dao_positional_order(backend, device):
+    """Dao's order: (x, weight, bias, seq_idx, initial_states, return_final_states, final_states_out, activation)."""
+    gen = seeded(11)
+    b, d, t, width = 2, 5, 17, 4
+    x = randn(b, d, t, device=device, generator=gen)
+    weight, bias = make_params(d, width, torch.float32, device, gen)
+    states = randn(b, d, width - 1, device=device, generator=gen)
+    seq_idx = torch.zeros(b, t, dtype=torch.int32, device=device)
+    out, final = ccmps.causal_conv1d_fn(x, weight, bias, seq_idx, states, True, None, "silu")
+    ref_out, ref_final = oracle.causal_conv1d(x.cpu(), weight.cpu(), bias.cpu(), "silu", initial_states=states.cpu())
+    assert_close_rel(out, ref_out, torch.float32, "out")
+    assert_close_rel(final, ref_final, torch.float32, "final_states")
+    only_out = ccmps.causal_conv1d_fn(x, weight, bias, activation="silu")
+    assert isinstance(only_out, torch.Tensor)
+
+
+@pytest.mark.parametrize("silu", [False, True])
+def test_causal_conv1d_fwd_records_no_graph(backend, device, silu):
+    gen = seeded(12)
+    x = leaf(randn(2, 5, 17, device=device, generator=gen))
+    weight, bias = make_params(5, 3, torch.float32, device, gen)
+    out = ccmps.causal_conv1d_fwd(x, leaf(weight), leaf(bias), silu)
+    assert not out.requires_grad and out.grad_fn is None
+    ref, _ = oracle.causal_conv1d(x.detach().cpu(), weight.cpu(), bias.cpu(), "silu" if silu else None)
+    assert_close_rel(out, ref, torch.float32, "out")
+
+
+def test_backward_is_deterministic(backend, device):
+    gen = seeded(13)
+    b, d, t, width = 3, 33, 130, 4
+    x = randn(b, d, t, dtype=torch.bfloat16, device=device, generator=gen)
+    weight, bias = make_params(d, width, torch.float32, device, gen)
+    states = randn(b, d, width - 1, dtype=torch.bfloat16, device=device, generator=gen)
+    dout = randn(b, d, t, dtype=torch.bfloat16, device=device, generator=gen)
+
+    def grads():
+        leaves = [leaf(v) for v in (x, weight, bias, states)]
+        out = ccmps.causal_conv1d(leaves[0], leaves[1], leaves[2], "silu", initial_states=leaves[3])
+        out.backward(dout)
+        return [v.grad for v in leaves]
+
+    for name, first, second in zip(("dx", "dweight", "dbias", "dinitial_states"), grads(), grads()):
+        assert torch.equal(first, second), f"{name} differs between two identical backward runs"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    b=st.integers(0, 3),
+    d=st.integers(1, 9),
+    t=st.integers(0, 40),
+    width=st.integers(1, 9),
+    silu=st.booleans(),
+    use_states=st.booleans(),
+    n_breaks=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_property_reference_matches_oracle(monkeypatch, b, d, t, width, silu, use_states, n_breaks, seed):
+    """Random shapes, states and packed sequences: the reference path equals the oracle."""
+    monkeypatch.setenv("CAUSAL_CONV1D_BACKEND", "reference")
+    gen = seeded(seed)
+    x = randn(b, d, t, dtype=torch.float64, generator=gen)
+    weight, bias = make_params(d, width, torch.float64, "cpu", gen)
+    states = randn(b, d, width - 1, dtype=torch.float64, generator=gen) if use_states else None
+    seq_idx = None
+    if n_breaks and t and b:
+        breaks = torch.randint(0, t, (b, n_breaks), generator=gen)
+        seq_idx = torch.stack([(torch.arange(t)[:, None] >= row[None, :]).sum(1) for row in breaks]).to(torch.int32)
+        seq_idx = seq_idx.reshape(b, t)
+    _run_and_check(x, weight, bias, states, "silu" if silu else None, seq_idx=seq_idx, name="property")
