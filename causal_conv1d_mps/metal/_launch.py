@@ -1,0 +1,102 @@
+"""What every Metal launcher shares: kernel names, run lengths, float32 side inputs, the launch call."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._loader import library
+
+# Flags of the kernels' params (see kernels/common.metal).
+HAS_BIAS, HAS_SEQ, HAS_INIT, SILU, HAS_DFINAL = 1, 2, 4, 8, 16
+HAS_MASK, HAS_CU, RESIDUAL, CIRCULAR, HAS_INDICES = 32, 64, 128, 256, 512
+
+# Threads per threadgroup of the weight-gradient kernels (CC_GROUP in common.metal).
+GROUP = 256
+# Widths with an unrolled instantiation; wider ones use the generic `_wany` kernels.
+MAX_UNROLLED_WIDTH = 16
+# thread_position_in_grid is 32-bit: keep grids below this many threads.
+MAX_THREADS = 2**31
+
+_TYPE_NAMES = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat"}
+
+
+def kernel_name(stem: str, dtype: torch.dtype, width: int | str | None = None) -> str:
+    """Host name of a kernel instantiation, e.g. `causal_conv1d_fwd_bfloat_w4`.
+
+    `width`: the convolution width (widths above MAX_UNROLLED_WIDTH get the generic `_wany` kernel),
+    "any" for kernels instantiated only generically, None for kernels not templated over the width.
+    """
+    name = f"{stem}_{_TYPE_NAMES[dtype]}"
+    if width is None:
+        return name
+    if width == "any" or width > MAX_UNROLLED_WIDTH:
+        return f"{name}_wany"
+    return f"{name}_w{width}"
+
+
+def run_length(width: int, rows: int, length: int) -> int:
+    """Consecutive outputs per thread: long enough to amortise the W-1 halo, short enough for parallelism."""
+    run = 8 if width <= 8 else 16
+    while rows * -(-length // run) >= MAX_THREADS:
+        run *= 2
+    return run
+
+
+def as_float32(t: Tensor | None, like: torch.dtype | None = None) -> Tensor | None:
+    """A contiguous float32 copy of a small side input (weights, bias, states); None stays None.
+
+    `like`: round through this dtype first (initial states enter the convolution in x's dtype).
+    """
+    if t is None:
+        return None
+    if like is not None:
+        t = t.to(like)
+    return t.to(torch.float32).contiguous()
+
+
+def flag(value, bit: int) -> int:
+    return bit if value is not None and value is not False else 0
+
+
+def launch(device: torch.device, name: str, args: list, threads: int, group_size: int | None = None) -> None:
+    """Run kernel `name` over a 1-D grid of `threads` threads (a partial last threadgroup is allowed)."""
+    if threads <= 0:
+        return
+    if threads >= 2**32:
+        raise ValueError(f"{name}: a grid of {threads} threads exceeds Metal's 32-bit thread index")
+    kernel = getattr(library(device), name)
+    if group_size is None:
+        group_size = min(GROUP, int(kernel.max_threads_per_threadgroup))
+    kernel(*args, threads=threads, group_size=group_size)
+
+
+def reduce_rows(part: Tensor) -> Tensor:
+    """Column sums of a float32 (rows, cols) tensor, in a fixed row order (deterministic)."""
+    rows, cols = part.shape
+    out = torch.empty(cols, dtype=torch.float32, device=part.device)
+    launch(part.device, "reduce_rows_float", [part, out, [rows, cols]], cols)
+    return out
+
+
+def gather_states(x: Tensor, dim: int, strides: tuple[int, int, int], length: int, n_rows: int,
+                  state_len: int, initial_states: Tensor | None = None, mask: Tensor | None = None,
+                  cu_seqlens: Tensor | None = None) -> Tensor:
+    """(n_rows, dim, state_len) in x's dtype: the last `state_len` positions of each stream.
+
+    A stream is a batch row of x (`strides` = its (b, t, d) strides, `length` positions) or, with
+    `cu_seqlens`, one packed sequence of row 0; masked where `mask` (B, T) is given, and extended on the
+    left by `initial_states` (float32, (n_rows, dim, state_len)) or zeros.
+    """
+    out = torch.empty((n_rows, dim, state_len), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    flags = flag(initial_states, HAS_INIT) | flag(mask, HAS_MASK) | flag(cu_seqlens, HAS_CU)
+    params = [n_rows, dim, state_len, length, strides[0], strides[1], strides[2], flags]
+    args = [x, or_stand_in(initial_states, out), or_stand_in(mask, out), or_stand_in(cu_seqlens, out), out, params]
+    launch(x.device, kernel_name("gather_states", x.dtype), args, out.numel())
+    return out
+
+
+def or_stand_in(t: Tensor | None, stand_in: Tensor) -> Tensor:
+    """Absent optional inputs are bound to a stand-in buffer that the kernel never reads (its flag is off)."""
+    return stand_in if t is None else t

@@ -1,0 +1,251 @@
+// causal_conv1d on x (B, D, T): forward, input gradient, weight/bias partial
+// gradients and initial-state gradient. Both memory layouts are served by the
+// same kernels through strides: contiguous (runs of t are the fastest thread
+// index) and channel-last (channels are the fastest thread index, so the
+// threads of a SIMD-group read consecutive addresses).
+//
+// Every kernel here takes the same buffers, in this order:
+//   0 x (storage T)   1 weight (D, W) f32   2 bias (D) f32   3 seq_idx (B, T) i32
+//   4 initial states (B, D, W-1) f32         5 dout (storage T)
+//   6 dfinal states (B, D, W-1) f32          7 the kernel's output   8 params
+// Absent optional inputs are bound to the weight buffer and never read (their
+// flag is off). Params (int64):
+//   0 B  1 D  2 T  3 W  4..6 x strides (b, d, t)  7..9 dout strides (b, d, t)
+//   10 flags  11 run length  12 channel-last (1) or contiguous (0)
+//   13 runs per row  14 number of state rows (B)
+
+template <typename T>
+struct CausalConvCtx {
+  device const T* x;
+  device const float* w;
+  device const float* b_ptr;
+  device const int* seq;
+  device const float* init;
+  device const T* go;
+  device const float* dfin;
+  long B, D, len, width;
+  long xsb, xsd, xst, gsb, gsd, gst;
+  bool has_bias, has_seq, has_init, silu, has_dfinal;
+
+  float weight(long d, int k) const {
+    return w[d * width + k];
+  }
+  float bias(long d) const {
+    return has_bias ? b_ptr[d] : 0.0f;
+  }
+  // Positions before 0 belong to the sequence of position 0 (their states).
+  Seg seg_first(long b, long t) const {
+    Seg s;
+    s.id = has_seq ? long(seq[b * len + (t > 0 ? t : 0)]) : 0;
+    s.start = 0;
+    return s;
+  }
+  Seg seg_next(long b, long t, Seg prev) const {
+    return has_seq ? seg_first(b, t) : prev;
+  }
+  // Padding positions (seq_idx < 0) produce 0.
+  bool silent(Seg s) const {
+    return has_seq && s.id < 0;
+  }
+  float tap(long b, long d, long p, Seg s) const {
+    if (has_seq && seg_first(b, p).id != s.id) {
+      return 0.0f;
+    }
+    if (p >= 0) {
+      return static_cast<float>(x[b * xsb + d * xsd + p * xst]);
+    }
+    return has_init ? init[(b * D + d) * (width - 1) + (width - 1) + p] : 0.0f;
+  }
+  float dout(long b, long d, long t) const {
+    return static_cast<float>(go[b * gsb + d * gsd + t * gst]);
+  }
+  float dfinal(long n, long d, long f) const {
+    return dfin[(n * D + d) * (width - 1) + f];
+  }
+  long out_index(long b, long d, long t) const {
+    return b * xsb + d * xsd + t * xst;
+  }
+  float finish(long b, long d, long t, float pre, Seg s) const {
+    if (silent(s)) {
+      return 0.0f;
+    }
+    return silu ? cc_silu(pre) : pre;
+  }
+  // The final states are the last W-1 positions of the row, seq_idx or not.
+  float finish_dx(long b, long d, long q, float acc, Seg s) const {
+    const long f = q - (len - (width - 1));
+    if (has_dfinal && f >= 0) {
+      acc += dfinal(b, d, f);
+    }
+    return acc;
+  }
+  long state_batch(long n) const {
+    return n;
+  }
+  long state_start(long n) const {
+    return 0;
+  }
+  long state_end(long n) const {
+    return len;
+  }
+  Seg state_seg(long n) const {
+    return seg_first(n, 0);
+  }
+};
+
+template <typename T>
+inline CausalConvCtx<T> cc_make_ctx(
+    device const T* x,
+    device const float* weight,
+    device const float* bias,
+    device const int* seq_idx,
+    device const float* init,
+    device const T* dout,
+    device const float* dfinal,
+    constant long* p) {
+  CausalConvCtx<T> c;
+  c.x = x;
+  c.w = weight;
+  c.b_ptr = bias;
+  c.seq = seq_idx;
+  c.init = init;
+  c.go = dout;
+  c.dfin = dfinal;
+  c.B = p[0];
+  c.D = p[1];
+  c.len = p[2];
+  c.width = p[3];
+  c.xsb = p[4];
+  c.xsd = p[5];
+  c.xst = p[6];
+  c.gsb = p[7];
+  c.gsd = p[8];
+  c.gst = p[9];
+  const long flags = p[10];
+  c.has_bias = (flags & CC_HAS_BIAS) != 0;
+  c.has_seq = (flags & CC_HAS_SEQ) != 0;
+  c.has_init = (flags & CC_HAS_INIT) != 0;
+  c.silu = (flags & CC_SILU) != 0;
+  c.has_dfinal = (flags & CC_HAS_DFINAL) != 0;
+  return c;
+}
+
+// One thread per (b, d, run of `run` consecutive t). Returns false for the
+// padding threads of the last threadgroup.
+inline bool cc_thread_run(
+    constant long* p, uint tid, thread long& b, thread long& d, thread long& t0,
+    thread long& t1) {
+  const long D = p[1];
+  const long len = p[2];
+  const long run = p[11];
+  const long runs = p[13];
+  long i = long(tid);
+  long r;
+  if (p[12] != 0) {
+    d = i % D;
+    i /= D;
+    r = i % runs;
+    b = i / runs;
+  } else {
+    r = i % runs;
+    i /= runs;
+    d = i % D;
+    b = i / D;
+  }
+  t0 = r * run;
+  t1 = t0 + run < len ? t0 + run : len;
+  return b < p[0];
+}
+
+#define CC_KERNEL_ARGS(OUT_TYPE)                   \
+  device const T* x [[buffer(0)]],                 \
+      device const float* weight [[buffer(1)]],    \
+      device const float* bias [[buffer(2)]],      \
+      device const int* seq_idx [[buffer(3)]],     \
+      device const float* init [[buffer(4)]],      \
+      device const T* dout [[buffer(5)]],          \
+      device const float* dfinal [[buffer(6)]],    \
+      device OUT_TYPE* out [[buffer(7)]],          \
+      constant long* p [[buffer(8)]]
+
+// out = act(bias + conv(xe)), out has x's strides.
+template <typename T, int W>
+[[kernel]] void causal_conv1d_fwd(
+    CC_KERNEL_ARGS(T), uint tid [[thread_position_in_grid]]) {
+  long b, d, t0, t1;
+  if (!cc_thread_run(p, tid, b, d, t0, t1)) {
+    return;
+  }
+  const CausalConvCtx<T> c =
+      cc_make_ctx<T>(x, weight, bias, seq_idx, init, dout, dfinal, p);
+  cc_forward_run<T, W>(c, out, b, d, t0, t1);
+}
+
+// dx, with x's strides (dfinal flows into the last W-1 positions).
+template <typename T, int W>
+[[kernel]] void causal_conv1d_bwd_dx(
+    CC_KERNEL_ARGS(T), uint tid [[thread_position_in_grid]]) {
+  long b, d, t0, t1;
+  if (!cc_thread_run(p, tid, b, d, t0, t1)) {
+    return;
+  }
+  const CausalConvCtx<T> c =
+      cc_make_ctx<T>(x, weight, bias, seq_idx, init, dout, dfinal, p);
+  cc_input_grad_run<T, W>(c, out, b, d, t0, t1);
+}
+
+// Partial dweight/dbias rows: out is float32 (B * run_groups, D, W+1).
+// Threadgroups tile (b, CC_GROUP / gr channels, gr runs); params 15 = channels
+// per group, 16 = run groups per row.
+template <typename T, int W>
+[[kernel, max_total_threads_per_threadgroup(CC_GROUP)]] void
+causal_conv1d_bwd_dw(
+    CC_KERNEL_ARGS(float), uint tid [[thread_position_in_grid]]) {
+  threadgroup float red[CC_GROUP];
+  const CausalConvCtx<T> c =
+      cc_make_ctx<T>(x, weight, bias, seq_idx, init, dout, dfinal, p);
+  const long run = p[11];
+  const bool d_fastest = p[12] != 0;
+  const long runs = p[13];
+  const uint gd = uint(p[15]);
+  const long run_groups = p[16];
+  const uint gr = CC_GROUP / gd;
+  const uint lid = tid % CC_GROUP;
+  long g = long(tid / CC_GROUP);
+  const long rg = g % run_groups;
+  g /= run_groups;
+  const long d_groups = (c.D + gd - 1) / gd;
+  const long dg = g % d_groups;
+  const long b = g / d_groups;
+  const uint dl = d_fastest ? lid % gd : lid / gr;
+  const uint rl = d_fastest ? lid / gd : lid % gr;
+  const long d = dg * gd + dl;
+  const long r = rg * gr + rl;
+  const long t0 = r * run;
+  const long t1 = r < runs ? (t0 + run < c.len ? t0 + run : c.len) : t0;
+  cc_weight_grad_group<W>(
+      c, out, red, b, d, d < c.D, t0, t1, b * run_groups + rg, lid, gd,
+      d_fastest);
+}
+
+// dinitial_states, float32 (B, D, W-1): one thread per element.
+template <typename T, int W>
+[[kernel]] void causal_conv1d_bwd_dinit(
+    CC_KERNEL_ARGS(float), uint tid [[thread_position_in_grid]]) {
+  const CausalConvCtx<T> c =
+      cc_make_ctx<T>(x, weight, bias, seq_idx, init, dout, dfinal, p);
+  const long hist = c.width - 1;
+  const long i = long(tid);
+  if (i >= p[14] * c.D * hist) {
+    return;
+  }
+  const long j = i % hist;
+  const long d = (i / hist) % c.D;
+  const long n = i / (hist * c.D);
+  out[i] = cc_state_grad<W>(c, n, d, j);
+}
+
+CC_INSTANTIATE_TYPES(causal_conv1d_fwd, CC_INSTANTIATE_WIDTHS)
+CC_INSTANTIATE_TYPES(causal_conv1d_bwd_dx, CC_INSTANTIATE_WIDTHS)
+CC_INSTANTIATE_TYPES(causal_conv1d_bwd_dw, CC_INSTANTIATE_WIDTHS)
+CC_INSTANTIATE_TYPES(causal_conv1d_bwd_dinit, CC_INSTANTIATE_ANY)

@@ -1,0 +1,279 @@
+// short_conv_fused on x (B, T, D) with any strides over B and T (stride over
+// D is 1): out = (x if residual else 0) + act(bias + conv(x * mask)), with
+// packed sequences (cu_seqlens, B == 1) convolved independently. Threads run
+// along D (consecutive channels = consecutive addresses); each thread owns a
+// run of consecutive t and keeps the W-1 halo in registers.
+//
+// Every kernel here takes the same buffers, in this order:
+//   0 x (storage T)  1 weight (D, W) f32  2 bias (D) f32  3 mask (B, T) f32
+//   4 cu_seqlens (N+1) i32  5 initial states (N, D, W-1) f32
+//   6 dout (B, T, D) contiguous, storage T  7 dfinal states (N, D, W-1) f32
+//   8 the kernel's output  9 params
+// Absent optional inputs are bound to the weight buffer and never read.
+// Params (int64):
+//   0 B  1 D  2 T  3 W  4 x stride over b  5 x stride over t  6 flags
+//   7 run length  8 runs per row  9 N (state rows: sequences, or B)
+//   10 channels per threadgroup  11 run groups per row (weight gradient)
+
+template <typename T>
+struct FusedConvCtx {
+  device const T* x;
+  device const float* w;
+  device const float* b_ptr;
+  device const float* mask;
+  device const int* cu;
+  device const float* init;
+  device const T* go;
+  device const float* dfin;
+  long B, D, len, width, n_seq;
+  long xsb, xst;
+  bool has_bias, has_mask, has_cu, has_init, silu, residual, has_dfinal;
+
+  float weight(long d, int k) const {
+    return w[d * width + k];
+  }
+  float bias(long d) const {
+    return has_bias ? b_ptr[d] : 0.0f;
+  }
+  // The packed sequence n with cu[n] <= t < cu[n+1]: a binary search for the
+  // last boundary <= t (empty sequences are skipped by construction). No host
+  // synchronisation: cu_seqlens stays on the device.
+  Seg seg_first(long b, long t) const {
+    Seg s;
+    if (!has_cu) {
+      s.id = b;
+      s.start = 0;
+      return s;
+    }
+    long lo = 0;
+    long hi = n_seq;  // invariant: cu[lo] <= t < cu[hi]
+    while (hi - lo > 1) {
+      const long mid = (lo + hi) / 2;
+      if (long(cu[mid]) <= t) {
+        lo = mid;
+      } else {
+        hi = mid;
+      }
+    }
+    s.id = lo;
+    s.start = cu[lo];
+    return s;
+  }
+  Seg seg_next(long b, long t, Seg prev) const {
+    if (!has_cu) {
+      return prev;
+    }
+    Seg s = prev;
+    while (long(cu[s.id + 1]) <= t) {
+      s.id += 1;
+    }
+    s.start = cu[s.id];
+    return s;
+  }
+  bool silent(Seg s) const {
+    return false;
+  }
+  // The extended input seen from segment s: masked x from the sequence start
+  // on, that sequence's initial states (unmasked) before it.
+  float tap(long b, long d, long p, Seg s) const {
+    if (p >= s.start) {
+      float v = static_cast<float>(x[b * xsb + p * xst + d]);
+      return has_mask ? v * mask[b * len + p] : v;
+    }
+    return has_init
+        ? init[(s.id * D + d) * (width - 1) + (width - 1) + (p - s.start)]
+        : 0.0f;
+  }
+  float dout(long b, long d, long t) const {
+    return static_cast<float>(go[(b * len + t) * D + d]);
+  }
+  float dfinal(long n, long d, long f) const {
+    return dfin[(n * D + d) * (width - 1) + f];
+  }
+  long out_index(long b, long d, long t) const {
+    return (b * len + t) * D + d;
+  }
+  long seg_end(Seg s) const {
+    return has_cu ? long(cu[s.id + 1]) : len;
+  }
+  float finish(long b, long d, long t, float pre, Seg s) const {
+    float y = silu ? cc_silu(pre) : pre;
+    if (residual) {
+      y += static_cast<float>(x[b * xsb + t * xst + d]);
+    }
+    return y;
+  }
+  // d(x*m)/dx = m; the residual adds dout unmasked.
+  float finish_dx(long b, long d, long q, float acc, Seg s) const {
+    const long f = q - (seg_end(s) - (width - 1));
+    if (has_dfinal && f >= 0) {
+      acc += dfinal(s.id, d, f);
+    }
+    if (has_mask) {
+      acc *= mask[b * len + q];
+    }
+    if (residual) {
+      acc += dout(b, d, q);
+    }
+    return acc;
+  }
+  long state_batch(long n) const {
+    return has_cu ? 0 : n;
+  }
+  long state_start(long n) const {
+    return has_cu ? long(cu[n]) : 0;
+  }
+  long state_end(long n) const {
+    return has_cu ? long(cu[n + 1]) : len;
+  }
+  Seg state_seg(long n) const {
+    Seg s;
+    s.id = n;
+    s.start = state_start(n);
+    return s;
+  }
+};
+
+template <typename T>
+inline FusedConvCtx<T> fused_make_ctx(
+    device const T* x,
+    device const float* weight,
+    device const float* bias,
+    device const float* mask,
+    device const int* cu_seqlens,
+    device const float* init,
+    device const T* dout,
+    device const float* dfinal,
+    constant long* p) {
+  FusedConvCtx<T> c;
+  c.x = x;
+  c.w = weight;
+  c.b_ptr = bias;
+  c.mask = mask;
+  c.cu = cu_seqlens;
+  c.init = init;
+  c.go = dout;
+  c.dfin = dfinal;
+  c.B = p[0];
+  c.D = p[1];
+  c.len = p[2];
+  c.width = p[3];
+  c.xsb = p[4];
+  c.xst = p[5];
+  const long flags = p[6];
+  c.n_seq = p[9];
+  c.has_bias = (flags & CC_HAS_BIAS) != 0;
+  c.has_mask = (flags & CC_HAS_MASK) != 0;
+  c.has_cu = (flags & CC_HAS_CU) != 0;
+  c.has_init = (flags & CC_HAS_INIT) != 0;
+  c.silu = (flags & CC_SILU) != 0;
+  c.residual = (flags & CC_RESIDUAL) != 0;
+  c.has_dfinal = (flags & CC_HAS_DFINAL) != 0;
+  return c;
+}
+
+// Channels fastest: thread -> (d, run, b).
+inline bool fused_thread_run(
+    constant long* p, uint tid, thread long& b, thread long& d, thread long& t0,
+    thread long& t1) {
+  const long D = p[1];
+  const long len = p[2];
+  const long run = p[7];
+  const long runs = p[8];
+  long i = long(tid);
+  d = i % D;
+  i /= D;
+  const long r = i % runs;
+  b = i / runs;
+  t0 = r * run;
+  t1 = t0 + run < len ? t0 + run : len;
+  return b < p[0];
+}
+
+#define FUSED_KERNEL_ARGS(OUT_TYPE)                \
+  device const T* x [[buffer(0)]],                 \
+      device const float* weight [[buffer(1)]],    \
+      device const float* bias [[buffer(2)]],      \
+      device const float* mask [[buffer(3)]],      \
+      device const int* cu_seqlens [[buffer(4)]],  \
+      device const float* init [[buffer(5)]],      \
+      device const T* dout [[buffer(6)]],          \
+      device const float* dfinal [[buffer(7)]],    \
+      device OUT_TYPE* out [[buffer(8)]],          \
+      constant long* p [[buffer(9)]]
+
+#define FUSED_CTX() \
+  fused_make_ctx<T>(x, weight, bias, mask, cu_seqlens, init, dout, dfinal, p)
+
+// out (B, T, D) contiguous.
+template <typename T, int W>
+[[kernel]] void short_conv_fused_fwd(
+    FUSED_KERNEL_ARGS(T), uint tid [[thread_position_in_grid]]) {
+  long b, d, t0, t1;
+  if (!fused_thread_run(p, tid, b, d, t0, t1)) {
+    return;
+  }
+  const FusedConvCtx<T> c = FUSED_CTX();
+  cc_forward_run<T, W>(c, out, b, d, t0, t1);
+}
+
+// dx (B, T, D) contiguous.
+template <typename T, int W>
+[[kernel]] void short_conv_fused_bwd_dx(
+    FUSED_KERNEL_ARGS(T), uint tid [[thread_position_in_grid]]) {
+  long b, d, t0, t1;
+  if (!fused_thread_run(p, tid, b, d, t0, t1)) {
+    return;
+  }
+  const FusedConvCtx<T> c = FUSED_CTX();
+  cc_input_grad_run<T, W>(c, out, b, d, t0, t1);
+}
+
+// Partial dweight/dbias rows, float32 (B * run_groups, D, W+1); threadgroups
+// tile (b, channels, runs) with channels fastest.
+template <typename T, int W>
+[[kernel, max_total_threads_per_threadgroup(CC_GROUP)]] void
+short_conv_fused_bwd_dw(
+    FUSED_KERNEL_ARGS(float), uint tid [[thread_position_in_grid]]) {
+  threadgroup float red[CC_GROUP];
+  const FusedConvCtx<T> c = FUSED_CTX();
+  const long run = p[7];
+  const long runs = p[8];
+  const uint gd = uint(p[10]);
+  const long run_groups = p[11];
+  const uint gr = CC_GROUP / gd;
+  const uint lid = tid % CC_GROUP;
+  long g = long(tid / CC_GROUP);
+  const long rg = g % run_groups;
+  g /= run_groups;
+  const long d_groups = (c.D + gd - 1) / gd;
+  const long dg = g % d_groups;
+  const long b = g / d_groups;
+  const long d = dg * gd + lid % gd;
+  const long r = rg * gr + lid / gd;
+  const long t0 = r * run;
+  const long t1 = r < runs ? (t0 + run < c.len ? t0 + run : c.len) : t0;
+  cc_weight_grad_group<W>(
+      c, out, red, b, d, d < c.D, t0, t1, b * run_groups + rg, lid, gd, true);
+}
+
+// dinitial_states, float32 (N, D, W-1): one thread per element.
+template <typename T, int W>
+[[kernel]] void short_conv_fused_bwd_dinit(
+    FUSED_KERNEL_ARGS(float), uint tid [[thread_position_in_grid]]) {
+  const FusedConvCtx<T> c = FUSED_CTX();
+  const long hist = c.width - 1;
+  const long i = long(tid);
+  if (i >= c.n_seq * c.D * hist) {
+    return;
+  }
+  const long j = i % hist;
+  const long d = (i / hist) % c.D;
+  const long n = i / (hist * c.D);
+  out[i] = cc_state_grad<W>(c, n, d, j);
+}
+
+CC_INSTANTIATE_TYPES(short_conv_fused_fwd, CC_INSTANTIATE_WIDTHS)
+CC_INSTANTIATE_TYPES(short_conv_fused_bwd_dx, CC_INSTANTIATE_WIDTHS)
+CC_INSTANTIATE_TYPES(short_conv_fused_bwd_dw, CC_INSTANTIATE_WIDTHS)
+CC_INSTANTIATE_TYPES(short_conv_fused_bwd_dinit, CC_INSTANTIATE_ANY)

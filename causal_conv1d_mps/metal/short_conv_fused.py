@@ -1,0 +1,102 @@
+"""Launchers of the short_conv_fused kernels (kernels/short_conv_fused.metal), x (B, T, D), stride(2) == 1."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._launch import (GROUP, HAS_BIAS, HAS_CU, HAS_DFINAL, HAS_INIT, HAS_MASK, RESIDUAL, SILU, as_float32, flag,
+                      gather_states, kernel_name, launch, or_stand_in, reduce_rows, run_length)
+
+# Channels per threadgroup of the weight-gradient kernel (channels are the fastest thread index).
+_DW_CHANNELS = 32
+
+
+def _n_states(x: Tensor, cu_seqlens: Tensor | None) -> int:
+    return cu_seqlens.shape[0] - 1 if cu_seqlens is not None else x.shape[0]
+
+
+def _params(x: Tensor, width: int, n_states: int, flags: int) -> tuple[list[int], int]:
+    """The kernels' int64 params and the number of (b, run, d) threads."""
+    batch, length, dim = x.shape
+    run = run_length(width, batch * dim, length)
+    runs = -(-length // run)
+    params = [batch, dim, length, width, x.stride(0), x.stride(1), flags, run, runs, n_states]
+    return params, batch * dim * runs
+
+
+def _flags(bias, mask, init, cu_seqlens, activation: bool, residual: bool) -> int:
+    return (flag(bias, HAS_BIAS) | flag(mask, HAS_MASK) | flag(init, HAS_INIT) | flag(cu_seqlens, HAS_CU)
+            | (SILU if activation else 0) | (RESIDUAL if residual else 0))
+
+
+def short_conv_fused_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None,
+                         initial_states: Tensor | None, cu_seqlens: Tensor | None, activation: bool,
+                         residual: bool, return_final_states: bool) -> tuple[Tensor, Tensor]:
+    batch, length, dim = x.shape
+    width = weight.shape[1]
+    n_states = _n_states(x, cu_seqlens)
+    init = as_float32(initial_states, like=x.dtype)
+    final = x.new_empty(0)
+    if return_final_states:
+        final = gather_states(x, dim, (x.stride(0), x.stride(1), 1), length, n_states, width - 1, init, mask,
+                              cu_seqlens)
+    out = torch.empty((batch, length, dim), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out, final
+    w = as_float32(weight)
+    params, threads = _params(x, width, n_states, _flags(bias, mask, init, cu_seqlens, activation, residual))
+    args = [x, w, or_stand_in(as_float32(bias), w), or_stand_in(mask, w), or_stand_in(cu_seqlens, w),
+            or_stand_in(init, w), x, w, out, params]
+    launch(x.device, kernel_name("short_conv_fused_fwd", x.dtype, width), args, threads)
+    return out, final
+
+
+def short_conv_fused_bwd(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None,
+                         initial_states: Tensor | None, cu_seqlens: Tensor | None, dout: Tensor,
+                         dfinal_states: Tensor | None, activation: bool,
+                         residual: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    batch, length, dim = x.shape
+    width = weight.shape[1]
+    n_states = _n_states(x, cu_seqlens)
+    init = as_float32(initial_states, like=x.dtype)
+    dfinal = as_float32(dfinal_states)
+    dx = torch.empty((batch, length, dim), dtype=x.dtype, device=x.device)
+    if x.numel() == 0:
+        return dx, *_grads_without_inputs(x, weight, bias, initial_states, dfinal_states)
+    w = as_float32(weight)
+    flags = _flags(bias, mask, init, cu_seqlens, activation, residual) | flag(dfinal, HAS_DFINAL)
+    params, threads = _params(x, width, n_states, flags)
+    inputs = [x, w, or_stand_in(as_float32(bias), w), or_stand_in(mask, w), or_stand_in(cu_seqlens, w),
+              or_stand_in(init, w), dout.contiguous(), or_stand_in(dfinal, w)]
+    device = x.device
+    launch(device, kernel_name("short_conv_fused_bwd_dx", x.dtype, width), [*inputs, dx, params], threads)
+
+    # Weight and bias: one float32 partial row per (threadgroup of runs, batch row), then a fixed-order sum.
+    runs = params[8]
+    run_groups = -(-runs // (GROUP // _DW_CHANNELS))
+    part = torch.empty((batch * run_groups, dim, width + 1), dtype=torch.float32, device=device)
+    groups = batch * -(-dim // _DW_CHANNELS) * run_groups
+    launch(device, kernel_name("short_conv_fused_bwd_dw", x.dtype, width),
+           [*inputs, part, params + [_DW_CHANNELS, run_groups]], groups * GROUP, GROUP)
+    sums = reduce_rows(part.view(batch * run_groups, dim * (width + 1))).view(dim, width + 1)
+    dweight = sums[:, :width].contiguous().to(weight.dtype)
+    dbias = sums[:, width].to(bias.dtype) if bias is not None else x.new_empty(0)
+
+    dinit = x.new_empty(0)
+    if initial_states is not None:
+        dinit = torch.empty((n_states, dim, width - 1), dtype=torch.float32, device=device)
+        launch(device, kernel_name("short_conv_fused_bwd_dinit", x.dtype, "any"), [*inputs, dinit, params],
+               dinit.numel())
+        dinit = dinit.to(initial_states.dtype)
+    return dx, dweight, dbias, dinit
+
+
+def _grads_without_inputs(x, weight, bias, initial_states, dfinal_states):
+    """Gradients when B == 0 or T == 0: no output depends on the weights; states pass straight through."""
+    dweight = torch.zeros_like(weight)
+    dbias = torch.zeros_like(bias) if bias is not None else x.new_empty(0)
+    dinit = x.new_empty(0)
+    if initial_states is not None:
+        dinit = (dfinal_states.to(initial_states.dtype).clone() if dfinal_states is not None and x.shape[1] == 0
+                 else torch.zeros_like(initial_states))
+    return dweight, dbias, dinit
