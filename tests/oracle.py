@@ -181,7 +181,13 @@ def short_conv_fused(
 
 
 def _update_rows(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, silu, residual):
-    """Decode `x` `[B, L, D]` token by token. Returns float64 `out` and the new state (state dtype)."""
+    """Decode `x` `[B, L, D]` token by token. Returns float64 `out` and the new state (state dtype).
+
+    Each row keeps two views of its state: `state` (the bits, in the state's dtype) and `columns`, the
+    same entries as float64 tensors where a column written by this call is the token itself, so that
+    a later token's output is differentiable in the earlier tokens (only the state read before the
+    call is a constant, SPEC 3.6).
+    """
     state = conv_state.clone()
     batch, length, _ = x.shape
     width = weight.shape[1]
@@ -193,16 +199,16 @@ def _update_rows(x, conv_state, weight, bias, cache_seqlens, conv_state_indices,
         if slot < 0:  # padding slot: output 0, no state touched
             rows.append(x.new_zeros(length, x.shape[2], dtype=F64))
             continue
+        columns = [state[slot][:, j].to(F64, copy=True) for j in range(size)]
         outs = []
         for i in range(length):
             token = x[b, i].to(F64)  # [D]
             if cache_seqlens is None:
-                window = state[slot][:, size - history :].to(F64, copy=True)
+                taps = columns[size - history :]
             else:
                 pos = (int(cache_seqlens[b]) + i) % size
-                idx = [(pos - history + j) % size for j in range(history)]
-                window = state[slot][:, idx].to(F64, copy=True)
-            xe = torch.cat([window, token[:, None]], dim=1)  # [D, W]
+                taps = [columns[(pos - history + j) % size] for j in range(history)]
+            xe = torch.stack(taps + [token], dim=1)  # [D, W]
             pre = (weight * xe).sum(dim=1)
             if bias is not None:
                 pre = pre + bias
@@ -210,13 +216,15 @@ def _update_rows(x, conv_state, weight, bias, cache_seqlens, conv_state_indices,
             if residual:
                 y = y + token
             outs.append(y)
-            # The state write happens after the read: with S == W-1 the oldest tap is the slot written.
-            new = x[b, i].detach().to(state.dtype)
+            # The write happens after the read: with S == W-1 the oldest tap is the column written.
             if size == 0:  # W == 1 with an empty state: nothing to remember
                 continue
+            new = x[b, i].detach().to(state.dtype)
             if cache_seqlens is None:
+                columns = columns[1:] + [token]
                 state[slot] = torch.cat([state[slot][:, 1:], new[:, None]], dim=1)
             else:
+                columns[pos] = token
                 state[slot][:, pos] = new
         rows.append(torch.stack(outs, dim=0))
     return torch.stack(rows, dim=0) if rows else x.new_zeros(0, length, x.shape[2], dtype=F64), state
