@@ -5,19 +5,34 @@ Vocabulary used in every kernel file (flash-linear-attention habits):
 A *source* position `s` is a time step of the extended input `xe`: `s >= bos` reads `x[s]` (times the
 mask), `bos - (W-1) <= s < bos` reads the initial state of that sequence, anything earlier is zero.
 `bos`/`eos` are the first and one-past-last time steps of the sequence a row belongs to.
+
+Only builtins of `triton.language` are used here and in the kernels (no `tl.sum`, `tl.zeros`,
+`tl.sigmoid`): those library helpers are themselves `@triton.jit` functions, built compiled or
+interpreted once when triton is imported, so they would not run inside the interpreted copy of these
+kernels (see `.._loader`).
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
+def add(a, b):
+    return a + b
+
+
+@triton.jit
+def sigmoid(b_x):
+    return 1.0 / (1.0 + tl.exp(-b_x))
+
+
+@triton.jit
 def silu(b_x):
-    return b_x * tl.sigmoid(b_x)
+    return b_x * sigmoid(b_x)
 
 
 @triton.jit
 def silu_grad(b_x):
-    b_sig = tl.sigmoid(b_x)
+    b_sig = sigmoid(b_x)
     return b_sig * (1.0 + b_x * (1.0 - b_sig))
 
 
@@ -28,7 +43,7 @@ def find_sequence(cu_seqlens, o_t, N, n_search_steps):
     A binary search over `cu_seqlens` inside the kernel keeps the launch free of host syncs (the grid
     does not depend on the sequence lengths). With empty sequences the last one starting at `o_t` wins.
     """
-    i_lo = tl.zeros_like(o_t)
+    i_lo = o_t * 0
     i_hi = i_lo + (N - 1)
     for _ in range(n_search_steps):
         i_mid = (i_lo + i_hi + 1) // 2
@@ -47,7 +62,7 @@ def load_source(x, mask, h0, i_b, i_h, o_s, o_d, m_d, ok_x, ok_h, bos, T, D,
     """The extended input `xe` at source rows `o_s` (float32, [len(o_s), BD]).
 
     `ok_x` / `ok_h` say per row whether the tap may read `x` / the initial state at all (row in range,
-    same sequence id); `i_h` is the initial-state row (batch row, or packed sequence index per row).
+    same sequence id); `i_h` (one per row) is the initial-state row: the batch row, or the packed sequence.
     """
     m_x = ok_x & (o_s >= bos)
     p_x = (x + i_b.to(tl.int64) * stride_x_b + o_s.to(tl.int64)[:, None] * stride_x_t
@@ -59,7 +74,7 @@ def load_source(x, mask, h0, i_b, i_h, o_s, o_d, m_d, ok_x, ok_h, bos, T, D,
     if USE_INITIAL_STATE:
         o_j = o_s - bos + (W - 1)
         m_h = ok_h & (o_s < bos) & (o_j >= 0)
-        p_h = h0 + (i_h.to(tl.int64) * D * (W - 1))[:, None] + o_d[None, :] * (W - 1) + o_j[:, None]
+        p_h = h0 + (i_h.to(tl.int64) * D * (W - 1) + o_j)[:, None] + o_d[None, :] * (W - 1)
         b_x += tl.load(p_h, mask=m_h[:, None] & m_d[None, :], other=0.).to(tl.float32)
     return b_x
 
@@ -75,7 +90,7 @@ def conv_pre(x, weight, bias, mask, seq_idx, h0, i_b, i_h, o_t, o_d, m_t, m_d, b
     Each tap is a shifted re-load of the same tile: the W-1 rows of halo and the overlap between taps
     come from L1/L2, so device memory sees each input once.
     """
-    b_pre = tl.zeros([BT, BD], dtype=tl.float32)
+    b_pre = tl.full([BT, BD], 0., tl.float32)
     if HAS_BIAS:
         b_pre += tl.load(bias + o_d, mask=m_d, other=0.).to(tl.float32)[None, :]
     for k in tl.static_range(W):

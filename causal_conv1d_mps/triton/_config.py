@@ -1,0 +1,65 @@
+"""Launch configurations (tile shapes, warps), chosen per shape and cached.
+
+The GPU figures come from the runs recorded in docs/PERF_NOTES.md. Under the interpreter every program
+costs Python time, so there the tiles are as large as the problem allows. `OVERRIDES` lets
+benchmarks/perf_targets.py try variants without editing this file.
+"""
+from __future__ import annotations
+
+import functools
+
+import triton
+
+# name -> dict of fields replacing the chosen config (benchmarks only)
+OVERRIDES: dict[str, dict] = {}
+
+
+def _pow2(n: int, lo: int = 1) -> int:
+    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+
+
+def _override(name: str, config: dict) -> dict:
+    extra = OVERRIDES.get(name)
+    return {**config, **extra} if extra else config
+
+
+@functools.lru_cache(maxsize=1024)
+def conv_tiles(T: int, D: int, W: int, channel_last: bool, interpreted: bool) -> dict:
+    """Tiles of the forward and backward convolution kernels over `[T, D]`."""
+    if interpreted:
+        config = dict(BT=min(_pow2(T), 64), BD=min(_pow2(D), 64), num_warps=4)
+    elif channel_last:
+        # D is contiguous: 128 channels give 256-byte rows in 16-bit types (16-byte vectors per thread)
+        config = dict(BT=min(_pow2(T, 16), 32), BD=min(_pow2(D, 16), 128), num_warps=4)
+    else:
+        # T is contiguous: long time tiles, a few channels
+        config = dict(BT=min(_pow2(T, 16), 512), BD=min(_pow2(D), 4), num_warps=4)
+    return _override("conv_fwd", config)
+
+
+@functools.lru_cache(maxsize=1024)
+def conv_bwd_tiles(T: int, D: int, W: int, channel_last: bool, interpreted: bool) -> dict:
+    """Tiles of the backward kernel; `TILES` T tiles per program bound the number of partial rows."""
+    if interpreted:
+        config = dict(BT=min(_pow2(T), 64), BD=min(_pow2(D), 64), TILES=4, num_warps=4)
+    elif channel_last:
+        config = dict(BT=min(_pow2(T, 16), 32), BD=min(_pow2(D, 16), 64), TILES=8, num_warps=4)
+    else:
+        config = dict(BT=min(_pow2(T, 16), 256), BD=min(_pow2(D), 4), TILES=2, num_warps=4)
+    return _override("conv_bwd", config)
+
+
+@functools.lru_cache(maxsize=256)
+def update_tiles(D: int, S: int, interpreted: bool) -> dict:
+    if interpreted:
+        config = dict(BD=min(_pow2(D), 128), BS=min(_pow2(S, 2), 64), num_warps=4)
+    else:
+        config = dict(BD=min(_pow2(D, 32), 256), BS=min(_pow2(S, 2), 16), num_warps=4)
+    return _override("update", config)
+
+
+def clear() -> None:
+    """Forget cached configs (after changing OVERRIDES)."""
+    conv_tiles.cache_clear()
+    conv_bwd_tiles.cache_clear()
+    update_tiles.cache_clear()

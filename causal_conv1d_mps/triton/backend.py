@@ -1,0 +1,76 @@
+"""The seven backend functions of docs/BACKENDS.md, mapped onto the launchers.
+
+Both convolution families reach the same kernels with `x` described as `[B, T, D]` by strides:
+`causal_conv1d`'s `(B, D, T)` tensor passes `(stride(0), stride(2), stride(1))`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .launch_conv import gather_states, launch_backward, launch_forward
+from .launch_update import launch_update
+
+
+def _btd_strides(t: Tensor) -> tuple[int, int, int]:
+    """Strides of a `(B, D, T)` tensor listed as `[B, T, D]`."""
+    return t.stride(0), t.stride(2), t.stride(1)
+
+
+def _is_channel_last(x_bdt: Tensor) -> bool:
+    return x_bdt.stride(2) != 1
+
+
+def causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, silu: bool, return_final_states: bool):
+    B, D, T = x.shape
+    out = torch.empty_like(x)
+    strides = _btd_strides(x)
+    launch_forward(x, strides, out, _btd_strides(out), B, T, D, weight, bias, None, seq_idx, None,
+                   initial_states, silu, False, _is_channel_last(x))
+    if not return_final_states:
+        return out, x.new_empty(0)
+    W = weight.shape[1]
+    return out, gather_states(x, strides, B, T, D, W - 1, W, None, initial_states, None)
+
+
+def causal_conv1d_bwd(x, weight, bias, seq_idx, initial_states, dout, dfinal_states, silu: bool):
+    B, D, T = x.shape
+    dx = torch.empty_like(x)
+    dweight, dbias, dh0 = launch_backward(
+        x, _btd_strides(x), dout, _btd_strides(dout), dx, _btd_strides(dx), B, T, D, weight, bias, None,
+        seq_idx, None, initial_states, dfinal_states, silu, False, _is_channel_last(x))
+    return dx, dweight, dbias, dh0
+
+
+def short_conv_fused_fwd(x, weight, bias, mask, initial_states, cu_seqlens,
+                         activation: bool, residual: bool, return_final_states: bool):
+    B, T, D = x.shape
+    out = x.new_empty(B, T, D)
+    launch_forward(x, x.stride(), out, out.stride(), B, T, D, weight, bias, mask, None, cu_seqlens,
+                   initial_states, activation, residual, True)
+    if not return_final_states:
+        return out, x.new_empty(0)
+    W = weight.shape[1]
+    rows = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return out, gather_states(x, x.stride(), rows, T, D, W - 1, W, mask, initial_states, cu_seqlens)
+
+
+def short_conv_fused_bwd(x, weight, bias, mask, initial_states, cu_seqlens, dout, dfinal_states,
+                         activation: bool, residual: bool):
+    B, T, D = x.shape
+    dx = x.new_empty(B, T, D)
+    dweight, dbias, dh0 = launch_backward(
+        x, x.stride(), dout, dout.stride(), dx, dx.stride(), B, T, D, weight, bias, mask, None, cu_seqlens,
+        initial_states, dfinal_states, activation, residual, True)
+    return dx, dweight, dbias, dh0
+
+
+def short_conv_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indices,
+                      activation: bool, residual: bool) -> Tensor:
+    return launch_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation, residual)
+
+
+def causal_conv1d_varlen_states(x, cu_seqlens, state_len: int) -> Tensor:
+    total, D = x.shape
+    return gather_states(x, (0, x.stride(0), x.stride(1)), cu_seqlens.shape[0] - 1, total, D, state_len, 1,
+                         None, None, cu_seqlens)

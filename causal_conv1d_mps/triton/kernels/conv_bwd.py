@@ -1,0 +1,187 @@
+"""Backward kernels shared by `causal_conv1d` and `short_conv_fused`.
+
+`conv_bwd_kernel` tiles the *source* axis: for the rows `s` of a tile, the outputs reading `x[s]` through
+tap k sit at `t = s + (W-1) - k`, so
+    dxe[s]      = sum_k weight[k] * dpre[t_k]            (a gather: no atomics, no second pass)
+    dweight[k] += sum_s dpre[t_k] * xe[s]
+    dbias      += sum_s dpre[s]                          (the k = W-1 term)
+where `dpre = dout * silu'(pre)` recomputes the pre-activation from `x` (nothing saved from the forward).
+A program walks `tiles_per_program` T tiles of one (D tile, row) and keeps its weight/bias gradient in
+registers; each program writes one float32 partial row, and `reduce_partials_kernel` sums the rows
+in a fixed order (bitwise deterministic, no float atomics).
+
+The W-1 steps before a sequence start (the initial states) have no row in that grid: a small kernel,
+`conv_bwd_initial_state_kernel`, gives their gradient and their share of dweight (one partial row each).
+"""
+import triton
+import triton.language as tl
+
+from .common import add, conv_pre, find_sequence, load_source, silu_grad
+
+
+@triton.jit
+def conv_bwd_kernel(
+    x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, dht, dx, dw_partial,
+    T, D, N, n_search_steps, tiles_per_program,
+    stride_x_b, stride_x_t, stride_x_d,
+    stride_do_b, stride_do_t, stride_do_d,
+    stride_dx_b, stride_dx_t, stride_dx_d,
+    W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BW: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr, HAS_RESIDUAL: tl.constexpr, IS_VARLEN: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRAD: tl.constexpr,
+):
+    i_c, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    o_w = tl.arange(0, BW)
+    p_do = dout + i_b.to(tl.int64) * stride_do_b + o_d.to(tl.int64)[None, :] * stride_do_d
+    p_dx = dx + i_b.to(tl.int64) * stride_dx_b + o_d.to(tl.int64)[None, :] * stride_dx_d
+    # column W of the partial row carries the bias gradient
+    b_dw = tl.full([BD, BW], 0., tl.float32)
+
+    i_t_end = tl.minimum((i_c + 1) * tiles_per_program, (T + BT - 1) // BT)
+    for i_t in range(i_c * tiles_per_program, i_t_end):
+        o_s = i_t * BT + tl.arange(0, BT)
+        m_s = o_s < T
+        if IS_VARLEN:
+            i_h, bos, eos = find_sequence(cu_seqlens, o_s, N, n_search_steps)
+        else:
+            i_h = o_s * 0 + i_b
+            bos = 0
+            eos = T
+        if HAS_SEQ_IDX:
+            p_seq = seq_idx + i_b.to(tl.int64) * T
+            b_seq_s = tl.load(p_seq + o_s, mask=m_s, other=-1)
+            ok_h = b_seq_s == tl.load(p_seq)
+        else:
+            b_seq_s = o_s
+            ok_h = m_s
+        b_xs = load_source(x, mask, h0, i_b, i_h, o_s, o_d, m_d, m_s, m_s, bos, T, D,
+                           stride_x_b, stride_x_t, stride_x_d, W, HAS_MASK, False)
+
+        b_dxe = tl.full([BT, BD], 0., tl.float32)
+        for k in tl.static_range(W):
+            o_tk = o_s + (W - 1 - k)
+            ok_t = m_s & (o_tk < eos)
+            if HAS_SEQ_IDX:
+                b_seq_tk = tl.load(p_seq + o_tk, mask=ok_t, other=-1)
+                ok_t = ok_t & (b_seq_tk == b_seq_s) & (b_seq_s >= 0)
+            b_dpre = tl.load(p_do + o_tk.to(tl.int64)[:, None] * stride_do_t,
+                             mask=ok_t[:, None] & m_d[None, :], other=0.).to(tl.float32)
+            if ACTIVATION:
+                b_pre = conv_pre(x, weight, bias, mask, seq_idx, h0, i_b, i_h, o_tk, o_d, ok_t, m_d, bos,
+                                 b_seq_s, ok_h, T, D, stride_x_b, stride_x_t, stride_x_d, W, BT, BD,
+                                 HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, USE_INITIAL_STATE)
+                b_dpre = b_dpre * silu_grad(b_pre)
+            b_w = tl.load(weight + o_d * W + k, mask=m_d, other=0.).to(tl.float32)
+            b_dxe += b_dpre * b_w[None, :]
+            b_dw += tl.where(o_w[None, :] == k, tl.reduce(b_dpre * b_xs, 0, add)[:, None], 0.)
+            if HAS_BIAS:
+                if k == W - 1:
+                    b_dw += tl.where(o_w[None, :] == W, tl.reduce(b_dpre, 0, add)[:, None], 0.)
+
+        if USE_FINAL_STATE_GRAD:
+            # the final states are the last W-1 steps of xe: their gradient lands on those steps
+            o_j = o_s - (eos - (W - 1))
+            m_j = m_s & (o_j >= 0)
+            p_dht = dht + (i_h.to(tl.int64) * D * (W - 1) + o_j)[:, None] + o_d[None, :] * (W - 1)
+            b_dxe += tl.load(p_dht, mask=m_j[:, None] & m_d[None, :], other=0.).to(tl.float32)
+        if HAS_MASK:
+            b_dxe *= tl.load(mask + i_b.to(tl.int64) * T + o_s, mask=m_s, other=0.).to(tl.float32)[:, None]
+        m_sd = m_s[:, None] & m_d[None, :]
+        if HAS_RESIDUAL:
+            b_dxe += tl.load(p_do + o_s.to(tl.int64)[:, None] * stride_do_t, mask=m_sd, other=0.).to(tl.float32)
+        tl.store(p_dx + o_s.to(tl.int64)[:, None] * stride_dx_t, b_dxe.to(dx.dtype.element_ty), mask=m_sd)
+
+    i_p = i_b * tl.num_programs(0) + i_c
+    p_dw = dw_partial + (i_p.to(tl.int64) * D + o_d[:, None]) * (W + 1) + o_w[None, :]
+    tl.store(p_dw, b_dw, mask=m_d[:, None] & (o_w[None, :] < W + 1))
+
+
+@triton.jit
+def conv_bwd_initial_state_kernel(
+    x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, dht, dh0, dw_partial,
+    T, D, partial_offset,
+    stride_x_b, stride_x_t, stride_x_d,
+    stride_do_b, stride_do_t, stride_do_d,
+    W: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr, BW: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr, IS_VARLEN: tl.constexpr, USE_FINAL_STATE_GRAD: tl.constexpr,
+):
+    """Gradient of the initial states of one row/sequence (the W-1 source steps before `bos`)."""
+    i_d, i_r = tl.program_id(0), tl.program_id(1)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    o_w = tl.arange(0, BW)
+    if IS_VARLEN:
+        i_b = i_r * 0
+        bos = tl.load(cu_seqlens + i_r)
+        eos = tl.load(cu_seqlens + i_r + 1)
+    else:
+        i_b = i_r
+        bos = 0
+        eos = T
+    o_j = tl.arange(0, BJ)
+    m_j = o_j < W - 1
+    o_s = bos - (W - 1) + o_j
+    i_h = o_j * 0 + i_r
+    if HAS_SEQ_IDX:
+        p_seq = seq_idx + i_b.to(tl.int64) * T
+        b_seq_h = o_j * 0 + tl.load(p_seq)
+    else:
+        b_seq_h = o_j
+    p_h = h0 + i_r.to(tl.int64) * D * (W - 1) + o_d[None, :] * (W - 1) + o_j[:, None]
+    m_jd = m_j[:, None] & m_d[None, :]
+    b_h = tl.load(p_h, mask=m_jd, other=0.).to(tl.float32)
+    p_do = dout + i_b.to(tl.int64) * stride_do_b + o_d.to(tl.int64)[None, :] * stride_do_d
+
+    b_dh = tl.full([BJ, BD], 0., tl.float32)
+    b_dw = tl.full([BD, BW], 0., tl.float32)
+    for k in tl.static_range(W):
+        o_tk = o_s + (W - 1 - k)
+        ok_t = m_j & (o_tk >= bos) & (o_tk < eos)
+        if HAS_SEQ_IDX:
+            b_seq_tk = tl.load(p_seq + o_tk, mask=ok_t, other=-1)
+            ok_t = ok_t & (b_seq_tk == b_seq_h) & (b_seq_h >= 0)
+        b_dpre = tl.load(p_do + o_tk.to(tl.int64)[:, None] * stride_do_t,
+                         mask=ok_t[:, None] & m_d[None, :], other=0.).to(tl.float32)
+        if ACTIVATION:
+            b_pre = conv_pre(x, weight, bias, mask, seq_idx, h0, i_b, i_h, o_tk, o_d, ok_t, m_d, bos,
+                             b_seq_h, ok_t, T, D, stride_x_b, stride_x_t, stride_x_d, W, BJ, BD,
+                             HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, True)
+            b_dpre = b_dpre * silu_grad(b_pre)
+        b_w = tl.load(weight + o_d * W + k, mask=m_d, other=0.).to(tl.float32)
+        b_dh += b_dpre * b_w[None, :]
+        b_dw += tl.where(o_w[None, :] == k, tl.reduce(b_dpre * b_h, 0, add)[:, None], 0.)
+
+    if USE_FINAL_STATE_GRAD:
+        # a sequence shorter than W-1 passes part of its initial state straight to its final state
+        o_f = o_s - (eos - (W - 1))
+        m_f = m_j & (o_f >= 0)
+        p_dht = dht + i_r.to(tl.int64) * D * (W - 1) + o_d[None, :] * (W - 1) + o_f[:, None]
+        b_dh += tl.load(p_dht, mask=m_f[:, None] & m_d[None, :], other=0.).to(tl.float32)
+    tl.store(dh0 + i_r.to(tl.int64) * D * (W - 1) + o_d[None, :] * (W - 1) + o_j[:, None],
+             b_dh.to(dh0.dtype.element_ty), mask=m_jd)
+    i_p = partial_offset + i_r
+    p_dw = dw_partial + (i_p.to(tl.int64) * D + o_d[:, None]) * (W + 1) + o_w[None, :]
+    tl.store(p_dw, b_dw, mask=m_d[:, None] & (o_w[None, :] < W + 1))
+
+
+@triton.jit
+def reduce_partials_kernel(dw_partial, dw, db, P, n_cols,
+                           W: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Sum the `P` partial rows `[P, D*(W+1)]` in a fixed order and cast once to the parameters' dtypes."""
+    i_c = tl.program_id(0)
+    o_c = i_c * BC + tl.arange(0, BC)
+    m_c = o_c < n_cols
+    b_acc = tl.full([BC], 0., tl.float32)
+    for p0 in range(0, P, BP):
+        o_p = p0 + tl.arange(0, BP)
+        p_part = dw_partial + o_p.to(tl.int64)[:, None] * n_cols + o_c[None, :]
+        b_acc += tl.reduce(tl.load(p_part, mask=(o_p < P)[:, None] & m_c[None, :], other=0.), 0, add)
+    o_dd = o_c // (W + 1)
+    o_k = o_c % (W + 1)
+    tl.store(dw + o_dd * W + o_k, b_acc.to(dw.dtype.element_ty), mask=m_c & (o_k < W))
+    if HAS_BIAS:
+        tl.store(db + o_dd, b_acc.to(db.dtype.element_ty), mask=m_c & (o_k == W))

@@ -1,0 +1,61 @@
+"""Forward kernel shared by `causal_conv1d` ((B, D, T), either memory layout) and `short_conv_fused`
+((B, T, D) with mask, residual and packed sequences).
+
+Both ops see `x` as `[B, T, D]` through strides; Triton specialises the stride that equals 1, so the
+same source gives vectorised loads along D for channel-last inputs and along T for contiguous ones.
+Grid: (T tiles, D tiles, B). T tiles vary fastest so that the W-1 halo rows a program re-reads were
+loaded by its neighbour moments earlier and still sit in L2.
+"""
+import triton
+import triton.language as tl
+
+from .common import conv_pre, find_sequence, silu
+
+
+@triton.jit
+def conv_fwd_kernel(
+    x, weight, bias, mask, seq_idx, cu_seqlens, h0, out,
+    T, D, N, n_search_steps,
+    stride_x_b, stride_x_t, stride_x_d,
+    stride_o_b, stride_o_t, stride_o_d,
+    W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr, HAS_RESIDUAL: tl.constexpr, IS_VARLEN: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr,
+):
+    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_t = i_t * BT + tl.arange(0, BT)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_t = o_t < T
+    m_d = o_d < D
+
+    if IS_VARLEN:
+        i_h, bos, eos = find_sequence(cu_seqlens, o_t, N, n_search_steps)
+    else:
+        i_h = o_t * 0 + i_b
+        bos = 0
+    if HAS_SEQ_IDX:
+        p_seq = seq_idx + i_b.to(tl.int64) * T
+        b_seq_t = tl.load(p_seq + o_t, mask=m_t, other=-1)
+        # initial states belong to the sequence at position 0 of the row
+        ok_h = b_seq_t == tl.load(p_seq)
+    else:
+        b_seq_t = o_t
+        ok_h = m_t
+
+    b_out = conv_pre(x, weight, bias, mask, seq_idx, h0, i_b, i_h, o_t, o_d, m_t, m_d, bos, b_seq_t, ok_h, T, D,
+                     stride_x_b, stride_x_t, stride_x_d, W, BT, BD,
+                     HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, USE_INITIAL_STATE)
+    if ACTIVATION:
+        b_out = silu(b_out)
+    if HAS_SEQ_IDX:
+        b_out = tl.where((b_seq_t >= 0)[:, None], b_out, 0.)
+    m_td = m_t[:, None] & m_d[None, :]
+    if HAS_RESIDUAL:
+        # the residual is the unmasked input; this re-load hits the tile the last tap just read
+        p_x = (x + i_b.to(tl.int64) * stride_x_b + o_t.to(tl.int64)[:, None] * stride_x_t
+               + o_d.to(tl.int64)[None, :] * stride_x_d)
+        b_out += tl.load(p_x, mask=m_td, other=0.).to(tl.float32)
+    p_o = (out + i_b.to(tl.int64) * stride_o_b + o_t.to(tl.int64)[:, None] * stride_o_t
+           + o_d.to(tl.int64)[None, :] * stride_o_d)
+    tl.store(p_o, b_out.to(out.dtype.element_ty), mask=m_td)

@@ -1,0 +1,114 @@
+"""Launchers of the convolution kernels (allocation, grids, flags) for both op families.
+
+`x` is always described as `[B, T, D]` through three strides, so `causal_conv1d` ((B, D, T) in either
+layout) and `short_conv_fused` ((B, T, D), any B/T strides) share every kernel. Absent optional inputs
+are passed as `None`, which Triton treats as a compile-time constant: each combination of flags is its
+own specialisation, never a placeholder tensor.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _config
+from ._loader import is_interpreted, kernels_for
+
+
+def _search_steps(cu_seqlens: Tensor | None) -> tuple[int, int]:
+    """(N, binary-search steps over the N sequence starts); (1, 0) without packing."""
+    if cu_seqlens is None:
+        return 1, 0
+    n = cu_seqlens.shape[0] - 1
+    return n, max(n, 1).bit_length()
+
+
+def launch_forward(x: Tensor, x_strides, out: Tensor, out_strides, B: int, T: int, D: int,
+                   weight: Tensor, bias, mask, seq_idx, cu_seqlens, initial_states,
+                   activation: bool, residual: bool, channel_last: bool) -> None:
+    """out[b, t, d] = (x if residual) + act(bias + conv(xe)) for the `[B, T, D]` view given by the strides."""
+    if B == 0 or T == 0 or D == 0:
+        return
+    W = weight.shape[1]
+    kernels = kernels_for(x.device)
+    cfg = _config.conv_tiles(T, D, W, channel_last, is_interpreted(x.device))
+    N, steps = _search_steps(cu_seqlens)
+    grid = (_cdiv(T, cfg["BT"]), _cdiv(D, cfg["BD"]), B)
+    kernels.conv_fwd_kernel[grid](
+        x, weight, bias, mask, seq_idx, cu_seqlens, initial_states if W > 1 else None, out,
+        T, D, N, steps, *x_strides, *out_strides,
+        W=W, BT=cfg["BT"], BD=cfg["BD"],
+        ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
+        HAS_SEQ_IDX=seq_idx is not None, HAS_RESIDUAL=residual, IS_VARLEN=cu_seqlens is not None,
+        USE_INITIAL_STATE=initial_states is not None and W > 1, num_warps=cfg["num_warps"])
+
+
+def launch_backward(x: Tensor, x_strides, dout: Tensor, dout_strides, dx: Tensor, dx_strides,
+                    B: int, T: int, D: int, weight: Tensor, bias, mask, seq_idx, cu_seqlens, initial_states,
+                    dfinal_states, activation: bool, residual: bool, channel_last: bool):
+    """Fill `dx`; return (dweight, dbias or empty, dinitial_states or empty)."""
+    W = weight.shape[1]
+    use_h0 = initial_states is not None and W > 1
+    use_dht = dfinal_states is not None and W > 1
+    rows = initial_states.shape[0] if initial_states is not None else (
+        cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B)
+    dh0 = torch.empty_like(initial_states) if initial_states is not None else x.new_empty(0)
+    dweight = torch.empty_like(weight)
+    dbias = torch.empty_like(bias) if bias is not None else x.new_empty(0)
+    if D == 0:
+        return dweight, dbias, dh0
+    kernels = kernels_for(x.device)
+    interpreted = is_interpreted(x.device)
+    cfg = _config.conv_bwd_tiles(T, D, W, channel_last, interpreted)
+    N, steps = _search_steps(cu_seqlens)
+    n_tiles = _cdiv(T, cfg["BT"])
+    n_chunks = _cdiv(n_tiles, cfg["TILES"]) if B > 0 else 0
+    n_partials = B * n_chunks + (rows if use_h0 else 0)
+    BW = _next_pow2(W + 1)
+    dw_partial = torch.empty(n_partials, D, W + 1, device=x.device, dtype=torch.float32)
+    flags = dict(ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
+                 HAS_SEQ_IDX=seq_idx is not None, IS_VARLEN=cu_seqlens is not None)
+    h0 = initial_states if use_h0 else None
+    dht = dfinal_states if use_dht else None
+    if n_chunks > 0:
+        kernels.conv_bwd_kernel[(n_chunks, _cdiv(D, cfg["BD"]), B)](
+            x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, dht, dx, dw_partial,
+            T, D, N, steps, cfg["TILES"], *x_strides, *dout_strides, *dx_strides,
+            W=W, BT=cfg["BT"], BD=cfg["BD"], BW=BW, HAS_RESIDUAL=residual,
+            USE_INITIAL_STATE=use_h0, USE_FINAL_STATE_GRAD=use_dht, num_warps=cfg["num_warps"], **flags)
+    if use_h0 and rows > 0:
+        BD = min(_next_pow2(D), 128)
+        kernels.conv_bwd_initial_state_kernel[(_cdiv(D, BD), rows)](
+            x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, dht, dh0, dw_partial,
+            T, D, B * n_chunks, *x_strides, *dout_strides,
+            W=W, BJ=_next_pow2(max(W - 1, 2)), BD=BD, BW=BW, USE_FINAL_STATE_GRAD=use_dht,
+            num_warps=4, **flags)
+    n_cols = D * (W + 1)
+    BC = 256 if not interpreted else min(_next_pow2(n_cols), 1024)
+    kernels.reduce_partials_kernel[(_cdiv(n_cols, BC),)](
+        dw_partial, dweight, dbias if bias is not None else None, n_partials, n_cols,
+        W=W, BP=16, BC=BC, HAS_BIAS=bias is not None, num_warps=4)
+    return dweight, dbias, dh0
+
+
+def gather_states(x: Tensor, x_strides, rows: int, T: int, D: int, state_len: int, W: int,
+                  mask, initial_states, cu_seqlens) -> Tensor:
+    """`[rows, D, state_len]` in x's dtype: the last `state_len` steps of each row's (or sequence's) xe."""
+    states = x.new_empty(rows, D, state_len)
+    if rows == 0 or D == 0 or state_len == 0:
+        return states
+    interpreted = is_interpreted(x.device)
+    BD = min(_next_pow2(D), 64 if interpreted else 128)
+    BS = min(_next_pow2(max(state_len, 2)), 64 if interpreted else 16)
+    kernels_for(x.device).final_states_kernel[(_cdiv(D, BD), rows)](
+        x, mask, initial_states if W > 1 else None, cu_seqlens, states, T, D, state_len, *x_strides,
+        W=W, BD=BD, BS=BS, HAS_MASK=mask is not None, IS_VARLEN=cu_seqlens is not None,
+        USE_INITIAL_STATE=initial_states is not None and W > 1, num_warps=4)
+    return states
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (max(int(n), 1) - 1).bit_length()
