@@ -1,0 +1,163 @@
+"""The Metal kernels on a real Apple GPU (`mps`), against the reference path in float64 on the CPU.
+
+Skipped, with the reason, wherever MPS is unavailable (every Linux machine). On a Mac:
+    pytest -q tests/test_metal_mps.py
+The op-level suites also run on MPS with `pytest -q tests --device mps -m metal`.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from causal_conv1d_mps import metal, reference
+from causal_conv1d_mps.metal import _launch, _loader
+
+MPS = torch.device("mps")
+_MPS_READY = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+pytestmark = pytest.mark.skipif(not _MPS_READY, reason="needs an Apple GPU: torch.backends.mps is not available")
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+WIDTHS = (1, 2, 4, 7, 16, 19)  # 19 takes the generic-width kernels
+
+
+def _dtype_or_skip(dtype: torch.dtype) -> torch.dtype:
+    reason = metal.unsupported_reason(MPS, dtype)
+    if reason is not None:
+        pytest.skip(reason)
+    return dtype
+
+
+def _rand(*shape, gen, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+
+
+def _check(name, got, ref, dtype):
+    got64, ref64 = got.detach().cpu().double(), ref.detach().cpu().double()
+    assert got64.shape == ref64.shape, f"{name}: shape {tuple(got64.shape)}, expected {tuple(ref64.shape)}"
+    if ref64.numel() == 0:
+        return
+    scale = ref64.norm().item()
+    err = (got64 - ref64).norm().item() / (scale if scale > 0 else 1.0)
+    assert err <= TOLERANCE[dtype], f"{name}: relative error {err:.2e} > {TOLERANCE[dtype]:.0e} ({dtype})"
+
+
+def _to64(*tensors):
+    return [None if t is None else t.double() for t in tensors]
+
+
+def _mps(*tensors):
+    return [None if t is None else t.to(MPS) for t in tensors]
+
+
+def test_library_compiles_and_names_every_kernel():
+    lib = _loader.library(MPS)
+    names = set(dir(lib))
+    for stem in ("causal_conv1d_fwd", "causal_conv1d_bwd_dx", "causal_conv1d_bwd_dw", "short_conv_fused_fwd",
+                 "short_conv_fused_bwd_dx", "short_conv_fused_bwd_dw", "short_conv_update"):
+        for width in (*range(1, 17), "any"):
+            name = _launch.kernel_name(stem, torch.float32, width)
+            assert name in names, f"{name} missing from the compiled library"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("channel_last", [False, True])
+def test_causal_conv1d_forward_and_backward(dtype, width, channel_last):
+    _dtype_or_skip(dtype)
+    gen = torch.Generator().manual_seed(width)
+    b, d, t = 2, 67, 301
+    x = _rand(b, t, d, gen=gen, dtype=dtype).transpose(1, 2) if channel_last else _rand(b, d, t, gen=gen, dtype=dtype)
+    weight = _rand(d, width, gen=gen, scale=width**-0.5)  # float32 master weights
+    bias = _rand(d, gen=gen)
+    init = _rand(b, d, width - 1, gen=gen, dtype=dtype)
+    seq_idx = torch.cat([torch.zeros(b, 100, dtype=torch.int32), torch.ones(b, t - 100, dtype=torch.int32)], 1)
+    seq_idx[:, -5:] = -1
+    dout = _rand(*x.shape, gen=gen, dtype=dtype)
+    dfinal = _rand(b, d, width - 1, gen=gen)
+    out, final = metal.causal_conv1d_fwd(*_mps(x, weight, bias, seq_idx, init), True, True)
+    ref_out, ref_final = reference.causal_conv1d_fwd(*_to64(x, weight, bias), seq_idx, *_to64(init), True, True)
+    assert out.stride() == x.to(MPS).stride(), "output layout differs from x"
+    _check("out", out, ref_out, dtype)
+    _check("final_states", final, ref_final, dtype)
+    grads = metal.causal_conv1d_bwd(*_mps(x, weight, bias, seq_idx, init, dout, dfinal), True)
+    ref_grads = reference.causal_conv1d_bwd(*_to64(x, weight, bias), seq_idx, *_to64(init, dout, dfinal), True)
+    for name, got, ref in zip(("dx", "dweight", "dbias", "dinitial_states"), grads, ref_grads):
+        _check(name, got, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("varlen", [False, True])
+def test_short_conv_fused_forward_and_backward(dtype, width, varlen):
+    _dtype_or_skip(dtype)
+    gen = torch.Generator().manual_seed(100 + width)
+    b, t, d = (1, 211, 96) if varlen else (3, 130, 96)
+    wide = _rand(b, t, 2 * d, gen=gen, dtype=dtype)
+    x = wide[:, :, d:]  # a slice of a wider projection: strided over B and T
+    weight = _rand(d, width, gen=gen, scale=width**-0.5)
+    bias = _rand(d, gen=gen)
+    mask = (torch.rand(b, t, generator=gen) > 0.2).float()
+    cu = torch.tensor([0, 3, 3, 90, 211], dtype=torch.int32) if varlen else None
+    n = 4 if varlen else b
+    init = _rand(n, d, width - 1, gen=gen, dtype=dtype)
+    dout = _rand(b, t, d, gen=gen, dtype=dtype)
+    dfinal = _rand(n, d, width - 1, gen=gen)
+    out, final = metal.short_conv_fused_fwd(*_mps(x, weight, bias, mask, init, cu), True, True, True)
+    ref_out, ref_final = reference.short_conv_fused_fwd(*_to64(x, weight, bias, mask, init), cu, True, True, True)
+    _check("out", out, ref_out, dtype)
+    _check("final_states", final, ref_final, dtype)
+    grads = metal.short_conv_fused_bwd(*_mps(x, weight, bias, mask, init, cu, dout, dfinal), True, True)
+    ref_grads = reference.short_conv_fused_bwd(*_to64(x, weight, bias, mask, init), cu, *_to64(dout, dfinal),
+                                               True, True)
+    for name, got, ref in zip(("dx", "dweight", "dbias", "dinitial_states"), grads, ref_grads):
+        _check(name, got, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("width", (2, 4, 16, 19))
+@pytest.mark.parametrize("steps", [1, 3, 9])
+@pytest.mark.parametrize("circular", [False, True])
+def test_short_conv_update(dtype, width, steps, circular):
+    _dtype_or_skip(dtype)
+    gen = torch.Generator().manual_seed(width * steps)
+    b, d, n = 4, 80, 5
+    s = width - 1 if steps == 3 else width + 2  # S == W-1 and S > W-1, L > S included
+    if s == 0:
+        s = 1
+    x = _rand(b, d, steps, gen=gen, dtype=dtype).transpose(1, 2)  # Dao layout: a transposed view
+    state = _rand(n, s, d, gen=gen, dtype=dtype).transpose(1, 2)  # non-contiguous state, updated in place
+    weight = _rand(d, width, gen=gen, scale=width**-0.5)
+    bias = _rand(d, gen=gen)
+    seqlens = torch.tensor([0, 2, 7, 11], dtype=torch.int32) if circular else None
+    indices = torch.tensor([3, -1, 0, 9], dtype=torch.int32)  # padding: negative and >= N
+    state_mps = state.to(MPS)
+    out = metal.short_conv_update(*_mps(x), state_mps, *_mps(weight, bias, seqlens, indices), True, True)
+    ref_state = state.double()
+    ref_out = reference.short_conv_update(*_to64(x), ref_state, *_to64(weight, bias), seqlens,
+                                          torch.tensor([3, -1, 0, -1], dtype=torch.int32), True, True)
+    _check("out", out, ref_out, dtype)
+    assert torch.equal(state_mps.cpu(), ref_state.to(dtype)), "conv_state differs from the reference update"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_causal_conv1d_varlen_states(dtype):
+    _dtype_or_skip(dtype)
+    gen = torch.Generator().manual_seed(7)
+    x = _rand(50, 24, gen=gen, dtype=dtype)
+    cu = torch.tensor([0, 2, 2, 30, 50], dtype=torch.int32)
+    got = metal.causal_conv1d_varlen_states(x.to(MPS), cu.to(MPS), 5)
+    want = reference.causal_conv1d_varlen_states(x, cu, 5)
+    assert torch.equal(got.cpu(), want), "varlen states differ (they are copies of inputs)"
+
+
+def test_backward_is_bitwise_deterministic():
+    gen = torch.Generator().manual_seed(3)
+    x, dout = _rand(2, 4096, 64, gen=gen), _rand(2, 4096, 64, gen=gen)
+    weight, bias = _rand(64, 4, gen=gen), _rand(64, gen=gen)
+    args = _mps(x, weight, bias, None, None, None, dout, None)
+    first = metal.short_conv_fused_bwd(*args, True, True)
+    for _ in range(3):
+        again = metal.short_conv_fused_bwd(*args, True, True)
+        for a, b in zip(first[:3], again[:3]):
+            assert torch.equal(a.cpu(), b.cpu()), "gradients differ between identical runs"
