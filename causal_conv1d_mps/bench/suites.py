@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 SUITES = ("basic", "canon", "large", "backward", "decode", "width")
 OPS = ("causal_conv1d", "short_conv_fused", "short_conv_update")
 WIDTH_SWEEP = tuple(range(2, 17))
+QUICK_WIDTH_SWEEP = (2, 3, 8, 16)  # --quick: the ends, an odd width and a power of two
 
 
 @dataclass(frozen=True)
@@ -90,10 +91,10 @@ def _decode(width: int) -> list[Spec]:
     return [Spec("decode", "short_conv_update", "decode", b, d, 1, width) for b, d in shapes]
 
 
-def _width(_: int) -> list[Spec]:
+def _width(_: int, widths=WIDTH_SWEEP) -> list[Spec]:
     return [
         spec
-        for w in WIDTH_SWEEP
+        for w in widths
         for spec in (
             Spec("width", "causal_conv1d", "fwd silu", 4, 4096, 2048, w),
             Spec("width", "short_conv_fused", "fused", 4, 4096, 2048, w),
@@ -115,7 +116,7 @@ def specs_for(suites: list[str], width: int, quick: bool) -> list[Spec]:
     """The rows of the chosen suites in order; `--quick` shrinks them and drops duplicates."""
     rows: list[Spec] = []
     for suite in suites:
-        built = _BUILDERS[suite](width)
+        built = _width(width, QUICK_WIDTH_SWEEP) if quick and suite == "width" else _BUILDERS[suite](width)
         if quick:
             built = [shrink(s) for s in built]
         for spec in built:
