@@ -1,0 +1,78 @@
+"""Run the package's Metal compute kernels on the CPU, on Linux, for tests.
+
+The API mirrors ``torch.mps.compile_shader``::
+
+    lib = metal_harness.compile_library(source)
+    lib.kernel_name(*args, threads=..., group_size=...)   # synchronous, CPU tensors
+
+Each kernel is compiled as C++ against a shim ``<metal_stdlib>`` and every GPU thread runs as a
+fiber, so threadgroup memory, barriers and SIMD collectives behave as on an Apple GPU. See
+docs/METAL_HARNESS.md for what this proves and what it cannot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+
+from . import _compiler, _source
+from ._library import KernelFunction, Library, kernels_to_json
+from ._source import Kernel, MetalSourceError, Param
+
+__all__ = ["compile_library", "unavailable_reason", "Library", "KernelFunction", "MetalSourceError"]
+
+_FILENAME = "kernels.metal"
+_libraries: dict[str, Library] = {}
+_lock = threading.Lock()
+
+
+def unavailable_reason() -> str | None:
+    """None when a usable compiler was found; otherwise why the harness cannot run."""
+    try:
+        _compiler.find_compiler()
+    except _compiler.CompilerNotFound as e:
+        return str(e)
+    return None
+
+
+def _kernels_from_json(text: str) -> list[Kernel]:
+    return [Kernel(k["host_name"], k["cpp_name"], tuple(Param(**p) for p in k["params"]), k["max_threads_expr"])
+            for k in json.loads(text)]
+
+
+def _translate(source: str) -> tuple[str, list[Kernel]]:
+    _source.check_raw_source(source, _FILENAME)
+    without_includes = _source.strip_metal_includes(source, _FILENAME)
+    expanded = _compiler.preprocess(without_includes, _FILENAME)
+    return _source.translate(expanded, _FILENAME)
+
+
+def compile_library(source: str) -> Library:
+    """Compiles Metal source into a library of kernels runnable on CPU tensors.
+
+    Compiled once per distinct source: cached in this process and on disk (METAL_HARNESS_CACHE,
+    default ~/.cache/ccmps-metal-harness). Raises MetalSourceError (a SyntaxError, as
+    compile_shader raises) for source Metal would reject or the compiler's errors.
+    """
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(reason)
+    key = hashlib.sha256((_compiler.harness_fingerprint() + "\0" + source).encode()).hexdigest()[:32]
+    with _lock:
+        if key in _libraries:
+            return _libraries[key]
+        meta = _compiler.cache_dir() / f"{key}.json"
+        so_path = _compiler.cache_dir() / f"{key}.so"
+        if meta.exists() and so_path.exists():
+            kernels = _kernels_from_json(meta.read_text())
+        else:
+            cpp, kernels = _translate(source)
+            try:
+                so_path = _compiler.build_shared_library(cpp, key)
+            except SyntaxError as e:
+                raise MetalSourceError(str(e)) from None
+            meta.write_text(kernels_to_json(kernels))
+        library = Library(so_path, kernels)
+        _libraries[key] = library
+        return library

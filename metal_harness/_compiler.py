@@ -1,0 +1,148 @@
+"""Finding a C++ compiler that can build Metal kernels, and building them (cached on disk).
+
+clang >= 16 is needed (`_Float16` arithmetic, `ext_vector_type`, template deduction on vector
+types). Looked for, in order: $METAL_HARNESS_CXX, clang++-16 ... clang++-20, clang++, and the
+`ziglang` PyPI package (`python -m ziglang c++`, which bundles a clang).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
+INCLUDE_DIR = PACKAGE_DIR / "include"
+EXECUTOR_SOURCE = PACKAGE_DIR / "runtime" / "executor.cpp"
+MIN_CLANG = 16
+
+# Metal semantics the flags stand for: half arithmetic rounds after every operation (no excess
+# precision), no contraction of a*b+c into fma behind the kernel's back, pointer casts between
+# element types are the norm in kernels (no strict aliasing).
+COMMON_FLAGS = ["-std=c++17", "-O2", "-fPIC", "-ffp-contract=off", "-fno-strict-aliasing",
+                "-Xclang", "-ffloat16-excess-precision=none", "-Wno-unknown-attributes",
+                "-Wno-unknown-pragmas", "-Wno-unused-variable", "-Wno-unused-function"]
+PREPROCESSOR_DEFINES = ["-D__METAL_VERSION__=310", "-D__HAVE_BFLOAT__=1", "-DMETAL_HARNESS=1"]
+
+
+class CompilerNotFound(RuntimeError):
+    pass
+
+
+def cache_dir() -> pathlib.Path:
+    root = os.environ.get("METAL_HARNESS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ccmps-metal-harness")
+    path = pathlib.Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _clang_major(command: list[str]) -> int | None:
+    try:
+        out = subprocess.run(command + ["--version"], capture_output=True, text=True, timeout=120).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"clang version (\d+)", out)
+    return int(m.group(1)) if m else None
+
+
+@functools.lru_cache(maxsize=None)
+def find_compiler() -> tuple[tuple[str, ...], str]:
+    """(command, description) of a usable compiler; raises CompilerNotFound with what was tried."""
+    tried = []
+    override = os.environ.get("METAL_HARNESS_CXX")
+    candidates: list[list[str]] = []
+    if override:
+        candidates.append(override.split())
+    candidates += [[f"clang++-{v}"] for v in range(MIN_CLANG, 21)] + [["clang++"]]
+    for command in candidates:
+        if not shutil.which(command[0]):
+            tried.append(f"{command[0]} (not found)")
+            continue
+        major = _clang_major(command)
+        if major is not None and major >= MIN_CLANG:
+            return tuple(command), f"{' '.join(command)} (clang {major})"
+        tried.append(f"{' '.join(command)} (clang {major}, need >= {MIN_CLANG})")
+    try:
+        import ziglang  # noqa: F401  (only to know it is installed)
+        command = [sys.executable, "-m", "ziglang", "c++"]
+        major = _clang_major(command)
+        if major is not None and major >= MIN_CLANG:
+            return tuple(command), f"python -m ziglang c++ (clang {major})"
+        tried.append(f"ziglang (clang {major})")
+    except ImportError:
+        tried.append("ziglang (not installed)")
+    raise CompilerNotFound(
+        f"no C++ compiler with clang >= {MIN_CLANG} was found (tried: {', '.join(tried)}); install one with "
+        "`apt-get install clang-16` or `pip install ziglang`, or name one in METAL_HARNESS_CXX")
+
+
+def _run(command: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(command, input=stdin, capture_output=True, text=True)
+
+
+def preprocess(source: str, filename: str) -> str:
+    """Macro-expands `source` (its includes already removed), keeping line markers."""
+    compiler, _ = find_compiler()
+    text = f'#line 1 "{filename}"\n' + source
+    result = _run(list(compiler) + ["-E", "-x", "c++", "-std=c++17", "-nostdinc", *PREPROCESSOR_DEFINES, "-"],
+                  stdin=text)
+    if result.returncode != 0:
+        raise SyntaxError(f"preprocessing {filename} failed:\n{result.stderr}")
+    return result.stdout
+
+
+def _fingerprint(*parts: str | bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode() if isinstance(part, str) else part)
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+def harness_fingerprint() -> str:
+    """Changes whenever the shim, the runtime or the pre-pass changes: part of every cache key."""
+    files = sorted(INCLUDE_DIR.iterdir()) + [EXECUTOR_SOURCE] + sorted(PACKAGE_DIR.glob("*.py"))
+    compiler, description = find_compiler()
+    return _fingerprint(description, *COMMON_FLAGS, *(f.read_bytes() for f in files))
+
+
+def _executor_object() -> pathlib.Path:
+    """The executor compiled once per harness version (it is the same for every kernel file)."""
+    path = cache_dir() / f"executor-{harness_fingerprint()}.o"
+    if not path.exists():
+        compiler, _ = find_compiler()
+        with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+            out = pathlib.Path(tmp) / "executor.o"
+            result = _run(list(compiler) + COMMON_FLAGS + ["-I", str(INCLUDE_DIR), "-c", str(EXECUTOR_SOURCE),
+                                                           "-o", str(out)])
+            if result.returncode != 0:
+                raise RuntimeError(f"building the harness executor failed:\n{result.stderr}")
+            os.replace(out, path)
+    return path
+
+
+def build_shared_library(cpp: str, key: str) -> pathlib.Path:
+    """Compiles the translated source `cpp` with the executor into a shared library named by `key`."""
+    path = cache_dir() / f"{key}.so"
+    if path.exists():
+        return path
+    compiler, _ = find_compiler()
+    executor = _executor_object()
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        src = pathlib.Path(tmp) / "kernels.cpp"
+        src.write_text(cpp)
+        out = pathlib.Path(tmp) / "kernels.so"
+        result = _run(list(compiler) + COMMON_FLAGS + ["-shared", "-I", str(INCLUDE_DIR), str(src), str(executor),
+                                                       "-o", str(out)])
+        if result.returncode != 0:
+            raise SyntaxError(f"compiling the Metal source as C++ failed:\n{result.stderr}")
+        (cache_dir() / f"{key}.cpp").write_text(cpp)  # kept beside the library for debugging
+        os.replace(out, path)
+    return path

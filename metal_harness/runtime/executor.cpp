@@ -1,0 +1,448 @@
+// CPU executor for Metal compute kernels compiled as C++ by metal_harness.
+//
+// Threadgroups run one after another. Inside a group every simulated GPU thread is a fiber
+// with its own stack; a fiber runs until it reaches a threadgroup_barrier, a SIMD collective
+// or its end, then hands control back to the scheduler here. That makes barriers and SIMD
+// collectives exact, and the order in which fibers run is chosen to expose missing barriers:
+// by default each barrier phase runs the threads in the opposite order of the previous one
+// (reverse first), so a read of a neighbour's slot that is not separated from its write by a
+// barrier sees stale or poisoned data.
+#include "mh_runtime.h"
+
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include <string>
+#include <vector>
+
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+namespace {
+
+// ---------------------------------------------------------------- context switching
+#if defined(__x86_64__)
+// Saves the callee-saved registers and the floating-point control words on the current stack,
+// stores the stack pointer into *save_sp, and resumes the context whose stack is load_sp.
+// About 20 instructions: swapcontext would make a system call on every switch.
+asm(R"(
+  .text
+  .p2align 4
+  .type mh_switch_context,@function
+mh_switch_context:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size mh_switch_context, .-mh_switch_context
+  .section .note.GNU-stack,"",@progbits
+  .text
+)");
+extern "C" void mh_switch_context(void** save_sp, void* load_sp);
+
+struct Context {
+  void* sp = nullptr;
+};
+
+extern "C" void mh_fiber_entry();
+
+void context_init(Context* c, char* stack_top) {
+  uint32_t mxcsr;
+  uint16_t fpu_cw;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpu_cw));
+  uint64_t* sp = reinterpret_cast<uint64_t*>(reinterpret_cast<uintptr_t>(stack_top) & ~uintptr_t(15));
+  *--sp = 0;  // return address of mh_fiber_entry: it never returns
+  *--sp = reinterpret_cast<uint64_t>(&mh_fiber_entry);
+  for (int i = 0; i < 6; ++i) *--sp = 0;  // rbp rbx r12 r13 r14 r15
+  --sp;
+  memcpy(sp, &mxcsr, 4);
+  memcpy(reinterpret_cast<char*>(sp) + 4, &fpu_cw, 2);
+  c->sp = sp;
+}
+
+inline void context_switch(Context* from, Context* to) { mh_switch_context(&from->sp, to->sp); }
+#else
+struct Context {
+  ucontext_t uc;
+};
+
+extern "C" void mh_fiber_entry();
+
+void context_init(Context* c, char* stack_top, size_t stack_size) {
+  getcontext(&c->uc);
+  c->uc.uc_stack.ss_sp = stack_top - stack_size;
+  c->uc.uc_stack.ss_size = stack_size;
+  c->uc.uc_link = nullptr;
+  makecontext(&c->uc, mh_fiber_entry, 0);
+}
+
+inline void context_switch(Context* from, Context* to) { swapcontext(&from->uc, &to->uc); }
+#endif
+
+// ---------------------------------------------------------------- fiber stacks
+constexpr size_t kStackSize = 256 * 1024;  // kernel frames are small; pages are committed lazily
+constexpr size_t kGuardSize = 4096;        // an overflow faults instead of corrupting a neighbour
+
+class StackPool {
+ public:
+  ~StackPool() {
+    if (base_) munmap(base_, count_ * stride());
+  }
+  // Returns false when the memory cannot be reserved.
+  bool reserve(size_t n) {
+    if (n <= count_) return true;
+    if (base_) munmap(base_, count_ * stride());
+    base_ = nullptr;
+    count_ = 0;
+    void* p = mmap(nullptr, n * stride(), PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) return false;
+    base_ = static_cast<char*>(p);
+    count_ = n;
+    for (size_t i = 0; i < n; ++i) mprotect(base_ + i * stride(), kGuardSize, PROT_NONE);
+    return true;
+  }
+  char* top(size_t i) const { return base_ + (i + 1) * stride(); }
+
+ private:
+  static size_t stride() { return kStackSize + kGuardSize; }
+  char* base_ = nullptr;
+  size_t count_ = 0;
+};
+
+// ---------------------------------------------------------------- one threadgroup
+enum class State : uint8_t { Runnable, AtBarrier, AtSimd, Done };
+
+struct Fiber {
+  Context context;
+  State state = State::Runnable;
+  mh::ThreadContext pos;
+  mh::LaneSlot slot;
+  mh::CombineFn combine = nullptr;
+  const char* what = nullptr;
+};
+
+constexpr size_t kThreadgroupMemoryLimit = 32 * 1024;  // Apple GPUs: 32 KB per threadgroup
+
+struct ThreadgroupAllocation {
+  const void* key;
+  void* ptr;
+  size_t size;
+};
+
+struct Group {
+  std::vector<Fiber> fibers;
+  uint32_t n = 0;
+  uint32_t n_runnable = 0, n_barrier = 0, n_simd = 0, n_done = 0;
+  Context scheduler;
+  Fiber* current = nullptr;
+  mh_entry_fn entry = nullptr;
+  void* const* args = nullptr;
+  bool failed = false;
+  std::string error;
+  std::vector<ThreadgroupAllocation> allocations;
+  size_t arena_used = 0;
+  alignas(64) unsigned char arena[kThreadgroupMemoryLimit];
+};
+
+thread_local Group* g_group = nullptr;
+
+std::string position_of(const Fiber& f) {
+  char buf[160];
+  snprintf(buf, sizeof buf, "thread (%u,%u,%u) of threadgroup (%u,%u,%u)",
+           f.pos.thread_position_in_threadgroup[0], f.pos.thread_position_in_threadgroup[1],
+           f.pos.thread_position_in_threadgroup[2], f.pos.threadgroup_position_in_grid[0],
+           f.pos.threadgroup_position_in_grid[1], f.pos.threadgroup_position_in_grid[2]);
+  return buf;
+}
+
+void fail_group(Group* g, const std::string& message) {
+  if (!g->failed) {
+    g->failed = true;
+    g->error = message;
+  }
+}
+
+// Called in fiber context: suspends the current fiber until the scheduler resumes it.
+void yield_to_scheduler(Group* g) {
+  Fiber* f = g->current;
+  context_switch(&f->context, &g->scheduler);
+}
+
+// Completes the pending collective of SIMD group `sg` if every lane that has not returned is
+// waiting in it. Lanes that returned are inactive, as on the GPU.
+void try_complete_simd(Group* g, uint32_t sg) {
+  const uint32_t begin = sg * mh::kSimdWidth;
+  const uint32_t end = begin + mh::kSimdWidth < g->n ? begin + mh::kSimdWidth : g->n;
+  uint32_t mask = 0;
+  Fiber* first = nullptr;
+  for (uint32_t i = begin; i < end; ++i) {
+    Fiber& f = g->fibers[i];
+    if (f.state == State::Done) continue;
+    if (f.state != State::AtSimd) return;  // still running, or at a barrier (reported if stuck)
+    if (!first) {
+      first = &f;
+    } else if (f.combine != first->combine) {
+      fail_group(g, "divergent SIMD collectives: " + position_of(*first) + " calls " + first->what +
+                        " while " + position_of(f) + " calls " + f.what +
+                        " (every active lane of a SIMD group must reach the same collective)");
+      return;
+    }
+    mask |= 1u << (i - begin);
+  }
+  if (!first) return;
+  mh::LaneSlot slots[mh::kSimdWidth] = {};
+  for (uint32_t i = begin; i < end; ++i)
+    if (mask & (1u << (i - begin))) slots[i - begin] = g->fibers[i].slot;
+  if (const char* misuse = first->combine(slots, mask)) {
+    fail_group(g, std::string(first->what) + " in the SIMD group of " + position_of(*first) + ": " +
+                      misuse);
+    return;
+  }
+  for (uint32_t i = begin; i < end; ++i) {
+    if (!(mask & (1u << (i - begin)))) continue;
+    g->fibers[i].state = State::Runnable;
+    g->n_simd--;
+    g->n_runnable++;
+  }
+}
+
+std::string describe_stuck(Group* g) {
+  const Fiber* at_barrier = nullptr;
+  const Fiber* at_simd = nullptr;
+  const Fiber* done = nullptr;
+  for (const Fiber& f : g->fibers) {
+    if (f.state == State::AtBarrier && !at_barrier) at_barrier = &f;
+    if (f.state == State::AtSimd && !at_simd) at_simd = &f;
+    if (f.state == State::Done && !done) done = &f;
+  }
+  char counts[200];
+  snprintf(counts, sizeof counts,
+           " (%u of %u threads wait at threadgroup_barrier, %u wait in a SIMD collective, %u returned)",
+           g->n_barrier, g->n, g->n_simd, g->n_done);
+  if (at_barrier && done && !at_simd)
+    return "divergent threadgroup_barrier: " + position_of(*done) + " returned while " +
+           position_of(*at_barrier) +
+           " waits at threadgroup_barrier; on Apple GPUs every thread of a threadgroup must reach "
+           "each barrier" +
+           counts;
+  if (at_simd && at_barrier)
+    return "divergent control flow: " + position_of(*at_simd) + " waits in " + at_simd->what +
+           " while " + position_of(*at_barrier) + " of the same SIMD group waits at threadgroup_barrier" +
+           counts;
+  return std::string("threadgroup cannot make progress") + counts;
+}
+
+bool reverse_order(int schedule, uint32_t phase) {
+  switch (schedule) {
+    case 1: return phase % 2 == 1;  // alternate, forward first
+    case 2: return false;           // forward
+    case 3: return true;            // reverse
+    default: return phase % 2 == 0; // alternate, reverse first
+  }
+}
+
+// Runs every fiber of the group to completion. Returns false (with g->error) on failure.
+bool run_group(Group* g, int schedule) {
+  uint32_t phase = 0;
+  for (;;) {
+    const bool reverse = reverse_order(schedule, phase);
+    for (uint32_t k = 0; k < g->n; ++k) {
+      Fiber* f = &g->fibers[reverse ? g->n - 1 - k : k];
+      if (f->state != State::Runnable) continue;
+      g->current = f;
+      context_switch(&g->scheduler, &f->context);
+      if (g->failed) return false;
+    }
+    if (g->n_done == g->n) return true;
+    if (g->n_runnable > 0) continue;
+    if (g->n_barrier == g->n) {
+      for (Fiber& f : g->fibers) f.state = State::Runnable;
+      g->n_barrier = 0;
+      g->n_runnable = g->n;
+      ++phase;
+      continue;
+    }
+    fail_group(g, describe_stuck(g));
+    return false;
+  }
+}
+
+}  // namespace
+
+extern "C" void mh_fiber_entry() {
+  Group* g = g_group;
+  Fiber* f = g->current;
+  g->entry(g->args, &f->pos);
+  f->state = State::Done;
+  g->n_runnable--;
+  g->n_done++;
+  try_complete_simd(g, f->pos.simdgroup_index_in_threadgroup);
+  yield_to_scheduler(g);
+  __builtin_unreachable();
+}
+
+namespace mh {
+
+void rt_threadgroup_barrier() {
+  Group* g = g_group;
+  g->current->state = State::AtBarrier;
+  g->n_runnable--;
+  g->n_barrier++;
+  yield_to_scheduler(g);
+}
+
+void rt_simd_collective(CombineFn fn, const char* what, const void* in, const void* in2, void* out,
+                        uint32_t arg) {
+  Group* g = g_group;
+  Fiber* f = g->current;
+  f->slot = LaneSlot{in, in2, out, arg};
+  f->combine = fn;
+  f->what = what;
+  f->state = State::AtSimd;
+  g->n_runnable--;
+  g->n_simd++;
+  try_complete_simd(g, f->pos.simdgroup_index_in_threadgroup);
+  if (f->state != State::Runnable || g->failed) yield_to_scheduler(g);
+}
+
+namespace {
+const char* combine_nothing(LaneSlot*, uint32_t) { return nullptr; }
+}  // namespace
+
+void rt_simdgroup_barrier() {
+  rt_simd_collective(&combine_nothing, "simdgroup_barrier", nullptr, nullptr, nullptr, 0);
+}
+
+void* rt_threadgroup_storage(const void* key, size_t size, size_t align) {
+  Group* g = g_group;
+  for (const ThreadgroupAllocation& a : g->allocations)
+    if (a.key == key) return a.ptr;
+  size_t offset = (g->arena_used + align - 1) / align * align;
+  if (offset + size > kThreadgroupMemoryLimit) {
+    char buf[200];
+    snprintf(buf, sizeof buf,
+             "threadgroup memory exceeds the %zu bytes Apple GPUs provide (%zu requested)",
+             kThreadgroupMemoryLimit, offset + size);
+    rt_fail(buf);
+  }
+  void* ptr = g->arena + offset;
+  // Poison: all-ones bytes are NaN for float, half and bfloat and -1 for integers, so a kernel
+  // that reads shared memory nobody wrote in this threadgroup gets a visibly wrong result.
+  memset(ptr, 0xFF, size);
+  g->arena_used = offset + size;
+  g->allocations.push_back(ThreadgroupAllocation{key, ptr, size});
+  return ptr;
+}
+
+void rt_fail(const char* message) {
+  Group* g = g_group;
+  fail_group(g, position_of(*g->current) + ": " + message);
+  yield_to_scheduler(g);
+  __builtin_unreachable();
+}
+
+}  // namespace mh
+
+namespace {
+
+uint32_t ceil_div(uint64_t a, uint64_t b) { return static_cast<uint32_t>((a + b - 1) / b); }
+
+void copy_message(const std::string& s, char* err, size_t errlen) {
+  if (!err || errlen == 0) return;
+  size_t n = s.size() < errlen - 1 ? s.size() : errlen - 1;
+  memcpy(err, s.data(), n);
+  err[n] = '\0';
+}
+
+}  // namespace
+
+// Runs `entry` over a grid of grid[0..2] threads in threadgroups of group[0..2] threads, the way
+// dispatchThreads does (the last group along each axis may be partial; only in-grid threads exist).
+// schedule: 0 alternate (reverse first), 1 alternate (forward first), 2 forward, 3 reverse.
+// Returns 0 on success, 1 with a message in err on failure.
+extern "C" int mh_dispatch(mh_entry_fn entry, void* const* args, const uint64_t* grid,
+                           const uint64_t* group, int schedule, char* err, size_t errlen) {
+  static thread_local StackPool stacks;
+  const uint64_t group_threads = group[0] * group[1] * group[2];
+  if (!stacks.reserve(group_threads)) {
+    copy_message("cannot reserve fiber stacks", err, errlen);
+    return 1;
+  }
+  Group* g = new Group();
+  g->entry = entry;
+  g->args = args;
+  g->fibers.resize(group_threads);
+  Group* previous = g_group;
+  g_group = g;
+  uint32_t groups[3];
+  for (int d = 0; d < 3; ++d) groups[d] = ceil_div(grid[d], group[d]);
+  bool ok = true;
+  for (uint32_t gz = 0; gz < groups[2] && ok; ++gz)
+    for (uint32_t gy = 0; gy < groups[1] && ok; ++gy)
+      for (uint32_t gx = 0; gx < groups[0] && ok; ++gx) {
+        const uint32_t gpos[3] = {gx, gy, gz};
+        uint32_t size[3];
+        for (int d = 0; d < 3; ++d) {
+          uint64_t origin = uint64_t(gpos[d]) * group[d];
+          size[d] = static_cast<uint32_t>(grid[d] - origin < group[d] ? grid[d] - origin : group[d]);
+        }
+        g->n = size[0] * size[1] * size[2];
+        g->n_runnable = g->n;
+        g->n_barrier = g->n_simd = g->n_done = 0;
+        g->allocations.clear();
+        g->arena_used = 0;
+        const uint32_t simdgroups = ceil_div(g->n, mh::kSimdWidth);
+        for (uint32_t i = 0; i < g->n; ++i) {
+          Fiber& f = g->fibers[i];
+          f.state = State::Runnable;
+          mh::ThreadContext& p = f.pos;
+          const uint32_t local[3] = {i % size[0], (i / size[0]) % size[1], i / (size[0] * size[1])};
+          for (int d = 0; d < 3; ++d) {
+            p.thread_position_in_threadgroup[d] = local[d];
+            p.threadgroup_position_in_grid[d] = gpos[d];
+            p.thread_position_in_grid[d] = static_cast<uint32_t>(gpos[d] * group[d] + local[d]);
+            p.threads_per_grid[d] = static_cast<uint32_t>(grid[d]);
+            p.threads_per_threadgroup[d] = size[d];
+            p.dispatch_threads_per_threadgroup[d] = static_cast<uint32_t>(group[d]);
+            p.threadgroups_per_grid[d] = groups[d];
+          }
+          p.thread_index_in_threadgroup = i;
+          p.thread_index_in_simdgroup = i % mh::kSimdWidth;
+          p.simdgroup_index_in_threadgroup = i / mh::kSimdWidth;
+          p.simdgroups_per_threadgroup = simdgroups;
+          p.dispatch_simdgroups_per_threadgroup = ceil_div(group_threads, mh::kSimdWidth);
+          p.threads_per_simdgroup = mh::kSimdWidth;
+#if defined(__x86_64__)
+          context_init(&f.context, stacks.top(i));
+#else
+          context_init(&f.context, stacks.top(i), kStackSize);
+#endif
+        }
+        ok = run_group(g, schedule);
+      }
+  if (!ok) copy_message(g->error, err, errlen);
+  g_group = previous;
+  delete g;
+  return ok ? 0 : 1;
+}
