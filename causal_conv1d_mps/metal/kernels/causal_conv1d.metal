@@ -198,7 +198,7 @@ template <typename T, int W>
 // Threadgroups tile (b, CC_GROUP / gr channels, gr runs); params 15 = channels
 // per group, 16 = run groups per row.
 template <typename T, int W>
-[[kernel, max_total_threads_per_threadgroup(CC_GROUP)]] void
+[[max_total_threads_per_threadgroup(CC_GROUP)]] kernel void
 causal_conv1d_bwd_dw(
     CC_KERNEL_ARGS(float), uint tid [[thread_position_in_grid]]) {
   threadgroup float red[CC_GROUP];

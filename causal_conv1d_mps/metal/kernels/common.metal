@@ -69,14 +69,15 @@ inline void cc_forward_run(
     thread const Ctx& c, device T* out, long b, long d, long t0, long t1) {
   const float bias = c.bias(d);
   if (W > 0) {
-    float wr[W > 0 ? W : 1];
-    float win[W > 0 ? W : 1];
-    for (int k = 0; k < W; ++k) {
+    constexpr int WN = W > 0 ? W : 1;  // W, for the array bounds of this branch
+    float wr[WN];
+    float win[WN];
+    for (int k = 0; k < WN; ++k) {
       wr[k] = c.weight(d, k);
     }
     Seg seg = c.seg_first(b, t0);
-    for (int j = 0; j < W - 1; ++j) {
-      win[j] = c.tap(b, d, t0 - (W - 1) + j, seg);
+    for (int j = 0; j < WN - 1; ++j) {
+      win[j] = c.tap(b, d, t0 - (WN - 1) + j, seg);
     }
     for (long t = t0; t < t1; ++t) {
       if (t != t0) {
@@ -84,18 +85,18 @@ inline void cc_forward_run(
         if (next.id != seg.id) {
           // A new segment starts at t: its history differs, reload it.
           seg = next;
-          for (int j = 0; j < W - 1; ++j) {
-            win[j] = c.tap(b, d, t - (W - 1) + j, seg);
+          for (int j = 0; j < WN - 1; ++j) {
+            win[j] = c.tap(b, d, t - (WN - 1) + j, seg);
           }
         }
       }
-      win[W - 1] = c.tap(b, d, t, seg);
+      win[WN - 1] = c.tap(b, d, t, seg);
       float acc = bias;
-      for (int k = 0; k < W; ++k) {
+      for (int k = 0; k < WN; ++k) {
         acc = fma(wr[k], win[k], acc);
       }
       out[c.out_index(b, d, t)] = static_cast<T>(c.finish(b, d, t, acc, seg));
-      for (int j = 0; j < W - 1; ++j) {
+      for (int j = 0; j < WN - 1; ++j) {
         win[j] = win[j + 1];
       }
     }
@@ -145,15 +146,16 @@ template <typename T, int W, class Ctx>
 inline void cc_input_grad_run(
     thread const Ctx& c, device T* dx, long b, long d, long q0, long q1) {
   if (W > 0) {
-    float wr[W > 0 ? W : 1];
-    float gw[W > 0 ? W : 1];
-    long gid[W > 0 ? W : 1];
-    for (int k = 0; k < W; ++k) {
+    constexpr int WN = W > 0 ? W : 1;  // W, for the array bounds of this branch
+    float wr[WN];
+    float gw[WN];
+    long gid[WN];
+    for (int k = 0; k < WN; ++k) {
       wr[k] = c.weight(d, k);
     }
     Seg sq = c.seg_first(b, q0);
     Seg st = sq;  // segment of the newest t in the window
-    for (int j = 0; j < W - 1; ++j) {
+    for (int j = 0; j < WN - 1; ++j) {
       const long t = q0 + j;
       if (t < c.len && j > 0) {
         st = c.seg_next(b, t, st);
@@ -162,24 +164,24 @@ inline void cc_input_grad_run(
       gid[j] = st.id;
     }
     for (long q = q0; q < q1; ++q) {
-      const long t = q + W - 1;
+      const long t = q + WN - 1;
       if (t < c.len && t > q0) {
         st = c.seg_next(b, t, st);
       }
-      gw[W - 1] = cc_grad_pre<W>(c, b, d, t, st);
-      gid[W - 1] = st.id;
+      gw[WN - 1] = cc_grad_pre<W>(c, b, d, t, st);
+      gid[WN - 1] = st.id;
       if (q != q0) {
         sq = c.seg_next(b, q, sq);
       }
       float acc = 0.0f;
-      for (int k = 0; k < W; ++k) {
-        const int j = W - 1 - k;
+      for (int k = 0; k < WN; ++k) {
+        const int j = WN - 1 - k;
         if (gid[j] == sq.id) {
           acc = fma(wr[k], gw[j], acc);
         }
       }
       dx[c.out_index(b, d, q)] = static_cast<T>(c.finish_dx(b, d, q, acc, sq));
-      for (int j = 0; j < W - 1; ++j) {
+      for (int j = 0; j < WN - 1; ++j) {
         gw[j] = gw[j + 1];
         gid[j] = gid[j + 1];
       }
@@ -306,8 +308,12 @@ inline void cc_weight_grad_group(
 
 // One MLX-style instantiation per (kernel, storage type, width): the host name
 // is mechanical, e.g. causal_conv1d_fwd_bfloat_w4, causal_conv1d_fwd_half_wany.
-#define CC_INSTANTIATE(FN, TNAME, T, W, WNAME) \
-  template [[host_name(#FN "_" #TNAME "_w" #WNAME)]] [[kernel]] \
+// The name is pasted into one token and stringified once, so host_name gets a
+// single literal (no reliance on literal concatenation inside the attribute).
+#define CC_STR(x) #x
+#define CC_NAME(x) CC_STR(x)
+#define CC_INSTANTIATE(FN, TNAME, T, W, WNAME)                       \
+  template [[host_name(CC_NAME(FN##_##TNAME##_w##WNAME))]] [[kernel]] \
   decltype(FN<T, W>) FN<T, W>;
 
 #define CC_INSTANTIATE_WIDTHS(FN, TNAME, T) \
@@ -342,8 +348,9 @@ inline void cc_weight_grad_group(
 #define CC_INSTANTIATE_ANY(FN, TNAME, T) CC_INSTANTIATE(FN, TNAME, T, 0, any)
 
 // Kernels templated over the storage type only: name_float, name_half, ...
-#define CC_INSTANTIATE_T(FN, TNAME, T) \
-  template [[host_name(#FN "_" #TNAME)]] [[kernel]] decltype(FN<T>) FN<T>;
+#define CC_INSTANTIATE_T(FN, TNAME, T)                        \
+  template [[host_name(CC_NAME(FN##_##TNAME))]] [[kernel]] \
+  decltype(FN<T>) FN<T>;
 
 #define CC_INSTANTIATE_TYPES(FN, W_MACRO) \
   W_MACRO(FN, float, float)               \

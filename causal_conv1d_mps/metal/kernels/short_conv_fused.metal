@@ -232,7 +232,7 @@ template <typename T, int W>
 // Partial dweight/dbias rows, float32 (B * run_groups, D, W+1); threadgroups
 // tile (b, channels, runs) with channels fastest.
 template <typename T, int W>
-[[kernel, max_total_threads_per_threadgroup(CC_GROUP)]] void
+[[max_total_threads_per_threadgroup(CC_GROUP)]] kernel void
 short_conv_fused_bwd_dw(
     FUSED_KERNEL_ARGS(float), uint tid [[thread_position_in_grid]]) {
   threadgroup float red[CC_GROUP];
