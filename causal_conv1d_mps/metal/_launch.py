@@ -92,11 +92,26 @@ def gather_states(x: Tensor, dim: int, strides: tuple[int, int, int], length: in
         return out
     flags = flag(initial_states, HAS_INIT) | flag(mask, HAS_MASK) | flag(cu_seqlens, HAS_CU)
     params = [n_rows, dim, state_len, length, strides[0], strides[1], strides[2], flags]
-    args = [x, or_stand_in(initial_states, out), or_stand_in(mask, out), or_stand_in(cu_seqlens, out), out, params]
+    f32, i32, dev = torch.float32, torch.int32, x.device
+    args = [x, optional(initial_states, f32, dev), optional(mask, f32, dev), optional(cu_seqlens, i32, dev), out,
+            params]
     launch(x.device, kernel_name("gather_states", x.dtype), args, out.numel())
     return out
 
 
-def or_stand_in(t: Tensor | None, stand_in: Tensor) -> Tensor:
-    """Absent optional inputs are bound to a stand-in buffer that the kernel never reads (its flag is off)."""
-    return stand_in if t is None else t
+_stand_ins: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+
+def optional(t: Tensor | None, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """`t`, or for an absent optional input a one-element stand-in of the kernel parameter's element type.
+
+    The kernel never reads a stand-in (the input's flag is off); it exists because every [[buffer(i)]] must be
+    bound. One per (device, dtype), allocated once.
+    """
+    if t is not None:
+        return t
+    key = (device, dtype)
+    stand_in = _stand_ins.get(key)
+    if stand_in is None:
+        stand_in = _stand_ins[key] = torch.zeros(1, dtype=dtype, device=device)
+    return stand_in

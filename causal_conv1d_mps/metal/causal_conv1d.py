@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from ._launch import (GROUP, HAS_BIAS, HAS_DFINAL, HAS_INIT, HAS_SEQ, SILU, as_float32, flag, gather_states,
-                      kernel_name, launch, or_stand_in, reduce_rows, run_length)
+                      kernel_name, launch, optional, reduce_rows, run_length)
 
 
 def _params(x: Tensor, dout: Tensor | None, width: int, flags: int) -> tuple[list[int], int]:
@@ -33,8 +33,9 @@ def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: T
     w = as_float32(weight)
     flags = flag(bias, HAS_BIAS) | flag(seq_idx, HAS_SEQ) | flag(init, HAS_INIT) | (SILU if silu else 0)
     params, threads = _params(x, None, width, flags)
-    args = [x, w, or_stand_in(as_float32(bias), w), or_stand_in(seq_idx, w), or_stand_in(init, w),
-            x, w, out, params]
+    f32, dev = torch.float32, x.device
+    args = [x, w, optional(as_float32(bias), f32, dev), optional(seq_idx, torch.int32, dev), optional(init, f32, dev),
+            x, optional(None, f32, dev), out, params]
     launch(x.device, kernel_name("causal_conv1d_fwd", x.dtype, width), args, threads)
     return out, final
 
@@ -53,8 +54,9 @@ def causal_conv1d_bwd(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: T
     flags = (flag(bias, HAS_BIAS) | flag(seq_idx, HAS_SEQ) | flag(init, HAS_INIT) | (SILU if silu else 0)
              | flag(dfinal, HAS_DFINAL))
     params, threads = _params(x, dout, width, flags)
-    inputs = [x, w, or_stand_in(as_float32(bias), w), or_stand_in(seq_idx, w), or_stand_in(init, w),
-              dout, or_stand_in(dfinal, w)]
+    f32, dev = torch.float32, x.device
+    inputs = [x, w, optional(as_float32(bias), f32, dev), optional(seq_idx, torch.int32, dev),
+              optional(init, f32, dev), dout, optional(dfinal, f32, dev)]
     device = x.device
     launch(device, kernel_name("causal_conv1d_bwd_dx", x.dtype, width), [*inputs, dx, params], threads)
 

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from ._launch import (GROUP, HAS_BIAS, HAS_CU, HAS_DFINAL, HAS_INIT, HAS_MASK, RESIDUAL, SILU, as_float32, flag,
-                      gather_states, kernel_name, launch, or_stand_in, reduce_rows, run_length)
+                      gather_states, kernel_name, launch, optional, reduce_rows, run_length)
 
 # Channels per threadgroup of the weight-gradient kernel (channels are the fastest thread index).
 _DW_CHANNELS = 32
@@ -45,8 +45,9 @@ def short_conv_fused_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, mask: T
         return out, final
     w = as_float32(weight)
     params, threads = _params(x, width, n_states, _flags(bias, mask, init, cu_seqlens, activation, residual))
-    args = [x, w, or_stand_in(as_float32(bias), w), or_stand_in(mask, w), or_stand_in(cu_seqlens, w),
-            or_stand_in(init, w), x, w, out, params]
+    f32, i32, dev = torch.float32, torch.int32, x.device
+    args = [x, w, optional(as_float32(bias), f32, dev), optional(mask, f32, dev), optional(cu_seqlens, i32, dev),
+            optional(init, f32, dev), x, optional(None, f32, dev), out, params]
     launch(x.device, kernel_name("short_conv_fused_fwd", x.dtype, width), args, threads)
     return out, final
 
@@ -66,8 +67,9 @@ def short_conv_fused_bwd(x: Tensor, weight: Tensor, bias: Tensor | None, mask: T
     w = as_float32(weight)
     flags = _flags(bias, mask, init, cu_seqlens, activation, residual) | flag(dfinal, HAS_DFINAL)
     params, threads = _params(x, width, n_states, flags)
-    inputs = [x, w, or_stand_in(as_float32(bias), w), or_stand_in(mask, w), or_stand_in(cu_seqlens, w),
-              or_stand_in(init, w), dout.contiguous(), or_stand_in(dfinal, w)]
+    f32, i32, dev = torch.float32, torch.int32, x.device
+    inputs = [x, w, optional(as_float32(bias), f32, dev), optional(mask, f32, dev), optional(cu_seqlens, i32, dev),
+              optional(init, f32, dev), dout.contiguous(), optional(dfinal, f32, dev)]
     device = x.device
     launch(device, kernel_name("short_conv_fused_bwd_dx", x.dtype, width), [*inputs, dx, params], threads)
 

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from ._launch import (CIRCULAR, HAS_BIAS, HAS_INDICES, RESIDUAL, SILU, as_float32, flag, gather_states,
-                      kernel_name, launch, or_stand_in)
+                      kernel_name, launch, optional)
 
 
 def short_conv_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None,
@@ -22,8 +22,9 @@ def short_conv_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tenso
     flags = (flag(bias, HAS_BIAS) | flag(cache_seqlens, CIRCULAR) | flag(conv_state_indices, HAS_INDICES)
              | (SILU if activation else 0) | (RESIDUAL if residual else 0))
     params = [batch, steps, dim, width, state_len, n_rows, *x.stride(), *conv_state.stride(), *out.stride(), flags]
-    args = [x, w, or_stand_in(as_float32(bias), w), conv_state, or_stand_in(cache_seqlens, w),
-            or_stand_in(conv_state_indices, w), out, params]
+    f32, i32, dev = torch.float32, torch.int32, x.device
+    args = [x, w, optional(as_float32(bias), f32, dev), conv_state, optional(cache_seqlens, i32, dev),
+            optional(conv_state_indices, i32, dev), out, params]
     launch(x.device, kernel_name("short_conv_update", x.dtype, width), args, batch * dim)
     return out
 
