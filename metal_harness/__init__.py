@@ -48,12 +48,21 @@ def _translate(source: str) -> tuple[str, list[Kernel]]:
     return _source.translate(expanded, _FILENAME)
 
 
+def _build(cpp: str, key: str):
+    try:
+        return _compiler.build_shared_library(cpp, key)
+    except SyntaxError as e:
+        raise MetalSourceError(str(e)) from None
+
+
 def compile_library(source: str) -> Library:
     """Compiles Metal source into a library of kernels runnable on CPU tensors.
 
-    Compiled once per distinct source: cached in this process and on disk (METAL_HARNESS_CACHE,
-    default ~/.cache/ccmps-metal-harness). Raises MetalSourceError (a SyntaxError, as
-    compile_shader raises) for source Metal would reject or the compiler's errors.
+    The whole file is checked at once (every kernel instantiated, as Apple's compiler does);
+    each kernel's machine code is built on its first call. Both are cached in this process and
+    on disk (METAL_HARNESS_CACHE, default ~/.cache/ccmps-metal-harness). Raises
+    MetalSourceError, a SyntaxError as compile_shader raises, for source that Metal would reject
+    and for the compiler's errors.
     """
     reason = unavailable_reason()
     if reason is not None:
@@ -62,17 +71,19 @@ def compile_library(source: str) -> Library:
     with _lock:
         if key in _libraries:
             return _libraries[key]
-        meta = _compiler.cache_dir() / f"{key}.json"
-        so_path = _compiler.cache_dir() / f"{key}.so"
-        if meta.exists() and so_path.exists():
-            kernels = _kernels_from_json(meta.read_text())
+        cache = _compiler.cache_dir()
+        translated_path, meta_path = cache / f"{key}.cpp", cache / f"{key}.json"
+        if translated_path.exists() and meta_path.exists():
+            translated, kernels = translated_path.read_text(), _kernels_from_json(meta_path.read_text())
         else:
-            cpp, kernels = _translate(source)
+            translated, kernels = _translate(source)
+            entries = "".join(_source.entry(i, k) for i, k in enumerate(kernels))
             try:
-                so_path = _compiler.build_shared_library(cpp, key)
+                _compiler.check_syntax(translated + _source.ENTRY_PREAMBLE + entries)
             except SyntaxError as e:
                 raise MetalSourceError(str(e)) from None
-            meta.write_text(kernels_to_json(kernels))
-        library = Library(so_path, kernels)
+            meta_path.write_text(kernels_to_json(kernels))
+            translated_path.write_text(translated)  # written last: marks the check as passed
+        library = Library(key, translated, kernels, _build)
         _libraries[key] = library
         return library

@@ -128,8 +128,23 @@ def _executor_object() -> pathlib.Path:
     return path
 
 
+def _compile_error(stderr: str) -> SyntaxError:
+    return SyntaxError(f"compiling the Metal source as C++ failed:\n{stderr}")
+
+
+def check_syntax(cpp: str) -> None:
+    """Full semantic check of a translation unit (every template instantiated), no code generated."""
+    compiler, _ = find_compiler()
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        src = pathlib.Path(tmp) / "kernels.cpp"
+        src.write_text(cpp)
+        result = _run(list(compiler) + COMMON_FLAGS + ["-fsyntax-only", "-I", str(INCLUDE_DIR), str(src)])
+    if result.returncode != 0:
+        raise _compile_error(result.stderr)
+
+
 def build_shared_library(cpp: str, key: str) -> pathlib.Path:
-    """Compiles the translated source `cpp` with the executor into a shared library named by `key`."""
+    """Compiles `cpp` with the executor into a shared library named by `key` (cached on disk)."""
     path = cache_dir() / f"{key}.so"
     if path.exists():
         return path
@@ -142,7 +157,6 @@ def build_shared_library(cpp: str, key: str) -> pathlib.Path:
         result = _run(list(compiler) + COMMON_FLAGS + ["-shared", "-I", str(INCLUDE_DIR), str(src), str(executor),
                                                        "-o", str(out)])
         if result.returncode != 0:
-            raise SyntaxError(f"compiling the Metal source as C++ failed:\n{result.stderr}")
-        (cache_dir() / f"{key}.cpp").write_text(cpp)  # kept beside the library for debugging
+            raise _compile_error(result.stderr)
         os.replace(out, path)
     return path

@@ -7,11 +7,11 @@ import json
 import os
 import pathlib
 import struct
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from ._source import Kernel
+from ._source import ENTRY_PREAMBLE, Kernel, entry
 
 # Element type codes of the shim's mh::TypeCode, and what each torch dtype is.
 ANY, FLOAT, HALF, BFLOAT, BOOL, INT8, INT16, INT32, INT64 = 0, 1, 2, 3, 4, 10, 11, 12, 13
@@ -43,15 +43,41 @@ def schedule_code() -> int:
 
 
 class KernelFunction:
-    """One kernel: call it like a function of torch.mps.compile_shader's library."""
+    """One kernel: call it like a function of torch.mps.compile_shader's library.
 
-    def __init__(self, library: "Library", index: int, kernel: Kernel, codes: list[int], max_threads: int):
+    Its machine code is built on first use (one shared library per kernel, cached on disk), so a
+    file with hundreds of instantiations costs only what the tests run.
+    """
+
+    def __init__(self, library: "Library", index: int, kernel: Kernel):
         self._library = library
-        self._entry = ctypes.cast(getattr(library._dll, f"mh_entry_{index}"), ctypes.c_void_p).value
+        self._index = index
         self._kernel = kernel
-        self._codes = codes
-        self.max_threads_per_threadgroup = max_threads
+        self._dll: ctypes.CDLL | None = None
+        self._entry: int | None = None
+        self._codes: list[int] = []
+        self._max_threads = 0
         self.thread_execution_width = 32
+
+    def _load(self) -> ctypes.CDLL:
+        if self._dll is None:
+            path = self._library._build(self._index)
+            dll = ctypes.CDLL(str(path))
+            dll.mh_dispatch.restype = ctypes.c_int
+            dll.mh_dispatch.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                        ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
+            i = self._index
+            self._entry = ctypes.cast(getattr(dll, f"mh_entry_{i}"), ctypes.c_void_p).value
+            self._codes = list((ctypes.c_int * max(len(self._kernel.buffers), 1)).in_dll(dll, f"mh_codes_{i}"))
+            self._max_threads = ctypes.c_long.in_dll(dll, f"mh_max_threads_{i}").value
+            self._dll = dll
+        return self._dll
+
+    @property
+    def max_threads_per_threadgroup(self) -> int:
+        """1024, or N from the kernel's [[max_total_threads_per_threadgroup(N)]]."""
+        self._load()
+        return self._max_threads
 
     @property
     def name(self) -> str:
@@ -166,10 +192,11 @@ class KernelFunction:
                              f"max_threads_per_threadgroup = {self.max_threads_per_threadgroup}")
         grid += [1] * (3 - len(grid))
         group += [1] * (3 - len(group))
+        dll = self._load()
         keep: list = []
         slots = self._bind(args, casts, keep)
         error = ctypes.create_string_buffer(2048)
-        status = self._library._dll.mh_dispatch(
+        status = dll.mh_dispatch(
             self._entry, slots, (ctypes.c_uint64 * 3)(*grid), (ctypes.c_uint64 * 3)(*group), schedule_code(),
             error, len(error))
         if status != 0:
@@ -179,16 +206,17 @@ class KernelFunction:
 class Library:
     """What compile_library returns: one attribute per kernel host name."""
 
-    def __init__(self, so_path: pathlib.Path, kernels: list[Kernel]):
-        self._dll = ctypes.CDLL(str(so_path))
-        self._dll.mh_dispatch.restype = ctypes.c_int
-        self._dll.mh_dispatch.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                          ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
-        self._functions: dict[str, KernelFunction] = {}
-        for i, kernel in enumerate(kernels):
-            codes = list((ctypes.c_int * max(len(kernel.buffers), 1)).in_dll(self._dll, f"mh_codes_{i}"))
-            max_threads = ctypes.c_long.in_dll(self._dll, f"mh_max_threads_{i}").value
-            self._functions[kernel.host_name] = KernelFunction(self, i, kernel, codes, max_threads)
+    def __init__(self, key: str, translated: str, kernels: list[Kernel],
+                 build: Callable[[str, str], pathlib.Path]):
+        self._key = key
+        self._translated = translated
+        self._build_library = build
+        self._functions = {k.host_name: KernelFunction(self, i, k) for i, k in enumerate(kernels)}
+
+    def _build(self, index: int) -> pathlib.Path:
+        kernel = list(self._functions.values())[index]._kernel
+        cpp = self._translated + ENTRY_PREAMBLE + entry(index, kernel)
+        return self._build_library(cpp, f"{self._key}-{index}")
 
     def __getattr__(self, name: str) -> KernelFunction:
         functions = self.__dict__.get("_functions", {})

@@ -73,15 +73,27 @@ class Kernel:
         return tuple(sorted((p for p in self.params if p.buffer is not None), key=lambda p: p.buffer))
 
 
-def _line_col(text: str, pos: int) -> tuple[int, int]:
+LINE_MARKER = re.compile(r'^#\s*(?:line\s+)?(\d+)\s+"([^"]*)"', re.MULTILINE)
+
+
+def _location(text: str, pos: int, filename: str) -> tuple[str, int, int]:
+    """(file, line, column) of text[pos], following the preprocessor's line markers if any."""
     line = text.count("\n", 0, pos) + 1
-    return line, pos - (text.rfind("\n", 0, pos) + 1) + 1
+    col = pos - (text.rfind("\n", 0, pos) + 1) + 1
+    marker = None
+    for marker in LINE_MARKER.finditer(text, 0, pos):
+        pass
+    if marker is None:
+        return filename, line, col
+    marker_line = text.count("\n", 0, marker.start()) + 1
+    return marker.group(2), int(marker.group(1)) + line - marker_line - 1, col
 
 
 def _error(text: str, pos: int, message: str, filename: str) -> MetalSourceError:
-    line, col = _line_col(text, pos)
-    source_line = text.splitlines()[line - 1] if text else ""
-    return MetalSourceError(f"{filename}:{line}:{col}: {message}", (filename, line, col, source_line))
+    file, line, col = _location(text, pos, filename)
+    lines = text[:pos].count("\n")
+    source_line = text.splitlines()[lines] if text else ""
+    return MetalSourceError(f"{file}:{line}:{col}: {message}", (file, line, col, source_line))
 
 
 def mask_comments_and_literals(text: str) -> str:
@@ -180,15 +192,26 @@ def _split_top_level(text: str) -> list[str]:
     return [p for p in (s.strip() for s in parts) if p]
 
 
-ATTRIBUTE = re.compile(r"\[\[\s*(\w+)\s*(?:\(([^()]*(?:\([^()]*\)[^()]*)*)\))?\s*\]\]")
+ATTRIBUTE_SPECIFIER = re.compile(r"\[\[(.*?)\]\]", re.DOTALL)
+
+
+def _attributes(text: str) -> list[tuple[str, str]]:
+    """[(name, argument text)] of every attribute in the `[[...]]` specifiers of `text`."""
+    items = []
+    for spec in ATTRIBUTE_SPECIFIER.finditer(text):
+        for item in _split_top_level(spec.group(1)):
+            m = re.match(r"(\w+)\s*(?:\((.*)\))?\s*$", item, re.DOTALL)
+            if m:
+                items.append((m.group(1), m.group(2) or ""))
+    return items
 
 
 def _parse_params(param_text: str, kernel_name: str, text: str, pos: int, filename: str) -> tuple[Param, ...]:
     params: list[Param] = []
     implicit = explicit = False
     for raw in _split_top_level(param_text):
-        attributes = ATTRIBUTE.findall(raw)
-        declaration = " ".join(ATTRIBUTE.sub(" ", raw).split())
+        attributes = _attributes(raw)
+        declaration = " ".join(ATTRIBUTE_SPECIFIER.sub(" ", raw).split())
         names = re.findall(r"\w+", declaration)
         name = names[-1] if names else "?"
         buffer = position = None
@@ -275,8 +298,10 @@ def translate(text: str, filename: str = "kernels.metal") -> tuple[str, list[Ker
         taken.append((m.start(), end + 1))
 
     definitions: dict[str, _Definition] = {}
-    for m in re.finditer(r"\[\[\s*kernel\s*\]\]|\bkernel\b", code):
+    for m in re.finditer(r"\[\[.*?\]\]|\bkernel\b", code, re.DOTALL):
         if any(a <= m.start() < b for a, b in taken):
+            continue
+        if m.group(0).startswith("[[") and "kernel" not in (name for name, _ in _attributes(m.group(0))):
             continue
         head = re.compile(r"\s*(?:\[\[[^\]]*\]\]\s*)*void\s+(\w+)\s*\(").match(code, m.end())
         if not head:
@@ -289,15 +314,10 @@ def translate(text: str, filename: str = "kernels.metal") -> tuple[str, list[Ker
             continue  # a declaration; the definition follows elsewhere
         start = _statement_start(code, m.start())
         prefix = re.sub(r"^[ \t]*#.*$", "", code[start:m.start()], flags=re.MULTILINE)  # line markers
-        region = code[start:open_paren]
         is_template = re.match(r"\s*template\s*<", prefix) is not None
-        host = re.search(r"\[\[\s*host_name\s*\(", region)
-        host_name = None
-        if host:
-            host_literal = re.search(r"\"([^\"]*)\"", text[start + host.start():open_paren])
-            host_name = host_literal.group(1) if host_literal else None
-        max_threads = re.search(r"\[\[\s*max_total_threads_per_threadgroup\s*\(([^\]]*)\)\s*\]\]", region)
-        max_threads_expr = max_threads.group(1).strip() if max_threads else str(DEFAULT_MAX_THREADS)
+        attributes = dict(_attributes(text[start:open_paren]))
+        host_name = attributes["host_name"].strip().strip('"') if "host_name" in attributes else None
+        max_threads_expr = attributes.get("max_total_threads_per_threadgroup", "").strip() or str(DEFAULT_MAX_THREADS)
         params = _parse_params(code[open_paren + 1:close_paren - 1], name, text, m.start(), filename)
         definitions[name] = _Definition(name, params, is_template, host_name, max_threads_expr)
         # Drop `kernel` and every [[...]] between the statement start and the parameter list's end.
@@ -327,7 +347,7 @@ def translate(text: str, filename: str = "kernels.metal") -> tuple[str, list[Ker
     edits.extend(_vector_constructors(code))
     edits.extend(_float_literals(code))
     body = _apply(text, _drop_nested(edits))
-    return "#include <metal_stdlib>\n" + body + "\n" + _entries(kernels), kernels
+    return "#include <metal_stdlib>\n" + body + "\n", kernels
 
 
 def _drop_nested(edits: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
@@ -382,23 +402,27 @@ def _float_literals(code: str) -> list[tuple[int, int, str]]:
     return edits
 
 
-def _entries(kernels: list[Kernel]) -> str:
-    lines = ["// ---- generated by metal_harness: one entry per kernel ----",
-             "static const uint32_t mh_grid_origin[3] = {0, 0, 0};"]
-    for i, k in enumerate(kernels):
-        fn = f"mh_fn_{i}"
-        lines.append(f"using {fn} = decltype(&{k.cpp_name});")
-        args = []
-        for j, p in enumerate(k.params):
-            param_type = f"::mh::param_t<{fn}, {j}>"
-            if p.buffer is not None:
-                args.append(f"::mh::bind_buffer<{param_type}>(mh_args[{p.buffer}])")
-            else:
-                args.append(f"::mh::position_as<{param_type}>({POSITION_ATTRIBUTES[p.position]})")
-        lines.append(f'extern "C" void mh_entry_{i}(void* const* mh_args, const ::mh::ThreadContext* mh_ctx) {{')
-        lines.append(f"  (void)mh_args; (void)mh_ctx; {k.cpp_name}({', '.join(args)});")
-        lines.append("}")
-        codes = [f"::mh::buffer_code<::mh::param_t<{fn}, {k.params.index(p)}>>()" for p in k.buffers] or ["0"]
-        lines.append(f'extern "C" const int mh_codes_{i}[] = {{{", ".join(codes)}}};')
-        lines.append(f'extern "C" const long mh_max_threads_{i} = ({k.max_threads_expr});')
-    return "\n".join(lines) + "\n"
+ENTRY_PREAMBLE = ("// ---- generated by metal_harness: kernel entries ----\n"
+                  "static const uint32_t mh_grid_origin[3] = {0, 0, 0};\n")
+
+
+def entry(index: int, k: Kernel) -> str:
+    """C++ for kernel `k`: `mh_entry_<index>` (binds argument slots and thread positions, calls the
+    kernel), `mh_codes_<index>` (element type of each buffer) and `mh_max_threads_<index>`."""
+    fn = f"mh_fn_{index}"
+    args = []
+    for j, p in enumerate(k.params):
+        param_type = f"::mh::param_t<{fn}, {j}>"
+        if p.buffer is not None:
+            args.append(f"::mh::bind_buffer<{param_type}>(mh_args[{p.buffer}])")
+        else:
+            args.append(f"::mh::position_as<{param_type}>({POSITION_ATTRIBUTES[p.position]})")
+    codes = [f"::mh::buffer_code<::mh::param_t<{fn}, {k.params.index(p)}>>()" for p in k.buffers] or ["0"]
+    return "\n".join([
+        f"using {fn} = decltype(&{k.cpp_name});",
+        f'extern "C" void mh_entry_{index}(void* const* mh_args, const ::mh::ThreadContext* mh_ctx) {{',
+        f"  (void)mh_args; (void)mh_ctx; {k.cpp_name}({', '.join(args)});",
+        "}",
+        f'extern "C" const int mh_codes_{index}[] = {{{", ".join(codes)}}};',
+        f'extern "C" const long mh_max_threads_{index} = ({k.max_threads_expr});',
+    ]) + "\n"
