@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         **{lib.name: lib.version for lib in libs},
     )
     specs = specs_for(args.suite, args.width, args.quick)
+    table = report.Table((["compile"] if args.compile else []) + [lib.name for lib in libs], sys.stdout)
+    table.start(header)
     progress = Progress(len(specs))
     records = []
     try:
@@ -112,9 +114,11 @@ def main(argv: list[str] | None = None) -> int:
             records.append(run_case(case, plan, ROTATE_BYTES[mode], copy_gbps, args.compile))
             _release_memory(device)
             progress.advance()
+            progress.clear()
+            table.row(records[-1])
     finally:
         progress.close()
-    report.print_report(header, records, sys.stdout)
+    table.finish(records)
     if args.json:
         report.write_json(args.json, header, records)
     if args.plot:

@@ -39,9 +39,16 @@ class Progress:
         if self._tqdm is not None:
             self._tqdm.update(1)
 
+    def clear(self) -> None:
+        """Erases the bar before stdout prints a line on the same terminal; the next `step` redraws it."""
+        if self._tqdm is not None:
+            self._tqdm.clear()
+        elif self.enabled:
+            sys.stderr.write("\r" + " " * 100 + "\r")
+            sys.stderr.flush()
+
     def close(self) -> None:
         if self._tqdm is not None:
             self._tqdm.close()
         elif self.enabled:
-            sys.stderr.write("\r" + " " * 100 + "\r")
-            sys.stderr.flush()
+            self.clear()

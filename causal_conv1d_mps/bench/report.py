@@ -31,28 +31,40 @@ def header_lines(header: dict) -> list[str]:
     ]
 
 
-def table_lines(records: list[dict]) -> list[str]:
-    present = [c for c in OPTIONAL_COLUMNS if any(r["impls"].get(c) for r in records)]
-    cols = ["suite", "case", "ours ms", "sd %", "eager ms", "speedup", *(f"{c} ms" for c in present),
-            "GB/s", "%copy", "rel err", "ok"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in records:
+class Table:
+    """The Markdown table, printed row by row as results arrive (long runs show progress on stdout)."""
+
+    def __init__(self, optional: list[str], out: TextIO):
+        self.optional = [c for c in OPTIONAL_COLUMNS if c in optional]
+        self.out = out
+
+    def columns(self) -> list[str]:
+        return ["suite", "case", "ours ms", "sd %", "eager ms", "speedup", *(f"{c} ms" for c in self.optional),
+                "GB/s", "%copy", "rel err", "ok"]
+
+    def start(self, header: dict) -> None:
+        cols = self.columns()
+        self._write(header_lines(header) + ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)])
+
+    def row(self, r: dict) -> None:
         cells = [r["suite"], r["name"], _ms(r["ours_ms"]), _num(r["ours_stdev_pct"], ".1f"), _ms(r["eager_ms"]),
-                 _num(r["speedup"], ".2f", "x"), *(_ms(r["impls"].get(c, {}).get("ms")) for c in present),
+                 _num(r["speedup"], ".2f", "x"), *(_ms(r["impls"].get(c, {}).get("ms")) for c in self.optional),
                  _num(r["gbps"], ".1f"), _num(r["pct_copy"], ".1f"), _num(r["rel_err"], ".1e"),
                  "ok" if r["correct"] else "FAIL"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        self._write(["| " + " | ".join(cells) + " |"])
 
+    def finish(self, records: list[dict]) -> None:
+        lines = []
+        notes = [f"- {r['suite']}: {r['name']}: {n}" for r in records for n in r["notes"]]
+        if notes:
+            lines += ["", "notes:", *notes]
+        failed = sum(not r["correct"] for r in records)
+        lines += ["", f"{len(records)} rows, {failed} failed verification" if failed else f"{len(records)} rows, all verified"]
+        self._write(lines)
 
-def print_report(header: dict, records: list[dict], out: TextIO) -> None:
-    lines = header_lines(header) + [""] + table_lines(records)
-    notes = [f"- {r['name']}: {n}" for r in records for n in r["notes"]]
-    if notes:
-        lines += ["", "notes:", *notes]
-    failed = sum(not r["correct"] for r in records)
-    lines += ["", f"{len(records)} rows, {failed} failed verification" if failed else f"{len(records)} rows, all verified"]
-    out.write("\n".join(lines) + "\n")
+    def _write(self, lines: list[str]) -> None:
+        self.out.write("\n".join(lines) + "\n")
+        self.out.flush()
 
 
 def write_json(path: str, header: dict, records: list[dict]) -> None:
