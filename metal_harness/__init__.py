@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import pathlib
 import threading
 
 from . import _compiler, _source
@@ -46,6 +48,13 @@ def _translate(source: str) -> tuple[str, list[Kernel]]:
     without_includes = _source.strip_metal_includes(source, _FILENAME)
     expanded = _compiler.preprocess(without_includes, _FILENAME)
     return _source.translate(expanded, _FILENAME)
+
+
+def _write_atomically(path: pathlib.Path, text: str) -> None:
+    """Other processes (pytest-xdist workers) may read the cache at the same time."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _build(cpp: str, key: str):
@@ -82,8 +91,8 @@ def compile_library(source: str) -> Library:
                 _compiler.check_syntax(translated + _source.ENTRY_PREAMBLE + entries)
             except SyntaxError as e:
                 raise MetalSourceError(str(e)) from None
-            meta_path.write_text(kernels_to_json(kernels))
-            translated_path.write_text(translated)  # written last: marks the check as passed
+            _write_atomically(meta_path, kernels_to_json(kernels))
+            _write_atomically(translated_path, translated)  # written last: marks the check as passed
         library = Library(key, translated, kernels, _build)
         _libraries[key] = library
         return library

@@ -283,7 +283,7 @@ def translate(text: str, filename: str = "kernels.metal") -> tuple[str, list[Ker
         if end < 0:
             raise _error(text, m.start(), "unterminated [[host_name]] instantiation", filename)
         statement = text[m.start():end]
-        host = re.search(r"host_name\s*\(\s*\"([^\"]*)\"\s*\)", statement)
+        host = re.search(r"host_name\s*\(\s*((?:\"[^\"]*\"\s*)+)\)", statement)
         rest = code[m.start():end]
         rest = rest[rest.find("]]") + 2:]
         target = re.search(r"\b(?!decltype\b|void\b|kernel\b)([A-Za-z_]\w*)\s*<", rest)
@@ -293,7 +293,8 @@ def translate(text: str, filename: str = "kernels.metal") -> tuple[str, list[Ker
                          "`template [[host_name(\"name\")]] [[kernel]] decltype(f<...>) f<...>;`", filename)
         lt = target.end() - 1
         gt = _match_close(rest, lt, "<", ">")
-        instantiations.append((host.group(1), target.group(1) + rest[lt:gt], m.start()))
+        host_name = "".join(re.findall(r"\"([^\"]*)\"", host.group(1)))  # "a" "b" concatenates
+        instantiations.append((host_name, target.group(1) + rest[lt:gt], m.start()))
         edits.append(_blank(text, m.start(), end + 1))
         taken.append((m.start(), end + 1))
 
@@ -316,7 +317,7 @@ def translate(text: str, filename: str = "kernels.metal") -> tuple[str, list[Ker
         prefix = re.sub(r"^[ \t]*#.*$", "", code[start:m.start()], flags=re.MULTILINE)  # line markers
         is_template = re.match(r"\s*template\s*<", prefix) is not None
         attributes = dict(_attributes(text[start:open_paren]))
-        host_name = attributes["host_name"].strip().strip('"') if "host_name" in attributes else None
+        host_name = "".join(re.findall(r"\"([^\"]*)\"", attributes["host_name"])) if "host_name" in attributes else None
         max_threads_expr = attributes.get("max_total_threads_per_threadgroup", "").strip() or str(DEFAULT_MAX_THREADS)
         params = _parse_params(code[open_paren + 1:close_paren - 1], name, text, m.start(), filename)
         definitions[name] = _Definition(name, params, is_template, host_name, max_threads_expr)
