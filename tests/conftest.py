@@ -101,6 +101,20 @@ def small_shapes(backend: str, device: torch.device) -> list[tuple[int, int, int
     return [(2, 32, 129), (1, 33, 151), (3, 5, 1), (2, 17, 3), (1, 16, 1030), (4, 8, 67)]
 
 
+def shapes_for_case(backend: str, device: torch.device, case: int) -> list[tuple[int, tuple[int, int, int]]]:
+    """`(i, (B, D, T))` pairs for one parametrised case.
+
+    The reference path takes every shape of `small_shapes`; a kernel backend on CPU takes one,
+    rotating with `case`, so that across the matrix every shape is still met (the interpreter
+    costs seconds per call). `i` is the shape's index, used by tests to vary optional inputs.
+    """
+    shapes = small_shapes(backend, device)
+    if uses_small_shapes(backend, device):
+        i = case % len(shapes)
+        return [(i, shapes[i])]
+    return list(enumerate(shapes))
+
+
 def tol(dtype: torch.dtype) -> float:
     return TOLERANCE[dtype]
 

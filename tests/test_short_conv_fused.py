@@ -21,7 +21,7 @@ from conftest import (
     oracle_grads,
     randn,
     seeded,
-    small_shapes,
+    shapes_for_case,
 )
 
 MODES = {"silu+residual": (True, True), "silu": (True, False), "plain+residual": (False, True), "plain": (False, False)}
@@ -81,21 +81,24 @@ def _slicer_of(source: torch.Tensor, view: torch.Tensor):
     return slicer
 
 
-@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("weight_fp32", [False, True], ids=["w_same", "w_fp32"])
 @pytest.mark.parametrize("dtype", X_DTYPES, ids=str)
-def test_forward_backward_matches_oracle(backend, device, dtype, weight_fp32, width, mode):
-    activation, residual = MODES[mode]
+def test_forward_backward_matches_oracle(backend, device, dtype, weight_fp32, width):
+    """dtype x weight dtype x width; the shapes vary activation/residual, bias, mask and states."""
     gen = seeded(100 + width)
     wdtype = torch.float32 if weight_fp32 else dtype
-    for i, (b, d, t) in enumerate(small_shapes(backend, device)):
+    case = width + X_DTYPES.index(dtype) + 3 * weight_fp32
+    modes = list(MODES)
+    for i, (b, d, t) in shapes_for_case(backend, device, case):
+        mode = modes[(i + case // 4) % len(modes)]
+        activation, residual = MODES[mode]
         x = randn(b, t, d, dtype=dtype, device=device, generator=gen)
         weight, bias = make_params(d, width, wdtype, device, gen, with_bias=i % 3 != 2)
-        states = randn(b, d, width - 1, dtype=dtype, device=device, generator=gen) if i % 2 == 0 else None
-        mask = (torch.rand(b, t, generator=gen) > 0.3).to(device) if i % 2 == 1 or i == 0 else None
+        states = randn(b, d, width - 1, dtype=dtype, device=device, generator=gen) if (i + width) % 2 == 0 else None
+        mask = (torch.rand(b, t, generator=gen) > 0.3).to(device) if (i + case) % 3 != 1 else None
         _run_and_check(x, weight, bias, mask, states, activation, residual,
-                       name=f"B{b} T{t} D{d} W{width} mask={mask is not None} states={states is not None}")
+                       name=f"B{b} T{t} D{d} W{width} {mode} mask={mask is not None} states={states is not None}")
 
 
 @pytest.mark.parametrize("layout", ["columns", "columns+every_other_step"])
