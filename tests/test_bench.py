@@ -54,7 +54,7 @@ def quick_run(tmp_path_factory):
          "--suite", "all", "--json", str(path)],
         cwd=REPO_ROOT, env=_bench_env(), capture_output=True, text=True, timeout=300,
     )
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc, json.loads(path.read_text())
 
 
@@ -63,7 +63,8 @@ def test_quick_run_header(quick_run):
     assert data["schema"] == "causal-conv1d-mps-bench/1"
     header = data["header"]
     for field, kind in HEADER_FIELDS.items():
-        assert isinstance(header.get(field), kind), f"header[{field!r}] = {header.get(field)!r}, expected {kind.__name__}"
+        found = header.get(field)
+        assert isinstance(found, kind), f"header[{field!r}] = {found!r}, expected {kind.__name__}"
     assert header["device"] == "cpu" and header["dtype"] == "float32" and header["quick"] is True
     assert header["suites"] == list(SUITES)
     assert header["copy_gbps"] > 0
@@ -77,7 +78,8 @@ def test_quick_run_rows(quick_run):
     assert {r["suite"] for r in rows} == set(SUITES)
     for row in rows:
         for field, kind in ROW_FIELDS.items():
-            assert isinstance(row.get(field), kind), f"{row['name']}: {field} = {row.get(field)!r}, expected {kind.__name__}"
+            found = row.get(field)
+            assert isinstance(found, kind), f"{row['name']}: {field} = {found!r}, expected {kind.__name__}"
         assert row["correct"], f"{row['name']}: rel err {row['rel_err']}, notes {row['notes']}"
         assert row["rel_err"] <= row["tolerance"] == 1e-5, row["name"]
         assert row["ours_ms"] > 0 and row["eager_ms"] > 0 and math.isfinite(row["speedup"]), row["name"]
@@ -136,14 +138,16 @@ def test_decode_state_must_be_exact(monkeypatch):
         return out
 
     monkeypatch.setattr(ccmps, "short_conv_update", leaves_state_behind)
-    case = build_case(Spec("decode", "short_conv_update", "decode", 2, 16), torch.float32, torch.device("cpu"), ccmps, [])
+    spec = Spec("decode", "short_conv_update", "decode", 2, 16)
+    case = build_case(spec, torch.float32, torch.device("cpu"), ccmps, [])
     inputs = case.make_inputs()
     before = {k: v.clone() for k, v in inputs.items()}
     verdict = accuracy.check(case, before, case.wrap(case.ours)(inputs))
     assert not verdict.exact_ok and not verdict.ok
 
 
-@pytest.mark.parametrize("op,backward", [("causal_conv1d", False), ("short_conv_fused", False), ("short_conv_fused", True)])
+@pytest.mark.parametrize("op,backward",
+                         [("causal_conv1d", False), ("short_conv_fused", False), ("short_conv_fused", True)])
 def test_chunked_check_matches_one_block(monkeypatch, op, backward):
     """Checking channel block by channel block gives the error of one whole-tensor check."""
     spec = Spec("t", op, "t", 2, 24, 19, width=3, mask=op == "short_conv_fused", backward=backward)

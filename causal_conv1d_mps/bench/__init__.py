@@ -8,7 +8,8 @@ own copy bandwidth measured in the same run. See docs/BENCHMARK.md.
 Modules, one job each: `cli` (arguments, the run), `suites` (which shapes), `cases` (inputs and
 the callables of one row), `baselines` (eager PyTorch and third-party formulations), `oracle`
 (float64 definitions), `accuracy` (chunked error check), `traffic` (byte counts), `timing`,
-`devices` (device choice, copy bandwidth, header), `report` (table, JSON, plot), `progress`.
+`devices` (device choice, copy bandwidth, header), `runner` (verify then time one row),
+`report` (table, JSON, plot), `progress`.
 """
 
 from .cli import main, parse_args

@@ -33,7 +33,7 @@ def _block(t: torch.Tensor | None, dim: int | None, start: int, size: int) -> to
     if t is None:
         return None
     part = t if dim is None else t.narrow(dim, start, size)
-    return part.detach().to(device="cpu", dtype=torch.float64)
+    return part.detach().cpu().to(torch.float64)  # to CPU first: MPS has no float64
 
 
 def check(case, inputs, results) -> Verdict:

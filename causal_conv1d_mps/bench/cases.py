@@ -109,8 +109,10 @@ def _causal_conv1d_case(spec: Spec, dtype, device, ccmps, libs) -> Case:
     act = "silu" if spec.silu else None
 
     def make_inputs() -> Inputs:
-        shape_btd = (spec.B, spec.T, spec.D)
-        x = _randn(shape_btd, dtype, device).transpose(1, 2) if spec.channel_last else _randn((spec.B, spec.D, spec.T), dtype, device)
+        if spec.channel_last:  # the (B, D, T) view of a contiguous (B, T, D) tensor
+            x = _randn((spec.B, spec.T, spec.D), dtype, device).transpose(1, 2)
+        else:
+            x = _randn((spec.B, spec.D, spec.T), dtype, device)
         return _with_grad({"x": x, **_params(spec, dtype, device)}, spec)
 
     thirdparty = {

@@ -26,7 +26,7 @@ COPY_BYTES = {"full": 512 * MIB, "quick": 16 * MIB}
 def _dtype(text: str) -> torch.dtype:
     key = text.lower().removeprefix("torch.")
     if key not in DTYPES:
-        raise argparse.ArgumentTypeError(f"expected one of fp32, fp16, bf16 (or float32, float16, bfloat16), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected fp32, fp16 or bf16 (or float32, float16, bfloat16), got {text!r}")
     return DTYPES[key]
 
 
@@ -66,11 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", type=_dtype, default=torch.bfloat16, help="fp32, fp16 or bf16 (default bf16)")
     p.add_argument("--suite", type=_suites, default=list(SUITES),
                    help=f"comma list of {', '.join(SUITES)}, or all (default all)")
-    p.add_argument("--width", type=_width, default=4, help="convolution width W for every suite but 'width' (default 4)")
+    p.add_argument("--width", type=_width, default=4, help="width W for every suite but 'width' (default 4)")
     p.add_argument("--quick", action="store_true", help="tiny shapes and few repetitions (seconds; for CI)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the eager PyTorch function")
     p.add_argument("--json", metavar="FILE", help="write the header and every row to FILE as JSON")
-    p.add_argument("--plot", metavar="FILE", help="write a bar chart (speedup and %% of copy bandwidth); needs matplotlib")
+    p.add_argument("--plot", metavar="FILE", help="write a bar chart of speedup and %% of copy bandwidth (matplotlib)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the inputs (default 0)")
     return p
 

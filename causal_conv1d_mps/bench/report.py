@@ -59,7 +59,8 @@ class Table:
         if notes:
             lines += ["", "notes:", *notes]
         failed = sum(not r["correct"] for r in records)
-        lines += ["", f"{len(records)} rows, {failed} failed verification" if failed else f"{len(records)} rows, all verified"]
+        verdict = f"{failed} failed verification" if failed else "all verified"
+        lines += ["", f"{len(records)} rows, {verdict}"]
         self._write(lines)
 
     def _write(self, lines: list[str]) -> None:

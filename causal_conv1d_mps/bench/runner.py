@@ -56,7 +56,8 @@ def _run_impl(case: Case, name: str, fn: Callable, sets: list[Inputs], plan: tim
     result["rel_err"], result["ok"] = verdict.rel_err, verdict.ok
     if not verdict.ok:
         exact = "" if verdict.exact_ok else ", state not bit-exact"
-        result["notes"].append(f"{name}: wrong result ({verdict.worst} rel err {verdict.rel_err:.2e} > {verdict.tolerance:.0e}{exact})")
+        found = f"{verdict.worst} rel err {verdict.rel_err:.2e} > {verdict.tolerance:.0e}{exact}"
+        result["notes"].append(f"{name}: wrong result ({found})")
         if name not in ("ours", "eager"):  # a wrong third-party result is not a speed worth reporting
             return result
     t = timing.measure(call, sets, case.device, plan)

@@ -30,13 +30,16 @@ class Spec:
     mask: bool = False  # fused op only: an HF-style int64 attention mask with left padding
     backward: bool = False  # time forward + backward
     channel_last: bool = False  # causal_conv1d only: x is the transposed view of a [B, T, D] tensor
-    row_stride: int = 0  # fused op only: x is x_wide[..., :D] of a [B, T, row_stride] projection output
+    row_stride: int = 0  # fused op only: x is x_wide[..., -D:] of a [B, T, row_stride] projection output
 
     @property
     def name(self) -> str:
-        dims = f"B{self.B} D{self.D}" if self.op == "short_conv_update" else (
-            f"B{self.B} D{self.D} T{self.T}" if self.op == "causal_conv1d" else f"B{self.B} T{self.T} D{self.D}"
-        )
+        if self.op == "short_conv_update":
+            dims = f"B{self.B} D{self.D}"
+        elif self.op == "causal_conv1d":
+            dims = f"B{self.B} D{self.D} T{self.T}"
+        else:
+            dims = f"B{self.B} T{self.T} D{self.D}"
         return f"{self.label} {dims} W{self.width}"
 
 
@@ -50,8 +53,11 @@ def _basic(width: int) -> list[Spec]:
 
 
 def _canon(width: int) -> list[Spec]:
-    fused = [Spec("canon", "short_conv_fused", "fused", b, d, t, width) for b, t, d in [(1, 128, 512), (2, 256, 768), (4, 512, 1024)]]
-    canon_ac = [Spec("canon", "short_conv_fused", "CanonA/C mask", b, d, t, width, mask=True) for b, t, d in [(2, 256, 768), (4, 512, 1024)]]
+    fused = [Spec("canon", "short_conv_fused", "fused", b, d, t, width)
+             for b, t, d in [(1, 128, 512), (2, 256, 768), (4, 512, 1024)]]
+    # CanonA/C convolve the hidden states (D = hidden size) before attention / the MLP.
+    canon_ac = [Spec("canon", "short_conv_fused", "CanonA/C mask", b, d, t, width, mask=True)
+                for b, t, d in [(2, 256, 768), (4, 512, 1024)]]
     # CanonB convolves the concatenated q, k, v projections: D = (H + 2 KV) * head_dim.
     canon_b = [
         Spec("canon", "short_conv_fused", f"CanonB qkv H{h} KV{kv} hd{hd}", b, (h + 2 * kv) * hd, t, width, mask=True)
@@ -102,7 +108,9 @@ def _width(_: int, widths=WIDTH_SWEEP) -> list[Spec]:
     ]
 
 
-_BUILDERS = {"basic": _basic, "canon": _canon, "large": _large, "backward": _backward, "decode": _decode, "width": _width}
+_BUILDERS = {
+    "basic": _basic, "canon": _canon, "large": _large, "backward": _backward, "decode": _decode, "width": _width,
+}
 
 
 def shrink(spec: Spec) -> Spec:
