@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ._guard import GuardedStorages
 from ._source import ENTRY_PREAMBLE, Kernel, entry
 
 # Element type codes of the shim's mh::TypeCode, and what each torch dtype is.
@@ -65,7 +66,12 @@ class KernelFunction:
             dll = ctypes.CDLL(str(path))
             dll.mh_dispatch.restype = ctypes.c_int
             dll.mh_dispatch.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                        ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
+                                        ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t,
+                                        ctypes.POINTER(ctypes.c_uint64)]
+            dll.mh_guarded_alloc.restype = ctypes.c_void_p
+            dll.mh_guarded_alloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p]
+            dll.mh_guarded_free.restype = None
+            dll.mh_guarded_free.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
             i = self._index
             self._entry = ctypes.cast(getattr(dll, f"mh_entry_{i}"), ctypes.c_void_p).value
             self._codes = list((ctypes.c_int * max(len(self._kernel.buffers), 1)).in_dll(dll, f"mh_codes_{i}"))
@@ -129,8 +135,7 @@ class KernelFunction:
                 if arg.dtype not in DTYPE_CODES:
                     raise TypeError(f"{self._describe(i)}: Metal has no {arg.dtype}")
                 self._check_code(i, DTYPE_CODES[arg.dtype], f"a {arg.dtype} tensor")
-                slots[i] = arg.data_ptr() if arg.numel() else None
-                continue
+                continue  # its pointer is filled in by the caller (guarded copy or own memory)
             if isinstance(arg, (list, tuple)):
                 if not arg:
                     raise ValueError(f"{self._describe(i)}: an empty list/tuple cannot be a kernel argument")
@@ -195,12 +200,24 @@ class KernelFunction:
         dll = self._load()
         keep: list = []
         slots = self._bind(args, casts, keep)
+        tensors = {i: a for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.numel() > 0}
+        guard = GuardedStorages(dll, tensors)
         error = ctypes.create_string_buffer(2048)
-        status = dll.mh_dispatch(
-            self._entry, slots, (ctypes.c_uint64 * 3)(*grid), (ctypes.c_uint64 * 3)(*group), schedule_code(),
-            error, len(error))
+        fault = ctypes.c_uint64(0)
+        try:
+            for i in tensors:
+                slots[i] = guard.pointer(i)
+            status = dll.mh_dispatch(self._entry, slots, (ctypes.c_uint64 * 3)(*grid), (ctypes.c_uint64 * 3)(*group),
+                                     schedule_code(), error, len(error), ctypes.byref(fault))
+            names = [f"argument {i} ({p.declaration})" for i, p in enumerate(self._kernel.buffers)]
+            where = guard.describe_fault(fault.value, names) if fault.value else None
+        finally:
+            guard.release()
         if status != 0:
-            raise RuntimeError(f"kernel {self.name!r}: {error.value.decode(errors='replace')}")
+            message = f"kernel {self.name!r}: {error.value.decode(errors='replace')}"
+            if fault.value:
+                message += f" ({where})" if where else " (outside the memory of every argument)"
+            raise RuntimeError(message)
 
 
 class Library:

@@ -444,3 +444,33 @@ def test_explicit_bfloat_conversion_is_accepted():
     out = torch.empty(8, dtype=torch.bfloat16)
     metal_harness.compile_library(source).k(out)
     assert torch.equal(out, torch.arange(8, dtype=torch.float32).mul(0.5).bfloat16())
+
+
+OUT_OF_BOUNDS_SOURCE = r"""
+#include <metal_stdlib>
+using namespace metal;
+
+// Reads x[i + offset]: past the end of x for the last threads when offset > 0.
+kernel void shifted_copy(device const float* x [[buffer(0)]], device float* out [[buffer(1)]],
+                         constant long& offset [[buffer(2)]], uint i [[thread_position_in_grid]]) {
+  out[i] = x[long(i) + offset];
+}
+"""
+
+
+def test_out_of_bounds_read_raises_and_names_the_argument():
+    lib = metal_harness.compile_library(OUT_OF_BOUNDS_SOURCE)
+    x, out = torch.randn(4096), torch.zeros(4096)
+    lib.shifted_copy(x, out, 0)
+    assert torch.equal(out, x)
+    with pytest.raises(RuntimeError, match=r"past the end of argument 0 \(device const float\* x\)"):
+        lib.shifted_copy(x, out, 2048)
+    with pytest.raises(RuntimeError, match=r"before the start of argument 0"):
+        lib.shifted_copy(x, out, -1024)
+
+
+def test_outputs_aliasing_inputs_share_memory():
+    lib = metal_harness.compile_library(OUT_OF_BOUNDS_SOURCE)
+    buffer = torch.arange(8, dtype=torch.float32)
+    lib.shifted_copy(buffer[4:], buffer[:4], 0)  # two views of one storage
+    assert buffer.tolist() == [4, 5, 6, 7, 4, 5, 6, 7]

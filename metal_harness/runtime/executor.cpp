@@ -9,9 +9,11 @@
 // barrier sees stale or poisoned data.
 #include "mh_runtime.h"
 
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <string>
 #include <vector>
@@ -151,6 +153,8 @@ struct ThreadgroupAllocation {
 };
 
 struct Group {
+  bool in_kernel = false;        // a fiber runs (a fault now is the kernel's)
+  uintptr_t fault_address = 0;   // set when a kernel's memory access faulted
   std::vector<Fiber> fibers;
   uint32_t n = 0;
   uint32_t n_runnable = 0, n_barrier = 0, n_simd = 0, n_done = 0;
@@ -271,7 +275,9 @@ bool run_group(Group* g, int schedule) {
       Fiber* f = &g->fibers[reverse ? g->n - 1 - k : k];
       if (f->state != State::Runnable) continue;
       g->current = f;
+      g->in_kernel = true;
       context_switch(&g->scheduler, &f->context);
+      g->in_kernel = false;
       if (g->failed) return false;
     }
     if (g->n_done == g->n) return true;
@@ -366,6 +372,58 @@ void rt_fail(const char* message) {
 
 namespace {
 
+// ---------------------------------------------------------------- memory faults
+// While a dispatch runs, a segmentation fault in kernel code (an access past a guarded buffer,
+// a fiber stack overflow) ends the dispatch with an error instead of the process: the handler
+// runs on an alternate stack, records the address and switches to the scheduler for good.
+struct FaultHandler {
+  struct sigaction previous_segv, previous_bus;
+  stack_t previous_stack;
+  bool installed = false;
+};
+
+thread_local unsigned char g_signal_stack[64 * 1024];
+
+void on_fault(int sig, siginfo_t* info, void*) {
+  Group* g = g_group;
+  if (!g || !g->in_kernel) {  // not ours: let the default action happen
+    signal(sig, SIG_DFL);
+    return;
+  }
+  g->fault_address = reinterpret_cast<uintptr_t>(info->si_addr);
+  char buf[96];
+  snprintf(buf, sizeof buf, "invalid memory access at address %p", info->si_addr);
+  fail_group(g, position_of(*g->current) + ": " + buf);
+  sigset_t unblock;
+  sigemptyset(&unblock);
+  sigaddset(&unblock, sig);
+  pthread_sigmask(SIG_UNBLOCK, &unblock, nullptr);
+  g->in_kernel = false;
+  Context abandoned;
+  context_switch(&abandoned, &g->scheduler);
+}
+
+void install_fault_handler(FaultHandler* h) {
+  stack_t stack = {};
+  stack.ss_sp = g_signal_stack;
+  stack.ss_size = sizeof g_signal_stack;
+  sigaltstack(&stack, &h->previous_stack);
+  struct sigaction action = {};
+  action.sa_sigaction = on_fault;
+  action.sa_flags = SA_SIGINFO | SA_ONSTACK;
+  sigemptyset(&action.sa_mask);
+  sigaction(SIGSEGV, &action, &h->previous_segv);
+  sigaction(SIGBUS, &action, &h->previous_bus);
+  h->installed = true;
+}
+
+void remove_fault_handler(FaultHandler* h) {
+  if (!h->installed) return;
+  sigaction(SIGSEGV, &h->previous_segv, nullptr);
+  sigaction(SIGBUS, &h->previous_bus, nullptr);
+  sigaltstack(&h->previous_stack, nullptr);
+}
+
 uint32_t ceil_div(uint64_t a, uint64_t b) { return static_cast<uint32_t>((a + b - 1) / b); }
 
 void copy_message(const std::string& s, char* err, size_t errlen) {
@@ -380,9 +438,11 @@ void copy_message(const std::string& s, char* err, size_t errlen) {
 // Runs `entry` over a grid of grid[0..2] threads in threadgroups of group[0..2] threads, the way
 // dispatchThreads does (the last group along each axis may be partial; only in-grid threads exist).
 // schedule: 0 alternate (reverse first), 1 alternate (forward first), 2 forward, 3 reverse.
-// Returns 0 on success, 1 with a message in err on failure.
+// Returns 0 on success, 1 with a message in err on failure; *fault_address is the faulting
+// address when a memory access faulted, else 0.
 extern "C" int mh_dispatch(mh_entry_fn entry, void* const* args, const uint64_t* grid,
-                           const uint64_t* group, int schedule, char* err, size_t errlen) {
+                           const uint64_t* group, int schedule, char* err, size_t errlen,
+                           uint64_t* fault_address) {
   static thread_local StackPool stacks;
   const uint64_t group_threads = group[0] * group[1] * group[2];
   if (!stacks.reserve(group_threads)) {
@@ -395,6 +455,8 @@ extern "C" int mh_dispatch(mh_entry_fn entry, void* const* args, const uint64_t*
   g->fibers.resize(group_threads);
   Group* previous = g_group;
   g_group = g;
+  FaultHandler faults;
+  install_fault_handler(&faults);
   uint32_t groups[3];
   for (int d = 0; d < 3; ++d) groups[d] = ceil_div(grid[d], group[d]);
   bool ok = true;
@@ -441,8 +503,33 @@ extern "C" int mh_dispatch(mh_entry_fn entry, void* const* args, const uint64_t*
         }
         ok = run_group(g, schedule);
       }
+  remove_fault_handler(&faults);
   if (!ok) copy_message(g->error, err, errlen);
+  *fault_address = g->fault_address;
   g_group = previous;
   delete g;
   return ok ? 0 : 1;
 }
+
+// A buffer of `bytes` (rounded up to 16) between two inaccessible zones of `guard` bytes: the harness copies each tensor's storage into one, so a kernel
+// reading or writing outside faults (and the fault becomes an error) instead of silently using
+// neighbouring memory. Returns the buffer's start, or nullptr.
+extern "C" void* mh_guarded_alloc(size_t bytes, size_t guard, void** mapping, size_t* mapping_size) {
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  const size_t rounded = (bytes + 15) / 16 * 16;
+  const size_t body = (rounded + page - 1) / page * page;
+  guard = (guard + page - 1) / page * page;
+  const size_t total = body + 2 * guard;
+  void* p = mmap(nullptr, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) return nullptr;
+  char* base = static_cast<char*>(p);
+  if (mprotect(base + guard, body, PROT_READ | PROT_WRITE) != 0) {
+    munmap(p, total);
+    return nullptr;
+  }
+  *mapping = p;
+  *mapping_size = total;
+  return base + guard + body - rounded;
+}
+
+extern "C" void mh_guarded_free(void* mapping, size_t mapping_size) { munmap(mapping, mapping_size); }
