@@ -11,6 +11,8 @@ import json
 import math
 import os
 import runpy
+import types
+from importlib.machinery import ModuleSpec
 import subprocess
 import sys
 
@@ -18,8 +20,9 @@ import pytest
 import torch
 
 import causal_conv1d_mps as ccmps
-from causal_conv1d_mps.bench import accuracy, cli, traffic
+from causal_conv1d_mps.bench import accuracy, baselines, cli, timing, traffic
 from causal_conv1d_mps.bench.cases import build_case
+from causal_conv1d_mps.bench.runner import run_case
 from causal_conv1d_mps.bench.suites import SUITES, Spec, specs_for
 
 from conftest import REPO_ROOT
@@ -160,6 +163,45 @@ def test_chunked_check_matches_one_block(monkeypatch, op, backward):
     assert whole.ok and blocked.ok
     assert blocked.rel_err == pytest.approx(whole.rel_err, rel=1e-9)
     assert whole.rel_err > 0, "bf16 results cannot match float64 exactly: the check must see the difference"
+
+
+def _install_fake_dao(monkeypatch, **functions):
+    module = types.ModuleType("causal_conv1d")
+    module.__spec__ = ModuleSpec("causal_conv1d", None)
+    module.__version__ = "0.0-fake"
+    for name, fn in functions.items():
+        setattr(module, name, fn)
+    monkeypatch.setitem(sys.modules, "causal_conv1d", module)
+
+
+def test_thirdparty_column_is_verified_before_it_is_timed(monkeypatch, one_thread):
+    """A stand-in for Dao-AILab causal_conv1d: right forward, wrong decode step (no time reported)."""
+    def conv(x, weight, bias=None, activation=None):
+        return baselines.eager_causal_conv1d(x, weight, bias, activation == "silu")
+
+    def update(x, conv_state, weight, bias=None, activation=None):
+        return torch.zeros_like(x)
+
+    _install_fake_dao(monkeypatch, causal_conv1d_fn=conv, causal_conv1d_update=update)
+    libs, unusable = baselines.thirdparty(torch.device("cuda"))  # the device only gates the import
+    assert [lib.name for lib in libs] == ["dao"] and not unusable
+    cpu = torch.device("cpu")
+    good = run_case(build_case(Spec("t", "causal_conv1d", "t", 2, 8, 16), torch.float32, cpu, ccmps, libs),
+                    timing.QUICK, 0, 1.0, compile_eager=False)
+    assert good["impls"]["dao"]["ok"] and good["impls"]["dao"]["ms"] > 0 and good["correct"]
+    bad = run_case(build_case(Spec("t", "short_conv_update", "t", 2, 8), torch.float32, cpu, ccmps, libs),
+                   timing.QUICK, 0, 1.0, compile_eager=False)
+    assert bad["impls"]["dao"]["ok"] is False and bad["impls"]["dao"]["ms"] is None
+    assert bad["correct"], "a wrong third-party result does not fail our row"
+    assert any(n.startswith("dao: wrong result") for n in bad["notes"])
+
+
+def test_broken_thirdparty_install_is_reported_not_fatal(monkeypatch):
+    _install_fake_dao(monkeypatch)  # installed, but without causal_conv1d_fn
+    libs, unusable = baselines.thirdparty(torch.device("cuda"))
+    assert "dao" not in [lib.name for lib in libs]
+    assert "AttributeError" in unusable["dao"]
+    assert baselines.thirdparty(torch.device("cpu")) == ([], {}), "CUDA-only libraries are not tried elsewhere"
 
 
 def test_byte_counts_follow_perf_md():

@@ -8,6 +8,7 @@ libraries: Dao-AILab `causal_conv1d` and flash-linear-attention (`fla`), when im
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass
 from typing import Callable
 
@@ -56,12 +57,9 @@ def _version(module) -> str:
     return str(getattr(module, "__version__", "unknown"))
 
 
-def _dao() -> ThirdParty | None:
-    try:
-        dao = importlib.import_module("causal_conv1d")
-        fn, update = dao.causal_conv1d_fn, dao.causal_conv1d_update
-    except (ImportError, AttributeError):
-        return None
+def _dao() -> ThirdParty:
+    dao = importlib.import_module("causal_conv1d")
+    fn, update = dao.causal_conv1d_fn, dao.causal_conv1d_update
 
     def conv(x, weight, bias, silu):
         return fn(x, weight, bias, activation="silu" if silu else None)
@@ -79,16 +77,16 @@ def _dao() -> ThirdParty | None:
     return ThirdParty("dao", _version(dao), conv, fused, step)
 
 
-def _fla() -> ThirdParty | None:
+def _fla() -> ThirdParty:
     fn = None
-    for path in ("fla.modules.convolution", "fla.modules.conv"):
+    for path in ("fla.modules.convolution", "fla.modules.conv"):  # the module's name across releases
         try:
             fn = importlib.import_module(path).causal_conv1d
             break
         except (ImportError, AttributeError):
             continue
     if fn is None:
-        return None
+        raise ImportError("neither fla.modules.convolution.causal_conv1d nor fla.modules.conv.causal_conv1d found")
 
     def fused(x, weight, bias, mask, silu, residual):
         # fla's ShortConvolution multiplies by the mask before calling this function.
@@ -104,8 +102,20 @@ def _fla() -> ThirdParty | None:
     return ThirdParty("fla", _version(importlib.import_module("fla")), conv, fused, None)
 
 
-def thirdparty(device: torch.device) -> list[ThirdParty]:
-    """The optional libraries importable here; both need CUDA (or ROCm), so none on cpu/mps."""
+def thirdparty(device: torch.device) -> tuple[list[ThirdParty], dict[str, str]]:
+    """`(usable libraries, {name: why not} for those installed but unusable)`.
+
+    Both libraries need CUDA (or ROCm): none are used on cpu or mps.
+    """
+    usable: list[ThirdParty] = []
+    unusable: dict[str, str] = {}
     if device.type != "cuda":
-        return []
-    return [lib for lib in (_dao(), _fla()) if lib is not None]
+        return usable, unusable
+    for name, module, load in (("dao", "causal_conv1d", _dao), ("fla", "fla", _fla)):
+        if importlib.util.find_spec(module) is None:
+            continue  # not installed: no column, no message
+        try:
+            usable.append(load())
+        except Exception as e:  # a broken optional install must not stop the benchmark; the header says why
+            unusable[name] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+    return usable, unusable

@@ -95,12 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     mode = "quick" if args.quick else "full"
     plan = timing.QUICK if args.quick else timing.FULL
     torch.manual_seed(args.seed)
-    libs = baselines.thirdparty(device)
+    libs, unusable_libs = baselines.thirdparty(device)
     copy_gbps = devices.copy_bandwidth(device, COPY_BYTES[mode], plan)
     header = devices.header(
         device, dtype=str(args.dtype).removeprefix("torch."), width=args.width, suites=args.suite, quick=args.quick,
         compile=args.compile, seed=args.seed, copy_gbps=copy_gbps, rotate_bytes=ROTATE_BYTES[mode],
-        **{lib.name: lib.version for lib in libs},
+        **{lib.name: lib.version for lib in libs}, **({"unusable": unusable_libs} if unusable_libs else {}),
     )
     specs = specs_for(args.suite, args.width, args.quick)
     table = report.Table((["compile"] if args.compile else []) + [lib.name for lib in libs], sys.stdout)

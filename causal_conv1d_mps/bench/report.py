@@ -28,6 +28,7 @@ def header_lines(header: dict) -> list[str]:
         f"dtype {header['dtype']}, backend {backend}, {'quick' if header['quick'] else 'full'} run, "
         f"{header['time_utc']}",
         f"copy bandwidth: {header['copy_gbps']:.1f} GB/s (device copy_, read + write)",
+        *(f"{name} installed but not used: {why}" for name, why in header.get("unusable", {}).items()),
     ]
 
 
