@@ -28,6 +28,8 @@ MIN_CLANG = 16
 COMMON_FLAGS = ["-std=c++17", "-O2", "-fPIC", "-ffp-contract=off", "-fno-strict-aliasing",
                 "-Xclang", "-ffloat16-excess-precision=none", "-Wno-unknown-attributes",
                 "-Wno-unknown-pragmas", "-Wno-unused-variable", "-Wno-unused-function"]
+# Extra flags from the environment (e.g. "-g", or "-DMH_USE_UCONTEXT" to test the portable fibers).
+COMMON_FLAGS += os.environ.get("METAL_HARNESS_CXXFLAGS", "").split()
 PREPROCESSOR_DEFINES = ["-D__METAL_VERSION__=310", "-D__HAVE_BFLOAT__=1", "-DMETAL_HARNESS=1"]
 
 
@@ -106,6 +108,7 @@ def _fingerprint(*parts: str | bytes) -> str:
     return h.hexdigest()[:32]
 
 
+@functools.lru_cache(maxsize=None)
 def harness_fingerprint() -> str:
     """Changes whenever the shim, the runtime or the pre-pass changes: part of every cache key."""
     files = sorted(INCLUDE_DIR.iterdir()) + [EXECUTOR_SOURCE] + sorted(PACKAGE_DIR.glob("*.py"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import operator
 import os
 import pathlib
 import struct
@@ -157,8 +158,12 @@ class KernelFunction:
     # ------------------------------------------------------------ dispatch
     @staticmethod
     def _dims(value: Any, what: str) -> list[int]:
-        dims = [value] if isinstance(value, int) else list(value)
-        if not 1 <= len(dims) <= 3 or not all(isinstance(d, int) for d in dims):
+        try:
+            dims = [operator.index(value)] if not isinstance(value, (list, tuple, torch.Size)) else \
+                [operator.index(d) for d in value]
+        except TypeError:
+            raise ValueError(f"{what} must be an int or a sequence of 1 to 3 ints, got {value!r}") from None
+        if not 1 <= len(dims) <= 3:
             raise ValueError(f"{what} must be an int or a sequence of 1 to 3 ints, got {value!r}")
         if any(d <= 0 or d >= 2**32 for d in dims):
             raise ValueError(f"{what} must be positive and below 2**32 in every dimension, got {value!r}")

@@ -18,14 +18,15 @@
 #include <string>
 #include <vector>
 
-#if !defined(__x86_64__)
+#if !defined(__x86_64__) || defined(MH_USE_UCONTEXT)
+#define MH_UCONTEXT 1
 #include <ucontext.h>
 #endif
 
 namespace {
 
 // ---------------------------------------------------------------- context switching
-#if defined(__x86_64__)
+#if !MH_UCONTEXT
 // Saves the callee-saved registers and the floating-point control words on the current stack,
 // stores the stack pointer into *save_sp, and resumes the context whose stack is load_sp.
 // About 20 instructions: swapcontext would make a system call on every switch.
@@ -495,7 +496,7 @@ extern "C" int mh_dispatch(mh_entry_fn entry, void* const* args, const uint64_t*
           p.simdgroups_per_threadgroup = simdgroups;
           p.dispatch_simdgroups_per_threadgroup = ceil_div(group_threads, mh::kSimdWidth);
           p.threads_per_simdgroup = mh::kSimdWidth;
-#if defined(__x86_64__)
+#if !MH_UCONTEXT
           context_init(&f.context, stacks.top(i));
 #else
           context_init(&f.context, stacks.top(i), kStackSize);
