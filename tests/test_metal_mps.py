@@ -131,9 +131,9 @@ def test_short_conv_update(dtype, width, steps, circular):
     bias = _rand(d, gen=gen)
     seqlens = torch.tensor([0, 2, 7, 11], dtype=torch.int32) if circular else None
     indices = torch.tensor([3, -1, 0, 9], dtype=torch.int32)  # padding: negative and >= N
-    state_mps = state.to(MPS)
-    out = metal.short_conv_update(*_mps(x), state_mps, *_mps(weight, bias, seqlens, indices), True, True)
     ref_state = state.double()
+    state_mps = state.to(MPS, copy=True)
+    out = metal.short_conv_update(*_mps(x), state_mps, *_mps(weight, bias, seqlens, indices), True, True)
     ref_out = reference.short_conv_update(*_to64(x), ref_state, *_to64(weight, bias), seqlens,
                                           torch.tensor([3, -1, 0, -1], dtype=torch.int32), True, True)
     _check("out", out, ref_out, dtype)
