@@ -157,7 +157,10 @@ def simd_reference(x: np.ndarray) -> np.ndarray:
     """The 13 rows of simd_collectives for full SIMD groups of 32 lanes."""
     g = x.reshape(-1, 32).astype(np.float64)
     lane = np.arange(32)
-    full = lambda r: np.broadcast_to(r[:, None], g.shape)  # noqa: E731
+
+    def full(per_group: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(per_group[:, None], g.shape)
+
     inclusive = np.cumsum(g, axis=1)
     rows = [
         full(g.sum(1)), full(g.max(1)), full(g.min(1)), inclusive, inclusive - g,
@@ -347,6 +350,24 @@ kernel void early_return_before_barrier(device float* out [[buffer(0)]], constan
   out[gid] = shared[lid];
 }
 
+// Lanes past `active` return first: the collective runs over the remaining (active) lanes.
+kernel void sum_of_active_lanes(device float* out [[buffer(0)]], constant long& active [[buffer(1)]],
+                                uint lane [[thread_index_in_simdgroup]]) {
+  if (lane >= uint(active)) {
+    return;
+  }
+  out[lane] = simd_sum(1.0f);
+}
+
+// Half the lanes wait in a collective, the other half at a barrier.
+kernel void collective_and_barrier(device float* out [[buffer(0)]], uint lane [[thread_index_in_simdgroup]]) {
+  if (lane < 16) {
+    out[lane] = simd_sum(1.0f);
+  } else {
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+}
+
 kernel void too_much_shared_memory(device float* out [[buffer(0)]], uint lid [[thread_position_in_threadgroup]]) {
   threadgroup float shared[9000];
   shared[lid] = 1.0f;
@@ -416,6 +437,17 @@ def test_too_large_group_size_raises(launch_lib):
 def test_divergent_barrier_raises_instead_of_hanging(launch_lib):
     with pytest.raises(RuntimeError, match="divergent threadgroup_barrier"):
         launch_lib.early_return_before_barrier(torch.zeros(64), 40, threads=64, group_size=64)
+
+
+def test_collective_after_early_return_uses_the_remaining_lanes(launch_lib):
+    out = torch.zeros(32)
+    launch_lib.sum_of_active_lanes(out, 20, threads=32, group_size=32)
+    assert out.tolist() == [20.0] * 20 + [0.0] * 12
+
+
+def test_divergent_collective_raises_instead_of_hanging(launch_lib):
+    with pytest.raises(RuntimeError, match="divergent control flow"):
+        launch_lib.collective_and_barrier(torch.zeros(32), threads=32, group_size=32)
 
 
 def test_threadgroup_memory_beyond_32_kib_raises(launch_lib):

@@ -512,9 +512,10 @@ extern "C" int mh_dispatch(mh_entry_fn entry, void* const* args, const uint64_t*
   return ok ? 0 : 1;
 }
 
-// A buffer of `bytes` (rounded up to 16) between two inaccessible zones of `guard` bytes: the harness copies each tensor's storage into one, so a kernel
-// reading or writing outside faults (and the fault becomes an error) instead of silently using
-// neighbouring memory. Returns the buffer's start, or nullptr.
+// A buffer of `bytes` (rounded up to 16) between two inaccessible zones of `guard` bytes. The
+// harness copies each tensor's storage into one, so a kernel reading or writing outside faults
+// (and the fault becomes an error) instead of silently using neighbouring memory. Returns the
+// buffer's start, or nullptr.
 extern "C" void* mh_guarded_alloc(size_t bytes, size_t guard, void** mapping, size_t* mapping_size) {
   const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
   const size_t rounded = (bytes + 15) / 16 * 16;
