@@ -260,6 +260,15 @@ def test_width_option_reaches_every_suite_but_the_sweep():
     assert {s.width for s in specs if s.suite == "width"} == {2, 3, 8, 16}
 
 
+def test_plot_is_written(quick_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    from causal_conv1d_mps.bench import report
+
+    _, data = quick_run
+    report.write_plot(str(tmp_path / "plot.png"), data["header"], data["rows"])
+    assert (tmp_path / "plot.png").stat().st_size > 10_000
+
+
 def test_plot_without_matplotlib_is_a_clear_error(capsys):
     try:
         import matplotlib  # noqa: F401
