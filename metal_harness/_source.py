@@ -3,8 +3,8 @@
 It checks what Apple's compiler would reject but C++ accepts (non-ASCII bytes, ``std::``,
 foreign includes, ``double``, C-style vector casts), finds the kernels and their explicit
 ``[[host_name]]`` instantiations, rewrites the constructs that are not C++ (attributes,
-``threadgroup`` arrays, vector constructors, unsuffixed float literals) and appends one
-``extern "C"`` entry per kernel that binds the argument slots and thread positions.
+``threadgroup`` arrays, vector constructors, unsuffixed float literals), and generates for each
+kernel an ``extern "C"`` entry that binds the argument slots and thread positions (``entry``).
 
 The text is macro-expanded by the compiler's preprocessor first (see ``_compiler``), so kernels
 instantiated through a macro are seen as written out. Every edit keeps the line count, so the
