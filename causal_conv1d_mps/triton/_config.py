@@ -34,7 +34,7 @@ def conv_tiles(T: int, D: int, W: int, channel_last: bool, interpreted: bool) ->
     else:
         # T is contiguous: long time tiles, a few channels
         config = dict(BT=min(_pow2(T, 16), 512), BD=min(_pow2(D), 4), num_warps=4)
-    return _override("conv_fwd", config)
+    return _override("conv_fwd_" + ("channel_last" if channel_last else "contiguous"), config)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -46,7 +46,7 @@ def conv_bwd_tiles(T: int, D: int, W: int, channel_last: bool, interpreted: bool
         config = dict(BT=min(_pow2(T, 16), 32), BD=min(_pow2(D, 16), 64), TILES=8, num_warps=4)
     else:
         config = dict(BT=min(_pow2(T, 16), 256), BD=min(_pow2(D), 4), TILES=2, num_warps=4)
-    return _override("conv_bwd", config)
+    return _override("conv_bwd_" + ("channel_last" if channel_last else "contiguous"), config)
 
 
 @functools.lru_cache(maxsize=256)

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from . import _config
+from ._launch import launch
 from ._loader import is_interpreted, kernels_for
 
 
@@ -33,13 +34,14 @@ def launch_forward(x: Tensor, x_strides, out: Tensor, out_strides, B: int, T: in
     cfg = _config.conv_tiles(T, D, W, channel_last, is_interpreted(x.device))
     N, steps = _search_steps(cu_seqlens)
     grid = (_cdiv(T, cfg["BT"]), _cdiv(D, cfg["BD"]), B)
-    kernels.conv_fwd_kernel[grid](
-        x, weight, bias, mask, seq_idx, cu_seqlens, initial_states if W > 1 else None, out,
-        T, D, N, steps, *x_strides, *out_strides,
-        W=W, BT=cfg["BT"], BD=cfg["BD"],
-        ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
-        HAS_SEQ_IDX=seq_idx is not None, HAS_RESIDUAL=residual, IS_VARLEN=cu_seqlens is not None,
-        USE_INITIAL_STATE=initial_states is not None and W > 1, num_warps=cfg["num_warps"])
+    use_h0 = initial_states is not None and W > 1
+    launch(kernels.conv_fwd_kernel, grid,
+           (x, weight, bias, mask, seq_idx, cu_seqlens, initial_states if use_h0 else None, out,
+            T, D, N, steps, *x_strides, *out_strides),
+           dict(W=W, BT=cfg["BT"], BD=cfg["BD"], ACTIVATION=activation, HAS_BIAS=bias is not None,
+                HAS_MASK=mask is not None, HAS_SEQ_IDX=seq_idx is not None, HAS_RESIDUAL=residual,
+                IS_VARLEN=cu_seqlens is not None, USE_INITIAL_STATE=use_h0),
+           cfg["num_warps"])
 
 
 def launch_backward(x: Tensor, x_strides, dout: Tensor, dout_strides, dx: Tensor, dx_strides,
@@ -66,27 +68,29 @@ def launch_backward(x: Tensor, x_strides, dout: Tensor, dout_strides, dx: Tensor
     BW = _next_pow2(W + 1)
     dw_partial = torch.empty(n_partials, D, W + 1, device=x.device, dtype=torch.float32)
     flags = dict(ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
-                 HAS_SEQ_IDX=seq_idx is not None, IS_VARLEN=cu_seqlens is not None)
+                 HAS_SEQ_IDX=seq_idx is not None)
     h0 = initial_states if use_h0 else None
     dht = dfinal_states if use_dht else None
     if n_chunks > 0:
-        kernels.conv_bwd_kernel[(n_chunks, _cdiv(D, cfg["BD"]), B)](
-            x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, dht, dx, dw_partial,
-            T, D, N, steps, cfg["TILES"], *x_strides, *dout_strides, *dx_strides,
-            W=W, BT=cfg["BT"], BD=cfg["BD"], BW=BW, HAS_RESIDUAL=residual,
-            USE_INITIAL_STATE=use_h0, USE_FINAL_STATE_GRAD=use_dht, num_warps=cfg["num_warps"], **flags)
+        launch(kernels.conv_bwd_kernel, (n_chunks, _cdiv(D, cfg["BD"]), B),
+               (x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, dht, dx, dw_partial,
+                T, D, N, steps, cfg["TILES"], *x_strides, *dout_strides, *dx_strides),
+               dict(W=W, BT=cfg["BT"], BD=cfg["BD"], BW=BW, **flags, HAS_RESIDUAL=residual,
+                    IS_VARLEN=cu_seqlens is not None, USE_INITIAL_STATE=use_h0, USE_FINAL_STATE_GRAD=use_dht),
+               cfg["num_warps"])
     if use_h0 and rows > 0:
         BD = min(_next_pow2(D), 128)
-        kernels.conv_bwd_initial_state_kernel[(_cdiv(D, BD), rows)](
-            x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, dht, dh0, dw_partial,
-            T, D, B * n_chunks, *x_strides, *dout_strides,
-            W=W, BJ=_next_pow2(max(W - 1, 2)), BD=BD, BW=BW, USE_FINAL_STATE_GRAD=use_dht,
-            num_warps=4, **flags)
+        launch(kernels.conv_bwd_initial_state_kernel, (_cdiv(D, BD), rows),
+               (x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, dht, dh0, dw_partial,
+                T, D, B * n_chunks, *x_strides, *dout_strides),
+               dict(W=W, BJ=_next_pow2(max(W - 1, 2)), BD=BD, BW=BW, **flags,
+                    IS_VARLEN=cu_seqlens is not None, USE_FINAL_STATE_GRAD=use_dht),
+               4)
     n_cols = D * (W + 1)
     BC = 256 if not interpreted else min(_next_pow2(n_cols), 1024)
-    kernels.reduce_partials_kernel[(_cdiv(n_cols, BC),)](
-        dw_partial, dweight, dbias if bias is not None else None, n_partials, n_cols,
-        W=W, BP=16, BC=BC, HAS_BIAS=bias is not None, num_warps=4)
+    launch(kernels.reduce_partials_kernel, (_cdiv(n_cols, BC),),
+           (dw_partial, dweight, dbias if bias is not None else None, n_partials, n_cols),
+           dict(W=W, BP=16, BC=BC, HAS_BIAS=bias is not None), 4)
     return dweight, dbias, dh0
 
 
@@ -99,10 +103,11 @@ def gather_states(x: Tensor, x_strides, rows: int, T: int, D: int, state_len: in
     interpreted = is_interpreted(x.device)
     BD = min(_next_pow2(D), 64 if interpreted else 128)
     BS = min(_next_pow2(max(state_len, 2)), 64 if interpreted else 16)
-    kernels_for(x.device).final_states_kernel[(_cdiv(D, BD), rows)](
-        x, mask, initial_states if W > 1 else None, cu_seqlens, states, T, D, state_len, *x_strides,
-        W=W, BD=BD, BS=BS, HAS_MASK=mask is not None, IS_VARLEN=cu_seqlens is not None,
-        USE_INITIAL_STATE=initial_states is not None and W > 1, num_warps=4)
+    use_h0 = initial_states is not None and W > 1
+    launch(kernels_for(x.device).final_states_kernel, (_cdiv(D, BD), rows),
+           (x, mask, initial_states if use_h0 else None, cu_seqlens, states, T, D, state_len, *x_strides),
+           dict(W=W, BD=BD, BS=BS, HAS_MASK=mask is not None, IS_VARLEN=cu_seqlens is not None,
+                USE_INITIAL_STATE=use_h0), 4)
     return states
 
 

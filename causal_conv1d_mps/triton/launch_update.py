@@ -5,6 +5,7 @@ import torch
 from torch import Tensor
 
 from . import _config
+from ._launch import launch
 from ._loader import is_interpreted, kernels_for
 
 
@@ -17,11 +18,12 @@ def launch_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias, cache_seq
     if B == 0 or L == 0 or D == 0:
         return out
     cfg = _config.update_tiles(D, S, is_interpreted(x.device))
-    kernels_for(x.device).short_conv_update_kernel[(-(-D // cfg["BD"]), B)](
-        x, conv_state, weight, bias, cache_seqlens, conv_state_indices, out,
-        L, D, S, N, *x.stride(), *out.stride(), *conv_state.stride(),
-        W=weight.shape[1], BD=cfg["BD"], BS=cfg["BS"], ACTIVATION=activation, HAS_BIAS=bias is not None,
-        # with S == 0 (W == 1) no tap reads the state: skip the modulo by zero of circular mode
-        HAS_RESIDUAL=residual, IS_CIRCULAR=cache_seqlens is not None and S > 0,
-        HAS_STATE_INDICES=conv_state_indices is not None, num_warps=cfg["num_warps"])
+    launch(kernels_for(x.device).short_conv_update_kernel, (-(-D // cfg["BD"]), B),
+           (x, conv_state, weight, bias, cache_seqlens, conv_state_indices, out,
+            L, D, S, N, *x.stride(), *out.stride(), *conv_state.stride()),
+           dict(W=weight.shape[1], BD=cfg["BD"], BS=cfg["BS"], ACTIVATION=activation, HAS_BIAS=bias is not None,
+                # with S == 0 (W == 1) no tap reads the state: skip the modulo by zero of circular mode
+                HAS_RESIDUAL=residual, IS_CIRCULAR=cache_seqlens is not None and S > 0,
+                HAS_STATE_INDICES=conv_state_indices is not None),
+           cfg["num_warps"])
     return out

@@ -1,0 +1,52 @@
+"""Kernel launches with a short host path for repeated calls.
+
+`kernel[grid](...)` re-binds every argument and recomputes Triton's specialisation key on each call,
+which costs more host time than a small convolution costs on the GPU (docs/PERF_NOTES.md, P5). Here
+the first call of each specialisation goes through Triton as usual and keeps the compiled kernel; later
+calls with the same key call its launcher directly. The key covers everything Triton specialises on:
+the constexpr values, `num_warps`, and for each runtime argument its dtype and 16-byte alignment
+(tensors), or whether it equals 1, is a multiple of 16 or needs 64 bits (integers).
+
+The interpreter, a Triton whose compiled-kernel interface differs, or
+`CAUSAL_CONV1D_TRITON_FAST_LAUNCH=0` take Triton's own path every time.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+_enabled = os.environ.get("CAUSAL_CONV1D_TRITON_FAST_LAUNCH", "1") != "0"
+_compiled: dict[tuple, object] = {}
+
+
+def _arg_key(arg):
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if isinstance(arg, int) and not isinstance(arg, bool):
+        return (arg == 1, arg % 16 == 0, -2**31 <= arg < 2**31)
+    return arg
+
+
+def launch(kernel, grid, args: tuple, constexprs: dict, num_warps: int) -> None:
+    """`kernel[grid](*args, **constexprs, num_warps=num_warps)`, with a cached direct launch.
+
+    `constexprs` must list the kernel's constexpr parameters in signature order, after `args`.
+    """
+    global _enabled
+    if _enabled and args[0].is_cuda:
+        key = (kernel, num_warps, *constexprs.values(), *map(_arg_key, args))
+        compiled = _compiled.get(key)
+        if compiled is not None:
+            try:
+                compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+                             torch._C._cuda_getCurrentRawStream(args[0].device.index), compiled.function,
+                             compiled.packed_metadata, None, None, None, *args, *constexprs.values())
+                return
+            except TypeError:  # launcher signature of another Triton release: use Triton's path from now on
+                _enabled = False
+        result = kernel[grid](*args, **constexprs, num_warps=num_warps)
+        if _enabled and hasattr(result, "packed_metadata") and hasattr(result, "run"):
+            _compiled[key] = result
+        return
+    kernel[grid](*args, **constexprs, num_warps=num_warps)
