@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import os
 
+import numpy as np
 import torch
 
 # Inaccessible bytes on each side of a guarded buffer (address space only, no memory).
@@ -35,6 +36,12 @@ class _Region:
             raise MemoryError(f"cannot map a guarded buffer of {nbytes} bytes")
         self.start = start
         ctypes.memmove(start, source, nbytes)
+
+    def reload(self) -> None:
+        ctypes.memmove(self.start, self.source, self.nbytes)
+
+    def contents(self) -> bytes:
+        return ctypes.string_at(self.start, self.nbytes)
 
     def release(self, write_back: bool) -> None:
         if write_back:
@@ -74,6 +81,35 @@ class GuardedStorages:
                 return f"{region.start - address} bytes before the start of {names}"
             if end <= address < end + GUARD_BYTES:
                 return f"{address - end} bytes past the end of {names} ({region.nbytes} bytes bound)"
+        return None
+
+    @property
+    def active(self) -> bool:
+        return bool(self._regions)
+
+    def snapshot(self) -> dict[int, bytes]:
+        return {base: region.contents() for base, region in self._regions.items()}
+
+    def reload(self) -> None:
+        """Back to the arguments' contents before the dispatch (for a second run)."""
+        for region in self._regions.values():
+            region.reload()
+
+    def first_difference(self, snapshot: dict[int, bytes], kernel_args: list[str]) -> str | None:
+        """Where the current contents differ from `snapshot`, named by argument and element."""
+        for base, region in self._regions.items():
+            now = region.contents()
+            if now == snapshot[base]:
+                continue
+            before = np.frombuffer(snapshot[base], dtype=np.uint8)
+            offset = int(np.argmax(np.frombuffer(now, dtype=np.uint8) != before))
+            for i in self._users[base]:
+                t = self._tensors[i]
+                start = t.data_ptr() - region.source
+                element = (offset - start) // t.element_size()
+                if 0 <= element < t.numel():
+                    return f"{kernel_args[i]}, element {element} of {t.numel()}"
+            return f"{' / '.join(kernel_args[i] for i in self._users[base])}, byte {offset}"
         return None
 
     def release(self, write_back: bool = True) -> None:

@@ -29,7 +29,10 @@ for _name in ("uint16", "uint32", "uint64"):
 CASTS = {"fp16": ("e", HALF), "bf16": (None, BFLOAT), "int32": ("i", INT32), "int16": ("h", INT16),
          "int8": ("b", INT8), "uint8": ("B", INT8)}
 
+# Orders in which the executor runs a threadgroup's threads between two barriers.
 SCHEDULES = {"alternate": 0, "alternate-forward": 1, "forward": 2, "reverse": 3}
+# "compare" (the default) runs every dispatch under two opposite schedules and requires equal results.
+COMPARED_SCHEDULES = ("alternate", "alternate-forward")
 
 
 def _bfloat16_bits(values: Sequence[float]) -> bytes:
@@ -37,11 +40,13 @@ def _bfloat16_bits(values: Sequence[float]) -> bytes:
     return t.view(torch.int16).numpy().tobytes()
 
 
-def schedule_code() -> int:
-    name = os.environ.get("METAL_HARNESS_SCHEDULE", "alternate")
+def schedules() -> tuple[str, ...]:
+    name = os.environ.get("METAL_HARNESS_SCHEDULE", "compare")
+    if name == "compare":
+        return COMPARED_SCHEDULES
     if name not in SCHEDULES:
-        raise ValueError(f"METAL_HARNESS_SCHEDULE must be one of {sorted(SCHEDULES)}, got {name!r}")
-    return SCHEDULES[name]
+        raise ValueError(f"METAL_HARNESS_SCHEDULE must be 'compare' or one of {sorted(SCHEDULES)}, got {name!r}")
+    return (name,)
 
 
 class KernelFunction:
@@ -207,20 +212,36 @@ class KernelFunction:
         slots = self._bind(args, casts, keep)
         tensors = {i: a for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.numel() > 0}
         guard = GuardedStorages(dll, tensors)
-        error = ctypes.create_string_buffer(2048)
-        fault = ctypes.c_uint64(0)
+        names = [f"argument {i} ({p.declaration})" for i, p in enumerate(self._kernel.buffers)]
+        order = schedules() if guard.active else schedules()[:1]
         try:
             for i in tensors:
                 slots[i] = guard.pointer(i)
-            status = dll.mh_dispatch(self._entry, slots, (ctypes.c_uint64 * 3)(*grid), (ctypes.c_uint64 * 3)(*group),
-                                     schedule_code(), error, len(error), ctypes.byref(fault))
-            names = [f"argument {i} ({p.declaration})" for i, p in enumerate(self._kernel.buffers)]
-            where = guard.describe_fault(fault.value, names) if fault.value else None
+            first = None
+            for run, schedule in enumerate(order):
+                if run > 0:
+                    first = guard.snapshot()
+                    guard.reload()
+                self._dispatch(dll, slots, grid, group, schedule, guard, names)
+            difference = guard.first_difference(first, names) if first is not None else None
+            if difference:
+                raise RuntimeError(
+                    f"kernel {self.name!r}: the result depends on the order in which the threads of a threadgroup "
+                    f"run ({order[0]!r} and {order[1]!r} schedules differ at {difference}): a threadgroup_barrier is "
+                    "missing, or threads race on memory")
         finally:
-            guard.release()
+            guard.release(write_back=True)
+
+    def _dispatch(self, dll: ctypes.CDLL, slots: ctypes.Array, grid: list[int], group: list[int], schedule: str,
+                  guard: GuardedStorages, names: list[str]) -> None:
+        error = ctypes.create_string_buffer(2048)
+        fault = ctypes.c_uint64(0)
+        status = dll.mh_dispatch(self._entry, slots, (ctypes.c_uint64 * 3)(*grid), (ctypes.c_uint64 * 3)(*group),
+                                 SCHEDULES[schedule], error, len(error), ctypes.byref(fault))
         if status != 0:
             message = f"kernel {self.name!r}: {error.value.decode(errors='replace')}"
             if fault.value:
+                where = guard.describe_fault(fault.value, names)
                 message += f" ({where})" if where else " (outside the memory of every argument)"
             raise RuntimeError(message)
 

@@ -63,6 +63,26 @@ kernel void neighbour_sum_twice(device const float* x [[buffer(0)]],
   out[gid] = v;
 }
 
+// One sum per threadgroup of 256 threads, by a tree reduction in shared memory.
+kernel void group_sums(device const float* x [[buffer(0)]],
+                       device float* out [[buffer(1)]],
+                       uint gid [[thread_position_in_grid]],
+                       uint lid [[thread_position_in_threadgroup]],
+                       uint group [[threadgroup_position_in_grid]]) {
+  threadgroup float partial[256];
+  partial[lid] = x[gid];
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (uint s = 128; s > 0; s /= 2) {
+    if (lid < s) {
+      partial[lid] += partial[lid + s];
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+  if (lid == 0) {
+    out[group] = partial[0];
+  }
+}
+
 // Reverses the values within each SIMD group of 32 lanes.
 kernel void reverse_lanes(device const float* x [[buffer(0)]],
                           device float* out [[buffer(1)]],
@@ -91,29 +111,61 @@ def test_threadgroup_array_with_barrier_matches_reference_exactly(shared_lib):
     torch.testing.assert_close(out, neighbour_sum_reference(x, 256), rtol=0, atol=0)
 
 
-def test_missing_barrier_gives_a_wrong_result():
-    lib = metal_harness.compile_library(SHARED_MEMORY_SOURCE.replace(BARRIER, "", 1))
+ORDER_DEPENDENT = "depends on the order in which the threads of a threadgroup run"
+
+
+def without_barrier(source: str, kernel: str, which: int = 0) -> str:
+    """`source` with barrier number `which` of `kernel` removed."""
+    at = source.index(BARRIER, source.index(f"kernel void {kernel}"))
+    for _ in range(which):
+        at = source.index(BARRIER, at + 1)
+    return source[:at] + source[at + len(BARRIER):]
+
+
+def test_missing_barrier_gives_a_wrong_result(monkeypatch):
+    lib = metal_harness.compile_library(without_barrier(SHARED_MEMORY_SOURCE, "neighbour_sum"))
     x = torch.randn(1000)
     out = torch.zeros_like(x)
+    monkeypatch.setenv("METAL_HARNESS_SCHEDULE", "alternate")  # one run: reverse order before the first barrier
     lib.neighbour_sum(x, out, x.numel(), threads=x.numel(), group_size=256)
     wrong = ~torch.isclose(out, neighbour_sum_reference(x, 256))
     assert wrong.sum() > 500, f"only {int(wrong.sum())} of 1000 outputs wrong without the barrier"
+    monkeypatch.delenv("METAL_HARNESS_SCHEDULE")  # default: two opposite orders, compared
+    with pytest.raises(RuntimeError, match=ORDER_DEPENDENT):
+        lib.neighbour_sum(x, out, x.numel(), threads=x.numel(), group_size=256)
 
 
-def test_missing_second_barrier_write_after_read_gives_a_wrong_result(shared_lib):
+def test_missing_second_barrier_write_after_read_gives_a_wrong_result(shared_lib, monkeypatch):
     x = torch.randn(512)
     expected = neighbour_sum_reference(neighbour_sum_reference(x, 256), 256)
     out = torch.zeros_like(x)
     shared_lib.neighbour_sum_twice(x, out, group_size=256)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
-    source = SHARED_MEMORY_SOURCE
-    second = source.index(BARRIER, source.index("neighbour_sum_twice"))
-    second = source.index(BARRIER, second + 1)
-    lib = metal_harness.compile_library(source[:second] + source[second + len(BARRIER):])
+    lib = metal_harness.compile_library(without_barrier(SHARED_MEMORY_SOURCE, "neighbour_sum_twice", 1))
+    monkeypatch.setenv("METAL_HARNESS_SCHEDULE", "alternate")  # forward order after the first barrier
     lib.neighbour_sum_twice(x, out, group_size=256)
     wrong = ~torch.isclose(out, expected)
     assert wrong.sum() > 100, f"only {int(wrong.sum())} of 512 outputs wrong without the second barrier"
+    monkeypatch.delenv("METAL_HARNESS_SCHEDULE")
+    with pytest.raises(RuntimeError, match=ORDER_DEPENDENT):
+        lib.neighbour_sum_twice(x, out, group_size=256)
+
+
+def test_missing_barrier_before_a_tree_reduction_is_caught(shared_lib, monkeypatch):
+    x = torch.randn(1024)
+    out = torch.zeros(4)
+    shared_lib.group_sums(x, out, group_size=256)
+    torch.testing.assert_close(out, x.view(4, 256).sum(1), rtol=1e-5, atol=1e-5)
+
+    lib = metal_harness.compile_library(without_barrier(SHARED_MEMORY_SOURCE, "group_sums"))
+    # Reverse order is a valid schedule for this mistake, so one run cannot see it; the comparison can.
+    monkeypatch.setenv("METAL_HARNESS_SCHEDULE", "reverse")
+    lib.group_sums(x, out, group_size=256)
+    torch.testing.assert_close(out, x.view(4, 256).sum(1), rtol=1e-5, atol=1e-5)
+    monkeypatch.delenv("METAL_HARNESS_SCHEDULE")
+    with pytest.raises(RuntimeError, match=ORDER_DEPENDENT):
+        lib.group_sums(x, out, group_size=256)
 
 
 def test_wrong_lane_index_gives_a_wrong_result(shared_lib):
