@@ -277,3 +277,15 @@ def test_plot_without_matplotlib_is_a_clear_error(capsys):
         assert "matplotlib" in capsys.readouterr().err
     else:
         pytest.skip("matplotlib is installed here")
+
+
+def test_a_row_that_cannot_allocate_is_reported_not_fatal(monkeypatch):
+    case = build_case(Spec("t", "causal_conv1d", "t", 1, 4, 8), torch.float32, torch.device("cpu"), ccmps, [])
+
+    def out_of_memory():
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(case, "make_inputs", out_of_memory)
+    record = run_case(case, timing.QUICK, 0, 1.0, compile_eager=False)
+    assert not record["correct"] and record["ours_ms"] is None
+    assert "inputs could not be allocated" in record["notes"][0]

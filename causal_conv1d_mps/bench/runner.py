@@ -51,7 +51,7 @@ def _run_impl(case: Case, name: str, fn: Callable, sets: list[Inputs], plan: tim
         del results
     except Exception as e:  # any failure of one implementation is reported in its row, not fatal
         result["ok"] = False
-        result["notes"].append(f"{name}: error: {type(e).__name__}: {e}".splitlines()[0][:200])
+        result["notes"].append(_error_note(f"{name}: error", e))
         return result
     result["rel_err"], result["ok"] = verdict.rel_err, verdict.ok
     if not verdict.ok:
@@ -60,10 +60,18 @@ def _run_impl(case: Case, name: str, fn: Callable, sets: list[Inputs], plan: tim
         result["notes"].append(f"{name}: wrong result ({found})")
         if name not in ("ours", "eager"):  # a wrong third-party result is not a speed worth reporting
             return result
-    t = timing.measure(call, sets, case.device, plan)
+    try:
+        t = timing.measure(call, sets, case.device, plan)
+    except Exception as e:  # out of memory on a small device, for example: the row keeps its verdict
+        result["notes"].append(_error_note(f"{name}: error while timing", e))
+        return result
     result.update(ms=t.seconds * 1e3, stdev_pct=t.stdev_pct, reps=t.reps, calls_per_rep=t.calls_per_rep,
                   gbps=case.bytes / t.seconds / 1e9)
     return result
+
+
+def _error_note(what: str, e: Exception) -> str:
+    return f"{what}: {type(e).__name__}: {e}".splitlines()[0][:200]
 
 
 def _ratio(numerator, denominator):
@@ -72,8 +80,13 @@ def _ratio(numerator, denominator):
 
 def run_case(case: Case, plan: timing.Plan, rotate_bytes: int, copy_gbps: float, compile_eager: bool) -> dict:
     """One JSON record: shape and flags, per-implementation results, and the headline columns."""
-    sets = input_sets(case, rotate_bytes)
-    impls = {}
+    try:
+        sets = input_sets(case, rotate_bytes)
+    except Exception as e:  # too large for this device: the row is reported as not run (and not verified)
+        not_run = {"ms": None, "ok": False}
+        return _record(case, {"ours": dict(not_run), "eager": dict(not_run)},
+                       [_error_note("inputs could not be allocated", e)], copy_gbps)
+    impls: dict[str, dict] = {}
     notes: list[str] = []
     for name, fn, why_not in implementations(case, compile_eager):
         if fn is None:
@@ -82,9 +95,13 @@ def run_case(case: Case, plan: timing.Plan, rotate_bytes: int, copy_gbps: float,
             impls[name] = _run_impl(case, name, fn, sets, plan)
         notes += impls[name].pop("notes")
     del sets
+    return _record(case, impls, notes, copy_gbps)
+
+
+def _record(case: Case, impls: dict[str, dict], notes: list[str], copy_gbps: float) -> dict:
     spec = case.spec
-    ours, eager = impls["ours"], impls["eager"]
-    record = {
+    ours, eager, compiled = impls["ours"], impls["eager"], impls.get("compile", {})
+    return {
         "suite": spec.suite,
         "name": spec.name,
         "op": spec.op,
@@ -98,9 +115,9 @@ def run_case(case: Case, plan: timing.Plan, rotate_bytes: int, copy_gbps: float,
         "ours_stdev_pct": ours.get("stdev_pct"),
         "eager_ms": eager["ms"],
         "eager_stdev_pct": eager.get("stdev_pct"),
-        "compile_ms": impls.get("compile", {}).get("ms"),
+        "compile_ms": compiled.get("ms"),
         "speedup": _ratio(eager["ms"], ours["ms"]),
-        "speedup_vs_compile": _ratio(impls.get("compile", {}).get("ms"), ours["ms"]),
+        "speedup_vs_compile": _ratio(compiled.get("ms"), ours["ms"]),
         "gbps": ours.get("gbps"),
         "pct_copy": 100 * ours["gbps"] / copy_gbps if ours.get("gbps") and copy_gbps else None,
         "rel_err": ours.get("rel_err"),
@@ -109,4 +126,3 @@ def run_case(case: Case, plan: timing.Plan, rotate_bytes: int, copy_gbps: float,
         "impls": impls,
         "notes": notes,
     }
-    return record
