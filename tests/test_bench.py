@@ -39,6 +39,12 @@ ROW_FIELDS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def default_backend(monkeypatch):
+    """The benchmark's own logic is under test here, on the default CPU path (whatever the CI job forces)."""
+    monkeypatch.delenv("CAUSAL_CONV1D_BACKEND", raising=False)
+
+
 def _bench_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "CAUSAL_CONV1D_BACKEND"}  # the default CPU path
     # One thread: on a busy shared CI machine, OpenMP's thread hand-offs can cost tens of ms per
