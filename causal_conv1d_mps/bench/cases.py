@@ -18,6 +18,7 @@ from .suites import Spec
 
 Inputs = dict[str, torch.Tensor]
 GRAD_KEYS = ("x", "weight", "bias")
+MASK_DTYPE = torch.int64  # what Hugging Face models pass as attention_mask
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def _randn(shape, dtype, device, scale=1.0) -> torch.Tensor:
 
 def _padding_mask(batch: int, seqlen: int, device) -> torch.Tensor:
     """HF-style int64 `[B, T]`: odd rows left-padded by a quarter of the sequence."""
-    mask = torch.ones(batch, seqlen, dtype=torch.int64)
+    mask = torch.ones(batch, seqlen, dtype=MASK_DTYPE)
     mask[1::2, : seqlen // 4] = 0
     return mask.to(device)
 
@@ -120,7 +121,7 @@ def _causal_conv1d_case(spec: Spec, dtype, device, ccmps, libs) -> Case:
         for lib in libs
         if lib.causal_conv1d is not None
     }
-    es = torch.empty((), dtype=dtype).element_size()
+    es = dtype.itemsize
     nbytes = (traffic.forward_backward_bytes if spec.backward else traffic.forward_bytes)(spec.B, spec.T, spec.D, es)
     forward64 = lambda s: oracle.conv_channel_first(s["x"], s["weight"], s["bias"], spec.silu)  # noqa: E731
     return Case(
@@ -152,13 +153,13 @@ def _short_conv_fused_case(spec: Spec, dtype, device, ccmps, libs) -> Case:
         return lambda s: f(s["x"], s["weight"], s["bias"], s["mask"], spec.silu, spec.residual)
 
     thirdparty = {lib.name: call(lib.short_conv_fused) for lib in libs if lib.short_conv_fused is not None}
-    es = torch.empty((), dtype=dtype).element_size()
+    es = dtype.itemsize
     if spec.backward:
         nbytes = traffic.forward_backward_bytes(spec.B, spec.T, spec.D, es)
-        nbytes += 2 * traffic.mask_bytes(spec.B, spec.T, 8) if spec.mask else 0
+        nbytes += 2 * traffic.mask_bytes(spec.B, spec.T, MASK_DTYPE.itemsize) if spec.mask else 0
     else:
         nbytes = traffic.forward_bytes(spec.B, spec.T, spec.D, es)
-        nbytes += traffic.mask_bytes(spec.B, spec.T, 8) if spec.mask else 0
+        nbytes += traffic.mask_bytes(spec.B, spec.T, MASK_DTYPE.itemsize) if spec.mask else 0
     return Case(
         spec, dtype, device, nbytes,
         input_channel_dims={"x": 2, "weight": 0, "bias": 0, "mask": None, "dout": 2},
@@ -183,7 +184,7 @@ def _decode_case(spec: Spec, dtype, device, ccmps, libs) -> Case:
         return lambda s: f(s["x"], s["state"], s["weight"], s["bias"], spec.silu, spec.residual)
 
     thirdparty = {lib.name: call(lib.decode_step) for lib in libs if lib.decode_step is not None}
-    es = torch.empty((), dtype=dtype).element_size()
+    es = dtype.itemsize
     return Case(
         spec, dtype, device, traffic.decode_bytes(spec.B, spec.D, spec.width, es),
         input_channel_dims={"x": 1, "state": 1, "weight": 0, "bias": 0},
