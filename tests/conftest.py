@@ -172,10 +172,6 @@ def leaf64(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().cpu().to(torch.float64).requires_grad_(True)
 
 
-def grads_of(tensors) -> list[torch.Tensor | None]:
-    return [None if t is None else t.grad for t in tensors]
-
-
 def oracle_grads(outputs, cotangents, inputs) -> list[torch.Tensor | None]:
     """Gradients of `sum(<output, cotangent>)` with respect to `inputs` (float64 oracle graph)."""
     live = [t for t in inputs if t is not None]

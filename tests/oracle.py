@@ -274,11 +274,6 @@ def causal_conv1d_varlen_states(x: torch.Tensor, cu_seqlens: torch.Tensor, state
     return states
 
 
-def conv1d_init_bound(kernel_size: int) -> float:
-    """The uniform bound of `nn.Conv1d(D, D, W, groups=D)`'s default init: 1/sqrt(fan_in), fan_in = W."""
-    return 1.0 / kernel_size**0.5
-
-
 def conv1d_reference_check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A second, structurally different definition of the plain causal conv (F.conv1d with left
     padding), used once by the tests to check the oracle itself."""

@@ -6,6 +6,8 @@ fake, autograd), which every backend shares.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -128,7 +130,7 @@ ROUTES = ["eager", "custom_op"]
 
 
 def _route(name):
-    return _PassThrough() if name == "custom_op" else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+    return _PassThrough() if name == "custom_op" else contextlib.nullcontext()
 
 
 def _f64(*shape, generator):
