@@ -24,18 +24,41 @@ def enabled() -> bool:
     return os.environ.get("METAL_HARNESS_GUARD", "1") != "0"
 
 
+POISON = 0xFF
+
+
 class _Region:
+    """A guarded copy of `nbytes` at `source`. The bytes between its ends and the inaccessible zones
+    (up to 15 after the end, kept so that the copy has the source's alignment, and less than a page
+    before the start) are poisoned: a read there gets NaN / -1, a write there is reported by `overrun`."""
+
     def __init__(self, source: int, nbytes: int, dll: ctypes.CDLL):
         self.source = source
         self.nbytes = nbytes
         self._dll = dll
         self._mapping = ctypes.c_void_p()
         self._mapping_size = ctypes.c_size_t()
-        start = dll.mh_guarded_alloc(nbytes, GUARD_BYTES, ctypes.byref(self._mapping), ctypes.byref(self._mapping_size))
+        start = dll.mh_guarded_alloc(nbytes, source % 16, GUARD_BYTES, ctypes.byref(self._mapping),
+                                     ctypes.byref(self._mapping_size))
         if not start:
             raise MemoryError(f"cannot map a guarded buffer of {nbytes} bytes")
         self.start = start
+        page = os.sysconf("SC_PAGESIZE")
+        self.slack_after = -(start + nbytes) % page
+        self.slack_before = start % page
+        ctypes.memset(start + nbytes, POISON, self.slack_after)
+        ctypes.memset(start - self.slack_before, POISON, self.slack_before)
         ctypes.memmove(start, source, nbytes)
+
+    def overrun(self) -> str | None:
+        """Where the kernel wrote into the poisoned bytes around the copy, if it did."""
+        after = ctypes.string_at(self.start + self.nbytes, self.slack_after)
+        if after.lstrip(bytes([POISON])):
+            return f"{len(after) - len(after.lstrip(bytes([POISON])))} bytes past the end of"
+        before = ctypes.string_at(self.start - self.slack_before, self.slack_before)
+        if before.rstrip(bytes([POISON])):
+            return f"{len(before) - len(before.rstrip(bytes([POISON]))) + 1} bytes before the start of"
+        return None
 
     def reload(self) -> None:
         ctypes.memmove(self.start, self.source, self.nbytes)
@@ -52,12 +75,18 @@ class _Region:
 class GuardedStorages:
     """Maps tensor arguments to pointers into guarded copies (or to their own memory when off)."""
 
-    def __init__(self, dll: ctypes.CDLL, tensors: dict[int, torch.Tensor]):
+    def __init__(self, dll: ctypes.CDLL, tensors: dict[int, torch.Tensor], constants: dict[int, ctypes.Array]):
+        """`constants`: the packed Python scalars and lists (guarded too: `constant long* a` read past a list)."""
         self._tensors = tensors
-        self._regions: dict[int, _Region] = {}  # storage address -> region
+        self._regions: dict[int, _Region] = {}  # storage (or constant buffer) address -> region
         self._users: dict[int, list[int]] = {}
+        self._constants = constants
         if not enabled():
             return
+        for i, buffer in constants.items():
+            address = ctypes.addressof(buffer)
+            self._regions[address] = _Region(address, ctypes.sizeof(buffer), dll)
+            self._users[address] = [i]
         by_storage: dict[int, list[int]] = {}
         for i, t in tensors.items():
             by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(i)
@@ -68,6 +97,10 @@ class GuardedStorages:
             self._users[base] = users
 
     def pointer(self, i: int) -> int:
+        if i in self._constants:
+            address = ctypes.addressof(self._constants[i])
+            region = self._regions.get(address)
+            return address if region is None else region.start
         t = self._tensors[i]
         region = self._regions.get(t.untyped_storage().data_ptr())
         return t.data_ptr() if region is None else region.start + (t.data_ptr() - region.source)
@@ -87,6 +120,15 @@ class GuardedStorages:
     def active(self) -> bool:
         return bool(self._regions)
 
+    def describe_overrun(self, kernel_args: list[str]) -> str | None:
+        """A write just past the end of an argument (into the slack before its guard zone), if any."""
+        for base, region in self._regions.items():
+            where = region.overrun()
+            if where is not None:
+                names = " and ".join(kernel_args[i] for i in self._users[base])
+                return f"a write {where} {names} ({region.nbytes} bytes bound)"
+        return None
+
     def snapshot(self) -> dict[int, bytes]:
         return {base: region.contents() for base, region in self._regions.items()}
 
@@ -104,6 +146,8 @@ class GuardedStorages:
             before = np.frombuffer(snapshot[base], dtype=np.uint8)
             offset = int(np.argmax(np.frombuffer(now, dtype=np.uint8) != before))
             for i in self._users[base]:
+                if i in self._constants:
+                    continue
                 t = self._tensors[i]
                 start = t.data_ptr() - region.source
                 element = (offset - start) // t.element_size()

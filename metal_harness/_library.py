@@ -75,7 +75,8 @@ class KernelFunction:
                                         ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t,
                                         ctypes.POINTER(ctypes.c_uint64)]
             dll.mh_guarded_alloc.restype = ctypes.c_void_p
-            dll.mh_guarded_alloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p]
+            dll.mh_guarded_alloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_void_p,
+                                             ctypes.c_void_p]
             dll.mh_guarded_free.restype = None
             dll.mh_guarded_free.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
             i = self._index
@@ -128,7 +129,10 @@ class KernelFunction:
                          "or pass arg_casts={%d: 'int32'})" % i)
         return struct.pack(f"<{len(values)}q", *values)
 
-    def _bind(self, args: tuple, casts: dict[int, str], keep: list) -> ctypes.Array:
+    def _bind(self, args: tuple, casts: dict[int, str], keep: list, constants: dict[int, ctypes.Array]
+              ) -> ctypes.Array:
+        """Checks the arguments; returns the slot array with list-of-tensor pointers filled in, and puts
+        the packed Python scalars and lists into `constants` (tensors and constants are bound later)."""
         n = len(self._kernel.buffers)
         if len(args) != n:
             declared = ", ".join(p.declaration for p in self._kernel.buffers)
@@ -155,9 +159,7 @@ class KernelFunction:
                 data = self._pack_scalars(i, [arg], casts.get(i))
             else:
                 raise TypeError(f"{self._describe(i)}: unsupported argument type {type(arg).__name__}")
-            buffer = ctypes.create_string_buffer(data, max(len(data), 16))
-            keep.append(buffer)
-            slots[i] = ctypes.addressof(buffer)
+            constants[i] = ctypes.create_string_buffer(data, len(data))
         return slots
 
     # ------------------------------------------------------------ dispatch
@@ -209,13 +211,14 @@ class KernelFunction:
         group += [1] * (3 - len(group))
         dll = self._load()
         keep: list = []
-        slots = self._bind(args, casts, keep)
+        constants: dict[int, ctypes.Array] = {}
+        slots = self._bind(args, casts, keep, constants)
         tensors = {i: a for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.numel() > 0}
-        guard = GuardedStorages(dll, tensors)
+        guard = GuardedStorages(dll, tensors, constants)
         names = [f"argument {i} ({p.declaration})" for i, p in enumerate(self._kernel.buffers)]
         order = schedules() if guard.active else schedules()[:1]
         try:
-            for i in tensors:
+            for i in (*tensors, *constants):
                 slots[i] = guard.pointer(i)
             first = None
             for run, schedule in enumerate(order):
@@ -244,6 +247,9 @@ class KernelFunction:
                 where = guard.describe_fault(fault.value, names)
                 message += f" ({where})" if where else " (outside the memory of every argument)"
             raise RuntimeError(message)
+        overrun = guard.describe_overrun(names)
+        if overrun:
+            raise RuntimeError(f"kernel {self.name!r}: out-of-bounds access: {overrun}")
 
 
 class Library:

@@ -553,6 +553,20 @@ def test_out_of_bounds_read_raises_and_names_the_argument():
         lib.shifted_copy(x, out, -1024)
 
 
+def test_writing_one_element_past_the_end_raises():
+    lib = metal_harness.compile_library(OUT_OF_BOUNDS_SOURCE)
+    x = torch.randn(4096)
+    out = torch.zeros(4095, dtype=torch.float32)  # 16380 bytes: the copy ends 4 bytes before its guard zone
+    with pytest.raises(RuntimeError, match=r"a write 0 bytes past the end of argument 1 \(device float\* out\)"):
+        lib.shifted_copy(x, out, 0, threads=4096)
+
+
+def test_reading_past_a_list_argument_raises(launch_lib):
+    ints, floats = torch.zeros(5, dtype=torch.int64), torch.zeros(3)
+    with pytest.raises(RuntimeError, match=r"past the end of argument 4 \(constant long\* list\)"):
+        launch_lib.arguments(ints, floats, 1, 1.5, [7], -5, [0.25, -2.0], threads=1, arg_casts={5: "int32"})
+
+
 def test_outputs_aliasing_inputs_share_memory():
     lib = metal_harness.compile_library(OUT_OF_BOUNDS_SOURCE)
     buffer = torch.arange(8, dtype=torch.float32)

@@ -512,14 +512,15 @@ extern "C" int mh_dispatch(mh_entry_fn entry, void* const* args, const uint64_t*
   return ok ? 0 : 1;
 }
 
-// A buffer of `bytes` (rounded up to 16) between two inaccessible zones of `guard` bytes. The
-// harness copies each tensor's storage into one, so a kernel reading or writing outside faults
-// (and the fault becomes an error) instead of silently using neighbouring memory. Returns the
-// buffer's start, or nullptr.
-extern "C" void* mh_guarded_alloc(size_t bytes, size_t guard, void** mapping, size_t* mapping_size) {
+// A buffer of `bytes` that ends at most 15 bytes before an inaccessible zone of `guard` bytes and
+// starts less than a page after another one. Its start is congruent to `phase` modulo 16, the alignment of the memory
+// it copies, so vector loads behave as on the original. The harness copies each tensor's storage
+// into one, so a kernel reading or writing outside faults (and the fault becomes an error) instead
+// of silently using neighbouring memory. Returns the buffer's start, or nullptr.
+extern "C" void* mh_guarded_alloc(size_t bytes, size_t phase, size_t guard, void** mapping,
+                                  size_t* mapping_size) {
   const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-  const size_t rounded = (bytes + 15) / 16 * 16;
-  const size_t body = (rounded + page - 1) / page * page;
+  const size_t body = (bytes + 16 + page - 1) / page * page;
   guard = (guard + page - 1) / page * page;
   const size_t total = body + 2 * guard;
   void* p = mmap(nullptr, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -531,7 +532,12 @@ extern "C" void* mh_guarded_alloc(size_t bytes, size_t guard, void** mapping, si
   }
   *mapping = p;
   *mapping_size = total;
-  return base + guard + body - rounded;
+  uintptr_t start = reinterpret_cast<uintptr_t>(base + guard + body - bytes);
+  start -= (start - phase) % 16;
+  // Whole pages below the start join the leading inaccessible zone.
+  const uintptr_t first_page = start / page * page;
+  mprotect(base + guard, first_page - reinterpret_cast<uintptr_t>(base + guard), PROT_NONE);
+  return reinterpret_cast<void*>(start);
 }
 
 extern "C" void mh_guarded_free(void* mapping, size_t mapping_size) { munmap(mapping, mapping_size); }
