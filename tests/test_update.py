@@ -108,6 +108,24 @@ def test_conv_state_indices_with_padding_slots(backend, device, mode, length):
         assert torch.equal(state[slot], before[slot]), f"slot {slot} is not referenced and must be untouched"
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_out_of_range_index_is_padding_on_gpus(backend, device, mode):
+    """SPEC 4: on GPUs an index >= N is not checked (that would synchronise) but must act as padding."""
+    if device.type == "cpu":
+        pytest.skip("on CPU an index >= N is rejected (tests/test_validation.py)")
+    gen = seeded(39)
+    b, d, width, n_slots, size = 2, 5, 4, 3, 4
+    x = randn(b, d, device=device, generator=gen)
+    weight, bias = make_params(d, width, torch.float32, device, gen)
+    state = randn(n_slots, d, size, device=device, generator=gen)
+    before = state.clone()
+    seqlens = _cache_seqlens(b, size, device, gen) if mode == "circular" else None
+    indices = torch.tensor([1, n_slots + 5], dtype=torch.int32, device=device)
+    out = ccmps.short_conv_update(x, state, weight, bias, seqlens, conv_state_indices=indices)
+    assert (out[1] == 0).all(), "an out-of-range slot's output row is 0"
+    assert torch.equal(state[0], before[0]) and torch.equal(state[2], before[2]), "only slot 1 may change"
+
+
 @pytest.mark.parametrize(
     "layout", ["transposed", "sliced_time", "every_other_row"],
 )
