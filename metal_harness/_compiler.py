@@ -7,6 +7,7 @@ types). Looked for, in order: $METAL_HARNESS_CXX, clang++-16 ... clang++-20, cla
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import os
@@ -116,19 +117,31 @@ def harness_fingerprint() -> str:
     return _fingerprint(description, *COMMON_FLAGS, *(f.read_bytes() for f in files))
 
 
-def _executor_object() -> pathlib.Path:
-    """The executor compiled once per harness version (it is the same for every kernel file)."""
-    path = cache_dir() / f"executor-{harness_fingerprint()}.o"
+@functools.lru_cache(maxsize=None)
+def executor_library() -> ctypes.CDLL:
+    """The executor, built once per harness version and loaded once per process with global
+    symbols: every kernel library resolves mh::rt_* against it, so there is one scheduler and one
+    pool of fiber stacks per thread however many kernels are loaded."""
+    path = cache_dir() / f"executor-{harness_fingerprint()}.so"
     if not path.exists():
         compiler, _ = find_compiler()
         with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-            out = pathlib.Path(tmp) / "executor.o"
-            result = _run(list(compiler) + COMMON_FLAGS + ["-I", str(INCLUDE_DIR), "-c", str(EXECUTOR_SOURCE),
+            out = pathlib.Path(tmp) / "executor.so"
+            result = _run(list(compiler) + COMMON_FLAGS + ["-shared", "-I", str(INCLUDE_DIR), str(EXECUTOR_SOURCE),
                                                            "-o", str(out)])
             if result.returncode != 0:
                 raise RuntimeError(f"building the harness executor failed:\n{result.stderr}")
             os.replace(out, path)
-    return path
+    dll = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    dll.mh_dispatch.restype = ctypes.c_int
+    dll.mh_dispatch.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_uint64)]
+    dll.mh_guarded_alloc.restype = ctypes.c_void_p
+    dll.mh_guarded_alloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_void_p,
+                                     ctypes.c_void_p]
+    dll.mh_guarded_free.restype = None
+    dll.mh_guarded_free.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return dll
 
 
 def _compile_error(stderr: str) -> SyntaxError:
@@ -147,18 +160,17 @@ def check_syntax(cpp: str) -> None:
 
 
 def build_shared_library(cpp: str, key: str) -> pathlib.Path:
-    """Compiles `cpp` with the executor into a shared library named by `key` (cached on disk)."""
+    """Compiles `cpp` into a shared library named by `key` (cached on disk). It calls into the
+    executor library, which must be loaded (executor_library()) before it is."""
     path = cache_dir() / f"{key}.so"
     if path.exists():
         return path
     compiler, _ = find_compiler()
-    executor = _executor_object()
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         src = pathlib.Path(tmp) / "kernels.cpp"
         src.write_text(cpp)
         out = pathlib.Path(tmp) / "kernels.so"
-        result = _run(list(compiler) + COMMON_FLAGS + ["-shared", "-I", str(INCLUDE_DIR), str(src), str(executor),
-                                                       "-o", str(out)])
+        result = _run(list(compiler) + COMMON_FLAGS + ["-shared", "-I", str(INCLUDE_DIR), str(src), "-o", str(out)])
         if result.returncode != 0:
             raise _compile_error(result.stderr)
         os.replace(out, path)

@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ._compiler import executor_library
 from ._guard import GuardedStorages
 from ._source import ENTRY_PREAMBLE, Kernel, entry
 
@@ -60,31 +61,25 @@ class KernelFunction:
         self._library = library
         self._index = index
         self._kernel = kernel
-        self._dll: ctypes.CDLL | None = None
+        self._dll: ctypes.CDLL | None = None       # this kernel's library (kept loaded)
+        self._executor: ctypes.CDLL | None = None  # the shared executor it dispatches through
         self._entry: int | None = None
         self._codes: list[int] = []
         self._max_threads = 0
         self.thread_execution_width = 32
 
     def _load(self) -> ctypes.CDLL:
+        """The executor library, after loading this kernel's own library on first use."""
         if self._dll is None:
-            path = self._library._build(self._index)
-            dll = ctypes.CDLL(str(path))
-            dll.mh_dispatch.restype = ctypes.c_int
-            dll.mh_dispatch.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                        ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t,
-                                        ctypes.POINTER(ctypes.c_uint64)]
-            dll.mh_guarded_alloc.restype = ctypes.c_void_p
-            dll.mh_guarded_alloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_void_p,
-                                             ctypes.c_void_p]
-            dll.mh_guarded_free.restype = None
-            dll.mh_guarded_free.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+            executor = executor_library()  # first: the kernel library resolves its symbols against it
+            dll = ctypes.CDLL(str(self._library._build(self._index)))
             i = self._index
             self._entry = ctypes.cast(getattr(dll, f"mh_entry_{i}"), ctypes.c_void_p).value
             self._codes = list((ctypes.c_int * max(len(self._kernel.buffers), 1)).in_dll(dll, f"mh_codes_{i}"))
             self._max_threads = ctypes.c_long.in_dll(dll, f"mh_max_threads_{i}").value
             self._dll = dll
-        return self._dll
+            self._executor = executor
+        return self._executor
 
     @property
     def max_threads_per_threadgroup(self) -> int:
