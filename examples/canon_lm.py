@@ -99,18 +99,13 @@ class CanonLMConfig:
 
 
 class TorchShortConvolution(nn.Conv1d):
-    """`ShortConvolution`'s interface on a plain `nn.Conv1d(groups=D)` with causal (left) padding.
-    Its weight is `[D, 1, W]` where the library's is `[D, W]`; `copy_weights` converts."""
+    """The part of `ShortConvolution`'s interface this model uses (no mask, no packed sequences), on a
+    plain `nn.Conv1d(groups=D)` with causal (left) padding. Its weight is `[D, 1, W]` where the library's
+    is `[D, W]`; `copy_weights` converts."""
 
     def __init__(self, hidden_size, kernel_size=4, bias=False, activation="silu", residual=False):
         super().__init__(hidden_size, hidden_size, kernel_size, groups=hidden_size, bias=bias)
         self.activation, self.residual = activation, residual
-
-    def _finish(self, x: Tensor, conv_out: Tensor) -> Tensor:
-        y = conv_out.transpose(1, 2)
-        if self.activation is not None:
-            y = F.silu(y)
-        return (x + y if self.residual else y).to(x.dtype)
 
     def forward(self, x: Tensor, cache: Tensor | None = None, output_final_state: bool = False):
         """`x` `[B, T, D]`; `cache` `[B, D, W-1]` holds the inputs before `x`. Returns `(y, new_cache)`."""
@@ -123,7 +118,11 @@ class TorchShortConvolution(nn.Conv1d):
         new_cache = None
         if output_final_state or cache is not None:
             new_cache = extended[..., extended.shape[2] - (width - 1) :].contiguous()
-        return self._finish(x, super().forward(extended)), new_cache
+        y = super().forward(extended).transpose(1, 2)
+        if self.activation is not None:
+            y = F.silu(y)
+        # under autocast the conv runs in low precision; return x's dtype as the library does
+        return (x + y if self.residual else y).to(x.dtype), new_cache
 
     def step(self, x: Tensor, cache: Tensor) -> tuple[Tensor, Tensor]:
         """Decodes `x` `[B, D]` or `[B, L, D]`; shifts the new inputs into `cache` in place."""
@@ -354,7 +353,8 @@ def main(argv: list[str] | None = None) -> None:
                            conv=args.conv)
     model = CanonLM(config).to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"canon-lm: device={device.type} precision={amp_dtype or torch.float32} conv={config.conv} "
+    precision = str(amp_dtype or torch.float32).removeprefix("torch.")
+    print(f"canon-lm: device={device.type} precision={precision} conv={config.conv} "
           f"canon={config.canon or '-'} params={n_params / 1e6:.2f}M seq_len={2 * (task.num_pairs + task.num_queries)}")
 
     start = time.perf_counter()
