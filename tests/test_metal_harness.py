@@ -572,3 +572,19 @@ def test_outputs_aliasing_inputs_share_memory():
     buffer = torch.arange(8, dtype=torch.float32)
     lib.shifted_copy(buffer[4:], buffer[:4], 0)  # two views of one storage
     assert buffer.tolist() == [4, 5, 6, 7, 4, 5, 6, 7]
+
+
+def test_loaded_kernels_share_one_executor():
+    """Each kernel is its own library; one fiber-stack pool serves them all (not 2000 mappings each)."""
+    source = "#include <metal_stdlib>\nusing namespace metal;\n" + "".join(
+        f"kernel void fill_{k}(device float* out [[buffer(0)]], uint i [[thread_position_in_grid]]) "
+        f"{{ out[i] = {k}.0f; }}\n" for k in range(6))
+    lib = metal_harness.compile_library(source)
+    out = torch.zeros(1024)
+    lib.fill_0(out, group_size=1024)
+    mappings_before = len(Path("/proc/self/maps").read_text().splitlines())
+    for k in range(1, 6):
+        getattr(lib, f"fill_{k}")(out, group_size=1024)
+        assert (out == k).all()
+    growth = len(Path("/proc/self/maps").read_text().splitlines()) - mappings_before
+    assert growth < 5 * 100, f"{growth} new memory mappings for 5 kernels"
