@@ -300,10 +300,11 @@ def sweep(copy_bw):
     variants = {
         "channel-last fwd": ("conv_fwd_channel_last", lambda: ccmps.short_conv_fused_fwd_only(xs, w, b), [
             dict(BT=bt, BD=bd, num_warps=nw) for bt, bd, nw in
-            [(16, 128, 4), (32, 128, 4), (64, 128, 8), (32, 256, 8), (64, 64, 4), (128, 64, 8), (16, 256, 4)]]),
+            [(16, 128, 4), (32, 128, 4), (64, 128, 8), (32, 256, 8), (64, 64, 4), (16, 256, 4), (8, 256, 2),
+             (16, 128, 2), (32, 64, 2), (64, 128, 4)]]),
         "contiguous fwd": ("conv_fwd_contiguous", lambda: ccmps.causal_conv1d_fwd(xc, w, b, True), [
             dict(BT=bt, BD=bd, num_warps=nw) for bt, bd, nw in
-            [(512, 4, 4), (1024, 4, 8), (256, 8, 4), (512, 8, 8), (1024, 2, 4), (2048, 2, 8), (256, 16, 8)]]),
+            [(512, 4, 4), (1024, 4, 8), (256, 8, 4), (1024, 2, 4), (2048, 1, 4), (512, 2, 2), (256, 4, 2)]]),
     }
     best = {}
     for name, (key, fn, configs) in variants.items():
@@ -327,8 +328,8 @@ def sweep(copy_bw):
     dout = rand(B, T, D)
     bwd = lambda: ccmps.short_conv_fused(xg, wg, bg).backward(dout)
     results = []
-    for bt, bd, tiles, nw in [(32, 64, 8, 4), (16, 128, 8, 4), (32, 128, 8, 8), (64, 64, 4, 8), (16, 64, 16, 4),
-                              (32, 64, 16, 4), (64, 128, 4, 8)]:
+    for bt, bd, tiles, nw in [(32, 64, 8, 4), (16, 128, 8, 4), (32, 128, 8, 8), (64, 64, 4, 8), (32, 64, 16, 4),
+                              (64, 128, 4, 8), (16, 64, 16, 2), (32, 128, 16, 4)]:
         cfg = dict(BT=bt, BD=bd, TILES=tiles, num_warps=nw)
         _config.OVERRIDES["conv_bwd_channel_last"] = cfg
         _config.clear()

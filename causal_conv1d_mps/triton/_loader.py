@@ -23,6 +23,7 @@ _INTERPRETED_KERNELS = "causal_conv1d_mps.triton._interpreted_kernels"
 _lock = threading.Lock()
 _compiled: ModuleType | None = None
 _interpreted: ModuleType | None = None
+_compiled_is_interpreted: bool | None = None
 
 
 @contextmanager
@@ -79,11 +80,10 @@ def kernels_for(device: torch.device) -> ModuleType:
 
 def is_interpreted(device: torch.device) -> bool:
     """Whether kernels for `device` run in Triton's interpreter (launch configs differ there)."""
+    global _compiled_is_interpreted
     if device.type == "cpu":
         return True
-    import triton
-
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if _compiled_is_interpreted is None:  # fixed when the compiled package was decorated
+        kernels_for(device)
+        _compiled_is_interpreted = type(_compiled.conv_fwd_kernel).__name__ == "InterpretedFunction"
+    return _compiled_is_interpreted

@@ -40,7 +40,7 @@ def launch_forward(x: Tensor, x_strides, out: Tensor, out_strides, B: int, T: in
             T, D, N, steps, *x_strides, *out_strides),
            dict(W=W, BT=cfg["BT"], BD=cfg["BD"], ACTIVATION=activation, HAS_BIAS=bias is not None,
                 HAS_MASK=mask is not None, HAS_SEQ_IDX=seq_idx is not None, HAS_RESIDUAL=residual,
-                IS_VARLEN=cu_seqlens is not None, USE_INITIAL_STATE=use_h0),
+                IS_VARLEN=cu_seqlens is not None, USE_INITIAL_STATE=use_h0, EVEN_D=D % cfg["BD"] == 0),
            cfg["num_warps"])
 
 
@@ -72,10 +72,15 @@ def launch_backward(x: Tensor, x_strides, dout: Tensor, dout_strides, dx: Tensor
     h0 = initial_states if use_h0 else None
     dht = dfinal_states if use_dht else None
     if n_chunks > 0:
-        launch(kernels.conv_bwd_kernel, (n_chunks, _cdiv(D, cfg["BD"]), B),
-               (x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, dht, dx, dw_partial,
+        grid = (n_chunks, _cdiv(D, cfg["BD"]), B)
+        BH = _next_pow2(max(W - 1, 2))
+        # per-program float32 slices for dpre (tile rows + halo); small enough to live in L2
+        scratch = torch.empty(grid[0] * grid[1] * grid[2], cfg["BT"] + BH, cfg["BD"],
+                              device=x.device, dtype=torch.float32)
+        launch(kernels.conv_bwd_kernel, grid,
+               (x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, dht, dx, dw_partial, scratch,
                 T, D, N, steps, cfg["TILES"], *x_strides, *dout_strides, *dx_strides),
-               dict(W=W, BT=cfg["BT"], BD=cfg["BD"], BW=BW, **flags, HAS_RESIDUAL=residual,
+               dict(W=W, BT=cfg["BT"], BH=BH, BD=cfg["BD"], BW=BW, **flags, HAS_RESIDUAL=residual,
                     IS_VARLEN=cu_seqlens is not None, USE_INITIAL_STATE=use_h0, USE_FINAL_STATE_GRAD=use_dht),
                cfg["num_warps"])
     if use_h0 and rows > 0:

@@ -104,3 +104,25 @@ def conv_pre(x, weight, bias, mask, seq_idx, h0, i_b, i_h, o_t, o_d, m_t, m_d, b
         b_w = tl.load(weight + o_d * W + k, mask=m_d, other=0.).to(tl.float32)
         b_pre += b_x * b_w[None, :]
     return b_pre
+
+
+@triton.jit
+def conv_pre_interior(x, weight, bias, mask, i_b, o_t, o_d, T, stride_x_b, stride_x_t, stride_x_d,
+                      W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr):
+    """`conv_pre` for a tile whose taps all fall inside `x` (no sequence boundary, D tile full).
+
+    No masks: a masked load zero-fills its registers first, which costs about as much as the load
+    itself, once per tap (see docs/PERF_NOTES.md).
+    """
+    b_pre = tl.full([BT, BD], 0., tl.float32)
+    if HAS_BIAS:
+        b_pre += tl.load(bias + o_d).to(tl.float32)[None, :]
+    p_x = x + i_b.to(tl.int64) * stride_x_b + o_d.to(tl.int64)[None, :] * stride_x_d
+    for k in tl.static_range(W):
+        o_s = o_t - (W - 1) + k
+        b_x = tl.load(p_x + o_s.to(tl.int64)[:, None] * stride_x_t).to(tl.float32)
+        if HAS_MASK:
+            b_x = b_x * tl.load(mask + i_b.to(tl.int64) * T + o_s).to(tl.float32)[:, None]
+        b_pre += b_x * tl.load(weight + o_d * W + k).to(tl.float32)[None, :]
+    return b_pre

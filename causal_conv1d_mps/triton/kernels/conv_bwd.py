@@ -1,11 +1,14 @@
 """Backward kernels shared by `causal_conv1d` and `short_conv_fused`.
 
-`conv_bwd_kernel` tiles the *source* axis: for the rows `s` of a tile, the outputs reading `x[s]` through
+`conv_bwd_kernel` tiles the time axis. For the rows `s` of a tile, the outputs reading `x[s]` through
 tap k sit at `t = s + (W-1) - k`, so
     dxe[s]      = sum_k weight[k] * dpre[t_k]            (a gather: no atomics, no second pass)
     dweight[k] += sum_s dpre[t_k] * xe[s]
     dbias      += sum_s dpre[s]                          (the k = W-1 term)
 where `dpre = dout * silu'(pre)` recomputes the pre-activation from `x` (nothing saved from the forward).
+Each program first computes dpre once per row (its BT rows and the W-1 rows after them), parks it in
+its own slice of an L2-resident float32 scratch, and after a barrier reads it back shifted by each tap:
+Triton has no register shift, and recomputing dpre for every tap would cost W times the arithmetic.
 A program walks `tiles_per_program` T tiles of one (D tile, row) and keeps its weight/bias gradient in
 registers; each program writes one float32 partial row, and `reduce_partials_kernel` sums the rows
 in a fixed order (bitwise deterministic, no float atomics).
@@ -20,13 +23,45 @@ from .common import add, conv_pre, find_sequence, load_source, silu_grad
 
 
 @triton.jit
+def dpre_rows(x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, i_b, o_t, o_d, m_t, m_d, T, D, N,
+              n_search_steps, stride_x_b, stride_x_t, stride_x_d, stride_do_b, stride_do_t, stride_do_d,
+              W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+              ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+              HAS_SEQ_IDX: tl.constexpr, IS_VARLEN: tl.constexpr, USE_INITIAL_STATE: tl.constexpr):
+    """Gradient at the pre-activation of output rows `o_t` (float32, zero outside the outputs)."""
+    if IS_VARLEN:
+        i_h, bos, eos = find_sequence(cu_seqlens, o_t, N, n_search_steps)
+    else:
+        i_h = o_t * 0 + i_b
+        bos = 0
+    if HAS_SEQ_IDX:
+        p_seq = seq_idx + i_b.to(tl.int64) * T
+        b_seq_t = tl.load(p_seq + o_t, mask=m_t, other=-1)
+        ok_h = b_seq_t == tl.load(p_seq)
+        ok_t = m_t & (b_seq_t >= 0)  # padding outputs are constant zeros
+    else:
+        b_seq_t = o_t
+        ok_h = m_t
+        ok_t = m_t
+    p_do = (dout + i_b.to(tl.int64) * stride_do_b + o_t.to(tl.int64)[:, None] * stride_do_t
+            + o_d.to(tl.int64)[None, :] * stride_do_d)
+    b_dpre = tl.load(p_do, mask=ok_t[:, None] & m_d[None, :], other=0.).to(tl.float32)
+    if ACTIVATION:
+        b_pre = conv_pre(x, weight, bias, mask, seq_idx, h0, i_b, i_h, o_t, o_d, ok_t, m_d, bos, b_seq_t, ok_h,
+                         T, D, stride_x_b, stride_x_t, stride_x_d, W, BT, BD,
+                         HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, USE_INITIAL_STATE)
+        b_dpre = b_dpre * silu_grad(b_pre)
+    return b_dpre
+
+
+@triton.jit
 def conv_bwd_kernel(
-    x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, dht, dx, dw_partial,
+    x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, dht, dx, dw_partial, scratch,
     T, D, N, n_search_steps, tiles_per_program,
     stride_x_b, stride_x_t, stride_x_d,
     stride_do_b, stride_do_t, stride_do_d,
     stride_dx_b, stride_dx_t, stride_dx_d,
-    W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BW: tl.constexpr,
+    W: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, BW: tl.constexpr,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SEQ_IDX: tl.constexpr, HAS_RESIDUAL: tl.constexpr, IS_VARLEN: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRAD: tl.constexpr,
@@ -35,6 +70,11 @@ def conv_bwd_kernel(
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
     o_w = tl.arange(0, BW)
+    o_r = tl.arange(0, BT)
+    o_rh = tl.arange(0, BH)
+    # this program's slice of the scratch: dpre of the tile rows, then of the W-1 rows after them
+    i_p = i_b * tl.num_programs(0) + i_c
+    p_scr = scratch + ((i_p * tl.num_programs(1) + i_d).to(tl.int64) * (BT + BH)) * BD + tl.arange(0, BD)[None, :]
     p_do = dout + i_b.to(tl.int64) * stride_do_b + o_d.to(tl.int64)[None, :] * stride_do_d
     p_dx = dx + i_b.to(tl.int64) * stride_dx_b + o_d.to(tl.int64)[None, :] * stride_dx_d
     # column W of the partial row carries the bias gradient
@@ -42,8 +82,25 @@ def conv_bwd_kernel(
 
     i_t_end = tl.minimum((i_c + 1) * tiles_per_program, (T + BT - 1) // BT)
     for i_t in range(i_c * tiles_per_program, i_t_end):
-        o_s = i_t * BT + tl.arange(0, BT)
+        o_s = i_t * BT + o_r
         m_s = o_s < T
+        # phase 1: dpre once per output row (tile rows and the W-1 halo rows after them) into the scratch
+        b_dpre = dpre_rows(x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, i_b, o_s, o_d, m_s, m_d,
+                           T, D, N, n_search_steps, stride_x_b, stride_x_t, stride_x_d,
+                           stride_do_b, stride_do_t, stride_do_d, W, BT, BD,
+                           ACTIVATION, HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, IS_VARLEN, USE_INITIAL_STATE)
+        o_th = i_t * BT + BT + o_rh
+        m_th = (o_th < T) & (o_rh < W - 1)
+        b_dpre_h = dpre_rows(x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, i_b, o_th, o_d, m_th, m_d,
+                             T, D, N, n_search_steps, stride_x_b, stride_x_t, stride_x_d,
+                             stride_do_b, stride_do_t, stride_do_d, W, BH, BD,
+                             ACTIVATION, HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, IS_VARLEN, USE_INITIAL_STATE)
+        tl.debug_barrier()  # the previous tile's readers are done with the scratch
+        tl.store(p_scr + o_r[:, None] * BD, b_dpre)
+        tl.store(p_scr + (BT + o_rh)[:, None] * BD, b_dpre_h)
+        tl.debug_barrier()  # make the rows visible to every thread of the program
+
+        # phase 2: gather dpre through each tap for the source rows s of the tile
         if IS_VARLEN:
             i_h, bos, eos = find_sequence(cu_seqlens, o_s, N, n_search_steps)
         else:
@@ -53,33 +110,22 @@ def conv_bwd_kernel(
         if HAS_SEQ_IDX:
             p_seq = seq_idx + i_b.to(tl.int64) * T
             b_seq_s = tl.load(p_seq + o_s, mask=m_s, other=-1)
-            ok_h = b_seq_s == tl.load(p_seq)
-        else:
-            b_seq_s = o_s
-            ok_h = m_s
         b_xs = load_source(x, mask, h0, i_b, i_h, o_s, o_d, m_d, m_s, m_s, bos, T, D,
                            stride_x_b, stride_x_t, stride_x_d, W, HAS_MASK, False)
-
         b_dxe = tl.full([BT, BD], 0., tl.float32)
         for k in tl.static_range(W):
             o_tk = o_s + (W - 1 - k)
-            ok_t = m_s & (o_tk < eos)
+            ok_t = m_s & (o_tk < eos)  # the output reading s through tap k is of the same sequence
             if HAS_SEQ_IDX:
                 b_seq_tk = tl.load(p_seq + o_tk, mask=ok_t, other=-1)
-                ok_t = ok_t & (b_seq_tk == b_seq_s) & (b_seq_s >= 0)
-            b_dpre = tl.load(p_do + o_tk.to(tl.int64)[:, None] * stride_do_t,
-                             mask=ok_t[:, None] & m_d[None, :], other=0.).to(tl.float32)
-            if ACTIVATION:
-                b_pre = conv_pre(x, weight, bias, mask, seq_idx, h0, i_b, i_h, o_tk, o_d, ok_t, m_d, bos,
-                                 b_seq_s, ok_h, T, D, stride_x_b, stride_x_t, stride_x_d, W, BT, BD,
-                                 HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, USE_INITIAL_STATE)
-                b_dpre = b_dpre * silu_grad(b_pre)
+                ok_t = ok_t & (b_seq_tk == b_seq_s)
+            b_g = tl.load(p_scr + (o_r + (W - 1 - k))[:, None] * BD, mask=ok_t[:, None], other=0.)
             b_w = tl.load(weight + o_d * W + k, mask=m_d, other=0.).to(tl.float32)
-            b_dxe += b_dpre * b_w[None, :]
-            b_dw += tl.where(o_w[None, :] == k, tl.reduce(b_dpre * b_xs, 0, add)[:, None], 0.)
+            b_dxe += b_g * b_w[None, :]
+            b_dw += tl.where(o_w[None, :] == k, tl.reduce(b_g * b_xs, 0, add)[:, None], 0.)
             if HAS_BIAS:
                 if k == W - 1:
-                    b_dw += tl.where(o_w[None, :] == W, tl.reduce(b_dpre, 0, add)[:, None], 0.)
+                    b_dw += tl.where(o_w[None, :] == W, tl.reduce(b_g, 0, add)[:, None], 0.)
 
         if USE_FINAL_STATE_GRAD:
             # the final states are the last W-1 steps of xe: their gradient lands on those steps
@@ -94,7 +140,6 @@ def conv_bwd_kernel(
             b_dxe += tl.load(p_do + o_s.to(tl.int64)[:, None] * stride_do_t, mask=m_sd, other=0.).to(tl.float32)
         tl.store(p_dx + o_s.to(tl.int64)[:, None] * stride_dx_t, b_dxe.to(dx.dtype.element_ty), mask=m_sd)
 
-    i_p = i_b * tl.num_programs(0) + i_c
     p_dw = dw_partial + (i_p.to(tl.int64) * D + o_d[:, None]) * (W + 1) + o_w[None, :]
     tl.store(p_dw, b_dw, mask=m_d[:, None] & (o_w[None, :] < W + 1))
 

@@ -9,7 +9,7 @@ loaded by its neighbour moments earlier and still sit in L2.
 import triton
 import triton.language as tl
 
-from .common import conv_pre, find_sequence, silu
+from .common import conv_pre, conv_pre_interior, find_sequence, silu
 
 
 @triton.jit
@@ -21,41 +21,53 @@ def conv_fwd_kernel(
     W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SEQ_IDX: tl.constexpr, HAS_RESIDUAL: tl.constexpr, IS_VARLEN: tl.constexpr,
-    USE_INITIAL_STATE: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_t = i_t * BT + tl.arange(0, BT)
     o_d = i_d * BD + tl.arange(0, BD)
-    m_t = o_t < T
-    m_d = o_d < D
-
-    if IS_VARLEN:
-        i_h, bos, eos = find_sequence(cu_seqlens, o_t, N, n_search_steps)
-    else:
-        i_h = o_t * 0 + i_b
-        bos = 0
-    if HAS_SEQ_IDX:
-        p_seq = seq_idx + i_b.to(tl.int64) * T
-        b_seq_t = tl.load(p_seq + o_t, mask=m_t, other=-1)
-        # initial states belong to the sequence at position 0 of the row
-        ok_h = b_seq_t == tl.load(p_seq)
-    else:
-        b_seq_t = o_t
-        ok_h = m_t
-
-    b_out = conv_pre(x, weight, bias, mask, seq_idx, h0, i_b, i_h, o_t, o_d, m_t, m_d, bos, b_seq_t, ok_h, T, D,
-                     stride_x_b, stride_x_t, stride_x_d, W, BT, BD,
-                     HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, USE_INITIAL_STATE)
-    if ACTIVATION:
-        b_out = silu(b_out)
-    if HAS_SEQ_IDX:
-        b_out = tl.where((b_seq_t >= 0)[:, None], b_out, 0.)
-    m_td = m_t[:, None] & m_d[None, :]
-    if HAS_RESIDUAL:
-        # the residual is the unmasked input; this re-load hits the tile the last tap just read
-        p_x = (x + i_b.to(tl.int64) * stride_x_b + o_t.to(tl.int64)[:, None] * stride_x_t
-               + o_d.to(tl.int64)[None, :] * stride_x_d)
-        b_out += tl.load(p_x, mask=m_td, other=0.).to(tl.float32)
+    p_x = x + i_b.to(tl.int64) * stride_x_b + o_d.to(tl.int64)[None, :] * stride_x_d
     p_o = (out + i_b.to(tl.int64) * stride_o_b + o_t.to(tl.int64)[:, None] * stride_o_t
            + o_d.to(tl.int64)[None, :] * stride_o_d)
-    tl.store(p_o, b_out.to(out.dtype.element_ty), mask=m_td)
+    # most tiles have every tap inside x: they take a path without masks
+    if EVEN_D and not HAS_SEQ_IDX and not IS_VARLEN:
+        is_interior = (i_t * BT >= W - 1) & ((i_t + 1) * BT <= T)
+    else:
+        is_interior = i_t < 0
+    if is_interior:
+        b_out = conv_pre_interior(x, weight, bias, mask, i_b, o_t, o_d, T, stride_x_b, stride_x_t, stride_x_d,
+                                  W, BT, BD, HAS_BIAS, HAS_MASK)
+        if ACTIVATION:
+            b_out = silu(b_out)
+        if HAS_RESIDUAL:
+            b_out += tl.load(p_x + o_t.to(tl.int64)[:, None] * stride_x_t).to(tl.float32)
+        tl.store(p_o, b_out.to(out.dtype.element_ty))
+    else:
+        m_t = o_t < T
+        m_d = o_d < D
+        if IS_VARLEN:
+            i_h, bos, eos = find_sequence(cu_seqlens, o_t, N, n_search_steps)
+        else:
+            i_h = o_t * 0 + i_b
+            bos = 0
+        if HAS_SEQ_IDX:
+            p_seq = seq_idx + i_b.to(tl.int64) * T
+            b_seq_t = tl.load(p_seq + o_t, mask=m_t, other=-1)
+            # initial states belong to the sequence at position 0 of the row
+            ok_h = b_seq_t == tl.load(p_seq)
+        else:
+            b_seq_t = o_t
+            ok_h = m_t
+
+        b_out = conv_pre(x, weight, bias, mask, seq_idx, h0, i_b, i_h, o_t, o_d, m_t, m_d, bos, b_seq_t, ok_h,
+                         T, D, stride_x_b, stride_x_t, stride_x_d, W, BT, BD,
+                         HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, USE_INITIAL_STATE)
+        if ACTIVATION:
+            b_out = silu(b_out)
+        if HAS_SEQ_IDX:
+            b_out = tl.where((b_seq_t >= 0)[:, None], b_out, 0.)
+        m_td = m_t[:, None] & m_d[None, :]
+        if HAS_RESIDUAL:
+            # the residual is the unmasked input; this re-load hits the tile the last tap just read
+            b_out += tl.load(p_x + o_t.to(tl.int64)[:, None] * stride_x_t, mask=m_td, other=0.).to(tl.float32)
+        tl.store(p_o, b_out.to(out.dtype.element_ty), mask=m_td)
