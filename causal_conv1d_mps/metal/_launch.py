@@ -1,10 +1,12 @@
 """What every Metal launcher shares: kernel names, run lengths, float32 side inputs, the launch call."""
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
-from ._loader import library
+from ._loader import SOURCE_ENV_VAR, library
 
 # Flags of the kernels' params (see kernels/common.metal).
 HAS_BIAS, HAS_SEQ, HAS_INIT, SILU, HAS_DFINAL = 1, 2, 4, 8, 16
@@ -58,16 +60,24 @@ def flag(value, bit: int) -> int:
     return bit if value is not None and value is not False else 0
 
 
+# (device type, source override, host name) -> (kernel, its default threadgroup size), so that a call costs
+# a dict lookup rather than a library attribute lookup and a pipeline query.
+_kernels: dict[tuple[str, str, str], tuple[object, int]] = {}
+
+
 def launch(device: torch.device, name: str, args: list, threads: int, group_size: int | None = None) -> None:
     """Run kernel `name` over a 1-D grid of `threads` threads (a partial last threadgroup is allowed)."""
     if threads <= 0:
         return
     if threads >= 2**32:
         raise ValueError(f"{name}: a grid of {threads} threads exceeds Metal's 32-bit thread index")
-    kernel = getattr(library(device), name)
-    if group_size is None:
-        group_size = min(GROUP, int(kernel.max_threads_per_threadgroup))
-    kernel(*args, threads=threads, group_size=group_size)
+    key = (device.type, os.environ.get(SOURCE_ENV_VAR, ""), name)
+    found = _kernels.get(key)
+    if found is None:
+        kernel = getattr(library(device), name)
+        found = _kernels[key] = (kernel, min(GROUP, int(kernel.max_threads_per_threadgroup)))
+    kernel, default_group = found
+    kernel(*args, threads=threads, group_size=group_size or default_group)
 
 
 def reduce_rows(part: Tensor) -> Tensor:
