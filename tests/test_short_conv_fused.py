@@ -22,6 +22,7 @@ from conftest import (
     randn,
     seeded,
     shapes_for_case,
+    uses_small_shapes,
 )
 
 MODES = {"silu+residual": (True, True), "silu": (True, False), "plain+residual": (False, True), "plain": (False, False)}
@@ -266,7 +267,8 @@ def test_fwd_only_records_no_graph(backend, device):
 
 def test_backward_is_deterministic(backend, device):
     gen = seeded(25)
-    b, t, d, width = 3, 130, 33, 4
+    # T = 130 spans several time blocks, so the dweight/dbias partial sums are reduced across blocks.
+    b, t, d, width = (2, 130, 5, 4) if uses_small_shapes(backend, device) else (3, 130, 33, 4)
     x = randn(b, t, d, dtype=torch.bfloat16, device=device, generator=gen)
     weight, bias = make_params(d, width, torch.float32, device, gen)
     states = randn(b, d, width - 1, dtype=torch.bfloat16, device=device, generator=gen)
