@@ -263,3 +263,16 @@ def test_property_reference_matches_oracle(monkeypatch, b, d, t, width, silu, us
         seq_idx = torch.stack([(torch.arange(t)[:, None] >= row[None, :]).sum(1) for row in breaks]).to(torch.int32)
         seq_idx = seq_idx.reshape(b, t)
     _run_and_check(x, weight, bias, states, "silu" if silu else None, seq_idx=seq_idx, name="property")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_float32_weights_are_not_rounded_to_x_dtype(backend, device, dtype):
+    """SPEC 2: with taps (-1, 1 + 2**-12) over a constant 1, the output is 2**-12 (exact in `dtype`);
+    weights rounded to fp16/bf16 first would give 0."""
+    b, d, t = 2, 3, 5
+    x = torch.ones(b, d, t, dtype=dtype, device=device)
+    weight = torch.tensor([[-1.0, 1.0 + 2.0**-12]] * d, device=device)
+    out = ccmps.causal_conv1d(x, weight)
+    expected = torch.full((b, d, t), 2.0**-12, dtype=torch.float64)
+    expected[..., 0] = 1.0 + 2.0**-12  # zero history before t = 0
+    assert_close_rel(out[..., 1:], expected[..., 1:], dtype, "out")

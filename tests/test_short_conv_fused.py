@@ -311,3 +311,14 @@ def test_property_reference_matches_oracle(monkeypatch, lengths, d, width, activ
     mask = torch.rand(1, t, generator=gen, dtype=torch.float64) if use_mask else None
     cu = torch.tensor(bounds, dtype=torch.int32)
     _run_and_check(x, weight, bias, mask, states, activation, residual, cu_seqlens=cu, name="property")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_float32_weights_are_not_rounded_to_x_dtype(backend, device, dtype):
+    """SPEC 2: taps (-1, 1 + 2**-12) over a constant 1 give 2**-12; rounded weights would give 0."""
+    b, t, d = 2, 5, 3
+    x = torch.ones(b, t, d, dtype=dtype, device=device)
+    weight = torch.tensor([[-1.0, 1.0 + 2.0**-12]] * d, device=device)
+    out = ccmps.short_conv_fused(x, weight, None, None, False, False)
+    expected = torch.full((b, t - 1, d), 2.0**-12, dtype=torch.float64)
+    assert_close_rel(out[:, 1:], expected, dtype, "out")

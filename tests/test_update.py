@@ -297,3 +297,14 @@ def test_property_reference_matches_oracle(monkeypatch, b, d, width, extra, leng
         indices[0] = -1
     seqlens = _cache_seqlens(b, size, "cpu", gen) if circular else None
     _check_step(x, state, weight, bias, seqlens, indices, True, True, "property")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_float32_weights_are_not_rounded_to_x_dtype(backend, device, dtype):
+    """SPEC 2: taps (-1, 1 + 2**-12) over a constant 1 give 2**-12; rounded weights would give 0."""
+    b, d = 2, 3
+    x = torch.ones(b, d, dtype=dtype, device=device)
+    state = torch.ones(b, d, 1, dtype=dtype, device=device)
+    weight = torch.tensor([[-1.0, 1.0 + 2.0**-12]] * d, device=device)
+    out = ccmps.short_conv_update(x, state, weight, None, None, False, False)
+    assert_close_rel(out, torch.full((b, d), 2.0**-12, dtype=torch.float64), dtype, "out")
