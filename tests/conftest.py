@@ -97,7 +97,7 @@ def small_shapes(backend: str, device: torch.device) -> list[tuple[int, int, int
     Empty shapes (B == 0, T == 0) are covered by dedicated tests.
     """
     if uses_small_shapes(backend, device):
-        return [(2, 5, 17), (1, 33, 3), (3, 5, 67), (1, 4, 130)]
+        return [(2, 5, 17), (1, 33, 3), (3, 5, 67), (2, 7, 1), (1, 4, 130)]
     return [(2, 32, 129), (1, 33, 151), (3, 5, 1), (2, 17, 3), (1, 16, 1030), (4, 8, 67)]
 
 
