@@ -1,6 +1,9 @@
 """The Canon-layer language model of examples/canon_lm.py: the library's ShortConvolution inside a real
-model gives the same numbers as nn.Conv1d, cached decoding equals recomputation, training learns, and
-torch.compile traces the whole model without a graph break."""
+model gives the same numbers as nn.Conv1d (through every backend), cached decoding equals recomputation,
+training learns, and torch.compile traces the whole model without a graph break.
+
+Runs on the suite's `--device` (default cpu); float32 throughout, so the tolerance is tight.
+"""
 
 import importlib.util
 import sys
@@ -8,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import uses_small_shapes
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "canon_lm.py"
 
@@ -25,36 +29,56 @@ TASK = canon_lm.RecallTask(num_keys=8, num_values=8, num_pairs=4, num_queries=2)
 TOL = dict(rtol=1e-5, atol=1e-5)  # float32, the same arithmetic up to summation order
 
 
-def tiny_model(conv: str, seed: int = 0) -> torch.nn.Module:
+@pytest.fixture(autouse=True)
+def exact_float32(monkeypatch):
+    # cuDNN would run the nn.Conv1d twin in TF32 on NVIDIA GPUs
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+def tiny_model(conv: str, device: torch.device, seed: int = 0, n_layers: int = 2) -> torch.nn.Module:
     torch.manual_seed(seed)
-    config = canon_lm.CanonLMConfig(TASK.vocab_size, d_model=32, n_layers=2, n_heads=2, ffn_hidden=48, conv=conv)
-    return canon_lm.CanonLM(config).eval()
+    config = canon_lm.CanonLMConfig(TASK.vocab_size, d_model=32, n_layers=n_layers, n_heads=2, ffn_hidden=48,
+                                    conv=conv)
+    return canon_lm.CanonLM(config).to(device).eval()
 
 
-def twin_models(seed: int = 0):
+def twin_models(device: torch.device, seed: int = 0, n_layers: int = 2):
     """The model on the library and the same weights on nn.Conv1d."""
-    library, plain = tiny_model("library", seed), tiny_model("torch", seed + 1)
+    library = tiny_model("library", device, seed, n_layers)
+    plain = tiny_model("torch", device, seed + 1, n_layers)
     canon_lm.copy_weights(library, plain)
     return library, plain
 
 
-def tokens(batch: int = 3, seed: int = 0) -> torch.Tensor:
-    return TASK.sample(batch, torch.Generator().manual_seed(seed))[0]
+def tokens(device: torch.device, batch: int = 3, seed: int = 0) -> torch.Tensor:
+    return TASK.sample(batch, torch.Generator().manual_seed(seed))[0].to(device)
 
 
-def test_weights_copy_between_library_and_torch_conv():
-    library, plain = twin_models()
+def test_weights_copy_between_library_and_torch_conv(device):
+    library, plain = twin_models(device)
     assert all(conv.weight.abs().min() > 0 for block in library.blocks for conv in block.canon.values())
     for (name, a), (_, b) in zip(library.named_parameters(), plain.named_parameters()):
         assert torch.equal(a.reshape(b.shape), b), name
 
 
-def test_training_forward_and_backward_match_torch_conv():
-    library, plain = twin_models()
-    x = tokens()
-    out_lib, out_plain = library(x), plain(x)
-    torch.testing.assert_close(out_lib, out_plain, **TOL)
+def layers_for(backend: str, device: torch.device) -> int:
+    """One block where the kernels run in the Triton interpreter or the Metal harness (seconds per call)."""
+    return 1 if uses_small_shapes(backend, device) else 2
 
+
+@torch.no_grad()
+def test_training_forward_matches_torch_conv(backend, device):
+    library, plain = twin_models(device, n_layers=layers_for(backend, device))
+    x = tokens(device)
+    torch.testing.assert_close(library(x), plain(x), **TOL)
+
+
+def test_gradients_match_torch_conv(device):
+    """Through the device's own backend (the op tests cover each backend's backward on CPU; the Triton
+    interpreter takes seconds per backward call)."""
+    library, plain = twin_models(device)
+    x = tokens(device)
+    out_lib, out_plain = library(x), plain(x)
     grad_out = torch.randn_like(out_lib)
     out_lib.backward(grad_out)
     out_plain.backward(grad_out)
@@ -63,9 +87,9 @@ def test_training_forward_and_backward_match_torch_conv():
 
 
 @torch.no_grad()
-def test_prefill_and_decode_match_torch_conv():
-    library, plain = twin_models()
-    x = tokens()
+def test_prefill_and_decode_match_torch_conv(backend, device):
+    library, plain = twin_models(device, n_layers=layers_for(backend, device))
+    x = tokens(device)
     split = 5
     cache_lib, cache_plain = library.new_cache(), plain.new_cache()
     torch.testing.assert_close(library(x[:, :split], cache_lib), plain(x[:, :split], cache_plain), **TOL)
@@ -82,11 +106,11 @@ def test_prefill_and_decode_match_torch_conv():
 
 @torch.no_grad()
 @pytest.mark.parametrize("chunk", [1, 3])
-def test_cached_decoding_equals_full_recompute(chunk):
+def test_cached_decoding_equals_full_recompute(chunk, device):
     """Prefill, then the rest `chunk` tokens per call (step with L > 1 and a masked attention
     over the cache when chunk > 1): every logit equals the full-sequence forward's."""
-    model = tiny_model("library")
-    x = tokens()
+    model = tiny_model("library", device)
+    x = tokens(device)
     full = model(x)
     cache = model.new_cache()
     split = 4
@@ -98,9 +122,9 @@ def test_cached_decoding_equals_full_recompute(chunk):
 
 
 @torch.no_grad()
-def test_generation_with_cache_equals_rerunning_the_sequence():
-    model = tiny_model("library", seed=3)
-    prompt = tokens(batch=2, seed=1)[:, : TASK.prompt_len]
+def test_generation_with_cache_equals_rerunning_the_sequence(device):
+    model = tiny_model("library", device, seed=3)
+    prompt = tokens(device, batch=2, seed=1)[:, : TASK.prompt_len]
     generated = canon_lm.generate(model, prompt, max_new_tokens=6)
 
     sequence = prompt
@@ -110,16 +134,16 @@ def test_generation_with_cache_equals_rerunning_the_sequence():
     assert torch.equal(generated, sequence[:, prompt.shape[1] :])
 
 
-def test_short_training_run_lowers_the_loss():
-    model = tiny_model("library").train()
+def test_short_training_run_lowers_the_loss(device):
+    model = tiny_model("library", device).train()
     losses = canon_lm.train(model, TASK, steps=40, batch_size=32, lr=1e-2, progress=False)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.7 * first, f"loss {first:.3f} -> {last:.3f}"
 
 
-def test_torch_compile_fullgraph_forward_and_backward():
-    model = tiny_model("library").train()
-    x = tokens()
+def test_torch_compile_fullgraph_forward_and_backward(device):
+    model = tiny_model("library", device).train()
+    x = tokens(device)
     # aot_eager: the same tracing as inductor (fake kernels, autograd, no graph break) without a C++ build
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     out = compiled(x)
