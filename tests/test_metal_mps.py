@@ -1,10 +1,14 @@
 """The Metal kernels on a real Apple GPU (`mps`), against the reference path in float64 on the CPU.
 
-Skipped, with the reason, wherever MPS is unavailable (every Linux machine). On a Mac:
+The full matrix runs on `mps` and is skipped, with the reason, wherever MPS is unavailable. A few cases
+(generic width 19 included, which the op suites do not reach, and shapes spanning several threadgroups)
+also run on CPU tensors through the Linux harness (marker `metal`), so CI exercises them. On a Mac:
     pytest -q tests/test_metal_mps.py
 The op-level suites also run on MPS with `pytest -q tests --device mps -m metal`.
 """
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
@@ -12,20 +16,29 @@ import torch
 from causal_conv1d_mps import metal, reference
 from causal_conv1d_mps.metal import _launch, _loader
 
-MPS = torch.device("mps")
 _MPS_READY = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
-pytestmark = pytest.mark.skipif(not _MPS_READY, reason="needs an Apple GPU: torch.backends.mps is not available")
+_ON_MPS = pytest.mark.skipif(not _MPS_READY, reason="needs an Apple GPU: torch.backends.mps is not available")
+_HARNESS_REASON = metal.unsupported_reason(torch.device("cpu"), torch.float32)
+_ON_HARNESS = [pytest.mark.metal, pytest.mark.skipif(_HARNESS_REASON is not None, reason=str(_HARNESS_REASON))]
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 WIDTHS = (1, 2, 4, 7, 16, 19)  # 19 takes the generic-width kernels
 
 
-def _dtype_or_skip(dtype: torch.dtype) -> torch.dtype:
-    reason = metal.unsupported_reason(MPS, dtype)
+def _cases(*mps_axes, cpu_cases):
+    """Every combination of `mps_axes` on mps, and the listed `cpu_cases` on CPU through the harness."""
+    on_mps = [pytest.param("mps", *combo, marks=_ON_MPS) for combo in itertools.product(*mps_axes)]
+    on_cpu = [pytest.param("cpu", *case, marks=_ON_HARNESS) for case in cpu_cases]
+    return on_mps + on_cpu
+
+
+def _device_or_skip(device: str, dtype: torch.dtype) -> torch.device:
+    dev = torch.device(device)
+    reason = metal.unsupported_reason(dev, dtype)
     if reason is not None:
         pytest.skip(reason)
-    return dtype
+    return dev
 
 
 def _rand(*shape, gen, dtype=torch.float32, scale=1.0):
@@ -46,25 +59,26 @@ def _to64(*tensors):
     return [None if t is None else t.double() for t in tensors]
 
 
-def _mps(*tensors):
-    return [None if t is None else t.to(MPS) for t in tensors]
+def _on(device, *tensors):
+    return [None if t is None else t.to(device) for t in tensors]
 
 
-def test_library_compiles_and_names_every_kernel():
-    lib = _loader.library(MPS)
+@pytest.mark.parametrize("device", _cases(cpu_cases=[()]))
+def test_library_compiles_and_names_every_kernel(device):
+    lib = _loader.library(_device_or_skip(device, torch.float32))
     names = set(dir(lib))
-    for stem in ("causal_conv1d_fwd", "causal_conv1d_bwd_dx", "causal_conv1d_bwd_dw", "short_conv_fused_fwd",
-                 "short_conv_fused_bwd_dx", "short_conv_fused_bwd_dw", "short_conv_update"):
+    for stem in ("causal_conv1d_fwd", "causal_conv1d_bwd", "short_conv_fused_fwd", "short_conv_fused_bwd",
+                 "short_conv_update"):
         for width in (*range(1, 17), "any"):
             name = _launch.kernel_name(stem, torch.float32, width)
             assert name in names, f"{name} missing from the compiled library"
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("width", WIDTHS)
-@pytest.mark.parametrize("channel_last", [False, True])
-def test_causal_conv1d_forward_and_backward(dtype, width, channel_last):
-    _dtype_or_skip(dtype)
+@pytest.mark.parametrize("device,dtype,width,channel_last", _cases(
+    DTYPES, WIDTHS, (False, True),
+    cpu_cases=[(torch.float32, 19, False), (torch.bfloat16, 19, True), (torch.float32, 4, False)]))
+def test_causal_conv1d_forward_and_backward(device, dtype, width, channel_last):
+    dev = _device_or_skip(device, dtype)
     gen = torch.Generator().manual_seed(width)
     b, d, t = 2, 67, 301
     x = _rand(b, t, d, gen=gen, dtype=dtype).transpose(1, 2) if channel_last else _rand(b, d, t, gen=gen, dtype=dtype)
@@ -75,22 +89,22 @@ def test_causal_conv1d_forward_and_backward(dtype, width, channel_last):
     seq_idx[:, -5:] = -1
     dout = _rand(*x.shape, gen=gen, dtype=dtype)
     dfinal = _rand(b, d, width - 1, gen=gen)
-    out, final = metal.causal_conv1d_fwd(*_mps(x, weight, bias, seq_idx, init), True, True)
+    out, final = metal.causal_conv1d_fwd(*_on(dev, x, weight, bias, seq_idx, init), True, True)
     ref_out, ref_final = reference.causal_conv1d_fwd(*_to64(x, weight, bias), seq_idx, *_to64(init), True, True)
-    assert out.stride() == x.to(MPS).stride(), "output layout differs from x"
+    assert out.stride() == x.to(dev).stride(), "output layout differs from x"
     _check("out", out, ref_out, dtype)
     _check("final_states", final, ref_final, dtype)
-    grads = metal.causal_conv1d_bwd(*_mps(x, weight, bias, seq_idx, init, dout, dfinal), True)
+    grads = metal.causal_conv1d_bwd(*_on(dev, x, weight, bias, seq_idx, init, dout, dfinal), True)
     ref_grads = reference.causal_conv1d_bwd(*_to64(x, weight, bias), seq_idx, *_to64(init, dout, dfinal), True)
     for name, got, ref in zip(("dx", "dweight", "dbias", "dinitial_states"), grads, ref_grads):
         _check(name, got, ref, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("width", WIDTHS)
-@pytest.mark.parametrize("varlen", [False, True])
-def test_short_conv_fused_forward_and_backward(dtype, width, varlen):
-    _dtype_or_skip(dtype)
+@pytest.mark.parametrize("device,dtype,width,varlen", _cases(
+    DTYPES, WIDTHS, (False, True),
+    cpu_cases=[(torch.float32, 19, True), (torch.half, 19, False), (torch.float32, 4, True)]))
+def test_short_conv_fused_forward_and_backward(device, dtype, width, varlen):
+    dev = _device_or_skip(device, dtype)
     gen = torch.Generator().manual_seed(100 + width)
     b, t, d = (1, 211, 96) if varlen else (3, 130, 96)
     wide = _rand(b, t, 2 * d, gen=gen, dtype=dtype)
@@ -103,23 +117,22 @@ def test_short_conv_fused_forward_and_backward(dtype, width, varlen):
     init = _rand(n, d, width - 1, gen=gen, dtype=dtype)
     dout = _rand(b, t, d, gen=gen, dtype=dtype)
     dfinal = _rand(n, d, width - 1, gen=gen)
-    out, final = metal.short_conv_fused_fwd(*_mps(x, weight, bias, mask, init, cu), True, True, True)
+    out, final = metal.short_conv_fused_fwd(*_on(dev, x, weight, bias, mask, init, cu), True, True, True)
     ref_out, ref_final = reference.short_conv_fused_fwd(*_to64(x, weight, bias, mask, init), cu, True, True, True)
     _check("out", out, ref_out, dtype)
     _check("final_states", final, ref_final, dtype)
-    grads = metal.short_conv_fused_bwd(*_mps(x, weight, bias, mask, init, cu, dout, dfinal), True, True)
+    grads = metal.short_conv_fused_bwd(*_on(dev, x, weight, bias, mask, init, cu, dout, dfinal), True, True)
     ref_grads = reference.short_conv_fused_bwd(*_to64(x, weight, bias, mask, init), cu, *_to64(dout, dfinal),
                                                True, True)
     for name, got, ref in zip(("dx", "dweight", "dbias", "dinitial_states"), grads, ref_grads):
         _check(name, got, ref, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("width", (2, 4, 16, 19))
-@pytest.mark.parametrize("steps", [1, 3, 9])
-@pytest.mark.parametrize("circular", [False, True])
-def test_short_conv_update(dtype, width, steps, circular):
-    _dtype_or_skip(dtype)
+@pytest.mark.parametrize("device,dtype,width,steps,circular", _cases(
+    DTYPES, (2, 4, 16, 19), (1, 3, 9), (False, True),
+    cpu_cases=[(torch.float32, 19, 9, True), (torch.bfloat16, 19, 3, False)]))
+def test_short_conv_update(device, dtype, width, steps, circular):
+    dev = _device_or_skip(device, dtype)
     gen = torch.Generator().manual_seed(width * steps)
     b, d, n = 4, 80, 5
     s = width - 1 if steps == 3 else width + 2  # S == W-1 and S > W-1, L > S included
@@ -132,30 +145,31 @@ def test_short_conv_update(dtype, width, steps, circular):
     seqlens = torch.tensor([0, 2, 7, 11], dtype=torch.int32) if circular else None
     indices = torch.tensor([3, -1, 0, 9], dtype=torch.int32)  # padding: negative and >= N
     ref_state = state.double()
-    state_mps = state.to(MPS, copy=True)
-    out = metal.short_conv_update(*_mps(x), state_mps, *_mps(weight, bias, seqlens, indices), True, True)
+    state_dev = state.to(dev, copy=True)
+    out = metal.short_conv_update(*_on(dev, x), state_dev, *_on(dev, weight, bias, seqlens, indices), True, True)
     ref_out = reference.short_conv_update(*_to64(x), ref_state, *_to64(weight, bias), seqlens,
                                           torch.tensor([3, -1, 0, -1], dtype=torch.int32), True, True)
     _check("out", out, ref_out, dtype)
-    assert torch.equal(state_mps.cpu(), ref_state.to(dtype)), "conv_state differs from the reference update"
+    assert torch.equal(state_dev.cpu(), ref_state.to(dtype)), "conv_state differs from the reference update"
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_causal_conv1d_varlen_states(dtype):
-    _dtype_or_skip(dtype)
+@pytest.mark.parametrize("device,dtype", _cases(DTYPES, cpu_cases=[(torch.bfloat16,)]))
+def test_causal_conv1d_varlen_states(device, dtype):
+    dev = _device_or_skip(device, dtype)
     gen = torch.Generator().manual_seed(7)
     x = _rand(50, 24, gen=gen, dtype=dtype)
     cu = torch.tensor([0, 2, 2, 30, 50], dtype=torch.int32)
-    got = metal.causal_conv1d_varlen_states(x.to(MPS), cu.to(MPS), 5)
+    got = metal.causal_conv1d_varlen_states(x.to(dev), cu.to(dev), 5)
     want = reference.causal_conv1d_varlen_states(x, cu, 5)
     assert torch.equal(got.cpu(), want), "varlen states differ (they are copies of inputs)"
 
 
+@_ON_MPS
 def test_backward_is_bitwise_deterministic():
     gen = torch.Generator().manual_seed(3)
     x, dout = _rand(2, 4096, 64, gen=gen), _rand(2, 4096, 64, gen=gen)
     weight, bias = _rand(64, 4, gen=gen), _rand(64, gen=gen)
-    args = _mps(x, weight, bias, None, None, None, dout, None)
+    args = _on(torch.device("mps"), x, weight, bias, None, None, None, dout, None)
     first = metal.short_conv_fused_bwd(*args, True, True)
     for _ in range(3):
         again = metal.short_conv_fused_bwd(*args, True, True)

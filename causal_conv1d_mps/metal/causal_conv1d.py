@@ -53,22 +53,20 @@ def causal_conv1d_bwd(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: T
     w = as_float32(weight)
     flags = (flag(bias, HAS_BIAS) | flag(seq_idx, HAS_SEQ) | flag(init, HAS_INIT) | (SILU if silu else 0)
              | flag(dfinal, HAS_DFINAL))
-    params, threads = _params(x, dout, width, flags)
+    params, _ = _params(x, dout, width, flags)
     f32, dev = torch.float32, x.device
     inputs = [x, w, optional(as_float32(bias), f32, dev), optional(seq_idx, torch.int32, dev),
               optional(init, f32, dev), dout, optional(dfinal, f32, dev)]
     device = x.device
-    launch(device, kernel_name("causal_conv1d_bwd_dx", x.dtype, width), [*inputs, dx, params], threads)
-
-    # Weight and bias: threadgroups of GROUP threads = channels x runs, one float32 partial row per group
-    # and batch row, then a fixed-order sum of the rows.
+    # One pass: dx, and per threadgroup (channels x runs) one float32 partial row of dweight/dbias; then a
+    # fixed-order sum of the rows (deterministic).
     channels = 32 if params[12] else 8
     runs = params[13]
     run_groups = -(-runs // (GROUP // channels))
     part = torch.empty((batch * run_groups, dim, width + 1), dtype=torch.float32, device=device)
     groups = batch * -(-dim // channels) * run_groups
-    launch(device, kernel_name("causal_conv1d_bwd_dw", x.dtype, width),
-           [*inputs, part, params + [channels, run_groups]], groups * GROUP, GROUP)
+    launch(device, kernel_name("causal_conv1d_bwd", x.dtype, width),
+           [*inputs, dx, part, params + [channels, run_groups]], groups * GROUP, GROUP)
     sums = reduce_rows(part.view(batch * run_groups, dim * (width + 1))).view(dim, width + 1)
     dweight = sums[:, :width].contiguous().to(weight.dtype)
     dbias = sums[:, width].to(bias.dtype) if bias is not None else x.new_empty(0)

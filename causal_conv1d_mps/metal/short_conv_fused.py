@@ -7,8 +7,8 @@ from torch import Tensor
 from ._launch import (GROUP, HAS_BIAS, HAS_CU, HAS_DFINAL, HAS_INIT, HAS_MASK, RESIDUAL, SILU, as_float32, flag,
                       gather_states, kernel_name, launch, optional, reduce_rows, run_length)
 
-# Channels per threadgroup of the weight-gradient kernel (channels are the fastest thread index).
-_DW_CHANNELS = 32
+# Channels per threadgroup of the backward kernel (channels are the fastest thread index).
+_BWD_CHANNELS = 32
 
 
 def _n_states(x: Tensor, cu_seqlens: Tensor | None) -> int:
@@ -66,20 +66,19 @@ def short_conv_fused_bwd(x: Tensor, weight: Tensor, bias: Tensor | None, mask: T
         return dx, *_grads_without_inputs(x, weight, bias, initial_states, dfinal_states)
     w = as_float32(weight)
     flags = _flags(bias, mask, init, cu_seqlens, activation, residual) | flag(dfinal, HAS_DFINAL)
-    params, threads = _params(x, width, n_states, flags)
+    params, _ = _params(x, width, n_states, flags)
     f32, i32, dev = torch.float32, torch.int32, x.device
     inputs = [x, w, optional(as_float32(bias), f32, dev), optional(mask, f32, dev), optional(cu_seqlens, i32, dev),
               optional(init, f32, dev), dout.contiguous(), optional(dfinal, f32, dev)]
     device = x.device
-    launch(device, kernel_name("short_conv_fused_bwd_dx", x.dtype, width), [*inputs, dx, params], threads)
-
-    # Weight and bias: one float32 partial row per (threadgroup of runs, batch row), then a fixed-order sum.
+    # One pass: dx, and per threadgroup (channels x runs) one float32 partial row of dweight/dbias; then a
+    # fixed-order sum of the rows (deterministic).
     runs = params[8]
-    run_groups = -(-runs // (GROUP // _DW_CHANNELS))
+    run_groups = -(-runs // (GROUP // _BWD_CHANNELS))
     part = torch.empty((batch * run_groups, dim, width + 1), dtype=torch.float32, device=device)
-    groups = batch * -(-dim // _DW_CHANNELS) * run_groups
-    launch(device, kernel_name("short_conv_fused_bwd_dw", x.dtype, width),
-           [*inputs, part, params + [_DW_CHANNELS, run_groups]], groups * GROUP, GROUP)
+    groups = batch * -(-dim // _BWD_CHANNELS) * run_groups
+    launch(device, kernel_name("short_conv_fused_bwd", x.dtype, width),
+           [*inputs, dx, part, params + [_BWD_CHANNELS, run_groups]], groups * GROUP, GROUP)
     sums = reduce_rows(part.view(batch * run_groups, dim * (width + 1))).view(dim, width + 1)
     dweight = sums[:, :width].contiguous().to(weight.dtype)
     dbias = sums[:, width].to(bias.dtype) if bias is not None else x.new_empty(0)

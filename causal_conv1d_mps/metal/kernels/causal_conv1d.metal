@@ -4,15 +4,15 @@
 // index) and channel-last (channels are the fastest thread index, so the
 // threads of a SIMD-group read consecutive addresses).
 //
-// Every kernel here takes the same buffers, in this order:
+// Every kernel here takes the same input buffers, in this order:
 //   0 x (storage T)   1 weight (D, W) f32   2 bias (D) f32   3 seq_idx (B, T) i32
 //   4 initial states (B, D, W-1) f32         5 dout (storage T)
-//   6 dfinal states (B, D, W-1) f32          7 the kernel's output   8 params
-// Absent optional inputs are bound to the weight buffer and never read (their
+//   6 dfinal states (B, D, W-1) f32          7.. the kernel's outputs, then params
+// Absent optional inputs are bound to a one-element stand-in, never read (their
 // flag is off). Params (int64):
 //   0 B  1 D  2 T  3 W  4..6 x strides (b, d, t)  7..9 dout strides (b, d, t)
 //   10 flags  11 run length  12 channel-last (1) or contiguous (0)
-//   13 runs per row  14 number of state rows (B)
+//   13 runs per row  14 number of state rows (B)  15, 16: see causal_conv1d_bwd
 
 template <typename T>
 struct CausalConvCtx {
@@ -157,83 +157,65 @@ inline bool cc_thread_run(
   return b < p[0];
 }
 
-#define CC_KERNEL_ARGS(OUT_TYPE)                   \
+// Buffers 0..6, shared by every kernel of this file.
+#define CC_INPUT_ARGS                              \
   device const T* x [[buffer(0)]],                 \
       device const float* weight [[buffer(1)]],    \
       device const float* bias [[buffer(2)]],      \
       device const int* seq_idx [[buffer(3)]],     \
       device const float* init [[buffer(4)]],      \
       device const T* dout [[buffer(5)]],          \
-      device const float* dfinal [[buffer(6)]],    \
-      device OUT_TYPE* out [[buffer(7)]],          \
-      constant long* p [[buffer(8)]]
+      device const float* dfinal [[buffer(6)]]
+
+#define CC_CTX() cc_make_ctx<T>(x, weight, bias, seq_idx, init, dout, dfinal, p)
 
 // out = act(bias + conv(xe)), out has x's strides.
 template <typename T, int W>
 [[kernel]] void causal_conv1d_fwd(
-    CC_KERNEL_ARGS(T), uint tid [[thread_position_in_grid]]) {
+    CC_INPUT_ARGS,
+    device T* out [[buffer(7)]],
+    constant long* p [[buffer(8)]],
+    uint tid [[thread_position_in_grid]]) {
   long b, d, t0, t1;
   if (!cc_thread_run(p, tid, b, d, t0, t1)) {
     return;
   }
-  const CausalConvCtx<T> c =
-      cc_make_ctx<T>(x, weight, bias, seq_idx, init, dout, dfinal, p);
+  const CausalConvCtx<T> c = CC_CTX();
   cc_forward_run<T, W>(c, out, b, d, t0, t1);
 }
 
-// dx, with x's strides (dfinal flows into the last W-1 positions).
-template <typename T, int W>
-[[kernel]] void causal_conv1d_bwd_dx(
-    CC_KERNEL_ARGS(T), uint tid [[thread_position_in_grid]]) {
-  long b, d, t0, t1;
-  if (!cc_thread_run(p, tid, b, d, t0, t1)) {
-    return;
-  }
-  const CausalConvCtx<T> c =
-      cc_make_ctx<T>(x, weight, bias, seq_idx, init, dout, dfinal, p);
-  cc_input_grad_run<T, W>(c, out, b, d, t0, t1);
-}
-
-// Partial dweight/dbias rows: out is float32 (B * run_groups, D, W+1).
-// Threadgroups tile (b, CC_GROUP / gr channels, gr runs); params 15 = channels
-// per group, 16 = run groups per row.
+// dx (x's strides; dfinal flows into the last W-1 positions) and the partial
+// dweight/dbias rows, float32 (B * run_groups, D, W+1). Params 15 = channels
+// per threadgroup, 16 = run groups per row.
 template <typename T, int W>
 [[max_total_threads_per_threadgroup(CC_GROUP)]] kernel void
-causal_conv1d_bwd_dw(
-    CC_KERNEL_ARGS(float), uint tid [[thread_position_in_grid]]) {
+causal_conv1d_bwd(
+    CC_INPUT_ARGS,
+    device T* dx [[buffer(7)]],
+    device float* part [[buffer(8)]],
+    constant long* p [[buffer(9)]],
+    uint tid [[thread_position_in_grid]]) {
   threadgroup float red[CC_GROUP];
-  const CausalConvCtx<T> c =
-      cc_make_ctx<T>(x, weight, bias, seq_idx, init, dout, dfinal, p);
-  const long run = p[11];
+  const CausalConvCtx<T> c = CC_CTX();
   const bool d_fastest = p[12] != 0;
-  const long runs = p[13];
   const uint gd = uint(p[15]);
-  const long run_groups = p[16];
-  const uint gr = CC_GROUP / gd;
-  const uint lid = tid % CC_GROUP;
-  long g = long(tid / CC_GROUP);
-  const long rg = g % run_groups;
-  g /= run_groups;
-  const long d_groups = (c.D + gd - 1) / gd;
-  const long dg = g % d_groups;
-  const long b = g / d_groups;
-  const uint dl = d_fastest ? lid % gd : lid / gr;
-  const uint rl = d_fastest ? lid / gd : lid % gr;
-  const long d = dg * gd + dl;
-  const long r = rg * gr + rl;
-  const long t0 = r * run;
-  const long t1 = r < runs ? (t0 + run < c.len ? t0 + run : c.len) : t0;
-  cc_weight_grad_group<W>(
-      c, out, red, b, d, d < c.D, t0, t1, b * run_groups + rg, lid, gd,
-      d_fastest);
+  long b, d, t0, t1, row;
+  uint lid;
+  cc_group_tile(
+      tid, c.D, c.len, p[11], p[13], gd, p[16], d_fastest, b, d, t0, t1, row,
+      lid);
+  cc_backward_group<T, W>(
+      c, dx, part, red, b, d, t0, t1, row, lid, gd, d_fastest);
 }
 
 // dinitial_states, float32 (B, D, W-1): one thread per element.
 template <typename T, int W>
 [[kernel]] void causal_conv1d_bwd_dinit(
-    CC_KERNEL_ARGS(float), uint tid [[thread_position_in_grid]]) {
-  const CausalConvCtx<T> c =
-      cc_make_ctx<T>(x, weight, bias, seq_idx, init, dout, dfinal, p);
+    CC_INPUT_ARGS,
+    device float* out [[buffer(7)]],
+    constant long* p [[buffer(8)]],
+    uint tid [[thread_position_in_grid]]) {
+  const CausalConvCtx<T> c = CC_CTX();
   const long hist = c.width - 1;
   const long i = long(tid);
   if (i >= p[14] * c.D * hist) {
@@ -246,6 +228,5 @@ template <typename T, int W>
 }
 
 CC_INSTANTIATE_TYPES(causal_conv1d_fwd, CC_INSTANTIATE_WIDTHS)
-CC_INSTANTIATE_TYPES(causal_conv1d_bwd_dx, CC_INSTANTIATE_WIDTHS)
-CC_INSTANTIATE_TYPES(causal_conv1d_bwd_dw, CC_INSTANTIATE_WIDTHS)
+CC_INSTANTIATE_TYPES(causal_conv1d_bwd, CC_INSTANTIATE_WIDTHS)
 CC_INSTANTIATE_TYPES(causal_conv1d_bwd_dinit, CC_INSTANTIATE_ANY)

@@ -136,41 +136,94 @@ inline float cc_grad_pre(thread const Ctx& c, long b, long d, long t, Seg seg) {
 }
 
 // ---------------------------------------------------------------------------
-// Backward, input gradient: a causal convolution with flipped taps that reads
-// the pre-activation gradient g ahead in time:
-//   dxe[q] = sum_k w[k] * g[q + W-1-k]   (only where q and q+W-1-k share a segment)
-// Fixed W: g for t = q .. q+W-1 lives in a register window (each g computed
-// once per run). Generic W: each g is recomputed per tap.
+// Backward. With g[t] = dL/dpre[t] (cc_grad_pre):
+//   input:  dxe[q] = sum_k w[k] * g[q + W-1-k]   (a causal convolution with
+//           flipped taps reading g ahead in time; only where q and
+//           q+W-1-k share a segment)
+//   weight: dw[k] = sum_t g[t] * xe[t - (W-1) + k],   bias: db = sum_t g[t]
+// One thread owns a run [t0, t1) of one channel: it writes dx there and
+// accumulates its weight/bias partial sums over the same t. Threadgroups of
+// CC_GROUP threads = `gd` channels x `gr` runs then add the partials of each
+// channel in a fixed order (cc_group_sum) and write one float32 row each; a
+// second kernel adds the rows in a fixed order, so the result is bitwise
+// reproducible (no atomics).
 // ---------------------------------------------------------------------------
+
+// Fixed W: one pass over x and dout. t walks [t0, t1 + W-1); the inputs of
+// the W taps of t live in a register window (as in the forward), g for the W
+// times ahead of q = t - (W-1) in a second one, so each x and dout value is
+// loaded once per run (plus halos) and each g is computed once.
 template <typename T, int W, class Ctx>
-inline void cc_input_grad_run(
-    thread const Ctx& c, device T* dx, long b, long d, long q0, long q1) {
-  if (W > 0) {
-    constexpr int WN = W > 0 ? W : 1;  // W, for the array bounds of this branch
-    float wr[WN];
-    float gw[WN];
-    long gid[WN];
-    for (int k = 0; k < WN; ++k) {
-      wr[k] = c.weight(d, k);
+inline void cc_backward_run(
+    thread const Ctx& c,
+    device T* dx,
+    long b,
+    long d,
+    long t0,
+    long t1,
+    thread float* pw) {
+  constexpr int WN = W > 0 ? W : 1;  // W; the generic width does not use this
+  for (int k = 0; k <= WN; ++k) {
+    pw[k] = 0.0f;
+  }
+  if (t0 >= t1) {
+    return;
+  }
+  float wr[WN];
+  float xw[WN];
+  float gw[WN];
+  long gid[WN];
+  for (int k = 0; k < WN; ++k) {
+    wr[k] = c.weight(d, k);
+    gw[k] = 0.0f;
+    gid[k] = 0;
+  }
+  const float bias = c.bias(d);
+  Seg st = c.seg_first(b, t0);  // segment of t
+  Seg sq = st;                  // segment of q = t - (W-1)
+  for (int j = 0; j < WN - 1; ++j) {
+    xw[j] = c.tap(b, d, t0 - (WN - 1) + j, st);
+  }
+  for (long t = t0; t < t1 + WN - 1; ++t) {
+    float g = 0.0f;
+    if (t < c.len) {
+      if (t != t0) {
+        Seg next = c.seg_next(b, t, st);
+        if (next.id != st.id) {
+          st = next;
+          for (int j = 0; j < WN - 1; ++j) {
+            xw[j] = c.tap(b, d, t - (WN - 1) + j, st);
+          }
+        }
+      }
+      xw[WN - 1] = c.tap(b, d, t, st);
+      if (!c.silent(st)) {
+        g = c.dout(b, d, t);
+        if (c.silu) {
+          float pre = bias;
+          for (int k = 0; k < WN; ++k) {
+            pre = fma(wr[k], xw[k], pre);
+          }
+          g *= cc_silu_grad(pre);
+        }
+      }
+      if (t < t1) {
+        for (int k = 0; k < WN; ++k) {
+          pw[k] = fma(g, xw[k], pw[k]);
+        }
+        pw[WN] += g;
+      }
     }
-    Seg sq = c.seg_first(b, q0);
-    Seg st = sq;  // segment of the newest t in the window
     for (int j = 0; j < WN - 1; ++j) {
-      const long t = q0 + j;
-      if (t < c.len && j > 0) {
-        st = c.seg_next(b, t, st);
-      }
-      gw[j] = cc_grad_pre<W>(c, b, d, t, st);
-      gid[j] = st.id;
+      gw[j] = gw[j + 1];
+      gid[j] = gid[j + 1];
+      xw[j] = xw[j + 1];
     }
-    for (long q = q0; q < q1; ++q) {
-      const long t = q + WN - 1;
-      if (t < c.len && t > q0) {
-        st = c.seg_next(b, t, st);
-      }
-      gw[WN - 1] = cc_grad_pre<W>(c, b, d, t, st);
-      gid[WN - 1] = st.id;
-      if (q != q0) {
+    gw[WN - 1] = g;
+    gid[WN - 1] = st.id;
+    const long q = t - (WN - 1);
+    if (q >= t0) {
+      if (q != t0) {
         sq = c.seg_next(b, q, sq);
       }
       float acc = 0.0f;
@@ -181,30 +234,172 @@ inline void cc_input_grad_run(
         }
       }
       dx[c.out_index(b, d, q)] = static_cast<T>(c.finish_dx(b, d, q, acc, sq));
-      for (int j = 0; j < WN - 1; ++j) {
-        gw[j] = gw[j + 1];
-        gid[j] = gid[j + 1];
+    }
+  }
+}
+
+// Generic width, input gradient: every g is recomputed per tap (direct reads).
+template <typename T, class Ctx>
+inline void cc_input_grad_generic(
+    thread const Ctx& c, device T* dx, long b, long d, long q0, long q1) {
+  if (q0 >= q1) {
+    return;
+  }
+  const int w = int(c.width);
+  Seg sq = c.seg_first(b, q0);
+  for (long q = q0; q < q1; ++q) {
+    if (q != q0) {
+      sq = c.seg_next(b, q, sq);
+    }
+    float acc = 0.0f;
+    for (int k = 0; k < w; ++k) {
+      const long t = q + (w - 1) - k;
+      if (t < c.len) {
+        const Seg st = c.seg_first(b, t);
+        if (st.id == sq.id) {
+          acc = fma(c.weight(d, k), cc_grad_pre<0>(c, b, d, t, st), acc);
+        }
       }
     }
-  } else {
-    const int w = int(c.width);
-    Seg sq = c.seg_first(b, q0);
-    for (long q = q0; q < q1; ++q) {
-      if (q != q0) {
-        sq = c.seg_next(b, q, sq);
+    dx[c.out_index(b, d, q)] = static_cast<T>(c.finish_dx(b, d, q, acc, sq));
+  }
+}
+
+// Writes, for each of the `count` partial sums pw[i] (columns k0 + i of the
+// (rows, D, ncols) partial buffer), the sum over the gr runs of each channel
+// of this threadgroup, added in run order. Every thread of the group calls it
+// (it contains barriers). lid -> (dl, rl) as in the kernels.
+inline void cc_group_sum(
+    device float* part,
+    threadgroup float* red,
+    thread const float* pw,
+    int count,
+    int k0,
+    int ncols,
+    long row,
+    long D,
+    long d,
+    bool d_valid,
+    uint lid,
+    uint gd,
+    bool d_fastest) {
+  const uint gr = CC_GROUP / gd;
+  const uint dl = d_fastest ? lid % gd : lid / gr;
+  const uint rl = d_fastest ? lid / gd : lid % gr;
+  for (int i = 0; i < count; ++i) {
+    red[lid] = pw[i];
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (rl == 0 && d_valid && k0 + i < ncols) {
+      float s = 0.0f;
+      for (uint r = 0; r < gr; ++r) {
+        s += red[d_fastest ? r * gd + dl : dl * gr + r];
       }
-      float acc = 0.0f;
-      for (int k = 0; k < w; ++k) {
-        const long t = q + (w - 1) - k;
-        if (t < c.len) {
-          const Seg st = c.seg_first(b, t);
-          if (st.id == sq.id) {
-            acc = fma(c.weight(d, k), cc_grad_pre<W>(c, b, d, t, st), acc);
+      part[(row * D + d) * ncols + k0 + i] = s;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+}
+
+// Generic width, weight and bias partials: 8 taps at a time in registers,
+// recomputing g for each chunk of taps.
+template <class Ctx>
+inline void cc_weight_grad_generic(
+    thread const Ctx& c,
+    device float* part,
+    threadgroup float* red,
+    long b,
+    long d,
+    bool d_valid,
+    long t0,
+    long t1,
+    long row,
+    uint lid,
+    uint gd,
+    bool d_fastest) {
+  const int w = int(c.width);
+  for (int k0 = 0; k0 < w + 1; k0 += 8) {
+    float pw[8];
+    for (int kk = 0; kk < 8; ++kk) {
+      pw[kk] = 0.0f;
+    }
+    if (d_valid && t0 < t1) {
+      Seg seg = c.seg_first(b, t0);
+      for (long t = t0; t < t1; ++t) {
+        if (t != t0) {
+          seg = c.seg_next(b, t, seg);
+        }
+        const float g = cc_grad_pre<0>(c, b, d, t, seg);
+        for (int kk = 0; kk < 8; ++kk) {
+          const int k = k0 + kk;
+          if (k < w) {
+            pw[kk] = fma(g, c.tap(b, d, t - (w - 1) + k, seg), pw[kk]);
+          } else if (k == w) {
+            pw[kk] += g;
           }
         }
       }
-      dx[c.out_index(b, d, q)] = static_cast<T>(c.finish_dx(b, d, q, acc, sq));
     }
+    cc_group_sum(part, red, pw, 8, k0, w + 1, row, c.D, d, d_valid, lid, gd, d_fastest);
+  }
+}
+
+// Thread -> (b, d, run) of the backward's threadgroup tiles: groups are
+// (batch row, gd channels, gr = CC_GROUP / gd runs), ordered run group
+// fastest; inside a group, channels are the fastest index when d_fastest.
+// row = this group's row of the partial buffer (b * run_groups + run group).
+inline void cc_group_tile(
+    uint tid, long D, long len, long run, long runs, uint gd, long run_groups,
+    bool d_fastest, thread long& b, thread long& d, thread long& t0,
+    thread long& t1, thread long& row, thread uint& lid) {
+  const uint gr = CC_GROUP / gd;
+  lid = tid % CC_GROUP;
+  long g = long(tid / CC_GROUP);
+  const long rg = g % run_groups;
+  g /= run_groups;
+  const long d_groups = (D + gd - 1) / gd;
+  const long dg = g % d_groups;
+  b = g / d_groups;
+  const uint dl = d_fastest ? lid % gd : lid / gr;
+  const uint rl = d_fastest ? lid / gd : lid % gr;
+  d = dg * gd + dl;
+  const long r = rg * gr + rl;
+  t0 = r * run;
+  t1 = r < runs ? (t0 + run < len ? t0 + run : len) : t0;
+  row = b * run_groups + rg;
+}
+
+// The whole backward of one thread's run, then the group's partial row:
+// the fixed-width single pass, or the generic two-part path.
+template <typename T, int W, class Ctx>
+inline void cc_backward_group(
+    thread const Ctx& c,
+    device T* dx,
+    device float* part,
+    threadgroup float* red,
+    long b,
+    long d,
+    long t0,
+    long t1,
+    long row,
+    uint lid,
+    uint gd,
+    bool d_fastest) {
+  const bool d_valid = d < c.D;
+  if (W > 0) {
+    float pw[W > 0 ? W + 1 : 2];  // W + 1 (the bound is for the unused W == 0 instantiation)
+    if (d_valid) {
+      cc_backward_run<T, W>(c, dx, b, d, t0, t1, pw);
+    } else {
+      for (int k = 0; k <= W; ++k) {
+        pw[k] = 0.0f;
+      }
+    }
+    cc_group_sum(part, red, pw, W + 1, 0, W + 1, row, c.D, d, d_valid, lid, gd, d_fastest);
+  } else {
+    if (d_valid) {
+      cc_input_grad_generic<T>(c, dx, b, d, t0, t1);
+    }
+    cc_weight_grad_generic(c, part, red, b, d, d_valid, t0, t1, row, lid, gd, d_fastest);
   }
 }
 
@@ -235,75 +430,6 @@ inline float cc_state_grad(thread const Ctx& c, long n, long d, long j) {
     acc += c.dfinal(n, d, f);
   }
   return acc;
-}
-
-// ---------------------------------------------------------------------------
-// Backward, weight and bias gradients. Each thread accumulates
-//   dw[k] += g[t] * xe[t - (W-1) + k],  db += g[t]
-// over its run in registers, KC taps at a time (all W+1 at once for fixed W;
-// chunks of 8 for the generic width, recomputing g per chunk). The threads of
-// one threadgroup that share a channel are then summed in a fixed order and
-// the group writes one float32 partial row; a second kernel adds the rows in
-// a fixed order, so the result is bitwise reproducible (no atomics).
-//
-// Threadgroup = CC_GROUP threads = `gd` channels x `gr` runs; lid -> (dl, rl).
-// ---------------------------------------------------------------------------
-template <int W, class Ctx>
-inline void cc_weight_grad_group(
-    thread const Ctx& c,
-    device float* part,
-    threadgroup float* red,
-    long b,
-    long d,
-    bool d_valid,
-    long t0,
-    long t1,
-    long row,
-    uint lid,
-    uint gd,
-    bool d_fastest) {
-  const int w = W > 0 ? W : int(c.width);
-  const int KC = W > 0 ? W + 1 : 8;
-  const uint gr = CC_GROUP / gd;
-  const uint dl = d_fastest ? lid % gd : lid / gr;
-  const uint rl = d_fastest ? lid / gd : lid % gr;
-  for (int k0 = 0; k0 < w + 1; k0 += KC) {
-    float pw[W > 0 ? W + 1 : 8];
-    for (int kk = 0; kk < KC; ++kk) {
-      pw[kk] = 0.0f;
-    }
-    if (d_valid && t0 < t1) {
-      Seg seg = c.seg_first(b, t0);
-      for (long t = t0; t < t1; ++t) {
-        if (t != t0) {
-          seg = c.seg_next(b, t, seg);
-        }
-        const float g = cc_grad_pre<W>(c, b, d, t, seg);
-        for (int kk = 0; kk < KC; ++kk) {
-          const int k = k0 + kk;
-          if (k < w) {
-            pw[kk] = fma(g, c.tap(b, d, t - (w - 1) + k, seg), pw[kk]);
-          } else if (k == w) {
-            pw[kk] += g;
-          }
-        }
-      }
-    }
-    // Fixed-order sum over the gr runs of each channel in this group.
-    for (int kk = 0; kk < KC; ++kk) {
-      red[lid] = pw[kk];
-      threadgroup_barrier(mem_flags::mem_threadgroup);
-      const int k = k0 + kk;
-      if (rl == 0 && d_valid && k <= w) {
-        float s = 0.0f;
-        for (uint r = 0; r < gr; ++r) {
-          s += red[d_fastest ? r * gd + dl : dl * gr + r];
-        }
-        part[(row * c.D + d) * (w + 1) + k] = s;
-      }
-      threadgroup_barrier(mem_flags::mem_threadgroup);
-    }
-  }
 }
 
 // One MLX-style instantiation per (kernel, storage type, width): the host name

@@ -4,12 +4,12 @@
 // along D (consecutive channels = consecutive addresses); each thread owns a
 // run of consecutive t and keeps the W-1 halo in registers.
 //
-// Every kernel here takes the same buffers, in this order:
+// Every kernel here takes the same input buffers, in this order:
 //   0 x (storage T)  1 weight (D, W) f32  2 bias (D) f32  3 mask (B, T) f32
 //   4 cu_seqlens (N+1) i32  5 initial states (N, D, W-1) f32
 //   6 dout (B, T, D) contiguous, storage T  7 dfinal states (N, D, W-1) f32
-//   8 the kernel's output  9 params
-// Absent optional inputs are bound to the weight buffer and never read.
+//   8.. the kernel's outputs, then params
+// Absent optional inputs are bound to a one-element stand-in, never read.
 // Params (int64):
 //   0 B  1 D  2 T  3 W  4 x stride over b  5 x stride over t  6 flags
 //   7 run length  8 runs per row  9 N (state rows: sequences, or B)
@@ -190,7 +190,8 @@ inline bool fused_thread_run(
   return b < p[0];
 }
 
-#define FUSED_KERNEL_ARGS(OUT_TYPE)                \
+// Buffers 0..7, shared by every kernel of this file.
+#define FUSED_INPUT_ARGS                           \
   device const T* x [[buffer(0)]],                 \
       device const float* weight [[buffer(1)]],    \
       device const float* bias [[buffer(2)]],      \
@@ -198,9 +199,7 @@ inline bool fused_thread_run(
       device const int* cu_seqlens [[buffer(4)]],  \
       device const float* init [[buffer(5)]],      \
       device const T* dout [[buffer(6)]],          \
-      device const float* dfinal [[buffer(7)]],    \
-      device OUT_TYPE* out [[buffer(8)]],          \
-      constant long* p [[buffer(9)]]
+      device const float* dfinal [[buffer(7)]]
 
 #define FUSED_CTX() \
   fused_make_ctx<T>(x, weight, bias, mask, cu_seqlens, init, dout, dfinal, p)
@@ -208,7 +207,10 @@ inline bool fused_thread_run(
 // out (B, T, D) contiguous.
 template <typename T, int W>
 [[kernel]] void short_conv_fused_fwd(
-    FUSED_KERNEL_ARGS(T), uint tid [[thread_position_in_grid]]) {
+    FUSED_INPUT_ARGS,
+    device T* out [[buffer(8)]],
+    constant long* p [[buffer(9)]],
+    uint tid [[thread_position_in_grid]]) {
   long b, d, t0, t1;
   if (!fused_thread_run(p, tid, b, d, t0, t1)) {
     return;
@@ -217,50 +219,33 @@ template <typename T, int W>
   cc_forward_run<T, W>(c, out, b, d, t0, t1);
 }
 
-// dx (B, T, D) contiguous.
-template <typename T, int W>
-[[kernel]] void short_conv_fused_bwd_dx(
-    FUSED_KERNEL_ARGS(T), uint tid [[thread_position_in_grid]]) {
-  long b, d, t0, t1;
-  if (!fused_thread_run(p, tid, b, d, t0, t1)) {
-    return;
-  }
-  const FusedConvCtx<T> c = FUSED_CTX();
-  cc_input_grad_run<T, W>(c, out, b, d, t0, t1);
-}
-
-// Partial dweight/dbias rows, float32 (B * run_groups, D, W+1); threadgroups
-// tile (b, channels, runs) with channels fastest.
+// dx (B, T, D) contiguous and the partial dweight/dbias rows, float32
+// (B * run_groups, D, W+1); threadgroup tiles with channels fastest.
 template <typename T, int W>
 [[max_total_threads_per_threadgroup(CC_GROUP)]] kernel void
-short_conv_fused_bwd_dw(
-    FUSED_KERNEL_ARGS(float), uint tid [[thread_position_in_grid]]) {
+short_conv_fused_bwd(
+    FUSED_INPUT_ARGS,
+    device T* dx [[buffer(8)]],
+    device float* part [[buffer(9)]],
+    constant long* p [[buffer(10)]],
+    uint tid [[thread_position_in_grid]]) {
   threadgroup float red[CC_GROUP];
   const FusedConvCtx<T> c = FUSED_CTX();
-  const long run = p[7];
-  const long runs = p[8];
   const uint gd = uint(p[10]);
-  const long run_groups = p[11];
-  const uint gr = CC_GROUP / gd;
-  const uint lid = tid % CC_GROUP;
-  long g = long(tid / CC_GROUP);
-  const long rg = g % run_groups;
-  g /= run_groups;
-  const long d_groups = (c.D + gd - 1) / gd;
-  const long dg = g % d_groups;
-  const long b = g / d_groups;
-  const long d = dg * gd + lid % gd;
-  const long r = rg * gr + lid / gd;
-  const long t0 = r * run;
-  const long t1 = r < runs ? (t0 + run < c.len ? t0 + run : c.len) : t0;
-  cc_weight_grad_group<W>(
-      c, out, red, b, d, d < c.D, t0, t1, b * run_groups + rg, lid, gd, true);
+  long b, d, t0, t1, row;
+  uint lid;
+  cc_group_tile(
+      tid, c.D, c.len, p[7], p[8], gd, p[11], true, b, d, t0, t1, row, lid);
+  cc_backward_group<T, W>(c, dx, part, red, b, d, t0, t1, row, lid, gd, true);
 }
 
 // dinitial_states, float32 (N, D, W-1): one thread per element.
 template <typename T, int W>
 [[kernel]] void short_conv_fused_bwd_dinit(
-    FUSED_KERNEL_ARGS(float), uint tid [[thread_position_in_grid]]) {
+    FUSED_INPUT_ARGS,
+    device float* out [[buffer(8)]],
+    constant long* p [[buffer(9)]],
+    uint tid [[thread_position_in_grid]]) {
   const FusedConvCtx<T> c = FUSED_CTX();
   const long hist = c.width - 1;
   const long i = long(tid);
@@ -274,6 +259,5 @@ template <typename T, int W>
 }
 
 CC_INSTANTIATE_TYPES(short_conv_fused_fwd, CC_INSTANTIATE_WIDTHS)
-CC_INSTANTIATE_TYPES(short_conv_fused_bwd_dx, CC_INSTANTIATE_WIDTHS)
-CC_INSTANTIATE_TYPES(short_conv_fused_bwd_dw, CC_INSTANTIATE_WIDTHS)
+CC_INSTANTIATE_TYPES(short_conv_fused_bwd, CC_INSTANTIATE_WIDTHS)
 CC_INSTANTIATE_TYPES(short_conv_fused_bwd_dinit, CC_INSTANTIATE_ANY)
