@@ -33,7 +33,7 @@ def conv_tiles(T: int, D: int, W: int, channel_last: bool, interpreted: bool) ->
         config = dict(BT=min(_pow2(T, 16), 32), BD=min(_pow2(D, 16), 128), num_warps=4)
     else:
         # T is contiguous: long time tiles, a few channels
-        config = dict(BT=min(_pow2(T, 16), 512), BD=min(_pow2(D), 4), num_warps=4)
+        config = dict(BT=min(_pow2(T, 16), 256), BD=min(_pow2(D), 8), num_warps=4)
     return _override("conv_fwd_" + ("channel_last" if channel_last else "contiguous"), config)
 
 
@@ -43,7 +43,7 @@ def conv_bwd_tiles(T: int, D: int, W: int, channel_last: bool, interpreted: bool
     if interpreted:
         config = dict(BT=min(_pow2(T), 64), BD=min(_pow2(D), 64), TILES=4, num_warps=4)
     elif channel_last:
-        config = dict(BT=min(_pow2(T, 16), 32), BD=min(_pow2(D, 16), 64), TILES=8, num_warps=4)
+        config = dict(BT=min(_pow2(T, 16), 16), BD=min(_pow2(D, 16), 64), TILES=16, num_warps=2)
     else:
         config = dict(BT=min(_pow2(T, 16), 256), BD=min(_pow2(D), 4), TILES=2, num_warps=4)
     return _override("conv_bwd_" + ("channel_last" if channel_last else "contiguous"), config)

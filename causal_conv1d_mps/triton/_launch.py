@@ -4,8 +4,8 @@
 which costs more host time than a small convolution costs on the GPU (docs/PERF_NOTES.md, P5). Here
 the first call of each specialisation goes through Triton as usual and keeps the compiled kernel; later
 calls with the same key call its launcher directly. The key covers everything Triton specialises on:
-the constexpr values, `num_warps`, and for each runtime argument its dtype and 16-byte alignment
-(tensors), or whether it equals 1, is a multiple of 16 or needs 64 bits (integers).
+the constexpr values, `num_warps`, each tensor's dtype and 16-byte alignment, and the integers
+themselves (finer than Triton's "equals 1 / multiple of 16 / needs 64 bits", so never wrong).
 
 The interpreter, a Triton whose compiled-kernel interface differs, or
 `CAUSAL_CONV1D_TRITON_FAST_LAUNCH=0` take Triton's own path every time.
@@ -21,11 +21,10 @@ _compiled: dict[tuple, object] = {}
 
 
 def _arg_key(arg):
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
-    if isinstance(arg, int) and not isinstance(arg, bool):
-        return (arg == 1, arg % 16 == 0, -2**31 <= arg < 2**31)
-    return arg
+    """What Triton specialises a runtime argument on (integers: their value, a superset of it)."""
+    if type(arg) is int or arg is None:
+        return arg
+    return arg.dtype, arg.data_ptr() & 15 == 0
 
 
 def launch(kernel, grid, args: tuple, constexprs: dict, num_warps: int) -> None:
