@@ -104,6 +104,29 @@ def test_prefill_and_decode_match_torch_conv(backend, device):
             torch.testing.assert_close(state, layer_plain.conv[place], **TOL, msg=lambda m: f"Canon-{place}: {m}")
 
 
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+def test_autocast_mixes_low_precision_activations_with_float32_weights(amp_dtype, device):
+    """As the example trains on GPUs: Canon B and D see low-precision activations (A and C see RMSNorm's
+    output), all with float32 weights; results stay within low-precision error of float32."""
+    model = tiny_model("library", device)
+    x = tokens(device)
+    reference = model(x).detach()
+    with canon_lm.autocast(device, amp_dtype):
+        logits = model(x)
+    error = ((logits.float() - reference).norm() / reference.norm()).item()
+    assert error < 2e-2, f"relative error {error:.2e} of {amp_dtype} autocast against float32"
+    logits.float().square().mean().backward()
+    assert all(p.grad.dtype == torch.float32 and p.grad.isfinite().all() for p in model.parameters())
+
+    cache = model.new_cache()
+    with torch.no_grad(), canon_lm.autocast(device, amp_dtype):
+        model(x[:, :5], cache)
+        model(x[:, 5:6], cache)
+    states = {place: state.dtype for place, state in cache[0].conv.items()}
+    # a state keeps its input's dtype: the projections' outputs (B, D) are in amp_dtype
+    assert states["B"] == states["D"] == amp_dtype, states
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_cached_decoding_equals_full_recompute(chunk, device):
