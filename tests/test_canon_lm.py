@@ -2,7 +2,7 @@
 model gives the same numbers as nn.Conv1d (through every backend), cached decoding equals recomputation,
 training learns, and torch.compile traces the whole model without a graph break.
 
-Runs on the suite's `--device` (default cpu); float32 throughout, so the tolerance is tight.
+Runs on the suite's `--device` (default cpu), in float32 (tight tolerance) unless a test says otherwise.
 """
 
 import importlib.util
@@ -54,16 +54,16 @@ def tokens(device: torch.device, batch: int = 3, seed: int = 0) -> torch.Tensor:
     return TASK.sample(batch, torch.Generator().manual_seed(seed))[0].to(device)
 
 
+def layers_for(backend: str, device: torch.device) -> int:
+    """One block where the kernels run in the Triton interpreter or the Metal harness (seconds per call)."""
+    return 1 if uses_small_shapes(backend, device) else 2
+
+
 def test_weights_copy_between_library_and_torch_conv(device):
     library, plain = twin_models(device)
     assert all(conv.weight.abs().min() > 0 for block in library.blocks for conv in block.canon.values())
     for (name, a), (_, b) in zip(library.named_parameters(), plain.named_parameters()):
         assert torch.equal(a.reshape(b.shape), b), name
-
-
-def layers_for(backend: str, device: torch.device) -> int:
-    """One block where the kernels run in the Triton interpreter or the Metal harness (seconds per call)."""
-    return 1 if uses_small_shapes(backend, device) else 2
 
 
 @torch.no_grad()
