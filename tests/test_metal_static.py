@@ -87,3 +87,40 @@ def test_rules_accept_the_correct_forms():
         "}\n"
     )
     assert violations(good) == []
+
+
+# The loader's source assembly and availability answers: no compiler or GPU needed.
+
+def test_sources_are_assembled_with_common_first(monkeypatch):
+    from causal_conv1d_mps.metal import _loader
+
+    monkeypatch.delenv(_loader.SOURCE_ENV_VAR, raising=False)
+    files = [p.name for p in _loader.source_files()]
+    assert files[0] == "common.metal" and sorted(files) == sorted(p.name for p in SHIPPED), files
+    source = _loader.kernel_source()
+    assert source.index("struct Seg") < source.index("struct CausalConvCtx"), "common.metal must come first"
+
+
+def test_source_override_accepts_a_file_or_a_folder(monkeypatch, tmp_path):
+    from causal_conv1d_mps.metal import _loader
+
+    (tmp_path / "b.metal").write_text("// b\n")
+    (tmp_path / "common.metal").write_text("// common\n")
+    (tmp_path / "notes.txt").write_text("not a kernel\n")
+    monkeypatch.setenv(_loader.SOURCE_ENV_VAR, str(tmp_path))
+    assert [p.name for p in _loader.source_files()] == ["common.metal", "b.metal"]
+    monkeypatch.setenv(_loader.SOURCE_ENV_VAR, str(tmp_path / "b.metal"))
+    assert _loader.kernel_source().endswith("// b\n")
+    monkeypatch.setenv(_loader.SOURCE_ENV_VAR, str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match=_loader.SOURCE_ENV_VAR):
+        _loader.source_files()
+
+
+def test_unsupported_reasons_name_the_cause():
+    import torch
+
+    from causal_conv1d_mps.metal import _loader
+
+    assert "float64" in _loader.unsupported_reason(torch.device("cpu"), torch.float64)
+    assert "int32" in _loader.unsupported_reason(torch.device("cpu"), torch.int32)
+    assert "cuda" in _loader.unsupported_reason(torch.device("cuda"), torch.float32)
