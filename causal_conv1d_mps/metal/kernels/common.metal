@@ -58,6 +58,18 @@ struct Seg {
   long start;
 };
 
+// What the bodies below ask of a context `c` (CausalConvCtx, FusedConvCtx):
+//   sizes and flags: c.D, c.len, c.width, c.silu, c.has_dfinal
+//   c.weight(d, k), c.bias(d)                    float32 parameters
+//   c.seg_first(b, t), c.seg_next(b, t, prev)    segment of t (next: t grows)
+//   c.silent(seg)                                output forced to 0 there
+//   c.tap(b, d, p, seg)                          extended input at p, seen from seg
+//   c.dout(b, d, t), c.dfinal(n, d, f)           incoming gradients
+//   c.out_index(b, d, t)                         where out / dx is stored
+//   c.finish(b, d, t, pre, seg)                  output from the pre-activation
+//   c.finish_dx(b, d, q, acc, seg)               dx from sum_k w[k] g[q+W-1-k]
+//   c.state_batch/start/end/seg(n)               the stream of state row n
+
 // ---------------------------------------------------------------------------
 // Forward: one thread computes outputs t0 .. t1-1 of one (b, d) row.
 // Fixed W: the last W inputs live in a register window, so each input is
