@@ -78,7 +78,10 @@ def test_library_compiles_and_names_every_kernel(device):
     DTYPES, WIDTHS, (False, True),
     cpu_cases=[(torch.float32, 19, False), (torch.bfloat16, 19, True), (torch.float32, 4, False)]))
 def test_causal_conv1d_forward_and_backward(device, dtype, width, channel_last):
-    dev = _device_or_skip(device, dtype)
+    _check_causal_conv1d(_device_or_skip(device, dtype), dtype, width, channel_last)
+
+
+def _check_causal_conv1d(dev, dtype, width, channel_last):
     gen = torch.Generator().manual_seed(width)
     b, d, t = 2, 67, 301
     x = _rand(b, t, d, gen=gen, dtype=dtype).transpose(1, 2) if channel_last else _rand(b, d, t, gen=gen, dtype=dtype)
@@ -104,7 +107,10 @@ def test_causal_conv1d_forward_and_backward(device, dtype, width, channel_last):
     DTYPES, WIDTHS, (False, True),
     cpu_cases=[(torch.float32, 19, True), (torch.half, 19, False), (torch.float32, 4, True)]))
 def test_short_conv_fused_forward_and_backward(device, dtype, width, varlen):
-    dev = _device_or_skip(device, dtype)
+    _check_short_conv_fused(_device_or_skip(device, dtype), dtype, width, varlen)
+
+
+def _check_short_conv_fused(dev, dtype, width, varlen):
     gen = torch.Generator().manual_seed(100 + width)
     b, t, d = (1, 211, 96) if varlen else (3, 130, 96)
     wide = _rand(b, t, 2 * d, gen=gen, dtype=dtype)
@@ -126,6 +132,17 @@ def test_short_conv_fused_forward_and_backward(device, dtype, width, varlen):
                                                True, True)
     for name, got, ref in zip(("dx", "dweight", "dbias", "dinitial_states"), grads, ref_grads):
         _check(name, got, ref, dtype)
+
+
+@pytest.mark.parametrize("device", _cases(cpu_cases=[()]))
+@pytest.mark.parametrize("width", (4, 19))
+def test_backward_with_long_runs(device, width, monkeypatch):
+    """Large inputs give the backward runs of up to 64 positions; force them on small shapes."""
+    dev = _device_or_skip(device, torch.float32)
+    monkeypatch.setattr(_launch, "BACKWARD_MIN_THREADS", 1)
+    _check_causal_conv1d(dev, torch.float32, width, False)
+    _check_causal_conv1d(dev, torch.float32, width, True)
+    _check_short_conv_fused(dev, torch.float32, width, True)
 
 
 @pytest.mark.parametrize("device,dtype,width,steps,circular", _cases(

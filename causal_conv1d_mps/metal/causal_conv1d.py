@@ -9,9 +9,9 @@ from ._launch import (GROUP, HAS_BIAS, HAS_DFINAL, HAS_INIT, HAS_SEQ, SILU, as_f
 
 
 def _params(x: Tensor, dout: Tensor | None, width: int, flags: int) -> tuple[list[int], int]:
-    """The kernels' int64 params and the number of (b, d, run) threads."""
+    """The kernels' int64 params and the number of (b, d, run) threads (backward when `dout` is given)."""
     batch, dim, length = x.shape
-    run = run_length(width, batch * dim, length)
+    run = run_length(width, batch * dim, length, backward=dout is not None)
     runs = -(-length // run)
     channel_last = not x.is_contiguous()
     g = dout if dout is not None else x

@@ -15,10 +15,10 @@ def _n_states(x: Tensor, cu_seqlens: Tensor | None) -> int:
     return cu_seqlens.shape[0] - 1 if cu_seqlens is not None else x.shape[0]
 
 
-def _params(x: Tensor, width: int, n_states: int, flags: int) -> tuple[list[int], int]:
+def _params(x: Tensor, width: int, n_states: int, flags: int, backward: bool = False) -> tuple[list[int], int]:
     """The kernels' int64 params and the number of (b, run, d) threads."""
     batch, length, dim = x.shape
-    run = run_length(width, batch * dim, length)
+    run = run_length(width, batch * dim, length, backward)
     runs = -(-length // run)
     params = [batch, dim, length, width, x.stride(0), x.stride(1), flags, run, runs, n_states]
     return params, batch * dim * runs
@@ -66,7 +66,7 @@ def short_conv_fused_bwd(x: Tensor, weight: Tensor, bias: Tensor | None, mask: T
         return dx, *_grads_without_inputs(x, weight, bias, initial_states, dfinal_states)
     w = as_float32(weight)
     flags = _flags(bias, mask, init, cu_seqlens, activation, residual) | flag(dfinal, HAS_DFINAL)
-    params, _ = _params(x, width, n_states, flags)
+    params, _ = _params(x, width, n_states, flags, backward=True)
     f32, i32, dev = torch.float32, torch.int32, x.device
     inputs = [x, w, optional(as_float32(bias), f32, dev), optional(mask, f32, dev), optional(cu_seqlens, i32, dev),
               optional(init, f32, dev), dout.contiguous(), optional(dfinal, f32, dev)]
