@@ -57,15 +57,14 @@ def causal_conv1d_bwd(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: T
     f32, dev = torch.float32, x.device
     inputs = [x, w, optional(as_float32(bias), f32, dev), optional(seq_idx, torch.int32, dev),
               optional(init, f32, dev), dout, optional(dfinal, f32, dev)]
-    device = x.device
     # One pass: dx, and per threadgroup (channels x runs) one float32 partial row of dweight/dbias; then a
     # fixed-order sum of the rows (deterministic).
     channels = 32 if params[12] else 8
     runs = params[13]
     run_groups = -(-runs // (GROUP // channels))
-    part = torch.empty((batch * run_groups, dim, width + 1), dtype=torch.float32, device=device)
+    part = torch.empty((batch * run_groups, dim, width + 1), dtype=torch.float32, device=dev)
     groups = batch * -(-dim // channels) * run_groups
-    launch(device, kernel_name("causal_conv1d_bwd", x.dtype, width),
+    launch(dev, kernel_name("causal_conv1d_bwd", x.dtype, width),
            [*inputs, dx, part, params + [channels, run_groups]], groups * GROUP, GROUP)
     sums = reduce_rows(part.view(batch * run_groups, dim * (width + 1))).view(dim, width + 1)
     dweight = sums[:, :width].contiguous().to(weight.dtype)
@@ -73,8 +72,8 @@ def causal_conv1d_bwd(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: T
 
     dinit = x.new_empty(0)
     if initial_states is not None:
-        dinit = torch.empty((batch, dim, width - 1), dtype=torch.float32, device=device)
-        launch(device, kernel_name("causal_conv1d_bwd_dinit", x.dtype, "any"), [*inputs, dinit, params],
+        dinit = torch.empty((batch, dim, width - 1), dtype=torch.float32, device=dev)
+        launch(dev, kernel_name("causal_conv1d_bwd_dinit", x.dtype, "any"), [*inputs, dinit, params],
                dinit.numel())
         dinit = dinit.to(initial_states.dtype)
     return dx, dweight, dbias, dinit

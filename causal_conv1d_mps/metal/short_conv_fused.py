@@ -70,14 +70,13 @@ def short_conv_fused_bwd(x: Tensor, weight: Tensor, bias: Tensor | None, mask: T
     f32, i32, dev = torch.float32, torch.int32, x.device
     inputs = [x, w, optional(as_float32(bias), f32, dev), optional(mask, f32, dev), optional(cu_seqlens, i32, dev),
               optional(init, f32, dev), dout.contiguous(), optional(dfinal, f32, dev)]
-    device = x.device
     # One pass: dx, and per threadgroup (channels x runs) one float32 partial row of dweight/dbias; then a
     # fixed-order sum of the rows (deterministic).
     runs = params[8]
     run_groups = -(-runs // (GROUP // _BWD_CHANNELS))
-    part = torch.empty((batch * run_groups, dim, width + 1), dtype=torch.float32, device=device)
+    part = torch.empty((batch * run_groups, dim, width + 1), dtype=torch.float32, device=dev)
     groups = batch * -(-dim // _BWD_CHANNELS) * run_groups
-    launch(device, kernel_name("short_conv_fused_bwd", x.dtype, width),
+    launch(dev, kernel_name("short_conv_fused_bwd", x.dtype, width),
            [*inputs, dx, part, params + [_BWD_CHANNELS, run_groups]], groups * GROUP, GROUP)
     sums = reduce_rows(part.view(batch * run_groups, dim * (width + 1))).view(dim, width + 1)
     dweight = sums[:, :width].contiguous().to(weight.dtype)
@@ -85,8 +84,8 @@ def short_conv_fused_bwd(x: Tensor, weight: Tensor, bias: Tensor | None, mask: T
 
     dinit = x.new_empty(0)
     if initial_states is not None:
-        dinit = torch.empty((n_states, dim, width - 1), dtype=torch.float32, device=device)
-        launch(device, kernel_name("short_conv_fused_bwd_dinit", x.dtype, "any"), [*inputs, dinit, params],
+        dinit = torch.empty((n_states, dim, width - 1), dtype=torch.float32, device=dev)
+        launch(dev, kernel_name("short_conv_fused_bwd_dinit", x.dtype, "any"), [*inputs, dinit, params],
                dinit.numel())
         dinit = dinit.to(initial_states.dtype)
     return dx, dweight, dbias, dinit
