@@ -136,21 +136,21 @@ def normalize_mask(mask, batch: int, length: int, dtype: torch.dtype = torch.flo
     if m.dim() == 1:
         n = m.shape[0]
         if n == batch * length:
-            m = m.view(batch, length)
+            m = m.reshape(batch, length)
         elif n == length:
-            m = m.view(1, length).expand(batch, length)
+            m = m.reshape(1, length).expand(batch, length)
         elif n == batch:
-            m = m.view(batch, 1).expand(batch, length)
+            m = m.reshape(batch, 1).expand(batch, length)
         else:
             m = None
     elif m.dim() == 2:
         r, c = m.shape
-        if r in (batch, 1) and c >= length:
-            m = m[:, c - length:].expand(batch, length)  # a longer mask keeps its last T columns
-        elif r == batch and c == 1:
+        if (r, c) in ((batch, length), (1, length), (batch, 1)):  # listed forms first: a square mask is (B, T)
             m = m.expand(batch, length)
-        elif r == length and c == batch:
+        elif (r, c) == (length, batch):
             m = m.t()
+        elif r in (batch, 1) and c > length:
+            m = m[:, c - length:].expand(batch, length)  # a longer mask keeps its last T columns
         else:
             m = None
     else:

@@ -121,7 +121,7 @@ def tol(dtype: torch.dtype) -> float:
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """`||out - ref|| / ||ref||` in float64; absolute where the reference is all zero."""
-    out64, ref64 = out.detach().to(torch.float64).cpu(), ref.detach().to(torch.float64).cpu()
+    out64, ref64 = out.detach().cpu().to(torch.float64), ref.detach().cpu().to(torch.float64)  # mps has no float64
     diff = torch.linalg.vector_norm(out64 - ref64).item()
     scale = torch.linalg.vector_norm(ref64).item()
     return diff / scale if scale > 0 else diff

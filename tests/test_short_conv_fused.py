@@ -142,6 +142,8 @@ def _mask_cases():
         "square_is_BT": (4, 4, square.bool(), square),
         "more_columns_keeps_last_T": (b, t, longer.bool(), longer[:, 4:]),
         "1_more_columns": (b, t, longer[:1].bool(), longer[:1, 4:].expand(b, t)),
+        # T == 1: a (1, B) mask is the listed (T, B) form, not a (1, T) mask with extra columns.
+        "TB_when_T_is_1": (b, 1, col.t().contiguous(), col),
     }
 
 
