@@ -43,7 +43,8 @@ def conv_bwd_tiles(T: int, D: int, W: int, channel_last: bool, interpreted: bool
     if interpreted:
         config = dict(BT=min(_pow2(T), 64), BD=min(_pow2(D), 64), TILES=4, num_warps=4)
     elif channel_last:
-        config = dict(BT=min(_pow2(T, 16), 16), BD=min(_pow2(D, 16), 64), TILES=16, num_warps=2)
+        # one warp: the per-tap weight-gradient sums over T stay inside the warp (no shared-memory round trip)
+        config = dict(BT=min(_pow2(T, 16), 32), BD=min(_pow2(D, 16), 64), TILES=16, num_warps=1)
     else:
         config = dict(BT=min(_pow2(T, 16), 256), BD=min(_pow2(D), 4), TILES=2, num_warps=4)
     return _override("conv_bwd_" + ("channel_last" if channel_last else "contiguous"), config)
