@@ -368,8 +368,8 @@ def main(argv: list[str] | None = None) -> None:
     tokens, answers = tokens.to(device), answers.to(device)
     start = time.perf_counter()
     predicted = answer_queries(model, tokens, task, amp_dtype)
+    accuracy = (predicted == answers).float().mean().item()  # .item() waits for the device
     seconds = time.perf_counter() - start
-    accuracy = (predicted == answers).float().mean().item()
     print(f"recall with cached decoding: {100 * accuracy:.1f}% of {answers.numel()} queries right "
           f"(chance {100 / task.num_values:.1f}%), {2 * task.num_queries} decode steps in {seconds:.2f} s")
     pairs = " ".join(task.describe(t) for t in tokens[0, : task.prompt_len].tolist())
