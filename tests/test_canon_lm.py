@@ -35,6 +35,16 @@ def exact_float32(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
 
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    # The model is tiny: on a shared runner every multi-threaded op waits for a busy sibling core
+    # (measured: the training test took 54 s with 2 threads, 1.5 s with 1).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(conv: str, device: torch.device, seed: int = 0, n_layers: int = 2) -> torch.nn.Module:
     torch.manual_seed(seed)
     config = canon_lm.CanonLMConfig(TASK.vocab_size, d_model=32, n_layers=n_layers, n_heads=2, ffn_hidden=48,
