@@ -164,7 +164,8 @@ def test_generation_with_cache_equals_rerunning_the_sequence(device):
     for _ in range(6):
         next_token = model(sequence)[:, -1].argmax(-1)
         sequence = torch.cat([sequence, next_token[:, None]], dim=1)
-    assert torch.equal(generated, sequence[:, prompt.shape[1] :])
+    expected = sequence[:, prompt.shape[1] :]
+    assert torch.equal(generated, expected), f"cached {generated.tolist()}, recomputed {expected.tolist()}"
 
 
 def test_short_training_run_lowers_the_loss(device):
