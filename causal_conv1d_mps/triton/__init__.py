@@ -25,6 +25,10 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str | None:
         return f"Triton runs on cuda (and on cpu through its interpreter), not on {device.type}"
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
+    if device.type == "cpu":
+        from ._loader import interpreter_problem
+
+        return interpreter_problem()
     if device.type == "cuda" and dtype == torch.bfloat16 and torch.version.hip is None:
         major, _ = torch.cuda.get_device_capability(device)
         if major < 8:

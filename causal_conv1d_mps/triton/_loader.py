@@ -87,3 +87,31 @@ def is_interpreted(device: torch.device) -> bool:
         kernels_for(device)
         _compiled_is_interpreted = type(_compiled.conv_fwd_kernel).__name__ == "InterpretedFunction"
     return _compiled_is_interpreted
+
+
+_interpreter_problem: str | None = None
+_interpreter_checked = False
+
+
+def interpreter_problem() -> str | None:
+    """None when Triton's interpreter runs our kernels here; else why not (checked once, by running a loop).
+
+    Seen on the GPU image (triton 3.6 with numpy 2.5): the interpreter turns loop bounds into one-element
+    arrays and `int()` of those is an error in numpy >= 2.5, so every kernel with a loop fails.
+    """
+    global _interpreter_problem, _interpreter_checked
+    if not _interpreter_checked:
+        try:
+            out = torch.zeros(1, dtype=torch.int32)
+            kernels_for(torch.device("cpu")).loop_probe_kernel[(1,)](out, 3)
+            if int(out[0]) != 3:
+                _interpreter_problem = f"Triton's interpreter counted a 3-step loop as {int(out[0])}"
+        except Exception as exc:  # any failure means the kernels cannot run on cpu here
+            import numpy
+            import triton
+
+            _interpreter_problem = (f"Triton's interpreter cannot run loops here (triton {triton.__version__}, "
+                                    f"numpy {numpy.__version__}: {type(exc).__name__}: {exc}); "
+                                    f"triton 3.9 with numpy 2.4 works")
+        _interpreter_checked = True
+    return _interpreter_problem

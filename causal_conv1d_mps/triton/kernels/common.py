@@ -126,3 +126,12 @@ def conv_pre_interior(x, weight, bias, mask, i_b, o_t, o_d, T, stride_x_b, strid
             b_x = b_x * tl.load(mask + i_b.to(tl.int64) * T + o_s).to(tl.float32)[:, None]
         b_pre += b_x * tl.load(weight + o_d * W + k).to(tl.float32)[None, :]
     return b_pre
+
+
+@triton.jit
+def loop_probe_kernel(out, n):
+    """out[0] = n, counted by a loop with a run-time trip count (checks that the interpreter can run loops)."""
+    b_count = tl.full([], 0, tl.int32)
+    for _ in range(n):
+        b_count += 1
+    tl.store(out, b_count)
