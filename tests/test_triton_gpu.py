@@ -1,7 +1,9 @@
 """GPU-only checks of the Triton backend: large shapes, 64-bit indexing, CUDA-graph capture, determinism.
 
-Skipped without CUDA. The op-level tests (tests/test_*.py with `--device cuda`) cover the semantics;
-these cover what only a real GPU can show. The oracle is the reference path in float64 on the GPU.
+Run with `pytest tests/test_triton_gpu.py --device cuda`; skipped otherwise (on the default `--device cpu`
+the conftest exports TRITON_INTERPRET=1, which would turn the compiled kernels into interpreted ones).
+The op-level tests (tests/test_*.py with `--device cuda`) cover the semantics; these cover what only a
+real GPU can show. The oracle is the reference path in float64 on the GPU.
 """
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
 @pytest.fixture(autouse=True)
-def _triton_backend(monkeypatch):
+def _triton_backend(monkeypatch, device):
+    if device.type != "cuda":
+        pytest.skip("GPU-only: pass --device cuda")
     monkeypatch.setenv("CAUSAL_CONV1D_BACKEND", "triton")
     from causal_conv1d_mps import _backend
 
