@@ -18,6 +18,7 @@ import torch
 
 _enabled = os.environ.get("CAUSAL_CONV1D_TRITON_FAST_LAUNCH", "1") != "0"
 _compiled: dict[tuple, object] = {}
+_MAX_ENTRIES = 4096
 
 
 def _arg_key(arg):
@@ -34,18 +35,21 @@ def launch(kernel, grid, args: tuple, constexprs: dict, num_warps: int) -> None:
     """
     global _enabled
     if _enabled and args[0].is_cuda:
-        key = (kernel, num_warps, *constexprs.values(), *map(_arg_key, args))
+        device = args[0].device.index  # a compiled kernel is loaded per device
+        key = (kernel, device, num_warps, *constexprs.values(), *map(_arg_key, args))
         compiled = _compiled.get(key)
         if compiled is not None:
             try:
                 compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
-                             torch._C._cuda_getCurrentRawStream(args[0].device.index), compiled.function,
+                             torch._C._cuda_getCurrentRawStream(device), compiled.function,
                              compiled.packed_metadata, None, None, None, *args, *constexprs.values())
                 return
             except TypeError:  # launcher signature of another Triton release: use Triton's path from now on
                 _enabled = False
         result = kernel[grid](*args, **constexprs, num_warps=num_warps)
         if _enabled and hasattr(result, "packed_metadata") and hasattr(result, "run"):
+            if len(_compiled) >= _MAX_ENTRIES:  # keys hold shapes: bound the table for ever-changing shapes
+                _compiled.clear()
             _compiled[key] = result
         return
     kernel[grid](*args, **constexprs, num_warps=num_warps)
