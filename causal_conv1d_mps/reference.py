@@ -3,8 +3,8 @@
 Every function here has the signature that docs/BACKENDS.md gives to a backend. Arithmetic is float32
 (float64 for float64 inputs); results are cast once to the output dtype. Loops run over the width `W` only.
 
-The one idea used throughout: the *extended input* `xe` `[B, D, Te]` puts the `W-1` state columns in front of
-each sequence, and `seq_e` `[B, Te]` names the sequence of every extended column. An output column `j`
+The one idea used throughout: the *extended input* `xe` (`[B, D, Te]`, or `[B, Te, D]` when that is the
+input's memory order) puts the `W-1` state columns in front of each sequence, and `seq_e` `[B, Te]` names the sequence of every extended column. An output column `j`
 (`j >= W-1`) is `bias + sum_k w[k] * xe[j-(W-1)+k]`, a tap counting only where its `seq_e` equals that of
 `j`. Plain rows, `seq_idx` rows and `cu_seqlens` packing differ only in how `xe` and `seq_e` are laid out.
 """
@@ -28,34 +28,58 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @dataclass
 class _Extended:
-    """An extended input and where the real columns sit in it."""
-    xe: Tensor                # [B, D, Te] in the accumulation dtype
+    """An extended input and where the real columns sit in it.
+
+    `xe` keeps time on dimension `tdim` (2: `[B, D, Te]`; 1: `[B, Te, D]`, the fused op's layout), so that
+    every tap below reads memory in the order the input already has it.
+    """
+    xe: Tensor                # the extended input in the accumulation dtype
+    tdim: int                 # the time dimension of xe (1 or 2)
     seq_e: Tensor | None      # [B, Te] sequence id of each column, None when every tap counts
     out_cols: Tensor | None   # [T] output column j - (W-1) of each position t; None means t itself
     x_cols: Tensor | None     # [T] extended column of each input position; None means t + W-1
     state_cols: Tensor | None  # [S, W-1] extended columns of each state row; None means the first W-1 of row b
     final_cols: Tensor | None  # [S, W-1] extended columns of each final state; None means the last W-1
 
+    def per_channel(self, v: Tensor) -> Tensor:
+        """A `[D]` vector shaped to broadcast over xe."""
+        return v[:, None] if self.tdim == 2 else v
 
-def _extend_rows(x: Tensor, initial_states: Tensor | None, seq_idx: Tensor | None, width: int) -> _Extended:
+    def per_column(self, m: Tensor) -> Tensor:
+        """A `[B, n]` per-column tensor shaped to broadcast over xe."""
+        return m.unsqueeze(1) if self.tdim == 2 else m.unsqueeze(2)
+
+    def time_major(self, states: Tensor) -> Tensor:
+        """`[rows, D, W-1]` states in xe's layout."""
+        return states if self.tdim == 2 else states.transpose(1, 2)
+
+    def channel_major(self, cols: Tensor) -> Tensor:
+        """Columns taken from xe's layout back to `[rows, D, n]`."""
+        return cols if self.tdim == 2 else cols.transpose(1, 2)
+
+
+def _extend_rows(x: Tensor, tdim: int, initial_states: Tensor | None, seq_idx: Tensor | None,
+                 width: int) -> _Extended:
     """One sequence per row (optionally split by seq_idx); states `[B, D, W-1]` in front of each row."""
-    b, d, _ = x.shape
+    ext = _Extended(x, tdim, None, None, None, None, None)
     if initial_states is None:
-        prefix = x.new_zeros(b, d, width - 1)
+        shape = list(x.shape)
+        shape[tdim] = width - 1
+        prefix = x.new_zeros(shape)
     else:
-        prefix = initial_states.to(x.dtype)
-    xe = torch.cat([prefix, x], dim=2)
-    seq_e = None
+        prefix = ext.time_major(initial_states.to(x.dtype))
+    ext.xe = torch.cat([prefix, x], dim=tdim)
     if seq_idx is not None:
         # States belong to the sequence at position 0 of their row.
+        b = x.shape[0]
         head = seq_idx[:, :1].expand(b, width - 1) if seq_idx.shape[1] > 0 else seq_idx.new_zeros(b, width - 1)
-        seq_e = torch.cat([head, seq_idx], dim=1)
-    return _Extended(xe, seq_e, None, None, None, None)
+        ext.seq_e = torch.cat([head, seq_idx], dim=1)
+    return ext
 
 
 def _extend_varlen(x: Tensor, initial_states: Tensor | None, cu_seqlens: Tensor, width: int) -> _Extended:
-    """`B == 1` holding N packed sequences: W-1 state columns are inserted in front of each sequence."""
-    _, d, t = x.shape
+    """`x` `[1, T, D]` holding N packed sequences: W-1 state columns are inserted in front of each one."""
+    _, t, d = x.shape
     n = cu_seqlens.shape[0] - 1
     h = width - 1
     dev = x.device
@@ -67,14 +91,14 @@ def _extend_varlen(x: Tensor, initial_states: Tensor | None, cu_seqlens: Tensor,
     state_cols = (cu[:-1] + torch.arange(n, device=dev) * h).unsqueeze(1) + j  # [N, W-1]
     final_cols = (cu[1:] + torch.arange(n, device=dev) * h).unsqueeze(1) + j
     te = t + n * h
-    xe = x.new_zeros(1, d, te)
-    xe[:, :, x_cols] = x
+    xe = x.new_zeros(1, te, d)
+    xe[0, x_cols] = x[0]
     if initial_states is not None and h > 0:
-        xe[0][:, state_cols.reshape(-1)] = initial_states.to(x.dtype).permute(1, 0, 2).reshape(d, n * h)
+        xe[0, state_cols.reshape(-1)] = initial_states.to(x.dtype).transpose(1, 2).reshape(n * h, d)
     seq_e = torch.empty(te, dtype=torch.long, device=dev)
     seq_e[x_cols] = seg
     seq_e[state_cols.reshape(-1)] = torch.arange(n, device=dev).repeat_interleave(h)
-    return _Extended(xe, seq_e.unsqueeze(0), x_cols - h, x_cols, state_cols, final_cols)
+    return _Extended(xe, 1, seq_e.unsqueeze(0), x_cols - h, x_cols, state_cols, final_cols)
 
 
 def _tap_masks(seq_e: Tensor | None, width: int, n_out: int) -> list[Tensor | None]:
@@ -85,29 +109,37 @@ def _tap_masks(seq_e: Tensor | None, width: int, n_out: int) -> list[Tensor | No
     return [seq_e[:, k:k + n_out] == target for k in range(width)]
 
 
+def _n_out(ext: _Extended, width: int) -> int:
+    return ext.xe.shape[ext.tdim] - (width - 1)
+
+
 def _conv(ext: _Extended, weight: Tensor, bias: Tensor | None, masks: list) -> Tensor:
-    """Pre-activation at every extended output column `[B, D, Te-(W-1)]`."""
+    """Pre-activation at every extended output column (xe's layout, `Te-(W-1)` columns)."""
     width = weight.shape[1]
-    n_out = ext.xe.shape[2] - (width - 1)
-    acc = ext.xe.new_zeros(ext.xe.shape[0], ext.xe.shape[1], n_out)
-    for k in range(width):
-        tap = ext.xe[:, :, k:k + n_out]
-        if masks[k] is not None:
-            tap = tap * masks[k].unsqueeze(1)
-        acc = acc + weight[:, k, None] * tap
+    n_out = _n_out(ext, width)
+    shape = list(ext.xe.shape)
+    shape[ext.tdim] = n_out
+    acc = ext.xe.new_zeros(shape)
     if bias is not None:
-        acc = acc + bias[:, None]
+        acc += ext.per_channel(bias)
+    for k in range(width):
+        tap = ext.xe.narrow(ext.tdim, k, n_out)
+        if masks[k] is not None:
+            tap = tap * ext.per_column(masks[k])
+        acc.addcmul_(tap, ext.per_channel(weight[:, k]))
     return acc
 
 
 def _outputs(ext: _Extended, pre_all: Tensor) -> Tensor:
-    return pre_all if ext.out_cols is None else pre_all[:, :, ext.out_cols]
+    return pre_all if ext.out_cols is None else pre_all.index_select(ext.tdim, ext.out_cols)
 
 
 def _final_states(ext: _Extended, width: int) -> Tensor:
+    """`[rows, D, W-1]`: the last W-1 columns of each sequence's extended input."""
     if ext.final_cols is None:
-        return ext.xe[:, :, ext.xe.shape[2] - (width - 1):]
-    return ext.xe[0][:, ext.final_cols].permute(1, 0, 2)  # [N, D, W-1]
+        h = width - 1
+        return ext.channel_major(ext.xe.narrow(ext.tdim, ext.xe.shape[ext.tdim] - h, h))
+    return ext.xe[0][ext.final_cols].transpose(1, 2)  # [N, D, W-1]
 
 
 def _silu_grad(pre: Tensor) -> Tensor:
@@ -116,34 +148,37 @@ def _silu_grad(pre: Tensor) -> Tensor:
 
 
 def _backward(ext: _Extended, weight: Tensor, masks: list, g: Tensor, dfinal: Tensor | None):
-    """From the gradient at the outputs `g` `[B, D, T]`: (dx `[B, D, T]`, dweight, dbias, dstates)."""
+    """From the gradient at the outputs `g` (xe's layout): (dx in xe's layout, dweight, dbias, dstates)."""
     width = weight.shape[1]
     h = width - 1
-    b, d, te = ext.xe.shape
-    n_out = te - h
+    tdim = ext.tdim
+    n_out = _n_out(ext, width)
     if ext.out_cols is None:
         g_all = g
     else:
-        g_all = g.new_zeros(b, d, n_out)
-        g_all[:, :, ext.out_cols] = g
+        shape = list(g.shape)
+        shape[tdim] = n_out
+        g_all = g.new_zeros(shape).index_copy_(tdim, ext.out_cols, g)
+    reduce_dims = (0, tdim)
     dxe = torch.zeros_like(ext.xe)
-    dweight = torch.empty(d, width, dtype=g.dtype, device=g.device)
+    dweight = torch.empty(weight.shape[0], width, dtype=g.dtype, device=g.device)
     for k in range(width):
-        gk = g_all if masks[k] is None else g_all * masks[k].unsqueeze(1)
-        dweight[:, k] = (gk * ext.xe[:, :, k:k + n_out]).sum(dim=(0, 2))
-        dxe[:, :, k:k + n_out] += weight[:, k, None] * gk
-    dbias = g.sum(dim=(0, 2))
+        gk = g_all if masks[k] is None else g_all * ext.per_column(masks[k])
+        dweight[:, k] = (gk * ext.xe.narrow(tdim, k, n_out)).sum(dim=reduce_dims)
+        dxe.narrow(tdim, k, n_out).addcmul_(gk, ext.per_channel(weight[:, k]))
+    dbias = g.sum(dim=reduce_dims)
     if dfinal is not None and h > 0:
         if ext.final_cols is None:
-            dxe[:, :, te - h:] += dfinal.to(dxe.dtype)
+            dxe.narrow(tdim, dxe.shape[tdim] - h, h).add_(ext.time_major(dfinal.to(dxe.dtype)))
         else:
-            dxe[0].index_add_(1, ext.final_cols.reshape(-1),
-                              dfinal.to(dxe.dtype).permute(1, 0, 2).reshape(d, -1))
+            dxe[0].index_add_(0, ext.final_cols.reshape(-1),
+                              dfinal.to(dxe.dtype).transpose(1, 2).reshape(-1, dxe.shape[2]))
     if ext.x_cols is None:
-        dx, dstates = dxe[:, :, h:], dxe[:, :, :h]
+        dx = dxe.narrow(tdim, h, dxe.shape[tdim] - h)
+        dstates = ext.channel_major(dxe.narrow(tdim, 0, h))
     else:
-        dx = dxe[:, :, ext.x_cols]
-        dstates = dxe[0][:, ext.state_cols].permute(1, 0, 2)
+        dx = dxe.index_select(tdim, ext.x_cols)
+        dstates = dxe[0][ext.state_cols].transpose(1, 2)
     return dx, dweight, dbias, dstates
 
 
@@ -155,45 +190,54 @@ def _empty(like: Tensor) -> Tensor:
 # causal_conv1d: (B, D, T), optional seq_idx
 
 
-def _cc_forward(x, weight, bias, seq_idx, initial_states, silu):
+def _is_channel_last(x: Tensor) -> bool:
+    return not x.is_contiguous() and x.transpose(1, 2).is_contiguous()
+
+
+def _cc_forward(x, weight, bias, seq_idx, initial_states):
     acc = _acc_dtype(x.dtype)
     width = weight.shape[1]
-    ext = _extend_rows(x.to(acc), initial_states, seq_idx, width)
+    # Work along the input's own memory order: [B, T, D] for a channel-last view, [B, D, T] otherwise.
+    tdim = 1 if _is_channel_last(x) else 2
+    xa = (x.transpose(1, 2) if tdim == 1 else x).to(acc)
+    ext = _extend_rows(xa, tdim, initial_states, seq_idx, width)
     masks = _tap_masks(ext.seq_e, width, x.shape[2])
     w = weight.to(acc)
     pre = _conv(ext, w, None if bias is None else bias.to(acc), masks)
-    valid = None if seq_idx is None else (seq_idx >= 0).unsqueeze(1)
+    valid = None if seq_idx is None else ext.per_column(seq_idx >= 0)
     return ext, masks, w, pre, valid
 
 
+def _store_like(x: Tensor, ext: _Extended, y: Tensor) -> Tensor:
+    out = torch.empty_like(x)
+    out.copy_(y.transpose(1, 2) if ext.tdim == 1 else y)
+    return out
+
+
 def causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, silu: bool, return_final_states: bool):
-    ext, _, _, pre, valid = _cc_forward(x, weight, bias, seq_idx, initial_states, silu)
+    ext, _, _, pre, valid = _cc_forward(x, weight, bias, seq_idx, initial_states)
     y = torch.nn.functional.silu(pre) if silu else pre
     if valid is not None:
         y = y * valid
-    out = torch.empty_like(x)
-    out.copy_(y)
     final = _final_states(ext, weight.shape[1]).to(x.dtype).contiguous() if return_final_states else _empty(x)
-    return out, final
+    return _store_like(x, ext, y), final
 
 
 def causal_conv1d_bwd(x, weight, bias, seq_idx, initial_states, dout, dfinal_states, silu: bool):
-    ext, masks, w, pre, valid = _cc_forward(x, weight, bias, seq_idx, initial_states, silu)
-    g = dout.to(pre.dtype)
+    ext, masks, w, pre, valid = _cc_forward(x, weight, bias, seq_idx, initial_states)
+    g = (dout.transpose(1, 2) if ext.tdim == 1 else dout).to(pre.dtype)
     if valid is not None:
         g = g * valid
     if silu:
         g = g * _silu_grad(pre)
     dx_f, dweight, dbias, dstates = _backward(ext, w, masks, g, dfinal_states)
-    dx = torch.empty_like(x)
-    dx.copy_(dx_f)
-    return (dx, dweight.to(weight.dtype),
+    return (_store_like(x, ext, dx_f), dweight.to(weight.dtype),
             _empty(x) if bias is None else dbias.to(bias.dtype),
             _empty(x) if initial_states is None else dstates.to(initial_states.dtype).contiguous())
 
 
 # ---------------------------------------------------------------------------------------------------------
-# short_conv_fused: (B, T, D), mask, residual, optional cu_seqlens
+# short_conv_fused: (B, T, D), mask, residual, optional cu_seqlens; computed in [B, T, D] order
 
 
 def _fused_forward(x, weight, bias, mask, initial_states, cu_seqlens):
@@ -202,12 +246,11 @@ def _fused_forward(x, weight, bias, mask, initial_states, cu_seqlens):
     xm = x.to(acc)
     if mask is not None:
         xm = xm * mask.to(acc).unsqueeze(2)
-    xm = xm.transpose(1, 2)  # [B, D, T]
     if cu_seqlens is None:
-        ext = _extend_rows(xm, initial_states, None, width)
+        ext = _extend_rows(xm, 1, initial_states, None, width)
     else:
         ext = _extend_varlen(xm, initial_states, cu_seqlens, width)
-    masks = _tap_masks(ext.seq_e, width, ext.xe.shape[2] - (width - 1))
+    masks = _tap_masks(ext.seq_e, width, _n_out(ext, width))
     w = weight.to(acc)
     pre = _outputs(ext, _conv(ext, w, None if bias is None else bias.to(acc), masks))
     return ext, masks, w, pre
@@ -217,9 +260,8 @@ def short_conv_fused_fwd(x, weight, bias, mask, initial_states, cu_seqlens,
                          activation: bool, residual: bool, return_final_states: bool):
     ext, _, _, pre = _fused_forward(x, weight, bias, mask, initial_states, cu_seqlens)
     y = torch.nn.functional.silu(pre) if activation else pre
-    y = y.transpose(1, 2)
     if residual:
-        y = y + x.to(y.dtype)
+        y = y + x
     out = y.to(x.dtype).contiguous()
     final = _final_states(ext, weight.shape[1]).to(x.dtype).contiguous() if return_final_states else _empty(x)
     return out, final
@@ -229,11 +271,8 @@ def short_conv_fused_bwd(x, weight, bias, mask, initial_states, cu_seqlens, dout
                          activation: bool, residual: bool):
     ext, masks, w, pre = _fused_forward(x, weight, bias, mask, initial_states, cu_seqlens)
     dout_f = dout.to(pre.dtype)
-    g = dout_f.transpose(1, 2)
-    if activation:
-        g = g * _silu_grad(pre)
-    dxm, dweight, dbias, dstates = _backward(ext, w, masks, g, dfinal_states)
-    dx = dxm.transpose(1, 2)
+    g = dout_f * _silu_grad(pre) if activation else dout_f
+    dx, dweight, dbias, dstates = _backward(ext, w, masks, g, dfinal_states)
     if mask is not None:
         dx = dx * mask.to(dx.dtype).unsqueeze(2)
     if residual:
