@@ -290,15 +290,22 @@ def short_conv_update(x, conv_state, weight, bias, cache_seqlens, conv_state_ind
                       activation: bool, residual: bool):
     """`x` `[B, L, D]`; `conv_state` `[B|N, D, S]` updated in place. Returns `out` like `x`."""
     b, length, d = x.shape
-    n = conv_state.shape[0]
-    width = weight.shape[1]
-    window = _window.gather_window(conv_state, cache_seqlens, conv_state_indices, width - 1, b)
+    n, _, s = conv_state.shape
+    history = weight.shape[1] - 1
+    out = torch.empty_like(x)
+    if cache_seqlens is None and conv_state_indices is None:
+        # Shift mode with one state row per batch row: the window is a view; write the state after reading it.
+        y, _ = short_conv_fused_fwd(x, weight, bias, None, conv_state[:, :, s - history:], None, activation,
+                                    residual, False)
+        out.copy_(y)
+        if s > 0:
+            conv_state.copy_(_window.updated_state(conv_state, x, None))
+        return out
+    window = _window.gather_window(conv_state, cache_seqlens, conv_state_indices, history, b)
     y, _ = short_conv_fused_fwd(x, weight, bias, None, window, None, activation, residual, False)
     rows = _window.valid_rows(conv_state_indices, b, n, x.device)
-    y = y * rows.view(b, 1, 1).to(y.dtype)
-    out = torch.empty_like(x)
-    out.copy_(y)
-    if b > 0 and conv_state.shape[2] > 0:
+    out.copy_(y * rows.view(b, 1, 1).to(y.dtype))
+    if b > 0 and s > 0:
         keep = rows.nonzero().squeeze(1)
         slots = keep if conv_state_indices is None else conv_state_indices.long()[keep]
         seqlens = None if cache_seqlens is None else cache_seqlens[keep]
