@@ -19,7 +19,8 @@ F64 = torch.float64
 
 
 def _f64(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.to(F64)
+    """Float64 on the CPU (the oracle runs there whatever the tested device; MPS has no float64)."""
+    return None if t is None else t.cpu().to(F64)
 
 
 def _act(pre: torch.Tensor, silu: bool) -> torch.Tensor:
@@ -88,6 +89,7 @@ def causal_conv1d(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SPEC 3.1 in float64: `x` `[B, D, T]` -> `(out [B, D, T], final_states [B, D, W-1])`."""
     x, weight, bias, initial_states = _f64(x), _f64(weight), _f64(bias), _f64(initial_states)
+    seq_idx = None if seq_idx is None else seq_idx.cpu()
     width = weight.shape[1]
     xe = extend_left(x, width, initial_states)
     tap_mask = None if seq_idx is None else _seq_idx_tap_masks(seq_idx, width)
@@ -110,7 +112,7 @@ def normalise_mask(mask: torch.Tensor, batch: int, steps: int) -> torch.Tensor:
     - 1-D: length `T` first (one mask shared by every row), then `B` (one value per row),
       then `B*T` (row-major `(B, T)`). With B == T > 1 a 1-D mask is therefore read over time.
     """
-    m = mask.to(F64)
+    m = mask.cpu().to(F64)
     if m.dim() == 1:
         n = m.shape[0]
         if n == steps:
@@ -246,9 +248,9 @@ def short_conv_update(
     backend must match exactly (its entries are copies of inputs).
     """
     single = x.dim() == 2
-    x3 = x[:, None, :] if single else x
+    x3 = (x[:, None, :] if single else x).cpu()
     out, state = _update_rows(
-        x3, conv_state, _f64(weight), _f64(bias), cache_seqlens, conv_state_indices, is_silu(activation), residual
+        x3, conv_state.cpu(), _f64(weight), _f64(bias), cache_seqlens, conv_state_indices, is_silu(activation), residual
     )
     return (out[:, 0] if single else out), state
 
