@@ -96,6 +96,41 @@ def reduce_rows(part: Tensor) -> Tensor:
     return out
 
 
+def backward_launch(device: torch.device, stem: str, dtype: torch.dtype, inputs: list, dx: Tensor, params: list,
+                    *, batch: int, dim: int, width: int, runs: int, channels: int, weight: Tensor,
+                    bias: Tensor | None, initial_states: Tensor | None, state_rows: int):
+    """The backward of a conv op: `{stem}_bwd` writes dx and, per threadgroup (channels x runs), one float32
+    partial row of dweight/dbias in one pass; the rows are summed in a fixed order (deterministic); then
+    `{stem}_bwd_dinit` gives the initial-state gradient. Returns (dweight, dbias, dinitial_states)."""
+    run_groups = -(-runs // (GROUP // channels))
+    part = torch.empty((batch * run_groups, dim, width + 1), dtype=torch.float32, device=device)
+    groups = batch * -(-dim // channels) * run_groups
+    launch(device, kernel_name(f"{stem}_bwd", dtype, width),
+           [*inputs, dx, part, params + [channels, run_groups]], groups * GROUP, GROUP)
+    sums = reduce_rows(part.view(batch * run_groups, dim * (width + 1))).view(dim, width + 1)
+    dweight = sums[:, :width].contiguous().to(weight.dtype)
+    dbias = sums[:, width].to(bias.dtype) if bias is not None else dx.new_empty(0)
+    dinit = dx.new_empty(0)
+    if initial_states is not None:
+        dinit = torch.empty((state_rows, dim, width - 1), dtype=torch.float32, device=device)
+        launch(device, kernel_name(f"{stem}_bwd_dinit", dtype, "any"), [*inputs, dinit, params], dinit.numel())
+        dinit = dinit.to(initial_states.dtype)
+    return dweight, dbias, dinit
+
+
+def grads_without_inputs(x: Tensor, weight: Tensor, bias: Tensor | None, initial_states: Tensor | None,
+                         dfinal_states: Tensor | None, length: int):
+    """(dweight, dbias, dinitial_states) when B == 0 or T == 0: no output depends on the weights, and with
+    T == 0 the final states are the initial states, so their gradient passes straight through."""
+    dweight = torch.zeros_like(weight)
+    dbias = torch.zeros_like(bias) if bias is not None else x.new_empty(0)
+    dinit = x.new_empty(0)
+    if initial_states is not None:
+        dinit = (dfinal_states.to(initial_states.dtype).clone() if dfinal_states is not None and length == 0
+                 else torch.zeros_like(initial_states))
+    return dweight, dbias, dinit
+
+
 def gather_states(x: Tensor, dim: int, strides: tuple[int, int, int], length: int, n_rows: int,
                   state_len: int, initial_states: Tensor | None = None, mask: Tensor | None = None,
                   cu_seqlens: Tensor | None = None) -> Tensor:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._launch import (GROUP, HAS_BIAS, HAS_DFINAL, HAS_INIT, HAS_SEQ, SILU, as_float32, flag, gather_states,
-                      kernel_name, launch, optional, reduce_rows, run_length)
+from ._launch import (HAS_BIAS, HAS_DFINAL, HAS_INIT, HAS_SEQ, SILU, as_float32, backward_launch, flag, gather_states,
+                      grads_without_inputs, kernel_name, launch, optional, run_length)
 
 
 def _params(x: Tensor, dout: Tensor | None, width: int, flags: int) -> tuple[list[int], int]:
@@ -49,7 +49,7 @@ def causal_conv1d_bwd(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: T
     dfinal = as_float32(dfinal_states)
     dx = torch.empty_like(x)
     if x.numel() == 0:
-        return dx, *_grads_without_inputs(x, weight, bias, initial_states, dfinal_states)
+        return dx, *grads_without_inputs(x, weight, bias, initial_states, dfinal_states, length)
     w = as_float32(weight)
     flags = (flag(bias, HAS_BIAS) | flag(seq_idx, HAS_SEQ) | flag(init, HAS_INIT) | (SILU if silu else 0)
              | flag(dfinal, HAS_DFINAL))
@@ -57,34 +57,8 @@ def causal_conv1d_bwd(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: T
     f32, dev = torch.float32, x.device
     inputs = [x, w, optional(as_float32(bias), f32, dev), optional(seq_idx, torch.int32, dev),
               optional(init, f32, dev), dout, optional(dfinal, f32, dev)]
-    # One pass: dx, and per threadgroup (channels x runs) one float32 partial row of dweight/dbias; then a
-    # fixed-order sum of the rows (deterministic).
-    channels = 32 if params[12] else 8
-    runs = params[13]
-    run_groups = -(-runs // (GROUP // channels))
-    part = torch.empty((batch * run_groups, dim, width + 1), dtype=torch.float32, device=dev)
-    groups = batch * -(-dim // channels) * run_groups
-    launch(dev, kernel_name("causal_conv1d_bwd", x.dtype, width),
-           [*inputs, dx, part, params + [channels, run_groups]], groups * GROUP, GROUP)
-    sums = reduce_rows(part.view(batch * run_groups, dim * (width + 1))).view(dim, width + 1)
-    dweight = sums[:, :width].contiguous().to(weight.dtype)
-    dbias = sums[:, width].to(bias.dtype) if bias is not None else x.new_empty(0)
-
-    dinit = x.new_empty(0)
-    if initial_states is not None:
-        dinit = torch.empty((batch, dim, width - 1), dtype=torch.float32, device=dev)
-        launch(dev, kernel_name("causal_conv1d_bwd_dinit", x.dtype, "any"), [*inputs, dinit, params],
-               dinit.numel())
-        dinit = dinit.to(initial_states.dtype)
+    dweight, dbias, dinit = backward_launch(
+        dev, "causal_conv1d", x.dtype, inputs, dx, params, batch=batch, dim=dim, width=width, runs=params[13],
+        channels=32 if params[12] else 8, weight=weight, bias=bias, initial_states=initial_states, state_rows=batch)
     return dx, dweight, dbias, dinit
 
-
-def _grads_without_inputs(x, weight, bias, initial_states, dfinal_states):
-    """Gradients when B == 0 or T == 0: no output depends on the weights; states pass straight through."""
-    dweight = torch.zeros_like(weight)
-    dbias = torch.zeros_like(bias) if bias is not None else x.new_empty(0)
-    dinit = x.new_empty(0)
-    if initial_states is not None:
-        dinit = (dfinal_states.to(initial_states.dtype).clone() if dfinal_states is not None and x.shape[2] == 0
-                 else torch.zeros_like(initial_states))
-    return dweight, dbias, dinit

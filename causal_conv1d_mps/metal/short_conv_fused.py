@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._launch import (GROUP, HAS_BIAS, HAS_CU, HAS_DFINAL, HAS_INIT, HAS_MASK, RESIDUAL, SILU, as_float32, flag,
-                      gather_states, kernel_name, launch, optional, reduce_rows, run_length)
+from ._launch import (HAS_BIAS, HAS_CU, HAS_DFINAL, HAS_INIT, HAS_MASK, RESIDUAL, SILU, as_float32, backward_launch,
+                      flag, gather_states, grads_without_inputs, kernel_name, launch, optional, run_length)
 
 # Channels per threadgroup of the backward kernel (channels are the fastest thread index).
 _BWD_CHANNELS = 32
@@ -63,40 +63,15 @@ def short_conv_fused_bwd(x: Tensor, weight: Tensor, bias: Tensor | None, mask: T
     dfinal = as_float32(dfinal_states)
     dx = torch.empty((batch, length, dim), dtype=x.dtype, device=x.device)
     if x.numel() == 0:
-        return dx, *_grads_without_inputs(x, weight, bias, initial_states, dfinal_states)
+        return dx, *grads_without_inputs(x, weight, bias, initial_states, dfinal_states, length)
     w = as_float32(weight)
     flags = _flags(bias, mask, init, cu_seqlens, activation, residual) | flag(dfinal, HAS_DFINAL)
     params, _ = _params(x, width, n_states, flags, backward=True)
     f32, i32, dev = torch.float32, torch.int32, x.device
     inputs = [x, w, optional(as_float32(bias), f32, dev), optional(mask, f32, dev), optional(cu_seqlens, i32, dev),
               optional(init, f32, dev), dout.contiguous(), optional(dfinal, f32, dev)]
-    # One pass: dx, and per threadgroup (channels x runs) one float32 partial row of dweight/dbias; then a
-    # fixed-order sum of the rows (deterministic).
-    runs = params[8]
-    run_groups = -(-runs // (GROUP // _BWD_CHANNELS))
-    part = torch.empty((batch * run_groups, dim, width + 1), dtype=torch.float32, device=dev)
-    groups = batch * -(-dim // _BWD_CHANNELS) * run_groups
-    launch(dev, kernel_name("short_conv_fused_bwd", x.dtype, width),
-           [*inputs, dx, part, params + [_BWD_CHANNELS, run_groups]], groups * GROUP, GROUP)
-    sums = reduce_rows(part.view(batch * run_groups, dim * (width + 1))).view(dim, width + 1)
-    dweight = sums[:, :width].contiguous().to(weight.dtype)
-    dbias = sums[:, width].to(bias.dtype) if bias is not None else x.new_empty(0)
-
-    dinit = x.new_empty(0)
-    if initial_states is not None:
-        dinit = torch.empty((n_states, dim, width - 1), dtype=torch.float32, device=dev)
-        launch(dev, kernel_name("short_conv_fused_bwd_dinit", x.dtype, "any"), [*inputs, dinit, params],
-               dinit.numel())
-        dinit = dinit.to(initial_states.dtype)
+    dweight, dbias, dinit = backward_launch(
+        dev, "short_conv_fused", x.dtype, inputs, dx, params, batch=batch, dim=dim, width=width, runs=params[8],
+        channels=_BWD_CHANNELS, weight=weight, bias=bias, initial_states=initial_states, state_rows=n_states)
     return dx, dweight, dbias, dinit
 
-
-def _grads_without_inputs(x, weight, bias, initial_states, dfinal_states):
-    """Gradients when B == 0 or T == 0: no output depends on the weights; states pass straight through."""
-    dweight = torch.zeros_like(weight)
-    dbias = torch.zeros_like(bias) if bias is not None else x.new_empty(0)
-    dinit = x.new_empty(0)
-    if initial_states is not None:
-        dinit = (dfinal_states.to(initial_states.dtype).clone() if dfinal_states is not None and x.shape[1] == 0
-                 else torch.zeros_like(initial_states))
-    return dweight, dbias, dinit
