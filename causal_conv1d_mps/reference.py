@@ -5,8 +5,9 @@ Every function here has the signature that docs/BACKENDS.md gives to a backend. 
 
 The one idea used throughout: the *extended input* `xe` (`[B, D, Te]`, or `[B, Te, D]` when that is the
 input's memory order) puts the `W-1` state columns in front of each sequence, and `seq_e` `[B, Te]` names
-the sequence of every extended column. An output column `j` (`j >= W-1`) is `bias + sum_k w[k] * xe[j-(W-1)+k]`, a tap counting only where its `seq_e` equals that of
-`j`. Plain rows, `seq_idx` rows and `cu_seqlens` packing differ only in how `xe` and `seq_e` are laid out.
+the sequence of every extended column. An output column `j` (`j >= W-1`) is
+`bias + sum_k w[k] * xe[j-(W-1)+k]`, a tap counting only where its `seq_e` equals that of `j`. Plain rows,
+`seq_idx` rows and `cu_seqlens` packing differ only in how `xe` and `seq_e` are laid out.
 """
 from __future__ import annotations
 
