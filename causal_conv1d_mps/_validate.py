@@ -44,27 +44,35 @@ def shape(name: str, value: Tensor, expected: tuple, meaning: str) -> None:
         raise ValueError(f"{name}: expected shape {tuple(expected)} {meaning}, got {tuple(value.shape)}")
 
 
-def same_device(**tensors) -> torch.device:
-    given = {name: t for name, t in tensors.items() if t is not None}
-    devices = {t.device for t in given.values()}
-    if len(devices) > 1:
-        listing = ", ".join(f"{name} on {t.device}" for name, t in given.items())
-        raise ValueError(f"all tensor arguments must be on one device, got {listing}")
-    return next(iter(devices))
+def same_device(**tensors) -> None:
+    """Raises ValueError naming every argument's device unless all given tensors share one device."""
+    device = None
+    for t in tensors.values():
+        if t is not None:
+            if device is None:
+                device = t.device
+            elif t.device != device:
+                listing = ", ".join(f"{name} on {v.device}" for name, v in tensors.items() if v is not None)
+                raise ValueError(f"all tensor arguments must be on one device, got {listing}")
 
 
 def weight_and_bias(weight, bias, channels: int) -> int:
-    tensor("weight", weight, ndim=2)
-    floating("weight", weight)
-    if weight.shape[0] != channels:
+    """Checks `weight` `(D, W)` and `bias` `(D,)` (floating point); returns W."""
+    if not (isinstance(weight, Tensor) and weight.dim() == 2 and weight.is_floating_point()):
+        tensor("weight", weight, ndim=2)
+        floating("weight", weight)
+    rows, width = weight.shape
+    if rows != channels:
         raise ValueError(f"weight: expected shape ({channels}, W) for {channels} channels, got {tuple(weight.shape)}")
-    if weight.shape[1] < 1:
+    if width < 1:
         raise ValueError(f"weight: expected width W >= 1, got shape {tuple(weight.shape)}")
     if bias is not None:
-        tensor("bias", bias)
-        floating("bias", bias)
-        shape("bias", bias, (channels,), "(D,)")
-    return weight.shape[1]
+        if not (isinstance(bias, Tensor) and bias.is_floating_point()):
+            tensor("bias", bias)
+            floating("bias", bias)
+        if bias.dim() != 1 or bias.shape[0] != channels:
+            shape("bias", bias, (channels,), "(D,)")
+    return width
 
 
 def states(name: str, value, rows: int, channels: int, width: int, rows_meaning: str) -> None:
