@@ -2,7 +2,7 @@
 Triton runs); on cpu tensors the same kernels run in Triton's interpreter (tests, debugging).
 
 Layout: `kernels/` holds device code only; `launch_*.py` allocate, pick tiles and launch; `backend.py`
-maps the seven backend functions onto the launchers. Importing this package does not import triton:
+maps the six backend functions onto the launchers. Importing this package does not import triton:
 `unsupported_reason` says whether it can run, and the functions load on first use.
 """
 from __future__ import annotations

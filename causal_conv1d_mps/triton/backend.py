@@ -1,4 +1,4 @@
-"""The seven backend functions of docs/BACKENDS.md, mapped onto the launchers.
+"""The six backend functions of docs/BACKENDS.md, mapped onto the launchers.
 
 Both convolution families reach the same kernels with `x` described as `[B, T, D]` by strides:
 `causal_conv1d`'s `(B, D, T)` tensor passes `(stride(0), stride(2), stride(1))`.
