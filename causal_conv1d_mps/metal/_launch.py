@@ -52,15 +52,14 @@ def run_length(width: int, rows: int, length: int, backward: bool = False) -> in
     return run
 
 
-def as_float32(t: Tensor | None, like: torch.dtype | None = None) -> Tensor | None:
+def as_float32(t: Tensor | None) -> Tensor | None:
     """A contiguous float32 copy of a small side input (weights, bias, states); None stays None.
 
-    `like`: round through this dtype first (initial states enter the convolution in x's dtype).
+    Like the other backends, states enter the convolution unrounded (not through x's dtype); final states
+    are rounded once, when stored in x's dtype.
     """
     if t is None:
         return None
-    if like is not None:
-        t = t.to(like)
     return t.to(torch.float32).contiguous()
 
 

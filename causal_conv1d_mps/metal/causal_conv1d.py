@@ -23,7 +23,7 @@ def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: T
                       initial_states: Tensor | None, silu: bool, return_final_states: bool) -> tuple[Tensor, Tensor]:
     batch, dim, length = x.shape
     width = weight.shape[1]
-    init = as_float32(initial_states, like=x.dtype)
+    init = as_float32(initial_states)
     final = x.new_empty(0)
     if return_final_states:
         final = gather_states(x, dim, (x.stride(0), x.stride(2), x.stride(1)), length, batch, width - 1, init)
@@ -45,7 +45,7 @@ def causal_conv1d_bwd(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: T
                       silu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     batch, dim, length = x.shape
     width = weight.shape[1]
-    init = as_float32(initial_states, like=x.dtype)
+    init = as_float32(initial_states)
     dfinal = as_float32(dfinal_states)
     dx = torch.empty_like(x)
     if x.numel() == 0:

@@ -35,7 +35,7 @@ def short_conv_fused_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, mask: T
     batch, length, dim = x.shape
     width = weight.shape[1]
     n_states = _n_states(x, cu_seqlens)
-    init = as_float32(initial_states, like=x.dtype)
+    init = as_float32(initial_states)
     final = x.new_empty(0)
     if return_final_states:
         final = gather_states(x, dim, (x.stride(0), x.stride(1), 1), length, n_states, width - 1, init, mask,
@@ -59,7 +59,7 @@ def short_conv_fused_bwd(x: Tensor, weight: Tensor, bias: Tensor | None, mask: T
     batch, length, dim = x.shape
     width = weight.shape[1]
     n_states = _n_states(x, cu_seqlens)
-    init = as_float32(initial_states, like=x.dtype)
+    init = as_float32(initial_states)
     dfinal = as_float32(dfinal_states)
     dx = torch.empty((batch, length, dim), dtype=x.dtype, device=x.device)
     if x.numel() == 0:
