@@ -239,6 +239,14 @@ def test_backward_is_deterministic(backend, device):
         assert torch.equal(first, second), f"{name} differs between two identical backward runs"
 
 
+def _random_seq_idx(b: int, t: int, n_breaks: int, gen, device):
+    """`[B, T]` int32 sequence ids that step up at `n_breaks` random positions per row (None without breaks)."""
+    if not (n_breaks and t and b):
+        return None
+    breaks = torch.randint(0, t, (b, n_breaks), generator=gen)
+    return (torch.arange(t)[None, :, None] >= breaks[:, None, :]).sum(2).to(torch.int32).to(device)
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     b=st.integers(0, 3),
@@ -257,11 +265,7 @@ def test_property_reference_matches_oracle(monkeypatch, b, d, t, width, silu, us
     x = randn(b, d, t, dtype=torch.float64, generator=gen)
     weight, bias = make_params(d, width, torch.float64, "cpu", gen)
     states = randn(b, d, width - 1, dtype=torch.float64, generator=gen) if use_states else None
-    seq_idx = None
-    if n_breaks and t and b:
-        breaks = torch.randint(0, t, (b, n_breaks), generator=gen)
-        seq_idx = torch.stack([(torch.arange(t)[:, None] >= row[None, :]).sum(1) for row in breaks]).to(torch.int32)
-        seq_idx = seq_idx.reshape(b, t)
+    seq_idx = _random_seq_idx(b, t, n_breaks, gen, "cpu")
     _run_and_check(x, weight, bias, states, "silu" if silu else None, seq_idx=seq_idx, name="property")
 
 
@@ -286,10 +290,7 @@ def test_property_every_backend_matches_oracle(backend, device, b, d, t, width, 
         else randn(b, d, t, device=device, generator=gen)
     weight, bias = make_params(d, width, torch.float32, device, gen)
     states = randn(b, d, width - 1, device=device, generator=gen) if use_states else None
-    seq_idx = None
-    if n_breaks and t:
-        breaks = torch.randint(0, t, (b, n_breaks), generator=gen)
-        seq_idx = (torch.arange(t)[None, :, None] >= breaks[:, None, :]).sum(2).to(torch.int32).to(device)
+    seq_idx = _random_seq_idx(b, t, n_breaks, gen, device)
     _run_and_check(x, weight, bias, states, "silu" if silu else None, seq_idx=seq_idx, name="property")
 
 
