@@ -118,16 +118,18 @@ def _conv(ext: _Extended, weight: Tensor, bias: Tensor | None, masks: list) -> T
     """Pre-activation at every extended output column (xe's layout, `Te-(W-1)` columns)."""
     width = weight.shape[1]
     n_out = _n_out(ext, width)
-    shape = list(ext.xe.shape)
-    shape[ext.tdim] = n_out
-    acc = ext.xe.new_zeros(shape)
-    if bias is not None:
-        acc += ext.per_channel(bias)
+    acc = None
     for k in range(width):
         tap = ext.xe.narrow(ext.tdim, k, n_out)
         if masks[k] is not None:
             tap = tap * ext.per_column(masks[k])
-        acc.addcmul_(tap, ext.per_channel(weight[:, k]))
+        w_k = ext.per_channel(weight[:, k])
+        if acc is not None:
+            acc.addcmul_(tap, w_k)
+        elif bias is None:
+            acc = tap * w_k
+        else:
+            acc = torch.addcmul(ext.per_channel(bias), tap, w_k)
     return acc
 
 
@@ -260,9 +262,9 @@ def _fused_forward(x, weight, bias, mask, initial_states, cu_seqlens):
 def short_conv_fused_fwd(x, weight, bias, mask, initial_states, cu_seqlens,
                          activation: bool, residual: bool, return_final_states: bool):
     ext, _, _, pre = _fused_forward(x, weight, bias, mask, initial_states, cu_seqlens)
-    y = torch.nn.functional.silu(pre) if activation else pre
+    y = torch.nn.functional.silu(pre, inplace=True) if activation else pre  # pre is not needed again
     if residual:
-        y = y + x
+        y.add_(x)
     out = y.to(x.dtype).contiguous()
     final = _final_states(ext, weight.shape[1]).to(x.dtype).contiguous() if return_final_states else _empty(x)
     return out, final
