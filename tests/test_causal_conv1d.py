@@ -101,6 +101,29 @@ def test_channel_last_input_keeps_layout(backend, device, width):
     assert_close_rel(x_leaf.grad, ref_dx, torch.float32, "dx")
 
 
+@pytest.mark.parametrize("width", [1, 4, 5])
+@pytest.mark.parametrize("channel_last", [False, True], ids=["contiguous", "channel_last"])
+def test_rows_spanning_many_full_tiles(backend, device, width, channel_last):
+    """T = 200, D = 8: several whole T tiles with their halo inside x, where kernels take their
+    unmasked interior paths (forward and backward), besides the edge tiles."""
+    gen = seeded(5 + width)
+    b, d, t = 1, 8, 200
+    x_src = randn(b, t, d, device=device, generator=gen) if channel_last else randn(b, d, t, device=device,
+                                                                                     generator=gen)
+    weight, bias = make_params(d, width, torch.float32, device, gen)
+    xg, wg, bg = leaf(x_src), leaf(weight), leaf(bias)
+    out = ccmps.causal_conv1d(xg.transpose(1, 2) if channel_last else xg, wg, bg, "silu")
+    dout = randn(b, d, t, device=device, generator=gen)
+    out.backward(dout)
+
+    x64, w64, b64 = leaf64(x_src), leaf64(weight), leaf64(bias)
+    ref, _ = oracle.causal_conv1d(x64.transpose(1, 2) if channel_last else x64, w64, b64, "silu")
+    ref_grads = oracle_grads([ref], [dout], [x64, w64, b64])
+    assert_close_rel(out, ref, torch.float32, "out")
+    for label, got, want in zip(("dx", "dweight", "dbias"), (xg.grad, wg.grad, bg.grad), ref_grads):
+        assert_close_rel(got, want, torch.float32, label)
+
+
 def test_channel_last_with_states_and_seq_idx(backend, device):
     gen = seeded(3)
     b, d, t, width = 2, 5, 17, 4

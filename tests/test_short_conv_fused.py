@@ -102,6 +102,19 @@ def test_forward_backward_matches_oracle(backend, device, dtype, weight_fp32, wi
                        name=f"B{b} T{t} D{d} W{width} {mode} mask={mask is not None} states={states is not None}")
 
 
+@pytest.mark.parametrize("width", [1, 4, 5])
+@pytest.mark.parametrize("with_mask", [False, True], ids=["no_mask", "mask"])
+def test_rows_spanning_many_full_tiles(backend, device, width, with_mask):
+    """T = 200, D = 64: several whole T tiles with their halo inside x, where kernels take their
+    unmasked interior paths (forward and backward), besides the edge tiles."""
+    gen = seeded(7 + width)
+    b, t, d = 1, 200, 64
+    x = randn(b, t, d, dtype=torch.float32, device=device, generator=gen)
+    weight, bias = make_params(d, width, torch.float32, device, gen)
+    mask = (torch.rand(b, t, generator=gen) > 0.3).to(device) if with_mask else None
+    _run_and_check(x, weight, bias, mask, None, True, True, name=f"T{t} D{d} W{width} mask={with_mask}")
+
+
 @pytest.mark.parametrize("layout", ["columns", "columns+every_other_step"])
 def test_reads_a_strided_slice_of_a_wider_projection(backend, device, layout):
     """`x = proj[..., D:2D]` (stride over T is 3D) is read in place; dx lands in that slice only."""

@@ -81,7 +81,8 @@ def launch_backward(x: Tensor, x_strides, dout: Tensor, dout_strides, dx: Tensor
                (x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, dht, dx, dw_partial, scratch,
                 T, D, N, steps, cfg["TILES"], *x_strides, *dout_strides, *dx_strides),
                dict(W=W, BT=cfg["BT"], BH=BH, BD=cfg["BD"], BW=BW, **flags, HAS_RESIDUAL=residual,
-                    IS_VARLEN=cu_seqlens is not None, USE_INITIAL_STATE=use_h0, USE_FINAL_STATE_GRAD=use_dht),
+                    IS_VARLEN=cu_seqlens is not None, USE_INITIAL_STATE=use_h0, USE_FINAL_STATE_GRAD=use_dht,
+                    EVEN_D=D % cfg["BD"] == 0, TIME_CONTIGUOUS=not channel_last),
                cfg["num_warps"])
     if use_h0 and rows > 0:
         BD = min(_next_pow2(D), 128)

@@ -9,9 +9,12 @@ where `dpre = dout * silu'(pre)` recomputes the pre-activation from `x` (nothing
 Each program first computes dpre once per row (its BT rows and the W-1 rows after them), parks it in
 its own slice of an L2-resident float32 scratch, and after a barrier reads it back shifted by each tap:
 Triton has no register shift, and recomputing dpre for every tap would cost W times the arithmetic.
-A program walks `tiles_per_program` T tiles of one (D tile, row) and keeps its weight/bias gradient in
-registers; each program writes one float32 partial row, and `reduce_partials_kernel` sums the rows
-in a fixed order (bitwise deterministic, no float atomics).
+A tile whose taps, halo and channels all lie inside `x` (no packed sequences) takes an unmasked path
+(`bwd_tile_interior`). The scratch is laid out like `x` (time-major when T is contiguous) and 16-bit
+channel-last tiles are read 4 channels per access, so that no tile changes layout between memory and
+arithmetic (docs/PERF_NOTES.md, v4). A program walks `tiles_per_program` T tiles of one (D tile, row)
+and keeps its weight/bias gradient in registers; each program writes one float32 partial row, and
+`reduce_partials_kernel` sums the rows in a fixed order (bitwise deterministic, no float atomics).
 
 The W-1 steps before a sequence start (the initial states) have no row in that grid: a small kernel,
 `conv_bwd_initial_state_kernel`, gives their gradient and their share of dweight (one partial row each).
@@ -19,7 +22,7 @@ The W-1 steps before a sequence start (the initial states) have no row in that g
 import triton
 import triton.language as tl
 
-from .common import add, conv_pre, find_sequence, load_source, silu_grad
+from .common import add, conv_pre, conv_pre_interior, find_sequence, load_source, silu_grad
 
 
 @triton.jit
@@ -55,6 +58,55 @@ def dpre_rows(x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, i_b, o_t, o_
 
 
 @triton.jit
+def bwd_tile_interior(x, weight, bias, mask, dout, dx, p_scr, b_dw, i_b, t0, o_r, o_rh, o_d, o_w, T,
+                      stride_x_b, stride_x_t, stride_x_d, stride_do_b, stride_do_t, stride_do_d,
+                      stride_dx_b, stride_dx_t, stride_dx_d,
+                      W: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, SCR_R: tl.constexpr,
+                      ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                      HAS_RESIDUAL: tl.constexpr):
+    """One T tile whose taps, halo rows and channels all lie inside `x` (no sequence boundary): the
+    same two phases as the general path, without masks, and with `dout` loaded once for dpre and the
+    residual. Returns the updated weight/bias gradient tile."""
+    o_s = t0 + o_r
+    p_do = dout + i_b.to(tl.int64) * stride_do_b + o_d.to(tl.int64)[None, :] * stride_do_d
+    b_do = tl.load(p_do + o_s.to(tl.int64)[:, None] * stride_do_t).to(tl.float32)
+    b_dpre = b_do
+    # halo rows past the first W-1 are never read back: clamped, they stay inside x
+    o_th = tl.minimum(t0 + BT + o_rh, T - 1)
+    b_dpre_h = tl.load(p_do + o_th.to(tl.int64)[:, None] * stride_do_t).to(tl.float32)
+    if ACTIVATION:
+        b_dpre = b_dpre * silu_grad(conv_pre_interior(x, weight, bias, mask, i_b, o_s, o_d, T, stride_x_b,
+                                                      stride_x_t, stride_x_d, W, BT, BD, HAS_BIAS, HAS_MASK))
+        b_dpre_h = b_dpre_h * silu_grad(conv_pre_interior(x, weight, bias, mask, i_b, o_th, o_d, T, stride_x_b,
+                                                          stride_x_t, stride_x_d, W, BH, BD, HAS_BIAS, HAS_MASK))
+    tl.debug_barrier()  # the previous tile's readers are done with the scratch
+    tl.store(p_scr + o_r[:, None] * SCR_R, b_dpre)
+    tl.store(p_scr + (BT + o_rh)[:, None] * SCR_R, b_dpre_h)
+    tl.debug_barrier()  # make the rows visible to every thread of the program
+
+    p_x = x + i_b.to(tl.int64) * stride_x_b + o_s.to(tl.int64)[:, None] * stride_x_t + o_d.to(tl.int64)[None, :] * stride_x_d
+    b_xs = tl.load(p_x).to(tl.float32)
+    if HAS_MASK:
+        b_m = tl.load(mask + i_b.to(tl.int64) * T + o_s).to(tl.float32)
+        b_xs = b_xs * b_m[:, None]
+    b_dxe = tl.full([BT, BD], 0., tl.float32)
+    for k in tl.static_range(W):
+        b_g = tl.load(p_scr + (o_r + (W - 1 - k))[:, None] * SCR_R)
+        b_dxe += b_g * tl.load(weight + o_d * W + k).to(tl.float32)[None, :]
+        b_dw += tl.where(o_w[:, None] == k, tl.reduce(b_g * b_xs, 0, add)[None, :], 0.)
+        if HAS_BIAS:
+            if k == W - 1:
+                b_dw += tl.where(o_w[:, None] == W, tl.reduce(b_g, 0, add)[None, :], 0.)
+    if HAS_MASK:
+        b_dxe *= b_m[:, None]
+    if HAS_RESIDUAL:
+        b_dxe += b_do
+    p_dx = dx + i_b.to(tl.int64) * stride_dx_b + o_s.to(tl.int64)[:, None] * stride_dx_t + o_d.to(tl.int64)[None, :] * stride_dx_d
+    tl.store(p_dx, b_dxe.to(dx.dtype.element_ty))
+    return b_dw
+
+
+@triton.jit
 def conv_bwd_kernel(
     x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, dht, dx, dw_partial, scratch,
     T, D, N, n_search_steps, tiles_per_program,
@@ -64,84 +116,107 @@ def conv_bwd_kernel(
     W: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, BW: tl.constexpr,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SEQ_IDX: tl.constexpr, HAS_RESIDUAL: tl.constexpr, IS_VARLEN: tl.constexpr,
-    USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRAD: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRAD: tl.constexpr, EVEN_D: tl.constexpr,
+    TIME_CONTIGUOUS: tl.constexpr,
 ):
     i_c, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_d = i_d * BD + tl.arange(0, BD)
+    # at most 4 contiguous channels per access: 16-bit inputs then share the float32 scratch's layout
+    # (4 per thread), instead of converting every tile between 8-wide and 4-wide layouts with shuffles
+    o_d = tl.max_contiguous(i_d * BD + tl.arange(0, BD), 4)
     m_d = o_d < D
     o_w = tl.arange(0, BW)
     o_r = tl.arange(0, BT)
     o_rh = tl.arange(0, BH)
     # this program's slice of the scratch: dpre of the tile rows, then of the W-1 rows after them
     i_p = i_b * tl.num_programs(0) + i_c
-    p_scr = scratch + ((i_p * tl.num_programs(1) + i_d).to(tl.int64) * (BT + BH)) * BD + tl.arange(0, BD)[None, :]
+    # it is laid out like x (time-major when T is contiguous), so tiles move to and from it without
+    # a layout conversion
+    if TIME_CONTIGUOUS:
+        SCR_R: tl.constexpr = 1
+        SCR_D: tl.constexpr = BT + BH
+    else:
+        SCR_R: tl.constexpr = BD
+        SCR_D: tl.constexpr = 1
+    p_scr = (scratch + ((i_p * tl.num_programs(1) + i_d).to(tl.int64) * (BT + BH)) * BD
+             + tl.arange(0, BD)[None, :] * SCR_D)
     p_do = dout + i_b.to(tl.int64) * stride_do_b + o_d.to(tl.int64)[None, :] * stride_do_d
     p_dx = dx + i_b.to(tl.int64) * stride_dx_b + o_d.to(tl.int64)[None, :] * stride_dx_d
-    # column W of the partial row carries the bias gradient
-    b_dw = tl.full([BD, BW], 0., tl.float32)
+    # row W carries the bias gradient. [BW, BD] (not [BD, BW]): a per-tap sum over T, broadcast back
+    # along a new leading axis, keeps the tile's own layout, so accumulating needs no layout conversion
+    b_dw = tl.full([BW, BD], 0., tl.float32)
 
     i_t_end = tl.minimum((i_c + 1) * tiles_per_program, (T + BT - 1) // BT)
     for i_t in range(i_c * tiles_per_program, i_t_end):
-        o_s = i_t * BT + o_r
-        m_s = o_s < T
-        # phase 1: dpre once per output row (tile rows and the W-1 halo rows after them) into the scratch
-        b_dpre = dpre_rows(x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, i_b, o_s, o_d, m_s, m_d,
-                           T, D, N, n_search_steps, stride_x_b, stride_x_t, stride_x_d,
-                           stride_do_b, stride_do_t, stride_do_d, W, BT, BD,
-                           ACTIVATION, HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, IS_VARLEN, USE_INITIAL_STATE)
-        o_th = i_t * BT + BT + o_rh
-        m_th = (o_th < T) & (o_rh < W - 1)
-        b_dpre_h = dpre_rows(x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, i_b, o_th, o_d, m_th, m_d,
-                             T, D, N, n_search_steps, stride_x_b, stride_x_t, stride_x_d,
-                             stride_do_b, stride_do_t, stride_do_d, W, BH, BD,
-                             ACTIVATION, HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, IS_VARLEN, USE_INITIAL_STATE)
-        tl.debug_barrier()  # the previous tile's readers are done with the scratch
-        tl.store(p_scr + o_r[:, None] * BD, b_dpre)
-        tl.store(p_scr + (BT + o_rh)[:, None] * BD, b_dpre_h)
-        tl.debug_barrier()  # make the rows visible to every thread of the program
-
-        # phase 2: gather dpre through each tap for the source rows s of the tile
-        if IS_VARLEN:
-            i_h, bos, eos = find_sequence(cu_seqlens, o_s, N, n_search_steps)
+        if EVEN_D and not HAS_SEQ_IDX and not IS_VARLEN:
+            is_interior = (i_t * BT >= W - 1) & (i_t * BT + BT + W - 1 <= T)
         else:
-            i_h = o_s * 0 + i_b
-            bos = 0
-            eos = T
-        if HAS_SEQ_IDX:
-            p_seq = seq_idx + i_b.to(tl.int64) * T
-            b_seq_s = tl.load(p_seq + o_s, mask=m_s, other=-1)
-        b_xs = load_source(x, mask, h0, i_b, i_h, o_s, o_d, m_d, m_s, m_s, bos, T, D,
-                           stride_x_b, stride_x_t, stride_x_d, W, HAS_MASK, False)
-        b_dxe = tl.full([BT, BD], 0., tl.float32)
-        for k in tl.static_range(W):
-            o_tk = o_s + (W - 1 - k)
-            ok_t = m_s & (o_tk < eos)  # the output reading s through tap k is of the same sequence
+            is_interior = i_t < 0
+        if is_interior:
+            b_dw = bwd_tile_interior(x, weight, bias, mask, dout, dx, p_scr, b_dw, i_b, i_t * BT, o_r, o_rh, o_d, o_w,
+                                     T, stride_x_b, stride_x_t, stride_x_d, stride_do_b, stride_do_t, stride_do_d,
+                                     stride_dx_b, stride_dx_t, stride_dx_d, W, BT, BH, BD, SCR_R,
+                                     ACTIVATION, HAS_BIAS, HAS_MASK, HAS_RESIDUAL)
+        else:
+            o_s = i_t * BT + o_r
+            m_s = o_s < T
+            # phase 1: dpre once per output row (tile rows and the W-1 halo rows after them) into the scratch
+            b_dpre = dpre_rows(x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, i_b, o_s, o_d, m_s, m_d,
+                               T, D, N, n_search_steps, stride_x_b, stride_x_t, stride_x_d,
+                               stride_do_b, stride_do_t, stride_do_d, W, BT, BD,
+                               ACTIVATION, HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, IS_VARLEN, USE_INITIAL_STATE)
+            o_th = i_t * BT + BT + o_rh
+            m_th = (o_th < T) & (o_rh < W - 1)
+            b_dpre_h = dpre_rows(x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, i_b, o_th, o_d, m_th, m_d,
+                                 T, D, N, n_search_steps, stride_x_b, stride_x_t, stride_x_d,
+                                 stride_do_b, stride_do_t, stride_do_d, W, BH, BD,
+                                 ACTIVATION, HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, IS_VARLEN, USE_INITIAL_STATE)
+            tl.debug_barrier()  # the previous tile's readers are done with the scratch
+            tl.store(p_scr + o_r[:, None] * SCR_R, b_dpre)
+            tl.store(p_scr + (BT + o_rh)[:, None] * SCR_R, b_dpre_h)
+            tl.debug_barrier()  # make the rows visible to every thread of the program
+
+            # phase 2: gather dpre through each tap for the source rows s of the tile
+            if IS_VARLEN:
+                i_h, bos, eos = find_sequence(cu_seqlens, o_s, N, n_search_steps)
+            else:
+                i_h = o_s * 0 + i_b
+                bos = 0
+                eos = T
             if HAS_SEQ_IDX:
-                b_seq_tk = tl.load(p_seq + o_tk, mask=ok_t, other=-1)
-                ok_t = ok_t & (b_seq_tk == b_seq_s)
-            b_g = tl.load(p_scr + (o_r + (W - 1 - k))[:, None] * BD, mask=ok_t[:, None], other=0.)
-            b_w = tl.load(weight + o_d * W + k, mask=m_d, other=0.).to(tl.float32)
-            b_dxe += b_g * b_w[None, :]
-            b_dw += tl.where(o_w[None, :] == k, tl.reduce(b_g * b_xs, 0, add)[:, None], 0.)
-            if HAS_BIAS:
-                if k == W - 1:
-                    b_dw += tl.where(o_w[None, :] == W, tl.reduce(b_g, 0, add)[:, None], 0.)
+                p_seq = seq_idx + i_b.to(tl.int64) * T
+                b_seq_s = tl.load(p_seq + o_s, mask=m_s, other=-1)
+            b_xs = load_source(x, mask, h0, i_b, i_h, o_s, o_d, m_d, m_s, m_s, bos, T, D,
+                               stride_x_b, stride_x_t, stride_x_d, W, HAS_MASK, False)
+            b_dxe = tl.full([BT, BD], 0., tl.float32)
+            for k in tl.static_range(W):
+                o_tk = o_s + (W - 1 - k)
+                ok_t = m_s & (o_tk < eos)  # the output reading s through tap k is of the same sequence
+                if HAS_SEQ_IDX:
+                    b_seq_tk = tl.load(p_seq + o_tk, mask=ok_t, other=-1)
+                    ok_t = ok_t & (b_seq_tk == b_seq_s)
+                b_g = tl.load(p_scr + (o_r + (W - 1 - k))[:, None] * SCR_R, mask=ok_t[:, None], other=0.)
+                b_w = tl.load(weight + o_d * W + k, mask=m_d, other=0.).to(tl.float32)
+                b_dxe += b_g * b_w[None, :]
+                b_dw += tl.where(o_w[:, None] == k, tl.reduce(b_g * b_xs, 0, add)[None, :], 0.)
+                if HAS_BIAS:
+                    if k == W - 1:
+                        b_dw += tl.where(o_w[:, None] == W, tl.reduce(b_g, 0, add)[None, :], 0.)
 
-        if USE_FINAL_STATE_GRAD:
-            # the final states are the last W-1 steps of xe: their gradient lands on those steps
-            o_j = o_s - (eos - (W - 1))
-            m_j = m_s & (o_j >= 0)
-            p_dht = dht + (i_h.to(tl.int64) * D * (W - 1) + o_j)[:, None] + o_d[None, :] * (W - 1)
-            b_dxe += tl.load(p_dht, mask=m_j[:, None] & m_d[None, :], other=0.).to(tl.float32)
-        if HAS_MASK:
-            b_dxe *= tl.load(mask + i_b.to(tl.int64) * T + o_s, mask=m_s, other=0.).to(tl.float32)[:, None]
-        m_sd = m_s[:, None] & m_d[None, :]
-        if HAS_RESIDUAL:
-            b_dxe += tl.load(p_do + o_s.to(tl.int64)[:, None] * stride_do_t, mask=m_sd, other=0.).to(tl.float32)
-        tl.store(p_dx + o_s.to(tl.int64)[:, None] * stride_dx_t, b_dxe.to(dx.dtype.element_ty), mask=m_sd)
+            if USE_FINAL_STATE_GRAD:
+                # the final states are the last W-1 steps of xe: their gradient lands on those steps
+                o_j = o_s - (eos - (W - 1))
+                m_j = m_s & (o_j >= 0)
+                p_dht = dht + (i_h.to(tl.int64) * D * (W - 1) + o_j)[:, None] + o_d[None, :] * (W - 1)
+                b_dxe += tl.load(p_dht, mask=m_j[:, None] & m_d[None, :], other=0.).to(tl.float32)
+            if HAS_MASK:
+                b_dxe *= tl.load(mask + i_b.to(tl.int64) * T + o_s, mask=m_s, other=0.).to(tl.float32)[:, None]
+            m_sd = m_s[:, None] & m_d[None, :]
+            if HAS_RESIDUAL:
+                b_dxe += tl.load(p_do + o_s.to(tl.int64)[:, None] * stride_do_t, mask=m_sd, other=0.).to(tl.float32)
+            tl.store(p_dx + o_s.to(tl.int64)[:, None] * stride_dx_t, b_dxe.to(dx.dtype.element_ty), mask=m_sd)
 
-    p_dw = dw_partial + (i_p.to(tl.int64) * D + o_d[:, None]) * (W + 1) + o_w[None, :]
-    tl.store(p_dw, b_dw, mask=m_d[:, None] & (o_w[None, :] < W + 1))
+    p_dw = dw_partial + (i_p.to(tl.int64) * D + o_d[None, :]) * (W + 1) + o_w[:, None]
+    tl.store(p_dw, b_dw, mask=m_d[None, :] & (o_w[:, None] < W + 1))
 
 
 @triton.jit
@@ -183,7 +258,9 @@ def conv_bwd_initial_state_kernel(
 
     b_dh = tl.full([BJ, BD], 0., tl.float32)
     b_dw = tl.full([BD, BW], 0., tl.float32)
-    for k in tl.static_range(W):
+    # a run-time loop: unrolled, the W taps of conv_pre inside it make W**2 tile loads (at W = 16 the
+    # kernel took minutes to compile); this kernel covers only W-1 steps per sequence
+    for k in range(W):
         o_tk = o_s + (W - 1 - k)
         ok_t = m_j & (o_tk >= bos) & (o_tk < eos)
         if HAS_SEQ_IDX:
