@@ -11,8 +11,24 @@ Only builtins of `triton.language` are used here and in the kernels (no `tl.sum`
 interpreted once when triton is imported, so they would not run inside the interpreted copy of these
 kernels (see `.._loader`).
 """
+import os
+
 import triton
 import triton.language as tl
+
+
+def _interpreting() -> bool:
+    """Whether this copy of the kernels is being decorated for Triton's interpreter (see `.._loader`)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None and hasattr(knobs, "runtime"):
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Compiled, the sigmoid uses the special-function unit's approximate 2**x and 1/x directly (about 2 ulp):
+# `tl.exp` and `/` add range fix-ups around them that made SiLU a third of the forward's instructions
+# (docs/PERF_NOTES.md, v4). The interpreter cannot run PTX and keeps the plain formula.
+FAST_SIGMOID = tl.constexpr(not _interpreting())
 
 
 @triton.jit
@@ -22,7 +38,12 @@ def add(a, b):
 
 @triton.jit
 def sigmoid(b_x):
-    return 1.0 / (1.0 + tl.exp(-b_x))
+    if FAST_SIGMOID:
+        return tl.inline_asm_elementwise(
+            "{ .reg .f32 e; ex2.approx.ftz.f32 e, $1; add.ftz.f32 e, e, 0f3F800000; rcp.approx.ftz.f32 $0, e; }",
+            "=f,f", [b_x * -1.4426950408889634], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return 1.0 / (1.0 + tl.exp(-b_x))
 
 
 @triton.jit
