@@ -43,10 +43,13 @@ def conv_bwd_tiles(T: int, D: int, W: int, channel_last: bool, interpreted: bool
     if interpreted:
         config = dict(BT=min(_pow2(T), 64), BD=min(_pow2(D), 64), TILES=4, num_warps=4)
     elif channel_last:
-        # one warp: the per-tap weight-gradient sums over T stay inside the warp (no shared-memory round trip)
-        config = dict(BT=min(_pow2(T, 16), 32), BD=min(_pow2(D, 16), 64), TILES=16, num_warps=1)
+        # two warps share a BT32 x BD64 tile (32 values per thread); one warp holding it all used 255
+        # registers and spilled. Wider filters keep more tiles live: half the channels, one warp
+        # (sweep in docs/PERF_NOTES.md, v4)
+        config = dict(BT=min(_pow2(T, 16), 32), BD=min(_pow2(D, 16), 64 if W <= 4 else 32), TILES=16,
+                      num_warps=2 if W <= 4 else 1)
     else:
-        config = dict(BT=min(_pow2(T, 16), 256), BD=min(_pow2(D), 4), TILES=2, num_warps=4)
+        config = dict(BT=min(_pow2(T, 16), 128), BD=min(_pow2(D), 4), TILES=4, num_warps=2)
     return _override("conv_bwd_" + ("channel_last" if channel_last else "contiguous"), config)
 
 
