@@ -29,11 +29,15 @@ def conv_tiles(T: int, D: int, W: int, channel_last: bool, interpreted: bool) ->
     if interpreted:
         config = dict(BT=min(_pow2(T), 64), BD=min(_pow2(D), 64), num_warps=4)
     elif channel_last:
-        # D is contiguous: 128 channels give 256-byte rows in 16-bit types (16-byte vectors per thread)
-        config = dict(BT=min(_pow2(T, 16), 32), BD=min(_pow2(D, 16), 128), num_warps=4)
+        # D is contiguous: 128 channels give 256-byte rows in 16-bit types (16-byte vectors per thread).
+        # Small tiles keep registers low (occupancy); wide filters re-load more rows per tap and prefer
+        # taller tiles (sweep in docs/PERF_NOTES.md, v4)
+        bt, bd, nw = (8, 128, 1) if W <= 4 else (16, 128, 2) if W <= 8 else (32, 64, 2)
+        config = dict(BT=min(_pow2(T, 8), bt), BD=min(_pow2(D, 16), bd), num_warps=nw)
     else:
         # T is contiguous: long time tiles, a few channels
-        config = dict(BT=min(_pow2(T, 16), 256), BD=min(_pow2(D), 8), num_warps=4)
+        bt, nw = (256, 4) if W <= 4 else (128, 2)
+        config = dict(BT=min(_pow2(T, 16), bt), BD=min(_pow2(D), 8), num_warps=nw)
     return _override("conv_fwd_" + ("channel_last" if channel_last else "contiguous"), config)
 
 
