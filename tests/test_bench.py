@@ -210,6 +210,32 @@ def test_broken_thirdparty_install_is_reported_not_fatal(monkeypatch):
     assert baselines.thirdparty(torch.device("cpu")) == ([], {}), "CUDA-only libraries are not tried elsewhere"
 
 
+def test_fla_found_under_its_0_6_module_path(monkeypatch, one_thread):
+    """fla-core 0.6 keeps causal_conv1d in `fla.modules.causal_conv1d` and has no `__version__`."""
+    calls = []
+
+    def fla_conv(x, weight=None, bias=None, residual=None, activation=None, **kwargs):
+        calls.append(x.shape)
+        out = baselines.eager_causal_conv1d(x.transpose(1, 2), weight, bias, activation == "silu").transpose(1, 2)
+        return (out if residual is None else out + residual), None
+
+    modules = {}
+    for name in ("fla", "fla.modules", "fla.modules.causal_conv1d"):
+        modules[name] = types.ModuleType(name)
+        modules[name].__spec__ = ModuleSpec(name, None)
+        monkeypatch.setitem(sys.modules, name, modules[name])
+    modules["fla.modules.causal_conv1d"].causal_conv1d = fla_conv
+    monkeypatch.setattr(baselines.importlib.metadata, "version",
+                        lambda dist: "0.6-fake" if dist == "fla-core" else (_ for _ in ()).throw(
+                            baselines.importlib.metadata.PackageNotFoundError(dist)))
+    libs, unusable = baselines.thirdparty(torch.device("cuda"))
+    assert [lib.name for lib in libs] == ["fla"] and not unusable
+    assert libs[0].version == "0.6-fake"
+    row = run_case(build_case(Spec("t", "short_conv_fused", "t", 2, 8, 16), torch.float32, torch.device("cpu"),
+                              ccmps, libs), timing.QUICK, 0, 1.0, compile_eager=False)
+    assert row["impls"]["fla"]["ok"] and row["impls"]["fla"]["ms"] > 0 and calls
+
+
 def test_byte_counts_follow_perf_md():
     assert traffic.forward_bytes(4, 8192, 4096, 2) == 2 * 4 * 8192 * 4096 * 2 == 536_870_912
     assert traffic.forward_backward_bytes(8, 2048, 4096, 2) == 5 * 8 * 2048 * 4096 * 2

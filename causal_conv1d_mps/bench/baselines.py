@@ -8,6 +8,7 @@ libraries: Dao-AILab `causal_conv1d` and flash-linear-attention (`fla`), when im
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 from dataclasses import dataclass
 from typing import Callable
@@ -53,8 +54,17 @@ class ThirdParty:
     decode_step: Callable | None = None  # (x [B,D], state [B,D,S], weight, bias, silu, residual) -> out
 
 
-def _version(module) -> str:
-    return str(getattr(module, "__version__", "unknown"))
+def _version(module, *distributions: str) -> str:
+    """The module's `__version__`, else the first installed distribution's (fla-core has no `__version__`)."""
+    version = getattr(module, "__version__", None)
+    for dist in distributions:
+        if version is not None:
+            break
+        try:
+            version = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return str(version or "unknown")
 
 
 def _dao() -> ThirdParty:
@@ -74,19 +84,20 @@ def _dao() -> ThirdParty:
         out = update(x, state, weight, bias, activation="silu" if silu else None)
         return out + x if residual else out
 
-    return ThirdParty("dao", _version(dao), conv, fused, step)
+    return ThirdParty("dao", _version(dao, "causal-conv1d"), conv, fused, step)
 
 
 def _fla() -> ThirdParty:
     fn = None
-    for path in ("fla.modules.convolution", "fla.modules.conv"):  # the module's name across releases
+    # the module's name across releases (0.6 moved it to a package of its own)
+    for path in ("fla.modules.causal_conv1d", "fla.modules.convolution", "fla.modules.conv"):
         try:
             fn = importlib.import_module(path).causal_conv1d
             break
         except (ImportError, AttributeError):
             continue
     if fn is None:
-        raise ImportError("neither fla.modules.convolution.causal_conv1d nor fla.modules.conv.causal_conv1d found")
+        raise ImportError("no causal_conv1d in fla.modules.causal_conv1d, fla.modules.convolution or fla.modules.conv")
 
     def fused(x, weight, bias, mask, silu, residual):
         # fla's ShortConvolution multiplies by the mask before calling this function.
@@ -99,7 +110,8 @@ def _fla() -> ThirdParty:
         out = fn(x.transpose(1, 2), weight, bias, activation="silu" if silu else None)
         return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
 
-    return ThirdParty("fla", _version(importlib.import_module("fla")), conv, fused, None)
+    return ThirdParty("fla", _version(importlib.import_module("fla"), "fla-core", "flash-linear-attention"),
+                      conv, fused, None)
 
 
 def thirdparty(device: torch.device) -> tuple[list[ThirdParty], dict[str, str]]:
