@@ -289,25 +289,59 @@ def short_conv_fused_bwd(x, weight, bias, mask, initial_states, cu_seqlens, dout
 # Decode step and varlen states
 
 
+def _one_token(x0, window, weight, bias, activation: bool, residual: bool):
+    """The decode step's output for one token per row: `x0` `[B, D]`, `window` `[B, D, W-1]` (the state
+    entries it reads, any strides). Tap by tap in place: the general path builds an extended input first,
+    which made a CPU decode step slower than eager PyTorch's roll + einsum. At small sizes the cost is
+    per-op host time, hence `narrow`/`select` and no dtype casts that would be no-ops."""
+    acc = _acc_dtype(x0.dtype)
+    w = _as(weight, acc)
+    history = w.shape[1] - 1
+    pre = _as(x0, acc) * w.select(1, history)
+    if bias is not None:
+        pre += bias
+    for k in range(history):
+        pre.addcmul_(_as(window.select(2, k), acc), w.select(1, k))
+    y = torch.nn.functional.silu(pre, inplace=True) if activation else pre
+    if residual:
+        y += x0
+    return _as(y, x0.dtype)
+
+
+def _as(t, dtype):
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def short_conv_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indices,
                       activation: bool, residual: bool):
     """`x` `[B, L, D]`; `conv_state` `[B|N, D, S]` updated in place. Returns `out` like `x`."""
     b, length, d = x.shape
     n, _, s = conv_state.shape
     history = weight.shape[1] - 1
-    out = torch.empty_like(x)
     if cache_seqlens is None and conv_state_indices is None:
         # Shift mode with one state row per batch row: the window is a view; write the state after reading it.
-        y, _ = short_conv_fused_fwd(x, weight, bias, None, conv_state[:, :, s - history:], None, activation,
-                                    residual, False)
-        out.copy_(y)
+        window = conv_state.narrow(2, s - history, history)
+        if length == 1:
+            x0 = x.select(1, 0)
+            y = _one_token(x0, window, weight, bias, activation, residual)
+            if s > 0:  # shift left by one in place (the overlapping copy goes through a temporary)
+                conv_state.narrow(2, 0, s - 1).copy_(conv_state.narrow(2, 1, s - 1).clone())
+                conv_state.select(2, s - 1).copy_(x0)
+            if x.is_contiguous():  # `y` is a new contiguous tensor: `pre` was allocated by the first tap
+                return y.unsqueeze(1)
+            return torch.empty_like(x).copy_(y.unsqueeze(1))  # x's strides, as the op's fake promises
+        y, _ = short_conv_fused_fwd(x, weight, bias, None, window, None, activation, residual, False)
+        out = torch.empty_like(x).copy_(y)
         if s > 0:
             conv_state.copy_(_window.updated_state(conv_state, x, None))
         return out
     window = _window.gather_window(conv_state, cache_seqlens, conv_state_indices, history, b)
-    y, _ = short_conv_fused_fwd(x, weight, bias, None, window, None, activation, residual, False)
+    if length == 1:
+        y = _one_token(x.select(1, 0), window, weight, bias, activation, residual).unsqueeze(1)
+    else:
+        y, _ = short_conv_fused_fwd(x, weight, bias, None, window, None, activation, residual, False)
     rows = _window.valid_rows(conv_state_indices, b, n, x.device)
-    out.copy_(y * rows.view(b, 1, 1).to(y.dtype))
+    out = torch.empty_like(x).copy_(y * rows.view(b, 1, 1).to(y.dtype))
     if b > 0 and s > 0:
         keep = rows.nonzero().squeeze(1)
         slots = keep if conv_state_indices is None else conv_state_indices.long()[keep]
