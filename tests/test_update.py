@@ -77,6 +77,25 @@ def test_step_matches_oracle(backend, device, dtype, width, mode, length):
     _check_step(x, state, weight, bias, seqlens, None, True, True, f"{mode} W{width} S{size} L{length}")
 
 
+@pytest.mark.parametrize("length", [None, 1, 3], ids=["2d", "L1", "L3"])
+@pytest.mark.parametrize("mode", MODES)
+def test_x_read_as_a_slice_of_a_wider_projection(backend, device, mode, length):
+    """`x` as columns of a wider buffer (not contiguous): read in place, `out` keeps the shape of `x`."""
+    gen = seeded(31)
+    b, d, width = 3, 5, 4
+    size = _state_size(width, 1, mode)
+    wide = randn(b, 3 * d, device=device, generator=gen) if length is None else \
+        randn(b, length, 3 * d, device=device, generator=gen)
+    x = wide[..., d:2 * d]
+    assert not x.is_contiguous()
+    weight, bias = make_params(d, width, torch.float32, device, gen)
+    state = randn(b, d, size, device=device, generator=gen)
+    seqlens = _cache_seqlens(b, size, device, gen) if mode == "circular" else None
+    before = wide.clone()
+    _check_step(x, state, weight, bias, seqlens, None, True, True, f"slice {mode} L{length}")
+    assert_equal_exact(wide, before, "the projection x was sliced from")
+
+
 @pytest.mark.parametrize("activation,residual", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("mode", MODES)
 def test_step_flags(backend, device, mode, activation, residual):
