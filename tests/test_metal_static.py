@@ -124,3 +124,19 @@ def test_unsupported_reasons_name_the_cause():
     assert "float64" in _loader.unsupported_reason(torch.device("cpu"), torch.float64)
     assert "int32" in _loader.unsupported_reason(torch.device("cpu"), torch.int32)
     assert "cuda" in _loader.unsupported_reason(torch.device("cuda"), torch.float32)
+
+
+def test_mps_needs_the_public_compile_shader(monkeypatch):
+    """PyTorch 2.6 has only the private `_compile_shader` (list arguments unverified): not used."""
+    import torch
+
+    from causal_conv1d_mps.metal import _loader
+
+    monkeypatch.delattr(torch.mps, "compile_shader", raising=False)
+    monkeypatch.setattr(torch.mps, "_compile_shader", lambda source: None, raising=False)
+    _loader.unsupported_reason.cache_clear()
+    try:
+        reason = _loader.unsupported_reason(torch.device("mps"), torch.float32)
+    finally:
+        _loader.unsupported_reason.cache_clear()
+    assert reason is not None and "compile_shader" in reason and "2.7" in reason

@@ -145,8 +145,10 @@ def gather_states(x: Tensor, dim: int, strides: tuple[int, int, int], length: in
     flags = flag(initial_states, HAS_INIT) | flag(mask, HAS_MASK) | flag(cu_seqlens, HAS_CU)
     params = [n_rows, dim, state_len, length, strides[0], strides[1], strides[2], flags]
     f32, i32, dev = torch.float32, torch.int32, x.device
-    args = [x, optional(initial_states, f32, dev), optional(mask, f32, dev), optional(cu_seqlens, i32, dev), out,
-            params]
+    # an empty x (T == 0: the states come from initial_states alone) has no buffer to bind; it is never read
+    x_arg = x if x.numel() > 0 else optional(None, x.dtype, dev)
+    args = [x_arg, optional(initial_states, f32, dev), optional(mask, f32, dev), optional(cu_seqlens, i32, dev),
+            out, params]
     launch(x.device, kernel_name("gather_states", x.dtype), args, out.numel())
     return out
 

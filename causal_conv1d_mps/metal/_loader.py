@@ -1,8 +1,9 @@
 """The Metal library: source assembly, one compilation per process and device kind, availability.
 
-On `mps` tensors the sources are compiled by `torch.mps.compile_shader` (`torch.mps._compile_shader` on
-PyTorch 2.6); on CPU tensors by the Linux test harness `metal_harness` of a source checkout, which runs the
-same kernels on the CPU. Both return a library object with one callable per kernel host name, so the
+On `mps` tensors the sources are compiled by `torch.mps.compile_shader` (PyTorch >= 2.7; 2.6's private
+`_compile_shader` is not used: whether it takes the list arguments the launchers pass is unverified); on
+CPU tensors by the Linux test harness `metal_harness` of a source checkout, which runs the same kernels on
+the CPU. Both return a library object with one callable per kernel host name, so the
 launchers are the same for both.
 """
 from __future__ import annotations
@@ -51,7 +52,7 @@ def kernel_source() -> str:
 
 
 def _mps_compiler():
-    return getattr(torch.mps, "compile_shader", None) or getattr(torch.mps, "_compile_shader", None)
+    return getattr(torch.mps, "compile_shader", None)
 
 
 @functools.lru_cache(maxsize=1)
@@ -85,7 +86,7 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str | None:
         return f"the Metal kernels support float32, float16 and bfloat16, not {dtype}"
     if device.type == "mps":
         if _mps_compiler() is None:
-            return f"PyTorch {torch.__version__} has no torch.mps.compile_shader (needs PyTorch >= 2.6)"
+            return f"PyTorch {torch.__version__} has no torch.mps.compile_shader (needs PyTorch >= 2.7)"
         if dtype == torch.bfloat16:
             newer = getattr(torch.backends.mps, "is_macos_or_newer", None)
             if newer is not None and not newer(14, 0):
