@@ -25,3 +25,12 @@ def test_counts_instructions_of_a_compiled_kernel(args):
     assert ptx, run.stdout
     assert int(ptx.group(1)) > 50 and int(ptx.group(2)) > 0, run.stdout
     assert "SASS:" in run.stdout
+
+
+def test_sliding_window_prototype_matches_reference():
+    """`benchmarks/prototypes/sliding_window_fwd.py` (a design lead, docs/PERF_NOTES.md) stays correct."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prototypes" / "sliding_window_fwd.py")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert run.stdout.count("relative error") == 4, run.stdout
