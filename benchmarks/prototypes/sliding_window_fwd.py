@@ -41,8 +41,19 @@ def pick(tile, o_w, slot: tl.constexpr):
 
 
 @triton.jit
+def sigmoid(b_x, FAST: tl.constexpr):
+    if FAST:  # as in causal_conv1d_mps/triton/kernels/common.py (compiled only)
+        return tl.inline_asm_elementwise(
+            "{ .reg .f32 e; ex2.approx.ftz.f32 e, $1; add.ftz.f32 e, e, 0f3F800000; rcp.approx.ftz.f32 $0, e; }",
+            "=f,f", [b_x * -1.4426950408889634], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return 1.0 / (1.0 + tl.exp(-b_x))
+
+
+@triton.jit
 def sliding_window_fwd(x, weight, bias, out, T, stride_b, stride_t,
-                       W: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr):
+                       W: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr,
+                       FAST: tl.constexpr = False):
     """out[b, t] = x[b, t] + silu(bias + sum_k weight[:, k] * x[b, t - (W-1) + k]) for CHUNK rows per program.
     Assumes T % CHUNK == 0, CHUNK % BW == 0, D % BD == 0 and W <= BW (a prototype)."""
     i_c, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -63,7 +74,7 @@ def sliding_window_fwd(x, weight, bias, out, T, stride_b, stride_t,
             acc = b_bias
             for k in tl.static_range(W):
                 acc = tl.fma(pick(hist, o_w, (j - (W - 1) + k + BW) % BW), pick(w_tile, o_w, k), acc)
-            y = acc / (1.0 + tl.exp(-acc)) + row
+            y = acc * sigmoid(acc, FAST) + row
             tl.store(p_o + t * stride_t, y.to(out.dtype.element_ty))
 
 
@@ -95,10 +106,10 @@ def asm():
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     import kernel_asm
 
-    for W, BD, warps in ((4, 256, 1), (8, 256, 1), (16, 256, 1)):
+    for W, BD, warps in ((4, 256, 1), (8, 256, 1), (16, 256, 1), (16, 128, 1)):
         compiled = kernel_asm.compile_kernel(
             sliding_window_fwd, dict(x="*bf16", weight="*bf16", bias="*bf16", out="*bf16"),
-            dict(W=W, BW=triton.next_power_of_2(W), BD=BD, CHUNK=64), warps)
+            dict(W=W, BW=triton.next_power_of_2(W), BD=BD, CHUNK=64, FAST=True), warps)
         sass = kernel_asm.sass_summary(compiled.asm["ptx"])
         per_thread = triton.next_power_of_2(W) * BD // (32 * warps)  # elements per unrolled block
         print(f"W{W} BD{BD} warps {warps}: {sass.get('instructions')} SASS instructions (prologue included) "
