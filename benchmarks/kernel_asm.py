@@ -100,7 +100,7 @@ def sass_summary(ptx: str, arch: int = 90, dump: str | None = None) -> dict:
         Path(dump + ".sass").write_text(sass)
     ops = collections.Counter()
     for line in sass.splitlines():
-        match = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        match = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
         if match:
             ops[match.group(1)] += 1
     return dict(ptxas=info, instructions=sum(ops.values()), top=ops.most_common(14))

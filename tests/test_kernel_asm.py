@@ -27,10 +27,11 @@ def test_counts_instructions_of_a_compiled_kernel(args):
     assert "SASS:" in run.stdout
 
 
-def test_sliding_window_prototype_matches_reference():
-    """`benchmarks/prototypes/sliding_window_fwd.py` (a design lead, docs/PERF_NOTES.md) stays correct."""
+@pytest.mark.parametrize("name,cases", [("sliding_window_fwd", 4), ("sliding_window_bwd", 3)])
+def test_sliding_window_prototypes_match_the_reference(name, cases):
+    """`benchmarks/prototypes/` (a design lead, docs/PERF_NOTES.md) stays correct under the interpreter."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prototypes" / "sliding_window_fwd.py")],
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prototypes" / f"{name}.py")],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    assert run.stdout.count("relative error") == 4, run.stdout
+    assert run.stdout.count("relative error") == cases, run.stdout
