@@ -33,10 +33,11 @@ from sliding_window_fwd import pick, sigmoid  # noqa: E402
 @triton.jit
 def sliding_window_bwd(x, weight, bias, dout, dx, dw_partial, T, D, stride_b, stride_t,
                        W: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr,
-                       FAST: tl.constexpr = False):
+                       FAST: tl.constexpr = False, VEC: tl.constexpr = 8):
     """Assumes D % BD == 0, CHUNK % BW == 0 and W <= BW (a prototype); T is arbitrary."""
     i_c, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_d = i_d * BD + tl.arange(0, BD)
+    # VEC channels per access (and per thread): 8 fills 16 bytes of bf16; 4 halves the registers (W >= 8)
+    o_d = tl.max_contiguous(i_d * BD + tl.arange(0, BD), VEC)
     o_w = tl.arange(0, BW)
     p_x = x + i_b.to(tl.int64) * stride_b + o_d
     p_do = dout + i_b.to(tl.int64) * stride_b + o_d
@@ -111,14 +112,14 @@ def asm():
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     import kernel_asm
 
-    for W, BD, warps in ((4, 256, 1), (4, 128, 1), (8, 128, 1)):
+    for W, BD, warps, vec in ((4, 256, 1, 8), (4, 128, 1, 4), (8, 128, 1, 4)):
         compiled = kernel_asm.compile_kernel(
             sliding_window_bwd, dict(x="*bf16", weight="*bf16", bias="*bf16", dout="*bf16", dx="*bf16",
                                      dw_partial="*fp32"),
-            dict(W=W, BW=triton.next_power_of_2(W), BD=BD, CHUNK=64, FAST=True), warps)
+            dict(W=W, BW=triton.next_power_of_2(W), BD=BD, CHUNK=64, FAST=True, VEC=vec), warps)
         sass = kernel_asm.sass_summary(compiled.asm["ptx"])
         per_thread = triton.next_power_of_2(W) * BD // (32 * warps)
-        print(f"W{W} BD{BD} warps {warps}: {sass.get('instructions')} SASS instructions (prologue included) "
+        print(f"W{W} BD{BD} VEC{vec} warps {warps}: {sass.get('instructions')} SASS instructions (prologue included) "
               f"for {per_thread} elements per thread per block; {sass.get('ptxas')}")
         print("    ", ", ".join(f"{op} {n}" for op, n in sass.get("top", [])))
 
