@@ -77,6 +77,45 @@ def find_sequence(cu_seqlens, o_t, N, n_search_steps):
 
 
 @triton.jit
+def row_sequences(seq_idx, cu_seqlens, i_b, o_t, m_t, T, N, n_search_steps,
+                  HAS_SEQ_IDX: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Where the rows `o_t` of batch row `i_b` stand: `(i_h, bos, eos, b_seq, ok_h)`.
+
+    `i_h` is the initial-state row of each row (the batch row, or its packed sequence), `bos`/`eos` its
+    sequence bounds, `b_seq` its `seq_idx` value (-1 outside `m_t`; `o_t` itself without `seq_idx`), and
+    `ok_h` whether it may read the initial states (those belong to the sequence at position 0 of the row).
+    """
+    if IS_VARLEN:
+        i_h, bos, eos = find_sequence(cu_seqlens, o_t, N, n_search_steps)
+    else:
+        i_h = o_t * 0 + i_b
+        bos = 0
+        eos = T
+    if HAS_SEQ_IDX:
+        p_seq = seq_idx + i_b.to(tl.int64) * T
+        b_seq = tl.load(p_seq + o_t, mask=m_t, other=-1)
+        ok_h = b_seq == tl.load(p_seq)
+    else:
+        b_seq = o_t
+        ok_h = m_t
+    return i_h, bos, eos, b_seq, ok_h
+
+
+@triton.jit
+def stream_bounds(cu_seqlens, i_r, T, IS_VARLEN: tl.constexpr):
+    """`(i_b, bos, eos)` of stream `i_r`: batch row `i_r`, or packed sequence `i_r` of batch row 0."""
+    if IS_VARLEN:
+        i_b = i_r * 0
+        bos = tl.load(cu_seqlens + i_r)
+        eos = tl.load(cu_seqlens + i_r + 1)
+    else:
+        i_b = i_r
+        bos = 0
+        eos = T
+    return i_b, bos, eos
+
+
+@triton.jit
 def load_source(x, mask, h0, i_b, i_h, o_s, o_d, m_d, ok_x, ok_h, bos, T, D,
                 stride_x_b, stride_x_t, stride_x_d,
                 W: tl.constexpr, HAS_MASK: tl.constexpr, USE_INITIAL_STATE: tl.constexpr):

@@ -22,7 +22,7 @@ The W-1 steps before a sequence start (the initial states) have no row in that g
 import triton
 import triton.language as tl
 
-from .common import add, conv_pre, conv_pre_interior, find_sequence, load_source, silu_grad
+from .common import add, conv_pre, conv_pre_interior, load_source, row_sequences, silu_grad, stream_bounds
 
 
 @triton.jit
@@ -32,19 +32,11 @@ def dpre_rows(x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, i_b, o_t, o_
               ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
               HAS_SEQ_IDX: tl.constexpr, IS_VARLEN: tl.constexpr, USE_INITIAL_STATE: tl.constexpr):
     """Gradient at the pre-activation of output rows `o_t` (float32, zero outside the outputs)."""
-    if IS_VARLEN:
-        i_h, bos, eos = find_sequence(cu_seqlens, o_t, N, n_search_steps)
-    else:
-        i_h = o_t * 0 + i_b
-        bos = 0
+    i_h, bos, eos, b_seq_t, ok_h = row_sequences(seq_idx, cu_seqlens, i_b, o_t, m_t, T, N, n_search_steps,
+                                                 HAS_SEQ_IDX, IS_VARLEN)
     if HAS_SEQ_IDX:
-        p_seq = seq_idx + i_b.to(tl.int64) * T
-        b_seq_t = tl.load(p_seq + o_t, mask=m_t, other=-1)
-        ok_h = b_seq_t == tl.load(p_seq)
         ok_t = m_t & (b_seq_t >= 0)  # padding outputs are constant zeros
     else:
-        b_seq_t = o_t
-        ok_h = m_t
         ok_t = m_t
     p_do = (dout + i_b.to(tl.int64) * stride_do_b + o_t.to(tl.int64)[:, None] * stride_do_t
             + o_d.to(tl.int64)[None, :] * stride_do_d)
@@ -55,6 +47,18 @@ def dpre_rows(x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, i_b, o_t, o_
                          HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, USE_INITIAL_STATE)
         b_dpre = b_dpre * silu_grad(b_pre)
     return b_dpre
+
+
+@triton.jit
+def tap_gradients(b_g, b_w, b_xs, b_dxe, b_dw, o_w, k: tl.constexpr, W: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Tap k's share: `dxe += dpre[t_k] * w[k]`, and into row k of the [BW, BD] weight-gradient tile the sum
+    over the tile of `dpre[t_k] * xe[s]` (row W: the bias gradient, from the last tap)."""
+    b_dxe += b_g * b_w[None, :]
+    b_dw += tl.where(o_w[:, None] == k, tl.reduce(b_g * b_xs, 0, add)[None, :], 0.)
+    if HAS_BIAS:
+        if k == W - 1:
+            b_dw += tl.where(o_w[:, None] == W, tl.reduce(b_g, 0, add)[None, :], 0.)
+    return b_dxe, b_dw
 
 
 @triton.jit
@@ -84,7 +88,8 @@ def bwd_tile_interior(x, weight, bias, mask, dout, dx, p_scr, b_dw, i_b, t0, o_r
     tl.store(p_scr + (BT + o_rh)[:, None] * SCR_R, b_dpre_h)
     tl.debug_barrier()  # make the rows visible to every thread of the program
 
-    p_x = x + i_b.to(tl.int64) * stride_x_b + o_s.to(tl.int64)[:, None] * stride_x_t + o_d.to(tl.int64)[None, :] * stride_x_d
+    p_x = (x + i_b.to(tl.int64) * stride_x_b + o_s.to(tl.int64)[:, None] * stride_x_t
+           + o_d.to(tl.int64)[None, :] * stride_x_d)
     b_xs = tl.load(p_x).to(tl.float32)
     if HAS_MASK:
         b_m = tl.load(mask + i_b.to(tl.int64) * T + o_s).to(tl.float32)
@@ -92,16 +97,14 @@ def bwd_tile_interior(x, weight, bias, mask, dout, dx, p_scr, b_dw, i_b, t0, o_r
     b_dxe = tl.full([BT, BD], 0., tl.float32)
     for k in tl.static_range(W):
         b_g = tl.load(p_scr + (o_r + (W - 1 - k))[:, None] * SCR_R)
-        b_dxe += b_g * tl.load(weight + o_d * W + k).to(tl.float32)[None, :]
-        b_dw += tl.where(o_w[:, None] == k, tl.reduce(b_g * b_xs, 0, add)[None, :], 0.)
-        if HAS_BIAS:
-            if k == W - 1:
-                b_dw += tl.where(o_w[:, None] == W, tl.reduce(b_g, 0, add)[None, :], 0.)
+        b_w = tl.load(weight + o_d * W + k).to(tl.float32)
+        b_dxe, b_dw = tap_gradients(b_g, b_w, b_xs, b_dxe, b_dw, o_w, k, W, HAS_BIAS)
     if HAS_MASK:
         b_dxe *= b_m[:, None]
     if HAS_RESIDUAL:
         b_dxe += b_do
-    p_dx = dx + i_b.to(tl.int64) * stride_dx_b + o_s.to(tl.int64)[:, None] * stride_dx_t + o_d.to(tl.int64)[None, :] * stride_dx_d
+    p_dx = (dx + i_b.to(tl.int64) * stride_dx_b + o_s.to(tl.int64)[:, None] * stride_dx_t
+            + o_d.to(tl.int64)[None, :] * stride_dx_d)
     tl.store(p_dx, b_dxe.to(dx.dtype.element_ty))
     return b_dw
 
@@ -176,15 +179,10 @@ def conv_bwd_kernel(
             tl.debug_barrier()  # make the rows visible to every thread of the program
 
             # phase 2: gather dpre through each tap for the source rows s of the tile
-            if IS_VARLEN:
-                i_h, bos, eos = find_sequence(cu_seqlens, o_s, N, n_search_steps)
-            else:
-                i_h = o_s * 0 + i_b
-                bos = 0
-                eos = T
+            i_h, bos, eos, b_seq_s, _ = row_sequences(seq_idx, cu_seqlens, i_b, o_s, m_s, T, N, n_search_steps,
+                                                      HAS_SEQ_IDX, IS_VARLEN)
             if HAS_SEQ_IDX:
                 p_seq = seq_idx + i_b.to(tl.int64) * T
-                b_seq_s = tl.load(p_seq + o_s, mask=m_s, other=-1)
             b_xs = load_source(x, mask, h0, i_b, i_h, o_s, o_d, m_d, m_s, m_s, bos, T, D,
                                stride_x_b, stride_x_t, stride_x_d, W, HAS_MASK, False)
             b_dxe = tl.full([BT, BD], 0., tl.float32)
@@ -196,11 +194,7 @@ def conv_bwd_kernel(
                     ok_t = ok_t & (b_seq_tk == b_seq_s)
                 b_g = tl.load(p_scr + (o_r + (W - 1 - k))[:, None] * SCR_R, mask=ok_t[:, None], other=0.)
                 b_w = tl.load(weight + o_d * W + k, mask=m_d, other=0.).to(tl.float32)
-                b_dxe += b_g * b_w[None, :]
-                b_dw += tl.where(o_w[:, None] == k, tl.reduce(b_g * b_xs, 0, add)[None, :], 0.)
-                if HAS_BIAS:
-                    if k == W - 1:
-                        b_dw += tl.where(o_w[:, None] == W, tl.reduce(b_g, 0, add)[None, :], 0.)
+                b_dxe, b_dw = tap_gradients(b_g, b_w, b_xs, b_dxe, b_dw, o_w, k, W, HAS_BIAS)
 
             if USE_FINAL_STATE_GRAD:
                 # the final states are the last W-1 steps of xe: their gradient lands on those steps
@@ -234,14 +228,7 @@ def conv_bwd_initial_state_kernel(
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
     o_w = tl.arange(0, BW)
-    if IS_VARLEN:
-        i_b = i_r * 0
-        bos = tl.load(cu_seqlens + i_r)
-        eos = tl.load(cu_seqlens + i_r + 1)
-    else:
-        i_b = i_r
-        bos = 0
-        eos = T
+    i_b, bos, eos = stream_bounds(cu_seqlens, i_r, T, IS_VARLEN)
     o_j = tl.arange(0, BJ)
     m_j = o_j < W - 1
     o_s = bos - (W - 1) + o_j

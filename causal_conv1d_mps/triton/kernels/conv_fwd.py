@@ -9,7 +9,7 @@ loaded by its neighbour moments earlier and still sit in L2.
 import triton
 import triton.language as tl
 
-from .common import conv_pre, conv_pre_interior, find_sequence, silu
+from .common import conv_pre, conv_pre_interior, row_sequences, silu
 
 
 @triton.jit
@@ -45,19 +45,8 @@ def conv_fwd_kernel(
     else:
         m_t = o_t < T
         m_d = o_d < D
-        if IS_VARLEN:
-            i_h, bos, eos = find_sequence(cu_seqlens, o_t, N, n_search_steps)
-        else:
-            i_h = o_t * 0 + i_b
-            bos = 0
-        if HAS_SEQ_IDX:
-            p_seq = seq_idx + i_b.to(tl.int64) * T
-            b_seq_t = tl.load(p_seq + o_t, mask=m_t, other=-1)
-            # initial states belong to the sequence at position 0 of the row
-            ok_h = b_seq_t == tl.load(p_seq)
-        else:
-            b_seq_t = o_t
-            ok_h = m_t
+        i_h, bos, eos, b_seq_t, ok_h = row_sequences(seq_idx, cu_seqlens, i_b, o_t, m_t, T, N, n_search_steps,
+                                                     HAS_SEQ_IDX, IS_VARLEN)
 
         b_out = conv_pre(x, weight, bias, mask, seq_idx, h0, i_b, i_h, o_t, o_d, m_t, m_d, bos, b_seq_t, ok_h,
                          T, D, stride_x_b, stride_x_t, stride_x_d, W, BT, BD,

@@ -7,6 +7,8 @@ the left). Grid: (D tiles, rows); each program loops over the state in chunks of
 import triton
 import triton.language as tl
 
+from .common import stream_bounds
+
 
 @triton.jit
 def final_states_kernel(
@@ -19,14 +21,7 @@ def final_states_kernel(
     i_d, i_r = tl.program_id(0), tl.program_id(1)
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
-    if IS_VARLEN:
-        i_b = i_r * 0
-        bos = tl.load(cu_seqlens + i_r)
-        eos = tl.load(cu_seqlens + i_r + 1)
-    else:
-        i_b = i_r
-        bos = 0
-        eos = T
+    i_b, bos, eos = stream_bounds(cu_seqlens, i_r, T, IS_VARLEN)
     p_x = x + i_b.to(tl.int64) * stride_x_b
     p_states = states + i_r.to(tl.int64) * D * state_len
     for j0 in range(0, state_len, BS):
