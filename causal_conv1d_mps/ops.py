@@ -87,6 +87,13 @@ def _(x, weight, bias, seq_idx, initial_states, dout, dfinal_states, silu):
             _like_or_absent(initial_states, x))
 
 
+def _final_states_grad(ctx, dfinal: Optional[Tensor]) -> Optional[Tensor]:
+    """The gradient arriving on `final_states`: None when they were not asked for or nothing arrived."""
+    if not ctx.return_final_states or dfinal is None or dfinal.numel() == 0:
+        return None
+    return dfinal.contiguous()
+
+
 def _cc_setup_context(ctx, inputs, output):
     x, weight, bias, seq_idx, initial_states, silu, return_final_states = inputs
     ctx.save_for_backward(x, weight, bias, seq_idx, initial_states)
@@ -97,10 +104,7 @@ def _cc_setup_context(ctx, inputs, output):
 def _cc_gradients(ctx, dout, dfinal, bwd):
     x, weight, bias, seq_idx, initial_states = ctx.saved_tensors
     dout = torch.zeros_like(x) if dout is None else in_layout_of(dout, x)
-    if not ctx.return_final_states or dfinal is None or dfinal.numel() == 0:
-        dfinal = None
-    else:
-        dfinal = dfinal.contiguous()
+    dfinal = _final_states_grad(ctx, dfinal)
     dx, dweight, dbias, dinit = bwd(x, weight, bias, seq_idx, initial_states, dout, dfinal, ctx.silu)
     return (dx, dweight, dbias if bias is not None else None, None,
             dinit if initial_states is not None else None, None, None)
@@ -184,10 +188,7 @@ def _fused_setup_context(ctx, inputs, output):
 def _fused_gradients(ctx, dout, dfinal, bwd):
     x, weight, bias, mask, initial_states, cu_seqlens = ctx.saved_tensors
     dout = x.new_zeros(x.shape) if dout is None else dout.contiguous()
-    if not ctx.return_final_states or dfinal is None or dfinal.numel() == 0:
-        dfinal = None
-    else:
-        dfinal = dfinal.contiguous()
+    dfinal = _final_states_grad(ctx, dfinal)
     dx, dweight, dbias, dinit = bwd(x, weight, bias, mask, initial_states, cu_seqlens, dout, dfinal,
                                     ctx.activation, ctx.residual)
     return (dx, dweight, dbias if bias is not None else None, None,
