@@ -27,13 +27,14 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sliding_window_fwd import pick, sigmoid  # noqa: E402
+from causal_conv1d_mps.triton.kernels.common import sigmoid  # noqa: E402
+from sliding_window_fwd import pick, window_start  # noqa: E402
 
 
 @triton.jit
 def sliding_window_bwd(x, weight, bias, dout, dx, dw_partial, T, D, stride_b, stride_t,
                        W: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr,
-                       FAST: tl.constexpr = False, VEC: tl.constexpr = 8):
+                       VEC: tl.constexpr = 8):
     """Assumes D % BD == 0, CHUNK % BW == 0 and W <= BW (a prototype); T is arbitrary."""
     i_c, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     # VEC channels per access (and per thread): 8 fills 16 bytes of bf16; 4 halves the registers (W >= 8)
@@ -42,11 +43,8 @@ def sliding_window_bwd(x, weight, bias, dout, dx, dw_partial, T, D, stride_b, st
     p_x = x + i_b.to(tl.int64) * stride_b + o_d
     p_do = dout + i_b.to(tl.int64) * stride_b + o_d
     p_dx = dx + i_b.to(tl.int64) * stride_b + o_d
-    w_tile = tl.load(weight + o_d[None, :] * W + o_w[:, None], mask=(o_w < W)[:, None], other=0.).to(tl.float32)
-    b_bias = tl.load(bias + o_d).to(tl.float32)
     t0 = i_c * CHUNK
-    o_h = t0 - BW + o_w
-    x_hist = tl.load(p_x[None, :] + o_h[:, None] * stride_t, mask=(o_h >= 0)[:, None], other=0.).to(tl.float32)
+    w_tile, b_bias, x_hist = window_start(p_x, weight, bias, o_d, o_w, t0, stride_t, W, BW)
     g_hist = x_hist * 0.  # same layout as x_hist
     dw_acc = x_hist * 0.  # rows 0..W-1: dweight taps
     db_acc = b_bias * 0.
@@ -59,7 +57,7 @@ def sliding_window_bwd(x, weight, bias, dout, dx, dw_partial, T, D, stride_b, st
             pre = b_bias
             for k in tl.static_range(W):
                 pre = tl.fma(pick(x_hist, o_w, (j - (W - 1) + k + BW) % BW), pick(w_tile, o_w, k), pre)
-            sig = sigmoid(pre, FAST)
+            sig = sigmoid(pre)
             g = tl.load(p_do + t * stride_t, mask=live, other=0.).to(tl.float32) * (sig * (1.0 + pre * (1.0 - sig)))
             g_hist = tl.where(o_w[:, None] == j, g[None, :], g_hist)
             # this program's share of dweight/dbias: the steps of its own chunk
@@ -116,7 +114,7 @@ def asm():
         compiled = kernel_asm.compile_kernel(
             sliding_window_bwd, dict(x="*bf16", weight="*bf16", bias="*bf16", dout="*bf16", dx="*bf16",
                                      dw_partial="*fp32"),
-            dict(W=W, BW=triton.next_power_of_2(W), BD=BD, CHUNK=64, FAST=True, VEC=vec), warps)
+            dict(W=W, BW=triton.next_power_of_2(W), BD=BD, CHUNK=64, VEC=vec), warps)
         sass = kernel_asm.sass_summary(compiled.asm["ptx"])
         per_thread = triton.next_power_of_2(W) * BD // (32 * warps)
         print(f"W{W} BD{BD} VEC{vec} warps {warps}: {sass.get('instructions')} SASS instructions (prologue included) "

@@ -27,6 +27,9 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+# decorated after TRITON_INTERPRET is set: interpreted (plain sigmoid) for the check, compiled for --asm
+from causal_conv1d_mps.triton.kernels.common import sigmoid  # noqa: E402
+
 
 @triton.jit
 def _or(a, b):
@@ -41,19 +44,19 @@ def pick(tile, o_w, slot: tl.constexpr):
 
 
 @triton.jit
-def sigmoid(b_x, FAST: tl.constexpr):
-    if FAST:  # as in causal_conv1d_mps/triton/kernels/common.py (compiled only)
-        return tl.inline_asm_elementwise(
-            "{ .reg .f32 e; ex2.approx.ftz.f32 e, $1; add.ftz.f32 e, e, 0f3F800000; rcp.approx.ftz.f32 $0, e; }",
-            "=f,f", [b_x * -1.4426950408889634], dtype=tl.float32, is_pure=True, pack=1)
-    else:
-        return 1.0 / (1.0 + tl.exp(-b_x))
+def window_start(p_x, weight, bias, o_d, o_w, t0, stride_t, W: tl.constexpr, BW: tl.constexpr):
+    """`(w_tile, b_bias, hist)`: the weights as a float32 `[BW, BD]` tile (row k = tap k), the bias, and the
+    BW input rows before `t0` in slots 0..BW-1 (zeros before the start of x)."""
+    w_tile = tl.load(weight + o_d[None, :] * W + o_w[:, None], mask=(o_w < W)[:, None], other=0.).to(tl.float32)
+    b_bias = tl.load(bias + o_d).to(tl.float32)
+    o_h = t0 - BW + o_w
+    hist = tl.load(p_x[None, :] + o_h[:, None] * stride_t, mask=(o_h >= 0)[:, None], other=0.).to(tl.float32)
+    return w_tile, b_bias, hist
 
 
 @triton.jit
 def sliding_window_fwd(x, weight, bias, out, T, stride_b, stride_t,
-                       W: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr,
-                       FAST: tl.constexpr = False):
+                       W: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr):
     """out[b, t] = x[b, t] + silu(bias + sum_k weight[:, k] * x[b, t - (W-1) + k]) for CHUNK rows per program.
     Assumes T % CHUNK == 0, CHUNK % BW == 0, D % BD == 0 and W <= BW (a prototype)."""
     i_c, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -61,11 +64,8 @@ def sliding_window_fwd(x, weight, bias, out, T, stride_b, stride_t,
     o_w = tl.arange(0, BW)
     p_x = x + i_b.to(tl.int64) * stride_b + o_d
     p_o = out + i_b.to(tl.int64) * stride_b + o_d
-    w_tile = tl.load(weight + o_d[None, :] * W + o_w[:, None], mask=(o_w < W)[:, None], other=0.).to(tl.float32)
-    b_bias = tl.load(bias + o_d).to(tl.float32)
     t0 = i_c * CHUNK
-    o_h = t0 - BW + o_w
-    hist = tl.load(p_x[None, :] + o_h[:, None] * stride_t, mask=(o_h >= 0)[:, None], other=0.).to(tl.float32)
+    w_tile, b_bias, hist = window_start(p_x, weight, bias, o_d, o_w, t0, stride_t, W, BW)
     for outer in range(0, CHUNK, BW):
         for j in tl.static_range(BW):
             t = t0 + outer + j
@@ -74,7 +74,7 @@ def sliding_window_fwd(x, weight, bias, out, T, stride_b, stride_t,
             acc = b_bias
             for k in tl.static_range(W):
                 acc = tl.fma(pick(hist, o_w, (j - (W - 1) + k + BW) % BW), pick(w_tile, o_w, k), acc)
-            y = acc * sigmoid(acc, FAST) + row
+            y = acc * sigmoid(acc) + row
             tl.store(p_o + t * stride_t, y.to(out.dtype.element_ty))
 
 
@@ -109,7 +109,7 @@ def asm():
     for W, BD, warps in ((4, 256, 1), (8, 256, 1), (16, 256, 1), (16, 128, 1)):
         compiled = kernel_asm.compile_kernel(
             sliding_window_fwd, dict(x="*bf16", weight="*bf16", bias="*bf16", out="*bf16"),
-            dict(W=W, BW=triton.next_power_of_2(W), BD=BD, CHUNK=64, FAST=True), warps)
+            dict(W=W, BW=triton.next_power_of_2(W), BD=BD, CHUNK=64), warps)
         sass = kernel_asm.sass_summary(compiled.asm["ptx"])
         per_thread = triton.next_power_of_2(W) * BD // (32 * warps)  # elements per unrolled block
         print(f"W{W} BD{BD} warps {warps}: {sass.get('instructions')} SASS instructions (prologue included) "
