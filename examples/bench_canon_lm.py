@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
@@ -24,14 +23,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 import torch.nn.functional as F
 
+from causal_conv1d_mps.bench.devices import device_name
+from causal_conv1d_mps.bench.timing import synchronize
+
 from canon_lm import CanonLM, CanonLMConfig, autocast, autocast_dtype, best_device, copy_weights
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def median_ms(fn, device: torch.device, warmup: int, reps: int) -> float:
@@ -54,14 +49,6 @@ def median_ms(fn, device: torch.device, warmup: int, reps: int) -> float:
             synchronize(device)
             times.append(1e3 * (time.perf_counter() - begin))
     return statistics.median(times)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "mps":
-        return f"Apple MPS ({platform.machine()}, macOS {platform.mac_ver()[0]})"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 @torch.no_grad()
