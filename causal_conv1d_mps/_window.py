@@ -39,6 +39,18 @@ def gather_window(conv_state: Tensor, cache_seqlens: Tensor | None, conv_state_i
     return window.contiguous()
 
 
+def shift_in_place(state: Tensor, x_bld: Tensor) -> None:
+    """Shift mode, in place: `state` `[B, D, S]` keeps its last `S - L` columns, moved to the front, followed
+    by the `L` inputs `x_bld` `[B, L, D]` (their last S when `L >= S`). The overlapping move goes through a
+    temporary; it reads and writes about half the bytes of building the new state and copying it back."""
+    s, length = state.shape[2], x_bld.shape[1]
+    keep = max(s - length, 0)
+    if keep > 0:
+        state.narrow(2, 0, keep).copy_(state.narrow(2, length, keep).clone())
+    new = min(length, s)
+    state.narrow(2, keep, new).copy_(x_bld.narrow(1, length - new, new).transpose(1, 2))
+
+
 def updated_state(old_rows: Tensor, x_bld: Tensor, cache_seqlens: Tensor | None) -> Tensor:
     """The state rows `[B, D, S]` after appending the `L` inputs `x_bld` `[B, L, D]`."""
     b, d, s = old_rows.shape

@@ -312,34 +312,27 @@ def _as(t, dtype):
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _step_outputs(x, window, weight, bias, activation: bool, residual: bool):
+    """`[B, L, D]` outputs, in x's dtype, of `L` tokens per row following the state entries `window`
+    `[B, D, W-1]` (a new contiguous tensor)."""
+    if x.shape[1] == 1:
+        return _one_token(x.select(1, 0), window, weight, bias, activation, residual).unsqueeze(1)
+    return short_conv_fused_fwd(x, weight, bias, None, window, None, activation, residual, False)[0]
+
+
 def short_conv_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indices,
                       activation: bool, residual: bool):
     """`x` `[B, L, D]`; `conv_state` `[B|N, D, S]` updated in place. Returns `out` like `x`."""
-    b, length, d = x.shape
+    b = x.shape[0]
     n, _, s = conv_state.shape
     history = weight.shape[1] - 1
     if cache_seqlens is None and conv_state_indices is None:
-        # Shift mode with one state row per batch row: the window is a view; write the state after reading it.
-        window = conv_state.narrow(2, s - history, history)
-        if length == 1:
-            x0 = x.select(1, 0)
-            y = _one_token(x0, window, weight, bias, activation, residual)
-            if s > 0:  # shift left by one in place (the overlapping copy goes through a temporary)
-                conv_state.narrow(2, 0, s - 1).copy_(conv_state.narrow(2, 1, s - 1).clone())
-                conv_state.select(2, s - 1).copy_(x0)
-            if x.is_contiguous():  # `y` is a new contiguous tensor: `pre` was allocated by the first tap
-                return y.unsqueeze(1)
-            return torch.empty_like(x).copy_(y.unsqueeze(1))  # x's strides, as the op's fake promises
-        y, _ = short_conv_fused_fwd(x, weight, bias, None, window, None, activation, residual, False)
-        out = torch.empty_like(x).copy_(y)
-        if s > 0:
-            conv_state.copy_(_window.updated_state(conv_state, x, None))
-        return out
+        # Shift mode with one state row per batch row: the window is a view, read before the state moves.
+        y = _step_outputs(x, conv_state.narrow(2, s - history, history), weight, bias, activation, residual)
+        _window.shift_in_place(conv_state, x)
+        return y if x.is_contiguous() else torch.empty_like(x).copy_(y)  # x's strides, as the op's fake promises
     window = _window.gather_window(conv_state, cache_seqlens, conv_state_indices, history, b)
-    if length == 1:
-        y = _one_token(x.select(1, 0), window, weight, bias, activation, residual).unsqueeze(1)
-    else:
-        y, _ = short_conv_fused_fwd(x, weight, bias, None, window, None, activation, residual, False)
+    y = _step_outputs(x, window, weight, bias, activation, residual)
     rows = _window.valid_rows(conv_state_indices, b, n, x.device)
     out = torch.empty_like(x).copy_(y * rows.view(b, 1, 1).to(y.dtype))
     if b > 0 and s > 0:
