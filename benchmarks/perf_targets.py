@@ -1,4 +1,4 @@
-"""Measure the performance targets P1..P6 of PERF.md on one CUDA device, in one run.
+"""Measure the performance targets P1..P6 of docs/PERFORMANCE.md (section 3) on one CUDA device, in one run.
 
     PYTHONPATH=$PWD python benchmarks/perf_targets.py [--quick] [--sweep] [--json out.json]
 
@@ -120,7 +120,7 @@ def p1_forward(copy_bw, shapes, use_compile=True):
                 base["compile"] = bench_ms(lambda: compiled(eager_conv)(x, w.to(DTYPE), b.to(DTYPE)))
             pct = 2 * x.numel() * ES / ms / 1e6 / copy_bw
             record("P1", f"fwd (B,D,T) {layout} SiLU", f"B{B} D{D} T{T}", ms, 2 * x.numel() * ES, copy_bw,
-                   base, ">=90% copy", pct >= 0.9)
+                   base, ">=93% copy", pct >= 0.93)
             del x
 
 
@@ -137,7 +137,7 @@ def p2_fused(copy_bw, shapes, use_compile=True):
             base["compile"] = bench_ms(lambda: compiled(eager_fused)(x, w, b, mask))
         nbytes = 2 * x.numel() * ES + B * T
         record("P2", "fused fwd mask+bias+SiLU+residual", f"B{B} T{T} D{D}", ms, nbytes, copy_bw, base,
-               ">=90% copy", nbytes / ms / 1e6 / copy_bw >= 0.9)
+               ">=85% copy", nbytes / ms / 1e6 / copy_bw >= 0.85)
 
 
 def p3_fused_train(copy_bw, shapes):
@@ -162,11 +162,11 @@ def p3_fused_train(copy_bw, shapes):
         nbytes = 5 * x.numel() * ES
         record("P3", "fused fwd+bwd", f"B{B} T{T} D{D}", ms, nbytes, copy_bw,
                {"eager": bench_ms(eager, grads=[x, w, b])},
-               ">=70% copy", nbytes / ms / 1e6 / copy_bw >= 0.7)
+               "<=0.25 ms (H200)", ms <= 0.25)
 
 
 def p4_decode(copy_bw, shapes, W=4):
-    dao_h200 = {(256, 8192): 0.036, (1, 4096): 0.0057}  # PERF.md anchors, measured on an H200
+    dao_h200 = {(256, 8192): 0.036, (1, 4096): 0.0057}  # docs/PERFORMANCE.md section 4.1 anchors, measured on an H200
     for B, D in shapes:
         n_sets = max(1, min(16, (256 << 20) // ((B * D * W + 2 * B * D) * ES)))  # rotate past the L2
         sets = [(rand(B, D), rand(B, D, W - 1)) for _ in range(n_sets)]
@@ -226,7 +226,7 @@ def host_us(fn, n=2000) -> float:
 
 
 def p5_small(seed_shapes, canon_shapes):
-    print("P5: host time per call, back-to-back calls (us); target ours <= 0.6 x eager F.conv1d", flush=True)
+    print("P5: host time per call, back-to-back calls (us); target ours <= 1.0 x eager F.conv1d", flush=True)
     for kind, shapes in (("seed (B,D,T)", seed_shapes), ("canon (B,T,D)", canon_shapes)):
         for B, D, T in shapes:
             if kind.startswith("seed"):
@@ -250,9 +250,9 @@ def p5_small(seed_shapes, canon_shapes):
             for t in (x, w, b) if kind.startswith("seed") else (xb, w, b):
                 t.requires_grad_(False)
             for mode, a, e in (("fwd", t_ours, t_eager), ("fwd+bwd", t_ours_bwd, t_eager_bwd)):
-                met = a <= 0.6 * e
+                met = a <= e
                 ROWS.append(dict(target="P5", work=f"{kind} {mode}", shape=f"B{B} D{D} T{T}", us=a,
-                                 eager_us=e, ratio=a / e, goal="<=0.6x eager", met=met))
+                                 eager_us=e, ratio=a / e, goal="<=1.0x eager", met=met))
                 print(f"{'MET ' if met else 'MISS'} P5  {kind:14} {mode:8} B{B} D{D} T{T}: ours {a:6.1f} us, "
                       f"eager F.conv1d {e:6.1f} us, ratio {a / e:.2f}", flush=True)
 
@@ -304,7 +304,7 @@ def p6_widths(copy_bw, widths, B=8, T=2048, D=4096):
         ROWS.append(dict(target="P6", work=f"W{W}", shape=f"B{B} T{T} D{D}", ms=ms, pct_copy=100 * pct[W],
                          ms_contiguous=ms_c, pct_copy_contiguous=100 * pct_c))
     worst = min(pct.values())
-    met = worst >= 0.9 * pct.get(4, max(pct.values()))
+    met = worst >= 0.85 * pct.get(4, max(pct.values()))
     print(f"{'MET ' if met else 'MISS'} P6  worst fused %copy over W={list(widths)}: {100 * worst:.1f}% "
           f"vs W4 {100 * pct.get(4, float('nan')):.1f}%", flush=True)
 

@@ -1,7 +1,7 @@
 """Fast causal depthwise 1-D convolution ("short convolution") for PyTorch.
 
 Metal kernels on Apple Silicon (`mps`), Triton kernels on NVIDIA (`cuda`), a PyTorch reference on CPU;
-one API. See the README and SPEC for the contract.
+one API. See the README and docs/CONTRACT.md for the contract.
 """
 from . import ops, reference
 from .api import (causal_conv1d, causal_conv1d_fn, causal_conv1d_fwd, causal_conv1d_update,
