@@ -126,13 +126,25 @@ def _line_directive(path: Path) -> str:
     return f'#line 1 "{quoted}"\n'
 
 
+def _read_ascii(path: Path) -> str:
+    """The file's text; a non-ASCII byte (Metal reads sources as ASCII) is a SyntaxError naming its place."""
+    data = path.read_bytes()
+    for offset, byte in enumerate(data):
+        if byte > 127:
+            line = data.count(b"\n", 0, offset) + 1
+            column = offset - (data.rfind(b"\n", 0, offset) + 1) + 1
+            raise SyntaxError(f"{path}:{line}:{column}: error: non-ASCII byte 0x{byte:02x} (Metal sources are "
+                              "read as ASCII, comments included)")
+    return data.decode("ascii")
+
+
 def kernel_source(family: str | None = None) -> str:
     """The compilation unit of `family` (every file when None): the generated contract header, then the
     source files, each preceded by a `#line` directive naming it."""
     parts = [_line_directive(Path(_contract.GENERATED_NAME)), _contract.msl_header()]
     for path in source_files(family):
         parts.append(_line_directive(path))
-        text = path.read_text(encoding="ascii")
+        text = _read_ascii(path)
         parts.append(text if text.endswith("\n") else text + "\n")
     return "".join(parts)
 
