@@ -157,13 +157,16 @@ def test_missing_bfloat_kernels_send_only_bfloat16_to_the_reference(kernel_copy)
 class _Recorder:
     """A library around the harness's: records launches; `max_threads` overrides the pipelines' limit."""
 
-    def __init__(self, lib, max_threads=None, drop=()):
+    def __init__(self, lib, max_threads=None, drop=(), unbuildable=()):
         self._lib, self._max_threads, self._drop, self.calls = lib, max_threads, set(drop), []
+        self._unbuildable = set(unbuildable)
 
     def __dir__(self):
         return [n for n in dir(self._lib) if n not in self._drop]
 
     def __getattr__(self, name):
+        if name in self.__dict__.get("_unbuildable", ()):
+            raise RuntimeError(f"Failed to create function state object for: {name}")
         kernel = getattr(self._lib, name)
         recorder = self
 
@@ -221,3 +224,10 @@ def test_group_size_never_exceeds_the_grid_except_for_full_group_kernels(monkeyp
         else:
             assert group <= threads, (name, threads, group)
     assert any(group < _launch.GROUP for _, _, _, group in calls), "no small grid was launched"
+
+
+def test_a_kernel_whose_pipeline_fails_at_first_use_falls_back_before_touching_the_state(monkeypatch):
+    _record(monkeypatch, unbuildable={"short_conv_update_float_w4"})
+    with pytest.warns(RuntimeWarning, match="Failed to create function state object for: short_conv_update_float_w4"):
+        out, want, got_state, want_state = _run_update()
+    assert torch.equal(out, want) and torch.equal(got_state, want_state)

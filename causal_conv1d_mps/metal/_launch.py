@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from . import _contract
-from ._loader import MetalCompileError, compile_family, kernel_name
+from ._loader import MetalCompileError, compile_family, first_error_line, kernel_name
 
 FLAGS = _contract.FLAGS
 HAS_BIAS, HAS_SEQ, HAS_INIT, SILU, HAS_DFINAL = (FLAGS[n] for n in ("HAS_BIAS", "HAS_SEQ", "HAS_INIT", "SILU",
@@ -59,7 +59,8 @@ def launch(device: torch.device, family: str, name: str, args: list, threads: in
     """Run kernel `name` of `family` over a 1-D grid of `threads` threads (a partial last threadgroup is
     allowed). `group_size`: the threadgroup size the kernel's threadgroup reduction needs; None for kernels
     that need none: then min(GROUP, the pipeline's limit, threads), never more threads than the grid.
-    Raises MetalCompileError when the pipeline cannot run `group_size` threads per threadgroup."""
+    Raises MetalCompileError, before anything runs, when the kernel or its pipeline cannot be created or the
+    pipeline cannot run `group_size` threads per threadgroup."""
     if threads <= 0:
         return
     if threads >= 2**32:
@@ -68,8 +69,12 @@ def launch(device: torch.device, family: str, name: str, args: list, threads: in
     key = (lib, name)  # holds the library: no id reuse
     found = _kernels.get(key)
     if found is None:
-        kernel = getattr(lib, name)
-        found = _kernels[key] = (kernel, int(kernel.max_threads_per_threadgroup))
+        try:  # some releases compile, or build the pipeline, only now: a failure is still a fallback
+            kernel = getattr(lib, name)
+            found = (kernel, int(kernel.max_threads_per_threadgroup))
+        except (SyntaxError, RuntimeError, AttributeError) as exc:
+            raise MetalCompileError(family, first_error_line(str(exc)), str(exc)) from exc
+        _kernels[key] = found
     kernel, max_threads = found
     if group_size is None:
         group_size = min(GROUP, max_threads, threads)
