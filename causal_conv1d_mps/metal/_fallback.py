@@ -62,15 +62,15 @@ def with_fallback(impl: Callable) -> Callable:
     fallback = getattr(reference, op)
 
     @functools.wraps(impl)
-    def run(x, *args):
+    def run(x, *args, **kwargs):
         failure = _ready(op, x)
         if failure is None:
             try:
-                return impl(x, *args)
+                return impl(x, *args, **kwargs)
             except MetalCompileError as exc:  # raised before its first launch (pipeline limits)
                 failure = _status[(op, x.device.type, os.environ.get(SOURCE_ENV_VAR, ""), x.dtype)] = exc
         _warn(failure, op, x.device.type)
-        return fallback(x, *args)
+        return fallback(x, *args, **kwargs)
 
     return run
 
