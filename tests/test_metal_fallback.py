@@ -231,3 +231,18 @@ def test_a_kernel_whose_pipeline_fails_at_first_use_falls_back_before_touching_t
     with pytest.warns(RuntimeWarning, match="Failed to create function state object for: short_conv_update_float_w4"):
         out, want, got_state, want_state = _run_update()
     assert torch.equal(out, want) and torch.equal(got_state, want_state)
+
+
+def test_a_bad_source_path_is_an_error_not_a_fallback(tmp_path, monkeypatch):
+    monkeypatch.setenv(_loader.SOURCE_ENV_VAR, str(tmp_path / "missing"))
+    x, state, weight = _update_args()
+    with pytest.raises(FileNotFoundError, match=_loader.SOURCE_ENV_VAR):
+        metal.short_conv_update(x, state, weight, None, None, None, True, False)
+
+
+def test_extra_files_of_a_source_folder_are_compiled_into_every_family(kernel_copy):
+    (kernel_copy / "helpers.metal").write_text("inline float cc_extra_helper(float v) { return v; }\n")
+    for family in _loader.FAMILIES:
+        files = [p.name for p in _loader.source_files(family)]
+        assert files[:2] == ["common.metal", "helpers.metal"] and len(files) == 3, files
+    _loader.compile_family(CPU, "states")

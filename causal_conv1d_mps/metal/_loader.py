@@ -100,10 +100,11 @@ def _source_root() -> Path:
 
 
 def source_files(family: str | None = None) -> list[Path]:
-    """The `.metal` files compiled, in order: `common.metal` first, then the family's file (every file when
-    `family` is None). With `CAUSAL_CONV1D_METAL_PATH` naming a folder, its files replace the packaged ones
-    (a file it lacks is taken from the package); naming one file, that file is the whole source of every
-    family (kernel development)."""
+    """The `.metal` files compiled, in order: `common.metal`, then the family's file (every file when `family`
+    is None). With `CAUSAL_CONV1D_METAL_PATH` naming a folder (kernel development), its files replace the
+    packaged ones of the same name (a file it lacks comes from the package), and its other `.metal` files are
+    compiled into every family, after `common.metal`; naming one file, that file is the whole source of
+    every family. A path that is neither, or a folder without `.metal` files, is a FileNotFoundError."""
     root = _source_root()
     if root.is_file():
         return [root]
@@ -112,12 +113,13 @@ def source_files(family: str | None = None) -> list[Path]:
         raise FileNotFoundError(f"{SOURCE_ENV_VAR}: no .metal files in {str(root)!r}")
     if family is None:
         return files
-    wanted = (COMMON_FILE, _FAMILY_KERNELS[family][0])
+    own = {COMMON_FILE} | {kernel_file for kernel_file, _ in _FAMILY_KERNELS.values()}
+    extras = [p for p in files if p.name not in own]
     found = []
-    for name in wanted:
+    for name in (COMMON_FILE, _FAMILY_KERNELS[family][0]):
         path = root / name
         found.append(path if path.is_file() else KERNEL_DIR / name)
-    return found
+    return found[:1] + extras + found[1:]
 
 
 def _line_directive(path: Path) -> str:
@@ -227,16 +229,17 @@ def compile_family(device: torch.device, family: str):
     """The compiled library of kernel family `family` for tensors on `device` (compiled once, cached).
 
     Raises MetalCompileError (the compiler's first error line in its message) when the source does not
-    compile; the failure is cached too, so a broken family is compiled once per process.
+    compile (a non-ASCII byte included); the failure is cached too, so a broken family is compiled once per
+    process. A bad CAUSAL_CONV1D_METAL_PATH raises FileNotFoundError (a configuration error, not a fallback).
     """
     if family not in _FAMILY_KERNELS:
         raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
     key = (device.type, os.environ.get(SOURCE_ENV_VAR, ""), family)
     found = _libraries.get(key)
     if found is None:
-        try:
+        try:  # a bad CAUSAL_CONV1D_METAL_PATH raises FileNotFoundError: not caught
             found = _compile(device, kernel_source(family))
-        except (SyntaxError, RuntimeError, OSError) as exc:  # compile_shader raises SyntaxError or RuntimeError
+        except (SyntaxError, RuntimeError) as exc:  # compile_shader raises SyntaxError or RuntimeError
             found = MetalCompileError(family, first_error_line(str(exc)), str(exc))
         _libraries[key] = found
     if isinstance(found, MetalCompileError):
