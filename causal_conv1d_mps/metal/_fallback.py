@@ -10,11 +10,11 @@ first error line. Ops of the other families keep their kernels.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import warnings
 from typing import Callable
 
-from .. import reference
 from ._loader import SOURCE_ENV_VAR, MetalCompileError, family_library
 
 # Op name -> the kernel families its launchers use.
@@ -42,8 +42,12 @@ def _warn(exc: MetalCompileError, op: str, device_type: str) -> None:
                   f"instead", RuntimeWarning, stacklevel=4)
 
 
+def _key(op: str, x) -> tuple:
+    return (op, x.device.type, os.environ.get(SOURCE_ENV_VAR, ""), x.dtype)
+
+
 def _ready(op: str, x) -> MetalCompileError | None:
-    key = (op, x.device.type, os.environ.get(SOURCE_ENV_VAR, ""), x.dtype)
+    key = _key(op, x)
     if key not in _status:
         status = None
         try:
@@ -59,7 +63,6 @@ def with_fallback(impl: Callable) -> Callable:
     """`impl` (a Metal op whose first argument is x), or the reference function of the same name when a
     family it needs is unusable."""
     op = impl.__name__
-    fallback = getattr(reference, op)
 
     @functools.wraps(impl)
     def run(x, *args, **kwargs):
@@ -68,9 +71,11 @@ def with_fallback(impl: Callable) -> Callable:
             try:
                 return impl(x, *args, **kwargs)
             except MetalCompileError as exc:  # raised before its first launch (pipeline limits)
-                failure = _status[(op, x.device.type, os.environ.get(SOURCE_ENV_VAR, ""), x.dtype)] = exc
+                failure = _status[_key(op, x)] = exc
         _warn(failure, op, x.device.type)
-        return fallback(x, *args, **kwargs)
+        # Imported only when needed: the kernels' path never depends on the reference module.
+        reference = importlib.import_module("causal_conv1d_mps.reference")
+        return getattr(reference, op)(x, *args, **kwargs)
 
     return run
 
