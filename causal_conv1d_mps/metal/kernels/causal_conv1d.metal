@@ -204,8 +204,8 @@ causal_conv1d_bwd(
   long b, d, t0, t1, row;
   uint lid;
   cc_group_tile(
-      tid, c.D, c.len, p[CONV_RUN], p[CONV_RUNS], gd, p[CONV_RUN_GROUPS], d_fastest, b, d, t0, t1, row,
-      lid);
+      tid, c.D, c.len, p[CONV_RUN], p[CONV_RUNS], gd, p[CONV_RUN_GROUPS],
+      d_fastest, b, d, t0, t1, row, lid);
   cc_backward_group<T, W>(
       c, dx, part, red, b, d, t0, t1, row, lid, gd, d_fastest);
 }

@@ -237,7 +237,8 @@ short_conv_fused_bwd(
   long b, d, t0, t1, row;
   uint lid;
   cc_group_tile(
-      tid, c.D, c.len, p[FUSED_RUN], p[FUSED_RUNS], gd, p[FUSED_RUN_GROUPS], true, b, d, t0, t1, row, lid);
+      tid, c.D, c.len, p[FUSED_RUN], p[FUSED_RUNS], gd, p[FUSED_RUN_GROUPS],
+      true, b, d, t0, t1, row, lid);
   cc_backward_group<T, W>(c, dx, part, red, b, d, t0, t1, row, lid, gd, true);
 }
 

@@ -36,7 +36,8 @@ template <typename T, int W>
   if (b >= B) {
     return;
   }
-  device T* orow = out + b * p[UPDATE_OUT_STRIDE_B] + d * p[UPDATE_OUT_STRIDE_D];
+  device T* orow =
+      out + b * p[UPDATE_OUT_STRIDE_B] + d * p[UPDATE_OUT_STRIDE_D];
   const long osl = p[UPDATE_OUT_STRIDE_L];
   const long row = (flags & CC_HAS_INDICES) != 0 ? long(state_indices[b]) : b;
   if (row < 0 || row >= p[UPDATE_N]) {
@@ -50,8 +51,10 @@ template <typename T, int W>
   // Any cache_seqlens value is reduced into [0, S) here (cc_mod), so no
   // index below leaves the state row whatever the launcher passed.
   const long head = circular && S > 0 ? cc_mod(long(cache_seqlens[b]), S) : 0;
-  device const T* xr = x + b * p[UPDATE_X_STRIDE_B] + d * p[UPDATE_X_STRIDE_D];
-  device T* sr = state + row * p[UPDATE_STATE_STRIDE_N] + d * p[UPDATE_STATE_STRIDE_D];
+  device const T* xr =
+      x + b * p[UPDATE_X_STRIDE_B] + d * p[UPDATE_X_STRIDE_D];
+  device T* sr =
+      state + row * p[UPDATE_STATE_STRIDE_N] + d * p[UPDATE_STATE_STRIDE_D];
   const float bias_d = (flags & CC_HAS_BIAS) != 0 ? bias[d] : 0.0f;
   const bool silu = (flags & CC_SILU) != 0;
   const bool residual = (flags & CC_RESIDUAL) != 0;

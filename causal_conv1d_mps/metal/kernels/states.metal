@@ -35,7 +35,8 @@ template <typename T>
   const long end = has_cu ? long(cu_seqlens[n + 1]) : len;
   const long pos = end - state_len + j;
   if (pos >= start) {
-    const T v = x[b * p[GATHER_X_STRIDE_B] + pos * p[GATHER_X_STRIDE_T] + d * p[GATHER_X_STRIDE_D]];
+    const T v = x[b * p[GATHER_X_STRIDE_B] + pos * p[GATHER_X_STRIDE_T] +
+                  d * p[GATHER_X_STRIDE_D]];
     if ((flags & CC_HAS_MASK) != 0) {
       // Selected, not multiplied: a masked position holds 0 even where x is NaN.
       const float m = mask[b * len + pos];
