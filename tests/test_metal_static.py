@@ -140,3 +140,18 @@ def test_mps_needs_the_public_compile_shader(monkeypatch):
     finally:
         _loader.unsupported_reason.cache_clear()
     assert reason is not None and "compile_shader" in reason and "2.7" in reason
+
+
+def test_assembled_sources_stay_ascii_with_a_non_ascii_path(monkeypatch, tmp_path):
+    """Each file is preceded by `#line 1 "<path>"`; a non-ASCII path must not make the source non-ASCII."""
+    from causal_conv1d_mps.metal import _loader
+
+    folder = tmp_path / "caf\u00e9"
+    folder.mkdir()
+    (folder / "common.metal").write_text("// common\n")
+    monkeypatch.setenv(_loader.SOURCE_ENV_VAR, str(folder))
+    source = _loader.kernel_source("states")
+    assert source.isascii()
+    assert '#line 1 "common.metal"\n// common\n' in source
+    monkeypatch.delenv(_loader.SOURCE_ENV_VAR)
+    assert f'#line 1 "{_loader.KERNEL_DIR / "states.metal"}"\n' in _loader.kernel_source("states")

@@ -123,8 +123,10 @@ def source_files(family: str | None = None) -> list[Path]:
 
 
 def _line_directive(path: Path) -> str:
-    # Compiler messages then name the real file and line (Apple's compiler, the harness and clang alike).
-    quoted = str(path).replace("\\", "\\\\").replace('"', '\\"')
+    """`#line 1 "<path>"`: compiler messages then name the real file and line (Apple's compiler, the harness
+    and clang alike). Metal reads sources as ASCII, so a non-ASCII path is reduced to the file's name."""
+    name = str(path) if str(path).isascii() else path.name.encode("ascii", "replace").decode()
+    quoted = name.replace("\\", "\\\\").replace('"', '\\"')
     return f'#line 1 "{quoted}"\n'
 
 
