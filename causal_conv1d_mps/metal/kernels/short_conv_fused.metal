@@ -61,7 +61,9 @@ struct FusedConvCtx {
       return prev;
     }
     Seg s = prev;
-    while (long(cu[s.id + 1]) <= t) {
+    // Bounded by n_seq: cu_seqlens not ending at T (unchecked on GPUs)
+    // must not walk the search past its last entry.
+    while (s.id + 1 < n_seq && long(cu[s.id + 1]) <= t) {
       s.id += 1;
     }
     s.start = cu[s.id];
