@@ -1,7 +1,7 @@
 """NaN/Inf containment in the Metal kernels (through the Linux harness): what is outside a sequence never
-influences it, forward and backward. Each case plants NaN where it must have no effect and compares with
-the reference path run on the same inputs with those NaN replaced by 0 (finite inputs: no reliance on the
-reference's own NaN handling)."""
+influences it, forward and backward; and positions read from the inputs never leave their tensors. Each case
+plants NaN where it must have no effect and compares with the reference path run on the same inputs with
+those NaN replaced by 0 (finite inputs: no reliance on the reference's own NaN handling)."""
 from __future__ import annotations
 
 import pytest
@@ -150,3 +150,14 @@ def test_circular_positions_never_leave_the_state_whatever_cache_seqlens_holds()
     outside = torch.ones_like(big, dtype=torch.bool)
     outside[:, :, 2:2 + s] = False
     assert torch.equal(big[outside], before[outside]), "an element outside the state view was written"
+
+
+def test_cu_seqlens_ending_before_t_never_reads_past_its_last_entry():
+    """On GPUs cu_seqlens values are not checked (no host sync): the kernels must stay inside the tensor.
+    The harness guards every buffer, so a read past cu_seqlens' end would raise."""
+    t, d, w = 20, 4, 3
+    cu = torch.tensor([0, 5, 10], dtype=torch.int32)  # ends at 10 < T
+    x, weight = _rand(1, t, d, seed=29), _rand(d, w, seed=30)
+    out, _ = metal.short_conv_fused_fwd(x, weight, None, None, None, cu, False, False, False)
+    want, _ = reference.short_conv_fused_fwd(x[:, :10], weight, None, None, None, cu, False, False, False)
+    _close("out of the described sequences", out[:, :10], want)
