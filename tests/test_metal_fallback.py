@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from causal_conv1d_mps import metal, reference
-from causal_conv1d_mps.metal import _fallback, _launch, _loader
+from causal_conv1d_mps.metal import _launch, _loader
 
 _REASON = metal.unsupported_reason(torch.device("cpu"), torch.float32)
 pytestmark = [pytest.mark.metal, pytest.mark.skipif(_REASON is not None, reason=str(_REASON))]
@@ -20,18 +20,12 @@ pytestmark = [pytest.mark.metal, pytest.mark.skipif(_REASON is not None, reason=
 CPU = torch.device("cpu")
 
 
-def _clear():
-    _loader.clear_cache()
-    _fallback.clear_cache()
-    _launch._kernels.clear()
-
-
 @pytest.fixture(autouse=True)
 def _fresh(monkeypatch):
     monkeypatch.delenv(_loader.SOURCE_ENV_VAR, raising=False)
-    _clear()
+    metal.clear_caches()
     yield
-    _clear()
+    metal.clear_caches()
 
 
 @pytest.fixture
