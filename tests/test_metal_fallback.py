@@ -239,3 +239,18 @@ def test_extra_files_of_a_source_folder_are_compiled_into_every_family(kernel_co
         files = [p.name for p in _loader.source_files(family)]
         assert files[:2] == ["common.metal", "helpers.metal"] and len(files) == 3, files
     _loader.compile_family(CPU, "states")
+
+
+def test_one_warning_per_broken_family_whatever_op_meets_it(kernel_copy):
+    broken = kernel_copy / "states.metal"
+    broken.write_text(broken.read_text() + "\nnot metal either;\n")
+    x, weight = _fwd_args()
+    packed = torch.randn(12, 8)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        out, _ = metal.causal_conv1d_fwd(x, weight, None, None, None, False, True)
+        states = metal.causal_conv1d_varlen_states(packed, cu, 3)
+    assert len(_fallback_warnings(record)) == 1, _fallback_warnings(record)
+    assert torch.equal(out, reference.causal_conv1d_fwd(x, weight, None, None, None, False, True)[0])
+    assert torch.equal(states, reference.causal_conv1d_varlen_states(packed, cu, 3))
