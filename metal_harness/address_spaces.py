@@ -15,11 +15,12 @@ or reference written without an address space is accepted here; the shipped kern
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import re
 import subprocess
 
-from ._compiler import find_compiler
+from ._compiler import CompilerNotFound, find_compiler
 from ._source import MetalSourceError
 
 SHIM_DIR = pathlib.Path(__file__).resolve().parent / "address_spaces"
@@ -35,6 +36,19 @@ _THREADGROUP_ARRAY = re.compile(r"([;{}]\s*(?:#[^\n]*\n\s*)*)__local\s+([^;*&=()
 
 def _run(command: list[str], text: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, input=text, capture_output=True, text=True)
+
+
+@functools.lru_cache(maxsize=None)
+def unavailable_reason() -> str | None:
+    """None when the harness's compiler accepts C++ for OpenCL; otherwise why the check cannot run."""
+    try:
+        compiler, description = find_compiler()
+    except CompilerNotFound as e:
+        return str(e)
+    result = _run(list(compiler) + [*LANGUAGE, "-fsyntax-only", "-"], "void f(__global int* p) { p[0] = 1; }\n")
+    if result.returncode != 0:
+        return f"{description} does not compile C++ for OpenCL (-x clcpp -cl-std=clc++2021): {result.stderr[:300]}"
+    return None
 
 
 def translate(source: str, filename: str = "kernels.metal") -> tuple[str, int]:

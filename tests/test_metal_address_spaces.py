@@ -13,13 +13,11 @@ import torch
 if importlib.util.find_spec("metal_harness") is None:  # test-only package at the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import metal_harness  # noqa: E402
-from metal_harness.address_spaces import check_address_spaces  # noqa: E402
+from metal_harness.address_spaces import check_address_spaces, unavailable_reason  # noqa: E402
 
 from causal_conv1d_mps.metal import _loader  # noqa: E402
 
-pytestmark = pytest.mark.skipif(metal_harness.unavailable_reason() is not None,
-                                reason=str(metal_harness.unavailable_reason()))
+pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PLAIN_KERNELS = {"reduce_rows_float"}  # not templates: checked as written, not counted as instantiations
