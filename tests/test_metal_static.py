@@ -155,3 +155,14 @@ def test_assembled_sources_stay_ascii_with_a_non_ascii_path(monkeypatch, tmp_pat
     assert '#line 1 "common.metal"\n// common\n' in source
     monkeypatch.delenv(_loader.SOURCE_ENV_VAR)
     assert f'#line 1 "{_loader.KERNEL_DIR / "states.metal"}"\n' in _loader.kernel_source("states")
+
+
+def test_the_first_error_line_is_the_first_diagnostic():
+    from causal_conv1d_mps.metal._loader import first_error_line
+
+    wrapped = ('Failed to create metal library, error: Error Domain=MTLLibraryErrorDomain Code=3 "program_source:'
+               "12:5: error: use of undeclared identifier 'oops'\nprogram_source:20:1: error: second\" UserInfo={}")
+    assert first_error_line(wrapped) == "program_source:12:5: error: use of undeclared identifier 'oops'"
+    assert first_error_line("compiling failed:\n/k/states.metal:4:37: error: no\nnote") == "/k/states.metal:4:37: error: no"
+    assert first_error_line("\nsomething went wrong\nerror later") == "error later"
+    assert first_error_line("") == "(no compiler message)"

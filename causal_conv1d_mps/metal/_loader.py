@@ -17,6 +17,7 @@ import functools
 import importlib
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -205,11 +206,19 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     return f"the Metal kernels run on mps (or on cpu through metal_harness), not on {device.type}"
 
 
+_DIAGNOSTIC = re.compile(r"[^\s\"']*:\d+:\d+: (?:fatal )?error: [^\n]*")
+
+
 def first_error_line(message: str) -> str:
-    """The compiler's first error line of `message` (the first line saying `error`, else the first line)."""
+    """The compiler's first error line in `message`: the first `file:line:col: error: ...` diagnostic (Metal's
+    own are wrapped in an NSError description on one line), else the first line saying `error`, else the
+    first line."""
+    found = _DIAGNOSTIC.search(str(message))
+    if found:
+        return found.group(0).strip().rstrip('"')
     lines = [line.strip() for line in str(message).splitlines() if line.strip()]
     for line in lines:
-        if "error" in line.lower() and ":" in line:
+        if "error" in line.lower():
             return line
     return lines[0] if lines else "(no compiler message)"
 
