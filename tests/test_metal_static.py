@@ -163,6 +163,7 @@ def test_the_first_error_line_is_the_first_diagnostic():
     wrapped = ('Failed to create metal library, error: Error Domain=MTLLibraryErrorDomain Code=3 "program_source:'
                "12:5: error: use of undeclared identifier 'oops'\nprogram_source:20:1: error: second\" UserInfo={}")
     assert first_error_line(wrapped) == "program_source:12:5: error: use of undeclared identifier 'oops'"
-    assert first_error_line("compiling failed:\n/k/states.metal:4:37: error: no\nnote") == "/k/states.metal:4:37: error: no"
+    harness = "compiling failed:\n/k/states.metal:4:37: error: no\nnote"
+    assert first_error_line(harness) == "/k/states.metal:4:37: error: no"
     assert first_error_line("\nsomething went wrong\nerror later") == "error later"
     assert first_error_line("") == "(no compiler message)"
