@@ -21,8 +21,10 @@ import threading
 from . import _compiler, _source
 from ._library import KernelFunction, Library, kernels_to_json
 from ._source import Kernel, MetalSourceError, Param
+from .address_spaces import check_address_spaces
 
-__all__ = ["compile_library", "unavailable_reason", "Library", "KernelFunction", "MetalSourceError"]
+__all__ = ["compile_library", "check_address_spaces", "unavailable_reason", "Library", "KernelFunction",
+           "MetalSourceError"]
 
 _FILENAME = "kernels.metal"
 _libraries: dict[str, Library] = {}

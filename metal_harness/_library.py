@@ -137,6 +137,9 @@ class KernelFunction:
             if isinstance(arg, torch.Tensor):
                 if arg.device.type != "cpu":
                     raise ValueError(f"{self._describe(i)}: the harness runs on CPU tensors, got one on {arg.device}")
+                if arg.numel() == 0:
+                    raise ValueError(f"{self._describe(i)}: an empty tensor has no buffer to bind (nil on MPS): "
+                                     "bind a one-element stand-in instead")
                 if arg.dtype not in DTYPE_CODES:
                     raise TypeError(f"{self._describe(i)}: Metal has no {arg.dtype}")
                 self._check_code(i, DTYPE_CODES[arg.dtype], f"a {arg.dtype} tensor")

@@ -472,6 +472,9 @@ def test_argument_mistakes_raise(launch_lib):
     with pytest.raises(TypeError, match="reads float elements but receives a torch.float16 tensor"):
         launch_lib.arguments(ints, floats.half(), 1, 1.5, [1, 2, 3], -5, [0.25, 2.0], threads=1,
                              arg_casts={5: "int32"})
+    with pytest.raises(ValueError, match="argument 1 .*an empty tensor has no buffer"):  # nil on MPS
+        launch_lib.arguments(ints, floats[:0], 1, 1.5, [1, 2, 3], -5, [0.25, 2.0], threads=1,
+                             arg_casts={5: "int32"})
 
 
 def test_too_large_group_size_raises(launch_lib):

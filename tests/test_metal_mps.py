@@ -64,14 +64,14 @@ def _on(device, *tensors):
 
 
 @pytest.mark.parametrize("device", _cases(cpu_cases=[()]))
-def test_library_compiles_and_names_every_kernel(device):
-    lib = _loader.library(_device_or_skip(device, torch.float32))
-    names = set(dir(lib))
-    for stem in ("causal_conv1d_fwd", "causal_conv1d_bwd", "short_conv_fused_fwd", "short_conv_fused_bwd",
-                 "short_conv_update"):
-        for width in (*range(1, 17), "any"):
-            name = _launch.kernel_name(stem, torch.float32, width)
-            assert name in names, f"{name} missing from the compiled library"
+def test_every_family_compiles_and_names_every_kernel(device):
+    dev = _device_or_skip(device, torch.float32)
+    for family in _loader.FAMILIES:
+        names = set(dir(_loader.compile_family(dev, family)))
+        for dtype in DTYPES:
+            if metal.unsupported_reason(dev, dtype) is None:
+                missing = [n for n in _loader.family_kernel_names(family, dtype) if n not in names]
+                assert not missing, f"family {family}: {missing[:5]} missing from the compiled library"
 
 
 @pytest.mark.parametrize("device,dtype,width,channel_last", _cases(
@@ -192,3 +192,19 @@ def test_backward_is_bitwise_deterministic():
         again = metal.short_conv_fused_bwd(*args, True, True)
         for a, b in zip(first[:3], again[:3]):
             assert torch.equal(a.cpu(), b.cpu()), "gradients differ between identical runs"
+
+
+@pytest.mark.parametrize("device", _cases(cpu_cases=[()]))
+def test_empty_inputs_are_bound_as_stand_ins(device):
+    """An empty mask (T == 0) or empty states (W == 1) have no buffer (nil on MPS): the launchers bind a
+    one-element stand-in (the harness rejects an empty tensor argument)."""
+    dev = _device_or_skip(device, torch.float32)
+    gen = torch.Generator().manual_seed(11)
+    x = _rand(2, 0, 8, gen=gen)
+    weight, init, mask = _rand(8, 4, gen=gen), _rand(2, 8, 3, gen=gen), torch.ones(2, 0)
+    _, final = metal.short_conv_fused_fwd(*_on(dev, x, weight, None, mask, init, None), True, True, True)
+    assert torch.equal(final.cpu(), init), "with T == 0 the final states are the initial states"
+    x1, w1, init1 = _rand(2, 8, 5, gen=gen), _rand(8, 1, gen=gen), torch.zeros(2, 8, 0)
+    out, _ = metal.causal_conv1d_fwd(*_on(dev, x1, w1, None, None, init1), False, False)
+    ref_out, _ = reference.causal_conv1d_fwd(*_to64(x1, w1), None, None, *_to64(init1), False, False)
+    _check("out (W == 1, empty initial states)", out, ref_out, torch.float32)

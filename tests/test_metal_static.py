@@ -140,3 +140,30 @@ def test_mps_needs_the_public_compile_shader(monkeypatch):
     finally:
         _loader.unsupported_reason.cache_clear()
     assert reason is not None and "compile_shader" in reason and "2.7" in reason
+
+
+def test_assembled_sources_stay_ascii_with_a_non_ascii_path(monkeypatch, tmp_path):
+    """Each file is preceded by `#line 1 "<path>"`; a non-ASCII path must not make the source non-ASCII."""
+    from causal_conv1d_mps.metal import _loader
+
+    folder = tmp_path / "caf\u00e9"
+    folder.mkdir()
+    (folder / "common.metal").write_text("// common\n")
+    monkeypatch.setenv(_loader.SOURCE_ENV_VAR, str(folder))
+    source = _loader.kernel_source("states")
+    assert source.isascii()
+    assert '#line 1 "common.metal"\n// common\n' in source
+    monkeypatch.delenv(_loader.SOURCE_ENV_VAR)
+    assert f'#line 1 "{_loader.KERNEL_DIR / "states.metal"}"\n' in _loader.kernel_source("states")
+
+
+def test_the_first_error_line_is_the_first_diagnostic():
+    from causal_conv1d_mps.metal._loader import first_error_line
+
+    wrapped = ('Failed to create metal library, error: Error Domain=MTLLibraryErrorDomain Code=3 "program_source:'
+               "12:5: error: use of undeclared identifier 'oops'\nprogram_source:20:1: error: second\" UserInfo={}")
+    assert first_error_line(wrapped) == "program_source:12:5: error: use of undeclared identifier 'oops'"
+    harness = "compiling failed:\n/k/states.metal:4:37: error: no\nnote"
+    assert first_error_line(harness) == "/k/states.metal:4:37: error: no"
+    assert first_error_line("\nsomething went wrong\nerror later") == "error later"
+    assert first_error_line("") == "(no compiler message)"

@@ -1,39 +1,21 @@
 """What every Metal launcher shares: kernel names, run lengths, float32 side inputs, the launch call."""
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-from ._loader import SOURCE_ENV_VAR, library
+from . import _contract
+from ._loader import MetalCompileError, compile_family, first_error_line, kernel_name
 
-# Flags of the kernels' params (see kernels/common.metal).
-HAS_BIAS, HAS_SEQ, HAS_INIT, SILU, HAS_DFINAL = 1, 2, 4, 8, 16
-HAS_MASK, HAS_CU, RESIDUAL, CIRCULAR, HAS_INDICES = 32, 64, 128, 256, 512
-
-# Threads per threadgroup of the weight-gradient kernels (CC_GROUP in common.metal).
-GROUP = 256
-# Widths with an unrolled instantiation; wider ones use the generic `_wany` kernels.
-MAX_UNROLLED_WIDTH = 16
+FLAGS = _contract.FLAGS
+HAS_BIAS, HAS_SEQ, HAS_INIT, SILU, HAS_DFINAL = (FLAGS[n] for n in ("HAS_BIAS", "HAS_SEQ", "HAS_INIT", "SILU",
+                                                                     "HAS_DFINAL"))
+HAS_MASK, HAS_CU, RESIDUAL, CIRCULAR, HAS_INDICES = (FLAGS[n] for n in ("HAS_MASK", "HAS_CU", "RESIDUAL",
+                                                                        "CIRCULAR", "HAS_INDICES"))
+# Threads per threadgroup of the weight-gradient kernels (CC_GROUP in the generated header).
+GROUP = _contract.GROUP
 # thread_position_in_grid is 32-bit: keep grids below this many threads.
 MAX_THREADS = 2**31
-
-_TYPE_NAMES = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat"}
-
-
-def kernel_name(stem: str, dtype: torch.dtype, width: int | str | None = None) -> str:
-    """Host name of a kernel instantiation, e.g. `causal_conv1d_fwd_bfloat_w4`.
-
-    `width`: the convolution width (widths above MAX_UNROLLED_WIDTH get the generic `_wany` kernel),
-    "any" for kernels instantiated only generically, None for kernels not templated over the width.
-    """
-    name = f"{stem}_{_TYPE_NAMES[dtype]}"
-    if width is None:
-        return name
-    if width == "any" or width > MAX_UNROLLED_WIDTH:
-        return f"{name}_wany"
-    return f"{name}_w{width}"
 
 
 # Backward runs grow while the grid keeps at least this many threads: fewer weight-gradient partial rows
@@ -67,52 +49,73 @@ def flag(value, bit: int) -> int:
     return bit if value is not None and value is not False else 0
 
 
-# (device type, source override, host name) -> (kernel, its default threadgroup size), so that a call costs
-# a dict lookup rather than a library attribute lookup and a pipeline query.
-_kernels: dict[tuple[str, str, str], tuple[object, int]] = {}
+# (library, host name) -> (kernel, its max_threads_per_threadgroup), so that a call costs a dict lookup
+# rather than a library attribute lookup and a pipeline query.
+_kernels: dict[tuple[object, str], tuple[object, int]] = {}
 
 
-def launch(device: torch.device, name: str, args: list, threads: int, group_size: int | None = None) -> None:
-    """Run kernel `name` over a 1-D grid of `threads` threads (a partial last threadgroup is allowed)."""
+def launch(device: torch.device, family: str, name: str, args: list, threads: int,
+           group_size: int | None = None) -> None:
+    """Run kernel `name` of `family` over a 1-D grid of `threads` threads (a partial last threadgroup is
+    allowed). `group_size`: the threadgroup size the kernel's threadgroup reduction needs; None for kernels
+    that need none: then min(GROUP, the pipeline's limit, threads), never more threads than the grid.
+    Raises MetalCompileError, before anything runs, when the kernel or its pipeline cannot be created or the
+    pipeline cannot run `group_size` threads per threadgroup."""
     if threads <= 0:
         return
     if threads >= 2**32:
         raise ValueError(f"{name}: a grid of {threads} threads exceeds Metal's 32-bit thread index")
-    key = (device.type, os.environ.get(SOURCE_ENV_VAR, ""), name)
+    lib = compile_family(device, family)
+    key = (lib, name)  # holds the library: no id reuse
     found = _kernels.get(key)
     if found is None:
-        kernel = getattr(library(device), name)
-        found = _kernels[key] = (kernel, min(GROUP, int(kernel.max_threads_per_threadgroup)))
-    kernel, default_group = found
-    kernel(*args, threads=threads, group_size=group_size or default_group)
+        try:  # some releases compile, or build the pipeline, only now: a failure is still a fallback
+            kernel = getattr(lib, name)
+            found = (kernel, int(kernel.max_threads_per_threadgroup))
+        except (SyntaxError, RuntimeError, AttributeError) as exc:
+            raise MetalCompileError(family, first_error_line(str(exc)), str(exc)) from exc
+        _kernels[key] = found
+    kernel, max_threads = found
+    if group_size is None:
+        group_size = min(GROUP, max_threads, threads)
+    elif group_size > max_threads:
+        raise MetalCompileError(family, f"kernel {name!r} allows {max_threads} threads per threadgroup; its "
+                                        f"threadgroup reduction needs {group_size}")
+    kernel(*args, threads=threads, group_size=group_size)
 
 
 def reduce_rows(part: Tensor) -> Tensor:
     """Column sums of a float32 (rows, cols) tensor, in a fixed row order (deterministic)."""
     rows, cols = part.shape
     out = torch.empty(cols, dtype=torch.float32, device=part.device)
-    launch(part.device, "reduce_rows_float", [part, out, [rows, cols]], cols)
+    launch(part.device, "states", "reduce_rows_float", [part, out, _contract.pack("REDUCE", ROWS=rows, COLS=cols)],
+           cols)
     return out
 
 
-def backward_launch(device: torch.device, stem: str, dtype: torch.dtype, inputs: list, dx: Tensor, params: list,
-                    *, batch: int, dim: int, width: int, runs: int, channels: int, weight: Tensor,
+def backward_launch(device: torch.device, family: str, table: str, dtype: torch.dtype, inputs: list, dx: Tensor,
+                    values: dict, *, batch: int, dim: int, width: int, channels: int, weight: Tensor,
                     bias: Tensor | None, initial_states: Tensor | None, state_rows: int):
-    """The backward of a conv op: `{stem}_bwd` writes dx and, per threadgroup (channels x runs), one float32
-    partial row of dweight/dbias in one pass; the rows are summed in a fixed order (deterministic); then
-    `{stem}_bwd_dinit` gives the initial-state gradient. Returns (dweight, dbias, dinitial_states)."""
-    run_groups = -(-runs // (GROUP // channels))
+    """The backward of a conv op (`family` = its kernel stem; `values`: its parameter slots by name, the
+    threadgroup tile's CHANNELS and RUN_GROUPS aside): `{family}_bwd` writes dx and, per threadgroup of GROUP
+    threads (channels x runs), one float32 partial row of dweight/dbias in one pass; the rows are summed in a
+    fixed order (deterministic); then `{family}_bwd_dinit` gives the initial-state gradient.
+    Returns (dweight, dbias, dinitial_states)."""
+    run_groups = -(-values["RUNS"] // (GROUP // channels))
+    params = _contract.pack(table, **{**values, "CHANNELS": channels, "RUN_GROUPS": run_groups})
     part = torch.empty((batch * run_groups, dim, width + 1), dtype=torch.float32, device=device)
     groups = batch * -(-dim // channels) * run_groups
-    launch(device, kernel_name(f"{stem}_bwd", dtype, width),
-           [*inputs, dx, part, params + [channels, run_groups]], groups * GROUP, GROUP)
+    # The kernel's threadgroup reduction needs exactly GROUP threads per group: the grid is whole groups.
+    launch(device, family, kernel_name(f"{family}_bwd", dtype, width), [*inputs, dx, part, params], groups * GROUP,
+           GROUP)
     sums = reduce_rows(part.view(batch * run_groups, dim * (width + 1))).view(dim, width + 1)
     dweight = sums[:, :width].contiguous().to(weight.dtype)
     dbias = sums[:, width].to(bias.dtype) if bias is not None else dx.new_empty(0)
     dinit = dx.new_empty(0)
     if initial_states is not None:
         dinit = torch.empty((state_rows, dim, width - 1), dtype=torch.float32, device=device)
-        launch(device, kernel_name(f"{stem}_bwd_dinit", dtype, "any"), [*inputs, dinit, params], dinit.numel())
+        launch(device, family, kernel_name(f"{family}_bwd_dinit", dtype, "any"), [*inputs, dinit, params],
+               dinit.numel())
         dinit = dinit.to(initial_states.dtype)
     return dweight, dbias, dinit
 
@@ -143,13 +146,14 @@ def gather_states(x: Tensor, dim: int, strides: tuple[int, int, int], length: in
     if out.numel() == 0:
         return out
     flags = flag(initial_states, HAS_INIT) | flag(mask, HAS_MASK) | flag(cu_seqlens, HAS_CU)
-    params = [n_rows, dim, state_len, length, strides[0], strides[1], strides[2], flags]
+    params = _contract.pack("GATHER", N=n_rows, D=dim, STATE_LEN=state_len, T=length, X_STRIDE_B=strides[0],
+                            X_STRIDE_T=strides[1], X_STRIDE_D=strides[2], FLAGS=flags)
     f32, i32, dev = torch.float32, torch.int32, x.device
-    # an empty x (T == 0: the states come from initial_states alone) has no buffer to bind; it is never read
-    x_arg = x if x.numel() > 0 else optional(None, x.dtype, dev)
-    args = [x_arg, optional(initial_states, f32, dev), optional(mask, f32, dev), optional(cu_seqlens, i32, dev),
-            out, params]
-    launch(x.device, kernel_name("gather_states", x.dtype), args, out.numel())
+    # An empty x (T == 0: the states come from initial_states alone) or mask has no buffer: a stand-in
+    # is bound instead (never read).
+    args = [optional(x, x.dtype, dev), optional(initial_states, f32, dev), optional(mask, f32, dev),
+            optional(cu_seqlens, i32, dev), out, params]
+    launch(x.device, "states", kernel_name("gather_states", x.dtype), args, out.numel())
     return out
 
 
@@ -157,12 +161,13 @@ _stand_ins: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
 
 def optional(t: Tensor | None, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """`t`, or for an absent optional input a one-element stand-in of the kernel parameter's element type.
+    """`t`, or for an absent or empty input a one-element stand-in of the kernel parameter's element type.
 
-    The kernel never reads a stand-in (the input's flag is off); it exists because every [[buffer(i)]] must be
-    bound. One per (device, dtype), allocated once.
+    The kernel never reads a stand-in (the input's flag is off, or its extent is 0); it exists because every
+    [[buffer(i)]] must be bound, and an empty tensor has no buffer (nil on MPS). One per (device, dtype),
+    allocated once.
     """
-    if t is not None:
+    if t is not None and t.numel() > 0:
         return t
     key = (device, dtype)
     stand_in = _stand_ins.get(key)

@@ -4,19 +4,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _contract
 from ._launch import (HAS_BIAS, HAS_DFINAL, HAS_INIT, HAS_SEQ, SILU, as_float32, backward_launch, flag, gather_states,
                       grads_without_inputs, kernel_name, launch, optional, run_length)
 
+FAMILY = "causal_conv1d"
 
-def _params(x: Tensor, dout: Tensor | None, width: int, flags: int) -> tuple[list[int], int]:
-    """The kernels' int64 params and the number of (b, d, run) threads (backward when `dout` is given)."""
+
+def _params(x: Tensor, dout: Tensor | None, width: int, flags: int) -> tuple[dict, int]:
+    """The kernels' parameter slots by name (the backward's tile slots 0) and the number of (b, d, run)
+    threads (backward when `dout` is given)."""
     batch, dim, length = x.shape
     run = run_length(width, batch * dim, length, backward=dout is not None)
     runs = -(-length // run)
-    channel_last = not x.is_contiguous()
     g = dout if dout is not None else x
-    params = [batch, dim, length, width, *x.stride(), *g.stride(), flags, run, int(channel_last), runs, batch]
-    return params, batch * dim * runs
+    values = dict(B=batch, D=dim, T=length, W=width, X_STRIDE_B=x.stride(0), X_STRIDE_D=x.stride(1),
+                  X_STRIDE_T=x.stride(2), G_STRIDE_B=g.stride(0), G_STRIDE_D=g.stride(1), G_STRIDE_T=g.stride(2),
+                  FLAGS=flags, RUN=run, CHANNEL_LAST=int(not x.is_contiguous()), RUNS=runs, N_STATES=batch,
+                  CHANNELS=0, RUN_GROUPS=0)
+    return values, batch * dim * runs
 
 
 def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None,
@@ -32,11 +38,11 @@ def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: T
         return out, final
     w = as_float32(weight)
     flags = flag(bias, HAS_BIAS) | flag(seq_idx, HAS_SEQ) | flag(init, HAS_INIT) | (SILU if silu else 0)
-    params, threads = _params(x, None, width, flags)
+    values, threads = _params(x, None, width, flags)
     f32, dev = torch.float32, x.device
     args = [x, w, optional(as_float32(bias), f32, dev), optional(seq_idx, torch.int32, dev), optional(init, f32, dev),
-            x, optional(None, f32, dev), out, params]
-    launch(x.device, kernel_name("causal_conv1d_fwd", x.dtype, width), args, threads)
+            x, optional(None, f32, dev), out, _contract.pack("CONV", **values)]
+    launch(dev, FAMILY, kernel_name("causal_conv1d_fwd", x.dtype, width), args, threads)
     return out, final
 
 
@@ -53,12 +59,13 @@ def causal_conv1d_bwd(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: T
     w = as_float32(weight)
     flags = (flag(bias, HAS_BIAS) | flag(seq_idx, HAS_SEQ) | flag(init, HAS_INIT) | (SILU if silu else 0)
              | flag(dfinal, HAS_DFINAL))
-    params, _ = _params(x, dout, width, flags)
+    values, _ = _params(x, dout, width, flags)
     f32, dev = torch.float32, x.device
     inputs = [x, w, optional(as_float32(bias), f32, dev), optional(seq_idx, torch.int32, dev),
               optional(init, f32, dev), dout, optional(dfinal, f32, dev)]
+    # Channel-last: 32 channels x 8 runs per threadgroup (coalesced over D); contiguous: 8 x 32.
+    channels = 32 if values["CHANNEL_LAST"] else 8
     dweight, dbias, dinit = backward_launch(
-        dev, "causal_conv1d", x.dtype, inputs, dx, params, batch=batch, dim=dim, width=width, runs=params[13],
-        channels=32 if params[12] else 8, weight=weight, bias=bias, initial_states=initial_states, state_rows=batch)
+        dev, FAMILY, "CONV", x.dtype, inputs, dx, values, batch=batch, dim=dim, width=width, channels=channels,
+        weight=weight, bias=bias, initial_states=initial_states, state_rows=batch)
     return dx, dweight, dbias, dinit
-

@@ -4,9 +4,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _contract
 from ._launch import (HAS_BIAS, HAS_CU, HAS_DFINAL, HAS_INIT, HAS_MASK, RESIDUAL, SILU, as_float32, backward_launch,
                       flag, gather_states, grads_without_inputs, kernel_name, launch, optional, run_length)
 
+FAMILY = "short_conv_fused"
 # Channels per threadgroup of the backward kernel (channels are the fastest thread index).
 _BWD_CHANNELS = 32
 
@@ -15,13 +17,15 @@ def _n_states(x: Tensor, cu_seqlens: Tensor | None) -> int:
     return cu_seqlens.shape[0] - 1 if cu_seqlens is not None else x.shape[0]
 
 
-def _params(x: Tensor, width: int, n_states: int, flags: int, backward: bool = False) -> tuple[list[int], int]:
-    """The kernels' int64 params and the number of (b, run, d) threads."""
+def _params(x: Tensor, width: int, n_states: int, flags: int, backward: bool = False) -> tuple[dict, int]:
+    """The kernels' parameter slots by name (the backward's tile slots 0) and the number of (b, run, d)
+    threads."""
     batch, length, dim = x.shape
     run = run_length(width, batch * dim, length, backward)
     runs = -(-length // run)
-    params = [batch, dim, length, width, x.stride(0), x.stride(1), flags, run, runs, n_states]
-    return params, batch * dim * runs
+    values = dict(B=batch, D=dim, T=length, W=width, X_STRIDE_B=x.stride(0), X_STRIDE_T=x.stride(1), FLAGS=flags,
+                  RUN=run, RUNS=runs, N_STATES=n_states, CHANNELS=0, RUN_GROUPS=0)
+    return values, batch * dim * runs
 
 
 def _flags(bias, mask, init, cu_seqlens, activation: bool, residual: bool) -> int:
@@ -44,11 +48,11 @@ def short_conv_fused_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, mask: T
     if out.numel() == 0:
         return out, final
     w = as_float32(weight)
-    params, threads = _params(x, width, n_states, _flags(bias, mask, init, cu_seqlens, activation, residual))
+    values, threads = _params(x, width, n_states, _flags(bias, mask, init, cu_seqlens, activation, residual))
     f32, i32, dev = torch.float32, torch.int32, x.device
     args = [x, w, optional(as_float32(bias), f32, dev), optional(mask, f32, dev), optional(cu_seqlens, i32, dev),
-            optional(init, f32, dev), x, optional(None, f32, dev), out, params]
-    launch(x.device, kernel_name("short_conv_fused_fwd", x.dtype, width), args, threads)
+            optional(init, f32, dev), x, optional(None, f32, dev), out, _contract.pack("FUSED", **values)]
+    launch(dev, FAMILY, kernel_name("short_conv_fused_fwd", x.dtype, width), args, threads)
     return out, final
 
 
@@ -66,12 +70,11 @@ def short_conv_fused_bwd(x: Tensor, weight: Tensor, bias: Tensor | None, mask: T
         return dx, *grads_without_inputs(x, weight, bias, initial_states, dfinal_states, length)
     w = as_float32(weight)
     flags = _flags(bias, mask, init, cu_seqlens, activation, residual) | flag(dfinal, HAS_DFINAL)
-    params, _ = _params(x, width, n_states, flags, backward=True)
+    values, _ = _params(x, width, n_states, flags, backward=True)
     f32, i32, dev = torch.float32, torch.int32, x.device
     inputs = [x, w, optional(as_float32(bias), f32, dev), optional(mask, f32, dev), optional(cu_seqlens, i32, dev),
               optional(init, f32, dev), dout.contiguous(), optional(dfinal, f32, dev)]
     dweight, dbias, dinit = backward_launch(
-        dev, "short_conv_fused", x.dtype, inputs, dx, params, batch=batch, dim=dim, width=width, runs=params[8],
+        dev, FAMILY, "FUSED", x.dtype, inputs, dx, values, batch=batch, dim=dim, width=width,
         channels=_BWD_CHANNELS, weight=weight, bias=bias, initial_states=initial_states, state_rows=n_states)
     return dx, dweight, dbias, dinit
-

@@ -9,10 +9,7 @@
 //   4 initial states (B, D, W-1) f32         5 dout (storage T)
 //   6 dfinal states (B, D, W-1) f32          7.. the kernel's outputs, then params
 // Absent optional inputs are bound to a one-element stand-in, never read (their
-// flag is off). Params (int64):
-//   0 B  1 D  2 T  3 W  4..6 x strides (b, d, t)  7..9 dout strides (b, d, t)
-//   10 flags  11 run length  12 channel-last (1) or contiguous (0)
-//   13 runs per row  14 number of state rows (B)  15, 16: see causal_conv1d_bwd
+// flag is off). Params: the int64 slots CONV_* of the generated contract header.
 
 template <typename T>
 struct CausalConvCtx {
@@ -40,8 +37,13 @@ struct CausalConvCtx {
     s.start = 0;
     return s;
   }
+  // Two returns, not `has_seq ? seg_first(b, t) : prev`: a conditional
+  // mixing a class prvalue and a `thread` lvalue is rejected by Metal.
   Seg seg_next(long b, long t, Seg prev) const {
-    return has_seq ? seg_first(b, t) : prev;
+    if (has_seq) {
+      return seg_first(b, t);
+    }
+    return prev;
   }
   // Padding positions (seq_idx < 0) produce 0.
   bool silent(Seg s) const {
@@ -111,17 +113,17 @@ inline CausalConvCtx<T> cc_make_ctx(
   c.init = init;
   c.go = dout;
   c.dfin = dfinal;
-  c.B = p[0];
-  c.D = p[1];
-  c.len = p[2];
-  c.width = p[3];
-  c.xsb = p[4];
-  c.xsd = p[5];
-  c.xst = p[6];
-  c.gsb = p[7];
-  c.gsd = p[8];
-  c.gst = p[9];
-  const long flags = p[10];
+  c.B = p[CONV_B];
+  c.D = p[CONV_D];
+  c.len = p[CONV_T];
+  c.width = p[CONV_W];
+  c.xsb = p[CONV_X_STRIDE_B];
+  c.xsd = p[CONV_X_STRIDE_D];
+  c.xst = p[CONV_X_STRIDE_T];
+  c.gsb = p[CONV_G_STRIDE_B];
+  c.gsd = p[CONV_G_STRIDE_D];
+  c.gst = p[CONV_G_STRIDE_T];
+  const long flags = p[CONV_FLAGS];
   c.has_bias = (flags & CC_HAS_BIAS) != 0;
   c.has_seq = (flags & CC_HAS_SEQ) != 0;
   c.has_init = (flags & CC_HAS_INIT) != 0;
@@ -135,13 +137,13 @@ inline CausalConvCtx<T> cc_make_ctx(
 inline bool cc_thread_run(
     constant long* p, uint tid, thread long& b, thread long& d, thread long& t0,
     thread long& t1) {
-  const long D = p[1];
-  const long len = p[2];
-  const long run = p[11];
-  const long runs = p[13];
+  const long D = p[CONV_D];
+  const long len = p[CONV_T];
+  const long run = p[CONV_RUN];
+  const long runs = p[CONV_RUNS];
   long i = long(tid);
   long r;
-  if (p[12] != 0) {
+  if (p[CONV_CHANNEL_LAST] != 0) {
     d = i % D;
     i /= D;
     r = i % runs;
@@ -154,7 +156,7 @@ inline bool cc_thread_run(
   }
   t0 = r * run;
   t1 = t0 + run < len ? t0 + run : len;
-  return b < p[0];
+  return b < p[CONV_B];
 }
 
 // Buffers 0..6, shared by every kernel of this file.
@@ -185,8 +187,8 @@ template <typename T, int W>
 }
 
 // dx (x's strides; dfinal flows into the last W-1 positions) and the partial
-// dweight/dbias rows, float32 (B * run_groups, D, W+1). Params 15 = channels
-// per threadgroup, 16 = run groups per row.
+// dweight/dbias rows, float32 (B * run_groups, D, W+1). CONV_CHANNELS =
+// channels per threadgroup, CONV_RUN_GROUPS = run groups per row.
 template <typename T, int W>
 [[max_total_threads_per_threadgroup(CC_GROUP)]] kernel void
 causal_conv1d_bwd(
@@ -197,13 +199,13 @@ causal_conv1d_bwd(
     uint tid [[thread_position_in_grid]]) {
   threadgroup float red[CC_GROUP];
   const CausalConvCtx<T> c = CC_CTX();
-  const bool d_fastest = p[12] != 0;
-  const uint gd = uint(p[15]);
+  const bool d_fastest = p[CONV_CHANNEL_LAST] != 0;
+  const uint gd = uint(p[CONV_CHANNELS]);
   long b, d, t0, t1, row;
   uint lid;
   cc_group_tile(
-      tid, c.D, c.len, p[11], p[13], gd, p[16], d_fastest, b, d, t0, t1, row,
-      lid);
+      tid, c.D, c.len, p[CONV_RUN], p[CONV_RUNS], gd, p[CONV_RUN_GROUPS],
+      d_fastest, b, d, t0, t1, row, lid);
   cc_backward_group<T, W>(
       c, dx, part, red, b, d, t0, t1, row, lid, gd, d_fastest);
 }
@@ -218,7 +220,7 @@ template <typename T, int W>
   const CausalConvCtx<T> c = CC_CTX();
   const long hist = c.width - 1;
   const long i = long(tid);
-  if (i >= p[14] * c.D * hist) {
+  if (i >= p[CONV_N_STATES] * c.D * hist) {
     return;
   }
   const long j = i % hist;

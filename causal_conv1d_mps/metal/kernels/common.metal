@@ -14,20 +14,10 @@
 #include <metal_stdlib>
 using namespace metal;
 
-// Flags packed into one launcher integer (runtime flags: uniform branches).
-#define CC_HAS_BIAS 1
-#define CC_HAS_SEQ 2
-#define CC_HAS_INIT 4
-#define CC_SILU 8
-#define CC_HAS_DFINAL 16
-#define CC_HAS_MASK 32
-#define CC_HAS_CU 64
-#define CC_RESIDUAL 128
-#define CC_CIRCULAR 256
-#define CC_HAS_INDICES 512
-
-// Threads per threadgroup of the kernels that reduce in threadgroup memory.
-#define CC_GROUP 256
+// The flag bits CC_*, CC_GROUP (threads per threadgroup of the kernels that
+// reduce in threadgroup memory) and the parameter slot names (CONV_T, ...)
+// come from the generated contract header the loader places before this file
+// (causal_conv1d_mps/metal/_contract.py): never write their values here.
 
 inline float cc_sigmoid(float v) {
   return 1.0f / (1.0f + exp(-v));
@@ -209,6 +199,8 @@ inline void cc_backward_run(
         }
       }
       xw[WN - 1] = c.tap(b, d, t, st);
+      // A silent (padding) position is skipped, not multiplied by 0: its
+      // dout and inputs may hold NaN and must not reach any gradient.
       if (!c.silent(st)) {
         g = c.dout(b, d, t);
         if (c.silu) {
@@ -218,12 +210,12 @@ inline void cc_backward_run(
           }
           g *= cc_silu_grad(pre);
         }
-      }
-      if (t < t1) {
-        for (int k = 0; k < WN; ++k) {
-          pw[k] = fma(g, xw[k], pw[k]);
+        if (t < t1) {
+          for (int k = 0; k < WN; ++k) {
+            pw[k] = fma(g, xw[k], pw[k]);
+          }
+          pw[WN] += g;
         }
-        pw[WN] += g;
       }
     }
     for (int j = 0; j < WN - 1; ++j) {
@@ -339,6 +331,9 @@ inline void cc_weight_grad_generic(
       for (long t = t0; t < t1; ++t) {
         if (t != t0) {
           seg = c.seg_next(b, t, seg);
+        }
+        if (c.silent(seg)) {
+          continue;  // padding: skipped (its inputs may be NaN), not scaled by 0
         }
         const float g = cc_grad_pre<0>(c, b, d, t, seg);
         for (int kk = 0; kk < 8; ++kk) {
@@ -474,8 +469,9 @@ inline float cc_state_grad(thread const Ctx& c, long n, long d, long j) {
   CC_INSTANTIATE(FN, TNAME, T, 16, 16)
 
 // bfloat exists from Metal 3.1 (macOS 14); older compilers skip those kernels
-// and the launcher reports bfloat16 as unsupported there.
-#if defined(__HAVE_BFLOAT__)
+// (the loader then finds them missing from the library and sends bfloat16 to
+// the reference path). The test is the one PyTorch's own headers use.
+#if defined(__METAL_VERSION__) && __METAL_VERSION__ >= 310
 #define CC_INSTANTIATE_BFLOAT(FN, W_MACRO) W_MACRO(FN, bfloat, bfloat)
 #else
 #define CC_INSTANTIATE_BFLOAT(FN, W_MACRO)

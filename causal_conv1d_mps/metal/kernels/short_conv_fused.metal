@@ -10,10 +10,7 @@
 //   6 dout (B, T, D) contiguous, storage T  7 dfinal states (N, D, W-1) f32
 //   8.. the kernel's outputs, then params
 // Absent optional inputs are bound to a one-element stand-in, never read.
-// Params (int64):
-//   0 B  1 D  2 T  3 W  4 x stride over b  5 x stride over t  6 flags
-//   7 run length  8 runs per row  9 N (state rows: sequences, or B)
-//   10 channels per threadgroup  11 run groups per row (weight gradient)
+// Params: the int64 slots FUSED_* of the generated contract header.
 
 template <typename T>
 struct FusedConvCtx {
@@ -64,7 +61,9 @@ struct FusedConvCtx {
       return prev;
     }
     Seg s = prev;
-    while (long(cu[s.id + 1]) <= t) {
+    // Bounded by n_seq: cu_seqlens not ending at T (unchecked on GPUs)
+    // must not walk the search past its last entry.
+    while (s.id + 1 < n_seq && long(cu[s.id + 1]) <= t) {
       s.id += 1;
     }
     s.start = cu[s.id];
@@ -75,10 +74,17 @@ struct FusedConvCtx {
   }
   // The extended input seen from segment s: masked x from the sequence start
   // on, that sequence's initial states (unmasked) before it.
+  // A mask value of exactly 0 selects 0 (x there may be NaN: NaN * 0 = NaN).
+  float masked(long b, long t, float v) const {
+    if (!has_mask) {
+      return v;
+    }
+    const float m = mask[b * len + t];
+    return m == 0.0f ? 0.0f : v * m;
+  }
   float tap(long b, long d, long p, Seg s) const {
     if (p >= s.start) {
-      float v = static_cast<float>(x[b * xsb + p * xst + d]);
-      return has_mask ? v * mask[b * len + p] : v;
+      return masked(b, p, static_cast<float>(x[b * xsb + p * xst + d]));
     }
     return has_init
         ? init[(s.id * D + d) * (width - 1) + (width - 1) + (p - s.start)]
@@ -109,9 +115,7 @@ struct FusedConvCtx {
     if (has_dfinal && f >= 0) {
       acc += dfinal(s.id, d, f);
     }
-    if (has_mask) {
-      acc *= mask[b * len + q];
-    }
+    acc = masked(b, q, acc);
     if (residual) {
       acc += dout(b, d, q);
     }
@@ -154,14 +158,14 @@ inline FusedConvCtx<T> fused_make_ctx(
   c.init = init;
   c.go = dout;
   c.dfin = dfinal;
-  c.B = p[0];
-  c.D = p[1];
-  c.len = p[2];
-  c.width = p[3];
-  c.xsb = p[4];
-  c.xst = p[5];
-  const long flags = p[6];
-  c.n_seq = p[9];
+  c.B = p[FUSED_B];
+  c.D = p[FUSED_D];
+  c.len = p[FUSED_T];
+  c.width = p[FUSED_W];
+  c.xsb = p[FUSED_X_STRIDE_B];
+  c.xst = p[FUSED_X_STRIDE_T];
+  const long flags = p[FUSED_FLAGS];
+  c.n_seq = p[FUSED_N_STATES];
   c.has_bias = (flags & CC_HAS_BIAS) != 0;
   c.has_mask = (flags & CC_HAS_MASK) != 0;
   c.has_cu = (flags & CC_HAS_CU) != 0;
@@ -176,10 +180,10 @@ inline FusedConvCtx<T> fused_make_ctx(
 inline bool fused_thread_run(
     constant long* p, uint tid, thread long& b, thread long& d, thread long& t0,
     thread long& t1) {
-  const long D = p[1];
-  const long len = p[2];
-  const long run = p[7];
-  const long runs = p[8];
+  const long D = p[FUSED_D];
+  const long len = p[FUSED_T];
+  const long run = p[FUSED_RUN];
+  const long runs = p[FUSED_RUNS];
   long i = long(tid);
   d = i % D;
   i /= D;
@@ -187,7 +191,7 @@ inline bool fused_thread_run(
   b = i / runs;
   t0 = r * run;
   t1 = t0 + run < len ? t0 + run : len;
-  return b < p[0];
+  return b < p[FUSED_B];
 }
 
 // Buffers 0..7, shared by every kernel of this file.
@@ -231,11 +235,12 @@ short_conv_fused_bwd(
     uint tid [[thread_position_in_grid]]) {
   threadgroup float red[CC_GROUP];
   const FusedConvCtx<T> c = FUSED_CTX();
-  const uint gd = uint(p[10]);
+  const uint gd = uint(p[FUSED_CHANNELS]);
   long b, d, t0, t1, row;
   uint lid;
   cc_group_tile(
-      tid, c.D, c.len, p[7], p[8], gd, p[11], true, b, d, t0, t1, row, lid);
+      tid, c.D, c.len, p[FUSED_RUN], p[FUSED_RUNS], gd, p[FUSED_RUN_GROUPS],
+      true, b, d, t0, t1, row, lid);
   cc_backward_group<T, W>(c, dx, part, red, b, d, t0, t1, row, lid, gd, true);
 }
 

@@ -8,7 +8,7 @@
 // (or zeros). One thread per output element.
 // Buffers: 0 x (storage T)  1 initial states (N, D, state_len) f32
 //   2 mask (B, T) f32  3 cu_seqlens (N+1) i32  4 out (storage T)  5 params
-// Params (int64): 0 N  1 D  2 state_len  3 T  4..6 x strides (b, t, d)  7 flags
+// Params: the int64 slots GATHER_* of the generated contract header.
 template <typename T>
 [[kernel]] void gather_states(
     device const T* x [[buffer(0)]],
@@ -18,12 +18,12 @@ template <typename T>
     device T* out [[buffer(4)]],
     constant long* p [[buffer(5)]],
     uint tid [[thread_position_in_grid]]) {
-  const long D = p[1];
-  const long state_len = p[2];
-  const long len = p[3];
-  const long flags = p[7];
+  const long D = p[GATHER_D];
+  const long state_len = p[GATHER_STATE_LEN];
+  const long len = p[GATHER_T];
+  const long flags = p[GATHER_FLAGS];
   const long i = long(tid);
-  if (i >= p[0] * D * state_len) {
+  if (i >= p[GATHER_N] * D * state_len) {
     return;
   }
   const long j = i % state_len;
@@ -35,9 +35,12 @@ template <typename T>
   const long end = has_cu ? long(cu_seqlens[n + 1]) : len;
   const long pos = end - state_len + j;
   if (pos >= start) {
-    const T v = x[b * p[4] + pos * p[5] + d * p[6]];
+    const T v = x[b * p[GATHER_X_STRIDE_B] + pos * p[GATHER_X_STRIDE_T] +
+                  d * p[GATHER_X_STRIDE_D]];
     if ((flags & CC_HAS_MASK) != 0) {
-      out[i] = static_cast<T>(static_cast<float>(v) * mask[b * len + pos]);
+      // Selected, not multiplied: a masked position holds 0 even where x is NaN.
+      const float m = mask[b * len + pos];
+      out[i] = static_cast<T>(m == 0.0f ? 0.0f : static_cast<float>(v) * m);
     } else {
       out[i] = v;
     }
@@ -49,14 +52,14 @@ template <typename T>
 }
 
 // out[c] = sum over rows r = 0, 1, ... of part[r, c], always in that order.
-// Params (int64): 0 rows  1 columns.
+// Params: the int64 slots REDUCE_* of the generated contract header.
 [[kernel]] void reduce_rows_float(
     device const float* part [[buffer(0)]],
     device float* out [[buffer(1)]],
     constant long* p [[buffer(2)]],
     uint tid [[thread_position_in_grid]]) {
-  const long rows = p[0];
-  const long cols = p[1];
+  const long rows = p[REDUCE_ROWS];
+  const long cols = p[REDUCE_COLS];
   const long c = long(tid);
   if (c >= cols) {
     return;
