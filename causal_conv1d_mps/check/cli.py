@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         out.flush()
         dtypes = [d for d in DTYPES if support[d]["checked"]]
         plan = accuracy.trials(args.quick, dtypes)
-        timed = [] if args.no_timing else speed.specs(device, args.quick)
+        timed = [] if args.no_timing else speed.specs(target, args.quick)
         progress = _Bar(len(plan) + len(timed))
         try:
             results = accuracy.run_all(target, dtypes, args.quick, args.seed, progress=progress)
