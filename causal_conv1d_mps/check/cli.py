@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     target = choose_target(device, args.backend)
     out = sys.stdout
+    support = dtype_support(target)
+    env = environment(target, support, quick=args.quick, seed=args.seed, timing=not args.no_timing)
     with backend_forced(target.backend):
-        support = dtype_support(target)
-        env = environment(target, support, quick=args.quick, seed=args.seed, timing=not args.no_timing)
         out.write(report.environment_text(env) + "\n")
         out.flush()
         compiled = kernels.compile_kernels(target)
