@@ -84,5 +84,6 @@ def environment(target: Target, support: dict[torch.dtype, dict], **fields) -> d
         backend_forced=target.forced,
         backend_unavailable=target.unavailable,
         dtypes={dtype_name(d): s for d, s in support.items()},
+        metal_path=os.environ.get("CAUSAL_CONV1D_METAL_PATH"),  # kernel sources replacing the packaged ones
         **fields,
     )

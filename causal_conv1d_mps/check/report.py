@@ -68,6 +68,8 @@ def _environment_lines(env: dict) -> list[str]:
         f"torch {env['torch']}, triton {env['triton'] or 'not installed'}, python {env['python']}",
         f"backend: {backend}",
     ]
+    if env.get("metal_path"):
+        lines.append(f"  Metal sources from CAUSAL_CONV1D_METAL_PATH={env['metal_path']} (not the packaged ones)")
     if env.get("backend_unavailable"):
         lines.append(f"  WARNING: the {env['backend']} backend cannot run here: {env['backend_unavailable']}")
     for name, s in env["dtypes"].items():
