@@ -26,7 +26,8 @@ from causal_conv1d_mps.check.cases import CASES, WIDTHS
 
 from conftest import REPO_ROOT
 
-OPS = set(report.OPS)
+# Every public op, by the function a user calls.
+OPS = {"causal_conv1d", "short_conv_fused", "short_conv_update", "causal_conv1d_update", "causal_conv1d_varlen_states"}
 DTYPES = {"float32", "float16", "bfloat16"}
 ENV_FIELDS = {
     "device": str, "device_name": str, "os": str, "python": str, "torch": str, "causal_conv1d_mps": str,
@@ -304,10 +305,14 @@ def test_failed_compile_is_reported_and_the_check_goes_on(tmp_path, capsys, monk
     assert "more compiler output" not in out
 
 
-def test_usage_errors_exit_2(capsys):
+def test_usage_errors_exit_2(capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         cli.main(["--backend", "cuda"])
     assert e.value.code == 2
+    monkeypatch.setenv(_backend.ENV_VAR, "vulkan")
+    assert cli.main(["--device", "cpu", "--no-timing"]) == 2
+    assert "CAUSAL_CONV1D_BACKEND: expected one of reference, triton, metal, got 'vulkan'" in capsys.readouterr().err
+    monkeypatch.delenv(_backend.ENV_VAR)
     if not torch.cuda.is_available():
         assert cli.main(["--device", "cuda", "--no-timing"]) == 2
         assert "--device cuda" in capsys.readouterr().err

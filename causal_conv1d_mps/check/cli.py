@@ -69,10 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         device = devices.pick_device(args.device)
+        target = choose_target(device, args.backend)  # a bad CAUSAL_CONV1D_BACKEND raises here
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    target = choose_target(device, args.backend)
     out = sys.stdout
     support = dtype_support(target)
     env = environment(target, support, quick=args.quick, seed=args.seed, timing=not args.no_timing)

@@ -7,17 +7,13 @@ import math
 from typing import TextIO
 
 SCHEMA = "causal-conv1d-mps-check/1"
-OPS = ("causal_conv1d", "short_conv_fused", "short_conv_update", "causal_conv1d_update",
-       "causal_conv1d_varlen_states")
 
 
 def summarize(accuracy: list[dict], kernels: list[dict], timings: list[dict]) -> dict:
     """Per op: checks, failures, worst error, who served; overall: pass/fail, fallbacks, compile failures."""
     ops = {}
-    for op in OPS:
+    for op in dict.fromkeys(r["op"] for r in accuracy):
         rows = [r for r in accuracy if r["op"] == op]
-        if not rows:
-            continue
         ops[op] = {
             "checks": len(rows),
             "failed": sum(not r["ok"] for r in rows),
@@ -41,14 +37,12 @@ def summarize(accuracy: list[dict], kernels: list[dict], timings: list[dict]) ->
 
 
 def _worst_by_dtype(rows: list[dict]) -> dict[str, float | None]:
-    """`{dtype: largest relative error}` over the rows that produced outputs (None if none did)."""
+    """`{dtype: largest relative error}` over the rows that produced outputs (None where none did)."""
     worst: dict[str, float | None] = {}
     for r in rows:
-        current = worst.get(r["dtype"])
+        current = worst.setdefault(r["dtype"], None)
         if r["rel_err"] is not None and (current is None or r["rel_err"] > current):
             worst[r["dtype"]] = r["rel_err"]
-        else:
-            worst.setdefault(r["dtype"], current)
     return worst
 
 
@@ -85,8 +79,8 @@ def _environment_lines(env: dict) -> list[str]:
 def _kernel_lines(kernels: list[dict], env: dict) -> list[str]:
     if not kernels:
         return [f"compile: nothing to compile ({env['backend']} backend)"]
-    how = kernels[0]["how"]
-    lines = [f"compile ({env['backend']}, {'each family' if how == 'compile_family' else 'first call of each op'}):"]
+    how = {"compile_family": ", each family", "first call": ", first call of each op"}.get(kernels[0]["how"], "")
+    lines = [f"compile ({env['backend']}{how}):"]
     for k in kernels:
         seconds = "-" if k["seconds"] is None else f"{k['seconds']:.2f} s"
         verdict = "ok" if k["ok"] else f"FAILED: {k['error']}"
