@@ -9,7 +9,6 @@ import torch
 
 from .. import _backend
 from ..bench import devices
-from ..bench.cli import _device
 from ..bench.progress import Progress
 from . import accuracy, kernels, report, speed
 from .cases import WIDTHS
@@ -25,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with a float64 reference, confirm the kernels (not a fallback) ran, and time a few shapes against "
         "eager PyTorch. Exit status 0 when every check passed, 1 when a result was wrong.",
     )
-    p.add_argument("--device", type=_device, default="auto", help="auto (mps > cuda > cpu), cpu, cuda[:N] or mps")
+    p.add_argument("--device", type=devices.device_argument, default="auto", help="auto (mps > cuda > cpu), cpu, cuda[:N] or mps")
     p.add_argument("--backend", choices=_backend.BACKENDS, default=None,
                    help="force a backend (default: the device's: metal on mps, triton on cuda, reference on cpu); "
                    "on cpu, triton runs the Triton interpreter and metal the Linux harness of a source checkout")
@@ -96,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = report.summarize(results, compiled, timings or [])
     out.write(report.results_text(env, results, timings, summary))
     if args.json:
-        report.write_json(args.json, env, compiled, results, timings, summary)
+        try:
+            report.write_json(args.json, env, compiled, results, timings, summary)
+        except OSError as e:
+            print(f"error: --json {args.json}: {e}", file=sys.stderr)
+            return 2
         out.write(f"wrote {args.json}\n")
     return summary["exit_status"]

@@ -89,10 +89,12 @@ def _kernel_lines(kernels: list[dict], env: dict) -> list[str]:
 
 
 def _failure(r: dict) -> str:
+    """What went wrong in a failed check: the error raised, or each wrong output and by how much."""
     if r["error"]:
         return r["error"]
-    return ", ".join(f"{k} not bit-exact" if g["exact"] else f"{k} rel err {_fmt_err(g['rel_err'])} > {r['tolerance']:.0e}"
-                     for k, g in r["outputs"].items() if not g["ok"])
+    wrong = [f"{k} not bit-exact" if g["exact"] else f"{k} rel err {_fmt_err(g['rel_err'])} > {r['tolerance']:.0e}"
+             for k, g in r["outputs"].items() if not g["ok"]]
+    return ", ".join(wrong)
 
 
 def _accuracy_lines(accuracy: list[dict], summary: dict, env: dict) -> list[str]:
