@@ -4,7 +4,7 @@ A backend that cannot run a call hands it to `causal_conv1d_mps.reference` (the 
 a whole device/dtype, a backend may do so for one op family whose kernels failed to compile), warning
 once per reason. Warnings are easy to miss and are issued once per process, so the check also counts
 calls into the reference module's backend functions while the package runs: with a kernel backend
-requested, any such call is a fallback.
+requested, any such call, or a warning that names the reference path, is a fallback.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ from .. import _backend, reference
 BACKEND_FUNCTIONS = ("causal_conv1d_fwd", "causal_conv1d_bwd", "short_conv_fused_fwd", "short_conv_fused_bwd",
                      "short_conv_update", "causal_conv1d_varlen_states")
 
+# How the package words a fallback warning ("... using the PyTorch reference path instead").
+FALLBACK_WORDS = "reference path"
+
 
 @dataclass
 class Served:
@@ -32,7 +35,10 @@ class Served:
 
     @property
     def fell_back(self) -> bool:
-        return self.requested != "reference" and bool(self.reference_calls)
+        """A kernel backend was asked for, and the reference path ran (or the package said it would)."""
+        if self.requested == "reference":
+            return False
+        return bool(self.reference_calls) or any(FALLBACK_WORDS in w for w in self.warnings)
 
     @property
     def served_by(self) -> str:
