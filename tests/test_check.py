@@ -232,6 +232,26 @@ def test_decode_state_must_be_bit_exact(tmp_path, capsys, monkeypatch):
     assert "state not bit-exact" in out
 
 
+def _raising(fn):
+    def broken(*args):
+        raise RuntimeError("injected: kernel short_conv_update_float_w4 not found\n  more detail")
+    return broken
+
+
+def test_op_that_raises_fails_once_per_error(tmp_path, capsys, monkeypatch):
+    """A call that raises is a failed check; the text gives one line per op and error, the JSON every check."""
+    _inject(monkeypatch, "short_conv_update", _raising)
+    status, document, out = _main(tmp_path, capsys)
+    assert status == 1
+    failed = [r for r in document["accuracy"] if not r["ok"]]
+    assert {r["op"] for r in failed} == {"short_conv_update", "causal_conv1d_update"}
+    assert all(r["error"] == "RuntimeError: injected: kernel short_conv_update_float_w4 not found" for r in failed)
+    fail_lines = [line for line in out.splitlines() if line.startswith("  FAIL ")]
+    assert len(fail_lines) == 2, fail_lines
+    decode = sum(r["op"] == "short_conv_update" for r in failed)
+    assert any(f"and {decode - 1} more checks of short_conv_update" in line for line in fail_lines)
+
+
 def test_fallback_of_every_op_is_reported(tmp_path, capsys, monkeypatch):
     """A kernel backend that cannot run here: every call is served by the reference path, flagged, exit 0."""
     import causal_conv1d_mps.metal as metal

@@ -7,6 +7,7 @@ import math
 from typing import TextIO
 
 SCHEMA = "causal-conv1d-mps-check/1"
+MAX_FAIL_LINES = 20  # wrong results listed one by one in the text; the JSON has them all
 
 
 def summarize(accuracy: list[dict], kernels: list[dict], timings: list[dict]) -> dict:
@@ -108,9 +109,27 @@ def _accuracy_lines(accuracy: list[dict], summary: dict, env: dict) -> list[str]
             served = f"FALLBACK to reference in {s['fallbacks']} of {s['checks']} ({', '.join(s['fallback_dtypes'])})"
         errs = " ".join(f"{_fmt_err(s['worst_rel_err'].get(d)):>9}" for d in dtypes)
         lines.append(f"  {op:<28} {s['checks']:>6} {s['failed']:>6} {errs}  {served}")
-    lines += [f"  FAIL {r['op']} [{r['case']}] {r['dtype']} W{r['width']} {r['shape']}: {_failure(r)}"
-              for r in accuracy if not r["ok"]]
-    return lines
+    return lines + _failure_lines([r for r in accuracy if not r["ok"]])
+
+
+def _failure_lines(failed: list[dict]) -> list[str]:
+    """One line per wrong result; checks that raised the same error share one line (a kernel that does
+    not compile fails every check of its op the same way)."""
+    lines, raised = [], {}
+    for r in failed:
+        if r["error"]:
+            raised.setdefault((r["op"], r["error"]), []).append(r)
+        else:
+            lines.append(f"  FAIL {r['op']} [{r['case']}] {r['dtype']} W{r['width']} {r['shape']}: {_failure(r)}")
+    shown = lines[:MAX_FAIL_LINES]
+    if len(lines) > len(shown):
+        shown.append(f"  ... and {len(lines) - len(shown)} more wrong results (all in the JSON)")
+    for (op, error), rows in raised.items():
+        where = rows[0]
+        also = f" and {len(rows) - 1} more checks of {op}" if len(rows) > 1 else ""
+        shown.append(f"  FAIL {op} [{where['case']}] {where['dtype']} W{where['width']} {where['shape']}{also}: "
+                     f"{error}")
+    return shown
 
 
 def _timing_lines(timings: list[dict], env: dict) -> list[str]:
