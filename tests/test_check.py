@@ -73,10 +73,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(tmp_path, *args: str, program: list[str] | None = None, extra_env: dict | None = None):
+def _run(tmp_path, *args: str, program: list[str] | None = None, extra_env: dict | None = None, device="cpu"):
     path = tmp_path / "check.json"
     command = program or [sys.executable, "-m", "causal_conv1d_mps.check"]
-    done = subprocess.run(command + ["--device", "cpu", "--quick", "--json", str(path), *args],
+    done = subprocess.run(command + ["--device", device, "--quick", "--json", str(path), *args],
                           capture_output=True, text=True, env={**_env(), **(extra_env or {})}, timeout=600,
                           cwd=REPO_ROOT)
     document = json.loads(path.read_text()) if path.exists() else None
@@ -93,12 +93,12 @@ def _check_fields(record: dict, fields: dict, where: str) -> None:
             assert isinstance(value, kind), f"{where}.{name}: expected {kind.__name__}, got {value!r}"
 
 
-def _check_document(document: dict, backend: str) -> None:
+def _check_document(document: dict, backend: str, device: str = "cpu") -> None:
     """The JSON a user shares: every section and field, every op and dtype checked, served by `backend`."""
     assert document["schema"] == report.SCHEMA
     env = document["environment"]
     _check_fields(env, ENV_FIELDS, "environment")
-    assert env["device"] == "cpu" and env["backend"] == backend and env["quick"] is True
+    assert env["device"] == device and env["backend"] == backend and env["quick"] is True
     assert set(env["dtypes"]) == DTYPES and all(d["served_by"] == backend for d in env["dtypes"].values())
     for i, entry in enumerate(document["compile"]):
         _check_fields(entry, COMPILE_FIELDS, f"compile[{i}]")
@@ -162,6 +162,20 @@ def test_metal_harness_run(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     _check_document(document, "metal")
     assert document["compile"], "the Metal kernels were not compiled"
+
+
+def test_gpu_run(tmp_path, device):
+    """`pytest --device cuda` or `--device mps`: the check on the GPU with its default backend, every dtype
+    served by the kernels (on a Mac before macOS 14, bfloat16 is reported as not served instead)."""
+    if device.type == "cpu":
+        pytest.skip("the CPU runs are the tests above; this one runs with --device cuda or --device mps")
+    backend = {"cuda": "triton", "mps": "metal"}[device.type]
+    done, document = _run(tmp_path, device=device.type)
+    assert done.returncode == 0, done.stdout + done.stderr
+    served = {name: d["served_by"] for name, d in document["environment"]["dtypes"].items()}
+    if served.get("bfloat16") != backend:
+        pytest.skip(f"bfloat16 is not served by {backend} here: {document['environment']['dtypes']['bfloat16']}")
+    _check_document(document, backend, device.type)
 
 
 # ---------------------------------------------------------------------------------------------------------
