@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m causal_conv1d_mps.check",
         description="Check causal-conv1d-mps on this machine: compile the kernels, compare every op and dtype "
         "with a float64 reference, confirm the kernels (not a fallback) ran, and time a few shapes against "
-        "eager PyTorch. Exit status 0 when every check passed, 1 when a result was wrong.",
+        "eager PyTorch. Exit status 0 when every check passed, 1 when a result was wrong, 2 on a usage error.",
     )
     p.add_argument("--device", type=devices.device_argument, default="auto", help="auto (mps > cuda > cpu), cpu, cuda[:N] or mps")
     p.add_argument("--backend", choices=_backend.BACKENDS, default=None,
