@@ -50,19 +50,13 @@ def _width(text: str) -> int:
     return width
 
 
-def _device(text: str) -> str:
-    if text != "auto" and text.split(":")[0] not in ("cpu", "cuda", "mps"):
-        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}")
-    return text
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m causal_conv1d_mps.bench",
         description="Time causal-conv1d-mps against eager PyTorch (and torch.compile, Dao-AILab causal-conv1d, "
         "flash-linear-attention where available), verifying every result against a float64 oracle first.",
     )
-    p.add_argument("--device", type=_device, default="auto", help="auto (mps > cuda > cpu), cpu, cuda[:N] or mps")
+    p.add_argument("--device", type=devices.device_argument, default="auto", help="auto (mps > cuda > cpu), cpu, cuda[:N] or mps")
     p.add_argument("--dtype", type=_dtype, default=torch.bfloat16, help="fp32, fp16 or bf16 (default bf16)")
     p.add_argument("--suite", type=_suites, default=list(SUITES),
                    help=f"comma list of {', '.join(SUITES)}, or all (default all)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib
 import os
@@ -16,6 +17,13 @@ from . import timing, traffic
 
 def mps_available() -> bool:
     return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+
+
+def device_argument(text: str) -> str:
+    """The `--device` argument of the command-line tools: `auto`, `cpu`, `cuda`, `cuda:N` or `mps`."""
+    if text != "auto" and text.split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
 
 
 def pick_device(name: str) -> torch.device:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 SUITES = ("basic", "canon", "large", "backward", "decode", "width")
-OPS = ("causal_conv1d", "short_conv_fused", "short_conv_update")
 WIDTH_SWEEP = tuple(range(2, 17))
 QUICK_WIDTH_SWEEP = (2, 3, 8, 16)  # --quick: the ends, an odd width and a power of two
 
@@ -18,7 +17,7 @@ QUICK_WIDTH_SWEEP = (2, 3, 8, 16)  # --quick: the ends, an odd width and a power
 @dataclass(frozen=True)
 class Spec:
     suite: str
-    op: str  # one of OPS
+    op: str  # the public function timed: causal_conv1d, short_conv_fused or short_conv_update
     label: str  # what the row stands for, e.g. "CanonB qkv"
     B: int
     D: int
