@@ -7,9 +7,11 @@
 The model is built from an `Lfm2Config` with random weights (nothing is downloaded): LFM2's layout of
 gated short-convolution layers (width 3) and attention layers. It runs with transformers' own PyTorch
 functions, then with `causal_conv1d_mps.integrations.transformers.enable()`; the generated tokens are
-compared (identical in float32), then each variant is timed: the prefill (one forward over the prompt)
-and greedy `generate`. Decode time per token = (generate - prefill) / (new tokens - 1). Times are
-medians over `--repeats`, the two variants alternating; the device is synchronised around each call.
+compared (identical in float32), then each variant is timed after `--warmup` untimed runs: the prefill
+(one forward over the prompt) and greedy `generate`. Decode time per token = (generate - prefill) /
+(new tokens - 1). Times are medians over `--repeats`, the two variants alternating; the device is
+synchronised around each call. Two more rows time one call of each function alone on the model's conv
+shapes, which isolates the part this package changes from the rest of the model.
 """
 from __future__ import annotations
 
@@ -41,7 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs of each variant first (allocator, oneDNN, caches)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads on cpu (0: leave as is)")
     p.add_argument("--out", help="also write the figures to this JSON file")
     return p.parse_args(argv)
@@ -88,6 +91,38 @@ def measure(model, prompt, args, device) -> dict:
     return {"prefill_s": prefill, "generate_s": generate, "tokens": tokens}
 
 
+def conv_call_times(config, args, device, dtype, calls: int = 50) -> dict:
+    """Median time of one call of each function alone, on the shapes of this model's conv layers:
+    prefill `[B, D, prompt]` (LFM2's gated product is channel-last) and a decode step with the cache's
+    `[B, D, W]` state; transformers' PyTorch functions against this package's."""
+    from transformers.models.lfm2 import modeling_lfm2
+
+    cc_hf.disable()
+    theirs = modeling_lfm2.causal_conv1d_fn, modeling_lfm2.causal_conv1d_update
+    ours = cc_hf.causal_conv1d_fn, cc_hf.causal_conv1d_update
+    g = torch.Generator().manual_seed(2)
+    d, width = config.hidden_size, config.conv_L_cache
+    x = torch.randn(args.batch, args.prompt_len, d, generator=g).to(device, dtype).transpose(1, 2)
+    weight = torch.randn(d, width, generator=g).to(device, dtype)
+    token = torch.randn(args.batch, d, 1, generator=g).to(device, dtype)
+    state = torch.zeros(args.batch, d, width, device=device, dtype=dtype)
+
+    def median_us(fn) -> float:
+        times = []
+        with torch.no_grad():
+            for i in range(calls + 5):
+                seconds, _ = timed(fn, device)
+                if i >= 5:
+                    times.append(seconds)
+        return statistics.median(times) * 1e6
+
+    result = {}
+    for name, (fn, update) in (("transformers_pytorch", theirs), ("causal_conv1d_mps", ours)):
+        result[name] = {"prefill_conv_us": median_us(lambda: fn(x, weight, None)),
+                        "decode_conv_us": median_us(lambda: update(token, state, weight, None))}
+    return result
+
+
 def run_variant(enabled: bool, model, prompt, args, device) -> dict:
     if enabled:
         cc_hf.enable()
@@ -127,10 +162,13 @@ def main(argv=None) -> int:
     print(f"LFM2-style model: hidden {args.hidden_size}, {args.layers} layers "
           f"({config.layer_types.count('conv')} conv, {config.layer_types.count('full_attention')} attention), "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {args.dtype}; batch {args.batch}, "
-          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, median of {args.repeats}")
+          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, median of {args.repeats} after {args.warmup} warm-up")
 
-    warm = {flag: run_variant(flag, model, prompt, args, device) for flag in (False, True)}  # warm-up, check
+    warm = {flag: run_variant(flag, model, prompt, args, device) for flag in (False, True)}  # and the check
     same = torch.equal(warm[False]["tokens"], warm[True]["tokens"])
+    for _ in range(args.warmup - 1):
+        for flag in (False, True):
+            run_variant(flag, model, prompt, args, device)
     print(f"generated tokens identical with and without causal_conv1d_mps: {same}")
     runs = {False: [], True: []}
     for _ in range(args.repeats):
@@ -142,15 +180,22 @@ def main(argv=None) -> int:
     rows = [("prefill (ms)", "prefill_ms", False), ("prefill tokens/s", "prefill_tokens_per_s", True),
             ("generate (ms)", "generate_ms", False), ("generate tokens/s", "generate_tokens_per_s", True),
             ("decode ms/token", "decode_ms_per_token", False), ("decode tokens/s", "decode_tokens_per_s", True)]
-    print(f"\n| {'':18} | transformers (PyTorch) | causal_conv1d_mps | speedup |")
+    print(f"\n| {'':27} | transformers (PyTorch) | causal_conv1d_mps | speedup |")
     print("|---|---|---|---|")
     for label, key, higher_is_better in rows:
         speedup = ours[key] / theirs[key] if higher_is_better else theirs[key] / ours[key]
-        print(f"| {label:18} | {theirs[key]:22.2f} | {ours[key]:17.2f} | {speedup:6.2f}x |")
+        print(f"| {label:27} | {theirs[key]:22.2f} | {ours[key]:17.2f} | {speedup:6.2f}x |")
+    conv = conv_call_times(config, args, device, dtype)
+    for label, key in (("one conv call, prefill (us)", "prefill_conv_us"),
+                       ("one conv call, decode (us)", "decode_conv_us")):
+        theirs_us, ours_us = conv["transformers_pytorch"][key], conv["causal_conv1d_mps"][key]
+        print(f"| {label:27} | {theirs_us:22.1f} | {ours_us:17.1f} | {theirs_us / ours_us:6.2f}x |")
+    layers = config.layer_types.count("conv")
+    print(f"\n({layers} conv layers: each prefill and each decode step makes {layers} such calls)")
     if args.out:
         record = {"device": device_name(device), "torch": torch.__version__, "transformers": transformers.__version__,
                   "args": vars(args), "tokens_identical": same, "transformers_pytorch": theirs,
-                  "causal_conv1d_mps": ours}
+                  "causal_conv1d_mps": ours, "conv_calls": conv}
         Path(args.out).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     if dtype == torch.float32 and not same:
         print("error: float32 greedy tokens differ", file=sys.stderr)

@@ -146,6 +146,16 @@ def _disabled_around():
     cc_hf.disable()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_tf32_convolutions():
+    """transformers' own path runs `F.conv1d`, which cuDNN may compute in TF32 on NVIDIA GPUs; the float32
+    comparisons need it in float32."""
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = previous
+
+
 def test_the_table_covers_every_family_of_the_installed_version():
     """A family added by a newer transformers needs a tiny config here (the replacement itself is generic)."""
     from test_transformers_integration import _modeling_modules_defining_the_functions
