@@ -261,11 +261,14 @@ def test_dao_causal_conv1d_is_kept_unless_forced(tmp_path):
         from transformers.models.lfm2 import modeling_lfm2
         from transformers.models.lfm3 import modeling_lfm3
         from causal_conv1d_mps.integrations import transformers as cc_hf
-        wrapper = modeling_lfm2.causal_conv1d_fn
+        wrapper, lfm3_before = modeling_lfm2.causal_conv1d_fn, modeling_lfm3.causal_conv1d_fn
         cc_hf.enable()
         assert sys.modules["causal_conv1d"] is causal_conv1d           # never shadowed
         assert modeling_lfm2.causal_conv1d_fn is wrapper                # Dao's, through transformers
-        assert modeling_lfm3.causal_conv1d_fn is cc_hf.causal_conv1d_fn  # undecorated: ours
+        if hasattr(lfm3_before, "__wrapped__"):  # decorated since 5.24: Dao's too
+            assert modeling_lfm3.causal_conv1d_fn is lfm3_before
+        else:                                    # undecorated (5.23): never Dao's, so ours
+            assert modeling_lfm3.causal_conv1d_fn is cc_hf.causal_conv1d_fn
         report = cc_hf.status()
         assert report[modeling_lfm2.__name__]["causal_conv1d_fn"].startswith("kept: causal_conv1d"), report
         torch.manual_seed(0)

@@ -89,7 +89,15 @@ CONFIGS = {
                                                                  if k != "qk_rope_head_dim"})),
     "inkling": ("InklingTextConfig", dict(mlp_layer_types=["dense", "sparse"], intermediate_size=64,
                                           n_shared_experts=1, **INKLING)),
-    "inkling2": ("Inkling2TextConfig", dict(n_layers_per_attn_res_block=1, **INKLING)),
+    "inkling2": ("Inkling2TextConfig", dict(n_layers_per_attn_res_block=1, unpadded_vocab_size=VOCAB, **INKLING)),
+    # Since transformers 5.24:
+    "lara_mini": ("LaraMiniConfig", dict(head_dim=8, sliding_window=8, **{**GDN, **MOE,
+                                         "layer_types": ["linear_attention", "sliding_attention"]})),
+    "inkling2_loop": ("Inkling2LoopTextConfig", dict(n_layers_per_attn_res_block=1, unpadded_vocab_size=VOCAB,
+                                                     loop_layer_index_start=1, loop_layer_index_end=2,
+                                                     loop_num_passes=2, loop_gate_rank=4, **{
+                                                         **INKLING, "num_hidden_layers": 3,
+                                                         "layer_types": ["hybrid_sliding", "hybrid", "hybrid"]})),
 }
 
 # Families whose modeling code keeps packed sequences apart once the convolution does (measured with
@@ -100,6 +108,8 @@ TRITON_SUBSET = ("lfm2", "mamba2", "qwen3_5")
 
 def build(family: str, device, dtype=torch.float32):
     class_name, arguments = CONFIGS[family]
+    if not hasattr(transformers, class_name):
+        pytest.skip(f"{family}: not in transformers {transformers.__version__}")
     config = getattr(transformers, class_name)(**{**COMMON, **arguments})
     torch.manual_seed(0)
     if family == "glm5_next":  # a vision-language model only: tiny vision tower, text-only inputs
