@@ -309,3 +309,22 @@ def test_triton_kernels_under_the_interpreter(family, device, monkeypatch, spy):
     assert spy["causal_conv1d_fn"] >= 2 and spy["causal_conv1d_update"] >= 2
     assert rel_error(out, ref) <= 1e-5
     assert torch.equal(out_tokens, ref_tokens)
+
+
+def test_torch_compile_sees_no_graph_break(device, spy):
+    """The replaced functions are custom ops with fake implementations: dynamo traces LFM2 in one graph."""
+    import torch._dynamo
+
+    model = build("lfm2", device)
+    ids = tokens(2, 13, seed=8, device=device)
+    ref = _logits(model, ids)
+    with cc_hf.enabled():
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model)(ids, use_cache=False)
+        compiled = torch.compile(model, backend="aot_eager")
+        with torch.no_grad():
+            out = compiled(ids, use_cache=False).logits
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+    assert spy["causal_conv1d_fn"] >= 1
+    assert rel_error(out, ref) <= 1e-5
