@@ -10,7 +10,7 @@
 transformers (>= 5.15, < 6) defines `causal_conv1d_fn(hidden_states, weight, bias, activation, **kwargs)`
 and `causal_conv1d_update(hidden_states, conv_state, weight, bias, activation)` in the modeling file of
 each hybrid family (LFM2, Mamba, Mamba2, Qwen3-Next, ...), most decorated to take Dao-AILab's
-`causal_conv1d` package when it is importable, else their PyTorch code; LFM3 keeps undecorated ones. The
+`causal_conv1d` package when it is importable, else their PyTorch code (LFM3 in 5.23 keeps undecorated ones). The
 layers call these names as module globals at every call, so `enable()` rebinds them in every
 `transformers.models.*.modeling_*` module, now and at later imports (through an import hook), and
 `disable()` puts the originals back. Models built before either call follow at their next forward.
