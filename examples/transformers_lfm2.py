@@ -44,7 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=3, help="untimed runs of each variant first (allocator, oneDNN, caches)")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed runs of each variant first (allocator, oneDNN, caches)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads on cpu (0: leave as is)")
     p.add_argument("--out", help="also write the figures to this JSON file")
     return p.parse_args(argv)
@@ -162,7 +163,8 @@ def main(argv=None) -> int:
     print(f"LFM2-style model: hidden {args.hidden_size}, {args.layers} layers "
           f"({config.layer_types.count('conv')} conv, {config.layer_types.count('full_attention')} attention), "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {args.dtype}; batch {args.batch}, "
-          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, median of {args.repeats} after {args.warmup} warm-up")
+          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+          f"median of {args.repeats} after {args.warmup} warm-up")
 
     warm = {flag: run_variant(flag, model, prompt, args, device) for flag in (False, True)}  # and the check
     same = torch.equal(warm[False]["tokens"], warm[True]["tokens"])

@@ -127,7 +127,8 @@ def test_activation_strings(hf_backend, device, activation):
 
 @pytest.mark.parametrize("activation", ["gelu", "relu", "SiLU", ""])
 def test_other_activations_raise_a_clear_error_and_change_nothing(device, activation):
-    x, weight, state = torch.randn(1, 3, 5, device=device), torch.randn(3, 4, device=device), torch.randn(1, 3, 4, device=device)
+    x, weight = torch.randn(1, 3, 5, device=device), torch.randn(3, 4, device=device)
+    state = torch.randn(1, 3, 4, device=device)
     before = state.clone()
     with pytest.raises(ValueError, match=f"activation: expected None, 'silu' or 'swish', got '{activation}'"):
         cc_hf.causal_conv1d_fn(x, weight, None, activation)

@@ -174,7 +174,8 @@ def test_every_modeling_module_that_defines_them_is_replaced_and_restored():
     cc_hf.enable()
     for m in modules:
         for n in NAMES:
-            assert m.__dict__[n] is getattr(cc_hf, n), f"{m.__name__}.{n} not replaced: {cc_hf.status().get(m.__name__)}"
+            assert m.__dict__[n] is getattr(cc_hf, n), \
+                f"{m.__name__}.{n} not replaced: {cc_hf.status().get(m.__name__)}"
     cc_hf.disable()
     for (name, n), original in before.items():
         assert sys.modules[name].__dict__[n] is original, f"{name}.{n} not restored"

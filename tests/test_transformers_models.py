@@ -223,7 +223,8 @@ def test_training_step_gradients(family_model, device, spy):
     conv_grads = [n for n in ref if "conv" in n]
     assert conv_grads and all(ref[n].abs().sum() > 0 for n in conv_grads), f"{family}: no conv gradient"
     flat_out, flat_ref = torch.cat([out[n].flatten() for n in ref]), torch.cat([ref[n].flatten() for n in ref])
-    assert rel_error(flat_out, flat_ref) <= 1e-5, f"{family}: gradients relative error {rel_error(flat_out, flat_ref):.2e}"
+    error = rel_error(flat_out, flat_ref)
+    assert error <= 1e-5, f"{family}: gradients relative error {error:.2e}"
     for n in conv_grads:
         assert rel_error(out[n], ref[n]) <= 1e-4, f"{family}: {n} relative error {rel_error(out[n], ref[n]):.2e}"
 
