@@ -64,10 +64,33 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activat
 
 def causal_conv1d_fn(x: Tensor, weight: Tensor, bias: Tensor | None = None, seq_idx: Tensor | None = None,
                      initial_states: Tensor | None = None, return_final_states: bool = False,
-                     final_states_out: Tensor | None = None, activation: str | None = None):
-    """Dao-AILab `causal_conv1d_fn`'s positional order; the same op as `causal_conv1d`."""
-    return causal_conv1d(x, weight, bias, activation, seq_idx=seq_idx, initial_states=initial_states,
-                         return_final_states=return_final_states, final_states_out=final_states_out)
+                     final_states_out: Tensor | None = None, activation: str | None = None, *,
+                     cu_seqlens: Tensor | None = None):
+    """Dao-AILab `causal_conv1d_fn`'s positional order; the same op as `causal_conv1d`.
+
+    `cu_seqlens` `[N+1]` (keyword only, `x` `[1, D, total_T]`) packs N sequences convolved independently,
+    like `seq_idx` does; `initial_states` / final states are then per sequence, `[N, D, W-1]`, and `out`
+    is the channel-last view of a contiguous `[1, total_T, D]`.
+    """
+    if cu_seqlens is None:
+        return causal_conv1d(x, weight, bias, activation, seq_idx=seq_idx, initial_states=initial_states,
+                             return_final_states=return_final_states, final_states_out=final_states_out)
+    silu = check.activation_is_silu(activation)
+    if seq_idx is not None:
+        raise ValueError("seq_idx: expected None when cu_seqlens is given (both describe the packing), got a tensor")
+    check.tensor("x", x, ndim=3)
+    if x.shape[0] != 1:
+        raise ValueError(f"x: expected shape (1, D, total_T) with cu_seqlens (packed sequences), got {tuple(x.shape)}")
+    want_final = return_final_states or final_states_out is not None
+    result = short_conv_fused(x.transpose(1, 2), weight, bias, None, silu, False, initial_states=initial_states,
+                              return_final_states=want_final, cu_seqlens=cu_seqlens)
+    if not want_final:
+        return result.transpose(1, 2)
+    out, final = result
+    if final_states_out is not None:
+        check.states("final_states_out", final_states_out, final.shape[0], final.shape[1], weight.shape[-1], "N")
+        final = final_states_out.copy_(final)
+    return out.transpose(1, 2), final
 
 
 def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None = None, silu_activation: bool = False) -> Tensor:
