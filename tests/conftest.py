@@ -179,6 +179,8 @@ def oracle_grads(outputs, cotangents, inputs) -> list[torch.Tensor | None]:
     if not pairs or not live:
         return [None if t is None else torch.zeros_like(t) for t in inputs]
     total = sum((o * c.detach().cpu().to(torch.float64)).sum() for o, c in pairs)
+    if not total.requires_grad:  # no output depends on the inputs (e.g. every decode row is padding)
+        return [None if t is None else torch.zeros_like(t) for t in inputs]
     found = torch.autograd.grad(total, live, allow_unused=True)
     it = iter(found)
     result = []
