@@ -52,17 +52,21 @@ def extend_left(x: torch.Tensor, width: int, initial_states: torch.Tensor | None
 def conv_taps(xe: torch.Tensor, weight: torch.Tensor, tap_mask: torch.Tensor | None = None) -> torch.Tensor:
     """`sum_k weight[d, k] * xe[..., d, t + k]` for `t` in `[0, T)`, with `T = xe.shape[-1] - W + 1`.
 
-    `tap_mask[k]`, when given, is a `[B, T]` bool tensor saying which taps `k` may contribute; the
-    others are selected away before the product, so their value (NaN included) never matters.
+    `tap_mask[k]`, when given, is a `[B, T]` bool tensor saying which taps `k` may contribute. Both the
+    source and the product are selected: the source so that its value (NaN included) never matters, the
+    product so that a NaN gradient arriving at the output never reaches dweight through a tap that does
+    not exist (autograd would multiply it by the selected 0).
     """
     width = weight.shape[1]
     steps = xe.shape[-1] - width + 1
     acc = xe.new_zeros(*xe.shape[:-1], steps)
     for k in range(width):
         source = xe[..., k : k + steps]
-        if tap_mask is not None:
-            source = torch.where(tap_mask[k][:, None, :], source, 0.0)
-        acc = acc + weight[:, k, None] * source
+        if tap_mask is None:
+            acc = acc + weight[:, k, None] * source
+        else:
+            counts = tap_mask[k][:, None, :]
+            acc = acc + torch.where(counts, weight[:, k, None] * torch.where(counts, source, 0.0), 0.0)
     return acc
 
 

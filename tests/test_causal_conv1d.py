@@ -298,6 +298,21 @@ def test_seq_idx_ids_beyond_int32_stay_distinct(backend, device):
     assert_close_rel(wg.grad, ref_dw, torch.float32, "dweight")
 
 
+@pytest.mark.parametrize("t", [6, 300], ids=["T6", "T300"])
+def test_very_wide_filter(backend, device, t):
+    """W = 257 (wider than any unrolled kernel loop is tuned for), shorter and longer than the filter,
+    with initial states and gradients: correct, and quick enough under the Triton interpreter (the
+    initial-state gradient once took 344 s at T = 6)."""
+    if t == 300 and uses_small_shapes(backend, device):
+        pytest.skip("T = 300 with W = 257 is covered on the reference path and on GPUs")
+    gen = seeded(14)
+    b, d, width = 1, 3, 257
+    x = randn(b, d, t, device=device, generator=gen)
+    weight, bias = make_params(d, width, torch.float32, device, gen)
+    states = randn(b, d, width - 1, device=device, generator=gen)
+    _run_and_check(x, weight, bias, states, "silu", name=f"W257 T{t}")
+
+
 def test_swish_is_silu(backend, device):
     gen = seeded(10)
     x = randn(2, 5, 17, device=device, generator=gen)

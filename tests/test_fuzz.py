@@ -25,7 +25,9 @@ NON_FINITE = (float("nan"), float("inf"), float("-inf"))
 
 
 def _cases(backend: str, device: torch.device) -> range:
-    return range(3) if uses_small_shapes(backend, device) else range(40)
+    if backend == "metal" and device.type == "cpu":
+        return range(3)  # the harness compiles and runs C++ per call
+    return range(8) if uses_small_shapes(backend, device) else range(40)
 
 
 def _randn(gen, *shape):
