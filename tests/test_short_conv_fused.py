@@ -417,3 +417,29 @@ def test_nan_at_masked_positions_contributes_nothing(backend, device):
     assert torch.isfinite(final).all() and (final[1, :, -1] == 0).all(), "final states hold 0 where masked"
     for label, g in (("dx", dx), ("dweight", dweight), ("dbias", dbias), ("dinitial_states", dstates)):
         assert torch.isfinite(g).all(), f"{label}: a masked NaN leaked into the gradient"
+
+
+@pytest.mark.parametrize("bounds", [[0, 9, 3, 12], [0, 30, 40], [-4, 2, 12]], ids=["decreasing", "past_T", "negative"])
+def test_triton_kernels_stay_inside_x_for_unchecked_cu_seqlens(backend, device, bounds):
+    """Under torch.compile cu_seqlens values are not checked: a bad one gives unspecified values but the
+    Triton kernels read nothing outside the tensors they were given (NaN around x never shows up)."""
+    if backend != "triton":
+        pytest.skip("calls the Triton backend functions directly (the api rejects these cu_seqlens in eager mode)")
+    from causal_conv1d_mps import triton as triton_backend
+
+    gen = seeded(27)
+    t, d, width = 12, 3, 4
+    guard = torch.full((1, t + 40, d), float("nan"), device=device)
+    x = guard[:, 20:20 + t]
+    x.copy_(randn(1, t, d, device=device, generator=gen))
+    weight, bias = make_params(d, width, torch.float32, device, gen)
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    n = len(bounds) - 1
+    states = randn(n, d, width - 1, device=device, generator=gen)
+    out, final = triton_backend.short_conv_fused_fwd(x, weight, bias, None, states, cu, True, True, True)
+    dout, dfinal = torch.ones_like(out), torch.ones_like(final)
+    dx, dweight, dbias, dstates = triton_backend.short_conv_fused_bwd(x, weight, bias, None, states, cu, dout, dfinal,
+                                                                      True, True)
+    for label, result in (("out", out), ("final_states", final), ("dx", dx), ("dweight", dweight), ("dbias", dbias),
+                          ("dinitial_states", dstates)):
+        assert torch.isfinite(result).all(), f"{label}: read outside x"

@@ -141,7 +141,8 @@ def load_source(x, mask, h0, i_b, i_h, o_s, o_d, m_d, ok_x, ok_h, bos, T, D,
     `ok_x` / `ok_h` say per row whether the tap may read `x` / the initial state at all (row in range,
     same sequence id); `i_h` (one per row) is the initial-state row: the batch row, or the packed sequence.
     """
-    m_x = ok_x & (o_s >= bos)
+    # bounds by T too: under torch.compile cu_seqlens is not checked, and a bad one must not read outside x
+    m_x = ok_x & (o_s >= bos) & (o_s >= 0) & (o_s < T)
     p_x = (x + i_b.to(tl.int64) * stride_x_b + o_s.to(tl.int64)[:, None] * stride_x_t
            + o_d.to(tl.int64)[None, :] * stride_x_d)
     b_x = tl.load(p_x, mask=m_x[:, None] & m_d[None, :], other=0.).to(tl.float32)

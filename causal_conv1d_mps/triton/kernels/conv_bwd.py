@@ -202,7 +202,7 @@ def conv_bwd_kernel(
             if USE_FINAL_STATE_GRAD:
                 # the final states are the last W-1 steps of xe: their gradient lands on those steps
                 o_j = o_s - (eos - (W - 1))
-                m_j = m_s & (o_j >= 0)
+                m_j = m_s & (o_j >= 0) & (o_j < W - 1)
                 p_dht = dht + (i_h.to(tl.int64) * D * (W - 1) + o_j)[:, None] + o_d[None, :] * (W - 1)
                 b_dxe += tl.load(p_dht, mask=m_j[:, None] & m_d[None, :], other=0.).to(tl.float32)
             if HAS_MASK:
@@ -256,7 +256,7 @@ def conv_bwd_initial_state_kernel(
     o_c = tl.arange(0, BC)
     for j0 in range(0, BJ, BC):
         o_t = bos + j0 + o_c
-        ok_t = (j0 + o_c < W - 1) & (o_t < eos)
+        ok_t = (j0 + o_c < W - 1) & (o_t < eos) & (o_t >= 0) & (o_t < T)  # in x even for a bad cu_seqlens
         if HAS_SEQ_IDX:
             b_seq_hc = tl.load(p_seq + o_c * 0, mask=(o_c * 0 + T) > 0, other=-1)
             b_seq_t = tl.load(p_seq + o_t, mask=ok_t, other=-2)
@@ -282,7 +282,7 @@ def conv_bwd_initial_state_kernel(
     for k in range(W):
         o_src = o_j - k
         o_tk = bos + o_src
-        ok_k = m_j & (o_src >= 0) & (o_tk < eos)
+        ok_k = m_j & (o_src >= 0) & (o_tk < eos) & (o_tk >= 0) & (o_tk < T)
         if HAS_SEQ_IDX:
             b_seq_tk = tl.load(p_seq + o_tk, mask=ok_k, other=-2)
             ok_k = ok_k & (b_seq_tk == b_seq_h) & (b_seq_h >= 0)
@@ -297,7 +297,7 @@ def conv_bwd_initial_state_kernel(
         # a sequence shorter than W-1 passes part of its initial state straight to its final state
         o_s = bos - (W - 1) + o_j
         o_f = o_s - (eos - (W - 1))
-        m_f = m_j & (o_f >= 0)
+        m_f = m_j & (o_f >= 0) & (o_f < W - 1)
         p_dht = dht + i_r.to(tl.int64) * D * (W - 1) + o_d[None, :] * (W - 1) + o_f[:, None]
         b_dh += tl.load(p_dht, mask=m_f[:, None] & m_d[None, :], other=0.).to(tl.float32)
     tl.store(dh0 + i_r.to(tl.int64) * D * (W - 1) + o_d[None, :] * (W - 1) + o_j[:, None],

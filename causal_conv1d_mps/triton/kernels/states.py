@@ -28,7 +28,7 @@ def gather_states_kernel(
         o_j = j0 + tl.arange(0, BS)
         m_j = o_j < state_len
         o_s = eos - state_len + o_j
-        m_x = m_j & (o_s >= bos)
+        m_x = m_j & (o_s >= bos) & (o_s >= 0) & (o_s < T)  # in x even for an unchecked, bad cu_seqlens
         b_x = tl.load(p_x + o_s.to(tl.int64)[None, :] * stride_x_t + o_d.to(tl.int64)[:, None] * stride_x_d,
                       mask=m_d[:, None] & m_x[None, :], other=0.).to(tl.float32)
         if HAS_MASK:
