@@ -119,13 +119,113 @@ def cu_seqlens(value, total: int) -> int:
 
 
 def state_indices_in_range(value: Tensor | None, num_states: int) -> None:
-    """Rejects indices >= N where that is free (CPU); GPUs treat them as padding instead."""
+    """Rejects indices >= N and a slot named twice where that is free (CPU). On GPUs an index >= N is
+    padding and a repeated slot is undefined (two rows would race on one state row), as in any decode cache."""
     if value is None or value.device.type != "cpu" or value.numel() == 0:
         return
     top = int(value.max())
     if top >= num_states:
         raise ValueError(f"conv_state_indices: expected values < {num_states} (conv_state rows) or negative "
                          f"for padding, got {top}")
+    live = torch.sort(value[value >= 0]).values
+    repeated = live[1:][live[1:] == live[:-1]]
+    if repeated.numel() > 0:
+        raise ValueError(f"conv_state_indices: expected distinct slots (negative for padding), got slot "
+                         f"{int(repeated[0])} more than once")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Narrowing index tensors to the int32 the kernels read, without losing a value and without a host sync
+
+
+def seq_idx_int32(seq_idx: Tensor) -> Tensor:
+    """`[B, T]` int32 ids with the same meaning as `seq_idx`: equal where they were equal within a row,
+    negative (padding) where they were negative. Ids of int64 are renumbered per row (a sort, no host
+    sync), so ids that do not fit int32 (say 0 and 2**32) stay distinct instead of being truncated."""
+    if seq_idx.dtype != torch.int64 or seq_idx.numel() == 0:
+        return seq_idx.to(torch.int32).contiguous()
+    values, order = torch.sort(seq_idx, dim=1)
+    starts = torch.ones(values.shape, dtype=torch.int32, device=values.device)
+    starts[:, 1:] = values[:, 1:] != values[:, :-1]
+    group = torch.cumsum(starts, dim=1, dtype=torch.int32) - 1
+    labels = torch.empty_like(group).scatter_(1, order, group)
+    return torch.where(seq_idx < 0, -1, labels)
+
+
+def circular_positions(cache_seqlens: Tensor, state_len: int) -> Tensor:
+    """`cache_seqlens mod S` (Python's non-negative modulo, exact for any int32/int64 value) as int32 in
+    [0, S): kernels never see a negative or huge position. On the device, no host sync."""
+    if state_len == 0:  # W == 1: no tap reads the state and nothing is written
+        return torch.zeros(cache_seqlens.shape, dtype=torch.int32, device=cache_seqlens.device)
+    if cache_seqlens.dtype == torch.int32:
+        return torch.remainder(cache_seqlens, state_len)  # |result| < S: no int32 overflow
+    return torch.remainder(cache_seqlens.long(), state_len).to(torch.int32)
+
+
+def state_indices_int32(value: Tensor, num_states: int) -> Tensor:
+    """`conv_state_indices` as int32; int64 values outside [0, N) become -1 (padding) before narrowing, so
+    that, say, -2**32 does not turn into slot 0."""
+    if value.dtype == torch.int64:
+        value = torch.where((value < 0) | (value >= num_states), -1, value)
+    return value.to(torch.int32).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# In-place arguments: no element written twice, no input read from memory that the call writes
+
+
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
+def _byte_range(t: Tensor) -> tuple[int, int]:
+    """`[first byte, one past the last byte)` that `t` can touch (metadata only: no sync)."""
+    start = t.data_ptr()
+    if t.is_contiguous():
+        return start, start + t.numel() * t.element_size()
+    span = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return start, start + (span + 1) * t.element_size()
+
+
+def not_self_overlapping(name: str, value: Tensor | None) -> None:
+    """Rejects a tensor that is written in place while two of its elements share memory (a stride 0 from
+    `expand`, or strides that interleave): the writes would race and corrupt each other.
+
+    Sufficient test: sorted by stride, each dimension's stride must reach past everything the smaller
+    strides span. Every view made by slicing, transposing or selecting a dense tensor passes."""
+    if value is None or value.numel() <= 1:
+        return
+    extent = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(value.shape, value.stride()) if sz > 1):
+        if stride < extent:
+            raise ValueError(f"{name}: expected a tensor whose elements do not share memory (it is written in "
+                             f"place), got shape {tuple(value.shape)} with strides {tuple(value.stride())} "
+                             f"(e.g. from expand()); pass a .clone()")
+        extent += (size - 1) * stride
+
+
+def not_sharing_memory(name: str, value: Tensor | None, **inputs) -> None:
+    """Rejects inputs that share memory with `value`, which the call writes: reading them while the call
+    writes would give results that depend on the order of the writes. Compares byte ranges (metadata
+    only, a few microseconds on the decode path); skipped where tensors have no addresses (tracing, meta)."""
+    if (value is None or type(value) not in _PLAIN_TENSORS or value.is_meta or value.numel() == 0
+            or torch.compiler.is_compiling()):
+        return
+    lo, hi = _byte_range(value)
+    for other_name, other in inputs.items():
+        if other is None or type(other) not in _PLAIN_TENSORS or other.numel() == 0:
+            continue
+        o_lo, o_hi = _byte_range(other)
+        if o_lo < hi and lo < o_hi and other.device == value.device:
+            raise ValueError(f"{other_name}: shares memory with {name}, which this call writes in place; "
+                             f"pass a copy (e.g. {other_name}.clone())")
+
+
+def not_leaf_requiring_grad(name: str, value: Tensor) -> None:
+    """In-place updates of a leaf that requires grad are refused (as PyTorch refuses them in grad mode)."""
+    if value.requires_grad and value.is_leaf and torch.is_grad_enabled():
+        raise ValueError(f"{name}: a leaf tensor that requires grad cannot be updated in place; pass "
+                         f"{name}.detach() (the decode step treats the state as a constant) or call under "
+                         f"torch.no_grad()")
 
 
 _MASK_FORMS = "(B, T), (1, T), (B, 1), (T, B), or 1-D of length T, B or B*T"

@@ -1,4 +1,5 @@
-"""Index arithmetic of the decode-step state, shared by the reference path and the api's autograd route.
+"""Index arithmetic of the decode-step state, shared by the reference path and the decode step's autograd
+route in `ops.py`.
 
 Plain PyTorch, no kernels: which state columns a decode step reads, and what the state holds afterwards.
 """
@@ -17,7 +18,8 @@ def valid_rows(conv_state_indices: Tensor | None, batch: int, num_states: int, d
 
 
 def window_columns(cache_seqlens: Tensor | None, state_len: int, history: int, batch: int, device) -> Tensor:
-    """`[B, history]` int64: the state columns holding the `history` inputs before the step, oldest first."""
+    """`[B, history]` int64: the state columns holding the `history` inputs before the step, oldest first.
+    Circular positions are taken modulo S here too (Python's modulo), whatever range they arrive in."""
     offsets = torch.arange(-history, 0, device=device)
     if cache_seqlens is None:  # shift mode: the newest input is the last column
         return (state_len + offsets).expand(batch, history)
@@ -35,7 +37,8 @@ def gather_window(conv_state: Tensor, cache_seqlens: Tensor | None, conv_state_i
     if n == 0 or history == 0:
         return conv_state.new_zeros(batch, d, history)
     window = conv_state[slot.unsqueeze(1), :, cols]  # [B, history, D]
-    window = window.transpose(1, 2) * rows.view(batch, 1, 1).to(conv_state.dtype)
+    # selected, not multiplied: a padding row's window is 0 even where the slot it clamps to holds NaN
+    window = torch.where(rows.view(batch, 1, 1), window.transpose(1, 2), 0)
     return window.contiguous()
 
 

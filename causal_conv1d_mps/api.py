@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import _validate as check
-from . import _window, ops
+from . import ops
 
 
 def _int32(t: Tensor | None) -> Tensor | None:
@@ -52,8 +52,12 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activat
     check.states("final_states_out", final_states_out, b, d, width, "B")
     check.same_device(x=x, weight=weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states,
                       final_states_out=final_states_out)
+    check.not_self_overlapping("final_states_out", final_states_out)
+    check.not_sharing_memory("final_states_out", final_states_out, x=x, weight=weight, bias=bias,
+                             seq_idx=seq_idx, initial_states=initial_states)
     want_final = return_final_states or final_states_out is not None
-    out, final = ops.causal_conv1d(_bdt_layout(x), weight.contiguous(), _contig(bias), _int32(seq_idx),
+    seq = None if seq_idx is None else check.seq_idx_int32(seq_idx)
+    out, final = ops.causal_conv1d(_bdt_layout(x), weight.contiguous(), _contig(bias), seq,
                                    _contig(initial_states), silu, want_final)
     if not want_final:
         return out
@@ -118,6 +122,13 @@ def short_conv_fused(x: Tensor, weight: Tensor, bias: Tensor | None = None, atte
     final states are the last W-1 columns of the masked, extended input. Returns `out`, or
     `(out, final_states)` with `return_final_states`.
     """
+    return _short_conv_fused(x, weight, bias, attention_mask, activation, residual, initial_states,
+                             return_final_states, cu_seqlens)
+
+
+def _short_conv_fused(x, weight, bias, attention_mask, activation, residual, initial_states, return_final_states,
+                      cu_seqlens, states_name: str = "initial_states"):
+    """`short_conv_fused`; errors about the initial states name them `states_name` (the module's `cache`)."""
     act = _activation_flag(activation)
     check.tensor("x", x, ndim=3)
     check.floating("x", x)
@@ -130,9 +141,9 @@ def short_conv_fused(x: Tensor, weight: Tensor, bias: Tensor | None = None, atte
         if b != 1:
             raise ValueError(f"x: expected batch size 1 with cu_seqlens (packed sequences), got shape {tuple(x.shape)}")
         rows = check.cu_seqlens(cu_seqlens, t)
-    check.states("initial_states", initial_states, rows, d, width, "N" if cu_seqlens is not None else "B")
-    check.same_device(x=x, weight=weight, bias=bias, attention_mask=attention_mask, initial_states=initial_states,
-                      cu_seqlens=cu_seqlens)
+    check.states(states_name, initial_states, rows, d, width, "N" if cu_seqlens is not None else "B")
+    check.same_device(x=x, weight=weight, bias=bias, attention_mask=attention_mask,
+                      **{states_name: initial_states}, cu_seqlens=cu_seqlens)
     if x.stride(2) != 1 and d > 1:
         x = x.contiguous()
     out, final = ops.short_conv_fused(x, weight.contiguous(), _contig(bias), mask, _contig(initial_states),
@@ -147,38 +158,38 @@ def short_conv_fused_fwd_only(*args, **kwargs):
 
 
 def _decode_step(x3: Tensor, conv_state: Tensor, weight: Tensor, bias, cache_seqlens, conv_state_indices,
-                 act: bool, residual: bool) -> Tensor:
-    """Validated decode step on `x3` `[B, L, D]`; returns `out` like `x3`."""
+                 act: bool, residual: bool, state_name: str = "conv_state") -> Tensor:
+    """Validated decode step on `x3` `[B, L, D]`; returns `out` like `x3`. Errors about the state name it
+    `state_name` (the module passes its `cache`)."""
     b, _, d = x3.shape
+    check.tensor(state_name, conv_state, ndim=3)
+    if isinstance(weight, Tensor) and weight.dim() == 2 and weight.shape[0] == conv_state.shape[1] != d:
+        raise ValueError(f"x: expected {weight.shape[0]} channels (those of weight and {state_name}), got {d}")
     width = check.weight_and_bias(weight, bias, d)
-    check.tensor("conv_state", conv_state, ndim=3)
-    check.floating("conv_state", conv_state)
+    check.floating(state_name, conv_state)
     if conv_state.dtype != x3.dtype:
-        raise TypeError(f"conv_state: expected dtype {x3.dtype} (the dtype of x), got {conv_state.dtype}")
+        raise TypeError(f"{state_name}: expected dtype {x3.dtype} (the dtype of x), got {conv_state.dtype}")
     n, state_d, state_len = conv_state.shape
     if state_d != d or state_len < width - 1:
-        raise ValueError(f"conv_state: expected shape (B or N, {d}, S) with S >= W-1 = {width - 1}, "
+        raise ValueError(f"{state_name}: expected shape (B or N, {d}, S) with S >= W-1 = {width - 1}, "
                          f"got {tuple(conv_state.shape)}")
     if conv_state_indices is None and n != b:
-        raise ValueError(f"conv_state: expected {b} rows (one per batch row, no conv_state_indices), "
+        raise ValueError(f"{state_name}: expected {b} rows (one per batch row, no conv_state_indices), "
                          f"got shape {tuple(conv_state.shape)}")
     check.index_vector("cache_seqlens", cache_seqlens, b)
     check.index_vector("conv_state_indices", conv_state_indices, b)
-    check.same_device(x=x3, conv_state=conv_state, weight=weight, bias=bias, cache_seqlens=cache_seqlens,
+    check.same_device(x=x3, **{state_name: conv_state}, weight=weight, bias=bias, cache_seqlens=cache_seqlens,
                       conv_state_indices=conv_state_indices)
+    check.not_leaf_requiring_grad(state_name, conv_state)
+    check.not_self_overlapping(state_name, conv_state)
+    check.not_sharing_memory(state_name, conv_state, x=x3, weight=weight, bias=bias, cache_seqlens=cache_seqlens,
+                             conv_state_indices=conv_state_indices)
     check.state_indices_in_range(conv_state_indices, n)
-    seqlens, indices = _int32(cache_seqlens), _int32(conv_state_indices)
-    weight, bias = weight.contiguous(), _contig(bias)
-    if not ops._wants_grad(x3, weight, bias):
-        return ops.short_conv_update(x3, conv_state, weight, bias, seqlens, indices, act, residual)
-    # Differentiable route: the pre-update window is a constant input of the fused op; then write the state.
-    window = _window.gather_window(conv_state.detach(), seqlens, indices, width - 1, b)
-    out, _ = ops.short_conv_fused(x3, weight, bias, None, window, None, act, residual, False)
-    if indices is not None:
-        out = out * _window.valid_rows(indices, b, n, x3.device).view(b, 1, 1).to(out.dtype)
-    with torch.no_grad():
-        ops.short_conv_update(x3.detach(), conv_state, weight, bias, seqlens, indices, act, residual)
-    return out
+    seqlens = None if cache_seqlens is None else check.circular_positions(cache_seqlens, state_len)
+    indices = None if conv_state_indices is None else check.state_indices_int32(conv_state_indices, n)
+    # the state is written, never differentiated: a non-leaf that requires grad is updated as plain memory
+    state = conv_state.detach() if conv_state.requires_grad else conv_state
+    return ops.short_conv_update(x3, state, weight.contiguous(), _contig(bias), seqlens, indices, act, residual)
 
 
 def short_conv_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None = None,
@@ -192,13 +203,20 @@ def short_conv_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tenso
     cache_seqlens). `conv_state_indices[b] < 0` marks a padding row: output 0, no state touched (indices
     >= N raise on CPU and are treated as padding on GPUs). Differentiable in x, weight and bias.
     """
+    return _short_conv_update(x, conv_state, weight, bias, cache_seqlens, activation, residual, conv_state_indices)
+
+
+def _short_conv_update(x, conv_state, weight, bias, cache_seqlens, activation, residual, conv_state_indices,
+                       state_name: str = "conv_state") -> Tensor:
+    """`short_conv_update`; errors about the state name it `state_name` (the module's `cache`)."""
     act = _activation_flag(activation)
     check.tensor("x", x)
     check.floating("x", x)
     if x.dim() not in (2, 3):
         raise ValueError(f"x: expected shape (B, D) or (B, L, D), got {tuple(x.shape)}")
     x3 = x.unsqueeze(1) if x.dim() == 2 else x
-    out = _decode_step(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices, act, bool(residual))
+    out = _decode_step(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices, act, bool(residual),
+                       state_name)
     return out.squeeze(1) if x.dim() == 2 else out
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _validate as check
-from .api import short_conv_fused, short_conv_update
+from .api import _short_conv_fused, _short_conv_update
 
 
 class ShortConvolution(nn.Module):
@@ -49,11 +49,13 @@ class ShortConvolution(nn.Module):
         """`x` `[B, T, D]` -> `(y [B, T, D], new_cache)`. A given `cache` serves as the initial states; the new
         cache is returned when `output_final_state` is true or a cache was given, else None."""
         want_cache = output_final_state or cache is not None
-        result = short_conv_fused(x, self.weight, self.bias, attention_mask, self.silu, self.residual,
-                                  initial_states=cache, return_final_states=want_cache, cu_seqlens=cu_seqlens)
+        # errors about the cache name it `cache`, the argument the caller passed
+        result = _short_conv_fused(x, self.weight, self.bias, attention_mask, self.silu, self.residual, cache,
+                                   want_cache, cu_seqlens, states_name="cache")
         return result if want_cache else (result, None)
 
     def step(self, x: Tensor, cache: Tensor):
         """Decodes `x` `[B, D]` or `[B, L, D]`; `cache` `[B, D, S]` (S >= W-1) is updated in place."""
-        y = short_conv_update(x, cache, self.weight, self.bias, None, self.silu, self.residual)
+        y = _short_conv_update(x, cache, self.weight, self.bias, None, self.silu, self.residual, None,
+                               state_name="cache")
         return y, cache

@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import _backend
+from . import _backend, _window
 
 NS = "causal_conv1d_mps"
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
@@ -228,7 +228,7 @@ def short_conv_fused(x, weight, bias, mask, initial_states, cu_seqlens, activati
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Decode step (mutates its state: no autograd formula; see api.short_conv_update) and varlen states
+# Decode step (mutates its state, so no autograd formula: a gradient goes through the fused op) and varlen states
 
 
 @torch.library.custom_op(f"{NS}::short_conv_update", mutates_args=("conv_state",))
@@ -244,20 +244,49 @@ def _(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation
     return torch.empty_like(x)
 
 
-def short_conv_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation: bool,
-                      residual: bool) -> Tensor:
+def _state_write(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation: bool,
+                 residual: bool) -> Tensor:
     args = (x, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation, residual)
     if _direct(x):
         return _impl(x).short_conv_update(*args)
     return short_conv_update_op(*args)
 
 
+def _differentiable_step(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation: bool,
+                         residual: bool) -> Tensor:
+    """The step as the fused op over the window read before the update (a constant `initial_states`),
+    then the state write. Padding rows enter the graph as zeros and leave it as zeros, so whatever their
+    input or state slot holds (NaN included), they add nothing to dx, dweight or dbias."""
+    batch, history = x.shape[0], weight.shape[1] - 1
+    window = _window.gather_window(conv_state.detach(), cache_seqlens, conv_state_indices, history, batch)
+    live = None
+    if conv_state_indices is not None:
+        live = _window.valid_rows(conv_state_indices, batch, conv_state.shape[0], x.device).view(batch, 1, 1)
+    x_in = x if live is None else torch.where(live, x, 0)
+    out, _ = short_conv_fused(x_in, weight, bias, None, window, None, activation, residual, False)
+    if live is not None:
+        out = torch.where(live, out, 0)
+    with torch.no_grad():
+        _state_write(x.detach(), conv_state, weight, bias, cache_seqlens, conv_state_indices, activation, residual)
+    return out
+
+
+def short_conv_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation: bool,
+                      residual: bool) -> Tensor:
+    """Runs the decode step on validated arguments (`x` `[B, L, D]`, `cache_seqlens` already in [0, S));
+    `conv_state` is updated in place. Differentiable in x, weight and bias."""
+    if _wants_grad(x, weight, bias):
+        return _differentiable_step(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation,
+                                    residual)
+    return _state_write(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation, residual)
+
+
 @torch.library.custom_op(f"{NS}::causal_conv1d_varlen_states", mutates_args=())
-def varlen_states_op(x: Tensor, cu_seqlens: Tensor, state_len: int) -> Tensor:
+def causal_conv1d_varlen_states_op(x: Tensor, cu_seqlens: Tensor, state_len: int) -> Tensor:
     return _impl(x).causal_conv1d_varlen_states(x, cu_seqlens, state_len)
 
 
-@varlen_states_op.register_fake
+@causal_conv1d_varlen_states_op.register_fake
 def _(x, cu_seqlens, state_len):
     return x.new_empty(cu_seqlens.shape[0] - 1, x.shape[1], state_len)
 
@@ -265,8 +294,4 @@ def _(x, cu_seqlens, state_len):
 def causal_conv1d_varlen_states(x, cu_seqlens, state_len: int) -> Tensor:
     if _direct(x):
         return _impl(x).causal_conv1d_varlen_states(x, cu_seqlens, state_len)
-    return varlen_states_op(x, cu_seqlens, state_len)
-
-
-ALL_OPS = (causal_conv1d_fwd, causal_conv1d_bwd, short_conv_fused_fwd, short_conv_fused_bwd,
-           short_conv_update_op, varlen_states_op)
+    return causal_conv1d_varlen_states_op(x, cu_seqlens, state_len)

@@ -8,6 +8,10 @@ input's memory order) puts the `W-1` state columns in front of each sequence, an
 the sequence of every extended column. An output column `j` (`j >= W-1`) is
 `bias + sum_k w[k] * xe[j-(W-1)+k]`, a tap counting only where its `seq_e` equals that of `j`. Plain rows,
 `seq_idx` rows and `cu_seqlens` packing differ only in how `xe` and `seq_e` are laid out.
+
+Masking is by selection (`torch.where`), never by multiplying with 0: a NaN or Inf outside a sequence
+(another packed sequence, a padding position or row, a position whose attention mask is 0) must not reach
+it, forward or backward (docs/BACKENDS.md, "NaN containment").
 """
 from __future__ import annotations
 
@@ -102,12 +106,18 @@ def _extend_varlen(x: Tensor, initial_states: Tensor | None, cu_seqlens: Tensor,
     return _Extended(xe, 1, seq_e.unsqueeze(0), x_cols - h, x_cols, state_cols, final_cols)
 
 
-def _tap_masks(seq_e: Tensor | None, width: int, n_out: int) -> list[Tensor | None]:
-    """For each tap k, where the source column shares the output column's sequence `[B, n_out]`."""
-    if seq_e is None:
+def _tap_masks(ext: _Extended, width: int, n_out: int) -> list[Tensor | None]:
+    """For each tap k, `[B, n_out]`: the output column is a real output of a sequence (not padding, not
+    a state column of a packed sequence) and the source column belongs to that same sequence."""
+    if ext.seq_e is None:
         return [None] * width
-    target = seq_e[:, width - 1:width - 1 + n_out]
-    return [seq_e[:, k:k + n_out] == target for k in range(width)]
+    target = ext.seq_e[:, width - 1:width - 1 + n_out]
+    live = target >= 0
+    if ext.out_cols is not None:
+        is_output = torch.zeros(n_out, dtype=torch.bool, device=target.device)
+        is_output[ext.out_cols] = True
+        live = live & is_output
+    return [(ext.seq_e[:, k:k + n_out] == target) & live for k in range(width)]
 
 
 def _n_out(ext: _Extended, width: int) -> int:
@@ -122,7 +132,7 @@ def _conv(ext: _Extended, weight: Tensor, bias: Tensor | None, masks: list) -> T
     for k in range(width):
         tap = ext.xe.narrow(ext.tdim, k, n_out)
         if masks[k] is not None:
-            tap = tap * ext.per_column(masks[k])
+            tap = torch.where(ext.per_column(masks[k]), tap, 0)
         w_k = ext.per_channel(weight[:, k])
         if acc is not None:
             acc.addcmul_(tap, w_k)
@@ -166,8 +176,13 @@ def _backward(ext: _Extended, weight: Tensor, masks: list, g: Tensor, dfinal: Te
     dxe = torch.zeros_like(ext.xe)
     dweight = torch.empty(weight.shape[0], width, dtype=g.dtype, device=g.device)
     for k in range(width):
-        gk = g_all if masks[k] is None else g_all * ext.per_column(masks[k])
-        dweight[:, k] = (gk * ext.xe.narrow(tdim, k, n_out)).sum(dim=reduce_dims)
+        tap = ext.xe.narrow(tdim, k, n_out)
+        if masks[k] is None:
+            gk = g_all
+        else:
+            counts = ext.per_column(masks[k])
+            gk, tap = torch.where(counts, g_all, 0), torch.where(counts, tap, 0)
+        dweight[:, k] = (gk * tap).sum(dim=reduce_dims)
         dxe.narrow(tdim, k, n_out).addcmul_(gk, ext.per_channel(weight[:, k]))
     dbias = g.sum(dim=reduce_dims)
     if dfinal is not None and h > 0:
@@ -204,7 +219,7 @@ def _cc_forward(x, weight, bias, seq_idx, initial_states):
     tdim = 1 if _is_channel_last(x) else 2
     xa = (x.transpose(1, 2) if tdim == 1 else x).to(acc)
     ext = _extend_rows(xa, tdim, initial_states, seq_idx, width)
-    masks = _tap_masks(ext.seq_e, width, x.shape[2])
+    masks = _tap_masks(ext, width, x.shape[2])
     w = weight.to(acc)
     pre = _conv(ext, w, None if bias is None else bias.to(acc), masks)
     valid = None if seq_idx is None else ext.per_column(seq_idx >= 0)
@@ -221,7 +236,7 @@ def causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, silu: bool, retu
     ext, _, _, pre, valid = _cc_forward(x, weight, bias, seq_idx, initial_states)
     y = torch.nn.functional.silu(pre) if silu else pre
     if valid is not None:
-        y = y * valid
+        y = torch.where(valid, y, 0)
     final = _final_states(ext, weight.shape[1]).to(x.dtype).contiguous() if return_final_states else _empty(x)
     return _store_like(x, ext, y), final
 
@@ -229,10 +244,10 @@ def causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, silu: bool, retu
 def causal_conv1d_bwd(x, weight, bias, seq_idx, initial_states, dout, dfinal_states, silu: bool):
     ext, masks, w, pre, valid = _cc_forward(x, weight, bias, seq_idx, initial_states)
     g = (dout.transpose(1, 2) if ext.tdim == 1 else dout).to(pre.dtype)
-    if valid is not None:
-        g = g * valid
     if silu:
         g = g * _silu_grad(pre)
+    if valid is not None:
+        g = torch.where(valid, g, 0)  # padding outputs are constants: dout there never flows back
     dx_f, dweight, dbias, dstates = _backward(ext, w, masks, g, dfinal_states)
     return (_store_like(x, ext, dx_f), dweight.to(weight.dtype),
             _empty(x) if bias is None else dbias.to(bias.dtype),
@@ -248,19 +263,28 @@ def _fused_forward(x, weight, bias, mask, initial_states, cu_seqlens):
     width = weight.shape[1]
     xm = x.to(acc)
     if mask is not None:
-        xm = xm * mask.to(acc).unsqueeze(2)
+        m = mask.to(acc).unsqueeze(2)
+        xm = torch.where(m != 0, xm * m, 0)  # a masked-out NaN contributes nothing
     if cu_seqlens is None:
         ext = _extend_rows(xm, 1, initial_states, None, width)
     else:
         ext = _extend_varlen(xm, initial_states, cu_seqlens, width)
-    masks = _tap_masks(ext.seq_e, width, _n_out(ext, width))
+    masks = _tap_masks(ext, width, _n_out(ext, width))
     w = weight.to(acc)
     pre = _outputs(ext, _conv(ext, w, None if bias is None else bias.to(acc), masks))
     return ext, masks, w, pre
 
 
+def _no_sequences(cu_seqlens) -> bool:
+    """`cu_seqlens == [0]`: zero packed sequences (and T == 0), so nothing to convolve and no states."""
+    return cu_seqlens is not None and cu_seqlens.shape[0] == 1
+
+
 def short_conv_fused_fwd(x, weight, bias, mask, initial_states, cu_seqlens,
                          activation: bool, residual: bool, return_final_states: bool):
+    if _no_sequences(cu_seqlens):
+        final = x.new_empty(0, x.shape[2], weight.shape[1] - 1) if return_final_states else _empty(x)
+        return x.new_empty(x.shape), final
     ext, _, _, pre = _fused_forward(x, weight, bias, mask, initial_states, cu_seqlens)
     y = torch.nn.functional.silu(pre, inplace=True) if activation else pre  # pre is not needed again
     if residual:
@@ -272,12 +296,17 @@ def short_conv_fused_fwd(x, weight, bias, mask, initial_states, cu_seqlens,
 
 def short_conv_fused_bwd(x, weight, bias, mask, initial_states, cu_seqlens, dout, dfinal_states,
                          activation: bool, residual: bool):
+    if _no_sequences(cu_seqlens):
+        return (x.new_empty(x.shape), torch.zeros_like(weight),
+                _empty(x) if bias is None else torch.zeros_like(bias),
+                _empty(x) if initial_states is None else torch.zeros_like(initial_states))
     ext, masks, w, pre = _fused_forward(x, weight, bias, mask, initial_states, cu_seqlens)
     dout_f = dout.to(pre.dtype)
     g = dout_f * _silu_grad(pre) if activation else dout_f
     dx, dweight, dbias, dstates = _backward(ext, w, masks, g, dfinal_states)
     if mask is not None:
-        dx = dx * mask.to(dx.dtype).unsqueeze(2)
+        m = mask.to(dx.dtype).unsqueeze(2)
+        dx = torch.where(m != 0, dx * m, 0)
     if residual:
         dx = dx + dout_f
     return (dx.to(x.dtype).contiguous(), dweight.to(weight.dtype),
@@ -334,7 +363,7 @@ def short_conv_update(x, conv_state, weight, bias, cache_seqlens, conv_state_ind
     window = _window.gather_window(conv_state, cache_seqlens, conv_state_indices, history, b)
     y = _step_outputs(x, window, weight, bias, activation, residual)
     rows = _window.valid_rows(conv_state_indices, b, n, x.device)
-    out = torch.empty_like(x).copy_(y * rows.view(b, 1, 1).to(y.dtype))
+    out = torch.empty_like(x).copy_(torch.where(rows.view(b, 1, 1), y, 0))
     if b > 0 and s > 0:
         keep = rows.nonzero().squeeze(1)
         slots = keep if conv_state_indices is None else conv_state_indices.long()[keep]

@@ -179,6 +179,8 @@ def oracle_grads(outputs, cotangents, inputs) -> list[torch.Tensor | None]:
     if not pairs or not live:
         return [None if t is None else torch.zeros_like(t) for t in inputs]
     total = sum((o * c.detach().cpu().to(torch.float64)).sum() for o, c in pairs)
+    if not total.requires_grad:  # no output depends on the inputs (e.g. every decode row is padding)
+        return [None if t is None else torch.zeros_like(t) for t in inputs]
     found = torch.autograd.grad(total, live, allow_unused=True)
     it = iter(found)
     result = []
@@ -189,3 +191,17 @@ def oracle_grads(outputs, cotangents, inputs) -> list[torch.Tensor | None]:
             g = next(it)
             result.append(torch.zeros_like(t) if g is None else g)
     return result
+
+
+def assert_close_nonfinite(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+    """Like `assert_close_rel`, for results that may hold NaN/Inf: the same entries must be NaN, +Inf and
+    -Inf as in the float64 `ref`, and the finite entries must agree at the tolerance of `dtype`."""
+    assert tuple(out.shape) == tuple(ref.shape), f"{name}: shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
+    got, want = out.detach().cpu().to(torch.float64), ref.detach().cpu().to(torch.float64)
+    for label, test in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
+        differ = test(got) != test(want)
+        assert not differ.any(), (f"{name}: {int(differ.sum())} entries differ in being {label} "
+                                  f"(first at {tuple(differ.nonzero()[0].tolist())})")
+    finite = torch.isfinite(want)
+    if finite.any():
+        assert_close_rel(got[finite], want[finite], dtype, f"{name} (finite entries)")

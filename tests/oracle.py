@@ -8,6 +8,11 @@ ops, so test gradients come from autograd through these functions.
 
 Conventions: `(B, D, T)` ("channel-first") for `causal_conv1d`, `(B, T, D)` for the fused
 short convolution and its decode step, states are `(B|N, D, W-1)` or `(B|N, D, S)`.
+
+Masking is by selection (`torch.where` on the inputs of a product), never by multiplying with 0: what is
+outside a sequence (another packed sequence, a padding position or row, a position whose attention mask
+is 0) must not reach it even when it is NaN or Inf, and autograd through `where` then gives it exactly
+zero gradient, with nothing NaN multiplied into dweight.
 """
 
 from __future__ import annotations
@@ -47,21 +52,27 @@ def extend_left(x: torch.Tensor, width: int, initial_states: torch.Tensor | None
 def conv_taps(xe: torch.Tensor, weight: torch.Tensor, tap_mask: torch.Tensor | None = None) -> torch.Tensor:
     """`sum_k weight[d, k] * xe[..., d, t + k]` for `t` in `[0, T)`, with `T = xe.shape[-1] - W + 1`.
 
-    `tap_mask[k]`, when given, is a `[B, T]` 0/1 tensor saying which taps `k` may contribute.
+    `tap_mask[k]`, when given, is a `[B, T]` bool tensor saying which taps `k` may contribute. Both the
+    source and the product are selected: the source so that its value (NaN included) never matters, the
+    product so that a NaN gradient arriving at the output never reaches dweight through a tap that does
+    not exist (autograd would multiply it by the selected 0).
     """
     width = weight.shape[1]
     steps = xe.shape[-1] - width + 1
     acc = xe.new_zeros(*xe.shape[:-1], steps)
     for k in range(width):
-        term = weight[:, k, None] * xe[..., k : k + steps]
-        if tap_mask is not None:
-            term = term * tap_mask[k][:, None, :]
-        acc = acc + term
+        source = xe[..., k : k + steps]
+        if tap_mask is None:
+            acc = acc + weight[:, k, None] * source
+        else:
+            counts = tap_mask[k][:, None, :]
+            acc = acc + torch.where(counts, weight[:, k, None] * torch.where(counts, source, 0.0), 0.0)
     return acc
 
 
 def _seq_idx_tap_masks(seq_idx: torch.Tensor, width: int) -> list[torch.Tensor]:
-    """Per tap `k`, where the input at time `t - (W-1) + k` belongs to the sequence of output `t`.
+    """Per tap `k`, where the input at time `t - (W-1) + k` belongs to the sequence of output `t` and
+    `t` is not padding (a padding output is the constant 0: none of its taps may count).
 
     Positions before 0 are initial states; they belong to the sequence at position 0 of the row
     (SPEC 3.1), so they count where `seq_idx[b, t] == seq_idx[b, 0]`.
@@ -75,7 +86,7 @@ def _seq_idx_tap_masks(seq_idx: torch.Tensor, width: int) -> list[torch.Tensor]:
         else:
             before = seq_idx[:, :1].expand(batch, min(shift, steps))
             source = torch.cat([before, seq_idx[:, : max(steps - shift, 0)]], dim=1)[:, :steps]
-        masks.append((source == seq_idx).to(F64))
+        masks.append((source == seq_idx) & (seq_idx >= 0))
     return masks
 
 
@@ -98,7 +109,7 @@ def causal_conv1d(
         pre = pre + bias[:, None]
     out = _act(pre, is_silu(activation))
     if seq_idx is not None:
-        out = out * (seq_idx >= 0).to(F64)[:, None, :]  # padding positions output 0
+        out = torch.where((seq_idx >= 0)[:, None, :], out, 0.0)  # padding positions output 0
     final_states = xe[..., xe.shape[-1] - (width - 1) :]
     return out, final_states
 
@@ -161,7 +172,8 @@ def short_conv_fused(
     batch, steps, _ = x.shape
     xt = x.transpose(1, 2)
     if attention_mask is not None:
-        xt = xt * normalise_mask(attention_mask, batch, steps)[:, None, :]
+        m = normalise_mask(attention_mask, batch, steps)[:, None, :]
+        xt = torch.where(m != 0, xt * m, 0.0)  # a masked-out position contributes nothing, NaN included
     silu = is_silu(activation)
     if cu_seqlens is None:
         conv, final_states = _conv_one_stream(xt, weight, bias, initial_states, silu)

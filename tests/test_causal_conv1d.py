@@ -12,6 +12,7 @@ import oracle
 from conftest import (
     WIDTHS,
     X_DTYPES,
+    assert_close_nonfinite,
     assert_close_rel,
     leaf,
     leaf64,
@@ -207,6 +208,109 @@ def test_nan_propagates_to_the_taps_that_read_it(backend, device):
     out = ccmps.causal_conv1d(x, weight, bias).cpu()
     nan_positions = torch.isnan(out).nonzero().tolist()
     assert nan_positions == [[0, 2, s] for s in range(6, 6 + width)], f"NaN found at {nan_positions}"
+
+
+def _grads_vs_oracle(x, weight, bias, states, seq_idx, dout, name):
+    """Forward and backward through the backend and the oracle; returns (backend results, oracle results),
+    each `[out, dx, dweight, dbias, dinitial_states]`."""
+    xg, wg, bg, sg = leaf(x), leaf(weight), leaf(bias), leaf(states)
+    out = ccmps.causal_conv1d(xg, wg, bg, "silu", seq_idx=seq_idx, initial_states=sg)
+    out.backward(dout)
+    x64, w64, b64, s64 = leaf64(x), leaf64(weight), leaf64(bias), leaf64(states)
+    ref_out, _ = oracle.causal_conv1d(x64, w64, b64, "silu", seq_idx=seq_idx.cpu(), initial_states=s64)
+    ref = [ref_out, *oracle_grads([ref_out], [dout], [x64, w64, b64, s64])]
+    got = [out, xg.grad, wg.grad, bg.grad, sg.grad]
+    for label, g, r in zip(("out", "dx", "dweight", "dbias", "dinitial_states"), got, ref):
+        assert_close_nonfinite(g, r, torch.float32, f"{name} {label}")
+    return got, ref
+
+
+NAN_ROWS = [
+    [0] * 5 + [1] * 6 + [-1] * 3 + [2] * 5,  # NaN planted in sequence 1 (channel 0), Inf in padding
+    [-1] * 4 + [3] * 15,                     # padding first: the row's initial states belong to padding
+]
+
+
+def test_nan_in_one_packed_sequence_stays_in_it(backend, device):
+    """NaN in sequence 1 (channel 0) and Inf in padding: sequences 0 and 2 stay finite and exact, padding
+    outputs 0, forward and backward; only channel 0 of dweight/dbias may turn NaN."""
+    gen = seeded(11)
+    b, d, t, width = 2, 3, 19, 4
+    x = randn(b, d, t, device=device, generator=gen)
+    x[0, 0, 7] = float("nan")       # inside sequence 1
+    x[0, 1, 12] = float("inf")      # padding
+    x[1, 2, 1] = float("-inf")      # padding
+    weight, bias = make_params(d, width, torch.float32, device, gen)
+    states = randn(b, d, width - 1, device=device, generator=gen)
+    states[1, :, 0] = float("nan")  # row 1's states belong to its padding (position 0)
+    seq_idx = torch.tensor(NAN_ROWS, dtype=torch.int32, device=device)
+    dout = randn(b, d, t, device=device, generator=gen)
+    dout[0, 2, 11] = float("nan")   # dout at a padding position never flows back
+    (out, dx, dweight, dbias, dstates), _ = _grads_vs_oracle(x, weight, bias, states, seq_idx, dout, "nan")
+    seq = seq_idx.cpu()
+    out, dx = out.detach().cpu(), dx.cpu()
+    outside = (seq != 1)[:, None, :].expand_as(out).clone()
+    outside[0, 1:] = True  # channels 1 and 2 hold no NaN at all
+    assert torch.isfinite(out[outside]).all(), "a NaN/Inf reached another sequence or padding"
+    assert (out[(seq < 0)[:, None, :].expand_as(out)] == 0).all(), "padding outputs must be exactly 0"
+    assert torch.isfinite(dx[outside]).all() and (dx[(seq < 0)[:, None, :].expand_as(dx)] == 0).all()
+    assert torch.isfinite(dweight[1:]).all() and torch.isfinite(dbias[1:]).all()
+    assert torch.isfinite(dstates).all() and (dstates[1] == 0).all(), "states of padding get no gradient"
+
+
+def test_nan_only_outside_every_sequence_changes_nothing(backend, device):
+    """NaN/Inf only in padding (x, dout, the initial states of a row that starts with padding): every
+    result is finite and equals the result with zeros planted there."""
+    gen = seeded(12)
+    b, d, t, width = 2, 3, 19, 4
+    x = randn(b, d, t, device=device, generator=gen)
+    weight, bias = make_params(d, width, torch.float32, device, gen)
+    states = randn(b, d, width - 1, device=device, generator=gen)
+    seq_idx = torch.tensor(NAN_ROWS, dtype=torch.int32, device=device)
+    dout = randn(b, d, t, device=device, generator=gen)
+    pad = (seq_idx < 0)[:, None, :].expand(b, d, t)
+    x = torch.where(pad, float("nan"), x)
+    x[1, 0, 2] = float("inf")
+    dout = torch.where(pad, float("nan"), dout)
+    states[1] = float("nan")
+    got, _ = _grads_vs_oracle(x, weight, bias, states, seq_idx, dout, "padding nan")
+    for label, g in zip(("out", "dx", "dweight", "dbias"), got[:4]):
+        assert torch.isfinite(g).all(), f"{label}: NaN/Inf from padding leaked"
+    assert torch.isfinite(got[4][0]).all() and (got[4][1] == 0).all(), "dinitial_states"
+
+
+def test_seq_idx_ids_beyond_int32_stay_distinct(backend, device):
+    """int64 ids 0 and 2**32 are two sequences (truncated to int32 they would be one); 2**31 is an id too."""
+    gen = seeded(13)
+    b, d, t, width = 1, 3, 12, 4
+    x = randn(b, d, t, device=device, generator=gen)
+    weight, bias = make_params(d, width, torch.float32, device, gen)
+    seq_idx = torch.tensor([[0] * 4 + [2**32] * 4 + [2**31] * 4], dtype=torch.int64, device=device)
+    out = ccmps.causal_conv1d(x, weight, bias, "silu", seq_idx=seq_idx)
+    ref, _ = oracle.causal_conv1d(x.cpu(), weight.cpu(), bias.cpu(), "silu", seq_idx=seq_idx.cpu())
+    assert_close_rel(out, ref, torch.float32, "out")
+    xg, wg = leaf(x), leaf(weight)
+    ccmps.causal_conv1d(xg, wg, None, None, seq_idx=seq_idx).square().sum().backward()
+    x64, w64 = leaf64(x), leaf64(weight)
+    ref_out, _ = oracle.causal_conv1d(x64, w64, None, None, seq_idx=seq_idx.cpu())
+    ref_dx, ref_dw = torch.autograd.grad(ref_out.square().sum(), [x64, w64])
+    assert_close_rel(xg.grad, ref_dx, torch.float32, "dx")
+    assert_close_rel(wg.grad, ref_dw, torch.float32, "dweight")
+
+
+@pytest.mark.parametrize("t", [6, 300], ids=["T6", "T300"])
+def test_very_wide_filter(backend, device, t):
+    """W = 257 (wider than any unrolled kernel loop is tuned for), shorter and longer than the filter,
+    with initial states and gradients: correct, and quick enough under the Triton interpreter (the
+    initial-state gradient once took 344 s at T = 6)."""
+    if t == 300 and uses_small_shapes(backend, device):
+        pytest.skip("T = 300 with W = 257 is covered on the reference path and on GPUs")
+    gen = seeded(14)
+    b, d, width = 1, 3, 257
+    x = randn(b, d, t, device=device, generator=gen)
+    weight, bias = make_params(d, width, torch.float32, device, gen)
+    states = randn(b, d, width - 1, device=device, generator=gen)
+    _run_and_check(x, weight, bias, states, "silu", name=f"W257 T{t}")
 
 
 def test_swish_is_silu(backend, device):

@@ -106,3 +106,21 @@ def test_cu_seqlens_caches_per_sequence(backend, device):
     assert cache.shape == (3, d, width - 1)
     assert_close_rel(y, ref, torch.float32, "y")
     assert_close_rel(cache, ref_final, torch.float32, "cache")
+
+
+@pytest.mark.parametrize("call", ["forward_shape", "forward_dtype", "step_shape", "step_leaf"])
+def test_cache_errors_name_cache(call):
+    """Errors about the cache name `cache`, the argument the caller passed (not initial_states/conv_state)."""
+    module = ccmps.ShortConvolution(4, 3, bias=True)
+    x = torch.randn(2, 5, 4)
+    with pytest.raises((ValueError, TypeError)) as info:
+        if call == "forward_shape":
+            module(x, cache=torch.zeros(2, 4, 5))
+        elif call == "forward_dtype":
+            module(x, cache=torch.zeros(2, 4, 2, dtype=torch.int32))
+        elif call == "step_shape":
+            module.step(x[:, 0], torch.zeros(2, 3, 2))
+        else:
+            module.step(x[:, 0], torch.zeros(2, 4, 2, requires_grad=True))
+    message = str(info.value)
+    assert message.startswith("cache:"), message

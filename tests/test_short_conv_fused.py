@@ -14,6 +14,7 @@ import oracle
 from conftest import (
     WIDTHS,
     X_DTYPES,
+    assert_close_nonfinite,
     assert_close_rel,
     leaf,
     leaf64,
@@ -337,3 +338,108 @@ def test_float32_weights_are_not_rounded_to_x_dtype(backend, device, dtype):
     out = ccmps.short_conv_fused(x, weight, None, None, False, False)
     expected = torch.full((b, t - 1, d), 2.0**-12, dtype=torch.float64)
     assert_close_rel(out[:, 1:], expected, dtype, "out")
+
+
+def test_no_sequences_at_all(backend, device):
+    """T == 0 with cu_seqlens == [0]: zero sequences; empty output, empty states, zero weight gradients."""
+    x = leaf(torch.randn(1, 0, 5, device=device))
+    weight, bias = leaf(torch.randn(5, 3, device=device)), leaf(torch.randn(5, device=device))
+    states = leaf(torch.randn(0, 5, 2, device=device))
+    cu = torch.zeros(1, dtype=torch.int32, device=device)
+    out, final = ccmps.short_conv_fused(x, weight, bias, initial_states=states, return_final_states=True,
+                                        cu_seqlens=cu)
+    assert out.shape == (1, 0, 5) and final.shape == (0, 5, 2)
+    (out.sum() + final.sum()).backward()
+    assert torch.equal(weight.grad, torch.zeros_like(weight)) and torch.equal(bias.grad, torch.zeros_like(bias))
+    assert x.grad.shape == x.shape and states.grad.shape == states.shape
+
+
+def _fused_vs_oracle(x, weight, bias, mask, states, cu, dout, dfinal, name):
+    xg, wg, bg, sg = leaf(x), leaf(weight), leaf(bias), leaf(states)
+    out, final = ccmps.short_conv_fused(xg, wg, bg, mask, True, True, initial_states=sg, return_final_states=True,
+                                        cu_seqlens=cu)
+    torch.autograd.backward([out, final], [dout, dfinal])
+    x64, w64, b64, s64 = leaf64(x), leaf64(weight), leaf64(bias), leaf64(states)
+    ref_out, ref_final = oracle.short_conv_fused(x64, w64, b64, None if mask is None else mask.cpu(), True, True,
+                                                 initial_states=s64, cu_seqlens=None if cu is None else cu.cpu())
+    ref = [ref_out, ref_final, *oracle_grads([ref_out, ref_final], [dout, dfinal], [x64, w64, b64, s64])]
+    got = [out, final, xg.grad, wg.grad, bg.grad, sg.grad]
+    for label, g, r in zip(("out", "final_states", "dx", "dweight", "dbias", "dinitial_states"), got, ref):
+        assert_close_nonfinite(g, r, torch.float32, f"{name} {label}")
+    return [t.detach().cpu() for t in got]
+
+
+def test_nan_in_one_packed_sequence_stays_in_it(backend, device):
+    """cu_seqlens: a NaN in sequence 1 (channel 0) and NaN initial states of the empty sequence 3 reach
+    no other sequence, forward or backward (only channel 0 of dweight/dbias may turn NaN)."""
+    gen = seeded(25)
+    bounds = [0, 5, 11, 19, 19]
+    d, width = 3, 4
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    x = randn(1, bounds[-1], d, device=device, generator=gen)
+    x[0, 7, 0] = float("nan")
+    weight, bias = make_params(d, width, torch.float32, device, gen)
+    states = randn(len(bounds) - 1, d, width - 1, device=device, generator=gen)
+    states[3] = float("nan")  # the empty sequence: its states are its final states, and nothing else
+    dout = randn(1, bounds[-1], d, device=device, generator=gen)
+    dfinal = randn(*states.shape, device=device, generator=gen)
+    out, final, dx, dweight, dbias, dstates = _fused_vs_oracle(x, weight, bias, None, states, cu, dout, dfinal,
+                                                               "varlen nan")
+    others = torch.ones(bounds[-1], dtype=torch.bool)
+    others[5:11] = False
+    assert torch.isfinite(out[0, others]).all() and torch.isfinite(out[0, :, 1:]).all()
+    assert torch.isfinite(dx[0, others]).all() and torch.isfinite(dx[0, :, 1:]).all()
+    assert torch.isfinite(dweight[1:]).all() and torch.isfinite(dbias[1:]).all()
+    assert torch.isfinite(final[:3]).all() and torch.isnan(final[3]).all()
+    assert torch.isfinite(dstates[[0, 2, 3]]).all() and torch.isfinite(dstates[:, 1:]).all()
+
+
+def test_nan_at_masked_positions_contributes_nothing(backend, device):
+    """A position whose mask is 0 adds nothing to the conv even when x there is NaN/Inf: only its own
+    output sees it (through the residual); final states hold 0 there; every gradient stays finite."""
+    gen = seeded(26)
+    b, t, d, width = 2, 11, 3, 4
+    x = randn(b, t, d, device=device, generator=gen)
+    mask = torch.ones(b, t, device=device)
+    mask[0, 4] = 0.0
+    mask[1, 10] = 0.0
+    mask[1, 2] = 0.5  # a non-zero value still multiplies x
+    x[0, 4, :] = float("nan")
+    x[1, 10, 1] = float("inf")
+    weight, bias = make_params(d, width, torch.float32, device, gen)
+    states = randn(b, d, width - 1, device=device, generator=gen)
+    dout = randn(b, t, d, device=device, generator=gen)
+    dfinal = randn(b, d, width - 1, device=device, generator=gen)
+    out, final, dx, dweight, dbias, dstates = _fused_vs_oracle(x, weight, bias, mask, states, None, dout, dfinal,
+                                                               "masked nan")
+    planted = ~torch.isfinite(x.cpu())
+    assert torch.equal(~torch.isfinite(out), planted), "a masked NaN may appear only in its own output"
+    assert torch.isfinite(final).all() and (final[1, :, -1] == 0).all(), "final states hold 0 where masked"
+    for label, g in (("dx", dx), ("dweight", dweight), ("dbias", dbias), ("dinitial_states", dstates)):
+        assert torch.isfinite(g).all(), f"{label}: a masked NaN leaked into the gradient"
+
+
+@pytest.mark.parametrize("bounds", [[0, 9, 3, 12], [0, 30, 40], [-4, 2, 12]], ids=["decreasing", "past_T", "negative"])
+def test_triton_kernels_stay_inside_x_for_unchecked_cu_seqlens(backend, device, bounds):
+    """Under torch.compile cu_seqlens values are not checked: a bad one gives unspecified values but the
+    Triton kernels read nothing outside the tensors they were given (NaN around x never shows up)."""
+    if backend != "triton":
+        pytest.skip("calls the Triton backend functions directly (the api rejects these cu_seqlens in eager mode)")
+    from causal_conv1d_mps import triton as triton_backend
+
+    gen = seeded(27)
+    t, d, width = 12, 3, 4
+    guard = torch.full((1, t + 40, d), float("nan"), device=device)
+    x = guard[:, 20:20 + t]
+    x.copy_(randn(1, t, d, device=device, generator=gen))
+    weight, bias = make_params(d, width, torch.float32, device, gen)
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    n = len(bounds) - 1
+    states = randn(n, d, width - 1, device=device, generator=gen)
+    out, final = triton_backend.short_conv_fused_fwd(x, weight, bias, None, states, cu, True, True, True)
+    dout, dfinal = torch.ones_like(out), torch.ones_like(final)
+    dx, dweight, dbias, dstates = triton_backend.short_conv_fused_bwd(x, weight, bias, None, states, cu, dout, dfinal,
+                                                                      True, True)
+    for label, result in (("out", out), ("final_states", final), ("dx", dx), ("dweight", dweight), ("dbias", dbias),
+                          ("dinitial_states", dstates)):
+        assert torch.isfinite(result).all(), f"{label}: read outside x"

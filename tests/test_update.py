@@ -327,3 +327,79 @@ def test_float32_weights_are_not_rounded_to_x_dtype(backend, device, dtype):
     weight = torch.tensor([[-1.0, 1.0 + 2.0**-12]] * d, device=device)
     out = ccmps.short_conv_update(x, state, weight, None, None, False, False)
     assert_close_rel(out, torch.full((b, d), 2.0**-12, dtype=torch.float64), dtype, "out")
+
+
+@pytest.mark.parametrize("length", [1, 3, 9], ids=["L1", "L3", "L9"])
+@pytest.mark.parametrize(
+    "positions", [[-1, -5], [2**31 - 1, 2**31 - 2], [2**32 + 1, -(2**40) - 3]],
+    ids=["negative", "near_int32_max", "int64_huge"],
+)
+def test_circular_positions_follow_python_modulo_and_stay_in_the_state(backend, device, positions, length):
+    """Any cache_seqlens value (negative, near 2**31, beyond int32) means column (pos + i) mod S, exactly in
+    64-bit; the state is a window of a larger buffer whose other entries must never be written."""
+    gen = seeded(40)
+    b, d, width, size = 2, 5, 4, 5
+    dtype = torch.int32 if max(map(abs, positions)) < 2**31 else torch.int64
+    seqlens = torch.tensor(positions, dtype=dtype, device=device)
+    buffer = randn(b + 2, d + 2, size + 6, device=device, generator=gen)
+    state = buffer[1:1 + b, 1:1 + d, 3:3 + size]
+    guard = torch.ones_like(buffer, dtype=torch.bool)
+    guard[1:1 + b, 1:1 + d, 3:3 + size] = False
+    outside = buffer[guard].clone()
+    x = randn(b, length, d, device=device, generator=gen)
+    weight, bias = make_params(d, width, torch.float32, device, gen)
+    _check_step(x, state, weight, bias, seqlens, None, True, True, f"positions {positions}")
+    assert torch.equal(buffer[guard], outside), "the step wrote outside the conv_state view"
+
+
+def test_int64_state_indices_are_not_truncated(backend, device):
+    """Slot -2**32 is padding (truncated to int32 it would be slot 0 and overwrite it)."""
+    gen = seeded(41)
+    b, d, width, size = 2, 5, 4, 3
+    state = randn(3, d, size, device=device, generator=gen)
+    before = state.clone()
+    x = randn(b, d, device=device, generator=gen)
+    weight, bias = make_params(d, width, torch.float32, device, gen)
+    indices = torch.tensor([-(2**32), 2], dtype=torch.int64, device=device)
+    out = _check_step(x, state, weight, bias, None, indices, True, True, "int64 indices")
+    assert (out[0] == 0).all() and torch.equal(state[:2], before[:2])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_padding_rows_ignore_nan_in_their_input_and_state(backend, device, mode):
+    """conv_state_indices < 0: output exactly 0 and no state touched, even when x or the slot such a row
+    would read holds NaN/Inf; through the gradient route dx = 0 there and dweight/dbias stay finite."""
+    gen = seeded(42)
+    b, length, d, width, size = 3, 2, 5, 4, 4
+    state = randn(3, d, size, device=device, generator=gen)
+    state[0] = float("nan")  # slot 0: unused by the live row, and what a clamped padding index would read
+    indices = torch.tensor([-1, 2, -7], dtype=torch.int32, device=device)
+    x = randn(b, length, d, device=device, generator=gen)
+    x[0] = float("nan")
+    x[2, 1] = float("inf")
+    seqlens = _cache_seqlens(b, size, device, gen) if mode == "circular" else None
+    before = state.clone()
+    out = ccmps.short_conv_update_fwd_only(x, state, *make_params(d, width, torch.float32, device, seeded(43)),
+                                           seqlens, conv_state_indices=indices)
+    assert torch.isfinite(out).all() and (out[[0, 2]] == 0).all()
+    assert torch.equal(state[:2].isnan(), before[:2].isnan()) and torch.isnan(state[0]).all()
+
+    state = before.clone()
+    weight, bias = make_params(d, width, torch.float32, device, seeded(43))
+    xg, wg, bg = leaf(x), leaf(weight), leaf(bias)
+    out = ccmps.short_conv_update(xg, state, wg, bg, seqlens, conv_state_indices=indices)
+    dout = randn(*out.shape, device=device, generator=gen)
+    dout[0] = float("nan")  # a padding row's output is a constant: its gradient never flows back
+    out.backward(dout)
+    assert torch.isfinite(out).all() and (out[[0, 2]] == 0).all()
+    assert (xg.grad[[0, 2]] == 0).all() and torch.isfinite(xg.grad).all()
+    assert torch.isfinite(wg.grad).all() and torch.isfinite(bg.grad).all()
+    x64, w64, b64 = leaf64(torch.where(torch.isfinite(x), x, 0)), leaf64(weight), leaf64(bias)
+    ref_out, ref_state = oracle.short_conv_update(x64, before.cpu(), w64, b64,
+                                                  None if seqlens is None else seqlens.cpu(), True, True,
+                                                  indices.cpu())
+    ref_grads = oracle_grads([ref_out], [torch.where(torch.isfinite(dout), dout, 0)], [x64, w64, b64])
+    assert_close_rel(out, ref_out, torch.float32, "out")
+    for label, got, ref in zip(("dx", "dweight", "dbias"), (xg, wg, bg), ref_grads):
+        assert_close_rel(got.grad, ref, torch.float32, label)
+    assert torch.equal(state[1:], ref_state[1:].to(device)) and torch.isnan(state[0]).all()

@@ -10,6 +10,8 @@ so it must reject `meta` like any other device; mixing cpu and meta is the porta
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -129,6 +131,32 @@ CASES = {
     "update_mixed_devices_meta": (ValueError, "conv_state",
                                   lambda t, dev: ccmps.short_conv_update(t["token"], t["conv_state"].to("meta"),
                                                                          t["weight"])),
+    "update_x_channels": (ValueError, "x",
+                          lambda t, dev: ccmps.short_conv_update(t["token"][:, 1:], t["conv_state"], t["weight"])),
+    "update_state_expanded": (ValueError, "conv_state",
+                              lambda t, dev: ccmps.short_conv_update(t["token"], t["conv_state"][:1].expand(B, D, W + 1),
+                                                                     t["weight"])),
+    "update_state_interleaved": (ValueError, "conv_state",
+                                 lambda t, dev: ccmps.short_conv_update(
+                                     t["token"], t["conv_state"].view(-1)[:B * D * (W - 1)].as_strided(
+                                         (B, D, W - 1), (D, 1, 1)), t["weight"])),
+    "update_x_views_the_state": (ValueError, "x",
+                                 lambda t, dev: ccmps.short_conv_update(t["conv_state"][:, :, 0], t["conv_state"],
+                                                                        t["weight"])),
+    "update_weight_views_the_state": (ValueError, "weight",
+                                      lambda t, dev: ccmps.short_conv_update(t["token"], t["conv_state"],
+                                                                             t["conv_state"][0, :, :W])),
+    "update_state_leaf_requires_grad": (ValueError, "conv_state",
+                                        lambda t, dev: ccmps.short_conv_update(
+                                            t["token"], t["conv_state"].requires_grad_(True), t["weight"])),
+    "cc_final_states_out_expanded": (ValueError, "final_states_out",
+                                     lambda t, dev: ccmps.causal_conv1d(
+                                         t["x_bdt"], t["weight"], final_states_out=t["final_out"][:1].expand(B, D, W - 1))),
+    "cc_final_states_out_views_x": (ValueError, "final_states_out",
+                                    lambda t, dev: ccmps.causal_conv1d(
+                                        t["x_bdt"], t["weight"], final_states_out=t["x_bdt"][:, :, : W - 1])),
+    "dao_update_x_channels": (ValueError, "x",
+                              lambda t, dev: ccmps.causal_conv1d_update(t["token"][:, 1:], t["conv_state"], t["weight"])),
     # causal_conv1d_update (Dao layout)
     "dao_update_activation": (ValueError, "activation",
                               lambda t, dev: ccmps.causal_conv1d_update(t["token"], t["conv_state"], t["weight"],
@@ -163,7 +191,8 @@ def test_bad_input_raises_and_changes_nothing(device, case):
     with pytest.raises(error) as info:
         call(tensors, device)
     message = str(info.value)
-    assert argument in message, f"{case}: the message does not name {argument!r}: {message}"
+    named = re.search(rf"(?<![\w.]){re.escape(argument)}(?!\w)", message)  # the word, not a part of one
+    assert named, f"{case}: the message does not name {argument!r}: {message}"
     if "meta" in case:
         assert "meta" in message and device.type in message, f"{case}: the message does not name the devices"
     _assert_unchanged(tensors, before)
@@ -223,3 +252,59 @@ def test_unknown_backend_name_is_reported(monkeypatch):
     with pytest.raises(ValueError) as info:
         ccmps.causal_conv1d(tensors["x_bdt"], tensors["weight"])
     assert "CAUSAL_CONV1D_BACKEND" in str(info.value)
+
+
+def test_duplicate_state_indices_rejected_on_cpu_without_writing():
+    """Two rows naming one slot would race on it: rejected where checking is free (CPU), nothing written."""
+    tensors = _base(torch.device("cpu"))
+    state = torch.randn(3, D, W + 1)
+    before = state.clone()
+    with pytest.raises(ValueError) as info:
+        ccmps.short_conv_update(torch.randn(3, D), state, tensors["weight"], None, None,
+                                conv_state_indices=_i32([2, -1, 2], "cpu"))
+    assert "conv_state_indices" in str(info.value) and "2" in str(info.value)
+    assert torch.equal(state, before)
+    # padding rows may repeat: -1 twice is fine
+    ccmps.short_conv_update(torch.randn(3, D), state, tensors["weight"], None, None,
+                            conv_state_indices=_i32([-1, 0, -1], "cpu"))
+
+
+def test_leaf_state_is_updated_under_no_grad():
+    """The leaf-requires-grad refusal follows PyTorch's in-place rule: under no_grad the update happens."""
+    tensors = _base(torch.device("cpu"))
+    state = tensors["conv_state"].clone().requires_grad_(True)
+    before = state.detach().clone()
+    with torch.no_grad():
+        ccmps.short_conv_update(tensors["token"], state, tensors["weight"])
+    assert not torch.equal(state.detach(), before)
+
+
+def test_non_leaf_state_requiring_grad_is_written_as_plain_memory(device):
+    """A state computed with autograd (e.g. final states of a prefill) is updated in place, never differentiated."""
+    tensors = _base(device)
+    source = tensors["conv_state"].clone().requires_grad_(True)
+    state = source * 1.0
+    expected = state.detach().clone()
+    expected[:, :, :-1] = expected[:, :, 1:].clone()
+    expected[:, :, -1] = tensors["token"]
+    ccmps.short_conv_update(tensors["token"], state, tensors["weight"])
+    assert torch.equal(state.detach(), expected)
+
+
+@pytest.mark.parametrize("case", ["expanded_state", "x_views_state", "final_states_out_overlap"])
+def test_aliasing_errors_are_the_same_on_every_backend(backend, device, case):
+    """Validation runs in the api before any backend: the same error and message everywhere."""
+    tensors = _base(device)
+    before = _snapshot(tensors)
+    with pytest.raises(ValueError) as info:
+        if case == "expanded_state":
+            ccmps.short_conv_update(tensors["token"], tensors["conv_state"][:1].expand(B, D, W + 1), tensors["weight"])
+        elif case == "x_views_state":
+            ccmps.short_conv_update(tensors["conv_state"][:, :, 0], tensors["conv_state"], tensors["weight"], None,
+                                    torch.zeros(B, dtype=torch.int32, device=device))
+        else:
+            ccmps.causal_conv1d(tensors["x_bdt"], tensors["weight"], final_states_out=tensors["final_out"][:, :1].expand(
+                B, D, W - 1))
+    name = {"expanded_state": "conv_state", "x_views_state": "x", "final_states_out_overlap": "final_states_out"}[case]
+    assert str(info.value).startswith(name + ":"), str(info.value)
+    _assert_unchanged(tensors, before)

@@ -86,10 +86,14 @@ def launch_backward(x: Tensor, x_strides, dout: Tensor, dout_strides, dx: Tensor
                cfg["num_warps"])
     if use_h0 and rows > 0:
         BD = min(_next_pow2(D), 128)
-        launch(kernels.conv_bwd_initial_state_kernel, (_cdiv(D, BD), rows),
-               (x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, dht, dh0, dw_partial,
+        BJ = _next_pow2(max(W - 1, 2))
+        grid = (_cdiv(D, BD), rows)
+        # per-program float32 slices for the dpre of a sequence's first W-1 outputs
+        scratch = torch.empty(grid[0] * grid[1] * BJ * BD, device=x.device, dtype=torch.float32)
+        launch(kernels.conv_bwd_initial_state_kernel, grid,
+               (x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, dht, dh0, dw_partial, scratch,
                 T, D, B * n_chunks, *x_strides, *dout_strides),
-               dict(W=W, BJ=_next_pow2(max(W - 1, 2)), BD=BD, BW=BW, **flags,
+               dict(W=W, BJ=BJ, BC=min(BJ, 16), BD=BD, BW=BW, **flags,
                     IS_VARLEN=cu_seqlens is not None, USE_FINAL_STATE_GRAD=use_dht),
                4)
     n_cols = D * (W + 1)
@@ -110,7 +114,7 @@ def gather_states(x: Tensor, x_strides, rows: int, T: int, D: int, state_len: in
     BD = min(_next_pow2(D), 64 if interpreted else 128)
     BS = min(_next_pow2(max(state_len, 2)), 64 if interpreted else 16)
     use_h0 = initial_states is not None and W > 1
-    launch(kernels_for(x.device).final_states_kernel, (_cdiv(D, BD), rows),
+    launch(kernels_for(x.device).gather_states_kernel, (_cdiv(D, BD), rows),
            (x, mask, initial_states if use_h0 else None, cu_seqlens, states, T, D, state_len, *x_strides),
            dict(W=W, BD=BD, BS=BS, HAS_MASK=mask is not None, IS_VARLEN=cu_seqlens is not None,
                 USE_INITIAL_STATE=use_h0), 4)

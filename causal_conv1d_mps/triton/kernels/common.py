@@ -10,6 +10,10 @@ Only builtins of `triton.language` are used here and in the kernels (no `tl.sum`
 `tl.sigmoid`): those library helpers are themselves `@triton.jit` functions, built compiled or
 interpreted once when triton is imported, so they would not run inside the interpreted copy of these
 kernels (see `.._loader`).
+
+Masking is by selection (`tl.where`, or a masked load with `other=0`), never by multiplying with 0: a
+NaN or Inf outside a sequence (another packed sequence, a padding position, a position whose attention
+mask is 0) must not reach it (NaN * 0 is NaN). `masked_input` applies an attention mask that way.
 """
 import os
 
@@ -32,8 +36,15 @@ FAST_SIGMOID = tl.constexpr(not _interpreting())
 
 
 @triton.jit
-def add(a, b):
+def _add(a, b):
     return a + b
+
+
+# The combine function of every `tl.reduce` sum. The interpreter runs a reduce with a user combine
+# function element by element in Python (a [256, 4] tile costs about a thousand Python calls, once per
+# tap: W = 257 took minutes); given Triton's own sum combine it calls numpy's sum instead, without ever
+# calling the function. Compiled kernels keep `_add` (their PTX is unchanged).
+add = getattr(tl.standard, "_sum_combine", _add) if _interpreting() else _add
 
 
 @triton.jit
@@ -55,6 +66,12 @@ def silu(b_x):
 def silu_grad(b_x):
     b_sig = sigmoid(b_x)
     return b_sig * (1.0 + b_x * (1.0 - b_sig))
+
+
+@triton.jit
+def masked_input(b_x, b_m):
+    """`x * mask` where the mask is non-zero, exactly 0 where it is 0 (even when x there is NaN or Inf)."""
+    return tl.where(b_m != 0., b_x * b_m, 0.)
 
 
 @triton.jit
@@ -124,13 +141,14 @@ def load_source(x, mask, h0, i_b, i_h, o_s, o_d, m_d, ok_x, ok_h, bos, T, D,
     `ok_x` / `ok_h` say per row whether the tap may read `x` / the initial state at all (row in range,
     same sequence id); `i_h` (one per row) is the initial-state row: the batch row, or the packed sequence.
     """
-    m_x = ok_x & (o_s >= bos)
+    # bounds by T too: under torch.compile cu_seqlens is not checked, and a bad one must not read outside x
+    m_x = ok_x & (o_s >= bos) & (o_s >= 0) & (o_s < T)
     p_x = (x + i_b.to(tl.int64) * stride_x_b + o_s.to(tl.int64)[:, None] * stride_x_t
            + o_d.to(tl.int64)[None, :] * stride_x_d)
     b_x = tl.load(p_x, mask=m_x[:, None] & m_d[None, :], other=0.).to(tl.float32)
     if HAS_MASK:
         b_m = tl.load(mask + i_b.to(tl.int64) * T + o_s, mask=m_x, other=0.).to(tl.float32)
-        b_x = b_x * b_m[:, None]
+        b_x = masked_input(b_x, b_m[:, None])
     if USE_INITIAL_STATE:
         o_j = o_s - bos + (W - 1)
         m_h = ok_h & (o_s < bos) & (o_j >= 0)
@@ -183,7 +201,7 @@ def conv_pre_interior(x, weight, bias, mask, i_b, o_t, o_d, T, stride_x_b, strid
         o_s = o_t - (W - 1) + k
         b_x = tl.load(p_x + o_s.to(tl.int64)[:, None] * stride_x_t).to(tl.float32)
         if HAS_MASK:
-            b_x = b_x * tl.load(mask + i_b.to(tl.int64) * T + o_s).to(tl.float32)[:, None]
+            b_x = masked_input(b_x, tl.load(mask + i_b.to(tl.int64) * T + o_s).to(tl.float32)[:, None])
         b_pre += b_x * tl.load(weight + o_d * W + k).to(tl.float32)[None, :]
     return b_pre
 

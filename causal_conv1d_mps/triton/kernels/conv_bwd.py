@@ -22,7 +22,8 @@ The W-1 steps before a sequence start (the initial states) have no row in that g
 import triton
 import triton.language as tl
 
-from .common import add, conv_pre, conv_pre_interior, load_source, row_sequences, silu_grad, stream_bounds
+from .common import (add, conv_pre, conv_pre_interior, load_source, masked_input, row_sequences, silu_grad,
+                     stream_bounds)
 
 
 @triton.jit
@@ -93,14 +94,14 @@ def bwd_tile_interior(x, weight, bias, mask, dout, dx, p_scr, b_dw, i_b, t0, o_r
     b_xs = tl.load(p_x).to(tl.float32)
     if HAS_MASK:
         b_m = tl.load(mask + i_b.to(tl.int64) * T + o_s).to(tl.float32)
-        b_xs = b_xs * b_m[:, None]
+        b_xs = masked_input(b_xs, b_m[:, None])
     b_dxe = tl.full([BT, BD], 0., tl.float32)
     for k in tl.static_range(W):
         b_g = tl.load(p_scr + (o_r + (W - 1 - k))[:, None] * SCR_R)
         b_w = tl.load(weight + o_d * W + k).to(tl.float32)
         b_dxe, b_dw = tap_gradients(b_g, b_w, b_xs, b_dxe, b_dw, o_w, k, W, HAS_BIAS)
     if HAS_MASK:
-        b_dxe *= b_m[:, None]
+        b_dxe = masked_input(b_dxe, b_m[:, None])
     if HAS_RESIDUAL:
         b_dxe += b_do
     p_dx = (dx + i_b.to(tl.int64) * stride_dx_b + o_s.to(tl.int64)[:, None] * stride_dx_t
@@ -191,19 +192,22 @@ def conv_bwd_kernel(
                 ok_t = m_s & (o_tk < eos)  # the output reading s through tap k is of the same sequence
                 if HAS_SEQ_IDX:
                     b_seq_tk = tl.load(p_seq + o_tk, mask=ok_t, other=-1)
-                    ok_t = ok_t & (b_seq_tk == b_seq_s)
+                    ok_t = ok_t & (b_seq_tk == b_seq_s) & (b_seq_s >= 0)
                 b_g = tl.load(p_scr + (o_r + (W - 1 - k))[:, None] * SCR_R, mask=ok_t[:, None], other=0.)
                 b_w = tl.load(weight + o_d * W + k, mask=m_d, other=0.).to(tl.float32)
-                b_dxe, b_dw = tap_gradients(b_g, b_w, b_xs, b_dxe, b_dw, o_w, k, W, HAS_BIAS)
+                # a source outside the output's sequence adds nothing to dweight, even if it is NaN
+                b_xs_k = tl.where(ok_t[:, None], b_xs, 0.)
+                b_dxe, b_dw = tap_gradients(b_g, b_w, b_xs_k, b_dxe, b_dw, o_w, k, W, HAS_BIAS)
 
             if USE_FINAL_STATE_GRAD:
                 # the final states are the last W-1 steps of xe: their gradient lands on those steps
                 o_j = o_s - (eos - (W - 1))
-                m_j = m_s & (o_j >= 0)
+                m_j = m_s & (o_j >= 0) & (o_j < W - 1)
                 p_dht = dht + (i_h.to(tl.int64) * D * (W - 1) + o_j)[:, None] + o_d[None, :] * (W - 1)
                 b_dxe += tl.load(p_dht, mask=m_j[:, None] & m_d[None, :], other=0.).to(tl.float32)
             if HAS_MASK:
-                b_dxe *= tl.load(mask + i_b.to(tl.int64) * T + o_s, mask=m_s, other=0.).to(tl.float32)[:, None]
+                b_dxe = masked_input(b_dxe, tl.load(mask + i_b.to(tl.int64) * T + o_s, mask=m_s,
+                                                    other=0.).to(tl.float32)[:, None])
             m_sd = m_s[:, None] & m_d[None, :]
             if HAS_RESIDUAL:
                 b_dxe += tl.load(p_do + o_s.to(tl.int64)[:, None] * stride_do_t, mask=m_sd, other=0.).to(tl.float32)
@@ -215,15 +219,22 @@ def conv_bwd_kernel(
 
 @triton.jit
 def conv_bwd_initial_state_kernel(
-    x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, dht, dh0, dw_partial,
+    x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, dht, dh0, dw_partial, scratch,
     T, D, partial_offset,
     stride_x_b, stride_x_t, stride_x_d,
     stride_do_b, stride_do_t, stride_do_d,
-    W: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr, BW: tl.constexpr,
+    W: tl.constexpr, BJ: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BW: tl.constexpr,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SEQ_IDX: tl.constexpr, IS_VARLEN: tl.constexpr, USE_FINAL_STATE_GRAD: tl.constexpr,
 ):
-    """Gradient of the initial states of one row/sequence (the W-1 source steps before `bos`)."""
+    """Gradient of the initial states of one row/sequence (the W-1 source steps before `bos`) and their
+    share of dweight.
+
+    Only the first W-1 outputs of the sequence read them. Their dpre is computed once (one pass of W
+    taps per chunk of BC outputs that exist), parked in this program's scratch slice `[BJ, BD]`, and read
+    back shifted by each tap: state column j is read by output `bos + j - k` through tap k. The work grows
+    with W times the outputs that exist, not with W**2 (W = 257 with T = 6 took minutes before).
+    """
     i_d, i_r = tl.program_id(0), tl.program_id(1)
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
@@ -231,43 +242,62 @@ def conv_bwd_initial_state_kernel(
     i_b, bos, eos = stream_bounds(cu_seqlens, i_r, T, IS_VARLEN)
     o_j = tl.arange(0, BJ)
     m_j = o_j < W - 1
-    o_s = bos - (W - 1) + o_j
-    i_h = o_j * 0 + i_r
+    # phase 1: dpre of the outputs t = bos + j, j < W-1, of this sequence, BC rows at a time; chunks past
+    # the end of the sequence hold zeros and skip the taps (a short sequence with a wide filter is cheap)
     if HAS_SEQ_IDX:
         p_seq = seq_idx + i_b.to(tl.int64) * T
-        b_seq_h = o_j * 0 + tl.load(p_seq)
+        # the states belong to the sequence at position 0 of the row (none when T == 0)
+        b_seq_h = tl.load(p_seq + o_j * 0, mask=(o_j * 0 + T) > 0, other=-1)
     else:
         b_seq_h = o_j
+        b_seq_hc = tl.arange(0, BC)
+    p_do = dout + i_b.to(tl.int64) * stride_do_b + o_d.to(tl.int64)[None, :] * stride_do_d
+    p_scr = scratch + (i_r.to(tl.int64) * tl.num_programs(0) + i_d) * BJ * BD + tl.arange(0, BD)[None, :]
+    o_c = tl.arange(0, BC)
+    for j0 in range(0, BJ, BC):
+        o_t = bos + j0 + o_c
+        ok_t = (j0 + o_c < W - 1) & (o_t < eos) & (o_t >= 0) & (o_t < T)  # in x even for a bad cu_seqlens
+        if HAS_SEQ_IDX:
+            b_seq_hc = tl.load(p_seq + o_c * 0, mask=(o_c * 0 + T) > 0, other=-1)
+            b_seq_t = tl.load(p_seq + o_t, mask=ok_t, other=-2)
+            ok_t = ok_t & (b_seq_t == b_seq_hc) & (b_seq_hc >= 0)
+        b_dpre = tl.load(p_do + o_t.to(tl.int64)[:, None] * stride_do_t, mask=ok_t[:, None] & m_d[None, :],
+                         other=0.).to(tl.float32)
+        if ACTIVATION:
+            if bos + j0 < eos:
+                b_pre = conv_pre(x, weight, bias, mask, seq_idx, h0, i_b, o_c * 0 + i_r, o_t, o_d, ok_t, m_d, bos,
+                                 b_seq_hc, ok_t, T, D, stride_x_b, stride_x_t, stride_x_d, W, BC, BD,
+                                 HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, True)
+                b_dpre = b_dpre * silu_grad(b_pre)
+        tl.store(p_scr + (j0 + o_c)[:, None] * BD, b_dpre)
+    tl.debug_barrier()  # make the rows visible to every thread of the program
+
+    # phase 2: each tap reads the parked rows shifted by k
     p_h = h0 + i_r.to(tl.int64) * D * (W - 1) + o_d[None, :] * (W - 1) + o_j[:, None]
     m_jd = m_j[:, None] & m_d[None, :]
     b_h = tl.load(p_h, mask=m_jd, other=0.).to(tl.float32)
-    p_do = dout + i_b.to(tl.int64) * stride_do_b + o_d.to(tl.int64)[None, :] * stride_do_d
-
     b_dh = tl.full([BJ, BD], 0., tl.float32)
     b_dw = tl.full([BD, BW], 0., tl.float32)
-    # a run-time loop: unrolled, the W taps of conv_pre inside it make W**2 tile loads (at W = 16 the
-    # kernel took minutes to compile); this kernel covers only W-1 steps per sequence
+    # a run-time loop: the body is small and W may be large
     for k in range(W):
-        o_tk = o_s + (W - 1 - k)
-        ok_t = m_j & (o_tk >= bos) & (o_tk < eos)
+        o_src = o_j - k
+        o_tk = bos + o_src
+        ok_k = m_j & (o_src >= 0) & (o_tk < eos) & (o_tk >= 0) & (o_tk < T)
         if HAS_SEQ_IDX:
-            b_seq_tk = tl.load(p_seq + o_tk, mask=ok_t, other=-1)
-            ok_t = ok_t & (b_seq_tk == b_seq_h) & (b_seq_h >= 0)
-        b_dpre = tl.load(p_do + o_tk.to(tl.int64)[:, None] * stride_do_t,
-                         mask=ok_t[:, None] & m_d[None, :], other=0.).to(tl.float32)
-        if ACTIVATION:
-            b_pre = conv_pre(x, weight, bias, mask, seq_idx, h0, i_b, i_h, o_tk, o_d, ok_t, m_d, bos,
-                             b_seq_h, ok_t, T, D, stride_x_b, stride_x_t, stride_x_d, W, BJ, BD,
-                             HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, True)
-            b_dpre = b_dpre * silu_grad(b_pre)
+            b_seq_tk = tl.load(p_seq + o_tk, mask=ok_k, other=-2)
+            ok_k = ok_k & (b_seq_tk == b_seq_h) & (b_seq_h >= 0)
+        b_g = tl.load(p_scr + o_src[:, None] * BD, mask=ok_k[:, None], other=0.)
         b_w = tl.load(weight + o_d * W + k, mask=m_d, other=0.).to(tl.float32)
-        b_dh += b_dpre * b_w[None, :]
-        b_dw += tl.where(o_w[None, :] == k, tl.reduce(b_dpre * b_h, 0, add)[:, None], 0.)
+        b_dh += b_g * b_w[None, :]
+        # a state read by no output of its sequence adds nothing to dweight, even if it is NaN
+        b_gh = tl.where(ok_k[:, None], b_g * b_h, 0.)
+        b_dw += tl.where(o_w[None, :] == k, tl.reduce(b_gh, 0, add)[:, None], 0.)
 
     if USE_FINAL_STATE_GRAD:
         # a sequence shorter than W-1 passes part of its initial state straight to its final state
+        o_s = bos - (W - 1) + o_j
         o_f = o_s - (eos - (W - 1))
-        m_f = m_j & (o_f >= 0)
+        m_f = m_j & (o_f >= 0) & (o_f < W - 1)
         p_dht = dht + i_r.to(tl.int64) * D * (W - 1) + o_d[None, :] * (W - 1) + o_f[:, None]
         b_dh += tl.load(p_dht, mask=m_f[:, None] & m_d[None, :], other=0.).to(tl.float32)
     tl.store(dh0 + i_r.to(tl.int64) * D * (W - 1) + o_d[None, :] * (W - 1) + o_j[:, None],

@@ -7,11 +7,11 @@ the left). Grid: (D tiles, rows); each program loops over the state in chunks of
 import triton
 import triton.language as tl
 
-from .common import stream_bounds
+from .common import masked_input, stream_bounds
 
 
 @triton.jit
-def final_states_kernel(
+def gather_states_kernel(
     x, mask, h0, cu_seqlens, states,
     T, D, state_len,
     stride_x_b, stride_x_t, stride_x_d,
@@ -28,12 +28,12 @@ def final_states_kernel(
         o_j = j0 + tl.arange(0, BS)
         m_j = o_j < state_len
         o_s = eos - state_len + o_j
-        m_x = m_j & (o_s >= bos)
+        m_x = m_j & (o_s >= bos) & (o_s >= 0) & (o_s < T)  # in x even for an unchecked, bad cu_seqlens
         b_x = tl.load(p_x + o_s.to(tl.int64)[None, :] * stride_x_t + o_d.to(tl.int64)[:, None] * stride_x_d,
                       mask=m_d[:, None] & m_x[None, :], other=0.).to(tl.float32)
         if HAS_MASK:
             b_m = tl.load(mask + i_b.to(tl.int64) * T + o_s, mask=m_x, other=0.).to(tl.float32)
-            b_x = b_x * b_m[None, :]
+            b_x = masked_input(b_x, b_m[None, :])
         if USE_INITIAL_STATE:
             # a sequence shorter than W-1 keeps part of its initial state
             o_h = o_s - bos + (W - 1)

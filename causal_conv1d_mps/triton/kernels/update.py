@@ -5,6 +5,11 @@ needs, waits at a barrier, then writes: no other program touches that slice (row
 `conv_state_indices` collide are the caller's error, as in every decode cache).
 Relative position `r = i - (W-1) + k` of tap k of token i: `r >= 0` is token r of this call, `r < 0`
 is state entry `S + r` (shift mode) or `(cache_seqlens + r) mod S` (circular mode).
+
+Whatever values it reads, the kernel addresses only the tensors it was given: the api passes circular
+positions already reduced to [0, S), and the kernel reduces them again in 64 bits (a negative or huge
+position must never become an address outside the state), and clamps the slot index it dereferences.
+Padding rows read nothing (masked loads) and output exactly 0.
 """
 import triton
 import triton.language as tl
@@ -38,7 +43,8 @@ def short_conv_update_kernel(
         is_live = o_zero == 0
     m_live = m_d & is_live
     if IS_CIRCULAR:
-        b_pos = tl.load(cache_seqlens + i_b)
+        b_pos = tl.load(cache_seqlens + i_b).to(tl.int64)
+        b_pos = (b_pos % S + S) % S  # in [0, S) whichever sign convention `%` follows
     p_x = x + i_b.to(tl.int64) * stride_x_b + o_d.to(tl.int64) * stride_x_d
     p_o = out + i_b.to(tl.int64) * stride_o_b + o_d.to(tl.int64) * stride_o_d
     p_s = conv_state + tl.maximum(tl.minimum(i_n, N - 1), 0).to(tl.int64) * stride_s_n + o_d.to(tl.int64) * stride_s_d
@@ -54,7 +60,7 @@ def short_conv_update_kernel(
             r = i - (W - 1) + k
             b_v = tl.load(p_x + r.to(tl.int64) * stride_x_l, mask=m_live & (o_zero + r >= 0), other=0.).to(tl.float32)
             if IS_CIRCULAR:
-                o_r = ((b_pos + r) % S + S) % S
+                o_r = (b_pos + r + S) % S  # r >= -(W-1) >= -S: a non-negative dividend
             else:
                 o_r = S + r
             b_v += tl.load(p_s + o_r.to(tl.int64) * stride_s_s, mask=m_live & (o_zero + r < 0), other=0.).to(tl.float32)
@@ -73,7 +79,7 @@ def short_conv_update_kernel(
         # with L > S only the last S tokens survive
         for i in range(tl.maximum(L - S, 0), L):
             o_r = (b_pos + i) % S
-            b_v = tl.load(p_x + i * stride_x_l, mask=m_live)
+            b_v = tl.load(p_x + i * stride_x_l, mask=m_live, other=0.)
             tl.store(p_s + o_r.to(tl.int64) * stride_s_s, b_v.to(conv_state.dtype.element_ty), mask=m_live)
     else:
         # new[j] = old[j + L] while that is inside the state, else token j + L - S. Chunks go up in j
