@@ -93,10 +93,11 @@ def index_vector(name: str, value, length: int) -> None:
 
 def values_checkable(value: Tensor) -> bool:
     """True where reading the tensor's values costs no capture-unsafe host synchronisation."""
-    if value.device.type == "cpu":
-        return True
+    # under torch.compile a value read is a data-dependent guard (a graph break), on CPU too
     if value.device.type == "meta" or torch.compiler.is_compiling():
         return False
+    if value.device.type == "cpu":
+        return True
     if value.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
     return True
@@ -121,7 +122,7 @@ def cu_seqlens(value, total: int) -> int:
 def state_indices_in_range(value: Tensor | None, num_states: int) -> None:
     """Rejects indices >= N and a slot named twice where that is free (CPU). On GPUs an index >= N is
     padding and a repeated slot is undefined (two rows would race on one state row), as in any decode cache."""
-    if value is None or value.device.type != "cpu" or value.numel() == 0:
+    if value is None or value.device.type != "cpu" or value.numel() == 0 or not values_checkable(value):
         return
     top = int(value.max())
     if top >= num_states:

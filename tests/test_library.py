@@ -245,3 +245,24 @@ def test_compile_fullgraph_decode_step():
         got, _ = step(x, compiled_cache)
     torch.testing.assert_close(got, want)
     assert torch.equal(compiled_cache, eager_cache), "the compiled step must update the cache in place"
+
+
+def test_compile_fullgraph_with_value_arguments():
+    """Index and boundary tensors (`conv_state_indices`, `cu_seqlens`) on CPU trace without a graph break:
+    their values are checked in eager mode only (docs/CONTRACT.md section 8)."""
+    torch.manual_seed(76)
+    d, width = 8, 4
+    w, b = torch.randn(d, width), torch.randn(d)
+    x, states = torch.randn(2, d), torch.randn(3, d, width - 1)
+    slots = torch.tensor([2, 0], dtype=torch.int32)
+    packed, cu = torch.randn(1, 11, d), torch.tensor([0, 4, 11], dtype=torch.int32)
+    torch._dynamo.reset()
+    step = torch.compile(lambda x, s, i: ccmps.short_conv_update_fwd_only(x, s, w, b, conv_state_indices=i),
+                         fullgraph=True, backend="aot_eager")
+    fused = torch.compile(lambda x, c: ccmps.short_conv_fused_fwd_only(x, w, b, cu_seqlens=c),
+                          fullgraph=True, backend="aot_eager")
+    eager_states, compiled_states = states.clone(), states.clone()
+    torch.testing.assert_close(step(x, compiled_states, slots),
+                               ccmps.short_conv_update_fwd_only(x, eager_states, w, b, conv_state_indices=slots))
+    assert torch.equal(compiled_states, eager_states)
+    torch.testing.assert_close(fused(packed, cu), ccmps.short_conv_fused_fwd_only(packed, w, b, cu_seqlens=cu))
