@@ -16,6 +16,7 @@ import json
 import os
 import tempfile
 import traceback
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -165,10 +166,13 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     out64, ref64 = out.detach().double(), ref.detach().double()
     if out64.numel() == 0:
         return 0.0
-    nan_out, nan_ref = torch.isnan(out64), torch.isnan(ref64)
-    if not torch.equal(nan_out, nan_ref):
+    # Where the single-process result is NaN the context-parallel one may be NaN or not: the halo is
+    # masked by selection (RULES), which a reference still multiplying by 0 does not yet do. A NaN where
+    # the single-process result is finite is an error.
+    finite = ~torch.isnan(ref64)
+    if torch.isnan(out64[finite]).any():
         return float("inf")
-    out64, ref64 = out64[~nan_ref], ref64[~nan_ref]
+    out64, ref64 = out64[finite], ref64[finite]
     scale = torch.linalg.vector_norm(ref64).item()
     diff = torch.linalg.vector_norm(out64 - ref64).item()
     return diff / scale if scale > 0 else diff
@@ -187,7 +191,7 @@ def run_case(c, rank: int, world: int, group) -> str:
     out, final = _run(c, x, w, b, init)
     g_final = sum(g.double() for g in c["g_final"]).to(final.dtype)
     leaves = [t for t in (x, w, b, init) if t is not None]
-    ref_grads = torch.autograd.grad((out * c["g_out"]).sum() + (final * g_final).sum(), leaves)
+    ref_grads = torch.autograd.grad((out * c["g_out"]).sum() + (final * g_final).sum(), leaves, allow_unused=True)
     ref = dict(zip(["x", "weight", "bias", "init"][:4], [None] * 4))
     for name, t in zip([n for n, v in zip(["x", "weight", "bias", "init"], (x, w, b, init)) if v is not None],
                        ref_grads):
@@ -201,7 +205,8 @@ def run_case(c, rank: int, world: int, group) -> str:
     g_out_l = _time_slice(c, c["g_out"], start, stop)
     leaves_l = [t for t in (xl, wl, bl, il) if t is not None]
     grads = dict(zip([n for n, v in zip(["x", "weight", "bias", "init"], (xl, wl, bl, il)) if v is not None],
-                     torch.autograd.grad((out_l * g_out_l).sum() + (final_l * c["g_final"][rank]).sum(), leaves_l)))
+                     torch.autograd.grad((out_l * g_out_l).sum() + (final_l * c["g_final"][rank]).sum(), leaves_l,
+                                         allow_unused=True)))
     problems = []
 
     def compare(name, got, want):
@@ -213,10 +218,12 @@ def run_case(c, rank: int, world: int, group) -> str:
     compare("final_states", final_l, final)
     compare("dx", grads["x"], _time_slice(c, ref["x"], start, stop))
     for name in ("weight", "bias", "init"):
-        if ref[name] is None:
+        if c[name] is None:
             continue
+        if ref[name] is None:  # not used at all (W == 1 states)
+            ref[name] = torch.zeros(c[name].shape)
         partial = grads.get(name)
-        partial = torch.zeros_like(ref[name], dtype=torch.float64) if partial is None else partial.double()
+        partial = torch.zeros(ref[name].shape, dtype=torch.float64) if partial is None else partial.double()
         dist.all_reduce(partial, group=group)
         compare(f"d{name} (sum over ranks)", partial, ref[name])
     return "; ".join(problems)
@@ -233,7 +240,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, backend: str, c
     if backend == "nccl":
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
-    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # a case that fails on one rank must not leave the others waiting forever in a collective
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=30))
     groups = {w: dist.new_group(list(range(w))) for w in WORLDS if w <= world}
     results = {}
     for index, case in enumerate(cases):
