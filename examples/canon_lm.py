@@ -261,9 +261,9 @@ class _GatherSequence(torch.autograd.Function):
     def forward(ctx, t: Tensor, group) -> Tensor:
         ctx.group = group
         world = dist.get_world_size(group)
-        parts = t.new_empty((world, *t.shape))
+        parts = t.new_empty((world * t.shape[0], *t.shape[1:]))  # rank-major along dim 0
         _all_gather(parts, t.contiguous(), group=group)
-        return parts.permute(1, 2, 0, 3, 4).flatten(2, 3)
+        return parts.unflatten(0, (world, -1)).permute(1, 2, 0, 3, 4).flatten(2, 3)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -271,7 +271,7 @@ class _GatherSequence(torch.autograd.Function):
         b, heads, total, dim = grad.shape
         parts = grad.reshape(b, heads, world, total // world, dim).permute(2, 0, 1, 3, 4).contiguous()
         mine = grad.new_empty(parts.shape[1:])
-        _reduce_scatter(mine, parts, group=ctx.group)
+        _reduce_scatter(mine, parts.flatten(0, 1), group=ctx.group)
         return mine, None
 
 
