@@ -158,9 +158,11 @@ def halo_grad_message(dhalo: Tensor, halo: Halo, rank: int, world: int, h: int) 
     of the ranks it came from (zeros for this rank and later ones)."""
     b, d = dhalo.shape[0], dhalo.shape[1]
     msg = dhalo.new_zeros(b, d, world * h + 1)
-    if rank > 0:
-        dump = torch.full_like(halo.source, rank * h)  # columns before the global start go nowhere
-        msg.index_add_(2, torch.where(halo.found, halo.source, dump), dhalo)
+    # Columns from before the global start (and all of the first rank's, which it keeps) go to a dump
+    # column; the first rank adds there too, so that its message depends on its backward like any other's.
+    dump = torch.full((h,), world * h, dtype=torch.int64, device=dhalo.device)
+    index = dump if rank == 0 else torch.where(halo.found, halo.source, dump)
+    msg.index_add_(2, index, dhalo)
     return msg[:, :, :world * h].reshape(b, d, world, h).permute(2, 0, 1, 3).reshape(-1)
 
 
@@ -171,6 +173,17 @@ def start_reduce_scatter(message: Tensor, group) -> Tensor:
 
 def finish_reduce_scatter(pending: Tensor, like: Tensor) -> Tensor:
     return funcol.wait_tensor(pending).view(like.shape)
+
+
+def after(t: Tensor, dependency: Tensor) -> Tensor:
+    """`t` unchanged, but computed from `dependency` too.
+
+    Collectives must run in the same order on every rank. Eager code issues them in program order; a
+    compiler orders them by data dependencies, and a collective whose input does not depend on the
+    previous one's result (e.g. on a rank that owns no final states) could be issued first on one rank
+    and second on another. The flag below is always true and exact (no arithmetic reaches `t`)."""
+    flag = torch.isnan(dependency.reshape(-1)[:1].float()).sum() >= 0
+    return torch.where(flag, t, torch.zeros((), dtype=t.dtype, device=t.device))
 
 
 def all_reduce_sum(t: Tensor, group) -> Tensor:

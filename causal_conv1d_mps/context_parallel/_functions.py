@@ -38,33 +38,39 @@ class Comm:
     overlap: bool
 
 
-def _owned(local: Tensor, owner, group) -> Tensor:
+def _owned(local: Tensor, owner, group, gathered_lengths: Tensor) -> Tensor:
     """Every rank gets the owner's `local` (per row where `owner` is a tensor): an all-reduce of the owner's
-    values and exact zeros elsewhere (selected, so a NaN on a non-owner goes nowhere)."""
+    values and exact zeros elsewhere (selected, so a NaN on a non-owner goes nowhere). Issued after the
+    halo's all-gather on every rank (see `_exchange.after`)."""
     zero = torch.zeros((), dtype=local.dtype, device=local.device)
     if isinstance(owner, Tensor):
         mine = torch.where(owner.view(-1, 1, 1), local, zero)
     else:
         mine = local if owner else torch.zeros_like(local)
-    return ex.all_reduce_sum(mine, group)
+    return ex.all_reduce_sum(ex.after(mine, gathered_lengths), group)
 
 
-def _final_grad(ctx, dfinal: Tensor | None, like_shape, dtype, device) -> Tensor | None:
-    """The gradient on this rank's own final states: the sum over ranks of the gradients on the shared
-    final states, kept where this rank owns them."""
+def _final_grad(ctx, dfinal: Tensor | None, like_shape, dtype, device) -> tuple[Tensor | None, Tensor | None]:
+    """The gradient on this rank's own final states (the sum over ranks of the gradients on the shared
+    final states, kept where this rank owns them), and that sum (None, None without final states)."""
     if not ctx.want_final:
-        return None
+        return None, None
     if dfinal is None:
         dfinal = torch.zeros(like_shape, dtype=dtype, device=device)
     total = ex.all_reduce_sum(dfinal, ctx.comm.group)
     owner = ctx.final_owner
     if isinstance(owner, Tensor):
-        return torch.where(owner.view(-1, 1, 1), total, torch.zeros((), dtype=total.dtype, device=total.device))
-    return total if owner else None
+        zero = torch.zeros((), dtype=total.dtype, device=total.device)
+        return torch.where(owner.view(-1, 1, 1), total, zero), total
+    return (total if owner else None), total
 
 
-def _send_halo_grad(dhalo: Tensor, halo: ex.Halo, comm: Comm, h: int) -> Tensor:
-    return ex.start_reduce_scatter(ex.halo_grad_message(dhalo, halo, comm.rank, comm.world, h), comm.group)
+def _send_halo_grad(previous: Tensor | None, dhalo: Tensor, halo: ex.Halo, comm: Comm, h: int) -> Tensor:
+    """Starts the reduce-scatter of the halo's gradient, after `previous` (the final states' all-reduce)."""
+    message = ex.halo_grad_message(dhalo, halo, comm.rank, comm.world, h)
+    if previous is not None:
+        message = ex.after(message, previous)
+    return ex.start_reduce_scatter(message, comm.group)
 
 
 def _apply_received(local, dx: Tensor, x: Tensor, received: Tensor, t: int, h: int,
@@ -116,7 +122,8 @@ class RowsFunction(torch.autograd.Function):
         first_id = None
         if seq_idx is not None:
             first_id = seq_idx[:, 0].to(torch.int32) if t > 0 else seq_idx.new_zeros(b, dtype=torch.int32)
-        halo = ex.assemble(pending.result(), comm.rank, h, True, prefix, first_id)
+        gathered = pending.result()
+        halo = ex.assemble(gathered, comm.rank, h, True, prefix, first_id)
         m = min(t, h)
         if seq_idx is not None:
             xw, sw = _window_inputs(x, seq_idx, halo, m)
@@ -132,7 +139,7 @@ class RowsFunction(torch.autograd.Function):
             out, final = local.forward(x, halo.values, want_final)
         ctx.final_owner = comm.rank == comm.world - 1
         if want_final:
-            final = _owned(final, ctx.final_owner, comm.group)
+            final = _owned(final, ctx.final_owner, comm.group, gathered.lengths)
         ctx.save_for_backward(x, weight, bias, initial_states, seq_idx, halo.values, halo.ids, halo.source,
                               halo.found)
         ctx.local, ctx.want_final, ctx.comm, ctx.h = local, want_final, comm, h
@@ -147,20 +154,20 @@ class RowsFunction(torch.autograd.Function):
         m = min(t, h)
         if dout is None:
             dout = torch.zeros_like(x)
-        dfinal = _final_grad(ctx, dfinal, (x.shape[0], weight.shape[0], h), x.dtype, x.device)
+        dfinal, dfinal_total = _final_grad(ctx, dfinal, (x.shape[0], weight.shape[0], h), x.dtype, x.device)
         if seq_idx is not None:
-            dx, dweight, dbias, dhalo, pending = _seq_backward(local, x, seq_idx, halo, dout, dfinal, t, h, m,
-                                                               comm)
+            dx, dweight, dbias, dhalo, pending = _seq_backward(dfinal_total, local, x, seq_idx, halo, dout, dfinal,
+                                                               t, h, m, comm)
         else:
             dhalo = None
             if comm.overlap and t > h:  # the halo's gradient first, so that its exchange overlaps the rest
                 head = local.head(x, h)
                 dhalo = local.backward(head, values, local.head_of(dout, h), None)[3]
-                pending = _send_halo_grad(dhalo, halo, comm, h)
+                pending = _send_halo_grad(dfinal_total, dhalo, halo, comm, h)
             dx, dweight, dbias, dstates = local.backward(x, values, dout, dfinal)
             if dhalo is None:
                 dhalo = dstates
-                pending = _send_halo_grad(dhalo, halo, comm, h)
+                pending = _send_halo_grad(dfinal_total, dhalo, halo, comm, h)
         received = ex.finish_reduce_scatter(pending, values)
         dinit = None
         if initial_states is not None:
@@ -171,7 +178,7 @@ class RowsFunction(torch.autograd.Function):
         return (dx, dweight, dbias if bias is not None else None, dinit, None, None, None, None)
 
 
-def _seq_backward(local, x, seq_idx, halo: ex.Halo, dout, dfinal, t: int, h: int, m: int, comm: Comm):
+def _seq_backward(dfinal_total, local, x, seq_idx, halo: ex.Halo, dout, dfinal, t: int, h: int, m: int, comm: Comm):
     """seq_idx mode: the window (halo + first m positions) gives the halo's gradient first; the interior
     call, with the window's outputs zeroed in its `dout`, gives the rest."""
     xw, sw = _window_inputs(x, seq_idx, halo, m)
@@ -181,7 +188,7 @@ def _seq_backward(local, x, seq_idx, halo: ex.Halo, dout, dfinal, t: int, h: int
     dfinal_w = None if (dfinal is None or t > h) else dfinal.to(xw.dtype)
     dxw, dweight_w, dbias_w, _ = local.backward(xw, None, dout_w, dfinal_w, sw)
     dhalo = dxw[:, :, :h].contiguous()
-    pending = _send_halo_grad(dhalo, halo, comm, h)
+    pending = _send_halo_grad(dfinal_total, dhalo, halo, comm, h)
     if t <= h:
         dx = torch.empty_like(x).copy_(dxw[:, :, h:])
         return dx, dweight_w, dbias_w, dhalo, pending
@@ -235,7 +242,8 @@ class PackedFunction(torch.autograd.Function):
         tail = ex.own_tail(local.tail_columns(x, min(t, h), tdt), None, h)
         pending = ex.start_gather(tail, None, t, comm.group, comm.world)
         zeros = x.new_zeros(1, d, h, dtype=tdt)
-        halo = ex.assemble(pending.result(), comm.rank, h, False, zeros, None)
+        gathered = pending.result()
+        halo = ex.assemble(gathered, comm.rank, h, False, zeros, None)
         cu = cu_seqlens.to(torch.int64)
         local_cu = (cu - halo.offset).clamp(min=0, max=t).to(torch.int32)
         states, from_init, index = _sequence_states(halo, initial_states, cu, h, n, d)
@@ -245,7 +253,7 @@ class PackedFunction(torch.autograd.Function):
         owner = torch.where(cu[1:] == cu[:-1], torch.full_like(ends_here, comm.rank == 0), ends_here)
         ctx.final_owner = owner
         if want_final:
-            final = _owned(final, owner, comm.group)
+            final = _owned(final, owner, comm.group, gathered.lengths)
         ctx.save_for_backward(x, weight, bias, initial_states, local_cu, states, from_init, index,
                               halo.values, halo.source, halo.found)
         ctx.local, ctx.want_final, ctx.comm, ctx.h = local, want_final, comm, h
@@ -259,13 +267,13 @@ class PackedFunction(torch.autograd.Function):
         n, d = states.shape[0], states.shape[1]
         if dout is None:
             dout = torch.zeros_like(x)
-        dfinal = _final_grad(ctx, dfinal, (n, d, h), x.dtype, x.device)
+        dfinal, dfinal_total = _final_grad(ctx, dfinal, (n, d, h), x.dtype, x.device)
         dx, dweight, dbias, dstates = local.backward(x, states, dout, dfinal, local_cu)
         zero = torch.zeros((), dtype=dstates.dtype, device=dstates.device)
         from_init3 = from_init.unsqueeze(1)
         dhalo = torch.where(from_init3, zero, dstates).sum(dim=0, keepdim=True)
         halo = ex.Halo(values, None, source, found, None)
-        pending = _send_halo_grad(dhalo, halo, comm, h)
+        pending = _send_halo_grad(dfinal_total, dhalo, halo, comm, h)
         dinit = None
         if initial_states is not None:
             dinit = torch.zeros_like(dstates).scatter_add_(2, index, torch.where(from_init3, dstates, zero))
