@@ -28,6 +28,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOL = {"fp32": 1e-5, "bf16": 1e-2}
 WIDTHS = tuple(range(1, 9))
 CASES = [(w, kind, dt, width) for w in WORLDS for kind in KINDS for dt in DTYPES for width in WIDTHS]
+# ShortConvolution(context_parallel=group), and torch.compile(fullgraph=True) of both functions
+CASES += [(3, "module", "fp32", 4), (2, "compile", "fp32", 4)]
 
 
 def case_id(case) -> str:
@@ -178,6 +180,45 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return diff / scale if scale > 0 else diff
 
 
+def run_module_case(rank: int, world: int, group) -> str:
+    """`ShortConvolution(context_parallel=group)` on this rank's slice equals the module on the sequence."""
+    import causal_conv1d_mps as ccmps
+    import causal_conv1d_mps.context_parallel as cp
+
+    torch.manual_seed(0)
+    whole = ccmps.ShortConvolution(6, 4, bias=True, residual=True)
+    split = ccmps.ShortConvolution(6, 4, bias=True, residual=True, context_parallel=group)
+    split.load_state_dict(whole.state_dict())
+    x = torch.randn(2, 11, 6, generator=torch.Generator().manual_seed(1))
+    cache = torch.randn(2, 6, 3, generator=torch.Generator().manual_seed(2))
+    y, new_cache = whole(x, cache=cache)
+    y_l, cache_l = split(cp.shard(x, 1, group), cache=cache)
+    problems = [f"{name}: relative error {err:.3e}" for name, err in
+                (("y", _rel(y_l, cp.shard(y, 1, group))), ("cache", _rel(cache_l, new_cache))) if not err <= 1e-5]
+    return "; ".join(problems)
+
+
+def run_compile_case(rank: int, world: int, group) -> str:
+    """`torch.compile(fullgraph=True)` (aot_eager: the tracing of inductor without a C++ build) of a function
+    calling both context-parallel ops, forward and backward, equals eager."""
+    import causal_conv1d_mps.context_parallel as cp
+
+    context = cp.ContextParallel(group)
+    gen = torch.Generator().manual_seed(3)
+    x = cp.shard(torch.randn(2, 10, 6, generator=gen), 1, context).clone().requires_grad_(True)
+    weight = torch.randn(6, 4, generator=gen).requires_grad_(True)
+
+    def model(x, weight):
+        y, final = cp.short_conv_fused(x, weight, None, None, True, True, return_final_states=True, context=context)
+        z = cp.causal_conv1d(y.transpose(1, 2), weight, None, "silu", context=context)
+        return z.square().sum() + final.sum()
+
+    eager = torch.autograd.grad(model(x, weight), [x, weight])
+    compiled = torch.autograd.grad(torch.compile(model, fullgraph=True, backend="aot_eager")(x, weight), [x, weight])
+    errors = [_rel(a, b) for a, b in zip(compiled, eager)]
+    return "" if all(e <= 1e-6 for e in errors) else f"compiled gradients differ from eager: {errors}"
+
+
 def run_case(c, rank: int, world: int, group) -> str:
     """Returns "" when this rank's results match, else what differs."""
     import torch.distributed as dist
@@ -250,6 +291,10 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, backend: str, c
         if rank >= size:
             continue
         try:
+            if case[1] in ("module", "compile"):
+                runner = run_module_case if case[1] == "module" else run_compile_case
+                results[case_id(case)] = runner(rank, size, groups[size])
+                continue
             c = make_case(case, index)
             if device is not None:
                 c = {k: _to(v, device) for k, v in c.items()}
@@ -299,6 +344,15 @@ def test_matches_single_process_gloo(gloo_results, case):
 
 
 NCCL_CASES = [(2, kind, dt, width) for kind in KINDS for dt in DTYPES for width in (1, 2, 4, 8)]
+
+
+def test_context_needs_an_initialised_process_group():
+    import causal_conv1d_mps.context_parallel as cp
+
+    with pytest.raises(TypeError, match="context: expected a ContextParallel"):
+        cp.causal_conv1d(torch.randn(1, 2, 3), torch.randn(2, 4), context="world")
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
+        cp.short_conv_fused(torch.randn(1, 3, 2), torch.randn(2, 4))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
