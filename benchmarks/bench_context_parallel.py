@@ -6,8 +6,8 @@ Run under torchrun, one process per device (NCCL on CUDA, gloo on CPU):
     torchrun --standalone --nproc-per-node 2 benchmarks/bench_context_parallel.py --device cpu     # CPU, gloo
 
 For each op (`short_conv_fused` on `[B, T, D]`, `causal_conv1d` on contiguous `[B, D, T]`) it times, on
-each rank's slice of a `--seq-len` sequence (medians over `--reps`, ranks aligned by a barrier before
-every repetition, the slowest rank's time reported):
+each rank's slice of a `--seq-len` sequence (medians, or minima with `--stat min`, over `--reps`; each
+repetition between two barriers, so that every row is paced by the slowest rank):
 - local: the op alone on the slice, with initial states (the same work without any communication);
 - exchange: the collectives alone (the all-gather of every rank's last W-1 inputs, the reduce-scatter
   of their gradient), on messages of the real size;
@@ -35,8 +35,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn, device: torch.device, warmup: int, reps: int) -> float:
-    """Median wall time of `fn()` in ms, the slowest rank's (each repetition starts after a barrier)."""
+def time_ms(fn, device: torch.device, warmup: int, reps: int, stat: str = "median") -> float:
+    """Median (or minimum) wall time of `fn()` in ms. A repetition starts after a barrier and ends after
+    another, once every rank is done: every row, the local op's included, is paced by the slowest rank
+    and pays one barrier, so that `cp - local` is the cost of context parallelism and not of load
+    imbalance. The minimum suits a shared CPU machine, where other work inflates the median."""
     for _ in range(warmup):
         fn()
     synchronize(device)
@@ -46,10 +49,12 @@ def time_ms(fn, device: torch.device, warmup: int, reps: int) -> float:
         start = time.perf_counter()
         fn()
         synchronize(device)
+        dist.barrier()
         times.append((time.perf_counter() - start) * 1e3)
-    median = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
-    dist.all_reduce(median, op=dist.ReduceOp.MAX)
-    return float(median)
+    value = statistics.median(times) if stat == "median" else min(times)
+    slowest = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    return float(slowest)
 
 
 def make_inputs(op: str, batch: int, local_len: int, dim: int, width: int, dtype, device):
@@ -93,6 +98,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per rank")
+    parser.add_argument("--stat", choices=["median", "min"], default="median", help="statistic over --reps")
     parser.add_argument("--json", help="write the rows to this file (first rank)")
     args = parser.parse_args()
     gpu = args.device == "cuda"
@@ -112,7 +118,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if gpu else "cpu"
     if rank == 0:
         print(f"context parallelism over {world} ranks ({dist.get_backend()}, {name}), {str(dtype)[6:]}, "
-              f"B{args.batch} T{seq_len} (T_local {local_len}) D{dim}; median ms of {args.reps}, slowest rank")
+              f"B{args.batch} T{seq_len} (T_local {local_len}) D{dim}; {args.stat} ms of {args.reps}, slowest rank")
         print("| op | W | what | forward | forward + backward |")
         print("|---|---:|---|---:|---:|")
     rows = []
@@ -140,10 +146,11 @@ def main() -> None:
             }
             for what, call in cases.items():
                 row = {"op": op, "W": width, "what": what,
-                       "forward": time_ms(fwd(call), device, args.warmup, args.reps),
-                       "forward_backward": time_ms(fwd_bwd(call), device, args.warmup, args.reps)}
+                       "forward": time_ms(fwd(call), device, args.warmup, args.reps, args.stat),
+                       "forward_backward": time_ms(fwd_bwd(call), device, args.warmup, args.reps, args.stat)}
                 rows.append(row)
-            ex = time_ms(lambda: exchange_only(x, dim, width, dist.group.WORLD, world), device, args.warmup, args.reps)
+            ex = time_ms(lambda: exchange_only(x, dim, width, dist.group.WORLD, world), device, args.warmup, args.reps,
+                         args.stat)
             rows.append({"op": op, "W": width, "what": "exchange only (all-gather + reduce-scatter)",
                          "forward": float("nan"), "forward_backward": ex})
             if rank == 0:
