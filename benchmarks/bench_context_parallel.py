@@ -12,7 +12,9 @@ repetition between two barriers, so that every row is paced by the slowest rank)
 - exchange: the collectives alone (the all-gather of every rank's last W-1 inputs, the reduce-scatter
   of their gradient), on messages of the real size;
 - cp: `causal_conv1d_mps.context_parallel` without and with `overlap`;
-forward, and forward + backward. The exchange's cost is `cp - local`.
+forward, and forward + backward. The exchange's cost is `cp - local`. Before timing, each variant's
+outputs and final states are checked against the single-process op on the whole sequence (exit status 1
+if one is wrong).
 """
 from __future__ import annotations
 
@@ -67,6 +69,39 @@ def make_inputs(op: str, batch: int, local_len: int, dim: int, width: int, dtype
     return x, weight, bias, states, torch.randn(shape, generator=gen).to(device, dtype)
 
 
+def verify(op: str, local_len: int, dim: int, width: int, dtype, device, contexts) -> None:
+    """Checks, before any timing, that every context-parallel variant gives this rank's slice of the
+    single-process result (outputs and final states) on a sequence of `world * local_len`; exits 1 if not."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    gen = torch.Generator(device="cpu").manual_seed(7)  # the same sequence on every rank
+    total = world * local_len
+    shape = (1, total, dim) if op == "fused" else (1, dim, total)
+    x = torch.randn(shape, generator=gen).to(device, dtype)
+    weight = (torch.randn(dim, width, generator=gen) / width ** 0.5).to(device)
+    bias = torch.randn(dim, generator=gen).to(device)
+    tdim = 1 if op == "fused" else 2
+    with torch.no_grad():
+        if op == "fused":
+            want, want_final = ccmps.short_conv_fused(x, weight, bias, None, True, True, return_final_states=True)
+        else:
+            want, want_final = ccmps.causal_conv1d(x, weight, bias, "silu", return_final_states=True)
+        mine = x.narrow(tdim, rank * local_len, local_len).contiguous()
+        for context in contexts:
+            if op == "fused":
+                got, final = cp.short_conv_fused(mine, weight, bias, None, True, True, return_final_states=True,
+                                                 context=context)
+            else:
+                got, final = cp.causal_conv1d(mine, weight, bias, "silu", return_final_states=True, context=context)
+            for name, a, b in (("out", got, want.narrow(tdim, rank * local_len, local_len)),
+                               ("final_states", final, want_final)):
+                err = ((a.double() - b.double()).norm() / b.double().norm()).item()
+                limit = 1e-5 if dtype == torch.float32 else 1e-2
+                if not err <= limit:
+                    print(f"rank {rank}: {op} {name} (overlap={context.overlap}): relative error {err:.2e} > {limit}",
+                          flush=True)
+                    raise SystemExit(1)
+
+
 def op_call(op: str, x, weight, bias, states=None, context=None):
     if op == "fused":
         if context is None:
@@ -104,7 +139,8 @@ def main() -> None:
     gpu = args.device == "cuda"
     seq_len = args.seq_len or (65536 if gpu else 4096)
     dim = args.dim or (4096 if gpu else 256)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype or ("bf16" if gpu else "fp32")]
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    dtype = dtypes[args.dtype or ("bf16" if gpu else "fp32")]
     if gpu:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -113,7 +149,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dist.init_process_group("nccl" if gpu else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    local_len = cp.slice_bounds(seq_len, None)[1] - cp.slice_bounds(seq_len, None)[0]
+    if seq_len % world:
+        parser.error(f"--seq-len: expected a multiple of the {world} ranks, got {seq_len}")
+    local_len = seq_len // world
     plain, overlapped = cp.ContextParallel(overlap=False), cp.ContextParallel(overlap=True)
     name = torch.cuda.get_device_name(device) if gpu else "cpu"
     if rank == 0:
@@ -124,6 +162,7 @@ def main() -> None:
     rows = []
     for op in args.ops.split(","):
         for width in (int(w) for w in args.widths.split(",")):
+            verify(op, local_len, dim, width, dtype, device, (plain, overlapped))
             x, weight, bias, states, grad = make_inputs(op, args.batch, local_len, dim, width, dtype, device)
 
             def fwd(call):

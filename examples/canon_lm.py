@@ -197,7 +197,8 @@ class CanonBlock(nn.Module):
             # this rank's queries against every rank's keys: causal in global positions
             k, v = gather_sequence(k, self.context_parallel), gather_sequence(v, self.context_parallel)
             first = self.context_parallel.rank * length
-            visible = torch.arange(k.shape[2], device=q.device) <= first + torch.arange(length, device=q.device)[:, None]
+            positions = first + torch.arange(length, device=q.device)
+            visible = torch.arange(k.shape[2], device=q.device) <= positions[:, None]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
         elif length == total:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -262,9 +262,11 @@ def run_case(c, rank: int, world: int, group) -> str:
         if c[name] is None:
             continue
         if ref[name] is None:  # not used at all (W == 1 states)
-            ref[name] = torch.zeros(c[name].shape)
+            ref[name] = torch.zeros(c[name].shape, device=c[name].device)
         partial = grads.get(name)
-        partial = torch.zeros(ref[name].shape, dtype=torch.float64) if partial is None else partial.double()
+        if partial is None:
+            partial = torch.zeros(ref[name].shape, dtype=torch.float64, device=ref[name].device)
+        partial = partial.double()
         dist.all_reduce(partial, group=group)
         compare(f"d{name} (sum over ranks)", partial, ref[name])
     return "; ".join(problems)

@@ -87,13 +87,14 @@ class FusedSlice:
         return x[:, :n]
 
     def forward(self, x: Tensor, states: Tensor | None, want_final: bool, cu_seqlens: Tensor | None = None):
-        return ops.short_conv_fused(x, self.weight, self.bias, self._mask(0, x.shape[1]), _contig(states), cu_seqlens,
-                                    self.activation, self.residual, want_final)
+        return ops.short_conv_fused(x, self.weight, self.bias, self._mask(0, x.shape[1]), _contig(states),
+                                    cu_seqlens, self.activation, self.residual, want_final)
 
     def backward(self, x: Tensor, states: Tensor | None, dout: Tensor, dfinal: Tensor | None,
                  cu_seqlens: Tensor | None = None):
-        return ops.short_conv_fused_bwd(x, self.weight, self.bias, self._mask(0, x.shape[1]), _contig(states), cu_seqlens,
-                                        dout.contiguous(), _contig(dfinal), self.activation, self.residual)
+        return ops.short_conv_fused_bwd(x, self.weight, self.bias, self._mask(0, x.shape[1]), _contig(states),
+                                        cu_seqlens, dout.contiguous(), _contig(dfinal), self.activation,
+                                        self.residual)
 
     def _masked(self, cols: Tensor, m: Tensor | None) -> Tensor:
         """`cols` `[B, k, D]` times the mask `[B, k]`, exactly 0 where the mask is 0 (by selection)."""
