@@ -86,7 +86,7 @@ def own_tail(x_cols: Tensor, prefix: Tensor | None, h: int) -> Tensor:
     parts = [x_cols] if prefix is None else [prefix, x_cols]
     if prefix is None and k < h:
         parts.insert(0, x_cols.new_zeros(b, d, h - k))
-    return torch.cat(parts, dim=2)[:, :, -h:] if h > 0 else x_cols[:, :, :0]
+    return torch.cat(parts, dim=2)[:, :, -h:]  # h >= 1: W == 1 never exchanges
 
 
 def own_tail_ids(seq_idx: Tensor, h: int) -> Tensor:

@@ -1,7 +1,7 @@
 """The local convolution of one rank's slice, for each op: forward and backward through the package's ops.
 
 An adapter hides the op's layout (time on dim 2 for `causal_conv1d`, dim 1 for `short_conv_fused`) and
-its extra arguments, so that the context-parallel algorithm (`_rows.py`) is written once. Arguments
+its extra arguments, so that the context-parallel algorithm (`_functions.py`) is written once. Arguments
 arrive validated and normalised as docs/BACKENDS.md requires; states are `[B, D, W-1]` in any float dtype.
 """
 from __future__ import annotations
