@@ -101,56 +101,42 @@ class Halo:
     """This rank's halo and where each column came from (for the backward)."""
     values: Tensor            # [B, D, h] transfer dtype: the h inputs before this rank's first position
     ids: Tensor | None        # [B, h] int32 sequence id of each halo column (seq_idx mode)
-    source: Tensor | None     # [h] int64 flat column (rank q, column c) -> q * h + c it was taken from
-    found: Tensor | None      # [h] bool: False where the halo reaches before the global start (zeros)
+    source: Tensor | None     # [h] int64 tail column (rank q, column c) it was taken from, as q * h + c
+    found: Tensor | None      # [h] bool: False where it reaches before the global start (zeros); None: all
     offset: Tensor            # [] int64: this rank's first global position (sum of earlier slice lengths)
-
-
-def _valid_columns(lengths: Tensor, ranks: int, h: int, prefix_mode: bool) -> tuple[Tensor, Tensor]:
-    """For the tails of ranks `0..ranks-1`: which columns hold an input or initial state, and which of
-    those are initial states (the first rank's prefix). Both `[ranks * h]` bool, flat (rank, column)."""
-    n = lengths[:ranks]
-    if prefix_mode:
-        n = n + torch.cat([n.new_full((1,), h), n.new_zeros(ranks - 1)])
-    col = torch.arange(h, device=lengths.device)
-    valid = col.unsqueeze(0) >= (h - n.clamp(max=h)).unsqueeze(1)               # [ranks, h]
-    is_prefix = torch.zeros_like(valid)
-    if prefix_mode:
-        is_prefix[0] = valid[0] & (lengths[0] + col < h)  # column c of rank 0 is stream position T_0 + c
-    return valid.reshape(-1), is_prefix.reshape(-1)
 
 
 def assemble(gathered: Gathered, rank: int, h: int, prefix_mode: bool, own_prefix: Tensor | None,
              own_first_id: Tensor | None) -> Halo:
-    """The halo of `rank`: the last h valid columns of the tails of ranks `0..rank-1`, oldest first.
+    """The halo of `rank`: the inputs at the h global positions before its first one, oldest first.
 
-    On the first rank the halo is its own prefix (the initial states, or zeros). `own_first_id` `[B]`
-    (seq_idx mode) names the sequence of this rank's first position; the initial states belong to the
-    sequence of the global first position."""
+    Position `p` lies in the slice of the rank `q` whose end is the first one past `p`, and in `q`'s tail
+    at column `p - end_q + h` (every slice ends where the next begins). In prefix mode the first rank's
+    tail starts with the initial states, at positions `-h..-1`; otherwise positions before 0 hold zeros.
+    On the first rank the halo is its own prefix. `own_first_id` `[B]` (seq_idx mode) names the sequence
+    of this rank's first position; the initial states belong to the sequence of the global first one."""
     offset = gathered.lengths[:rank].sum()
     if rank == 0:
         ids = None if own_first_id is None else own_first_id.unsqueeze(1).expand(-1, h).contiguous()
         return Halo(own_prefix, ids, None, None, offset)
-    tails = gathered.tails[:rank]                                              # [r, B, D, h]
-    b, d = tails.shape[1], tails.shape[2]
-    flat = tails.permute(1, 2, 0, 3).reshape(b, d, rank * h)
-    valid, is_prefix = _valid_columns(gathered.lengths, rank, h, prefix_mode)
-    from_end = valid.flip(0).to(torch.int64).cumsum(0).flip(0) - 1            # distance from the newest
-    target = torch.arange(h, device=flat.device)
-    match = valid.unsqueeze(0) & ((h - 1 - from_end).unsqueeze(0) == target.unsqueeze(1))  # [h, r*h]
-    found = match.any(dim=1)
-    source = match.to(torch.int8).argmax(dim=1)
-    zero = torch.zeros((), dtype=flat.dtype, device=flat.device)
-    values = torch.where(found, flat.index_select(2, source), zero)
+    ends = gathered.lengths[:rank].cumsum(0)                                  # [r] end of each earlier slice
+    position = offset - h + torch.arange(h, device=ends.device)               # [h]
+    owner = torch.searchsorted(ends, position, right=True)                    # position < 0: the first rank
+    column = (position - ends.index_select(0, owner) + h).clamp(0, h - 1)
+    values = gathered.tails[owner, :, :, column].permute(1, 2, 0)             # [B, D, h]
+    found = None
+    if not prefix_mode:
+        found = position >= 0
+        values = torch.where(found, values, torch.zeros((), dtype=values.dtype, device=values.device))
     ids = None
     if gathered.ids is not None:
-        flat_ids = gathered.ids[:rank].permute(1, 0, 2).reshape(b, rank * h)
-        real = valid & ~is_prefix
-        first = real.to(torch.int8).argmax()
-        first_id = torch.where(real.any(), flat_ids[:, first], own_first_id)
-        prefix_col = is_prefix.index_select(0, source) | ~found
-        ids = torch.where(prefix_col.unsqueeze(0), first_id.unsqueeze(1), flat_ids.index_select(1, source))
-    return Halo(values, ids, source, found, offset)
+        # The global first position's id: in the tail of the first non-empty rank when it comes before us.
+        first_owner = torch.searchsorted(ends, torch.zeros_like(offset), right=True).clamp(max=rank - 1)
+        first_column = (h - ends[first_owner]).clamp(0, h - 1)
+        first_id = torch.where(offset > 0, gathered.ids[first_owner, :, first_column], own_first_id)
+        ids = torch.where((position < 0).unsqueeze(0), first_id.unsqueeze(1),
+                          gathered.ids[owner, :, column].t())
+    return Halo(values, ids, owner * h + column, found, offset)
 
 
 def halo_grad_message(dhalo: Tensor, halo: Halo, rank: int, world: int, h: int) -> Tensor:
@@ -161,7 +147,10 @@ def halo_grad_message(dhalo: Tensor, halo: Halo, rank: int, world: int, h: int) 
     # Columns from before the global start (and all of the first rank's, which it keeps) go to a dump
     # column; the first rank adds there too, so that its message depends on its backward like any other's.
     dump = torch.full((h,), world * h, dtype=torch.int64, device=dhalo.device)
-    index = dump if rank == 0 else torch.where(halo.found, halo.source, dump)
+    if rank == 0:
+        index = dump
+    else:
+        index = halo.source if halo.found is None else torch.where(halo.found, halo.source, dump)
     msg.index_add_(2, index, dhalo)
     return msg[:, :, :world * h].reshape(b, d, world, h).permute(2, 0, 1, 3).reshape(-1)
 
