@@ -16,11 +16,14 @@ class ShortConvolution(nn.Module):
 
     Parameters: `weight` `[D, W]` and `bias` `[D]`, initialised like `nn.Conv1d(D, D, W, groups=D)`.
     A cache is a conv state `[B, D, W-1]` (`[N, D, W-1]` with `cu_seqlens`).
+    `context_parallel` (a `causal_conv1d_mps.context_parallel.ContextParallel` or a process group; also
+    settable later as an attribute) makes `forward` take this rank's slice of a sequence split over time.
     """
 
     def __init__(self, hidden_size: int, kernel_size: int = 4, bias: bool = False, activation: str | None = "silu",
-                 residual: bool = False, device=None, dtype=None):
+                 residual: bool = False, device=None, dtype=None, context_parallel=None):
         super().__init__()
+        self.context_parallel = context_parallel
         if kernel_size < 1:
             raise ValueError(f"kernel_size: expected an int >= 1, got {kernel_size!r}")
         self.hidden_size = hidden_size
@@ -49,6 +52,12 @@ class ShortConvolution(nn.Module):
         """`x` `[B, T, D]` -> `(y [B, T, D], new_cache)`. A given `cache` serves as the initial states; the new
         cache is returned when `output_final_state` is true or a cache was given, else None."""
         want_cache = output_final_state or cache is not None
+        if self.context_parallel is not None:
+            from . import context_parallel as cp
+            result = cp.short_conv_fused(x, self.weight, self.bias, attention_mask, self.silu, self.residual,
+                                         initial_states=cache, return_final_states=want_cache,
+                                         cu_seqlens=cu_seqlens, context=self.context_parallel)
+            return result if want_cache else (result, None)
         # errors about the cache name it `cache`, the argument the caller passed
         result = _short_conv_fused(x, self.weight, self.bias, attention_mask, self.silu, self.residual, cache,
                                    want_cache, cu_seqlens, states_name="cache")

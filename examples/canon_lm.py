@@ -17,23 +17,34 @@ After training, the model answers fresh queries with cached decoding: one prefil
 every conv state (`output_final_state=True`) and the attention keys and values, then one token at a time
 through `ShortConvolution.step` and a KV cache.
 
+With `--context-parallel` under `torchrun`, every row's time axis is split over the ranks (context
+parallelism): the Canon layers exchange their W-1 halo through `causal_conv1d_mps.context_parallel`,
+attention gathers the keys and values of all ranks, each rank scores its slice of the targets, and the
+gradients are summed over the ranks before the (identical) optimizer step on every rank. The loss
+curve is that of one process on the same data.
+
     python examples/canon_lm.py                  # best device available, library conv
     python examples/canon_lm.py --conv torch     # the same model on nn.Conv1d
+    torchrun --nproc-per-node 2 examples/canon_lm.py --context-parallel      # 2 GPUs (NCCL), or CPU (gloo)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import causal_conv1d_mps as ccmps
+import causal_conv1d_mps.context_parallel as cp
 
 IGNORE = -100  # cross_entropy's ignore_index: positions whose next token is not an answer
 
@@ -161,6 +172,7 @@ class CanonBlock(nn.Module):
         self.down = nn.Linear(hidden, d, bias=False)
         widths = {"A": d, "B": 3 * d, "C": d, "D": 2 * hidden}
         self.canon = nn.ModuleDict({p: make_canon_conv(config, widths[p]) for p in config.canon})
+        self.context_parallel: cp.ContextParallel | None = None  # set by use_context_parallel
 
     def _canon(self, place: str, x: Tensor, cache: LayerCache | None) -> Tensor:
         if place not in self.canon:
@@ -181,7 +193,14 @@ class CanonBlock(nn.Module):
                 k, v = torch.cat([cache.keys, k], dim=2), torch.cat([cache.values, v], dim=2)
             cache.keys, cache.values = k, v
         total = k.shape[2]
-        if length == total:
+        if self.context_parallel is not None and cache is None:
+            # this rank's queries against every rank's keys: causal in global positions
+            k, v = gather_sequence(k, self.context_parallel), gather_sequence(v, self.context_parallel)
+            first = self.context_parallel.rank * length
+            positions = first + torch.arange(length, device=q.device)
+            visible = torch.arange(k.shape[2], device=q.device) <= positions[:, None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        elif length == total:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif length == 1:  # one new token sees every cached one
             out = F.scaled_dot_product_attention(q, k, v)
@@ -228,6 +247,59 @@ def copy_weights(src: nn.Module, dst: nn.Module) -> None:
     dst.load_state_dict({name: t.reshape(shapes[name]) for name, t in src.state_dict().items()})
 
 
+# --------------------------------------------------------------------------- context parallelism
+
+
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class _GatherSequence(torch.autograd.Function):
+    """Every rank's `t` `[B, H, S, hd]` (equal S) concatenated along time; the backward hands each rank
+    the sum over ranks of the gradient on its own slice."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, group) -> Tensor:
+        ctx.group = group
+        world = dist.get_world_size(group)
+        parts = t.new_empty((world * t.shape[0], *t.shape[1:]))  # rank-major along dim 0
+        _all_gather(parts, t.contiguous(), group=group)
+        return parts.unflatten(0, (world, -1)).permute(1, 2, 0, 3, 4).flatten(2, 3)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        world = dist.get_world_size(ctx.group)
+        b, heads, total, dim = grad.shape
+        parts = grad.reshape(b, heads, world, total // world, dim).permute(2, 0, 1, 3, 4).contiguous()
+        mine = grad.new_empty(parts.shape[1:])
+        _reduce_scatter(mine, parts.flatten(0, 1), group=ctx.group)
+        return mine, None
+
+
+def gather_sequence(t: Tensor, context: cp.ContextParallel) -> Tensor:
+    return _GatherSequence.apply(t, context.group)
+
+
+def use_context_parallel(model: CanonLM, context: cp.ContextParallel | None) -> None:
+    """Splits the time axis of the model's forward over `context`'s ranks (None: back to one process)."""
+    for block in model.blocks:
+        block.context_parallel = context
+        for conv in block.canon.values():
+            if not isinstance(conv, ccmps.ShortConvolution):
+                raise ValueError("context parallelism needs the library's ShortConvolution (--conv library)")
+            conv.context_parallel = context
+
+
+def shard_batch(inputs: Tensor, targets: Tensor, context: cp.ContextParallel) -> tuple[Tensor, Tensor]:
+    """This rank's time slice of a batch, after padding the time axis to a multiple of the group size
+    (a pad token at the end changes no earlier output: everything is causal; its target is ignored)."""
+    world = context.world_size
+    pad = -inputs.shape[1] % world
+    inputs = F.pad(inputs, (0, pad), value=0)
+    targets = F.pad(targets, (0, pad), value=IGNORE)
+    return cp.shard(inputs, 1, context), cp.shard(targets, 1, context)
+
+
 # --------------------------------------------------------------------------- training and decoding
 
 
@@ -270,8 +342,13 @@ def show_progress(step: int, total: int, loss: float, width: int = 30) -> None:
 
 
 def train(model: CanonLM, task: RecallTask, *, steps: int, batch_size: int, lr: float,
-          amp_dtype: torch.dtype | None = None, seed: int = 0, progress: bool = True) -> list[float]:
-    """AdamW with warmup and cosine decay; returns the loss of every step."""
+          amp_dtype: torch.dtype | None = None, seed: int = 0, progress: bool = True,
+          context: cp.ContextParallel | None = None) -> list[float]:
+    """AdamW with warmup and cosine decay; returns the loss of every step.
+
+    With `context` (after `use_context_parallel`), every rank draws the same batch and trains on its time
+    slice: its loss is its share of the batch's mean (summed over its targets, divided by the batch's
+    count), and the gradients are summed over the ranks, so that every rank takes the single-process step."""
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
@@ -283,11 +360,21 @@ def train(model: CanonLM, task: RecallTask, *, steps: int, batch_size: int, lr: 
     model.train()
     for step in range(1, steps + 1):
         inputs, targets = (t.to(device) for t in task.training_batch(batch_size, generator))
+        scored = (targets != IGNORE).sum()
+        if context is not None:
+            inputs, targets = shard_batch(inputs, targets, context)
         with autocast(device, amp_dtype):
             logits = model(inputs)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                               reduction="sum") / scored
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if context is not None:  # what DistributedDataParallel over these ranks would do (as a sum)
+            for p in model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, group=context.group)
+            loss = loss.detach().clone()
+            dist.all_reduce(loss, group=context.group)
         scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         scaler.step(optimizer)
@@ -340,11 +427,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--context-parallel", action="store_true",
+                        help="under torchrun: split every row's time axis over the ranks (gloo on CPU, NCCL on CUDA)")
+    parser.add_argument("--eval-batch", type=int, default=512, help="rows of the recall test after training")
+    parser.add_argument("--loss-log", help="write the loss of every step to this JSON file (first rank)")
     args = parser.parse_args(argv)
     if set(args.canon) - set("ABCD"):
         parser.error(f"--canon: expected letters from ABCD, got {args.canon!r}")
 
     device = torch.device(args.device) if args.device else best_device()
+    context = None
+    if args.context_parallel:
+        if "RANK" not in os.environ:
+            parser.error("--context-parallel: run under torchrun, e.g. torchrun --nproc-per-node 2 "
+                         "examples/canon_lm.py --context-parallel")
+        if args.conv != "library":
+            parser.error("--context-parallel: needs --conv library")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        context = cp.ContextParallel()
+    main_rank = context is None or context.rank == 0
+    say = print if main_rank else (lambda *a, **k: None)
     amp_dtype = autocast_dtype(device, args.precision)
     torch.manual_seed(args.seed)
     task = RecallTask()
@@ -354,27 +459,38 @@ def main(argv: list[str] | None = None) -> None:
     model = CanonLM(config).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     precision = str(amp_dtype or torch.float32).removeprefix("torch.")
-    print(f"canon-lm: device={device.type} precision={precision} conv={config.conv} "
-          f"canon={config.canon or '-'} params={n_params / 1e6:.2f}M seq_len={2 * (task.num_pairs + task.num_queries)}")
+    split = f" context_parallel={context.world_size}" if context is not None else ""
+    say(f"canon-lm: device={device.type} precision={precision} conv={config.conv} "
+        f"canon={config.canon or '-'} params={n_params / 1e6:.2f}M seq_len={2 * (task.num_pairs + task.num_queries)}"
+        f"{split}")
 
+    if context is not None:
+        use_context_parallel(model, context)
     start = time.perf_counter()
     losses = train(model, task, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                   amp_dtype=amp_dtype, seed=args.seed)
-    print(f"trained {args.steps} steps in {time.perf_counter() - start:.1f} s, "
+                   amp_dtype=amp_dtype, seed=args.seed, progress=main_rank, context=context)
+    if args.loss_log and main_rank:
+        with open(args.loss_log, "w") as f:
+            json.dump(losses, f)
+    if context is not None:
+        use_context_parallel(model, None)  # every rank holds the same weights; decode on one process each
+    say(f"trained {args.steps} steps in {time.perf_counter() - start:.1f} s, "
           f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
     model.eval()
-    tokens, answers = task.sample(512, torch.Generator().manual_seed(args.seed + 1))
+    tokens, answers = task.sample(args.eval_batch, torch.Generator().manual_seed(args.seed + 1))
     tokens, answers = tokens.to(device), answers.to(device)
     start = time.perf_counter()
     predicted = answer_queries(model, tokens, task, amp_dtype)
     accuracy = (predicted == answers).float().mean().item()  # .item() waits for the device
     seconds = time.perf_counter() - start
-    print(f"recall with cached decoding: {100 * accuracy:.1f}% of {answers.numel()} queries right "
+    say(f"recall with cached decoding: {100 * accuracy:.1f}% of {answers.numel()} queries right "
           f"(chance {100 / task.num_values:.1f}%), {2 * task.num_queries} decode steps in {seconds:.2f} s")
     pairs = " ".join(task.describe(t) for t in tokens[0, : task.prompt_len].tolist())
     query, got, want = (task.describe(int(t)) for t in (tokens[0, task.prompt_len], predicted[0, 0], answers[0, 0]))
-    print(f"example: {pairs} | {query} -> {got} (expected {want})")
+    say(f"example: {pairs} | {query} -> {got} (expected {want})")
+    if context is not None:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

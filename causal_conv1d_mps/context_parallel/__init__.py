@@ -1,0 +1,176 @@
+"""Context parallelism: one long sequence split over the ranks of a `torch.distributed` group.
+
+Each rank holds a contiguous slice of the time axis, slices in group-rank order (any lengths, including
+empty and shorter than W-1). A causal conv of width W needs the W-1 inputs before a slice (its halo);
+these functions fetch them with one collective and send their gradients back in the backward, so that
+every rank's outputs, final states and gradients are those of the single-process call on the whole
+sequence, sliced. docs/CONTEXT_PARALLEL.md has the semantics, the cost model and measured figures.
+
+    import causal_conv1d_mps.context_parallel as cp
+    ctx = cp.ContextParallel(group)                 # None: the default process group
+    x_local = cp.shard(x_full, dim=1, context=ctx)  # this rank's slice of [B, T, D]
+    y_local = cp.short_conv_fused(x_local, weight, bias, context=ctx)
+
+Conventions (the same on every rank of the group; every rank must call, and backpropagate through,
+every context-parallel call, as with any collective):
+- `weight`, `bias` and `initial_states` are replicated; their gradients are this rank's partial sums.
+  Sum them over the group (DistributedDataParallel / FSDP over the context-parallel ranks, or an
+  all-reduce) as for every other parameter of a context-parallel model.
+- `initial_states` are the states before the global first position: the first rank reads them (all
+  ranks with `cu_seqlens`, where each sequence starts wherever it starts); other ranks may pass None.
+- `seq_idx` is this rank's slice of the global `[B, T]` ids; `cu_seqlens` holds global offsets
+  (`[N+1]`, 0 to the global length), identical on every rank.
+- With `return_final_states`, every rank returns the sequence's final states (for `cu_seqlens`, each
+  sequence's), and a gradient on them is honoured from any rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .. import _validate as check
+from .. import api
+from ..api import _activation_flag
+from . import _exchange
+from ._functions import Comm, PackedFunction, RowsFunction
+from ._local import ConvSlice, FusedSlice
+
+__all__ = ["ContextParallel", "causal_conv1d", "short_conv_fused", "shard", "slice_bounds"]
+
+
+@dataclass(frozen=True)
+class ContextParallel:
+    """Where the time axis is split: a process group (None: the default group) and whether to overlap
+    the halo exchange with the interior computation (see docs/CONTEXT_PARALLEL.md for when it pays)."""
+
+    group: dist.ProcessGroup | None = None
+    overlap: bool = False
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size(self.group)
+
+
+def _context(context) -> ContextParallel:
+    if context is None or isinstance(context, dist.ProcessGroup):
+        context = ContextParallel(context)
+    if not isinstance(context, ContextParallel):
+        raise TypeError(f"context: expected a ContextParallel, a ProcessGroup or None, got {type(context).__name__}")
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("context: torch.distributed is not initialised; call "
+                           "torch.distributed.init_process_group first (e.g. under torchrun)")
+    return context
+
+
+def _comm(context: ContextParallel) -> Comm:
+    group = context.group if context.group is not None else dist.group.WORLD
+    rank, world = _exchange.group_rank_and_size(group)
+    if rank < 0:
+        raise ValueError("context: this process is not a member of the context-parallel group")
+    return Comm(group, rank, world, bool(context.overlap))
+
+
+def slice_bounds(length: int, context: ContextParallel | dist.ProcessGroup | None = None) -> tuple[int, int]:
+    """`(start, stop)` of this rank's slice of `length` positions (`torch.tensor_split`'s near-equal split)."""
+    comm = _comm(_context(context))
+    base, extra = divmod(length, comm.world)
+    start = comm.rank * base + min(comm.rank, extra)
+    return start, start + base + (comm.rank < extra)
+
+
+def shard(t: Tensor, dim: int, context: ContextParallel | dist.ProcessGroup | None = None) -> Tensor:
+    """This rank's contiguous slice of `t` along `dim` (a view; near-equal split in group-rank order)."""
+    start, stop = slice_bounds(t.shape[dim], context)
+    return t.narrow(dim, start, stop - start)
+
+
+def _contig(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def _bdt_layout(x: Tensor) -> Tensor:
+    if x.is_contiguous() or x.transpose(1, 2).is_contiguous():
+        return x
+    return x.contiguous()
+
+
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None, *,
+                  seq_idx: Tensor | None = None, initial_states: Tensor | None = None,
+                  return_final_states: bool = False,
+                  context: ContextParallel | dist.ProcessGroup | None = None):
+    """`causal_conv1d_mps.causal_conv1d` on this rank's slice `x` `[B, D, T_local]` of a sequence split
+    over `context`'s group. Arguments as there, plus: `seq_idx` `[B, T_local]` is this rank's slice of
+    the global ids; `initial_states` `[B, D, W-1]` are read on the first rank. Returns `out`
+    `[B, D, T_local]`, or `(out, final_states)` with the sequence's final states on every rank."""
+    silu = check.activation_is_silu(activation)
+    check.tensor("x", x, ndim=3)
+    check.floating("x", x)
+    b, d, t = x.shape
+    width = check.weight_and_bias(weight, bias, d)
+    if seq_idx is not None:
+        check.tensor("seq_idx", seq_idx, ndim=2)
+        check.integer("seq_idx", seq_idx)
+        check.shape("seq_idx", seq_idx, (b, t), "(B, T)")
+    check.states("initial_states", initial_states, b, d, width, "B")
+    check.same_device(x=x, weight=weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states)
+    comm = _comm(_context(context))
+    if width == 1:  # no history: nothing crosses a rank boundary
+        return api.causal_conv1d(x, weight, bias, activation, seq_idx=seq_idx, initial_states=initial_states,
+                                 return_final_states=return_final_states)
+    local = ConvSlice(weight.contiguous(), _contig(bias), silu)
+    seq = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
+    out, final = RowsFunction.apply(_bdt_layout(x), local.weight, local.bias, _contig(initial_states), seq,
+                                    local, return_final_states, comm)
+    return (out, final) if return_final_states else out
+
+
+def short_conv_fused(x: Tensor, weight: Tensor, bias: Tensor | None = None, attention_mask: Tensor | None = None,
+                     activation: bool = True, residual: bool = True, *, initial_states: Tensor | None = None,
+                     return_final_states: bool = False, cu_seqlens: Tensor | None = None,
+                     context: ContextParallel | dist.ProcessGroup | None = None):
+    """`causal_conv1d_mps.short_conv_fused` on this rank's slice `x` `[B, T_local, D]` of a sequence split
+    over `context`'s group. `attention_mask` is this rank's slice (any accepted form, read with T_local);
+    the halo is of the masked input, as the states are. `cu_seqlens` `[N+1]` holds global offsets
+    (identical on every rank, B == 1); `initial_states` are `[N, D, W-1]` then (pass them on every rank),
+    else `[B, D, W-1]` read on the first rank. Returns `out` `[B, T_local, D]`, or `(out, final_states)`
+    with the sequence's (each sequence's) final states on every rank."""
+    act = _activation_flag(activation)
+    check.tensor("x", x, ndim=3)
+    check.floating("x", x)
+    b, t, d = x.shape
+    width = check.weight_and_bias(weight, bias, d)
+    mask = None if attention_mask is None else check.normalize_mask(
+        attention_mask, b, t, torch.float64 if x.dtype == torch.float64 else torch.float32)
+    rows = b
+    if cu_seqlens is not None:
+        if b != 1:
+            raise ValueError(f"x: expected batch size 1 with cu_seqlens (packed sequences), got shape {tuple(x.shape)}")
+        check.tensor("cu_seqlens", cu_seqlens, ndim=1)
+        check.integer("cu_seqlens", cu_seqlens)
+        if cu_seqlens.shape[0] < 1:
+            raise ValueError("cu_seqlens: expected shape (N+1,) with N >= 0, got an empty tensor")
+        rows = cu_seqlens.shape[0] - 1
+    check.states("initial_states", initial_states, rows, d, width, "N" if cu_seqlens is not None else "B")
+    check.same_device(x=x, weight=weight, bias=bias, attention_mask=attention_mask, initial_states=initial_states,
+                      cu_seqlens=cu_seqlens)
+    comm = _comm(_context(context))
+    if width == 1:  # no history: nothing crosses a rank boundary, and states have width 0
+        out = api.short_conv_fused(x, weight, bias, attention_mask, act, residual)
+        return (out, x.new_empty(rows, d, 0)) if return_final_states else out
+    if x.stride(2) != 1 and d > 1:
+        x = x.contiguous()
+    local = FusedSlice(weight.contiguous(), _contig(bias), mask, act, bool(residual))
+    if cu_seqlens is None:
+        out, final = RowsFunction.apply(x, local.weight, local.bias, _contig(initial_states), None, local,
+                                        return_final_states, comm)
+    else:
+        out, final = PackedFunction.apply(x, local.weight, local.bias, _contig(initial_states),
+                                          cu_seqlens.contiguous(), local, return_final_states, comm)
+    return (out, final) if return_final_states else out
