@@ -168,11 +168,10 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     out64, ref64 = out.detach().double(), ref.detach().double()
     if out64.numel() == 0:
         return 0.0
-    # Where the single-process result is NaN the context-parallel one may be NaN or not: the halo is
-    # masked by selection (RULES), which a reference still multiplying by 0 does not yet do. A NaN where
-    # the single-process result is finite is an error.
+    # NaN stays inside its sequence on both sides (docs/CONTRACT.md section 7): NaNs must sit exactly where
+    # the single-process result has them; the rest is compared.
     finite = ~torch.isnan(ref64)
-    if torch.isnan(out64[finite]).any():
+    if not torch.equal(torch.isnan(out64), ~finite):
         return float("inf")
     out64, ref64 = out64[finite], ref64[finite]
     scale = torch.linalg.vector_norm(ref64).item()
