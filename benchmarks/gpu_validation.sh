@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# GPU validation of a release candidate on one machine with 2 CUDA GPUs (1 works: the NCCL parts skip).
+#
+#   bash benchmarks/gpu_validation.sh tests   # the op suite through the Triton kernels, GPU-only tests,
+#                                             # the self-check, transformers models, NCCL context parallelism
+#   bash benchmarks/gpu_validation.sh bench   # bench.py rows, the transformers example, context-parallel cost
+#
+# Logs and JSON go to $OUT (default ./gpu-results); a short summary is printed last. Each part has its own
+# time limit so that a call fits a 10-minute slot. Run from the repository root; nothing is installed.
+set -u
+OUT=${OUT:-gpu-results}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+# NVLink multicast stays off (shared hosts): NCCL, PyTorch symmetric memory and NVSHMEM.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+GPUS=$(python -c 'import torch; print(torch.cuda.device_count())')
+LAST=$((GPUS > 1 ? 1 : 0))
+
+summary() {  # name, log: the log's last line (pytest's or the script's verdict)
+  printf '%-28s %s\n' "$1" "$(grep -v '^\s*$' "$2" | tail -n 1 | cut -c1-150)"
+}
+
+environment() {
+  { nvidia-smi -L; python -c 'import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__)'
+    python -c 'import transformers; print("transformers", transformers.__version__)' 2>&1 | tail -n 1
+  } > "$OUT/environment.txt" 2>&1
+}
+
+tests() {
+  environment
+  # The op suite through the Triton kernels, split by file over the GPUs (the W = 16 kernels compile slowly).
+  local first="tests/test_causal_conv1d.py tests/test_varlen_states.py tests/test_fuzz.py tests/test_module.py"
+  local second="tests/test_short_conv_fused.py tests/test_update.py tests/test_validation.py tests/test_library.py"
+  CUDA_VISIBLE_DEVICES=0 timeout 330 python -m pytest -q -p no:cacheprovider -n 12 -m triton --device cuda \
+    $first > "$OUT/suite-a.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=$LAST timeout 330 python -m pytest -q -p no:cacheprovider -n 12 -m triton --device cuda \
+    $second > "$OUT/suite-b.log" 2>&1 &
+  # GPU-only tests, the self-check and transformers' models on the GPU, beside the suite.
+  CUDA_VISIBLE_DEVICES=$LAST timeout 330 python -m pytest -q -p no:cacheprovider -n 4 --device cuda \
+    tests/test_triton_gpu.py tests/test_check.py tests/test_transformers_models.py \
+    tests/test_transformers_functions.py > "$OUT/gpu-only.log" 2>&1 &
+  wait
+  timeout 150 python -m pytest -q -p no:cacheprovider tests/test_context_parallel.py -k nccl \
+    > "$OUT/cp-nccl.log" 2>&1
+  summary "op suite (a)" "$OUT/suite-a.log"
+  summary "op suite (b)" "$OUT/suite-b.log"
+  summary "GPU-only, check, transformers" "$OUT/gpu-only.log"
+  summary "context parallel (NCCL)" "$OUT/cp-nccl.log"
+}
+
+bench() {
+  environment
+  # Timings run alone on their GPU: the benchmark on GPU 0, then the examples.
+  CUDA_VISIBLE_DEVICES=0 timeout 200 python bench.py --dtype bf16 --suite large,backward,decode,width \
+    --json "$OUT/bench-bf16.json" > "$OUT/bench-bf16.log" 2>&1
+  CUDA_VISIBLE_DEVICES=0 timeout 90 python -m causal_conv1d_mps.check --device cuda --json "$OUT/check.json" \
+    > "$OUT/check.log" 2>&1
+  CUDA_VISIBLE_DEVICES=0 timeout 90 python examples/transformers_lfm2.py --device cuda --dtype bf16 \
+    --out "$OUT/lfm2-bf16.json" > "$OUT/lfm2-bf16.log" 2>&1
+  if [ "$GPUS" -gt 1 ]; then
+    timeout 120 torchrun --standalone --nproc-per-node 2 benchmarks/bench_context_parallel.py \
+      --json "$OUT/cp-bench.json" > "$OUT/cp-bench.log" 2>&1
+  fi
+  summary "bench.py bf16" "$OUT/bench-bf16.log"
+  summary "self-check" "$OUT/check.log"
+  summary "transformers LFM2 bf16" "$OUT/lfm2-bf16.log"
+  [ "$GPUS" -gt 1 ] && summary "context-parallel cost" "$OUT/cp-bench.log"
+}
+
+case "${1:-}" in
+  tests) tests ;;
+  bench) bench ;;
+  *) echo "usage: $0 tests|bench" >&2; exit 2 ;;
+esac
