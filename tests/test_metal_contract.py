@@ -56,7 +56,7 @@ def contract_violations(code: str, allowed: set[str]) -> list[str]:
         if table not in allowed or slot not in _contract.PARAMS[table]:
             found.append(f"p[{index}] is not a slot of {sorted(allowed)}")
     found += [f"defines {m.group(1)} by hand" for m in
-              re.finditer(r"#\s*define\s+(CC_(?:HAS_\w+|SILU|RESIDUAL|CIRCULAR|GROUP))\b", code)]
+              re.finditer(r"#\s*define\s+(CC_(?:HAS_\w+|ACTIVATION_\w+|RESIDUAL|CIRCULAR|GROUP))\b", code)]
     return found
 
 
