@@ -6,6 +6,8 @@ function of the same name (docs/BACKENDS.md). `torch.compile` traces these ops w
 Eager calls take a shorter road to the same backend functions (an `autograd.Function`, or the backend
 directly when no gradient is needed): the custom-op dispatcher costs tens of microseconds per call, which
 dominates small shapes. Both roads share the autograd formulas below, so they cannot drift apart.
+
+`activation` is an activation code of the registry `_activation` (the api resolves the user's spelling).
 """
 from __future__ import annotations
 
