@@ -12,14 +12,6 @@ from torch import Tensor
 _INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
-def activation_is_silu(activation, name: str = "activation") -> bool:
-    if activation is None:
-        return False
-    if activation in ("silu", "swish"):
-        return True
-    raise ValueError(f"{name}: expected None, 'silu' or 'swish', got {activation!r}")
-
-
 def tensor(name: str, value, *, ndim: int | None = None) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _activation
 from . import _validate as check
 from . import ops
 
@@ -30,7 +31,8 @@ def _bdt_layout(x: Tensor) -> Tensor:
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None, *,
                   seq_idx: Tensor | None = None, initial_states: Tensor | None = None,
                   return_final_states: bool = False, final_states_out: Tensor | None = None):
-    """Causal depthwise conv of `x` `[B, D, T]` with `weight` `[D, W]`, optional `bias` `[D]` and SiLU.
+    """Causal depthwise conv of `x` `[B, D, T]` with `weight` `[D, W]`, optional `bias` `[D]` and
+    `activation` (None, 'silu' or 'swish').
 
     `x` may be contiguous or the channel-last view `x_btd.transpose(1, 2)`; `out` has the same layout and
     no copy is made (other strides are copied to contiguous first). `seq_idx` `[B, T]` int: taps only
@@ -39,7 +41,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activat
     the last W-1 columns of the extended input; `final_states_out` is written in place and returned.
     Differentiable in x, weight, bias and initial_states (a gradient on final_states is honoured).
     """
-    silu = check.activation_is_silu(activation)
+    act = _activation.code(activation)
     check.tensor("x", x, ndim=3)
     check.floating("x", x)
     b, d, t = x.shape
@@ -58,7 +60,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activat
     want_final = return_final_states or final_states_out is not None
     seq = None if seq_idx is None else check.seq_idx_int32(seq_idx)
     out, final = ops.causal_conv1d(_bdt_layout(x), weight.contiguous(), _contig(bias), seq,
-                                   _contig(initial_states), silu, want_final)
+                                   _contig(initial_states), act, want_final)
     if not want_final:
         return out
     if final_states_out is not None:
@@ -79,15 +81,15 @@ def causal_conv1d_fn(x: Tensor, weight: Tensor, bias: Tensor | None = None, seq_
     if cu_seqlens is None:
         return causal_conv1d(x, weight, bias, activation, seq_idx=seq_idx, initial_states=initial_states,
                              return_final_states=return_final_states, final_states_out=final_states_out)
-    silu = check.activation_is_silu(activation)
+    act = _activation.code(activation)
     if seq_idx is not None:
         raise ValueError("seq_idx: expected None when cu_seqlens is given (both describe the packing), got a tensor")
     check.tensor("x", x, ndim=3)
     if x.shape[0] != 1:
         raise ValueError(f"x: expected shape (1, D, total_T) with cu_seqlens (packed sequences), got {tuple(x.shape)}")
     want_final = return_final_states or final_states_out is not None
-    result = short_conv_fused(x.transpose(1, 2), weight, bias, None, silu, False, initial_states=initial_states,
-                              return_final_states=want_final, cu_seqlens=cu_seqlens)
+    result = _short_conv_fused(x.transpose(1, 2), weight, bias, None, act, False, initial_states, want_final,
+                               cu_seqlens)
     if not want_final:
         return result.transpose(1, 2)
     out, final = result
@@ -103,12 +105,6 @@ def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None = None, sil
         return causal_conv1d(x, weight, bias, "silu" if silu_activation else None)
 
 
-def _activation_flag(activation) -> bool:
-    if isinstance(activation, bool):
-        return activation
-    return check.activation_is_silu(activation)
-
-
 def short_conv_fused(x: Tensor, weight: Tensor, bias: Tensor | None = None, attention_mask: Tensor | None = None,
                      activation: bool = True, residual: bool = True, *, initial_states: Tensor | None = None,
                      return_final_states: bool = False, cu_seqlens: Tensor | None = None):
@@ -122,14 +118,14 @@ def short_conv_fused(x: Tensor, weight: Tensor, bias: Tensor | None = None, atte
     final states are the last W-1 columns of the masked, extended input. Returns `out`, or
     `(out, final_states)` with `return_final_states`.
     """
-    return _short_conv_fused(x, weight, bias, attention_mask, activation, residual, initial_states,
-                             return_final_states, cu_seqlens)
+    return _short_conv_fused(x, weight, bias, attention_mask, _activation.code(activation, allow_bool=True),
+                             residual, initial_states, return_final_states, cu_seqlens)
 
 
-def _short_conv_fused(x, weight, bias, attention_mask, activation, residual, initial_states, return_final_states,
-                      cu_seqlens, states_name: str = "initial_states"):
-    """`short_conv_fused`; errors about the initial states name them `states_name` (the module's `cache`)."""
-    act = _activation_flag(activation)
+def _short_conv_fused(x, weight, bias, attention_mask, activation: int, residual, initial_states,
+                      return_final_states, cu_seqlens, states_name: str = "initial_states"):
+    """`short_conv_fused` with `activation` already a code of `_activation`; errors about the initial states
+    name them `states_name` (the module's `cache`)."""
     check.tensor("x", x, ndim=3)
     check.floating("x", x)
     b, t, d = x.shape
@@ -147,7 +143,7 @@ def _short_conv_fused(x, weight, bias, attention_mask, activation, residual, ini
     if x.stride(2) != 1 and d > 1:
         x = x.contiguous()
     out, final = ops.short_conv_fused(x, weight.contiguous(), _contig(bias), mask, _contig(initial_states),
-                                      _int32(cu_seqlens), act, bool(residual), return_final_states)
+                                      _int32(cu_seqlens), activation, bool(residual), return_final_states)
     return (out, final) if return_final_states else out
 
 
@@ -158,7 +154,7 @@ def short_conv_fused_fwd_only(*args, **kwargs):
 
 
 def _decode_step(x3: Tensor, conv_state: Tensor, weight: Tensor, bias, cache_seqlens, conv_state_indices,
-                 act: bool, residual: bool, state_name: str = "conv_state") -> Tensor:
+                 activation: int, residual: bool, state_name: str = "conv_state") -> Tensor:
     """Validated decode step on `x3` `[B, L, D]`; returns `out` like `x3`. Errors about the state name it
     `state_name` (the module passes its `cache`)."""
     b, _, d = x3.shape
@@ -189,7 +185,8 @@ def _decode_step(x3: Tensor, conv_state: Tensor, weight: Tensor, bias, cache_seq
     indices = None if conv_state_indices is None else check.state_indices_int32(conv_state_indices, n)
     # the state is written, never differentiated: a non-leaf that requires grad is updated as plain memory
     state = conv_state.detach() if conv_state.requires_grad else conv_state
-    return ops.short_conv_update(x3, state, weight.contiguous(), _contig(bias), seqlens, indices, act, residual)
+    return ops.short_conv_update(x3, state, weight.contiguous(), _contig(bias), seqlens, indices, activation,
+                                 residual)
 
 
 def short_conv_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None = None,
@@ -203,19 +200,20 @@ def short_conv_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tenso
     cache_seqlens). `conv_state_indices[b] < 0` marks a padding row: output 0, no state touched (indices
     >= N raise on CPU and are treated as padding on GPUs). Differentiable in x, weight and bias.
     """
-    return _short_conv_update(x, conv_state, weight, bias, cache_seqlens, activation, residual, conv_state_indices)
+    act = _activation.code(activation, allow_bool=True)
+    return _short_conv_update(x, conv_state, weight, bias, cache_seqlens, act, residual, conv_state_indices)
 
 
-def _short_conv_update(x, conv_state, weight, bias, cache_seqlens, activation, residual, conv_state_indices,
+def _short_conv_update(x, conv_state, weight, bias, cache_seqlens, activation: int, residual, conv_state_indices,
                        state_name: str = "conv_state") -> Tensor:
-    """`short_conv_update`; errors about the state name it `state_name` (the module's `cache`)."""
-    act = _activation_flag(activation)
+    """`short_conv_update` with `activation` already a code of `_activation`; errors about the state name it
+    `state_name` (the module's `cache`)."""
     check.tensor("x", x)
     check.floating("x", x)
     if x.dim() not in (2, 3):
         raise ValueError(f"x: expected shape (B, D) or (B, L, D), got {tuple(x.shape)}")
     x3 = x.unsqueeze(1) if x.dim() == 2 else x
-    out = _decode_step(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices, act, bool(residual),
+    out = _decode_step(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation, bool(residual),
                        state_name)
     return out.squeeze(1) if x.dim() == 2 else out
 
@@ -230,13 +228,13 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Te
                          activation: str | None = None, cache_seqlens: Tensor | None = None,
                          conv_state_indices: Tensor | None = None) -> Tensor:
     """Dao-compatible decode step: `x` `[B, D]` or `[B, D, L]`, `conv_state` `[B|N, D, S]` updated in place."""
-    silu = check.activation_is_silu(activation)
+    act = _activation.code(activation)
     check.tensor("x", x)
     check.floating("x", x)
     if x.dim() not in (2, 3):
         raise ValueError(f"x: expected shape (B, D) or (B, D, L), got {tuple(x.shape)}")
     x3 = x.unsqueeze(1) if x.dim() == 2 else x.transpose(1, 2)
-    out = _decode_step(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices, silu, False)
+    out = _decode_step(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices, act, False)
     return out.squeeze(1) if x.dim() == 2 else out.transpose(1, 2)
 
 

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from . import _validate as check
+from . import _activation
 from .api import _short_conv_fused, _short_conv_update
 
 
@@ -28,7 +28,7 @@ class ShortConvolution(nn.Module):
             raise ValueError(f"kernel_size: expected an int >= 1, got {kernel_size!r}")
         self.hidden_size = hidden_size
         self.kernel_size = kernel_size
-        self.silu = check.activation_is_silu(activation)
+        self.activation_code = _activation.code(activation)
         self.activation = activation
         self.residual = residual
         factory = {"device": device, "dtype": dtype}
@@ -59,12 +59,12 @@ class ShortConvolution(nn.Module):
                                          cu_seqlens=cu_seqlens, context=self.context_parallel)
             return result if want_cache else (result, None)
         # errors about the cache name it `cache`, the argument the caller passed
-        result = _short_conv_fused(x, self.weight, self.bias, attention_mask, self.silu, self.residual, cache,
-                                   want_cache, cu_seqlens, states_name="cache")
+        result = _short_conv_fused(x, self.weight, self.bias, attention_mask, self.activation_code, self.residual,
+                                   cache, want_cache, cu_seqlens, states_name="cache")
         return result if want_cache else (result, None)
 
     def step(self, x: Tensor, cache: Tensor):
         """Decodes `x` `[B, D]` or `[B, L, D]`; `cache` `[B, D, S]` (S >= W-1) is updated in place."""
-        y = _short_conv_update(x, cache, self.weight, self.bias, None, self.silu, self.residual, None,
+        y = _short_conv_update(x, cache, self.weight, self.bias, None, self.activation_code, self.residual, None,
                                state_name="cache")
         return y, cache

@@ -6,6 +6,8 @@ function of the same name (docs/BACKENDS.md). `torch.compile` traces these ops w
 Eager calls take a shorter road to the same backend functions (an `autograd.Function`, or the backend
 directly when no gradient is needed): the custom-op dispatcher costs tens of microseconds per call, which
 dominates small shapes. Both roads share the autograd formulas below, so they cannot drift apart.
+
+`activation` is an activation code of the registry `_activation` (the api resolves the user's spelling).
 """
 from __future__ import annotations
 
@@ -64,25 +66,25 @@ def in_layout_of(t: Tensor, ref: Tensor) -> Tensor:
 
 @torch.library.custom_op(f"{NS}::causal_conv1d_fwd", mutates_args=())
 def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], seq_idx: Optional[Tensor],
-                      initial_states: Optional[Tensor], silu: bool,
+                      initial_states: Optional[Tensor], activation: int,
                       return_final_states: bool) -> tuple[Tensor, Tensor]:
-    return _impl(x).causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, silu, return_final_states)
+    return _impl(x).causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation, return_final_states)
 
 
 @causal_conv1d_fwd.register_fake
-def _(x, weight, bias, seq_idx, initial_states, silu, return_final_states):
+def _(x, weight, bias, seq_idx, initial_states, activation, return_final_states):
     return torch.empty_like(x), _states_like(x, x.shape[0], weight, return_final_states)
 
 
 @torch.library.custom_op(f"{NS}::causal_conv1d_bwd", mutates_args=())
 def causal_conv1d_bwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], seq_idx: Optional[Tensor],
                       initial_states: Optional[Tensor], dout: Tensor, dfinal_states: Optional[Tensor],
-                      silu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _impl(x).causal_conv1d_bwd(x, weight, bias, seq_idx, initial_states, dout, dfinal_states, silu)
+                      activation: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _impl(x).causal_conv1d_bwd(x, weight, bias, seq_idx, initial_states, dout, dfinal_states, activation)
 
 
 @causal_conv1d_bwd.register_fake
-def _(x, weight, bias, seq_idx, initial_states, dout, dfinal_states, silu):
+def _(x, weight, bias, seq_idx, initial_states, dout, dfinal_states, activation):
     return (torch.empty_like(x), torch.empty_like(weight), _like_or_absent(bias, x),
             _like_or_absent(initial_states, x))
 
@@ -95,9 +97,9 @@ def _final_states_grad(ctx, dfinal: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _cc_setup_context(ctx, inputs, output):
-    x, weight, bias, seq_idx, initial_states, silu, return_final_states = inputs
+    x, weight, bias, seq_idx, initial_states, activation, return_final_states = inputs
     ctx.save_for_backward(x, weight, bias, seq_idx, initial_states)
-    ctx.silu = silu
+    ctx.activation = activation
     ctx.return_final_states = return_final_states
 
 
@@ -105,7 +107,7 @@ def _cc_gradients(ctx, dout, dfinal, bwd):
     x, weight, bias, seq_idx, initial_states = ctx.saved_tensors
     dout = torch.zeros_like(x) if dout is None else in_layout_of(dout, x)
     dfinal = _final_states_grad(ctx, dfinal)
-    dx, dweight, dbias, dinit = bwd(x, weight, bias, seq_idx, initial_states, dout, dfinal, ctx.silu)
+    dx, dweight, dbias, dinit = bwd(x, weight, bias, seq_idx, initial_states, dout, dfinal, ctx.activation)
     return (dx, dweight, dbias if bias is not None else None, None,
             dinit if initial_states is not None else None, None, None)
 
@@ -118,9 +120,9 @@ torch.library.register_autograd(
 
 class _CausalConv1dEager(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, seq_idx, initial_states, silu, return_final_states):
+    def forward(ctx, x, weight, bias, seq_idx, initial_states, activation, return_final_states):
         ctx.set_materialize_grads(False)
-        args = (x, weight, bias, seq_idx, initial_states, silu, return_final_states)
+        args = (x, weight, bias, seq_idx, initial_states, activation, return_final_states)
         _cc_setup_context(ctx, args, None)
         return _impl(x).causal_conv1d_fwd(*args)
 
@@ -130,9 +132,9 @@ class _CausalConv1dEager(torch.autograd.Function):
         return _cc_gradients(ctx, dout, dfinal, lambda *a: _impl(a[0]).causal_conv1d_bwd(*a))
 
 
-def causal_conv1d(x, weight, bias, seq_idx, initial_states, silu: bool, return_final_states: bool):
+def causal_conv1d(x, weight, bias, seq_idx, initial_states, activation: int, return_final_states: bool):
     """Runs the op on validated arguments; returns `(out, final_states)` (final empty when not asked)."""
-    args = (x, weight, bias, seq_idx, initial_states, silu, return_final_states)
+    args = (x, weight, bias, seq_idx, initial_states, activation, return_final_states)
     if not _direct(x):
         return causal_conv1d_fwd(*args)
     if _wants_grad(x, weight, bias, initial_states):
@@ -146,7 +148,7 @@ def causal_conv1d(x, weight, bias, seq_idx, initial_states, silu: bool, return_f
 
 @torch.library.custom_op(f"{NS}::short_conv_fused_fwd", mutates_args=())
 def short_conv_fused_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
-                         initial_states: Optional[Tensor], cu_seqlens: Optional[Tensor], activation: bool,
+                         initial_states: Optional[Tensor], cu_seqlens: Optional[Tensor], activation: int,
                          residual: bool, return_final_states: bool) -> tuple[Tensor, Tensor]:
     return _impl(x).short_conv_fused_fwd(x, weight, bias, mask, initial_states, cu_seqlens, activation,
                                          residual, return_final_states)
@@ -165,7 +167,7 @@ def _(x, weight, bias, mask, initial_states, cu_seqlens, activation, residual, r
 @torch.library.custom_op(f"{NS}::short_conv_fused_bwd", mutates_args=())
 def short_conv_fused_bwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
                          initial_states: Optional[Tensor], cu_seqlens: Optional[Tensor], dout: Tensor,
-                         dfinal_states: Optional[Tensor], activation: bool,
+                         dfinal_states: Optional[Tensor], activation: int,
                          residual: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _impl(x).short_conv_fused_bwd(x, weight, bias, mask, initial_states, cu_seqlens, dout,
                                          dfinal_states, activation, residual)
@@ -216,7 +218,7 @@ class _ShortConvFusedEager(torch.autograd.Function):
         return _fused_gradients(ctx, dout, dfinal, lambda *a: _impl(a[0]).short_conv_fused_bwd(*a))
 
 
-def short_conv_fused(x, weight, bias, mask, initial_states, cu_seqlens, activation: bool, residual: bool,
+def short_conv_fused(x, weight, bias, mask, initial_states, cu_seqlens, activation: int, residual: bool,
                      return_final_states: bool):
     """Runs the op on validated arguments; returns `(out, final_states)` (final empty when not asked)."""
     args = (x, weight, bias, mask, initial_states, cu_seqlens, activation, residual, return_final_states)
@@ -234,7 +236,7 @@ def short_conv_fused(x, weight, bias, mask, initial_states, cu_seqlens, activati
 @torch.library.custom_op(f"{NS}::short_conv_update", mutates_args=("conv_state",))
 def short_conv_update_op(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor],
                          cache_seqlens: Optional[Tensor], conv_state_indices: Optional[Tensor],
-                         activation: bool, residual: bool) -> Tensor:
+                         activation: int, residual: bool) -> Tensor:
     return _impl(x).short_conv_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indices,
                                       activation, residual)
 
@@ -244,7 +246,7 @@ def _(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation
     return torch.empty_like(x)
 
 
-def _state_write(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation: bool,
+def _state_write(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation: int,
                  residual: bool) -> Tensor:
     args = (x, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation, residual)
     if _direct(x):
@@ -252,7 +254,7 @@ def _state_write(x, conv_state, weight, bias, cache_seqlens, conv_state_indices,
     return short_conv_update_op(*args)
 
 
-def _differentiable_step(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation: bool,
+def _differentiable_step(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation: int,
                          residual: bool) -> Tensor:
     """The step as the fused op over the window read before the update (a constant `initial_states`),
     then the state write. Padding rows enter the graph as zeros and leave it as zeros, so whatever their
@@ -271,7 +273,7 @@ def _differentiable_step(x, conv_state, weight, bias, cache_seqlens, conv_state_
     return out
 
 
-def short_conv_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation: bool,
+def short_conv_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation: int,
                       residual: bool) -> Tensor:
     """Runs the decode step on validated arguments (`x` `[B, L, D]`, `cache_seqlens` already in [0, S));
     `conv_state` is updated in place. Differentiable in x, weight and bias."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import _window
+from . import _activation, _window
 
 
 def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -155,11 +155,6 @@ def _final_states(ext: _Extended, width: int) -> Tensor:
     return ext.xe[0][ext.final_cols].transpose(1, 2)  # [N, D, W-1]
 
 
-def _silu_grad(pre: Tensor) -> Tensor:
-    sig = torch.sigmoid(pre)
-    return sig * (1 + pre * (1 - sig))
-
-
 def _backward(ext: _Extended, weight: Tensor, masks: list, g: Tensor, dfinal: Tensor | None):
     """From the gradient at the outputs `g` (xe's layout): (dx in xe's layout, dweight, dbias, dstates)."""
     width = weight.shape[1]
@@ -232,20 +227,20 @@ def _store_like(x: Tensor, ext: _Extended, y: Tensor) -> Tensor:
     return out
 
 
-def causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, silu: bool, return_final_states: bool):
+def causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation: int, return_final_states: bool):
     ext, _, _, pre, valid = _cc_forward(x, weight, bias, seq_idx, initial_states)
-    y = torch.nn.functional.silu(pre) if silu else pre
+    y = _activation.forward(activation, pre)
     if valid is not None:
         y = torch.where(valid, y, 0)
     final = _final_states(ext, weight.shape[1]).to(x.dtype).contiguous() if return_final_states else _empty(x)
     return _store_like(x, ext, y), final
 
 
-def causal_conv1d_bwd(x, weight, bias, seq_idx, initial_states, dout, dfinal_states, silu: bool):
+def causal_conv1d_bwd(x, weight, bias, seq_idx, initial_states, dout, dfinal_states, activation: int):
     ext, masks, w, pre, valid = _cc_forward(x, weight, bias, seq_idx, initial_states)
     g = (dout.transpose(1, 2) if ext.tdim == 1 else dout).to(pre.dtype)
-    if silu:
-        g = g * _silu_grad(pre)
+    if activation != _activation.IDENTITY:
+        g = g * _activation.derivative(activation, pre)
     if valid is not None:
         g = torch.where(valid, g, 0)  # padding outputs are constants: dout there never flows back
     dx_f, dweight, dbias, dstates = _backward(ext, w, masks, g, dfinal_states)
@@ -281,12 +276,12 @@ def _no_sequences(cu_seqlens) -> bool:
 
 
 def short_conv_fused_fwd(x, weight, bias, mask, initial_states, cu_seqlens,
-                         activation: bool, residual: bool, return_final_states: bool):
+                         activation: int, residual: bool, return_final_states: bool):
     if _no_sequences(cu_seqlens):
         final = x.new_empty(0, x.shape[2], weight.shape[1] - 1) if return_final_states else _empty(x)
         return x.new_empty(x.shape), final
     ext, _, _, pre = _fused_forward(x, weight, bias, mask, initial_states, cu_seqlens)
-    y = torch.nn.functional.silu(pre, inplace=True) if activation else pre  # pre is not needed again
+    y = _activation.forward(activation, pre, inplace=True)  # pre is not needed again
     if residual:
         y.add_(x)
     out = y.to(x.dtype).contiguous()
@@ -295,14 +290,14 @@ def short_conv_fused_fwd(x, weight, bias, mask, initial_states, cu_seqlens,
 
 
 def short_conv_fused_bwd(x, weight, bias, mask, initial_states, cu_seqlens, dout, dfinal_states,
-                         activation: bool, residual: bool):
+                         activation: int, residual: bool):
     if _no_sequences(cu_seqlens):
         return (x.new_empty(x.shape), torch.zeros_like(weight),
                 _empty(x) if bias is None else torch.zeros_like(bias),
                 _empty(x) if initial_states is None else torch.zeros_like(initial_states))
     ext, masks, w, pre = _fused_forward(x, weight, bias, mask, initial_states, cu_seqlens)
     dout_f = dout.to(pre.dtype)
-    g = dout_f * _silu_grad(pre) if activation else dout_f
+    g = dout_f if activation == _activation.IDENTITY else dout_f * _activation.derivative(activation, pre)
     dx, dweight, dbias, dstates = _backward(ext, w, masks, g, dfinal_states)
     if mask is not None:
         m = mask.to(dx.dtype).unsqueeze(2)
@@ -318,7 +313,7 @@ def short_conv_fused_bwd(x, weight, bias, mask, initial_states, cu_seqlens, dout
 # Decode step and varlen states
 
 
-def _one_token(x0, window, weight, bias, activation: bool, residual: bool):
+def _one_token(x0, window, weight, bias, activation: int, residual: bool):
     """The decode step's output for one token per row: `x0` `[B, D]`, `window` `[B, D, W-1]` (the state
     entries it reads, any strides). Tap by tap in place: the general path builds an extended input first,
     which made a CPU decode step slower than eager PyTorch's roll + einsum. At small sizes the cost is
@@ -331,7 +326,7 @@ def _one_token(x0, window, weight, bias, activation: bool, residual: bool):
         pre += bias
     for k in range(history):
         pre.addcmul_(_as(window.select(2, k), acc), w.select(1, k))
-    y = torch.nn.functional.silu(pre, inplace=True) if activation else pre
+    y = _activation.forward(activation, pre, inplace=True)
     if residual:
         y += x0
     return _as(y, x0.dtype)
@@ -341,7 +336,7 @@ def _as(t, dtype):
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _step_outputs(x, window, weight, bias, activation: bool, residual: bool):
+def _step_outputs(x, window, weight, bias, activation: int, residual: bool):
     """`[B, L, D]` outputs, in x's dtype, of `L` tokens per row following the state entries `window`
     `[B, D, W-1]` (a new contiguous tensor)."""
     if x.shape[1] == 1:
@@ -350,7 +345,7 @@ def _step_outputs(x, window, weight, bias, activation: bool, residual: bool):
 
 
 def short_conv_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indices,
-                      activation: bool, residual: bool):
+                      activation: int, residual: bool):
     """`x` `[B, L, D]`; `conv_state` `[B|N, D, S]` updated in place. Returns `out` like `x`."""
     b = x.shape[0]
     n, _, s = conv_state.shape

@@ -7,6 +7,7 @@ import torch
 
 import causal_conv1d_mps as ccmps
 from causal_conv1d_mps import _backend, reference
+from causal_conv1d_mps._activation import SILU
 
 from conftest import seeded
 
@@ -44,5 +45,5 @@ def test_unsupported_call_falls_back_with_one_warning(monkeypatch, name):
     fallbacks = [w for w in caught if issubclass(w.category, RuntimeWarning) and name in str(w.message)]
     assert len(fallbacks) == 1, [str(w.message) for w in caught]
     assert "reference" in str(fallbacks[0].message)
-    expected, _ = reference.causal_conv1d_fwd(x, weight, None, None, None, True, False)
+    expected, _ = reference.causal_conv1d_fwd(x, weight, None, None, None, SILU, False)
     assert torch.equal(first, expected) and torch.equal(second, expected)

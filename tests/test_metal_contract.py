@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+from causal_conv1d_mps._activation import SILU
 from causal_conv1d_mps.metal import _contract, _launch, _loader
 
 # The launcher modules (the package's attributes of these names are the ops).
@@ -56,7 +57,7 @@ def contract_violations(code: str, allowed: set[str]) -> list[str]:
         if table not in allowed or slot not in _contract.PARAMS[table]:
             found.append(f"p[{index}] is not a slot of {sorted(allowed)}")
     found += [f"defines {m.group(1)} by hand" for m in
-              re.finditer(r"#\s*define\s+(CC_(?:HAS_\w+|SILU|RESIDUAL|CIRCULAR|GROUP))\b", code)]
+              re.finditer(r"#\s*define\s+(CC_(?:HAS_\w+|ACTIVATION_\w+|RESIDUAL|CIRCULAR|GROUP))\b", code)]
     return found
 
 
@@ -103,14 +104,14 @@ def test_launchers_fill_every_slot_of_their_kernels_table(launches):
     b, d, t, w = 2, 5, 11, 4
     x = torch.randn(b, d, t)
     weight, init = torch.randn(d, w), torch.randn(b, d, w - 1)
-    conv_launchers.causal_conv1d_fwd(x, weight, None, None, init, True, True)
+    conv_launchers.causal_conv1d_fwd(x, weight, None, None, init, SILU, True)
     conv_launchers.causal_conv1d_bwd(x.transpose(1, 2).contiguous().transpose(1, 2), weight, None, None, init,
-                                     torch.randn(b, d, t).transpose(1, 2).contiguous().transpose(1, 2), None, True)
+                                     torch.randn(b, d, t).transpose(1, 2).contiguous().transpose(1, 2), None, SILU)
     xf = torch.randn(b, t, d)
-    fused_launchers.short_conv_fused_fwd(xf, weight, None, torch.ones(b, t), init, None, True, True, True)
-    fused_launchers.short_conv_fused_bwd(xf, weight, None, None, init, None, torch.randn(b, t, d), None, True, True)
+    fused_launchers.short_conv_fused_fwd(xf, weight, None, torch.ones(b, t), init, None, SILU, True, True)
+    fused_launchers.short_conv_fused_bwd(xf, weight, None, None, init, None, torch.randn(b, t, d), None, SILU, True)
     update_launchers.short_conv_update(torch.randn(b, 1, d), torch.randn(b, d, w), weight, None, None, None,
-                                       True, False)
+                                       SILU, False)
     update_launchers.causal_conv1d_varlen_states(torch.randn(t, d), torch.tensor([0, 4, t], dtype=torch.int32), 3)
     seen = set()
     for family, name, params, threads in launches:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from causal_conv1d_mps import metal, reference
+from causal_conv1d_mps._activation import IDENTITY, SILU
 from causal_conv1d_mps.metal import _launch, _loader
 
 _REASON = metal.unsupported_reason(torch.device("cpu"), torch.float32)
@@ -55,9 +56,9 @@ def _fwd_args(dtype=torch.float32):
 def _run_update(dtype=torch.float32):
     x, state, weight = _update_args(dtype)
     got_state = state.clone()
-    out = metal.short_conv_update(x, got_state, weight, None, None, None, True, False)
+    out = metal.short_conv_update(x, got_state, weight, None, None, None, SILU, False)
     want_state = state.clone()
-    want = reference.short_conv_update(x, want_state, weight, None, None, None, True, False)
+    want = reference.short_conv_update(x, want_state, weight, None, None, None, SILU, False)
     return out, want, got_state, want_state
 
 
@@ -86,7 +87,7 @@ def test_a_broken_family_falls_back_with_one_warning_and_the_others_keep_their_k
     x, weight = _fwd_args()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        metal.causal_conv1d_fwd(x, weight, None, None, None, False, False)
+        metal.causal_conv1d_fwd(x, weight, None, None, None, IDENTITY, False)
     assert not _fallback_warnings(record)
 
 
@@ -128,8 +129,8 @@ def test_compile_shader_raising_runtime_error_at_first_use_falls_back(monkeypatc
     monkeypatch.setattr(_loader, "_compile", failing_compile)
     x, weight = _fwd_args()
     with pytest.warns(RuntimeWarning, match="program_source:12:5: error: use of undeclared identifier 'oops'"):
-        out, _ = metal.causal_conv1d_fwd(x, weight, None, None, None, True, False)
-    want, _ = reference.causal_conv1d_fwd(x, weight, None, None, None, True, False)
+        out, _ = metal.causal_conv1d_fwd(x, weight, None, None, None, SILU, False)
+    want, _ = reference.causal_conv1d_fwd(x, weight, None, None, None, SILU, False)
     assert torch.equal(out, want)
 
 
@@ -189,8 +190,8 @@ def test_a_missing_kernel_name_falls_back(monkeypatch):
     _record(monkeypatch, drop={"causal_conv1d_bwd_dinit_float_wany"})
     x, weight = _fwd_args()
     with pytest.warns(RuntimeWarning, match="causal_conv1d_bwd_dinit_float_wany' is missing"):
-        out, _ = metal.causal_conv1d_fwd(x, weight, None, None, None, False, False)
-    assert torch.equal(out, reference.causal_conv1d_fwd(x, weight, None, None, None, False, False)[0])
+        out, _ = metal.causal_conv1d_fwd(x, weight, None, None, None, IDENTITY, False)
+    assert torch.equal(out, reference.causal_conv1d_fwd(x, weight, None, None, None, IDENTITY, False)[0])
 
 
 def test_backward_needs_its_full_threadgroup_or_falls_back(monkeypatch):
@@ -198,8 +199,8 @@ def test_backward_needs_its_full_threadgroup_or_falls_back(monkeypatch):
     x, weight = _fwd_args()
     dout = torch.randn_like(x)
     with pytest.warns(RuntimeWarning, match="allows 128 threads per threadgroup; its threadgroup reduction needs 256"):
-        got = metal.causal_conv1d_bwd(x, weight, None, None, None, dout, None, False)
-    want = reference.causal_conv1d_bwd(x, weight, None, None, None, dout, None, False)
+        got = metal.causal_conv1d_bwd(x, weight, None, None, None, dout, None, IDENTITY)
+    want = reference.causal_conv1d_bwd(x, weight, None, None, None, dout, None, IDENTITY)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
 
@@ -207,8 +208,8 @@ def test_backward_needs_its_full_threadgroup_or_falls_back(monkeypatch):
 def test_group_size_never_exceeds_the_grid_except_for_full_group_kernels(monkeypatch):
     libs = _record(monkeypatch)
     x, weight = _fwd_args()
-    metal.causal_conv1d_fwd(x, weight, None, None, None, False, True)  # final states: 8 * 3 = 24 threads
-    metal.causal_conv1d_bwd(x, weight, None, None, None, torch.randn_like(x), None, False)
+    metal.causal_conv1d_fwd(x, weight, None, None, None, IDENTITY, True)  # final states: 8 * 3 = 24 threads
+    metal.causal_conv1d_bwd(x, weight, None, None, None, torch.randn_like(x), None, IDENTITY)
     calls = [c for lib in libs for c in lib.calls]
     assert calls, "no launch recorded"
     for name, _, threads, group in calls:
@@ -230,7 +231,7 @@ def test_a_bad_source_path_is_an_error_not_a_fallback(tmp_path, monkeypatch):
     monkeypatch.setenv(_loader.SOURCE_ENV_VAR, str(tmp_path / "missing"))
     x, state, weight = _update_args()
     with pytest.raises(FileNotFoundError, match=_loader.SOURCE_ENV_VAR):
-        metal.short_conv_update(x, state, weight, None, None, None, True, False)
+        metal.short_conv_update(x, state, weight, None, None, None, SILU, False)
 
 
 def test_extra_files_of_a_source_folder_are_compiled_into_every_family(kernel_copy):
@@ -249,8 +250,8 @@ def test_one_warning_per_broken_family_whatever_op_meets_it(kernel_copy):
     cu = torch.tensor([0, 5, 12], dtype=torch.int32)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        out, _ = metal.causal_conv1d_fwd(x, weight, None, None, None, False, True)
+        out, _ = metal.causal_conv1d_fwd(x, weight, None, None, None, IDENTITY, True)
         states = metal.causal_conv1d_varlen_states(packed, cu, 3)
     assert len(_fallback_warnings(record)) == 1, _fallback_warnings(record)
-    assert torch.equal(out, reference.causal_conv1d_fwd(x, weight, None, None, None, False, True)[0])
+    assert torch.equal(out, reference.causal_conv1d_fwd(x, weight, None, None, None, IDENTITY, True)[0])
     assert torch.equal(states, reference.causal_conv1d_varlen_states(packed, cu, 3))

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from causal_conv1d_mps import metal, reference
+from causal_conv1d_mps._activation import IDENTITY, SILU
 from causal_conv1d_mps.metal import _launch, _loader
 
 _MPS_READY = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
@@ -92,13 +93,13 @@ def _check_causal_conv1d(dev, dtype, width, channel_last):
     seq_idx[:, -5:] = -1
     dout = _rand(*x.shape, gen=gen, dtype=dtype)
     dfinal = _rand(b, d, width - 1, gen=gen)
-    out, final = metal.causal_conv1d_fwd(*_on(dev, x, weight, bias, seq_idx, init), True, True)
-    ref_out, ref_final = reference.causal_conv1d_fwd(*_to64(x, weight, bias), seq_idx, *_to64(init), True, True)
+    out, final = metal.causal_conv1d_fwd(*_on(dev, x, weight, bias, seq_idx, init), SILU, True)
+    ref_out, ref_final = reference.causal_conv1d_fwd(*_to64(x, weight, bias), seq_idx, *_to64(init), SILU, True)
     assert out.stride() == x.to(dev).stride(), "output layout differs from x"
     _check("out", out, ref_out, dtype)
     _check("final_states", final, ref_final, dtype)
-    grads = metal.causal_conv1d_bwd(*_on(dev, x, weight, bias, seq_idx, init, dout, dfinal), True)
-    ref_grads = reference.causal_conv1d_bwd(*_to64(x, weight, bias), seq_idx, *_to64(init, dout, dfinal), True)
+    grads = metal.causal_conv1d_bwd(*_on(dev, x, weight, bias, seq_idx, init, dout, dfinal), SILU)
+    ref_grads = reference.causal_conv1d_bwd(*_to64(x, weight, bias), seq_idx, *_to64(init, dout, dfinal), SILU)
     for name, got, ref in zip(("dx", "dweight", "dbias", "dinitial_states"), grads, ref_grads):
         _check(name, got, ref, dtype)
 
@@ -123,13 +124,13 @@ def _check_short_conv_fused(dev, dtype, width, varlen):
     init = _rand(n, d, width - 1, gen=gen, dtype=dtype)
     dout = _rand(b, t, d, gen=gen, dtype=dtype)
     dfinal = _rand(n, d, width - 1, gen=gen)
-    out, final = metal.short_conv_fused_fwd(*_on(dev, x, weight, bias, mask, init, cu), True, True, True)
-    ref_out, ref_final = reference.short_conv_fused_fwd(*_to64(x, weight, bias, mask, init), cu, True, True, True)
+    out, final = metal.short_conv_fused_fwd(*_on(dev, x, weight, bias, mask, init, cu), SILU, True, True)
+    ref_out, ref_final = reference.short_conv_fused_fwd(*_to64(x, weight, bias, mask, init), cu, SILU, True, True)
     _check("out", out, ref_out, dtype)
     _check("final_states", final, ref_final, dtype)
-    grads = metal.short_conv_fused_bwd(*_on(dev, x, weight, bias, mask, init, cu, dout, dfinal), True, True)
+    grads = metal.short_conv_fused_bwd(*_on(dev, x, weight, bias, mask, init, cu, dout, dfinal), SILU, True)
     ref_grads = reference.short_conv_fused_bwd(*_to64(x, weight, bias, mask, init), cu, *_to64(dout, dfinal),
-                                               True, True)
+                                               SILU, True)
     for name, got, ref in zip(("dx", "dweight", "dbias", "dinitial_states"), grads, ref_grads):
         _check(name, got, ref, dtype)
 
@@ -163,9 +164,9 @@ def test_short_conv_update(device, dtype, width, steps, circular):
     indices = torch.tensor([3, -1, 0, 9], dtype=torch.int32)  # padding: negative and >= N
     ref_state = state.double()
     state_dev = state.to(dev, copy=True)
-    out = metal.short_conv_update(*_on(dev, x), state_dev, *_on(dev, weight, bias, seqlens, indices), True, True)
+    out = metal.short_conv_update(*_on(dev, x), state_dev, *_on(dev, weight, bias, seqlens, indices), SILU, True)
     ref_out = reference.short_conv_update(*_to64(x), ref_state, *_to64(weight, bias), seqlens,
-                                          torch.tensor([3, -1, 0, -1], dtype=torch.int32), True, True)
+                                          torch.tensor([3, -1, 0, -1], dtype=torch.int32), SILU, True)
     _check("out", out, ref_out, dtype)
     assert torch.equal(state_dev.cpu(), ref_state.to(dtype)), "conv_state differs from the reference update"
 
@@ -187,9 +188,9 @@ def test_backward_is_bitwise_deterministic():
     x, dout = _rand(2, 4096, 64, gen=gen), _rand(2, 4096, 64, gen=gen)
     weight, bias = _rand(64, 4, gen=gen), _rand(64, gen=gen)
     args = _on(torch.device("mps"), x, weight, bias, None, None, None, dout, None)
-    first = metal.short_conv_fused_bwd(*args, True, True)
+    first = metal.short_conv_fused_bwd(*args, SILU, True)
     for _ in range(3):
-        again = metal.short_conv_fused_bwd(*args, True, True)
+        again = metal.short_conv_fused_bwd(*args, SILU, True)
         for a, b in zip(first[:3], again[:3]):
             assert torch.equal(a.cpu(), b.cpu()), "gradients differ between identical runs"
 
@@ -202,9 +203,9 @@ def test_empty_inputs_are_bound_as_stand_ins(device):
     gen = torch.Generator().manual_seed(11)
     x = _rand(2, 0, 8, gen=gen)
     weight, init, mask = _rand(8, 4, gen=gen), _rand(2, 8, 3, gen=gen), torch.ones(2, 0)
-    _, final = metal.short_conv_fused_fwd(*_on(dev, x, weight, None, mask, init, None), True, True, True)
+    _, final = metal.short_conv_fused_fwd(*_on(dev, x, weight, None, mask, init, None), SILU, True, True)
     assert torch.equal(final.cpu(), init), "with T == 0 the final states are the initial states"
     x1, w1, init1 = _rand(2, 8, 5, gen=gen), _rand(8, 1, gen=gen), torch.zeros(2, 8, 0)
-    out, _ = metal.causal_conv1d_fwd(*_on(dev, x1, w1, None, None, init1), False, False)
-    ref_out, _ = reference.causal_conv1d_fwd(*_to64(x1, w1), None, None, *_to64(init1), False, False)
+    out, _ = metal.causal_conv1d_fwd(*_on(dev, x1, w1, None, None, init1), IDENTITY, False)
+    ref_out, _ = reference.causal_conv1d_fwd(*_to64(x1, w1), None, None, *_to64(init1), IDENTITY, False)
     _check("out (W == 1, empty initial states)", out, ref_out, torch.float32)

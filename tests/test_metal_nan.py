@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from causal_conv1d_mps import metal, reference
+from causal_conv1d_mps._activation import IDENTITY, SILU
 
 _REASON = metal.unsupported_reason(torch.device("cpu"), torch.float32)
 pytestmark = [pytest.mark.metal, pytest.mark.skipif(_REASON is not None, reason=str(_REASON))]
@@ -37,12 +38,12 @@ def test_causal_conv1d_padding_positions_hold_nan_without_effect(width):
     weight, bias, init = _rand(d, width, seed=3), _rand(d, seed=4), _rand(b, d, width - 1, seed=5)
     x[:, :, 12:18] = NAN  # padding (seq_idx < 0)
     dout[:, :, 12:18] = NAN
-    out, _ = metal.causal_conv1d_fwd(x, weight, bias, seq, init, True, False)
-    want, _ = reference.causal_conv1d_fwd(_zeroed(x), weight, bias, seq, init, True, False)
+    out, _ = metal.causal_conv1d_fwd(x, weight, bias, seq, init, SILU, False)
+    want, _ = reference.causal_conv1d_fwd(_zeroed(x), weight, bias, seq, init, SILU, False)
     _close("out", out, want)
     assert torch.equal(out[:, :, 12:18], torch.zeros_like(out[:, :, 12:18])), "padding output is not exactly 0"
-    got = metal.causal_conv1d_bwd(x, weight, bias, seq, init, dout, None, True)
-    want = reference.causal_conv1d_bwd(_zeroed(x), weight, bias, seq, init, _zeroed(dout), None, True)
+    got = metal.causal_conv1d_bwd(x, weight, bias, seq, init, dout, None, SILU)
+    want = reference.causal_conv1d_bwd(_zeroed(x), weight, bias, seq, init, _zeroed(dout), None, SILU)
     for name, g, w in zip(("dx", "dweight", "dbias", "dinitial_states"), got, want):
         _close(name, g, w)
     assert torch.equal(got[0][:, :, 12:18], torch.zeros_like(got[0][:, :, 12:18])), "padding dx is not exactly 0"
@@ -58,12 +59,12 @@ def test_causal_conv1d_nan_in_one_sequence_and_its_states_stays_there(width):
     init[:, :, 0] = NAN  # the states belong to sequence 0 (position 0's)
     dout[:, :, 6] = NAN
     later = slice(10, t)
-    out, _ = metal.causal_conv1d_fwd(x, weight, bias, seq, init, True, False)
-    want, _ = reference.causal_conv1d_fwd(_zeroed(x), weight, bias, seq, _zeroed(init), True, False)
+    out, _ = metal.causal_conv1d_fwd(x, weight, bias, seq, init, SILU, False)
+    want, _ = reference.causal_conv1d_fwd(_zeroed(x), weight, bias, seq, _zeroed(init), SILU, False)
     _close("out of sequences 1 and 2", out[:, :, later], want[:, :, later])
     assert torch.isnan(out[:, :, 4]).all(), "NaN inside its own sequence must propagate"
-    dx = metal.causal_conv1d_bwd(x, weight, bias, seq, init, dout, None, True)[0]
-    want_dx = reference.causal_conv1d_bwd(_zeroed(x), weight, bias, seq, _zeroed(init), _zeroed(dout), None, True)[0]
+    dx = metal.causal_conv1d_bwd(x, weight, bias, seq, init, dout, None, SILU)[0]
+    want_dx = reference.causal_conv1d_bwd(_zeroed(x), weight, bias, seq, _zeroed(init), _zeroed(dout), None, SILU)[0]
     _close("dx of sequences 1 and 2", dx[:, :, later], want_dx[:, :, later])
 
 
@@ -79,16 +80,16 @@ def test_short_conv_fused_masked_positions_hold_nan_without_effect(width):
     mask[hidden] = 0.0
     mask[1, 5] = 0.5  # a non-zero mask value still scales
     x[hidden] = NAN
-    out, final = metal.short_conv_fused_fwd(x, weight, bias, mask, init, None, True, True, True)
-    want, want_final = reference.short_conv_fused_fwd(_zeroed(x), weight, bias, mask, init, None, True, True, True)
+    out, final = metal.short_conv_fused_fwd(x, weight, bias, mask, init, None, SILU, True, True)
+    want, want_final = reference.short_conv_fused_fwd(_zeroed(x), weight, bias, mask, init, None, SILU, True, True)
     assert torch.isnan(out[hidden]).all(), "the residual adds the unmasked x at its own position"
     _close("out elsewhere", out[~hidden], want[~hidden])
     _close("final_states", final, want_final)
     assert final[0, :, -1].eq(0).all(), "a masked position holds 0 in the final states"
     got = metal.short_conv_fused_bwd(x, weight, bias, mask, init, None, dout, _rand(b, d, width - 1, seed=16),
-                                     True, True)
+                                     SILU, True)
     want = reference.short_conv_fused_bwd(_zeroed(x), weight, bias, mask, init, None, dout,
-                                          _rand(b, d, width - 1, seed=16), True, True)
+                                          _rand(b, d, width - 1, seed=16), SILU, True)
     for name, g, w in zip(("dx", "dweight", "dbias", "dinitial_states"), got, want):
         _close(name, g, w)
 
@@ -102,13 +103,13 @@ def test_short_conv_fused_nan_in_one_packed_sequence_stays_there(width):
     x[0, 20] = NAN  # sequence 1
     init[1] = NAN
     others = torch.cat([torch.arange(0, 12), torch.arange(30, 45)])
-    out, final = metal.short_conv_fused_fwd(x, weight, bias, None, init, cu, True, False, True)
-    want, want_final = reference.short_conv_fused_fwd(_zeroed(x), weight, bias, None, _zeroed(init), cu, True,
+    out, final = metal.short_conv_fused_fwd(x, weight, bias, None, init, cu, SILU, False, True)
+    want, want_final = reference.short_conv_fused_fwd(_zeroed(x), weight, bias, None, _zeroed(init), cu, SILU,
                                                       False, True)
     _close("out of sequences 0 and 2", out[0, others], want[0, others])
     _close("final states of sequences 0 and 2", final[[0, 2]], want_final[[0, 2]])
-    got = metal.short_conv_fused_bwd(x, weight, bias, None, init, cu, dout, None, True, False)
-    want = reference.short_conv_fused_bwd(_zeroed(x), weight, bias, None, _zeroed(init), cu, dout, None, True,
+    got = metal.short_conv_fused_bwd(x, weight, bias, None, init, cu, dout, None, SILU, False)
+    want = reference.short_conv_fused_bwd(_zeroed(x), weight, bias, None, _zeroed(init), cu, dout, None, SILU,
                                           False)
     _close("dx of sequences 0 and 2", got[0][0, others], want[0][0, others])
     _close("dinitial_states of sequences 0 and 2", got[3][[0, 2]], want[3][[0, 2]])
@@ -125,9 +126,9 @@ def test_decode_padding_rows_output_zero_and_touch_nothing(circular):
     indices = torch.tensor([3, -1, 0], dtype=torch.int32)
     seqlens = torch.tensor([1, 4, 2], dtype=torch.int32) if circular else None
     got_state = state.clone()
-    out = metal.short_conv_update(x, got_state, weight, bias, seqlens, indices, True, True)
+    out = metal.short_conv_update(x, got_state, weight, bias, seqlens, indices, SILU, True)
     want_state = state.clone()
-    want = reference.short_conv_update(_zeroed(x), want_state, weight, bias, seqlens, indices, True, True)
+    want = reference.short_conv_update(_zeroed(x), want_state, weight, bias, seqlens, indices, SILU, True)
     assert torch.equal(out[1], torch.zeros_like(out[1])), "padding row output is not exactly 0"
     _close("out of the other rows", out[[0, 2]], want[[0, 2]])
     assert torch.equal(got_state.nan_to_num(7.0), want_state.nan_to_num(7.0)), "state rows differ"
@@ -141,10 +142,10 @@ def test_circular_positions_never_leave_the_state_whatever_cache_seqlens_holds()
     x, weight = _rand(b, steps, d, seed=27), _rand(d, w, seed=28)
     seqlens = torch.tensor([-1, -5, 2**31 - 1, -2**31], dtype=torch.int32)
     before = big.clone()
-    out = metal.short_conv_update(x, state, weight, None, seqlens, None, False, False)
+    out = metal.short_conv_update(x, state, weight, None, seqlens, None, IDENTITY, False)
     reduced = (seqlens.long() % s).int()
     want_state = before[:, :, 2:2 + s].clone()
-    want = reference.short_conv_update(x, want_state, weight, None, reduced, None, False, False)
+    want = reference.short_conv_update(x, want_state, weight, None, reduced, None, IDENTITY, False)
     _close("out", out, want)
     assert torch.equal(state, want_state), "state differs from the update at the reduced positions"
     outside = torch.ones_like(big, dtype=torch.bool)
@@ -158,6 +159,6 @@ def test_cu_seqlens_ending_before_t_never_reads_past_its_last_entry():
     t, d, w = 20, 4, 3
     cu = torch.tensor([0, 5, 10], dtype=torch.int32)  # ends at 10 < T
     x, weight = _rand(1, t, d, seed=29), _rand(d, w, seed=30)
-    out, _ = metal.short_conv_fused_fwd(x, weight, None, None, None, cu, False, False, False)
-    want, _ = reference.short_conv_fused_fwd(x[:, :10], weight, None, None, None, cu, False, False, False)
+    out, _ = metal.short_conv_fused_fwd(x, weight, None, None, None, cu, IDENTITY, False, False)
+    want, _ = reference.short_conv_fused_fwd(x[:, :10], weight, None, None, None, cu, IDENTITY, False, False)
     _close("out of the described sequences", out[:, :10], want)

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import causal_conv1d_mps as ccmps
+from causal_conv1d_mps._activation import SILU
 import oracle
 from conftest import (
     WIDTHS,
@@ -436,10 +437,10 @@ def test_triton_kernels_stay_inside_x_for_unchecked_cu_seqlens(backend, device, 
     cu = torch.tensor(bounds, dtype=torch.int32, device=device)
     n = len(bounds) - 1
     states = randn(n, d, width - 1, device=device, generator=gen)
-    out, final = triton_backend.short_conv_fused_fwd(x, weight, bias, None, states, cu, True, True, True)
+    out, final = triton_backend.short_conv_fused_fwd(x, weight, bias, None, states, cu, SILU, True, True)
     dout, dfinal = torch.ones_like(out), torch.ones_like(final)
     dx, dweight, dbias, dstates = triton_backend.short_conv_fused_bwd(x, weight, bias, None, states, cu, dout, dfinal,
-                                                                      True, True)
+                                                                      SILU, True)
     for label, result in (("out", out), ("final_states", final), ("dx", dx), ("dweight", dweight), ("dbias", dbias),
                           ("dinitial_states", dstates)):
         assert torch.isfinite(result).all(), f"{label}: read outside x"

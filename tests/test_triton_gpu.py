@@ -13,6 +13,7 @@ import torch
 import causal_conv1d_mps as ccmps
 import causal_conv1d_mps.triton as triton_backend
 from causal_conv1d_mps import reference
+from causal_conv1d_mps._activation import SILU
 
 pytestmark = [
     pytest.mark.triton,
@@ -51,14 +52,14 @@ def test_large_forward_and_backward_match_float64(layout):
     h0 = _randn(B, D, W - 1)
     dout = torch.randn_like(x)
     dht = _randn(B, D, W - 1)
-    out, final = triton_backend.causal_conv1d_fwd(x, w, b, None, h0, True, True)
+    out, final = triton_backend.causal_conv1d_fwd(x, w, b, None, h0, SILU, True)
     assert out.stride() == x.stride()
-    ref_out, ref_final = reference.causal_conv1d_fwd(x.double(), w.double(), b.double(), None, h0.double(), True, True)
+    ref_out, ref_final = reference.causal_conv1d_fwd(x.double(), w.double(), b.double(), None, h0.double(), SILU, True)
     assert _rel(out, ref_out) <= TOL[torch.bfloat16]
     assert torch.equal(final, ref_final.to(final.dtype))
-    grads = triton_backend.causal_conv1d_bwd(x, w, b, None, h0, dout, dht, True)
+    grads = triton_backend.causal_conv1d_bwd(x, w, b, None, h0, dout, dht, SILU)
     ref = reference.causal_conv1d_bwd(x.double(), w.double(), b.double(), None, h0.double(), dout.double(),
-                                      dht.double(), True)
+                                      dht.double(), SILU)
     for name, g, r in zip(("dx", "dweight", "dbias", "dinitial_states"), grads, ref):
         assert _rel(g, r) <= TOL[torch.bfloat16], f"{name}: {_rel(g, r):.2e}"
 
@@ -75,10 +76,10 @@ def test_more_than_2_pow_31_elements(layout):
         torch.empty(1, T, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
     x.normal_()
     w, b = _randn(D, W, dtype=torch.float32, scale=0.5), _randn(D, dtype=torch.float32)
-    out, _ = triton_backend.causal_conv1d_fwd(x, w, b, None, None, True, False)
+    out, _ = triton_backend.causal_conv1d_fwd(x, w, b, None, None, SILU, False)
     for start in (0, T // 2, T - 200):
         window = x[:, :, max(start - (W - 1), 0):start + 200]
-        ref, _ = reference.causal_conv1d_fwd(window.double(), w.double(), b.double(), None, None, True, False)
+        ref, _ = reference.causal_conv1d_fwd(window.double(), w.double(), b.double(), None, None, SILU, False)
         got = out[:, :, start:start + 200]
         assert _rel(got, ref[:, :, ref.shape[2] - got.shape[2]:]) <= TOL[torch.bfloat16], f"at t={start}"
     del out, x
@@ -114,9 +115,9 @@ def test_cuda_graph_replays_forward_and_decode():
         state0 = state.clone()
         graph.replay()
         torch.cuda.synchronize()
-        ref_y, ref_fin = reference.short_conv_fused_fwd(x, w, b, None, h0, cu, True, True, True)
+        ref_y, ref_fin = reference.short_conv_fused_fwd(x, w, b, None, h0, cu, SILU, True, True)
         ref_state = state0.clone()
-        ref_yd = reference.short_conv_update(xd, ref_state, w, b, seqlens, None, True, True)
+        ref_yd = reference.short_conv_update(xd, ref_state, w, b, seqlens, None, SILU, True)
         assert _rel(y, ref_y) <= TOL[torch.bfloat16]
         assert torch.equal(fin, ref_fin)
         assert _rel(yd, ref_yd) <= TOL[torch.bfloat16]

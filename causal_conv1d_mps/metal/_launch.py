@@ -8,8 +8,7 @@ from . import _contract
 from ._loader import MetalCompileError, compile_family, first_error_line, kernel_name
 
 FLAGS = _contract.FLAGS
-HAS_BIAS, HAS_SEQ, HAS_INIT, SILU, HAS_DFINAL = (FLAGS[n] for n in ("HAS_BIAS", "HAS_SEQ", "HAS_INIT", "SILU",
-                                                                     "HAS_DFINAL"))
+HAS_BIAS, HAS_SEQ, HAS_INIT, HAS_DFINAL = (FLAGS[n] for n in ("HAS_BIAS", "HAS_SEQ", "HAS_INIT", "HAS_DFINAL"))
 HAS_MASK, HAS_CU, RESIDUAL, CIRCULAR, HAS_INDICES = (FLAGS[n] for n in ("HAS_MASK", "HAS_CU", "RESIDUAL",
                                                                         "CIRCULAR", "HAS_INDICES"))
 # Threads per threadgroup of the weight-gradient kernels (CC_GROUP in the generated header).

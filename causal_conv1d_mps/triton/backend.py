@@ -21,29 +21,29 @@ def _is_channel_last(x_bdt: Tensor) -> bool:
     return x_bdt.stride(2) != 1
 
 
-def causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, silu: bool, return_final_states: bool):
+def causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation: int, return_final_states: bool):
     B, D, T = x.shape
     out = torch.empty_like(x)
     strides = _btd_strides(x)
     launch_forward(x, strides, out, _btd_strides(out), B, T, D, weight, bias, None, seq_idx, None,
-                   initial_states, silu, False, _is_channel_last(x))
+                   initial_states, activation, False, _is_channel_last(x))
     if not return_final_states:
         return out, x.new_empty(0)
     W = weight.shape[1]
     return out, gather_states(x, strides, B, T, D, W - 1, W, None, initial_states, None)
 
 
-def causal_conv1d_bwd(x, weight, bias, seq_idx, initial_states, dout, dfinal_states, silu: bool):
+def causal_conv1d_bwd(x, weight, bias, seq_idx, initial_states, dout, dfinal_states, activation: int):
     B, D, T = x.shape
     dx = torch.empty_like(x)
     dweight, dbias, dh0 = launch_backward(
         x, _btd_strides(x), dout, _btd_strides(dout), dx, _btd_strides(dx), B, T, D, weight, bias, None,
-        seq_idx, None, initial_states, dfinal_states, silu, False, _is_channel_last(x))
+        seq_idx, None, initial_states, dfinal_states, activation, False, _is_channel_last(x))
     return dx, dweight, dbias, dh0
 
 
 def short_conv_fused_fwd(x, weight, bias, mask, initial_states, cu_seqlens,
-                         activation: bool, residual: bool, return_final_states: bool):
+                         activation: int, residual: bool, return_final_states: bool):
     B, T, D = x.shape
     out = x.new_empty(B, T, D)
     launch_forward(x, x.stride(), out, out.stride(), B, T, D, weight, bias, mask, None, cu_seqlens,
@@ -56,7 +56,7 @@ def short_conv_fused_fwd(x, weight, bias, mask, initial_states, cu_seqlens,
 
 
 def short_conv_fused_bwd(x, weight, bias, mask, initial_states, cu_seqlens, dout, dfinal_states,
-                         activation: bool, residual: bool):
+                         activation: int, residual: bool):
     B, T, D = x.shape
     dx = x.new_empty(B, T, D)
     dweight, dbias, dh0 = launch_backward(
@@ -66,7 +66,7 @@ def short_conv_fused_bwd(x, weight, bias, mask, initial_states, cu_seqlens, dout
 
 
 def short_conv_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indices,
-                      activation: bool, residual: bool) -> Tensor:
+                      activation: int, residual: bool) -> Tensor:
     return launch_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation, residual)
 
 

@@ -25,7 +25,7 @@ def _search_steps(cu_seqlens: Tensor | None) -> tuple[int, int]:
 
 def launch_forward(x: Tensor, x_strides, out: Tensor, out_strides, B: int, T: int, D: int,
                    weight: Tensor, bias, mask, seq_idx, cu_seqlens, initial_states,
-                   activation: bool, residual: bool, channel_last: bool) -> None:
+                   activation: int, residual: bool, channel_last: bool) -> None:
     """out[b, t, d] = (x if residual) + act(bias + conv(xe)) for the `[B, T, D]` view given by the strides."""
     if B == 0 or T == 0 or D == 0:
         return
@@ -46,7 +46,7 @@ def launch_forward(x: Tensor, x_strides, out: Tensor, out_strides, B: int, T: in
 
 def launch_backward(x: Tensor, x_strides, dout: Tensor, dout_strides, dx: Tensor, dx_strides,
                     B: int, T: int, D: int, weight: Tensor, bias, mask, seq_idx, cu_seqlens, initial_states,
-                    dfinal_states, activation: bool, residual: bool, channel_last: bool):
+                    dfinal_states, activation: int, residual: bool, channel_last: bool):
     """Fill `dx`; return (dweight, dbias or empty, dinitial_states or empty)."""
     W = weight.shape[1]
     use_h0 = initial_states is not None and W > 1

@@ -10,7 +10,7 @@ from ._loader import is_interpreted, kernels_for
 
 
 def launch_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias, cache_seqlens, conv_state_indices,
-                  activation: bool, residual: bool) -> Tensor:
+                  activation: int, residual: bool) -> Tensor:
     """`x` `[B, L, D]` any strides; `conv_state` `[B|N, D, S]` any strides, updated in place."""
     B, L, D = x.shape
     N, _, S = conv_state.shape

@@ -22,7 +22,8 @@ struct CausalConvCtx {
   device const float* dfin;
   long B, D, len, width;
   long xsb, xsd, xst, gsb, gsd, gst;
-  bool has_bias, has_seq, has_init, silu, has_dfinal;
+  long activation;  // a CC_ACTIVATION_* code
+  bool has_bias, has_seq, has_init, has_dfinal;
 
   float weight(long d, int k) const {
     return w[d * width + k];
@@ -71,7 +72,7 @@ struct CausalConvCtx {
     if (silent(s)) {
       return 0.0f;
     }
-    return silu ? cc_silu(pre) : pre;
+    return cc_activation(activation, pre);
   }
   // The final states are the last W-1 positions of the row, seq_idx or not.
   float finish_dx(long b, long d, long q, float acc, Seg s) const {
@@ -123,11 +124,11 @@ inline CausalConvCtx<T> cc_make_ctx(
   c.gsb = p[CONV_G_STRIDE_B];
   c.gsd = p[CONV_G_STRIDE_D];
   c.gst = p[CONV_G_STRIDE_T];
+  c.activation = p[CONV_ACTIVATION];
   const long flags = p[CONV_FLAGS];
   c.has_bias = (flags & CC_HAS_BIAS) != 0;
   c.has_seq = (flags & CC_HAS_SEQ) != 0;
   c.has_init = (flags & CC_HAS_INIT) != 0;
-  c.silu = (flags & CC_SILU) != 0;
   c.has_dfinal = (flags & CC_HAS_DFINAL) != 0;
   return c;
 }

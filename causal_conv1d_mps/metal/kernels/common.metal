@@ -23,14 +23,31 @@ inline float cc_sigmoid(float v) {
   return 1.0f / (1.0f + exp(-v));
 }
 
-inline float cc_silu(float v) {
-  return v * cc_sigmoid(v);
+// The activation `code` (the ACTIVATION parameter slot: a CC_ACTIVATION_*
+// code of the registry causal_conv1d_mps/_activation.py) of the
+// pre-activation v. The code is the same for every thread of a launch, so
+// the switch never diverges.
+inline float cc_activation(long code, float v) {
+  switch (code) {
+    case CC_ACTIVATION_SILU:
+      return v * cc_sigmoid(v);
+    default:  // CC_ACTIVATION_IDENTITY
+      return v;
+  }
 }
 
-// d silu(v) / dv = s * (1 + v * (1 - s)), s = sigmoid(v).
-inline float cc_silu_grad(float v) {
-  float s = cc_sigmoid(v);
-  return s * (1.0f + v * (1.0f - s));
+// d cc_activation(code, v) / dv. The backward skips it, and the
+// recomputation of the pre-activation, for CC_ACTIVATION_IDENTITY.
+inline float cc_activation_grad(long code, float v) {
+  switch (code) {
+    case CC_ACTIVATION_SILU: {
+      // s * (1 + v * (1 - s)), s = sigmoid(v)
+      const float s = cc_sigmoid(v);
+      return s * (1.0f + v * (1.0f - s));
+    }
+    default:  // CC_ACTIVATION_IDENTITY
+      return 1.0f;
+  }
 }
 
 // Positive remainder, for circular buffers indexed by possibly negative values.
@@ -49,7 +66,7 @@ struct Seg {
 };
 
 // What the bodies below ask of a context `c` (CausalConvCtx, FusedConvCtx):
-//   sizes and flags: c.D, c.len, c.width, c.silu, c.has_dfinal
+//   sizes and flags: c.D, c.len, c.width, c.activation, c.has_dfinal
 //   c.weight(d, k), c.bias(d)                    float32 parameters
 //   c.seg_first(b, t), c.seg_next(b, t, prev)    segment of t (next: t grows)
 //   c.silent(seg)                                output forced to 0 there
@@ -119,14 +136,15 @@ inline void cc_forward_run(
 }
 
 // Gradient with respect to the pre-activation at t (0 outside [0, len) and
-// where the output is forced to 0). SiLU recomputes the pre-activation.
+// where the output is forced to 0). An activation other than the identity
+// recomputes the pre-activation.
 template <int W, class Ctx>
 inline float cc_grad_pre(thread const Ctx& c, long b, long d, long t, Seg seg) {
   if (t >= c.len || c.silent(seg)) {
     return 0.0f;
   }
   const float go = c.dout(b, d, t);
-  if (!c.silu) {
+  if (c.activation == CC_ACTIVATION_IDENTITY) {
     return go;
   }
   const int w = W > 0 ? W : int(c.width);
@@ -134,7 +152,7 @@ inline float cc_grad_pre(thread const Ctx& c, long b, long d, long t, Seg seg) {
   for (int k = 0; k < w; ++k) {
     pre = fma(c.weight(d, k), c.tap(b, d, t - (w - 1) + k, seg), pre);
   }
-  return go * cc_silu_grad(pre);
+  return go * cc_activation_grad(c.activation, pre);
 }
 
 // ---------------------------------------------------------------------------
@@ -203,12 +221,12 @@ inline void cc_backward_run(
       // dout and inputs may hold NaN and must not reach any gradient.
       if (!c.silent(st)) {
         g = c.dout(b, d, t);
-        if (c.silu) {
+        if (c.activation != CC_ACTIVATION_IDENTITY) {
           float pre = bias;
           for (int k = 0; k < WN; ++k) {
             pre = fma(wr[k], xw[k], pre);
           }
-          g *= cc_silu_grad(pre);
+          g *= cc_activation_grad(c.activation, pre);
         }
         if (t < t1) {
           for (int k = 0; k < WN; ++k) {

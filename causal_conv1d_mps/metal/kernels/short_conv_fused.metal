@@ -24,7 +24,8 @@ struct FusedConvCtx {
   device const float* dfin;
   long B, D, len, width, n_seq;
   long xsb, xst;
-  bool has_bias, has_mask, has_cu, has_init, silu, residual, has_dfinal;
+  long activation;  // a CC_ACTIVATION_* code
+  bool has_bias, has_mask, has_cu, has_init, residual, has_dfinal;
 
   float weight(long d, int k) const {
     return w[d * width + k];
@@ -103,7 +104,7 @@ struct FusedConvCtx {
     return has_cu ? long(cu[s.id + 1]) : len;
   }
   float finish(long b, long d, long t, float pre, Seg s) const {
-    float y = silu ? cc_silu(pre) : pre;
+    float y = cc_activation(activation, pre);
     if (residual) {
       y += static_cast<float>(x[b * xsb + t * xst + d]);
     }
@@ -164,13 +165,13 @@ inline FusedConvCtx<T> fused_make_ctx(
   c.width = p[FUSED_W];
   c.xsb = p[FUSED_X_STRIDE_B];
   c.xst = p[FUSED_X_STRIDE_T];
+  c.activation = p[FUSED_ACTIVATION];
   const long flags = p[FUSED_FLAGS];
   c.n_seq = p[FUSED_N_STATES];
   c.has_bias = (flags & CC_HAS_BIAS) != 0;
   c.has_mask = (flags & CC_HAS_MASK) != 0;
   c.has_cu = (flags & CC_HAS_CU) != 0;
   c.has_init = (flags & CC_HAS_INIT) != 0;
-  c.silu = (flags & CC_SILU) != 0;
   c.residual = (flags & CC_RESIDUAL) != 0;
   c.has_dfinal = (flags & CC_HAS_DFINAL) != 0;
   return c;

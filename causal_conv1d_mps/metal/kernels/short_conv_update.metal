@@ -56,7 +56,7 @@ template <typename T, int W>
   device T* sr =
       state + row * p[UPDATE_STATE_STRIDE_N] + d * p[UPDATE_STATE_STRIDE_D];
   const float bias_d = (flags & CC_HAS_BIAS) != 0 ? bias[d] : 0.0f;
-  const bool silu = (flags & CC_SILU) != 0;
+  const long activation = p[UPDATE_ACTIVATION];
   const bool residual = (flags & CC_RESIDUAL) != 0;
 
   // Phase 1: every output, reading the stream = (state window, new inputs).
@@ -76,7 +76,7 @@ template <typename T, int W>
       }
       acc = fma(weight[d * w + k], v, acc);
     }
-    float y = silu ? cc_silu(acc) : acc;
+    float y = cc_activation(activation, acc);
     if (residual) {
       y += static_cast<float>(xr[i * xsl]);
     }

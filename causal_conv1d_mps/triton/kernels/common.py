@@ -20,6 +20,8 @@ import os
 import triton
 import triton.language as tl
 
+from ... import _activation
+
 
 def _interpreting() -> bool:
     """Whether this copy of the kernels is being decorated for Triton's interpreter (see `.._loader`)."""
@@ -57,13 +59,27 @@ def sigmoid(b_x):
         return 1.0 / (1.0 + tl.exp(-b_x))
 
 
-@triton.jit
-def silu(b_x):
-    return b_x * sigmoid(b_x)
+# The codes of `causal_conv1d_mps._activation`, the registry every layer shares; the kernels take one as the
+# constexpr `ACTIVATION`, so each activation compiles to its own specialisation with no runtime branch.
+IDENTITY = tl.constexpr(_activation.IDENTITY)
+SILU = tl.constexpr(_activation.SILU)
 
 
 @triton.jit
-def silu_grad(b_x):
+def activation(b_x, ACTIVATION: tl.constexpr):
+    """The activation `ACTIVATION` (a registry code) of the float32 pre-activation `b_x`."""
+    if ACTIVATION == SILU:
+        return b_x * sigmoid(b_x)
+    else:
+        tl.static_assert(ACTIVATION == IDENTITY, "activation: unknown code")
+        return b_x
+
+
+@triton.jit
+def activation_grad(b_x, ACTIVATION: tl.constexpr):
+    """d activation / d pre at `b_x`, for every code but IDENTITY: its derivative is 1, so the kernels skip
+    it and the recomputation of the pre-activation (`if ACTIVATION != IDENTITY`)."""
+    tl.static_assert(ACTIVATION == SILU, "activation_grad: unknown code (IDENTITY never reaches it)")
     b_sig = sigmoid(b_x)
     return b_sig * (1.0 + b_x * (1.0 - b_sig))
 

@@ -5,7 +5,8 @@ tap k sit at `t = s + (W-1) - k`, so
     dxe[s]      = sum_k weight[k] * dpre[t_k]            (a gather: no atomics, no second pass)
     dweight[k] += sum_s dpre[t_k] * xe[s]
     dbias      += sum_s dpre[s]                          (the k = W-1 term)
-where `dpre = dout * silu'(pre)` recomputes the pre-activation from `x` (nothing saved from the forward).
+where `dpre = dout * act'(pre)` (`activation_grad`; the identity skips it) recomputes the pre-activation
+from `x` (nothing saved from the forward).
 Each program first computes dpre once per row (its BT rows and the W-1 rows after them), parks it in
 its own slice of an L2-resident float32 scratch, and after a barrier reads it back shifted by each tap:
 Triton has no register shift, and recomputing dpre for every tap would cost W times the arithmetic.
@@ -22,8 +23,8 @@ The W-1 steps before a sequence start (the initial states) have no row in that g
 import triton
 import triton.language as tl
 
-from .common import (add, conv_pre, conv_pre_interior, load_source, masked_input, row_sequences, silu_grad,
-                     stream_bounds)
+from .common import (IDENTITY, activation_grad, add, conv_pre, conv_pre_interior, load_source, masked_input,
+                     row_sequences, stream_bounds)
 
 
 @triton.jit
@@ -42,11 +43,11 @@ def dpre_rows(x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, i_b, o_t, o_
     p_do = (dout + i_b.to(tl.int64) * stride_do_b + o_t.to(tl.int64)[:, None] * stride_do_t
             + o_d.to(tl.int64)[None, :] * stride_do_d)
     b_dpre = tl.load(p_do, mask=ok_t[:, None] & m_d[None, :], other=0.).to(tl.float32)
-    if ACTIVATION:
+    if ACTIVATION != IDENTITY:
         b_pre = conv_pre(x, weight, bias, mask, seq_idx, h0, i_b, i_h, o_t, o_d, ok_t, m_d, bos, b_seq_t, ok_h,
                          T, D, stride_x_b, stride_x_t, stride_x_d, W, BT, BD,
                          HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, USE_INITIAL_STATE)
-        b_dpre = b_dpre * silu_grad(b_pre)
+        b_dpre = b_dpre * activation_grad(b_pre, ACTIVATION)
     return b_dpre
 
 
@@ -79,11 +80,13 @@ def bwd_tile_interior(x, weight, bias, mask, dout, dx, p_scr, b_dw, i_b, t0, o_r
     # halo rows past the first W-1 are never read back: clamped, they stay inside x
     o_th = tl.minimum(t0 + BT + o_rh, T - 1)
     b_dpre_h = tl.load(p_do + o_th.to(tl.int64)[:, None] * stride_do_t).to(tl.float32)
-    if ACTIVATION:
-        b_dpre = b_dpre * silu_grad(conv_pre_interior(x, weight, bias, mask, i_b, o_s, o_d, T, stride_x_b,
-                                                      stride_x_t, stride_x_d, W, BT, BD, HAS_BIAS, HAS_MASK))
-        b_dpre_h = b_dpre_h * silu_grad(conv_pre_interior(x, weight, bias, mask, i_b, o_th, o_d, T, stride_x_b,
-                                                          stride_x_t, stride_x_d, W, BH, BD, HAS_BIAS, HAS_MASK))
+    if ACTIVATION != IDENTITY:
+        b_pre = conv_pre_interior(x, weight, bias, mask, i_b, o_s, o_d, T, stride_x_b, stride_x_t, stride_x_d,
+                                  W, BT, BD, HAS_BIAS, HAS_MASK)
+        b_pre_h = conv_pre_interior(x, weight, bias, mask, i_b, o_th, o_d, T, stride_x_b, stride_x_t, stride_x_d,
+                                    W, BH, BD, HAS_BIAS, HAS_MASK)
+        b_dpre = b_dpre * activation_grad(b_pre, ACTIVATION)
+        b_dpre_h = b_dpre_h * activation_grad(b_pre_h, ACTIVATION)
     tl.debug_barrier()  # the previous tile's readers are done with the scratch
     tl.store(p_scr + o_r[:, None] * SCR_R, b_dpre)
     tl.store(p_scr + (BT + o_rh)[:, None] * SCR_R, b_dpre_h)
@@ -263,12 +266,12 @@ def conv_bwd_initial_state_kernel(
             ok_t = ok_t & (b_seq_t == b_seq_hc) & (b_seq_hc >= 0)
         b_dpre = tl.load(p_do + o_t.to(tl.int64)[:, None] * stride_do_t, mask=ok_t[:, None] & m_d[None, :],
                          other=0.).to(tl.float32)
-        if ACTIVATION:
+        if ACTIVATION != IDENTITY:
             if bos + j0 < eos:
                 b_pre = conv_pre(x, weight, bias, mask, seq_idx, h0, i_b, o_c * 0 + i_r, o_t, o_d, ok_t, m_d, bos,
                                  b_seq_hc, ok_t, T, D, stride_x_b, stride_x_t, stride_x_d, W, BC, BD,
                                  HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, True)
-                b_dpre = b_dpre * silu_grad(b_pre)
+                b_dpre = b_dpre * activation_grad(b_pre, ACTIVATION)
         tl.store(p_scr + (j0 + o_c)[:, None] * BD, b_dpre)
     tl.debug_barrier()  # make the rows visible to every thread of the program
 

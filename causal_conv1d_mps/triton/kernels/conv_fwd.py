@@ -9,7 +9,7 @@ loaded by its neighbour moments earlier and still sit in L2.
 import triton
 import triton.language as tl
 
-from .common import conv_pre, conv_pre_interior, row_sequences, silu
+from .common import activation, conv_pre, conv_pre_interior, row_sequences
 
 
 @triton.jit
@@ -37,8 +37,7 @@ def conv_fwd_kernel(
     if is_interior:
         b_out = conv_pre_interior(x, weight, bias, mask, i_b, o_t, o_d, T, stride_x_b, stride_x_t, stride_x_d,
                                   W, BT, BD, HAS_BIAS, HAS_MASK)
-        if ACTIVATION:
-            b_out = silu(b_out)
+        b_out = activation(b_out, ACTIVATION)
         if HAS_RESIDUAL:
             b_out += tl.load(p_x + o_t.to(tl.int64)[:, None] * stride_x_t).to(tl.float32)
         tl.store(p_o, b_out.to(out.dtype.element_ty))
@@ -51,8 +50,7 @@ def conv_fwd_kernel(
         b_out = conv_pre(x, weight, bias, mask, seq_idx, h0, i_b, i_h, o_t, o_d, m_t, m_d, bos, b_seq_t, ok_h,
                          T, D, stride_x_b, stride_x_t, stride_x_d, W, BT, BD,
                          HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, USE_INITIAL_STATE)
-        if ACTIVATION:
-            b_out = silu(b_out)
+        b_out = activation(b_out, ACTIVATION)
         if HAS_SEQ_IDX:
             b_out = tl.where((b_seq_t >= 0)[:, None], b_out, 0.)
         m_td = m_t[:, None] & m_d[None, :]

@@ -14,7 +14,7 @@ Padding rows read nothing (masked loads) and output exactly 0.
 import triton
 import triton.language as tl
 
-from .common import silu
+from .common import activation
 
 
 @triton.jit
@@ -66,8 +66,7 @@ def short_conv_update_kernel(
             b_v += tl.load(p_s + o_r.to(tl.int64) * stride_s_s, mask=m_live & (o_zero + r < 0), other=0.).to(tl.float32)
             b_w = tl.load(weight + o_d * W + k, mask=m_d, other=0.).to(tl.float32)
             b_out += b_v * b_w
-        if ACTIVATION:
-            b_out = silu(b_out)
+        b_out = activation(b_out, ACTIVATION)
         if HAS_RESIDUAL:
             b_out += tl.load(p_x + i * stride_x_l, mask=m_live, other=0.).to(tl.float32)
         b_out = tl.where(m_live, b_out, 0.)
