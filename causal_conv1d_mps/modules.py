@@ -54,7 +54,7 @@ class ShortConvolution(nn.Module):
         want_cache = output_final_state or cache is not None
         if self.context_parallel is not None:
             from . import context_parallel as cp
-            result = cp.short_conv_fused(x, self.weight, self.bias, attention_mask, self.silu, self.residual,
+            result = cp.short_conv_fused(x, self.weight, self.bias, attention_mask, self.activation, self.residual,
                                          initial_states=cache, return_final_states=want_cache,
                                          cu_seqlens=cu_seqlens, context=self.context_parallel)
             return result if want_cache else (result, None)

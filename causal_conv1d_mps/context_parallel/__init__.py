@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .. import _validate as check
 from .. import api
-from ..api import _activation_flag
+from .. import _activation
 from . import _exchange
 from ._functions import Comm, PackedFunction, RowsFunction
 from ._local import ConvSlice, FusedSlice
@@ -109,7 +109,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activat
     over `context`'s group. Arguments as there, plus: `seq_idx` `[B, T_local]` is this rank's slice of
     the global ids; `initial_states` `[B, D, W-1]` are read on the first rank. Returns `out`
     `[B, D, T_local]`, or `(out, final_states)` with the sequence's final states on every rank."""
-    silu = check.activation_is_silu(activation)
+    act = _activation.code(activation)
     check.tensor("x", x, ndim=3)
     check.floating("x", x)
     b, d, t = x.shape
@@ -124,7 +124,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activat
     if width == 1:  # no history: nothing crosses a rank boundary
         return api.causal_conv1d(x, weight, bias, activation, seq_idx=seq_idx, initial_states=initial_states,
                                  return_final_states=return_final_states)
-    local = ConvSlice(weight.contiguous(), _contig(bias), silu)
+    local = ConvSlice(weight.contiguous(), _contig(bias), act)
     seq = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
     out, final = RowsFunction.apply(_bdt_layout(x), local.weight, local.bias, _contig(initial_states), seq,
                                     local, return_final_states, comm)
@@ -141,7 +141,7 @@ def short_conv_fused(x: Tensor, weight: Tensor, bias: Tensor | None = None, atte
     (identical on every rank, B == 1); `initial_states` are `[N, D, W-1]` then (pass them on every rank),
     else `[B, D, W-1]` read on the first rank. Returns `out` `[B, T_local, D]`, or `(out, final_states)`
     with the sequence's (each sequence's) final states on every rank."""
-    act = _activation_flag(activation)
+    act = _activation.code(activation, allow_bool=True)
     check.tensor("x", x, ndim=3)
     check.floating("x", x)
     b, t, d = x.shape
@@ -162,7 +162,7 @@ def short_conv_fused(x: Tensor, weight: Tensor, bias: Tensor | None = None, atte
                       cu_seqlens=cu_seqlens)
     comm = _comm(_context(context))
     if width == 1:  # no history: nothing crosses a rank boundary, and states have width 0
-        out = api.short_conv_fused(x, weight, bias, attention_mask, act, residual)
+        out = api.short_conv_fused(x, weight, bias, attention_mask, activation, residual)
         return (out, x.new_empty(rows, d, 0)) if return_final_states else out
     if x.stride(2) != 1 and d > 1:
         x = x.contiguous()

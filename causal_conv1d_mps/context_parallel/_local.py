@@ -24,12 +24,12 @@ def _contig(t: Tensor | None) -> Tensor | None:
 
 
 class ConvSlice:
-    """`causal_conv1d` on `x` `[B, D, T]` (contiguous or channel-last), optional bias and SiLU."""
+    """`causal_conv1d` on `x` `[B, D, T]` (contiguous or channel-last), optional bias and activation."""
 
     tdim = 2
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, silu: bool):
-        self.weight, self.bias, self.silu = weight, bias, silu
+    def __init__(self, weight: Tensor, bias: Tensor | None, activation: int):
+        self.weight, self.bias, self.activation = weight, bias, activation
 
     def length(self, x: Tensor) -> int:
         return x.shape[2]
@@ -38,12 +38,12 @@ class ConvSlice:
         return _bdt(x[:, :, :n])
 
     def forward(self, x: Tensor, states: Tensor | None, want_final: bool, seq_idx: Tensor | None = None):
-        return ops.causal_conv1d(x, self.weight, self.bias, seq_idx, _contig(states), self.silu, want_final)
+        return ops.causal_conv1d(x, self.weight, self.bias, seq_idx, _contig(states), self.activation, want_final)
 
     def backward(self, x: Tensor, states: Tensor | None, dout: Tensor, dfinal: Tensor | None,
                  seq_idx: Tensor | None = None):
         return ops.causal_conv1d_bwd(x, self.weight, self.bias, seq_idx, _contig(states),
-                                     ops.in_layout_of(dout, x), _contig(dfinal), self.silu)
+                                     ops.in_layout_of(dout, x), _contig(dfinal), self.activation)
 
     def tail_columns(self, x: Tensor, k: int, dtype: torch.dtype) -> Tensor:
         """`[B, D, k]`: the last k inputs, as the conv reads them."""
@@ -65,14 +65,15 @@ class ConvSlice:
 
 
 class FusedSlice:
-    """`short_conv_fused` on `x` `[B, T, D]` (`x.stride(2) == 1`): mask, bias, SiLU, residual.
+    """`short_conv_fused` on `x` `[B, T, D]` (`x.stride(2) == 1`): mask, bias, activation (a code of
+    `causal_conv1d_mps._activation`), residual.
 
     `mask` is the normalised `[B, T]` float mask or None. The conv reads `x * mask` with masked positions
     selected to exactly 0 (a NaN there never reaches another position)."""
 
     tdim = 1
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, mask: Tensor | None, activation: bool, residual: bool):
+    def __init__(self, weight: Tensor, bias: Tensor | None, mask: Tensor | None, activation: int, residual: bool):
         self.weight, self.bias, self.mask = weight, bias, mask
         self.activation, self.residual = activation, residual
 
