@@ -2,13 +2,13 @@
 forward tiles against the per-thread-run kernel (`kernels/conv_fwd_runs.py`) in several tilings, all
 with the copy bandwidth of the same run. Prints a short table last; writes the full log to $OUT.
 
-    PYTHONPATH=$PWD python benchmarks/prototypes/v5_bench.py [--quick]
+    PYTHONPATH=$PWD python benchmarks/prototypes/v5_bench.py 
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
-import sys
 import time
 
 import torch
@@ -64,14 +64,14 @@ def case_fwd(layout, B, D, T, W, variants, copy_gbs, fused=False):
         fn = lambda: ccmps.short_conv_fused(x, w, b, mask, True, True)  # noqa: E731
         xm = (x.double() * mask.double()[:, :, None]).transpose(1, 2)
         ref = ref_conv(xm, w, b, True).transpose(1, 2) + x.double()
-        nbytes = 2 * x.numel() * 2 + mask.numel()
+        nbytes = 2 * x.numel() * x.element_size() + mask.numel()
         name = "conv_fwd_channel_last"
     else:
         x = torch.randn(B, T, D, device=DEV, generator=g).to(BF16).transpose(1, 2) if layout == "cl" else \
             torch.randn(B, D, T, device=DEV, generator=g).to(BF16)
         fn = lambda: ccmps.causal_conv1d(x, w, b, "silu")  # noqa: E731
         ref = ref_conv(x, w, b, True)
-        nbytes = 2 * x.numel() * 2
+        nbytes = 2 * x.numel() * x.element_size()
         name = "conv_fwd_" + ("channel_last" if layout == "cl" else "contiguous")
     for label, cfg in variants:
         use(name, cfg)
@@ -94,30 +94,43 @@ def case_fwd(layout, B, D, T, W, variants, copy_gbs, fused=False):
 
 
 def main():
-    quick = "--quick" in sys.argv
     t_start = time.time()
     copy_gbs = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"copy {copy_gbs:.0f} GB/s", flush=True)
     try:
-        import triton.experimental.gluon  # noqa: F401
+        importlib.import_module("triton.experimental.gluon")
         print("gluon: importable", flush=True)
     except Exception as exc:
         print("gluon: not importable", repr(exc)[:100], flush=True)
-    contiguous = [("shipped", None)] + [
-        (f"runs BT{bt} BD{bd} w{nw}", dict(BT=bt, BD=bd, R=8, num_warps=nw))
-        for bt, bd, nw in ((512, 8, 4), (256, 16, 4), (1024, 4, 4), (512, 16, 8), (256, 8, 2), (1024, 8, 8))]
-    channel_last = [("shipped", None)] + [
-        (f"runs BT{bt} BD{bd} R{r} w{nw}", dict(BT=bt, BD=bd, R=r, num_warps=nw))
-        for bt, bd, r, nw in ((8, 128, 4, 1), (16, 128, 8, 1), (16, 128, 4, 2), (32, 128, 8, 2), (8, 256, 4, 1))]
-    case_fwd("bdt", 4, 4096, 8192, 4, contiguous, copy_gbs)
-    case_fwd("bdt", 8, 2048, 4096, 4, contiguous, copy_gbs)
-    case_fwd("cl", 4, 4096, 8192, 4, channel_last, copy_gbs)
-    case_fwd("cl", 4, 4096, 8192, 4, channel_last, copy_gbs, fused=True)
-    widths = (2, 3, 7, 8) if quick else (2, 3, 7, 8, 16)
-    for W in widths:
-        case_fwd("bdt", 8, 4096, 2048, W, contiguous[:3], copy_gbs)
-        case_fwd("cl", 8, 4096, 2048, W, channel_last[:3], copy_gbs, fused=True)
+    def old(layout, W):  # the v4 tiles of conv_fwd (the kernel before v5)
+        if layout == "bdt":
+            return dict(BT=256, BD=8, num_warps=4) if W <= 4 else dict(BT=128, BD=8, num_warps=2)
+        return dict(BT=8, BD=128, num_warps=1) if W <= 4 else dict(BT=16, BD=128, num_warps=2)
+
+    def runs(bt, bd, r, nw, btb, hr=1):
+        return (f"runs BT{bt} BD{bd} R{r} w{nw}", dict(BT=bt, BD=bd, R=r, HR=hr, BTB=btb, num_warps=nw))
+
+    for B, D, T in ((4, 4096, 8192), (8, 2048, 4096)):
+        case_fwd("bdt", B, D, T, 4, [("v4", old("bdt", 4)), ("v5 default", None),
+                                     runs(512, 8, 8, 4, 64, 8), runs(2048, 4, 8, 8, 128, 8),
+                                     runs(1024, 8, 8, 8, 128, 8), runs(512, 4, 8, 2, 64, 8)], copy_gbs)
+    cl = [("v4", old("cl", 4)), ("v5 default", None), runs(4, 256, 4, 1, 2), runs(8, 512, 4, 2, 2),
+          runs(16, 256, 4, 2, 2), runs(8, 256, 8, 1, 2)]
+    case_fwd("cl", 4, 4096, 8192, 4, cl, copy_gbs)
+    case_fwd("cl", 4, 4096, 8192, 4, cl, copy_gbs, fused=True)
+    case_fwd("cl", 8, 4096, 2048, 4, cl[:3], copy_gbs, fused=True)
+    for W in (2, 3, 5, 7, 8):
+        case_fwd("bdt", 8, 4096, 2048, W, [("v4", old("bdt", W)), ("v5 default", None)], copy_gbs)
+        case_fwd("cl", 8, 4096, 2048, W, [("v4", old("cl", W)), ("v5 default", None), runs(4, 256, 4, 1, 2)],
+                 copy_gbs, fused=True)
+    global BF16
+    BF16 = torch.float32  # information only: 32-bit inputs keep conv_fwd by default
+    case_fwd("bdt", 4, 4096, 8192, 4, [("fp32 v4", old("bdt", 4)), ("fp32 " + runs(1024, 4, 4, 4, 128, 4)[0],
+                                        runs(1024, 4, 4, 4, 128, 4)[1])], copy_gbs)
+    case_fwd("cl", 4, 4096, 8192, 4, [("fp32 v4", old("cl", 4)), ("fp32 " + runs(8, 256, 4, 1, 2)[0],
+                                       runs(8, 256, 4, 1, 2)[1])], copy_gbs, fused=True)
+    BF16 = torch.bfloat16
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "v5_bench.json"), "w") as f:

@@ -13,6 +13,9 @@ import triton
 # name -> dict of fields replacing the chosen config (benchmarks only)
 OVERRIDES: dict[str, dict] = {}
 
+# widest filter sent to the per-thread-run forward kernel (its halo and taps stay in registers up to here)
+RUNS_MAX_W = 8
+
 
 def _pow2(n: int, lo: int = 1) -> int:
     return max(lo, triton.next_power_of_2(max(int(n), 1)))
@@ -24,20 +27,33 @@ def _override(name: str, config: dict) -> dict:
 
 
 @functools.lru_cache(maxsize=1024)
-def conv_tiles(T: int, D: int, W: int, channel_last: bool, interpreted: bool) -> dict:
-    """Tiles of the forward and backward convolution kernels over `[T, D]`."""
+def conv_tiles(T: int, D: int, W: int, channel_last: bool, interpreted: bool, elem_bytes: int = 4) -> dict:
+    """Tiles of the forward convolution kernels over `[T, D]`.
+
+    A config with `R` selects the per-thread-run kernel (`kernels/conv_fwd_runs.py`): measured faster for
+    16-bit inputs at W <= RUNS_MAX_W (docs/PERF_NOTES.md, v5); other cases keep `conv_fwd`.
+    """
     if interpreted:
         config = dict(BT=min(_pow2(T), 64), BD=min(_pow2(D), 64), num_warps=4)
+        if elem_bytes == 2 and W <= RUNS_MAX_W and config["BT"] >= 8:  # the same kernel choice as on a GPU
+            config.update(R=8 if not channel_last else 4, HR=8 if not channel_last else 1,
+                          BTB=config["BT"])
     elif channel_last:
         # D is contiguous: 128 channels give 256-byte rows in 16-bit types (16-byte vectors per thread).
         # Small tiles keep registers low (occupancy); wide filters re-load more rows per tap and prefer
         # taller tiles (sweep in docs/PERF_NOTES.md, v4)
         bt, bd, nw = (8, 128, 1) if W <= 4 else (16, 128, 2) if W <= 8 else (32, 64, 2)
         config = dict(BT=min(_pow2(T, 8), bt), BD=min(_pow2(D, 16), bd), num_warps=nw)
+        if elem_bytes == 2 and W <= RUNS_MAX_W and D % 256 == 0:
+            # one warp, 256 channels (a 16-byte vector per thread), runs of 4 rows held by each thread
+            config = dict(BT=8, BD=256, R=4, HR=1, BTB=2, num_warps=1)
     else:
         # T is contiguous: long time tiles, a few channels
         bt, nw = (256, 4) if W <= 4 else (128, 2)
         config = dict(BT=min(_pow2(T, 16), bt), BD=min(_pow2(D), 8), num_warps=nw)
+        if elem_bytes == 2 and W <= RUNS_MAX_W and T % 8 == 0 and T >= 1024:
+            # a run is one 16-byte vector of 8 time steps; its halo is the previous run (an L1 hit)
+            config = dict(BT=1024, BD=min(_pow2(D), 4), R=8, HR=8, BTB=128, num_warps=4)
     return _override("conv_fwd_" + ("channel_last" if channel_last else "contiguous"), config)
 
 

@@ -31,7 +31,7 @@ def launch_forward(x: Tensor, x_strides, out: Tensor, out_strides, B: int, T: in
         return
     W = weight.shape[1]
     kernels = kernels_for(x.device)
-    cfg = _config.conv_tiles(T, D, W, channel_last, is_interpreted(x.device))
+    cfg = _config.conv_tiles(T, D, W, channel_last, is_interpreted(x.device), x.element_size())
     N, steps = _search_steps(cu_seqlens)
     grid = (_cdiv(T, cfg["BT"]), _cdiv(D, cfg["BD"]), B)
     use_h0 = initial_states is not None and W > 1
@@ -41,7 +41,8 @@ def launch_forward(x: Tensor, x_strides, out: Tensor, out_strides, B: int, T: in
     kernel = kernels.conv_fwd_kernel
     if cfg.get("R"):  # per-thread time runs (kernels/conv_fwd_runs.py); halo rows cover the W-1 taps back
         kernel = kernels.conv_fwd_runs_kernel
-        constexprs.update(R=cfg["R"], HR=max(cfg.get("HR", 1), _next_pow2(max(W - 1, 1))), BW=_next_pow2(W))
+        constexprs.update(R=cfg["R"], HR=max(cfg.get("HR", 1), _next_pow2(max(W - 1, 1))),
+                          BTB=cfg.get("BTB", cfg["BT"]))
     launch(kernel, grid,
            (x, weight, bias, mask, seq_idx, cu_seqlens, initial_states if use_h0 else None, out,
             T, D, N, steps, *x_strides, *out_strides),
