@@ -121,7 +121,7 @@ def kernel_and_args(args):
             return conv_fwd.conv_fwd_kernel, tensors, constexprs
         return conv_fwd_runs.conv_fwd_runs_kernel, tensors, dict(
             **constexprs, R=args.R, HR=args.HR or triton.next_power_of_2(max(W - 1, 1)),
-            BTB=args.BTB or args.BT)
+            BW=triton.next_power_of_2(W))
     if args.kernel == "bwd":
         strides = (dict(stride_x_t=1, stride_do_t=1, stride_dx_t=1) if time_major
                    else dict(stride_x_d=1, stride_do_d=1, stride_dx_d=1))
@@ -147,7 +147,6 @@ def main():
     parser.add_argument("--BD", type=int, default=64)
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--R", type=int, default=8, help="fwd_runs: time steps per thread run")
-    parser.add_argument("--BTB", type=int, default=0, help="fwd_runs: rows per boundary sub-tile (default BT)")
     parser.add_argument("--HR", type=int, default=0, help="fwd_runs: halo rows (default next_pow2(W-1))")
     parser.add_argument("--mask", action="store_true", help="with an attention mask (fused op)")
     parser.add_argument("--contiguous", action="store_true", help="(B, D, T) contiguous: time is the fast axis")

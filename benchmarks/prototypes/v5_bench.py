@@ -103,34 +103,23 @@ def main():
         print("gluon: importable", flush=True)
     except Exception as exc:
         print("gluon: not importable", repr(exc)[:100], flush=True)
-    def old(layout, W):  # the v4 tiles of conv_fwd (the kernel before v5)
+    def old(layout, W):  # the v4 tiles of conv_fwd (R=0: the kernel before v5)
         if layout == "bdt":
-            return dict(BT=256, BD=8, num_warps=4) if W <= 4 else dict(BT=128, BD=8, num_warps=2)
-        return dict(BT=8, BD=128, num_warps=1) if W <= 4 else dict(BT=16, BD=128, num_warps=2)
+            return dict(BT=256, BD=8, num_warps=4, R=0) if W <= 4 else dict(BT=128, BD=8, num_warps=2, R=0)
+        return dict(BT=8, BD=128, num_warps=1, R=0) if W <= 4 else dict(BT=16, BD=128, num_warps=2, R=0)
 
-    def runs(bt, bd, r, nw, btb, hr=1):
-        return (f"runs BT{bt} BD{bd} R{r} w{nw}", dict(BT=bt, BD=bd, R=r, HR=hr, BTB=btb, num_warps=nw))
-
+    both = lambda layout, W: [("v4", old(layout, W)), ("v5", None)]  # noqa: E731
     for B, D, T in ((4, 4096, 8192), (8, 2048, 4096)):
-        case_fwd("bdt", B, D, T, 4, [("v4", old("bdt", 4)), ("v5 default", None),
-                                     runs(512, 8, 8, 4, 64, 8), runs(2048, 4, 8, 8, 128, 8),
-                                     runs(1024, 8, 8, 8, 128, 8), runs(512, 4, 8, 2, 64, 8)], copy_gbs)
-    cl = [("v4", old("cl", 4)), ("v5 default", None), runs(4, 256, 4, 1, 2), runs(8, 512, 4, 2, 2),
-          runs(16, 256, 4, 2, 2), runs(8, 256, 8, 1, 2)]
-    case_fwd("cl", 4, 4096, 8192, 4, cl, copy_gbs)
-    case_fwd("cl", 4, 4096, 8192, 4, cl, copy_gbs, fused=True)
-    case_fwd("cl", 8, 4096, 2048, 4, cl[:3], copy_gbs, fused=True)
-    for W in (2, 3, 5, 7, 8):
-        case_fwd("bdt", 8, 4096, 2048, W, [("v4", old("bdt", W)), ("v5 default", None)], copy_gbs)
-        case_fwd("cl", 8, 4096, 2048, W, [("v4", old("cl", W)), ("v5 default", None), runs(4, 256, 4, 1, 2)],
-                 copy_gbs, fused=True)
-    global BF16
-    BF16 = torch.float32  # information only: 32-bit inputs keep conv_fwd by default
-    case_fwd("bdt", 4, 4096, 8192, 4, [("fp32 v4", old("bdt", 4)), ("fp32 " + runs(1024, 4, 4, 4, 128, 4)[0],
-                                        runs(1024, 4, 4, 4, 128, 4)[1])], copy_gbs)
-    case_fwd("cl", 4, 4096, 8192, 4, [("fp32 v4", old("cl", 4)), ("fp32 " + runs(8, 256, 4, 1, 2)[0],
-                                       runs(8, 256, 4, 1, 2)[1])], copy_gbs, fused=True)
-    BF16 = torch.bfloat16
+        case_fwd("bdt", B, D, T, 4, both("bdt", 4), copy_gbs)
+    case_fwd("cl", 4, 4096, 8192, 4, both("cl", 4), copy_gbs)
+    case_fwd("cl", 8, 2048, 4096, 4, both("cl", 4), copy_gbs)
+    case_fwd("cl", 4, 4096, 8192, 4, both("cl", 4), copy_gbs, fused=True)
+    case_fwd("cl", 8, 4096, 2048, 4, both("cl", 4), copy_gbs, fused=True)
+    for W in (2, 3, 5, 7):
+        case_fwd("bdt", 8, 4096, 2048, W, both("bdt", W), copy_gbs)
+    for W in (2, 7, 8):
+        case_fwd("cl", 8, 4096, 2048, W, [("v4", None), ("runs BT8 BD256 R4", dict(BT=8, BD=256, R=4, HR=1,
+                                                                                  num_warps=1))], copy_gbs, fused=True)
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "v5_bench.json"), "w") as f:

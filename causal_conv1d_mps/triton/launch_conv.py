@@ -41,8 +41,7 @@ def launch_forward(x: Tensor, x_strides, out: Tensor, out_strides, B: int, T: in
     kernel = kernels.conv_fwd_kernel
     if cfg.get("R"):  # per-thread time runs (kernels/conv_fwd_runs.py); halo rows cover the W-1 taps back
         kernel = kernels.conv_fwd_runs_kernel
-        constexprs.update(R=cfg["R"], HR=max(cfg.get("HR", 1), _next_pow2(max(W - 1, 1))),
-                          BTB=cfg.get("BTB", cfg["BT"]))
+        constexprs.update(R=cfg["R"], HR=max(cfg.get("HR", 1), _next_pow2(max(W - 1, 1))), BW=_next_pow2(W))
     launch(kernel, grid,
            (x, weight, bias, mask, seq_idx, cu_seqlens, initial_states if use_h0 else None, out,
             T, D, N, steps, *x_strides, *out_strides),

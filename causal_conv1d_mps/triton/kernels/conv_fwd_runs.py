@@ -35,7 +35,7 @@ def _pick(tile, o_r, slot: tl.constexpr):
 
 @triton.jit
 def _conv_runs(x, weight, bias, mask, i_b, t0, o_d, T, stride_x_b, stride_x_t, stride_x_d,
-               W: tl.constexpr, R: tl.constexpr, G: tl.constexpr, HR: tl.constexpr,
+               W: tl.constexpr, R: tl.constexpr, G: tl.constexpr, HR: tl.constexpr, BW: tl.constexpr,
                HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, ACTIVATION: tl.constexpr,
                HAS_RESIDUAL: tl.constexpr):
     """`[R, G, BD]` output rows `t0 + g*R + r` of an interior tile (float32); the caller stores them."""
@@ -55,29 +55,26 @@ def _conv_runs(x, weight, bias, mask, i_b, t0, o_d, T, stride_x_b, stride_x_t, s
         b_x = tl.where(b_m != 0., b_x * b_m, 0.)
         b_hm = tl.load(p_m + t_run - HR + o_j).to(tl.float32)
         b_h = tl.where(b_hm != 0., b_h * b_hm, 0.)
-    # one tap at a time over the whole tile: S_k[r] = xe[t_run + r - (W-1) + k], assembled from slots by
-    # selects that fold away; the weight column of tap k is loaded once, as a [1, 1, BD] row
+    o_k = tl.arange(0, BW)[:, None, None]
+    b_w = tl.load(weight + o_c * W + o_k, mask=o_k < W, other=0.).to(tl.float32)
     if HAS_BIAS:
-        b_out = tl.load(bias + o_c).to(tl.float32) + tl.where(o_r < 0, b_x, 0.)
+        b_bias = _pick(tl.load(bias + o_c + o_k * 0).to(tl.float32), o_k, 0)
     else:
-        b_out = tl.where(o_r < 0, b_x, 0.)
-    for k in tl.static_range(W):
-        b_s = b_x
-        for r in tl.static_range(R):
+        b_bias = _pick(tl.where(o_k < 0, b_w, 0.), o_k, 0)  # exact zeros whatever the weights hold
+    b_out = b_x
+    for r in tl.static_range(R):
+        b_acc = b_bias
+        for k in tl.static_range(W):
             if r - (W - 1) + k >= 0:
                 b_src = _pick(b_x, o_r, r - (W - 1) + k)
             else:
                 b_src = _pick(b_h, o_j, HR + r - (W - 1) + k)
-            b_s = tl.where(o_r == r, b_src[None, :, :], b_s)
-        b_out += b_s * tl.load(weight + o_c * W + k).to(tl.float32)
+            b_acc = b_acc + b_src * _pick(b_w, o_k, k)
+        b_out = tl.where(o_r == r, b_acc[None, :, :], b_out)
     if ACTIVATION:
         b_out = silu(b_out)
     if HAS_RESIDUAL:
-        if HAS_MASK:
-            # the unmasked input again (an L1 hit): keeping it live through the taps costs more registers
-            b_out += tl.load(p_x + (t_run + o_r).to(tl.int64) * stride_x_t).to(tl.float32)
-        else:
-            b_out += b_raw.to(tl.float32)
+        b_out += b_raw.to(tl.float32)
     return b_out
 
 
@@ -91,10 +88,9 @@ def conv_fwd_runs_kernel(
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SEQ_IDX: tl.constexpr, HAS_RESIDUAL: tl.constexpr, IS_VARLEN: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, EVEN_D: tl.constexpr,
-    R: tl.constexpr, HR: tl.constexpr, BTB: tl.constexpr,
+    R: tl.constexpr, HR: tl.constexpr, BW: tl.constexpr,
 ):
-    """out[b, t, d] = (x if residual) + act(bias + conv(xe)) over a `[BT, BD]` tile; BT = G * R, HR >= W - 1,
-    BTB divides BT (rows per boundary sub-tile)."""
+    """out[b, t, d] = (x if residual) + act(bias + conv(xe)) over a `[BT, BD]` tile; BT = G * R, HR >= W - 1."""
     i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_d = i_d * BD + tl.arange(0, BD)
     if EVEN_D and not HAS_SEQ_IDX and not IS_VARLEN:
@@ -104,30 +100,28 @@ def conv_fwd_runs_kernel(
     if is_interior:
         t0 = i_t * BT
         b_run = _conv_runs(x, weight, bias, mask, i_b, t0, o_d, T, stride_x_b, stride_x_t, stride_x_d,
-                           W, R, BT // R, HR, HAS_BIAS, HAS_MASK, ACTIVATION, HAS_RESIDUAL)
+                           W, R, BT // R, HR, BW, HAS_BIAS, HAS_MASK, ACTIVATION, HAS_RESIDUAL)
         o_tr = t0 + tl.arange(0, BT // R)[None, :, None] * R + tl.arange(0, R)[:, None, None]
         p_run = (out + i_b.to(tl.int64) * stride_o_b + o_tr.to(tl.int64) * stride_o_t
                  + o_d.to(tl.int64)[None, None, :] * stride_o_d)
         tl.store(p_run, b_run.to(out.dtype.element_ty))
     else:
-        # boundary tiles in sub-tiles of BTB rows: the run tile's registers are not spent twice
-        for t_sub in range(0, BT, BTB):
-            o_t = i_t * BT + t_sub + tl.arange(0, BTB)
-            m_t = o_t < T
-            m_d = o_d < D
-            i_h, bos, eos, b_seq_t, ok_h = row_sequences(seq_idx, cu_seqlens, i_b, o_t, m_t, T, N, n_search_steps,
-                                                         HAS_SEQ_IDX, IS_VARLEN)
-            b_out = conv_pre(x, weight, bias, mask, seq_idx, h0, i_b, i_h, o_t, o_d, m_t, m_d, bos, b_seq_t, ok_h,
-                             T, D, stride_x_b, stride_x_t, stride_x_d, W, BTB, BD,
-                             HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, USE_INITIAL_STATE)
-            if ACTIVATION:
-                b_out = silu(b_out)
-            if HAS_SEQ_IDX:
-                b_out = tl.where((b_seq_t >= 0)[:, None], b_out, 0.)
-            m_td = m_t[:, None] & m_d[None, :]
-            p_x = x + i_b.to(tl.int64) * stride_x_b + o_d.to(tl.int64)[None, :] * stride_x_d
-            if HAS_RESIDUAL:
-                b_out += tl.load(p_x + o_t.to(tl.int64)[:, None] * stride_x_t, mask=m_td, other=0.).to(tl.float32)
-            p_o = (out + i_b.to(tl.int64) * stride_o_b + o_t.to(tl.int64)[:, None] * stride_o_t
-                   + o_d.to(tl.int64)[None, :] * stride_o_d)
-            tl.store(p_o, b_out.to(out.dtype.element_ty), mask=m_td)
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        m_d = o_d < D
+        i_h, bos, eos, b_seq_t, ok_h = row_sequences(seq_idx, cu_seqlens, i_b, o_t, m_t, T, N, n_search_steps,
+                                                     HAS_SEQ_IDX, IS_VARLEN)
+        b_out = conv_pre(x, weight, bias, mask, seq_idx, h0, i_b, i_h, o_t, o_d, m_t, m_d, bos, b_seq_t, ok_h,
+                         T, D, stride_x_b, stride_x_t, stride_x_d, W, BT, BD,
+                         HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, USE_INITIAL_STATE)
+        if ACTIVATION:
+            b_out = silu(b_out)
+        if HAS_SEQ_IDX:
+            b_out = tl.where((b_seq_t >= 0)[:, None], b_out, 0.)
+        m_td = m_t[:, None] & m_d[None, :]
+        p_x = x + i_b.to(tl.int64) * stride_x_b + o_d.to(tl.int64)[None, :] * stride_x_d
+        if HAS_RESIDUAL:
+            b_out += tl.load(p_x + o_t.to(tl.int64)[:, None] * stride_x_t, mask=m_td, other=0.).to(tl.float32)
+        p_o = (out + i_b.to(tl.int64) * stride_o_b + o_t.to(tl.int64)[:, None] * stride_o_t
+               + o_d.to(tl.int64)[None, :] * stride_o_d)
+        tl.store(p_o, b_out.to(out.dtype.element_ty), mask=m_td)
