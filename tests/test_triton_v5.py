@@ -140,13 +140,14 @@ def test_default_dispatch_contiguous(triton_backend, width, dtype):
     assert_close_rel(out, ref, dtype, f"(B, D, T) W{width}")
 
 
-def test_default_dispatch_fused_channel_last(triton_backend):
-    """short_conv_fused, W = 4, D = 256: the default channel-last run tiles, with a 0/1 mask and a NaN
+@pytest.mark.parametrize("W", [4, 8])
+def test_default_dispatch_fused_channel_last(triton_backend, W):
+    """short_conv_fused, W = 4 and 8, D = 256: the default channel-last run tiles, with a 0/1 mask and a NaN
     under a masked position of an interior tile (boundary tiles are `conv_fwd`'s path)."""
     from causal_conv1d_mps.triton import _config
 
     device = triton_backend
-    B, T, D, W = 2, 160, 256, 4
+    B, T, D = 2, 160, 256
     assert _config.conv_tiles(T, D, W, True, device.type == "cpu", 2).get("R"), "not the run kernel"
     gen = seeded(31)
     weight, bias = make_params(D, W, torch.bfloat16, device, gen)
@@ -163,4 +164,4 @@ def test_default_dispatch_fused_channel_last(triton_backend):
     assert not leaked.any(), "a masked NaN leaked into other outputs"
     clean = out.clone()
     clean[1, 100, 200] = ref[1, 100, 200].to(out.dtype)
-    assert_close_rel(clean, ref, torch.bfloat16, "fused channel-last W4")
+    assert_close_rel(clean, ref, torch.bfloat16, f"fused channel-last W{W}")
