@@ -123,14 +123,14 @@ def test_runs_fused_mask_contains_nan(triton_backend, tiles):
     assert_close_rel(clean, ref, torch.float32, "fused forward with mask")
 
 
-@pytest.mark.parametrize("width", [2, 3, 4, 5, 7])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("width, dtype", [(2, torch.bfloat16), (4, torch.bfloat16), (4, torch.float16),
+                                          (7, torch.bfloat16)], ids=["W2-bf16", "W4-bf16", "W4-fp16", "W7-bf16"])
 def test_default_dispatch_contiguous(triton_backend, width, dtype):
     """(B, D, T) 16-bit shapes that the default configs send to the run kernel, on its own tiles."""
     from causal_conv1d_mps.triton import _config
 
     device = triton_backend
-    B, D, T = 2, 8, 2048
+    B, D, T = 1, 8, 1024
     assert _config.conv_tiles(T, D, width, False, device.type == "cpu", 2).get("R"), "not the run kernel"
     gen = seeded(20 + width)
     weight, bias = make_params(D, width, dtype, device, gen)
@@ -147,21 +147,21 @@ def test_default_dispatch_fused_channel_last(triton_backend, W):
     from causal_conv1d_mps.triton import _config
 
     device = triton_backend
-    B, T, D = 2, 160, 256
+    B, T, D = 1, 160, 256
     assert _config.conv_tiles(T, D, W, True, device.type == "cpu", 2).get("R"), "not the run kernel"
     gen = seeded(31)
     weight, bias = make_params(D, W, torch.bfloat16, device, gen)
     x = randn(B, T, D, dtype=torch.bfloat16, device=device, generator=gen)
     mask = (torch.rand(B, T, generator=gen) > 0.25).to(device=device, dtype=torch.bool)
-    mask[1, 100] = False
+    mask[0, 100] = False
     x_nan = x.clone()
-    x_nan[1, 100, 200] = float("nan")
+    x_nan[0, 100, 200] = float("nan")
     with torch.no_grad():
         out = ccmps.short_conv_fused(x_nan, weight, bias, mask, True, True)
     ref, _ = oracle.short_conv_fused(x, weight, bias, mask, True, True)
     leaked = torch.isnan(out)
-    leaked[1, 100, 200] = False
+    leaked[0, 100, 200] = False
     assert not leaked.any(), "a masked NaN leaked into other outputs"
     clean = out.clone()
-    clean[1, 100, 200] = ref[1, 100, 200].to(out.dtype)
+    clean[0, 100, 200] = ref[0, 100, 200].to(out.dtype)
     assert_close_rel(clean, ref, torch.bfloat16, f"fused channel-last W{W}")
