@@ -5,6 +5,7 @@ registers and spills. No device time is needed to see layout conversions, spills
     PYTHONPATH=$PWD python benchmarks/kernel_asm.py fwd --BT 8 --BD 128 --warps 1 [--W 4] [--mask]
     PYTHONPATH=$PWD python benchmarks/kernel_asm.py bwd --BT 32 --BD 64 --warps 2 [--contiguous]
     PYTHONPATH=$PWD python benchmarks/kernel_asm.py update --BD 256 --warps 4
+    PYTHONPATH=$PWD python benchmarks/kernel_asm.py fwd_runs --BT 256 --BD 4 --R 8 --HR 8 --contiguous
     ... --dump /tmp/k   (writes k.ptx and k.sass)
 
 Inputs are described as bf16 tensors whose stride along the vectorised axis is 1 and whose pointers,
@@ -26,7 +27,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from causal_conv1d_mps.triton.kernels import conv_bwd, conv_fwd, update
+from causal_conv1d_mps.triton.kernels import conv_bwd, conv_fwd, conv_fwd_runs, update
 
 BF16 = "*bf16"
 
@@ -110,13 +111,17 @@ def kernel_and_args(args):
     W = args.W
     flags = dict(ACTIVATION=True, HAS_BIAS=True, HAS_MASK=args.mask, HAS_SEQ_IDX=False, IS_VARLEN=False)
     time_major = args.contiguous
-    if args.kernel == "fwd":
+    if args.kernel in ("fwd", "fwd_runs"):
         strides = dict(stride_x_t=1, stride_o_t=1) if time_major else dict(stride_x_d=1, stride_o_d=1)
         tensors = dict(x=BF16, weight=BF16, bias=BF16, mask=BF16 if args.mask else None, seq_idx=None,
                        cu_seqlens=None, h0=None, out=BF16)
-        return conv_fwd.conv_fwd_kernel, tensors, dict(
-            **strides, W=W, BT=args.BT, BD=args.BD, **flags, HAS_RESIDUAL=not time_major,
-            USE_INITIAL_STATE=False, EVEN_D=True)
+        constexprs = dict(**strides, W=W, BT=args.BT, BD=args.BD, **flags, HAS_RESIDUAL=not time_major,
+                          USE_INITIAL_STATE=False, EVEN_D=True)
+        if args.kernel == "fwd":
+            return conv_fwd.conv_fwd_kernel, tensors, constexprs
+        return conv_fwd_runs.conv_fwd_runs_kernel, tensors, dict(
+            **constexprs, R=args.R, HR=args.HR or triton.next_power_of_2(max(W - 1, 1)),
+            BW=triton.next_power_of_2(W))
     if args.kernel == "bwd":
         strides = (dict(stride_x_t=1, stride_do_t=1, stride_dx_t=1) if time_major
                    else dict(stride_x_d=1, stride_do_d=1, stride_dx_d=1))
@@ -136,11 +141,13 @@ def kernel_and_args(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kernel", choices=["fwd", "bwd", "update"])
+    parser.add_argument("kernel", choices=["fwd", "fwd_runs", "bwd", "update"])
     parser.add_argument("--W", type=int, default=4)
     parser.add_argument("--BT", type=int, default=32)
     parser.add_argument("--BD", type=int, default=64)
     parser.add_argument("--warps", type=int, default=4)
+    parser.add_argument("--R", type=int, default=8, help="fwd_runs: time steps per thread run")
+    parser.add_argument("--HR", type=int, default=0, help="fwd_runs: halo rows (default next_pow2(W-1))")
     parser.add_argument("--mask", action="store_true", help="with an attention mask (fused op)")
     parser.add_argument("--contiguous", action="store_true", help="(B, D, T) contiguous: time is the fast axis")
     parser.add_argument("--arch", type=int, default=90)

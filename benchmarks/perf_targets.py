@@ -400,7 +400,7 @@ def main():
         lambda: p4_decode(copy_bw, [(1, 4096), (8, 4096), (64, 4096), (256, 8192)]),
         p5_layers,
         lambda: p5_small([(1, 64, 128), (1, 256, 512), (1, 512, 1024)], [(1, 512, 128), (2, 2048, 512)]),
-        lambda: p6_widths(copy_bw, (2, 3, 4, 8, 16) if args.quick else tuple(range(2, 17))),
+        lambda: p6_widths(copy_bw, (2, 3, 4, 7, 8, 16) if args.quick else tuple(range(2, 17))),
     ]
     for stage in stages:
         try:

@@ -24,10 +24,19 @@ def _override(name: str, config: dict) -> dict:
 
 
 @functools.lru_cache(maxsize=1024)
-def conv_tiles(T: int, D: int, W: int, channel_last: bool, interpreted: bool) -> dict:
-    """Tiles of the forward and backward convolution kernels over `[T, D]`."""
+def conv_tiles(T: int, D: int, W: int, channel_last: bool, interpreted: bool, elem_bytes: int = 4) -> dict:
+    """Tiles of the forward convolution kernels over `[T, D]`.
+
+    A config with `R` selects the per-thread-run kernel (`kernels/conv_fwd_runs.py`), used only where it
+    was measured faster on an H200 (16-bit inputs; docs/PERF_NOTES.md, v5); elsewhere `conv_fwd`.
+    """
+    runs = _runs_tiles(T, D, W, channel_last) if elem_bytes == 2 else None
     if interpreted:
         config = dict(BT=min(_pow2(T), 64), BD=min(_pow2(D), 64), num_warps=4)
+        if runs is not None and config["BT"] >= runs["R"]:  # the same kernel choice as on a GPU
+            config.update(R=runs["R"], HR=runs["HR"])
+    elif runs is not None:
+        config = runs
     elif channel_last:
         # D is contiguous: 128 channels give 256-byte rows in 16-bit types (16-byte vectors per thread).
         # Small tiles keep registers low (occupancy); wide filters re-load more rows per tap and prefer
@@ -39,6 +48,25 @@ def conv_tiles(T: int, D: int, W: int, channel_last: bool, interpreted: bool) ->
         bt, nw = (256, 4) if W <= 4 else (128, 2)
         config = dict(BT=min(_pow2(T, 16), bt), BD=min(_pow2(D), 8), num_warps=nw)
     return _override("conv_fwd_" + ("channel_last" if channel_last else "contiguous"), config)
+
+
+def _runs_tiles(T: int, D: int, W: int, channel_last: bool) -> dict | None:
+    """Per-thread-run tiles for 16-bit inputs where the H200 runs measured a gain (v5), else None.
+
+    The R axis must lie inside each thread: in the contiguous layout a run is one 16-byte vector of 8
+    steps and its halo the previous run (HR = R, so W - 1 <= 8); in channel-last one warp holds 256
+    channels and each thread 4 rows of its 8 channels.
+    """
+    if channel_last:
+        # measured with this tile: W4 fused 60.4 -> 65.2%, W8 32.1 -> 51.4%; W7 slower (15.4%), W2 even
+        if W in (4, 8) and D % 256 == 0:
+            return dict(BT=8, BD=256, R=4, HR=1, num_warps=1)
+        return None
+    if 2 <= W <= 7 and T % 8 == 0 and T >= 1024:  # W = 8 measured slower (39.8% against 54.3%)
+        if W == 4:
+            return dict(BT=1024, BD=min(_pow2(D), 4), R=8, HR=8, num_warps=4)
+        return dict(BT=512, BD=min(_pow2(D), 8), R=8, HR=8, num_warps=4)
+    return None
 
 
 @functools.lru_cache(maxsize=1024)

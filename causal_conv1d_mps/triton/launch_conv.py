@@ -31,17 +31,21 @@ def launch_forward(x: Tensor, x_strides, out: Tensor, out_strides, B: int, T: in
         return
     W = weight.shape[1]
     kernels = kernels_for(x.device)
-    cfg = _config.conv_tiles(T, D, W, channel_last, is_interpreted(x.device))
+    cfg = _config.conv_tiles(T, D, W, channel_last, is_interpreted(x.device), x.element_size())
     N, steps = _search_steps(cu_seqlens)
     grid = (_cdiv(T, cfg["BT"]), _cdiv(D, cfg["BD"]), B)
     use_h0 = initial_states is not None and W > 1
-    launch(kernels.conv_fwd_kernel, grid,
+    constexprs = dict(W=W, BT=cfg["BT"], BD=cfg["BD"], ACTIVATION=activation, HAS_BIAS=bias is not None,
+                      HAS_MASK=mask is not None, HAS_SEQ_IDX=seq_idx is not None, HAS_RESIDUAL=residual,
+                      IS_VARLEN=cu_seqlens is not None, USE_INITIAL_STATE=use_h0, EVEN_D=D % cfg["BD"] == 0)
+    kernel = kernels.conv_fwd_kernel
+    if cfg.get("R"):  # per-thread time runs (kernels/conv_fwd_runs.py); halo rows cover the W-1 taps back
+        kernel = kernels.conv_fwd_runs_kernel
+        constexprs.update(R=cfg["R"], HR=max(cfg.get("HR", 1), _next_pow2(max(W - 1, 1))), BW=_next_pow2(W))
+    launch(kernel, grid,
            (x, weight, bias, mask, seq_idx, cu_seqlens, initial_states if use_h0 else None, out,
             T, D, N, steps, *x_strides, *out_strides),
-           dict(W=W, BT=cfg["BT"], BD=cfg["BD"], ACTIVATION=activation, HAS_BIAS=bias is not None,
-                HAS_MASK=mask is not None, HAS_SEQ_IDX=seq_idx is not None, HAS_RESIDUAL=residual,
-                IS_VARLEN=cu_seqlens is not None, USE_INITIAL_STATE=use_h0, EVEN_D=D % cfg["BD"] == 0),
-           cfg["num_warps"])
+           constexprs, cfg["num_warps"])
 
 
 def launch_backward(x: Tensor, x_strides, dout: Tensor, dout_strides, dx: Tensor, dx_strides,
