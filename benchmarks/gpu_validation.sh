@@ -29,8 +29,8 @@ environment() {
 tests() {
   environment
   # The op suite through the Triton kernels, split by file over the GPUs (the W = 16 kernels compile slowly).
-  local first="tests/test_causal_conv1d.py tests/test_varlen_states.py tests/test_fuzz.py tests/test_module.py"
-  local second="tests/test_short_conv_fused.py tests/test_update.py tests/test_validation.py tests/test_library.py"
+  local first="tests/test_causal_conv1d.py tests/test_varlen_states.py tests/test_fuzz.py tests/test_module.py tests/test_triton_v5.py"
+  local second="tests/test_short_conv_fused.py tests/test_update.py tests/test_validation.py tests/test_library.py tests/test_activation.py"
   CUDA_VISIBLE_DEVICES=0 timeout 330 python -m pytest -q -p no:cacheprovider -n 12 -m triton --device cuda \
     $first > "$OUT/suite-a.log" 2>&1 &
   CUDA_VISIBLE_DEVICES=$LAST timeout 330 python -m pytest -q -p no:cacheprovider -n 12 -m triton --device cuda \
