@@ -16,8 +16,9 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 GPUS=$(python -c 'import torch; print(torch.cuda.device_count())')
 LAST=$((GPUS > 1 ? 1 : 0))
 
-summary() {  # name, log: the log's last line (pytest's or the script's verdict)
+summary() {  # name, log: the log's last line (pytest's or the script's verdict), and any FAILED test ids
   printf '%-28s %s\n' "$1" "$(grep -v '^\s*$' "$2" | tail -n 1 | cut -c1-150)"
+  grep -o 'FAILED tests/[^ ]*' "$2" | sort -u | head -n 20
 }
 
 environment() {
@@ -28,19 +29,20 @@ environment() {
 
 tests() {
   environment
-  # The op suite through the Triton kernels, split by file over the GPUs (the W = 16 kernels compile slowly).
+  # The op suite through the Triton kernels, split by file over the GPUs (the W = 16 kernels compile slowly);
+  # -v so that a failure is named in the log even when the time limit cuts the run.
   local first="tests/test_causal_conv1d.py tests/test_varlen_states.py tests/test_fuzz.py tests/test_module.py tests/test_triton_v5.py"
   local second="tests/test_short_conv_fused.py tests/test_update.py tests/test_validation.py tests/test_library.py tests/test_activation.py"
-  CUDA_VISIBLE_DEVICES=0 timeout 330 python -m pytest -q -p no:cacheprovider -n 12 -m triton --device cuda \
+  CUDA_VISIBLE_DEVICES=0 timeout 330 python -m pytest -q -v -p no:cacheprovider -n 14 -m triton --device cuda \
     $first > "$OUT/suite-a.log" 2>&1 &
-  CUDA_VISIBLE_DEVICES=$LAST timeout 330 python -m pytest -q -p no:cacheprovider -n 12 -m triton --device cuda \
+  CUDA_VISIBLE_DEVICES=$LAST timeout 330 python -m pytest -q -v -p no:cacheprovider -n 14 -m triton --device cuda \
     $second > "$OUT/suite-b.log" 2>&1 &
   # GPU-only tests, the self-check and transformers' models on the GPU, beside the suite.
   CUDA_VISIBLE_DEVICES=$LAST timeout 330 python -m pytest -q -p no:cacheprovider -n 4 --device cuda \
     tests/test_triton_gpu.py tests/test_check.py tests/test_transformers_models.py \
     tests/test_transformers_functions.py > "$OUT/gpu-only.log" 2>&1 &
   wait
-  timeout 150 python -m pytest -q -p no:cacheprovider tests/test_context_parallel.py -k nccl \
+  timeout 150 python -m pytest -q -p no:cacheprovider --device cuda tests/test_context_parallel.py -k nccl \
     > "$OUT/cp-nccl.log" 2>&1
   summary "op suite (a)" "$OUT/suite-a.log"
   summary "op suite (b)" "$OUT/suite-b.log"

@@ -319,16 +319,22 @@ def spawn_cases(world: int, backend: str, cases: list) -> dict[str, str]:
     """Runs `cases` in `world` spawned processes; returns what each case found, merged over ranks."""
     import torch.multiprocessing as mp
 
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "rendezvous")
-        mp.spawn(_worker, args=(world, init_file, tmp, backend, cases), nprocs=world, join=True)
-        merged: dict[str, str] = {}
-        for rank in range(world):
-            for name, msg in json.loads(Path(tmp, f"rank{rank}.json").read_text()).items():
-                if msg:
-                    merged[name] = (merged.get(name, "") + f"\nrank {rank}: {msg}").strip()
-                else:
-                    merged.setdefault(name, "")
+    # conftest switches the Triton interpreter on for CPU runs; CUDA workers must compile the real kernels
+    interpret = os.environ.pop("TRITON_INTERPRET", None) if backend == "nccl" else None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            init_file = os.path.join(tmp, "rendezvous")
+            mp.spawn(_worker, args=(world, init_file, tmp, backend, cases), nprocs=world, join=True)
+            merged: dict[str, str] = {}
+            for rank in range(world):
+                for name, msg in json.loads(Path(tmp, f"rank{rank}.json").read_text()).items():
+                    if msg:
+                        merged[name] = (merged.get(name, "") + f"\nrank {rank}: {msg}").strip()
+                    else:
+                        merged.setdefault(name, "")
+    finally:
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
     return merged
 
 
