@@ -33,9 +33,9 @@ tests() {
   # -v so that a failure is named in the log even when the time limit cuts the run.
   local first="tests/test_causal_conv1d.py tests/test_varlen_states.py tests/test_fuzz.py tests/test_module.py tests/test_triton_v5.py"
   local second="tests/test_short_conv_fused.py tests/test_update.py tests/test_validation.py tests/test_library.py tests/test_activation.py"
-  CUDA_VISIBLE_DEVICES=0 timeout 330 python -m pytest -q -v -p no:cacheprovider -n 14 -m triton --device cuda \
+  CUDA_VISIBLE_DEVICES=0 timeout 330 python -m pytest -v -p no:cacheprovider -n 14 -m triton --device cuda \
     $first > "$OUT/suite-a.log" 2>&1 &
-  CUDA_VISIBLE_DEVICES=$LAST timeout 330 python -m pytest -q -v -p no:cacheprovider -n 14 -m triton --device cuda \
+  CUDA_VISIBLE_DEVICES=$LAST timeout 330 python -m pytest -v -p no:cacheprovider -n 14 -m triton --device cuda \
     $second > "$OUT/suite-b.log" 2>&1 &
   # GPU-only tests, the self-check and transformers' models on the GPU, beside the suite.
   CUDA_VISIBLE_DEVICES=$LAST timeout 330 python -m pytest -q -p no:cacheprovider -n 4 --device cuda \
