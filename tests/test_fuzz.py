@@ -24,9 +24,11 @@ from conftest import assert_close_nonfinite, assert_equal_exact, leaf, leaf64, o
 NON_FINITE = (float("nan"), float("inf"), float("-inf"))
 
 
-def _cases(backend: str, device: torch.device) -> range:
+def _cases(backend: str, device: torch.device) -> range | tuple[int, ...]:
     if backend == "metal" and device.type == "cpu":
-        return range(3)  # the harness compiles and runs C++ per call
+        # the harness compiles and runs C++ per call; case 18 (a NaN gradient beside a tap of another
+        # sequence, W = 6) once leaked into the Metal dweight
+        return (0, 1, 2, 18)
     return range(8) if uses_small_shapes(backend, device) else range(40)
 
 

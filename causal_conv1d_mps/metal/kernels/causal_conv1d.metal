@@ -50,8 +50,12 @@ struct CausalConvCtx {
   bool silent(Seg s) const {
     return has_seq && s.id < 0;
   }
+  // Whether position p of the extended input is a tap of segment s.
+  bool live(long b, long p, Seg s) const {
+    return !(has_seq && seg_first(b, p).id != s.id);
+  }
   float tap(long b, long d, long p, Seg s) const {
-    if (has_seq && seg_first(b, p).id != s.id) {
+    if (!live(b, p, s)) {
       return 0.0f;
     }
     if (p >= 0) {

@@ -71,6 +71,7 @@ struct Seg {
 //   c.seg_first(b, t), c.seg_next(b, t, prev)    segment of t (next: t grows)
 //   c.silent(seg)                                output forced to 0 there
 //   c.tap(b, d, p, seg)                          extended input at p, seen from seg
+//   c.live(b, p, seg)                            whether that tap exists (same sequence)
 //   c.dout(b, d, t), c.dfinal(n, d, f)           incoming gradients
 //   c.out_index(b, d, t)                         where out / dx is stored
 //   c.finish(b, d, t, pre, seg)                  output from the pre-activation
@@ -191,10 +192,13 @@ inline void cc_backward_run(
   }
   float wr[WN];
   float xw[WN];
+  bool xl[WN];  // whether tap k of t exists: a tap of another sequence adds
+                // nothing to dweight (g * 0 would carry a NaN of g across)
   float gw[WN];
   long gid[WN];
   for (int k = 0; k < WN; ++k) {
     wr[k] = c.weight(d, k);
+    xl[k] = false;
     gw[k] = 0.0f;
     gid[k] = 0;
   }
@@ -203,6 +207,7 @@ inline void cc_backward_run(
   Seg sq = st;                  // segment of q = t - (W-1)
   for (int j = 0; j < WN - 1; ++j) {
     xw[j] = c.tap(b, d, t0 - (WN - 1) + j, st);
+    xl[j] = c.live(b, t0 - (WN - 1) + j, st);
   }
   for (long t = t0; t < t1 + WN - 1; ++t) {
     float g = 0.0f;
@@ -213,10 +218,12 @@ inline void cc_backward_run(
           st = next;
           for (int j = 0; j < WN - 1; ++j) {
             xw[j] = c.tap(b, d, t - (WN - 1) + j, st);
+            xl[j] = c.live(b, t - (WN - 1) + j, st);
           }
         }
       }
       xw[WN - 1] = c.tap(b, d, t, st);
+      xl[WN - 1] = true;
       // A silent (padding) position is skipped, not multiplied by 0: its
       // dout and inputs may hold NaN and must not reach any gradient.
       if (!c.silent(st)) {
@@ -230,7 +237,9 @@ inline void cc_backward_run(
         }
         if (t < t1) {
           for (int k = 0; k < WN; ++k) {
-            pw[k] = fma(g, xw[k], pw[k]);
+            if (xl[k]) {
+              pw[k] = fma(g, xw[k], pw[k]);
+            }
           }
           pw[WN] += g;
         }
@@ -240,6 +249,7 @@ inline void cc_backward_run(
       gw[j] = gw[j + 1];
       gid[j] = gid[j + 1];
       xw[j] = xw[j + 1];
+      xl[j] = xl[j + 1];
     }
     gw[WN - 1] = g;
     gid[WN - 1] = st.id;
@@ -357,7 +367,10 @@ inline void cc_weight_grad_generic(
         for (int kk = 0; kk < 8; ++kk) {
           const int k = k0 + kk;
           if (k < w) {
-            pw[kk] = fma(g, c.tap(b, d, t - (w - 1) + k, seg), pw[kk]);
+            const long p = t - (w - 1) + k;
+            if (c.live(b, p, seg)) {
+              pw[kk] = fma(g, c.tap(b, d, p, seg), pw[kk]);
+            }
           } else if (k == w) {
             pw[kk] += g;
           }

@@ -83,6 +83,10 @@ struct FusedConvCtx {
     const float m = mask[b * len + t];
     return m == 0.0f ? 0.0f : v * m;
   }
+  // Every position a segment reads is its own (its x or its states).
+  bool live(long b, long p, Seg s) const {
+    return true;
+  }
   float tap(long b, long d, long p, Seg s) const {
     if (p >= s.start) {
       return masked(b, p, static_cast<float>(x[b * xsb + p * xst + d]));
