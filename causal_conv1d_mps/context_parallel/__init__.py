@@ -33,6 +33,7 @@ from torch import Tensor
 
 from .. import _validate as check
 from .. import api
+from ..api import _bdt_layout, _contig
 from .. import _activation
 from . import _exchange
 from ._functions import Comm, PackedFunction, RowsFunction
@@ -89,16 +90,6 @@ def shard(t: Tensor, dim: int, context: ContextParallel | dist.ProcessGroup | No
     """This rank's contiguous slice of `t` along `dim` (a view; near-equal split in group-rank order)."""
     start, stop = slice_bounds(t.shape[dim], context)
     return t.narrow(dim, start, stop - start)
-
-
-def _contig(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.contiguous()
-
-
-def _bdt_layout(x: Tensor) -> Tensor:
-    if x.is_contiguous() or x.transpose(1, 2).is_contiguous():
-        return x
-    return x.contiguous()
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None, *,

@@ -10,17 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-
-
-def _bdt(x: Tensor) -> Tensor:
-    """`x` `[B, D, t]` in a layout the op reads in place (contiguous or channel-last), else a copy."""
-    if x.is_contiguous() or x.transpose(1, 2).is_contiguous():
-        return x
-    return x.contiguous()
-
-
-def _contig(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.contiguous()
+from ..api import _bdt_layout, _contig
 
 
 class ConvSlice:
@@ -35,7 +25,7 @@ class ConvSlice:
         return x.shape[2]
 
     def head(self, x: Tensor, n: int) -> Tensor:
-        return _bdt(x[:, :, :n])
+        return _bdt_layout(x[:, :, :n])
 
     def forward(self, x: Tensor, states: Tensor | None, want_final: bool, seq_idx: Tensor | None = None):
         return ops.causal_conv1d(x, self.weight, self.bias, seq_idx, _contig(states), self.activation, want_final)
