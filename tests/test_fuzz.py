@@ -78,45 +78,70 @@ def _check(got: list, ref: list, names: list, dtype, case: str) -> None:
         assert_close_nonfinite(g, r, dtype, f"{case} {name}")
 
 
+# Seeds a backend is known to fail, each with its own strict-xfail test below (so fixing it is noticed).
+KNOWN_DEVIATIONS = {"triton": (30,)}
+
+
 def test_fuzz_causal_conv1d_packed_sequences(backend, device):
     for case in _cases(backend, device):
-        gen = torch.Generator().manual_seed(1000 + case)
-        b, d, t, width = _int(gen, 1, 3), _int(gen, 1, 6), _int(gen, 1, 20), _int(gen, 1, 6)
-        silu = bool(_int(gen, 0, 1))
-        seq_idx = _seq_idx_rows(gen, b, t, wide_ids=bool(_int(gen, 0, 1)))
-        padding = (seq_idx < 0)[:, None, :]
-        x = _plant(_randn(gen, b, d, t), padding, gen)
-        inside = _int(gen, 0, 2) == 0  # sometimes a NaN inside one sequence too
-        if inside and (seq_idx >= 0).any():
-            pos = (seq_idx[0] >= 0).nonzero()
-            if pos.numel():
-                x[0, 0, int(pos[_int(gen, 0, pos.numel() - 1)])] = float("nan")
-        weight, bias = _randn(gen, d, width) * width**-0.5, _randn(gen, d) * 0.5
-        states = _randn(gen, b, d, width - 1) if _int(gen, 0, 1) else None
-        if states is not None:  # the states of a row that starts with padding belong to that padding
-            states = _plant(states, (seq_idx[:, :1] < 0)[:, :, None], gen)
-        channel_last = bool(_int(gen, 0, 1))
-        dout = _plant(_randn(gen, b, d, t), padding, gen)  # dout at padding never flows back
-        dfinal = _randn(gen, b, d, width - 1)
-        name = f"case {case}: B{b} D{d} T{t} W{width} silu={silu} states={states is not None} ids={seq_idx.tolist()}"
+        if case not in KNOWN_DEVIATIONS.get(backend, ()):
+            _causal_case(case, device)
 
-        xd = x.to(device)
-        if channel_last:
-            xd = xd.transpose(1, 2).contiguous().transpose(1, 2)
-        xg, wg, bg, sg = leaf(xd), leaf(weight.to(device)), leaf(bias.to(device)), leaf(
-            None if states is None else states.to(device))
-        out, final = ccmps.causal_conv1d(xg, wg, bg, "silu" if silu else None, seq_idx=seq_idx.to(device),
-                                         initial_states=sg, return_final_states=True)
-        torch.autograd.backward([out, final], [dout.to(device), dfinal.to(device)])
 
-        x64, w64, b64, s64 = leaf64(x), leaf64(weight), leaf64(bias), leaf64(states)
-        ref_out, ref_final = oracle.causal_conv1d(x64, w64, b64, "silu" if silu else None, seq_idx=seq_idx,
-                                                  initial_states=s64)
-        ref_grads = oracle_grads([ref_out, ref_final], [dout, dfinal], [x64, w64, b64, s64])
-        _check([out, final, xg.grad, wg.grad, bg.grad, None if sg is None else sg.grad],
-               [ref_out, ref_final, *ref_grads], ["out", "final", "dx", "dweight", "dbias", "dinitial_states"],
-               torch.float32, name)
-        assert (out.detach().cpu()[padding.expand(b, d, t)] == 0).all(), f"{name}: padding outputs must be 0"
+@pytest.mark.triton
+@pytest.mark.xfail(strict=True, reason="known deviation (docs/CONTRACT.md section 7): without initial_states "
+                   "the Triton backward omits the zero-padded taps' products from dweight, so a NaN gradient "
+                   "in a row's first W-1 steps leaves dweight[:, k] finite where the reference gives NaN")
+def test_fuzz_known_deviation_triton_zero_padding(device, monkeypatch):
+    from causal_conv1d_mps._backend import backend_unavailable_reason
+
+    reason = backend_unavailable_reason("triton", device)
+    if reason is not None:
+        pytest.skip(f"backend triton on {device}: {reason}")
+    monkeypatch.setenv("CAUSAL_CONV1D_BACKEND", "triton")
+    for case in KNOWN_DEVIATIONS["triton"]:
+        _causal_case(case, device)
+
+
+def _causal_case(case: int, device: torch.device) -> None:
+    """Fuzz case `case` of causal_conv1d with seq_idx on the backend in force, against the oracle."""
+    gen = torch.Generator().manual_seed(1000 + case)
+    b, d, t, width = _int(gen, 1, 3), _int(gen, 1, 6), _int(gen, 1, 20), _int(gen, 1, 6)
+    silu = bool(_int(gen, 0, 1))
+    seq_idx = _seq_idx_rows(gen, b, t, wide_ids=bool(_int(gen, 0, 1)))
+    padding = (seq_idx < 0)[:, None, :]
+    x = _plant(_randn(gen, b, d, t), padding, gen)
+    inside = _int(gen, 0, 2) == 0  # sometimes a NaN inside one sequence too
+    if inside and (seq_idx >= 0).any():
+        pos = (seq_idx[0] >= 0).nonzero()
+        if pos.numel():
+            x[0, 0, int(pos[_int(gen, 0, pos.numel() - 1)])] = float("nan")
+    weight, bias = _randn(gen, d, width) * width**-0.5, _randn(gen, d) * 0.5
+    states = _randn(gen, b, d, width - 1) if _int(gen, 0, 1) else None
+    if states is not None:  # the states of a row that starts with padding belong to that padding
+        states = _plant(states, (seq_idx[:, :1] < 0)[:, :, None], gen)
+    channel_last = bool(_int(gen, 0, 1))
+    dout = _plant(_randn(gen, b, d, t), padding, gen)  # dout at padding never flows back
+    dfinal = _randn(gen, b, d, width - 1)
+    name = f"case {case}: B{b} D{d} T{t} W{width} silu={silu} states={states is not None} ids={seq_idx.tolist()}"
+
+    xd = x.to(device)
+    if channel_last:
+        xd = xd.transpose(1, 2).contiguous().transpose(1, 2)
+    xg, wg, bg, sg = leaf(xd), leaf(weight.to(device)), leaf(bias.to(device)), leaf(
+        None if states is None else states.to(device))
+    out, final = ccmps.causal_conv1d(xg, wg, bg, "silu" if silu else None, seq_idx=seq_idx.to(device),
+                                     initial_states=sg, return_final_states=True)
+    torch.autograd.backward([out, final], [dout.to(device), dfinal.to(device)])
+
+    x64, w64, b64, s64 = leaf64(x), leaf64(weight), leaf64(bias), leaf64(states)
+    ref_out, ref_final = oracle.causal_conv1d(x64, w64, b64, "silu" if silu else None, seq_idx=seq_idx,
+                                              initial_states=s64)
+    ref_grads = oracle_grads([ref_out, ref_final], [dout, dfinal], [x64, w64, b64, s64])
+    _check([out, final, xg.grad, wg.grad, bg.grad, None if sg is None else sg.grad],
+           [ref_out, ref_final, *ref_grads], ["out", "final", "dx", "dweight", "dbias", "dinitial_states"],
+           torch.float32, name)
+    assert (out.detach().cpu()[padding.expand(b, d, t)] == 0).all(), f"{name}: padding outputs must be 0"
 
 
 def test_fuzz_short_conv_fused_masks_and_packing(backend, device):
