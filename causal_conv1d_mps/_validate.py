@@ -1,4 +1,4 @@
-"""Argument checks of the public functions (SPEC section 4).
+"""Argument checks of the public functions (docs/CONTRACT.md section 4).
 
 Each check raises before any kernel runs, with a message naming the argument, what was expected and
 what was received. Value checks that need the tensor's contents (cu_seqlens, index ranges) run where they

@@ -1,4 +1,4 @@
-"""The public functions (SPEC section 3): validate, normalise, then run the op of `ops.py`.
+"""The public functions (docs/CONTRACT.md section 3): validate, normalise, then run the op of `ops.py`.
 
 Shapes are written `[B, D, T]` (channel-first family) and `[B, T, D]` (fused family). Accumulation is
 float32 (float64 for float64 inputs); outputs take `x`'s dtype; weights are used in their own dtype.
@@ -111,8 +111,8 @@ def short_conv_fused(x: Tensor, weight: Tensor, bias: Tensor | None = None, atte
     """`out = (x if residual else 0) + act(bias + conv(x * mask))` over `x` `[B, T, D]`, in one pass.
 
     `x` needs `x.stride(2) == 1` and is read in place whatever its B/T strides (otherwise it is copied);
-    `out` is a new contiguous `[B, T, D]`. `attention_mask` in any form of SPEC 3.4 multiplies the conv input
-    (the residual adds the unmasked x); it gets no gradient. `activation` True (or 'silu'/'swish') applies
+    `out` is a new contiguous `[B, T, D]`. `attention_mask` in any form of docs/CONTRACT.md section 2.6 multiplies
+    the conv input (the residual adds the unmasked x); it gets no gradient. `activation` True (or 'silu'/'swish') applies
     SiLU. `cu_seqlens` `[N+1]` (with B == 1) packs N sequences convolved independently; states are then
     `[N, D, W-1]`, else `[B, D, W-1]`. States are inputs of the conv: `initial_states` are not masked again,
     final states are the last W-1 columns of the masked, extended input. Returns `out`, or

@@ -1,7 +1,7 @@
 """Shared test harness: the backend and device fixtures, shapes, tolerances, input builders.
 
 Every op test takes the `backend` fixture, which forces one backend through
-`CAUSAL_CONV1D_BACKEND` (SPEC 1) and skips, with the reason, where that backend cannot run.
+`CAUSAL_CONV1D_BACKEND` (docs/CONTRACT.md section 1) and skips, with the reason, where that backend cannot run.
 `--device` (default `cpu`) picks the device of the test tensors: on CPU the `triton`
 parametrisation runs the Triton kernels in the interpreter and `metal` runs the shipped
 `.metal` sources through the Linux harness, both slow per element, so their shapes are small.
@@ -26,7 +26,7 @@ if importlib.util.find_spec("causal_conv1d_mps") is None:  # a source checkout, 
 BACKENDS = ("reference", "triton", "metal")
 KERNEL_BACKENDS = ("triton", "metal")
 
-# SPEC 6: relative Frobenius error against float64, for outputs and every gradient.
+# docs/CONTRACT.md section 6: relative Frobenius error against float64, for outputs and every gradient.
 TOLERANCE = {
     torch.float32: 1e-5,
     torch.float16: 2e-3,
@@ -128,7 +128,7 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, name: str) -> None:
-    """SPEC 6 check of `out` against the float64 `ref`, at the tolerance of `dtype`."""
+    """docs/CONTRACT.md section 6 check of `out` against the float64 `ref`, at the tolerance of `dtype`."""
     assert tuple(out.shape) == tuple(ref.shape), f"{name}: shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
     if ref.numel() == 0:
         return
@@ -138,7 +138,7 @@ def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, n
 
 
 def assert_equal_exact(out: torch.Tensor, ref: torch.Tensor, name: str) -> None:
-    """Bitwise equality (decode states are copies of inputs, SPEC 6)."""
+    """Bitwise equality (decode states are copies of inputs, docs/CONTRACT.md section 6)."""
     assert tuple(out.shape) == tuple(ref.shape), f"{name}: shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
     assert out.dtype == ref.dtype, f"{name}: dtype {out.dtype}, expected {ref.dtype}"
     mismatch = (out.cpu() != ref.cpu()) & ~(torch.isnan(out.cpu()) & torch.isnan(ref.cpu()))

@@ -1,6 +1,6 @@
-"""An independent float64 definition of every op of SPEC section 3, for the tests.
+"""An independent float64 definition of every op of docs/CONTRACT.md section 3, for the tests.
 
-Written from SPEC sections 2-3 alone; it deliberately does not import
+Written from docs/CONTRACT.md sections 2-3 alone; it deliberately does not import
 `causal_conv1d_mps.reference`, so that a mistake in the package's reference path cannot hide
 in the oracle too. Clarity beats speed: the convolution is a loop over the width `W`, the
 decode step a loop over tokens. Everything is computed in float64 with differentiable torch
@@ -33,7 +33,7 @@ def _act(pre: torch.Tensor, silu: bool) -> torch.Tensor:
 
 
 def is_silu(activation) -> bool:
-    """The string/bool activation forms of SPEC 3.1, 3.4 and 3.8."""
+    """The string/bool activation forms of docs/CONTRACT.md sections 3.1, 3.4 and 3.8."""
     if activation is None or activation is False:
         return False
     if activation is True or activation in ("silu", "swish"):
@@ -75,7 +75,7 @@ def _seq_idx_tap_masks(seq_idx: torch.Tensor, width: int) -> list[torch.Tensor]:
     `t` is not padding (a padding output is the constant 0: none of its taps may count).
 
     Positions before 0 are initial states; they belong to the sequence at position 0 of the row
-    (SPEC 3.1), so they count where `seq_idx[b, t] == seq_idx[b, 0]`.
+    (docs/CONTRACT.md section 2.8), so they count where `seq_idx[b, t] == seq_idx[b, 0]`.
     """
     batch, steps = seq_idx.shape
     masks = []
@@ -98,7 +98,7 @@ def causal_conv1d(
     seq_idx: torch.Tensor | None = None,
     initial_states: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPEC 3.1 in float64: `x` `[B, D, T]` -> `(out [B, D, T], final_states [B, D, W-1])`."""
+    """docs/CONTRACT.md section 3.1 in float64: `x` `[B, D, T]` -> `(out [B, D, T], final_states [B, D, W-1])`."""
     x, weight, bias, initial_states = _f64(x), _f64(weight), _f64(bias), _f64(initial_states)
     seq_idx = None if seq_idx is None else seq_idx.cpu()
     width = weight.shape[1]
@@ -115,9 +115,9 @@ def causal_conv1d(
 
 
 def normalise_mask(mask: torch.Tensor, batch: int, steps: int) -> torch.Tensor:
-    """SPEC 3.4's accepted attention-mask forms, as a `[B, T]` float64 multiplier.
+    """The accepted attention-mask forms of docs/CONTRACT.md section 2.6, as a `[B, T]` float64 multiplier.
 
-    Decisions where SPEC leaves a choice (the order of the checks is the precedence):
+    Decisions where the contract leaves a choice (the order of the checks is the precedence):
     - 2-D: `(B, T)` first (so a square mask with B == T is `(B, T)`), then `(1, T)`, `(B, 1)`,
       `(T, B)`, then `(B or 1, more than T)` keeping the last `T` columns.
     - 1-D: length `T` first (one mask shared by every row), then `B` (one value per row),
@@ -167,7 +167,7 @@ def short_conv_fused(
     initial_states: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPEC 3.4 in float64: `x` `[B, T, D]` -> `(out [B, T, D], final_states [B|N, D, W-1])`."""
+    """docs/CONTRACT.md section 3.4 in float64: `x` `[B, T, D]` -> `(out [B, T, D], final_states [B|N, D, W-1])`."""
     x, weight, bias, initial_states = _f64(x), _f64(weight), _f64(bias), _f64(initial_states)
     batch, steps, _ = x.shape
     xt = x.transpose(1, 2)
@@ -200,7 +200,7 @@ def _update_rows(x, conv_state, weight, bias, cache_seqlens, conv_state_indices,
     Each row keeps two views of its state: `state` (the bits, in the state's dtype) and `columns`, the
     same entries as float64 tensors where a column written by this call is the token itself, so that
     a later token's output is differentiable in the earlier tokens (only the state read before the
-    call is a constant, SPEC 3.6).
+    call is a constant, docs/CONTRACT.md section 3.6).
     """
     state = conv_state.clone()
     batch, length, _ = x.shape
@@ -254,7 +254,7 @@ def short_conv_update(
     residual: bool = True,
     conv_state_indices: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPEC 3.6: `x` `[B, D]` or `[B, L, D]` -> `(out float64 like x, new conv_state)`.
+    """docs/CONTRACT.md section 3.6: `x` `[B, D]` or `[B, L, D]` -> `(out float64 like x, new conv_state)`.
 
     The state argument is not modified; the returned state is a copy in its own dtype, which a
     backend must match exactly (its entries are copies of inputs).
@@ -268,7 +268,7 @@ def short_conv_update(
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cache_seqlens=None, conv_state_indices=None):
-    """SPEC 3.8, the Dao layout: `x` `[B, D]` or `[B, D, L]`."""
+    """docs/CONTRACT.md section 3.8, the Dao layout: `x` `[B, D]` or `[B, D, L]`."""
     x_btd = x if x.dim() == 2 else x.transpose(1, 2)
     out, state = short_conv_update(
         x_btd, conv_state, weight, bias, cache_seqlens, is_silu(activation), False, conv_state_indices
@@ -277,7 +277,8 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
 
 
 def causal_conv1d_varlen_states(x: torch.Tensor, cu_seqlens: torch.Tensor, state_len: int) -> torch.Tensor:
-    """SPEC 3.9: `x` `[total_T, D]` -> `[N, D, state_len]`, zero-filled on the left, in `x.dtype`."""
+    """docs/CONTRACT.md section 3.9: `x` `[total_T, D]` -> `[N, D, state_len]`, zero-filled on the left, in
+    `x.dtype`."""
     bounds = [int(v) for v in cu_seqlens]
     states = x.new_zeros(len(bounds) - 1, x.shape[1], state_len)
     for n in range(len(bounds) - 1):

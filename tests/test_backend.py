@@ -1,4 +1,5 @@
-"""Backend choice (SPEC 1): the environment variable is read at call time, and a backend that cannot run a
+"""Backend choice (docs/CONTRACT.md section 1): the environment variable is read at call time, and a backend that
+cannot run a
 call hands it to the reference path on the same device with one warning per reason."""
 import warnings
 

@@ -1,4 +1,5 @@
-"""`causal_conv1d`, `causal_conv1d_fn` and `causal_conv1d_fwd` (SPEC 3.1-3.3) against the float64 oracle."""
+"""`causal_conv1d`, `causal_conv1d_fn` and `causal_conv1d_fwd` (docs/CONTRACT.md sections 3.1-3.3) against the
+float64 oracle."""
 
 from __future__ import annotations
 
@@ -423,7 +424,8 @@ def test_property_every_backend_matches_oracle(backend, device, b, d, t, width, 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_float32_weights_are_not_rounded_to_x_dtype(backend, device, dtype):
-    """SPEC 2: with taps (-1, 1 + 2**-12) over a constant 1, the output is 2**-12 (exact in `dtype`);
+    """docs/CONTRACT.md section 2: with taps (-1, 1 + 2**-12) over a constant 1, the output is 2**-12 (exact in
+    `dtype`);
     weights rounded to fp16/bf16 first would give 0."""
     b, d, t = 2, 3, 5
     x = torch.ones(b, d, t, dtype=dtype, device=device)

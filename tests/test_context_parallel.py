@@ -5,7 +5,8 @@ One `torch.multiprocessing` spawn of 4 CPU processes (gloo, file:// rendezvous) 
 `cu_seqlens`, fp32 and bf16, W = 1..8, slices of unequal lengths, shorter than W-1 and empty, sequence
 boundaries inside slices and exactly at rank boundaries, NaN where the rules say it must go nowhere.
 Each rank compares its slice of the outputs and of dx, the final states, and the group sums of the
-weight / bias / initial-state gradients with the single-process result (SPEC tolerances: fp32 1e-5,
+weight / bias / initial-state gradients with the single-process result (docs/CONTRACT.md section 6 tolerances:
+fp32 1e-5,
 bf16 1e-2 relative), and writes what it found; each case is then one pytest item.
 
 A second test runs a few cases on 2 CUDA GPUs with NCCL (skipped unless 2 GPUs are present).

@@ -1,4 +1,4 @@
-"""The `torch.library` contract (SPEC 1): opcheck for every op, float64 gradcheck, torch.compile.
+"""The `torch.library` contract (docs/CONTRACT.md section 1): opcheck for every op, float64 gradcheck, torch.compile.
 
 Runs on CPU through the reference backend: what is checked here is the op registration (schema,
 fake, autograd), which every backend shares.

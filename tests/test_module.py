@@ -1,4 +1,4 @@
-"""`ShortConvolution` (SPEC 3.10): init, forward, cache semantics, prefill + decode, varlen."""
+"""`ShortConvolution` (docs/CONTRACT.md section 3.10): init, forward, cache semantics, prefill + decode, varlen."""
 
 from __future__ import annotations
 

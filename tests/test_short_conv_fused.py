@@ -1,4 +1,4 @@
-"""`short_conv_fused` and `short_conv_fused_fwd_only` (SPEC 3.4-3.5) against the float64 oracle."""
+"""`short_conv_fused` and `short_conv_fused_fwd_only` (docs/CONTRACT.md sections 3.4-3.5) against the float64 oracle."""
 
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def test_reads_a_strided_slice_of_a_wider_projection(backend, device, layout):
     _run_and_check(x, weight, bias, mask, states, True, True, name=layout, x_source=proj)
 
 
-# Each accepted mask form, built for (B, T), with the `(B, T)` multiplier it means (SPEC 3.4).
+# Each accepted mask form, built for (B, T), with the `(B, T)` multiplier it means (docs/CONTRACT.md section 2.6).
 def _mask_cases():
     b, t = 3, 5
     g = seeded(19)
@@ -332,7 +332,7 @@ def test_property_reference_matches_oracle(monkeypatch, lengths, d, width, activ
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_float32_weights_are_not_rounded_to_x_dtype(backend, device, dtype):
-    """SPEC 2: taps (-1, 1 + 2**-12) over a constant 1 give 2**-12; rounded weights would give 0."""
+    """docs/CONTRACT.md section 2: taps (-1, 1 + 2**-12) over a constant 1 give 2**-12; rounded weights would give 0."""
     b, t, d = 2, 5, 3
     x = torch.ones(b, t, d, dtype=dtype, device=device)
     weight = torch.tensor([[-1.0, 1.0 + 2.0**-12]] * d, device=device)

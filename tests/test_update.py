@@ -1,6 +1,7 @@
-"""The decode step: `short_conv_update`, `short_conv_update_fwd_only`, `causal_conv1d_update` (SPEC 3.6-3.8).
+"""The decode step: `short_conv_update`, `short_conv_update_fwd_only`, `causal_conv1d_update` (docs/CONTRACT.md
+sections 3.6-3.8).
 
-Outputs are compared with the float64 oracle at the SPEC 6 tolerance; states bitwise (they
+Outputs are compared with the float64 oracle at the docs/CONTRACT.md section 6 tolerance; states bitwise (they
 are copies of inputs).
 """
 
@@ -129,7 +130,8 @@ def test_conv_state_indices_with_padding_slots(backend, device, mode, length):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_out_of_range_index_is_padding_on_gpus(backend, device, mode):
-    """SPEC 4: on GPUs an index >= N is not checked (that would synchronise) but must act as padding."""
+    """docs/CONTRACT.md section 2.9.3: on GPUs an index >= N is not checked (that would synchronise) but must act
+    as padding."""
     if device.type == "cpu":
         pytest.skip("on CPU an index >= N is rejected (tests/test_validation.py)")
     gen = seeded(39)
@@ -320,7 +322,7 @@ def test_property_reference_matches_oracle(monkeypatch, b, d, width, extra, leng
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_float32_weights_are_not_rounded_to_x_dtype(backend, device, dtype):
-    """SPEC 2: taps (-1, 1 + 2**-12) over a constant 1 give 2**-12; rounded weights would give 0."""
+    """docs/CONTRACT.md section 2: taps (-1, 1 + 2**-12) over a constant 1 give 2**-12; rounded weights would give 0."""
     b, d = 2, 3
     x = torch.ones(b, d, dtype=dtype, device=device)
     state = torch.ones(b, d, 1, dtype=dtype, device=device)

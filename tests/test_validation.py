@@ -1,4 +1,4 @@
-"""Bad input (SPEC section 4): the error class, a message naming the argument, and nothing half-done.
+"""Bad input (docs/CONTRACT.md section 4): the error class, a message naming the argument, and nothing half-done.
 
 Validation happens in the api layer before any backend runs, so these tests use the device's
 default backend rather than the `backend` fixture.
@@ -225,7 +225,8 @@ def test_final_states_out_untouched_on_error(device, error_case):
 
 
 def test_update_state_dtype_must_match_x(device):
-    """SPEC 3.6: the state has x's dtype (it stores inputs); another dtype is refused, not converted."""
+    """docs/CONTRACT.md section 3.6: the state has x's dtype (it stores inputs); another dtype is refused, not
+    converted."""
     tensors = _base(device)
     state = tensors["conv_state"].double() if device.type != "mps" else tensors["conv_state"].half()
     before = state.clone()

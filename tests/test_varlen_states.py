@@ -1,4 +1,4 @@
-"""`causal_conv1d_varlen_states` (SPEC 3.9): decode caches from a packed prefill."""
+"""`causal_conv1d_varlen_states` (docs/CONTRACT.md section 3.9): decode caches from a packed prefill."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-# SPEC 6: relative Frobenius error against float64, outputs and every gradient.
+# docs/CONTRACT.md section 6: relative Frobenius error against float64, outputs and every gradient.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 BLOCK_ELEMENTS = 1 << 24  # float64 elements of one input tensor per block
 

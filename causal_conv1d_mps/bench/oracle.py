@@ -1,4 +1,4 @@
-"""Float64 definitions the benchmark checks every result against (SPEC sections 2-3).
+"""Float64 definitions the benchmark checks every result against (docs/CONTRACT.md sections 2-3).
 
 Written as shift-and-add over the width, not with `F.conv1d`, so that they also check the eager
 baselines, which use `F.conv1d`. Inputs arrive as float64 CPU tensors; all ops are

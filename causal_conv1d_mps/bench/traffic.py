@@ -1,4 +1,4 @@
-"""Minimum memory traffic of each op, in bytes, as defined in PERF.md.
+"""Minimum memory traffic of each op, in bytes, as defined in docs/PERFORMANCE.md section 2.
 
 These depthwise convolutions do about 2*W flops per element and are bound by memory bandwidth,
 so achieved bandwidth = these bytes / time is the figure of merit. Weights and bias are

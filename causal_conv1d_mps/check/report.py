@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from typing import TextIO
 
 SCHEMA = "causal-conv1d-mps-check/1"
 MAX_FAIL_LINES = 20  # wrong results listed one by one in the text; the JSON has them all
