@@ -369,3 +369,14 @@ def test_matches_single_process_nccl_two_gpus():
     results = spawn_cases(2, "nccl", NCCL_CASES)
     failed = {name: msg for name, msg in results.items() if msg}
     assert len(results) == len(NCCL_CASES) and not failed, failed
+
+
+def test_global_seq_ids_are_never_silently_narrowed():
+    """int64 ids are compared across ranks, so they are not renumbered: padding of any size stays padding,
+    and an id that does not fit int32 is an error naming seq_idx (it used to wrap around silently)."""
+    import causal_conv1d_mps.context_parallel as cp
+
+    ids = torch.tensor([[-(2**40), -1, 0, 7, 2**31 - 1]], dtype=torch.int64)
+    assert cp.global_seq_ids_int32(ids).tolist() == [[-1, -1, 0, 7, 2**31 - 1]]
+    with pytest.raises(ValueError, match=r"seq_idx: .*2\*\*31.*got 4294967296"):
+        cp.global_seq_ids_int32(torch.tensor([[0, 2**32]], dtype=torch.int64))

@@ -92,6 +92,22 @@ def shard(t: Tensor, dim: int, context: ContextParallel | dist.ProcessGroup | No
     return t.narrow(dim, start, stop - start)
 
 
+def global_seq_ids_int32(seq_idx: Tensor) -> Tensor:
+    """`seq_idx` as the int32 ids the kernels read, never silently narrowed. The ids are compared across
+    ranks, so unlike the single-process op they cannot be renumbered per row: negative int64 ids become -1
+    (padding stays padding), and non-negative ones must fit int32, which is checked in eager mode (one
+    device-to-host read of the maximum; skipped under torch.compile and CUDA-graph capture)."""
+    if seq_idx.dtype != torch.int64 or seq_idx.numel() == 0:
+        return seq_idx.to(torch.int32).contiguous()
+    ids = torch.where(seq_idx < 0, -1, seq_idx)
+    if check.values_checkable(ids):
+        top = int(ids.max())
+        if top >= 2**31:
+            raise ValueError(f"seq_idx: expected ids below 2**31 with context parallelism (they are compared "
+                             f"across ranks, so they are not renumbered), got {top}")
+    return ids.to(torch.int32).contiguous()
+
+
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None, *,
                   seq_idx: Tensor | None = None, initial_states: Tensor | None = None,
                   return_final_states: bool = False,
@@ -116,7 +132,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activat
         return api.causal_conv1d(x, weight, bias, activation, seq_idx=seq_idx, initial_states=initial_states,
                                  return_final_states=return_final_states)
     local = ConvSlice(weight.contiguous(), _contig(bias), act)
-    seq = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
+    seq = None if seq_idx is None else global_seq_ids_int32(seq_idx)
     out, final = RowsFunction.apply(_bdt_layout(x), local.weight, local.bias, _contig(initial_states), seq,
                                     local, return_final_states, comm)
     return (out, final) if return_final_states else out
