@@ -67,6 +67,22 @@ def weight_and_bias(weight, bias, channels: int) -> int:
     return width
 
 
+def causal_conv1d_inputs(x, weight, bias, seq_idx, initial_states) -> int:
+    """The shape and dtype checks of `causal_conv1d`'s inputs (`x` `[B, D, T]`, `weight` `[D, W]`, `bias`,
+    `seq_idx` `[B, T]`, `initial_states` `[B, D, W-1]`), shared by the plain and the context-parallel
+    function; returns W. The same-device check stays with the caller, which may have more arguments."""
+    tensor("x", x, ndim=3)
+    floating("x", x)
+    b, d, t = x.shape
+    width = weight_and_bias(weight, bias, d)
+    if seq_idx is not None:
+        tensor("seq_idx", seq_idx, ndim=2)
+        integer("seq_idx", seq_idx)
+        shape("seq_idx", seq_idx, (b, t), "(B, T)")
+    states("initial_states", initial_states, b, d, width, "B")
+    return width
+
+
 def states(name: str, value, rows: int, channels: int, width: int, rows_meaning: str) -> None:
     if value is None:
         return

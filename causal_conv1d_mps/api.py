@@ -42,15 +42,8 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activat
     Differentiable in x, weight, bias and initial_states (a gradient on final_states is honoured).
     """
     act = _activation.code(activation)
-    check.tensor("x", x, ndim=3)
-    check.floating("x", x)
-    b, d, t = x.shape
-    width = check.weight_and_bias(weight, bias, d)
-    if seq_idx is not None:
-        check.tensor("seq_idx", seq_idx, ndim=2)
-        check.integer("seq_idx", seq_idx)
-        check.shape("seq_idx", seq_idx, (b, t), "(B, T)")
-    check.states("initial_states", initial_states, b, d, width, "B")
+    width = check.causal_conv1d_inputs(x, weight, bias, seq_idx, initial_states)
+    b, d, _ = x.shape
     check.states("final_states_out", final_states_out, b, d, width, "B")
     check.same_device(x=x, weight=weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states,
                       final_states_out=final_states_out)

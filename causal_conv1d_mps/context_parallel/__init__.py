@@ -117,15 +117,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activat
     the global ids; `initial_states` `[B, D, W-1]` are read on the first rank. Returns `out`
     `[B, D, T_local]`, or `(out, final_states)` with the sequence's final states on every rank."""
     act = _activation.code(activation)
-    check.tensor("x", x, ndim=3)
-    check.floating("x", x)
-    b, d, t = x.shape
-    width = check.weight_and_bias(weight, bias, d)
-    if seq_idx is not None:
-        check.tensor("seq_idx", seq_idx, ndim=2)
-        check.integer("seq_idx", seq_idx)
-        check.shape("seq_idx", seq_idx, (b, t), "(B, T)")
-    check.states("initial_states", initial_states, b, d, width, "B")
+    width = check.causal_conv1d_inputs(x, weight, bias, seq_idx, initial_states)
     check.same_device(x=x, weight=weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states)
     comm = _comm(_context(context))
     if width == 1:  # no history: nothing crosses a rank boundary
