@@ -201,6 +201,33 @@ def conv_pre(x, weight, bias, mask, seq_idx, h0, i_b, i_h, o_t, o_d, m_t, m_d, b
 
 
 @triton.jit
+def conv_tile_general(x, weight, bias, mask, seq_idx, cu_seqlens, h0, p_x, p_o, i_b, o_t, o_d, T, D, N,
+                      n_search_steps, stride_x_b, stride_x_t, stride_x_d,
+                      W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                      ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                      HAS_SEQ_IDX: tl.constexpr, HAS_RESIDUAL: tl.constexpr, IS_VARLEN: tl.constexpr,
+                      USE_INITIAL_STATE: tl.constexpr):
+    """The forward of output rows `o_t` x channels `o_d` with every mask (tile edges, packed sequences,
+    padding, initial states), stored at `p_o` (`[BT, BD]` pointers): the path of the tiles the forward
+    kernels' fast paths skip. `p_x` (`[1, BD]`) points at row 0 of the tile's channels, for the residual."""
+    m_t = o_t < T
+    m_d = o_d < D
+    i_h, bos, eos, b_seq_t, ok_h = row_sequences(seq_idx, cu_seqlens, i_b, o_t, m_t, T, N, n_search_steps,
+                                                 HAS_SEQ_IDX, IS_VARLEN)
+    b_out = conv_pre(x, weight, bias, mask, seq_idx, h0, i_b, i_h, o_t, o_d, m_t, m_d, bos, b_seq_t, ok_h,
+                     T, D, stride_x_b, stride_x_t, stride_x_d, W, BT, BD,
+                     HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, USE_INITIAL_STATE)
+    b_out = activation(b_out, ACTIVATION)
+    if HAS_SEQ_IDX:
+        b_out = tl.where((b_seq_t >= 0)[:, None], b_out, 0.)
+    m_td = m_t[:, None] & m_d[None, :]
+    if HAS_RESIDUAL:
+        # the residual is the unmasked input; this re-load hits the tile the last tap just read
+        b_out += tl.load(p_x + o_t.to(tl.int64)[:, None] * stride_x_t, mask=m_td, other=0.).to(tl.float32)
+    tl.store(p_o, b_out.to(p_o.dtype.element_ty), mask=m_td)
+
+
+@triton.jit
 def conv_pre_interior(x, weight, bias, mask, i_b, o_t, o_d, T, stride_x_b, stride_x_t, stride_x_d,
                       W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
                       HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr):

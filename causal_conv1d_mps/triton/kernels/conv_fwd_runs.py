@@ -18,7 +18,7 @@ shifted-reload path of `conv_fwd`, shared through `common`.
 import triton
 import triton.language as tl
 
-from .common import activation, conv_pre, row_sequences
+from .common import activation, conv_tile_general
 
 
 @triton.jit
@@ -106,20 +106,9 @@ def conv_fwd_runs_kernel(
         tl.store(p_run, b_run.to(out.dtype.element_ty))
     else:
         o_t = i_t * BT + tl.arange(0, BT)
-        m_t = o_t < T
-        m_d = o_d < D
-        i_h, bos, eos, b_seq_t, ok_h = row_sequences(seq_idx, cu_seqlens, i_b, o_t, m_t, T, N, n_search_steps,
-                                                     HAS_SEQ_IDX, IS_VARLEN)
-        b_out = conv_pre(x, weight, bias, mask, seq_idx, h0, i_b, i_h, o_t, o_d, m_t, m_d, bos, b_seq_t, ok_h,
-                         T, D, stride_x_b, stride_x_t, stride_x_d, W, BT, BD,
-                         HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, USE_INITIAL_STATE)
-        b_out = activation(b_out, ACTIVATION)
-        if HAS_SEQ_IDX:
-            b_out = tl.where((b_seq_t >= 0)[:, None], b_out, 0.)
-        m_td = m_t[:, None] & m_d[None, :]
         p_x = x + i_b.to(tl.int64) * stride_x_b + o_d.to(tl.int64)[None, :] * stride_x_d
-        if HAS_RESIDUAL:
-            b_out += tl.load(p_x + o_t.to(tl.int64)[:, None] * stride_x_t, mask=m_td, other=0.).to(tl.float32)
         p_o = (out + i_b.to(tl.int64) * stride_o_b + o_t.to(tl.int64)[:, None] * stride_o_t
                + o_d.to(tl.int64)[None, :] * stride_o_d)
-        tl.store(p_o, b_out.to(out.dtype.element_ty), mask=m_td)
+        conv_tile_general(x, weight, bias, mask, seq_idx, cu_seqlens, h0, p_x, p_o, i_b, o_t, o_d, T, D, N,
+                          n_search_steps, stride_x_b, stride_x_t, stride_x_d, W, BT, BD,
+                          ACTIVATION, HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, HAS_RESIDUAL, IS_VARLEN, USE_INITIAL_STATE)
