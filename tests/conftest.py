@@ -205,3 +205,21 @@ def assert_close_nonfinite(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dt
     finite = torch.isfinite(want)
     if finite.any():
         assert_close_rel(got[finite], want[finite], dtype, f"{name} (finite entries)")
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts the calls that reach this package's Dao-style functions (`api.causal_conv1d_fn`,
+    `api.causal_conv1d_update`), e.g. through transformers' modeling code: proof that a model used it."""
+    from causal_conv1d_mps import api
+
+    calls = {"causal_conv1d_fn": 0, "causal_conv1d_update": 0}
+    for name in calls:
+        real = getattr(api, name)
+
+        def counting(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(api, name, counting)
+    return calls

@@ -18,7 +18,6 @@ from types import ModuleType
 import pytest
 import torch
 
-from causal_conv1d_mps import api
 from causal_conv1d_mps.integrations import transformers as cc_hf
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -29,21 +28,6 @@ NAMES = ("causal_conv1d_fn", "causal_conv1d_update")
 def _disabled_after():
     yield
     cc_hf.disable()
-
-
-@pytest.fixture
-def spy(monkeypatch):
-    """Counts the calls that reach this package's Dao-style functions through the drop-ins."""
-    calls = {name: 0 for name in NAMES}
-    for name in NAMES:
-        real = getattr(api, name)
-
-        def counting(*args, _real=real, _name=name, **kwargs):
-            calls[_name] += 1
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(api, name, counting)
-    return calls
 
 
 def _run_script(script: str, tmp_path: Path, extra_path: Path | None = None) -> str:

@@ -14,7 +14,6 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from causal_conv1d_mps import api  # noqa: E402
 from causal_conv1d_mps.integrations import transformers as cc_hf  # noqa: E402
 from conftest import rel_error  # noqa: E402
 
@@ -132,21 +131,6 @@ def tokens(*shape, seed=1, device="cpu") -> torch.Tensor:
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def family_model(request, device):
     return request.param, build(request.param, device)
-
-
-@pytest.fixture
-def spy(monkeypatch):
-    """Counts the calls that reach this package through the drop-ins (proves the models used it)."""
-    calls = {"causal_conv1d_fn": 0, "causal_conv1d_update": 0}
-    for name in calls:
-        real = getattr(api, name)
-
-        def counting(*args, _real=real, _name=name, **kwargs):
-            calls[_name] += 1
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(api, name, counting)
-    return calls
 
 
 @pytest.fixture(autouse=True)
