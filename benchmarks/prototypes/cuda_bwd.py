@@ -300,7 +300,7 @@ def main(argv=None) -> int:
 
             def step_bdt():
                 fwd(grid=((T // 8 + 127) // 128, D, B), block=(128, 1, 1), args=[x, w, bias, out, T, D])
-                bwd(grid=(D, B), block=(128, 1, 1), args=[x, w, bias, dout, dx, part, T, D])
+                bwd(grid=(D, B, 1), block=(128, 1, 1), args=[x, w, bias, dout, dx, part, T, D])
                 return part.sum(0)
 
             total = step_bdt()

@@ -14,16 +14,14 @@ for both.
 from __future__ import annotations
 
 import functools
-import importlib
-import importlib.util
 import os
 import re
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
+from .. import _checkout
 from . import _contract
 
 SOURCE_ENV_VAR = "CAUSAL_CONV1D_METAL_PATH"
@@ -31,7 +29,6 @@ KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 # Defines the helpers and macros the other files use, so it comes first in every family.
 COMMON_FILE = "common.metal"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
 # Family name -> (its .metal file, the kernel stems it defines, whether each is instantiated per width).
 # Every stem is instantiated for each storage type: `<stem>_<type>_w1..w16` and `_wany` (per width), or
@@ -158,26 +155,9 @@ def _mps_compiler():
     return getattr(torch.mps, "compile_shader", None)
 
 
-@functools.lru_cache(maxsize=1)
 def load_harness() -> ModuleType | None:
     """`metal_harness` from the installed packages, else from the source checkout holding this package."""
-    try:
-        return importlib.import_module("metal_harness")
-    except ImportError:
-        pass
-    init = _REPO_ROOT / "metal_harness" / "__init__.py"
-    if not init.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("metal_harness", init,
-                                                  submodule_search_locations=[str(init.parent)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["metal_harness"] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception:
-        del sys.modules["metal_harness"]
-        raise
-    return module
+    return _checkout.load_harness("metal_harness")
 
 
 @functools.lru_cache(maxsize=None)

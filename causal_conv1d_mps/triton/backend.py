@@ -2,12 +2,15 @@
 
 Both convolution families reach the same kernels with `x` described as `[B, T, D]` by strides:
 `causal_conv1d`'s `(B, D, T)` tensor passes `(stride(0), stride(2), stride(1))`.
+`causal_conv1d` in the `(B, D, T)` layout without packed sequences or initial states asks the CUDA C++
+kernels first (`causal_conv1d_mps.cuda`); they return None where they do not apply.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from ..cuda import launch as cuda_launch
 from .launch_conv import gather_states, launch_backward, launch_forward
 from .launch_update import launch_update
 
@@ -23,10 +26,14 @@ def _is_channel_last(x_bdt: Tensor) -> bool:
 
 def causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation: int, return_final_states: bool):
     B, D, T = x.shape
-    out = torch.empty_like(x)
+    out = None
+    if seq_idx is None and initial_states is None:
+        out = cuda_launch.conv_fwd_bdt(x, weight, bias, activation)
     strides = _btd_strides(x)
-    launch_forward(x, strides, out, _btd_strides(out), B, T, D, weight, bias, None, seq_idx, None,
-                   initial_states, activation, False, _is_channel_last(x))
+    if out is None:
+        out = torch.empty_like(x)
+        launch_forward(x, strides, out, _btd_strides(out), B, T, D, weight, bias, None, seq_idx, None,
+                       initial_states, activation, False, _is_channel_last(x))
     if not return_final_states:
         return out, x.new_empty(0)
     W = weight.shape[1]
@@ -34,6 +41,10 @@ def causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation: int,
 
 
 def causal_conv1d_bwd(x, weight, bias, seq_idx, initial_states, dout, dfinal_states, activation: int):
+    if seq_idx is None and initial_states is None and dfinal_states is None:
+        grads = cuda_launch.conv_bwd_bdt(x, weight, bias, dout, activation)
+        if grads is not None:
+            return (*grads, x.new_empty(0))
     B, D, T = x.shape
     dx = torch.empty_like(x)
     dweight, dbias, dh0 = launch_backward(

@@ -1,0 +1,111 @@
+"""Compile the CUDA C++ kernels at first use and launch them.
+
+On a CUDA device the source goes through NVRTC, which PyTorch's CUDA wheels carry, by way of
+`torch.cuda._compile_kernel` (compile to PTX, load the module); the launch calls the driver's
+`cuLaunchKernel` on the current stream, so CUDA-graph capture records it like any PyTorch kernel. Each
+variant (the contract's defines) compiles once per process and device (about 0.1-0.3 s).
+
+On CPU tensors the same source runs through `cuda_harness` (the repository's test-only CPU harness, not
+installed with the package): that is how CI checks these kernels without a GPU.
+
+Nothing here raises for a missing compiler: `kernel()` returns None with the reason kept in
+`unavailable_reason()`, and the launchers then use the Triton kernels. A compile error of the shipped
+source is a bug of this package: it warns once, quoting the compiler, and the Triton kernels serve.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import warnings
+
+import torch
+
+from .. import _checkout
+from . import _source
+
+_lock = threading.Lock()
+_kernels: dict[tuple, object] = {}
+_failed: dict[str, str] = {}  # device type -> reason
+_libcuda = None
+
+
+def enabled() -> bool:
+    """`CAUSAL_CONV1D_CUDA_KERNELS=0` turns the CUDA C++ kernels off (the Triton kernels serve every call)."""
+    return os.environ.get("CAUSAL_CONV1D_CUDA_KERNELS", "1") != "0"
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the kernels cannot run on `device` (None: they can, or have not been tried yet)."""
+    if not enabled():
+        return "turned off by CAUSAL_CONV1D_CUDA_KERNELS=0"
+    if device.type == "cuda" and not hasattr(torch.cuda, "_compile_kernel"):
+        return f"torch {torch.__version__} has no torch.cuda._compile_kernel (NVRTC)"
+    return _failed.get(device.type)
+
+
+def kernel(name: str, defines: dict[str, int], device: torch.device):
+    """The compiled kernel `name` of the variant `defines` for `device`, or None (see `unavailable_reason`)."""
+    if unavailable_reason(device) is not None:
+        return None
+    index = device.index if device.type == "cuda" and device.index is not None else (
+        torch.cuda.current_device() if device.type == "cuda" else -1)
+    key = (name, device.type, index, tuple(sorted(defines.items())))
+    found = _kernels.get(key)
+    if found is not None:
+        return found
+    with _lock:
+        found = _kernels.get(key)
+        if found is None:
+            found = _compile(name, defines, device, index)
+            if found is not None:
+                _kernels[key] = found
+    return found
+
+
+def _compile(name: str, defines: dict[str, int], device: torch.device, index: int):
+    text = _source.source(defines)
+    try:
+        if device.type == "cuda":
+            with torch.cuda.device(index):
+                compiled = torch.cuda._compile_kernel(text, name, nvcc_options=["--use_fast_math", "-std=c++17"])
+            return _DriverKernel(compiled)
+        cuda_harness = _checkout.load_harness("cuda_harness")  # test-only, at the repository root
+        if cuda_harness is None:
+            _failed[device.type] = "no CUDA C++ runtime for CPU tensors (cuda_harness: a source checkout only)"
+            return None
+        reason = cuda_harness.unavailable_reason()
+        if reason is not None:
+            _failed[device.type] = f"cuda_harness: {reason}"
+            return None
+        return getattr(cuda_harness.compile_source(text, name=_source.FILE_NAME), name)
+    except Exception as exc:  # NVRTC missing, or the shipped source rejected: the Triton kernels serve
+        message = str(exc).strip().splitlines()
+        _failed[device.type] = f"compiling {_source.FILE_NAME} failed: {message[0] if message else exc!r}"
+        warnings.warn(f"causal_conv1d_mps: the CUDA C++ kernels are off for this process, the Triton kernels "
+                      f"serve instead ({_failed[device.type]})", RuntimeWarning, stacklevel=4)
+        return None
+
+
+class _DriverKernel:
+    """A kernel compiled by `torch.cuda._compile_kernel`, launched through `cuLaunchKernel` with the
+    arguments' C types fixed by the caller (tensors: pointers; ints: 32-bit `int`)."""
+
+    def __init__(self, compiled):
+        global _libcuda
+        if _libcuda is None:
+            try:
+                _libcuda = torch.cuda._utils._get_gpu_runtime_library()
+            except AttributeError:  # older torch: the driver library by name
+                _libcuda = ctypes.CDLL("libcuda.so.1")
+        self._compiled = compiled  # keeps the module loaded
+        self._func = compiled.func
+
+    def __call__(self, grid, block, args, shared_mem: int = 0) -> None:
+        holders = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
+        pointers = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
+        stream = torch.cuda.current_stream().cuda_stream
+        result = _libcuda.cuLaunchKernel(self._func, grid[0], grid[1], grid[2], block[0], block[1], block[2],
+                                         shared_mem, ctypes.c_void_p(stream), pointers, None)
+        if result != 0:
+            raise RuntimeError(f"cuLaunchKernel failed with CUDA error {result}")

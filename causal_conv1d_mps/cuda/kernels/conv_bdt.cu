@@ -1,0 +1,261 @@
+// Causal depthwise convolution over x (B, D, T) with T contiguous, 16-bit inputs: forward and backward.
+// Compiled at first use by NVRTC (causal_conv1d_mps/cuda/_runtime.py), and in CI as C++ on the CPU
+// (cuda_harness/). The loader prepends the generated contract (causal_conv1d_mps/cuda/_source.py):
+//   CC_W               filter width, 1 <= CC_W <= 9 (the W-1 steps before a thread's 8 fit one vector)
+//   CC_X_BF16          1: x, out, dout and dx are bfloat16; 0: float16
+//   CC_WT              0: weight and bias are bfloat16, 1: float16, 2: float32
+//   CC_HAS_BIAS        0 or 1
+//   CC_ACTIVATION      an activation code; CC_ACTIVATION_<NAME> the codes of the registry
+//
+// A thread owns 8 consecutive steps of one (b, d) row: one 16-byte load. The W-1 steps before them (and,
+// in the backward, the W-1 after them) are the neighbouring lanes' vectors, exchanged by warp shuffles;
+// lanes 0 and 31 load theirs. Windows are in registers: no shared memory, no scratch. Arithmetic in
+// float32. Strides are in units of 8 elements (the launcher checks 16-byte alignment).
+
+typedef unsigned short cc_u16;
+
+// ------------------------------------------------------------------ 16-bit <-> float32
+__device__ __forceinline__ float cc_bf16_to_float(unsigned int bits) { return __uint_as_float(bits << 16); }
+
+__device__ __forceinline__ unsigned int cc_float_to_bf16(float f) {
+    const unsigned int u = __float_as_uint(f);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;     // NaN stays NaN
+    return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;              // round to nearest even
+}
+
+__device__ __forceinline__ float cc_half_to_float(unsigned int bits) {
+#ifdef __CUDA_ARCH__
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((cc_u16)bits));
+    return f;
+#else
+    const unsigned int sign = (bits & 0x8000u) << 16, exp = (bits >> 10) & 0x1Fu, man = bits & 0x3FFu;
+    if (exp == 0x1Fu) return __uint_as_float(sign | 0x7F800000u | (man << 13));   // Inf, NaN
+    if (exp != 0) return __uint_as_float(sign | ((exp + 112u) << 23) | (man << 13));
+    return __uint_as_float(sign) + (float)man * 5.9604644775390625e-08f;          // subnormal: man * 2^-24
+#endif
+}
+
+__device__ __forceinline__ unsigned int cc_float_to_half(float f) {
+#ifdef __CUDA_ARCH__
+    cc_u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+#else
+    const unsigned int u = __float_as_uint(f), sign = (u >> 16) & 0x8000u, a = u & 0x7FFFFFFFu;
+    if (a > 0x7F800000u) return sign | 0x7E00u;                  // NaN
+    if (a >= 0x477FF000u) return sign | 0x7C00u;                 // rounds to >= 65520: Inf
+    if (a < 0x38800000u) {                                       // below 2^-14: a subnormal half (or 0)
+        const float scaled = __uint_as_float(a) * 16777216.f;    // in units of 2^-24, exact
+        unsigned int q = (unsigned int)scaled;
+        const float rest = scaled - (float)q;
+        if (rest > 0.5f || (rest == 0.5f && (q & 1u))) ++q;      // round to nearest even
+        return sign | q;
+    }
+    const unsigned int e = (a >> 23) - 112u, m = a & 0x7FFFFFu;
+    unsigned int h = (e << 10) | (m >> 13);
+    const unsigned int rest = m & 0x1FFFu;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;     // may carry into the exponent: correct
+    return sign | h;
+#endif
+}
+
+#if CC_X_BF16
+#define CC_X_TO_FLOAT cc_bf16_to_float
+#define CC_FLOAT_TO_X cc_float_to_bf16
+#else
+#define CC_X_TO_FLOAT cc_half_to_float
+#define CC_FLOAT_TO_X cc_float_to_half
+#endif
+
+#if CC_WT == 2
+typedef float cc_wt;
+__device__ __forceinline__ float cc_w_to_float(float v) { return v; }
+__device__ __forceinline__ float cc_float_to_w(float v) { return v; }
+#else
+typedef cc_u16 cc_wt;
+#if CC_WT == 0
+__device__ __forceinline__ float cc_w_to_float(cc_u16 v) { return cc_bf16_to_float(v); }
+__device__ __forceinline__ cc_u16 cc_float_to_w(float v) { return (cc_u16)cc_float_to_bf16(v); }
+#else
+__device__ __forceinline__ float cc_w_to_float(cc_u16 v) { return cc_half_to_float(v); }
+__device__ __forceinline__ cc_u16 cc_float_to_w(float v) { return (cc_u16)cc_float_to_half(v); }
+#endif
+#endif
+
+__device__ __forceinline__ void cc_unpack8(uint4 v, float* f) {
+    const unsigned int w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = CC_X_TO_FLOAT(w[i] & 0xFFFFu);
+        f[2 * i + 1] = CC_X_TO_FLOAT(w[i] >> 16);
+    }
+}
+
+__device__ __forceinline__ uint4 cc_pack8(const float* f) {
+    return make_uint4(CC_FLOAT_TO_X(f[0]) | (CC_FLOAT_TO_X(f[1]) << 16),
+                      CC_FLOAT_TO_X(f[2]) | (CC_FLOAT_TO_X(f[3]) << 16),
+                      CC_FLOAT_TO_X(f[4]) | (CC_FLOAT_TO_X(f[5]) << 16),
+                      CC_FLOAT_TO_X(f[6]) | (CC_FLOAT_TO_X(f[7]) << 16));
+}
+
+// ------------------------------------------------------------------ activations (codes: the registry's)
+__device__ __forceinline__ float cc_activation(float pre) {
+#if CC_ACTIVATION == CC_ACTIVATION_SILU
+    return pre / (1.f + __expf(-pre));
+#else
+    return pre;
+#endif
+}
+
+// d activation / d pre at `pre`, times the incoming gradient `g`
+__device__ __forceinline__ float cc_activation_grad(float pre, float g) {
+#if CC_ACTIVATION == CC_ACTIVATION_SILU
+    const float s = 1.f / (1.f + __expf(-pre));
+    return g * (s * (1.f + pre * (1.f - s)));
+#else
+    return g;
+#endif
+}
+
+// ------------------------------------------------------------------ warp exchange of one 16-byte vector
+__device__ __forceinline__ uint4 cc_from_lane_below(uint4 v) {
+    return make_uint4(__shfl_up_sync(0xFFFFFFFFu, v.x, 1), __shfl_up_sync(0xFFFFFFFFu, v.y, 1),
+                      __shfl_up_sync(0xFFFFFFFFu, v.z, 1), __shfl_up_sync(0xFFFFFFFFu, v.w, 1));
+}
+
+__device__ __forceinline__ uint4 cc_from_lane_above(uint4 v) {
+    return make_uint4(__shfl_down_sync(0xFFFFFFFFu, v.x, 1), __shfl_down_sync(0xFFFFFFFFu, v.y, 1),
+                      __shfl_down_sync(0xFFFFFFFFu, v.z, 1), __shfl_down_sync(0xFFFFFFFFu, v.w, 1));
+}
+
+__device__ __forceinline__ void cc_load_filter(const cc_wt* __restrict__ weight, const cc_wt* __restrict__ bias,
+                                               int d, int w_stride_d, int w_stride_k, int bias_stride,
+                                               float* wk, float* bs) {
+#pragma unroll
+    for (int k = 0; k < CC_W; ++k) wk[k] = cc_w_to_float(weight[(long long)d * w_stride_d + (long long)k * w_stride_k]);
+#if CC_HAS_BIAS
+    *bs = cc_w_to_float(bias[(long long)d * bias_stride]);
+#else
+    *bs = 0.f;
+#endif
+}
+
+#define CC_THREADS 128
+
+// ------------------------------------------------------------------ forward
+// out[b, d, t] = act(bias[d] + sum_k w[d, k] * x[b, d, t - (W-1) + k]), zeros before t = 0.
+// grid (ceil(T/8 / 128), D, B), block 128. n8 = T / 8; strides in units of 8 elements.
+extern "C" __global__ void __launch_bounds__(CC_THREADS) cc_conv_fwd_bdt(
+        const uint4* __restrict__ x, const cc_wt* __restrict__ weight, const cc_wt* __restrict__ bias,
+        uint4* __restrict__ out, int n8, int x_stride_b, int x_stride_d, int out_stride_b, int out_stride_d,
+        int w_stride_d, int w_stride_k, int bias_stride) {
+    const int d = blockIdx.y, b = blockIdx.z, lane = threadIdx.x & 31;
+    const int v = blockIdx.x * CC_THREADS + threadIdx.x;
+    const uint4* xr = x + (long long)b * x_stride_b + (long long)d * x_stride_d;
+    float wk[CC_W], bs;
+    cc_load_filter(weight, bias, d, w_stride_d, w_stride_k, bias_stride, wk, &bs);
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    const uint4 cur = v < n8 ? xr[v] : zero;
+    uint4 prev = cc_from_lane_below(cur);  // every lane takes part: no lane has returned yet
+    if (lane == 0) prev = (v > 0 && v <= n8) ? xr[v - 1] : zero;
+    if (v >= n8) return;
+    float xs[16];
+    cc_unpack8(prev, xs);
+    cc_unpack8(cur, xs + 8);
+    float o[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        float acc = bs;
+#pragma unroll
+        for (int k = 0; k < CC_W; ++k) acc = fmaf(wk[k], xs[8 + i - (CC_W - 1) + k], acc);
+        o[i] = cc_activation(acc);
+    }
+    out[(long long)b * out_stride_b + (long long)d * out_stride_d + v] = cc_pack8(o);
+}
+
+// ------------------------------------------------------------------ backward
+// dpre[t] = dout[t] * act'(pre[t]) (pre recomputed from x);  dx[s] = sum_k w[k] * dpre[s + W-1-k];
+// dweight[k] = sum_t dpre[t] * x[t - (W-1) + k] (the zeros before t = 0 included: 0 * NaN is NaN, as
+// in the reference);  dbias = sum_t dpre[t].
+// grid (D, B, chunks), block 128: block (d, b, c) walks steps [c * chunk8 * 8, ...) of row (b, d),
+// 1024 steps per pass, and writes one float32 partial row dw_part[(c * B + b) * D + d][0..W] (W: bias),
+// which the launcher sums in a fixed order.
+extern "C" __global__ void __launch_bounds__(CC_THREADS) cc_conv_bwd_bdt(
+        const uint4* __restrict__ x, const cc_wt* __restrict__ weight, const cc_wt* __restrict__ bias,
+        const uint4* __restrict__ dout, uint4* __restrict__ dx, float* __restrict__ dw_part,
+        int n8, int chunk8, int B, int D, int x_stride_b, int x_stride_d, int dout_stride_b, int dout_stride_d,
+        int dx_stride_b, int dx_stride_d, int w_stride_d, int w_stride_k, int bias_stride) {
+    const int d = blockIdx.x, b = blockIdx.y, c = blockIdx.z, lane = threadIdx.x & 31;
+    const uint4* xr = x + (long long)b * x_stride_b + (long long)d * x_stride_d;
+    const uint4* gr = dout + (long long)b * dout_stride_b + (long long)d * dout_stride_d;
+    uint4* dxr = dx + (long long)b * dx_stride_b + (long long)d * dx_stride_d;
+    float wk[CC_W], bs;
+    cc_load_filter(weight, bias, d, w_stride_d, w_stride_k, bias_stride, wk, &bs);
+    float acc_dw[CC_W + 1];
+#pragma unroll
+    for (int k = 0; k <= CC_W; ++k) acc_dw[k] = 0.f;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    const int v_end = min(n8, (c + 1) * chunk8);
+    // the trip count is the same for every thread of the block: the shuffles see the whole warp
+    for (int v0 = c * chunk8; v0 < v_end; v0 += CC_THREADS) {
+        const int v = v0 + threadIdx.x;
+        const bool ok = v < v_end;
+        const uint4 xc = ok ? xr[v] : zero, gc = ok ? gr[v] : zero;
+        uint4 xp = cc_from_lane_below(xc), xn = cc_from_lane_above(xc), gn = cc_from_lane_above(gc);
+        if (lane == 0) xp = (v > 0 && v <= n8) ? xr[v - 1] : zero;
+        if (lane == 31 || v + 1 == v_end) {  // the next vector is past this pass or this chunk
+            xn = v + 1 < n8 ? xr[v + 1] : zero;
+            gn = v + 1 < n8 ? gr[v + 1] : zero;
+        }
+        float xs[24], gs[16];
+        cc_unpack8(xp, xs);
+        cc_unpack8(xc, xs + 8);
+        cc_unpack8(xn, xs + 16);
+        cc_unpack8(gc, gs);
+        cc_unpack8(gn, gs + 8);
+        // dpre of the 8 own rows and the W-1 after them; rows past T are no outputs (selected to 0, so a
+        // NaN in the last inputs does not come back through them)
+        const bool next_exists = v + 1 < n8;
+        float dp[8 + CC_W - 1];
+#pragma unroll
+        for (int i = 0; i < 8 + CC_W - 1; ++i) {
+            float pre = bs;
+#pragma unroll
+            for (int k = 0; k < CC_W; ++k) pre = fmaf(wk[k], xs[8 + i - (CC_W - 1) + k], pre);
+            dp[i] = (i < 8 || next_exists) ? cc_activation_grad(pre, gs[i]) : 0.f;
+        }
+        if (ok) {
+            float o[8];
+#pragma unroll
+            for (int s = 0; s < 8; ++s) {
+                float acc = 0.f;
+#pragma unroll
+                for (int k = 0; k < CC_W; ++k) acc = fmaf(wk[k], dp[s + CC_W - 1 - k], acc);
+                o[s] = acc;
+            }
+            dxr[v] = cc_pack8(o);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+#pragma unroll
+                for (int k = 0; k < CC_W; ++k) acc_dw[k] = fmaf(dp[i], xs[8 + i - (CC_W - 1) + k], acc_dw[k]);
+                acc_dw[CC_W] += dp[i];
+            }
+        }
+    }
+    __shared__ float partial[CC_THREADS / 32][CC_W + 1];
+#pragma unroll
+    for (int k = 0; k <= CC_W; ++k) {
+        float s = acc_dw[k];
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xFFFFFFFFu, s, off);
+        if (lane == 0) partial[threadIdx.x >> 5][k] = s;
+    }
+    __syncthreads();
+    if (threadIdx.x <= CC_W) {
+        float s = 0.f;
+#pragma unroll
+        for (int i = 0; i < CC_THREADS / 32; ++i) s += partial[i][threadIdx.x];
+        dw_part[((long long)c * B + b) * D * (CC_W + 1) + (long long)d * (CC_W + 1) + threadIdx.x] = s;
+    }
+}

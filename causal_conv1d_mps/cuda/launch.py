@@ -1,0 +1,129 @@
+"""Launchers of the CUDA C++ kernels of `kernels/conv_bdt.cu`, and where they apply.
+
+The Triton backend asks these first for `causal_conv1d` in the `(B, D, T)` layout; each returns None where
+the kernels do not apply (then the Triton kernels serve the call):
+- `x` `(B, D, T)` with T contiguous, float16 or bfloat16, 16-byte aligned, strides over B and D multiples
+  of 8 elements, T a multiple of 8; weight `[D, W]` with 1 <= W <= 9, of x's dtype or float32, bias of the
+  weight's dtype or None; activation identity or SiLU;
+- no `seq_idx`, no `initial_states`, and in the backward no gradient of the final states (final states
+  themselves are gathered by the caller, as for the Triton kernels);
+- B, D and the T chunks within CUDA's grid limits; a CUDA device whose NVRTC compile succeeded
+  (`_runtime.unavailable_reason`), or, for tests only, CPU tensors through `cuda_harness`.
+Figures and the measurement that chose these kernels: docs/PERF_NOTES.md, v6 (CUDA C++).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _activation
+from . import _runtime
+
+THREADS = 128  # CC_THREADS of the kernels: a block's threads, 8 steps each per pass
+_X_BF16 = {torch.bfloat16: 1, torch.float16: 0}
+_WT = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+_MAX_GRID_YZ = 65535
+_TARGET_BLOCKS = 1024  # the backward splits T into chunks until about this many blocks run
+
+
+def _vector_strides(t: Tensor) -> tuple[int, int] | None:
+    """Strides over B and D in units of 8 elements (0 for a dimension of size 1), or None if T is not
+    contiguous in 16-byte vectors."""
+    if t.stride(2) != 1 or t.data_ptr() % 16 != 0:
+        return None
+    out = []
+    for dim in (0, 1):
+        stride = 0 if t.shape[dim] == 1 else t.stride(dim)
+        if stride % 8 != 0 or stride // 8 >= 2**31:
+            return None
+        out.append(stride // 8)
+    return out[0], out[1]
+
+
+def _weight_strides(weight: Tensor, bias: Tensor | None) -> tuple[int, int, int]:
+    return weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0
+
+
+def why_not(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int) -> str | None:
+    """Why the kernels do not apply to these arguments (None: they do); metadata only, no device work."""
+    if x.dim() != 3 or x.dtype not in _X_BF16:
+        return f"x: float16 or bfloat16 (B, D, T) only, got {x.dtype} with {x.dim()} dims"
+    if weight.dtype not in (x.dtype, torch.float32) or (bias is not None and bias.dtype != weight.dtype):
+        return "weight and bias: x's dtype or float32, both the same"
+    B, D, T = x.shape
+    W = weight.shape[1]
+    if not 1 <= W <= 9:
+        return f"W = {W}: 1..9 only"
+    if activation not in (_activation.IDENTITY, _activation.SILU):
+        return f"activation code {activation}"
+    if B == 0 or D == 0 or T == 0 or T % 8 != 0 or T // 8 >= 2**31:
+        return f"T = {T}: a positive multiple of 8 only (B = {B}, D = {D} non-zero)"
+    if B > _MAX_GRID_YZ or D > _MAX_GRID_YZ:
+        return f"B = {B}, D = {D}: at most {_MAX_GRID_YZ} each (grid)"
+    if _vector_strides(x) is None:
+        return "x: T contiguous, 16-byte aligned, strides over B and D multiples of 8"
+    return None
+
+
+def _defines(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int) -> dict[str, int]:
+    return dict(CC_W=weight.shape[1], CC_X_BF16=_X_BF16[x.dtype], CC_WT=_WT[weight.dtype],
+                CC_HAS_BIAS=int(bias is not None), CC_ACTIVATION=activation)
+
+
+def _usable(x: Tensor, allow_cpu: bool) -> bool:
+    return x.device.type == "cuda" or (allow_cpu and x.device.type == "cpu")
+
+
+def conv_fwd_bdt(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int,
+                 allow_cpu: bool = False) -> Tensor | None:
+    """`act(bias + conv(x))` `[B, D, T]` (zeros before t = 0), or None where the kernels do not apply."""
+    if not _usable(x, allow_cpu) or why_not(x, weight, bias, activation) is not None:
+        return None
+    fn = _runtime.kernel("cc_conv_fwd_bdt", _defines(x, weight, bias, activation), x.device)
+    if fn is None:
+        return None
+    B, D, T = x.shape
+    out = torch.empty_like(x)
+    out_strides = _vector_strides(out)
+    if out_strides is None:  # empty_like of a strided view: contiguous, always vector-aligned
+        out = torch.empty(B, D, T, dtype=x.dtype, device=x.device)
+        out_strides = _vector_strides(out)
+    n8 = T // 8
+    fn(grid=(-(-n8 // THREADS), D, B), block=(THREADS, 1, 1),
+       args=[x, weight, bias if bias is not None else weight, out, n8, *_vector_strides(x), *out_strides,
+             *_weight_strides(weight, bias)])
+    return out
+
+
+def conv_bwd_bdt(x: Tensor, weight: Tensor, bias: Tensor | None, dout: Tensor, activation: int,
+                 allow_cpu: bool = False) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(dx `[B, D, T]`, dweight `[D, W]`, dbias `[D]` or empty) of `conv_fwd_bdt`, or None where the
+    kernels do not apply (dout must have x's dtype and a vector layout too)."""
+    if not _usable(x, allow_cpu) or why_not(x, weight, bias, activation) is not None:
+        return None
+    if dout.dtype != x.dtype or dout.shape != x.shape or _vector_strides(dout) is None:
+        return None
+    fn = _runtime.kernel("cc_conv_bwd_bdt", _defines(x, weight, bias, activation), x.device)
+    if fn is None:
+        return None
+    B, D, T = x.shape
+    W = weight.shape[1]
+    n8 = T // 8
+    # enough blocks to fill the GPU: rows (B * D blocks) split into T chunks of whole passes
+    passes = -(-n8 // THREADS)
+    chunks = min(passes, max(1, -(-_TARGET_BLOCKS // (B * D))), _MAX_GRID_YZ)
+    chunk8 = -(-passes // chunks) * THREADS
+    chunks = -(-n8 // chunk8)
+    dx = torch.empty_like(x)
+    dx_strides = _vector_strides(dx)
+    if dx_strides is None:
+        dx = torch.empty(B, D, T, dtype=x.dtype, device=x.device)
+        dx_strides = _vector_strides(dx)
+    partials = torch.empty(chunks * B, D, W + 1, dtype=torch.float32, device=x.device)
+    fn(grid=(D, B, chunks), block=(THREADS, 1, 1),
+       args=[x, weight, bias if bias is not None else weight, dout, dx, partials, n8, chunk8, B, D,
+             *_vector_strides(x), *_vector_strides(dout), *dx_strides, *_weight_strides(weight, bias)])
+    total = partials.sum(0) if partials.shape[0] > 1 else partials[0]  # a fixed order: deterministic
+    dweight = total[:, :W].to(weight.dtype)
+    dbias = total[:, W].to(bias.dtype) if bias is not None else x.new_empty(0)
+    return dx, dweight, dbias
