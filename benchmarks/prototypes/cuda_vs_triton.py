@@ -1,0 +1,140 @@
+"""The shipped CUDA C++ kernels (`causal_conv1d_mps/cuda/`) against the Triton kernels they replace, through
+the public API, in one run: `CAUSAL_CONV1D_CUDA_KERNELS=0` (read at every call) sends the same calls to
+Triton. GPU times are medians of CUDA-event timings (`triton.testing.do_bench`) as % of a device copy;
+forward + backward as % of the 5N-byte floor; host time per small call as the median wall time of
+back-to-back calls with no synchronisation between them.
+
+    PYTHONPATH=$PWD python benchmarks/prototypes/cuda_vs_triton.py --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import causal_conv1d_mps as ccmps  # noqa: E402
+
+DEV, BF16 = "cuda", torch.bfloat16
+ROWS: list[dict] = []
+
+
+def _use(cuda: bool) -> None:
+    os.environ["CAUSAL_CONV1D_CUDA_KERNELS"] = "1" if cuda else "0"
+
+
+def _copy_gbs() -> float:
+    import triton.testing
+
+    a = torch.randn(2**29, device=DEV, dtype=BF16)
+    b = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=25, rep=200, return_mode="median")
+    return 2 * a.numel() * 2 / (ms * 1e-3) / 1e9
+
+
+def _bench(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median")
+
+
+def _host_us(fn, calls: int = 200) -> float:
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    torch.cuda.synchronize()
+    return statistics.median(times) * 1e6
+
+
+def _row(kind, shape, W, ms_triton, ms_cuda, nbytes, copy, err):
+    floor = nbytes / (copy * 1e9) * 1e3
+    row = dict(kind=kind, shape=shape, W=W, triton_ms=ms_triton, cuda_ms=ms_cuda,
+               triton_pct=100 * floor / ms_triton, cuda_pct=100 * floor / ms_cuda, max_rel_diff=err)
+    ROWS.append(row)
+    print(f"{kind:14s} {shape:18s} W{W:<2d} triton {ms_triton:8.4f} ms ({row['triton_pct']:5.1f}%)   "
+          f"cuda {ms_cuda:8.4f} ms ({row['cuda_pct']:5.1f}%)   x{ms_triton / ms_cuda:4.2f}   diff {err:.1e}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    copy = _copy_gbs()
+    print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  copy {copy:.0f} GB/s")
+    print("(% of copy: forward 2N bytes, forward + backward 5N bytes)")
+
+    for (B, D, T) in ((4, 4096, 8192), (8, 2048, 4096), (8, 4096, 2048)):
+        for W in (2, 3, 4, 7, 8, 9):
+            g = torch.Generator(device=DEV).manual_seed(W)
+            x = torch.randn(B, D, T, device=DEV, generator=g).to(BF16)
+            w = (torch.randn(D, W, device=DEV, generator=g) * W ** -0.5).to(BF16)
+            b = (torch.randn(D, device=DEV, generator=g) * 0.5).to(BF16)
+            fn = lambda: ccmps.causal_conv1d_fn(x, w, b, activation="silu")  # noqa: E731
+            _use(False)
+            ref = fn()
+            ms_t = _bench(fn)
+            _use(True)
+            got = fn()
+            ms_c = _bench(fn)
+            err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+            _row("forward", f"B{B} D{D} T{T}", W, ms_t, ms_c, 2 * x.numel() * 2, copy, err)
+
+    for (B, D, T) in ((8, 4096, 2048), (2, 2048, 512), (4, 4096, 8192)):
+        for W in (4, 8):
+            g = torch.Generator(device=DEV).manual_seed(W + 1)
+            x = torch.randn(B, D, T, device=DEV, generator=g).to(BF16).requires_grad_(True)
+            w = (torch.randn(D, W, device=DEV, generator=g) * W ** -0.5).to(BF16).requires_grad_(True)
+            b = (torch.randn(D, device=DEV, generator=g) * 0.5).to(BF16).requires_grad_(True)
+            dout = torch.randn(B, D, T, device=DEV, generator=g).to(BF16)
+
+            def step():
+                x.grad = w.grad = b.grad = None
+                ccmps.causal_conv1d_fn(x, w, b, activation="silu").backward(dout)
+
+            _use(False)
+            step()
+            ref = [t.grad.float().clone() for t in (x, w, b)]
+            ms_t = _bench(step)
+            _use(True)
+            step()
+            got = [t.grad.float() for t in (x, w, b)]
+            ms_c = _bench(step)
+            err = max(((g_ - r).abs().max() / r.abs().max()).item() for g_, r in zip(got, ref))
+            _row("forward+back", f"B{B} D{D} T{T}", W, ms_t, ms_c, 5 * x.numel() * 2, copy, err)
+
+    print("\nhost time per call (us), back-to-back, B1 D1024 T64 W4 bf16:")
+    x = torch.randn(1, 1024, 64, device=DEV, dtype=BF16)
+    w = torch.randn(1024, 4, device=DEV, dtype=BF16)
+    xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    dout = torch.randn_like(x)
+    eager = torch.nn.functional.conv1d
+    wc = w[:, None, :]
+    for label, fn in (("forward", lambda: ccmps.causal_conv1d_fn(x, w, None, activation="silu")),
+                      ("forward+backward", lambda: ccmps.causal_conv1d_fn(xg, wg, None, "silu").backward(dout))):
+        _use(False)
+        t = _host_us(fn)
+        _use(True)
+        c = _host_us(fn)
+        print(f"  {label:18s} triton {t:7.1f}   cuda {c:7.1f}")
+        ROWS.append(dict(kind="host_us", what=label, triton=t, cuda=c))
+    e = _host_us(lambda: eager(x, wc, None, padding=3, groups=1024))
+    print(f"  {'eager F.conv1d':18s} {e:7.1f}")
+    ROWS.append(dict(kind="host_us", what="eager F.conv1d forward", eager=e))
+    if args.json:
+        args.json.write_text(json.dumps(dict(copy_gbs=copy, rows=ROWS), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
