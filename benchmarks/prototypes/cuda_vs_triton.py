@@ -69,6 +69,7 @@ def _row(kind, shape, W, ms_triton, ms_cuda, nbytes, copy, err):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", type=Path)
+    p.add_argument("--profile", action="store_true", help="cProfile of the small forward+backward calls")
     args = p.parse_args(argv)
     copy = _copy_gbs()
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  copy {copy:.0f} GB/s")
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
     eager = torch.nn.functional.conv1d
     wc = w[:, None, :]
     for label, fn in (("forward", lambda: ccmps.causal_conv1d_fn(x, w, None, activation="silu")),
-                      ("forward+backward", lambda: ccmps.causal_conv1d_fn(xg, wg, None, "silu").backward(dout))):
+                      ("forward+backward", lambda: ccmps.causal_conv1d_fn(xg, wg, None, activation="silu").backward(dout))):
         _use(False)
         t = _host_us(fn)
         _use(True)
@@ -131,6 +132,23 @@ def main(argv=None) -> int:
     e = _host_us(lambda: eager(x, wc, None, padding=3, groups=1024))
     print(f"  {'eager F.conv1d':18s} {e:7.1f}")
     ROWS.append(dict(kind="host_us", what="eager F.conv1d forward", eager=e))
+    if args.profile:
+        import cProfile
+        import pstats
+
+        for cuda in (False, True):
+            _use(cuda)
+            step = lambda: ccmps.causal_conv1d_fn(xg, wg, None, activation="silu").backward(dout)  # noqa: E731
+            for _ in range(20):
+                step()
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(200):
+                step()
+            prof.disable()
+            torch.cuda.synchronize()
+            print(f"\n--- cProfile of 200 small forward+backward calls, {'cuda' if cuda else 'triton'} kernels")
+            pstats.Stats(prof).sort_stats("tottime").print_stats(18)
     if args.json:
         args.json.write_text(json.dumps(dict(copy_gbs=copy, rows=ROWS), indent=1))
     return 0

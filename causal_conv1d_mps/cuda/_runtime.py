@@ -104,8 +104,27 @@ class _DriverKernel:
     def __call__(self, grid, block, args, shared_mem: int = 0) -> None:
         holders = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
         pointers = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
-        stream = torch.cuda.current_stream().cuda_stream
+        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
         result = _libcuda.cuLaunchKernel(self._func, grid[0], grid[1], grid[2], block[0], block[1], block[2],
-                                         shared_mem, ctypes.c_void_p(stream), pointers, None)
+                                         shared_mem, stream, pointers, None)
+        if result == _CUDA_ERROR_INVALID_CONTEXT:
+            # a thread that has not used the driver API yet (autograd's device threads): make the device's
+            # primary context (the one PyTorch and the module use) current, then launch again
+            _make_primary_context_current(torch.cuda.current_device())
+            result = _libcuda.cuLaunchKernel(self._func, grid[0], grid[1], grid[2], block[0], block[1],
+                                             block[2], shared_mem, stream, pointers, None)
         if result != 0:
             raise RuntimeError(f"cuLaunchKernel failed with CUDA error {result}")
+
+
+_CUDA_ERROR_INVALID_CONTEXT = 201
+
+
+def _make_primary_context_current(index: int) -> None:
+    device, context = ctypes.c_int(), ctypes.c_void_p()
+    for call, args in (("cuDeviceGet", (ctypes.byref(device), index)),
+                       ("cuDevicePrimaryCtxRetain", (ctypes.byref(context), device)),
+                       ("cuCtxSetCurrent", (context,))):
+        result = getattr(_libcuda, call)(*args)
+        if result != 0:
+            raise RuntimeError(f"{call} failed with CUDA error {result}")

@@ -92,11 +92,23 @@ __device__ __forceinline__ void cc_unpack8(uint4 v, float* f) {
     }
 }
 
+// two values rounded to nearest even into one 32-bit word, `lo` in the low half
+__device__ __forceinline__ unsigned int cc_pack2(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    unsigned int r;  // one instruction for both (sm_80+), NaN kept
+#if CC_X_BF16
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#endif
+    return r;
+#else
+    return CC_FLOAT_TO_X(lo) | (CC_FLOAT_TO_X(hi) << 16);
+#endif
+}
+
 __device__ __forceinline__ uint4 cc_pack8(const float* f) {
-    return make_uint4(CC_FLOAT_TO_X(f[0]) | (CC_FLOAT_TO_X(f[1]) << 16),
-                      CC_FLOAT_TO_X(f[2]) | (CC_FLOAT_TO_X(f[3]) << 16),
-                      CC_FLOAT_TO_X(f[4]) | (CC_FLOAT_TO_X(f[5]) << 16),
-                      CC_FLOAT_TO_X(f[6]) | (CC_FLOAT_TO_X(f[7]) << 16));
+    return make_uint4(cc_pack2(f[0], f[1]), cc_pack2(f[2], f[3]), cc_pack2(f[4], f[5]), cc_pack2(f[6], f[7]));
 }
 
 // ------------------------------------------------------------------ activations (codes: the registry's)
