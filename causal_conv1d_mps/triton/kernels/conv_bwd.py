@@ -237,14 +237,15 @@ def conv_bwd_initial_state_kernel(
     """Gradient of the initial states of one row/sequence (the W-1 source steps before `bos`) and their
     share of dweight.
 
-    Without initial states (`USE_INITIAL_STATE` false: `h0`, `dh0` and `dht` are None) those steps are
-    zeros: nothing is loaded or stored but the partial row, whose tap k holds `sum dpre * 0` over the
-    outputs reading a zero through it: 0, or NaN where one of those dpre is NaN or +-Inf.
-
     Only the first W-1 outputs of the sequence read them. Their dpre is computed once (one pass of W
     taps per chunk of BC outputs that exist), parked in this program's scratch slice `[BJ, BD]`, and read
     back shifted by each tap: state column j is read by output `bos + j - k` through tap k. The work grows
     with W times the outputs that exist, not with W**2 (W = 257 with T = 6 took minutes before).
+
+    Without initial states (`USE_INITIAL_STATE` false: `h0`, `dh0` and `dht` are None) those steps are
+    zeros that are still inputs: nothing is loaded or stored but the partial row, whose tap k holds
+    `sum dpre * 0` over the outputs reading a zero through it: 0, or NaN where one of those dpre is NaN
+    or +-Inf (docs/CONTRACT.md section 7, item 5).
     """
     i_d, i_r = tl.program_id(0), tl.program_id(1)
     o_d = i_d * BD + tl.arange(0, BD)
