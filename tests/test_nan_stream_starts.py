@@ -89,6 +89,24 @@ def test_causal_conv1d_rows_start_at_zero(backend, device, channel_last, silu):
     assert torch.isfinite(got[1][3]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_causal_conv1d_rows_start_at_zero_16bit(backend, device, dtype):
+    """16-bit (B, D, T) with T a multiple of 8: the shapes that other kernels of a backend may serve."""
+    b, d, t, width = 2, 8, 16, 4
+    x, weight, bias = (_rand(b, d, t, seed=21).to(dtype), (_rand(d, width, seed=22) * 0.5).to(dtype),
+                       _rand(d, seed=23).to(dtype))
+    dout = _rand(b, d, t, seed=24).to(dtype)
+    dout[0, 0, 0] = NAN
+    dout[1, 3, 1] = -INF
+    dout[1, 5, 9] = NAN  # not near a start: every tap is NaN through x anyway
+    xg, wg, bg = leaf(x.to(device)), leaf(weight.to(device)), leaf(bias.to(device))
+    ccmps.causal_conv1d(xg, wg, bg, "silu").backward(dout.to(device))
+    want = reference.causal_conv1d_bwd(x, weight, bias, None, None, dout, None, SILU)
+    for g, w, name in zip((xg.grad, wg.grad, bg.grad), want, ("dx", "dweight", "dbias")):
+        assert_close_nonfinite(g, w, dtype, name)
+    _check_start_taps(wg.grad, [(0, 0, True), (3, 1, True)], width)
+
+
 @pytest.mark.parametrize("silu", [False, True])
 def test_causal_conv1d_seq_idx_counts_the_row_start_only(backend, device, silu):
     b, d, t, width = 2, 5, 10, 4
