@@ -14,7 +14,6 @@ Budget: kernel backends on CPU run in an interpreter or harness, so they take a 
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import causal_conv1d_mps as ccmps
@@ -78,28 +77,8 @@ def _check(got: list, ref: list, names: list, dtype, case: str) -> None:
         assert_close_nonfinite(g, r, dtype, f"{case} {name}")
 
 
-# Seeds a backend is known to fail, each with its own strict-xfail test below (so fixing it is noticed).
-KNOWN_DEVIATIONS = {"triton": (30,)}
-
-
 def test_fuzz_causal_conv1d_packed_sequences(backend, device):
     for case in _cases(backend, device):
-        if case not in KNOWN_DEVIATIONS.get(backend, ()):
-            _causal_case(case, device)
-
-
-@pytest.mark.triton
-@pytest.mark.xfail(strict=True, reason="known deviation (docs/CONTRACT.md section 7): without initial_states "
-                   "the Triton backward omits the zero-padded taps' products from dweight, so a NaN gradient "
-                   "in a row's first W-1 steps leaves dweight[:, k] finite where the reference gives NaN")
-def test_fuzz_known_deviation_triton_zero_padding(device, monkeypatch):
-    from causal_conv1d_mps._backend import backend_unavailable_reason
-
-    reason = backend_unavailable_reason("triton", device)
-    if reason is not None:
-        pytest.skip(f"backend triton on {device}: {reason}")
-    monkeypatch.setenv("CAUSAL_CONV1D_BACKEND", "triton")
-    for case in KNOWN_DEVIATIONS["triton"]:
         _causal_case(case, device)
 
 

@@ -68,7 +68,10 @@ def launch_backward(x: Tensor, x_strides, dout: Tensor, dout_strides, dx: Tensor
     N, steps = _search_steps(cu_seqlens)
     n_tiles = _cdiv(T, cfg["BT"])
     n_chunks = _cdiv(n_tiles, cfg["TILES"]) if B > 0 else 0
-    n_partials = B * n_chunks + (rows if use_h0 else 0)
+    # one partial row per stream start: its W-1 states, or the zeros standing in for them, which are still
+    # inputs (docs/CONTRACT.md section 7, item 5)
+    start_rows = rows if W > 1 and (use_h0 or T > 0) else 0
+    n_partials = B * n_chunks + start_rows
     BW = _next_pow2(W + 1)
     dw_partial = torch.empty(n_partials, D, W + 1, device=x.device, dtype=torch.float32)
     flags = dict(ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
@@ -88,17 +91,18 @@ def launch_backward(x: Tensor, x_strides, dout: Tensor, dout_strides, dx: Tensor
                     IS_VARLEN=cu_seqlens is not None, USE_INITIAL_STATE=use_h0, USE_FINAL_STATE_GRAD=use_dht,
                     EVEN_D=D % cfg["BD"] == 0, TIME_CONTIGUOUS=not channel_last),
                cfg["num_warps"])
-    if use_h0 and rows > 0:
+    if start_rows > 0:
         BD = min(_next_pow2(D), 128)
         BJ = _next_pow2(max(W - 1, 2))
         grid = (_cdiv(D, BD), rows)
         # per-program float32 slices for the dpre of a sequence's first W-1 outputs
         scratch = torch.empty(grid[0] * grid[1] * BJ * BD, device=x.device, dtype=torch.float32)
         launch(kernels.conv_bwd_initial_state_kernel, grid,
-               (x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, dht, dh0, dw_partial, scratch,
-                T, D, B * n_chunks, *x_strides, *dout_strides),
+               (x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, dht if use_h0 else None,
+                dh0 if use_h0 else None, dw_partial, scratch, T, D, B * n_chunks, *x_strides, *dout_strides),
                dict(W=W, BJ=BJ, BC=min(BJ, 16), BD=BD, BW=BW, **flags,
-                    IS_VARLEN=cu_seqlens is not None, USE_FINAL_STATE_GRAD=use_dht),
+                    IS_VARLEN=cu_seqlens is not None, USE_FINAL_STATE_GRAD=use_dht and use_h0,
+                    USE_INITIAL_STATE=use_h0),
                4)
     n_cols = D * (W + 1)
     BC = 256 if not interpreted else min(_next_pow2(n_cols), 1024)

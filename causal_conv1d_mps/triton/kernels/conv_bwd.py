@@ -17,8 +17,11 @@ arithmetic (docs/PERF_NOTES.md, v4). A program walks `tiles_per_program` T tiles
 and keeps its weight/bias gradient in registers; each program writes one float32 partial row, and
 `reduce_partials_kernel` sums the rows in a fixed order (bitwise deterministic, no float atomics).
 
-The W-1 steps before a sequence start (the initial states) have no row in that grid: a small kernel,
-`conv_bwd_initial_state_kernel`, gives their gradient and their share of dweight (one partial row each).
+The W-1 steps before a stream start (the initial states, or the zeros standing in for them) have no row
+in that grid: a small kernel, `conv_bwd_initial_state_kernel`, gives their gradient and their share of
+dweight (one partial row each). It runs without initial states too: those zeros are still inputs, so a
+NaN/Inf dpre among a stream's first W-1 outputs makes the dweight of the taps reaching before the start
+NaN (`dpre * 0`), as in the reference (docs/CONTRACT.md section 7, item 5).
 """
 import triton
 import triton.language as tl
@@ -229,6 +232,7 @@ def conv_bwd_initial_state_kernel(
     W: tl.constexpr, BJ: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BW: tl.constexpr,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_SEQ_IDX: tl.constexpr, IS_VARLEN: tl.constexpr, USE_FINAL_STATE_GRAD: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr,
 ):
     """Gradient of the initial states of one row/sequence (the W-1 source steps before `bos`) and their
     share of dweight.
@@ -237,6 +241,11 @@ def conv_bwd_initial_state_kernel(
     taps per chunk of BC outputs that exist), parked in this program's scratch slice `[BJ, BD]`, and read
     back shifted by each tap: state column j is read by output `bos + j - k` through tap k. The work grows
     with W times the outputs that exist, not with W**2 (W = 257 with T = 6 took minutes before).
+
+    Without initial states (`USE_INITIAL_STATE` false: `h0`, `dh0` and `dht` are None) those steps are
+    zeros that are still inputs: nothing is loaded or stored but the partial row, whose tap k holds
+    `sum dpre * 0` over the outputs reading a zero through it: 0, or NaN where one of those dpre is NaN
+    or +-Inf (docs/CONTRACT.md section 7, item 5).
     """
     i_d, i_r = tl.program_id(0), tl.program_id(1)
     o_d = i_d * BD + tl.arange(0, BD)
@@ -270,16 +279,17 @@ def conv_bwd_initial_state_kernel(
             if bos + j0 < eos:
                 b_pre = conv_pre(x, weight, bias, mask, seq_idx, h0, i_b, o_c * 0 + i_r, o_t, o_d, ok_t, m_d, bos,
                                  b_seq_hc, ok_t, T, D, stride_x_b, stride_x_t, stride_x_d, W, BC, BD,
-                                 HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, True)
+                                 HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, USE_INITIAL_STATE)
                 b_dpre = b_dpre * activation_grad(b_pre, ACTIVATION)
         tl.store(p_scr + (j0 + o_c)[:, None] * BD, b_dpre)
     tl.debug_barrier()  # make the rows visible to every thread of the program
 
     # phase 2: each tap reads the parked rows shifted by k
-    p_h = h0 + i_r.to(tl.int64) * D * (W - 1) + o_d[None, :] * (W - 1) + o_j[:, None]
     m_jd = m_j[:, None] & m_d[None, :]
-    b_h = tl.load(p_h, mask=m_jd, other=0.).to(tl.float32)
-    b_dh = tl.full([BJ, BD], 0., tl.float32)
+    if USE_INITIAL_STATE:
+        p_h = h0 + i_r.to(tl.int64) * D * (W - 1) + o_d[None, :] * (W - 1) + o_j[:, None]
+        b_h = tl.load(p_h, mask=m_jd, other=0.).to(tl.float32)
+        b_dh = tl.full([BJ, BD], 0., tl.float32)
     b_dw = tl.full([BD, BW], 0., tl.float32)
     # a run-time loop: the body is small and W may be large
     for k in range(W):
@@ -290,21 +300,27 @@ def conv_bwd_initial_state_kernel(
             b_seq_tk = tl.load(p_seq + o_tk, mask=ok_k, other=-2)
             ok_k = ok_k & (b_seq_tk == b_seq_h) & (b_seq_h >= 0)
         b_g = tl.load(p_scr + o_src[:, None] * BD, mask=ok_k[:, None], other=0.)
-        b_w = tl.load(weight + o_d * W + k, mask=m_d, other=0.).to(tl.float32)
-        b_dh += b_g * b_w[None, :]
+        if USE_INITIAL_STATE:
+            b_w = tl.load(weight + o_d * W + k, mask=m_d, other=0.).to(tl.float32)
+            b_dh += b_g * b_w[None, :]
+            b_gh = b_g * b_h
+        else:
+            # `dpre * 0` by selection, which no compiler may fold away: NaN exactly where dpre is not finite
+            b_gh = tl.where(tl.abs(b_g) < float("inf"), 0., float("nan"))
         # a state read by no output of its sequence adds nothing to dweight, even if it is NaN
-        b_gh = tl.where(ok_k[:, None], b_g * b_h, 0.)
+        b_gh = tl.where(ok_k[:, None], b_gh, 0.)
         b_dw += tl.where(o_w[None, :] == k, tl.reduce(b_gh, 0, add)[:, None], 0.)
 
-    if USE_FINAL_STATE_GRAD:
-        # a sequence shorter than W-1 passes part of its initial state straight to its final state
-        o_s = bos - (W - 1) + o_j
-        o_f = o_s - (eos - (W - 1))
-        m_f = m_j & (o_f >= 0) & (o_f < W - 1)
-        p_dht = dht + i_r.to(tl.int64) * D * (W - 1) + o_d[None, :] * (W - 1) + o_f[:, None]
-        b_dh += tl.load(p_dht, mask=m_f[:, None] & m_d[None, :], other=0.).to(tl.float32)
-    tl.store(dh0 + i_r.to(tl.int64) * D * (W - 1) + o_d[None, :] * (W - 1) + o_j[:, None],
-             b_dh.to(dh0.dtype.element_ty), mask=m_jd)
+    if USE_INITIAL_STATE:
+        if USE_FINAL_STATE_GRAD:
+            # a sequence shorter than W-1 passes part of its initial state straight to its final state
+            o_s = bos - (W - 1) + o_j
+            o_f = o_s - (eos - (W - 1))
+            m_f = m_j & (o_f >= 0) & (o_f < W - 1)
+            p_dht = dht + i_r.to(tl.int64) * D * (W - 1) + o_d[None, :] * (W - 1) + o_f[:, None]
+            b_dh += tl.load(p_dht, mask=m_f[:, None] & m_d[None, :], other=0.).to(tl.float32)
+        tl.store(dh0 + i_r.to(tl.int64) * D * (W - 1) + o_d[None, :] * (W - 1) + o_j[:, None],
+                 b_dh.to(dh0.dtype.element_ty), mask=m_jd)
     i_p = partial_offset + i_r
     p_dw = dw_partial + (i_p.to(tl.int64) * D + o_d[:, None]) * (W + 1) + o_w[None, :]
     tl.store(p_dw, b_dw, mask=m_d[:, None] & (o_w[None, :] < W + 1))
