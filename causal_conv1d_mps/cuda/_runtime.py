@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 import threading
 import warnings
 
@@ -69,7 +70,7 @@ def _compile(name: str, defines: dict[str, int], device: torch.device, index: in
         if device.type == "cuda":
             with torch.cuda.device(index):
                 compiled = torch.cuda._compile_kernel(text, name, nvcc_options=["--use_fast_math", "-std=c++17"])
-            return _DriverKernel(compiled)
+            return _DriverKernel(compiled, index)
         cuda_harness = _checkout.load_harness("cuda_harness")  # test-only, at the repository root
         if cuda_harness is None:
             _failed[device.type] = "no CUDA C++ runtime for CPU tensors (cuda_harness: a source checkout only)"
@@ -88,34 +89,49 @@ def _compile(name: str, defines: dict[str, int], device: torch.device, index: in
 
 
 class _DriverKernel:
-    """A kernel compiled by `torch.cuda._compile_kernel`, launched through `cuLaunchKernel` with the
-    arguments' C types fixed by the caller (tensors: pointers; ints: 32-bit `int`)."""
+    """A kernel compiled by `torch.cuda._compile_kernel`, launched through `cuLaunchKernel` on the current
+    stream. The argument values are packed into one buffer (`struct`, native alignment: tensors as pointers,
+    ints as 32-bit `int`) and `kernelParams` points into it: one `struct.pack` and one pointer array per
+    launch instead of a ctypes object per argument keeps the host time low."""
 
-    def __init__(self, compiled):
+    def __init__(self, compiled, device_index: int):
         global _libcuda
         if _libcuda is None:
             try:
-                _libcuda = torch.cuda._utils._get_gpu_runtime_library()
+                lib = torch.cuda._utils._get_gpu_runtime_library()
             except AttributeError:  # older torch: the driver library by name
-                _libcuda = ctypes.CDLL("libcuda.so.1")
+                lib = ctypes.CDLL("libcuda.so.1")
+            lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [
+                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+            _libcuda = lib
         self._compiled = compiled  # keeps the module loaded
-        self._func = compiled.func
+        self._func = compiled.func.value
+        self._device = device_index
+        self._layouts: dict[tuple, tuple] = {}
 
     def __call__(self, grid, block, args, shared_mem: int = 0) -> None:
-        holders = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args]
-        pointers = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
-        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        kinds = tuple(type(a) is int for a in args)
+        layout = self._layouts.get(kinds)
+        if layout is None:
+            codes = ["i" if k else "P" for k in kinds]
+            offsets = [struct.calcsize("@" + "".join(codes[:i + 1])) - struct.calcsize("@" + codes[i])
+                       for i in range(len(codes))]
+            layout = self._layouts[kinds] = ("@" + "".join(codes), offsets, ctypes.c_void_p * len(codes))
+        fmt, offsets, array_type = layout
+        buffer = ctypes.create_string_buffer(struct.pack(fmt, *[a if type(a) is int else a.data_ptr() for a in args]))
+        base = ctypes.addressof(buffer)
+        params = array_type(*[base + off for off in offsets])
+        stream = torch._C._cuda_getCurrentRawStream(self._device)
         result = _libcuda.cuLaunchKernel(self._func, grid[0], grid[1], grid[2], block[0], block[1], block[2],
-                                         shared_mem, stream, pointers, None)
+                                         shared_mem, stream, params, None)
         if result == _CUDA_ERROR_INVALID_CONTEXT:
             # a thread that has not used the driver API yet (autograd's device threads): make the device's
             # primary context (the one PyTorch and the module use) current, then launch again
-            _make_primary_context_current(torch.cuda.current_device())
+            _make_primary_context_current(self._device)
             result = _libcuda.cuLaunchKernel(self._func, grid[0], grid[1], grid[2], block[0], block[1],
-                                             block[2], shared_mem, stream, pointers, None)
+                                             block[2], shared_mem, stream, params, None)
         if result != 0:
             raise RuntimeError(f"cuLaunchKernel failed with CUDA error {result}")
-
 
 _CUDA_ERROR_INVALID_CONTEXT = 201
 

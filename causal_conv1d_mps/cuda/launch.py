@@ -65,6 +65,12 @@ def why_not(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int) -> 
     return None
 
 
+def preferred_for_forward(T: int, W: int) -> bool:
+    """Where the CUDA C++ forward is the faster one (measured on an H200, docs/PERF_NOTES.md v6): everywhere
+    from W = 4 up; at W = 2 and 3 Triton's run kernel (which serves T >= 1024) is as fast or faster."""
+    return W >= 4 or T < 1024
+
+
 def _defines(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int) -> dict[str, int]:
     return dict(CC_W=weight.shape[1], CC_X_BF16=_X_BF16[x.dtype], CC_WT=_WT[weight.dtype],
                 CC_HAS_BIAS=int(bias is not None), CC_ACTIVATION=activation)

@@ -27,7 +27,7 @@ def _is_channel_last(x_bdt: Tensor) -> bool:
 def causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation: int, return_final_states: bool):
     B, D, T = x.shape
     out = None
-    if seq_idx is None and initial_states is None:
+    if seq_idx is None and initial_states is None and cuda_launch.preferred_for_forward(T, weight.shape[1]):
         out = cuda_launch.conv_fwd_bdt(x, weight, bias, activation)
     strides = _btd_strides(x)
     if out is None:
