@@ -109,8 +109,10 @@ def conv_bwd_bdt(x: Tensor, weight: Tensor, bias: Tensor | None, dout: Tensor, a
         return None
     if dout.dtype != x.dtype or dout.shape != x.shape or _vector_strides(dout) is None:
         return None
-    fn = _runtime.kernel("cc_conv_bwd_bdt", _defines(x, weight, bias, activation), x.device)
-    if fn is None:
+    defines = _defines(x, weight, bias, activation)
+    fn = _runtime.kernel("cc_conv_bwd_bdt", defines, x.device)
+    reduce = _runtime.kernel("cc_reduce_partials", defines, x.device) if fn is not None else None
+    if reduce is None:
         return None
     B, D, T = x.shape
     W = weight.shape[1]
@@ -129,7 +131,8 @@ def conv_bwd_bdt(x: Tensor, weight: Tensor, bias: Tensor | None, dout: Tensor, a
     fn(grid=(D, B, chunks), block=(THREADS, 1, 1),
        args=[x, weight, bias if bias is not None else weight, dout, dx, partials, n8, chunk8, B, D,
              *_vector_strides(x), *_vector_strides(dout), *dx_strides, *_weight_strides(weight, bias)])
-    total = partials.sum(0) if partials.shape[0] > 1 else partials[0]  # a fixed order: deterministic
-    dweight = total[:, :W].to(weight.dtype)
-    dbias = total[:, W].to(bias.dtype) if bias is not None else x.new_empty(0)
+    dweight = torch.empty(D, W, dtype=weight.dtype, device=x.device)
+    dbias = torch.empty(D, dtype=bias.dtype, device=x.device) if bias is not None else x.new_empty(0)
+    reduce(grid=(-(-D * (W + 1) // 256), 1, 1), block=(256, 1, 1),
+           args=[partials, dweight, dbias if bias is not None else dweight, chunks * B, D])
     return dx, dweight, dbias

@@ -271,3 +271,19 @@ extern "C" __global__ void __launch_bounds__(CC_THREADS) cc_conv_bwd_bdt(
         dw_part[((long long)c * B + b) * D * (CC_W + 1) + (long long)d * (CC_W + 1) + threadIdx.x] = s;
     }
 }
+
+// ------------------------------------------------------------------ weight and bias gradients
+// Column sums of the partial rows dw_part [P, D * (W+1)] in a fixed order (bitwise deterministic), cast once
+// to the weight's dtype: dweight [D, W] contiguous, dbias [D]. grid (ceil(D * (W+1) / 256)), block 256.
+extern "C" __global__ void __launch_bounds__(256) cc_reduce_partials(
+        const float* __restrict__ dw_part, cc_wt* __restrict__ dweight, cc_wt* __restrict__ dbias, int P, int D) {
+    const int col = blockIdx.x * 256 + threadIdx.x, n_cols = D * (CC_W + 1);
+    if (col >= n_cols) return;
+    float s = 0.f;
+    for (int p = 0; p < P; ++p) s += dw_part[(long long)p * n_cols + col];
+    const int d = col / (CC_W + 1), k = col - d * (CC_W + 1);
+    if (k < CC_W) dweight[d * CC_W + k] = cc_float_to_w(s);
+#if CC_HAS_BIAS
+    else dbias[d] = cc_float_to_w(s);
+#endif
+}
