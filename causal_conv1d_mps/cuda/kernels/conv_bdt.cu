@@ -14,6 +14,14 @@
 
 typedef unsigned short cc_u16;
 
+// Inline PTX only where a GPU compiler reads the source: cuda_harness (CI) compiles it as C++ for the CPU
+// and takes the portable branches, which give the same bits.
+#if defined(__CUDA_ARCH__) && !defined(CUDA_HARNESS)
+#define CC_PTX 1
+#else
+#define CC_PTX 0
+#endif
+
 // ------------------------------------------------------------------ 16-bit <-> float32
 __device__ __forceinline__ float cc_bf16_to_float(unsigned int bits) { return __uint_as_float(bits << 16); }
 
@@ -24,7 +32,7 @@ __device__ __forceinline__ unsigned int cc_float_to_bf16(float f) {
 }
 
 __device__ __forceinline__ float cc_half_to_float(unsigned int bits) {
-#ifdef __CUDA_ARCH__
+#if CC_PTX
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((cc_u16)bits));
     return f;
@@ -37,7 +45,7 @@ __device__ __forceinline__ float cc_half_to_float(unsigned int bits) {
 }
 
 __device__ __forceinline__ unsigned int cc_float_to_half(float f) {
-#ifdef __CUDA_ARCH__
+#if CC_PTX
     cc_u16 h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
@@ -94,7 +102,7 @@ __device__ __forceinline__ void cc_unpack8(uint4 v, float* f) {
 
 // two values rounded to nearest even into one 32-bit word, `lo` in the low half
 __device__ __forceinline__ unsigned int cc_pack2(float lo, float hi) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if CC_PTX && __CUDA_ARCH__ >= 800
     unsigned int r;  // one instruction for both (sm_80+), NaN kept
 #if CC_X_BF16
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
