@@ -2,7 +2,7 @@
 
 On `--device cpu` the shipped source runs through `cuda_harness` (compiled as C++, run on the CPU); on
 `--device cuda` through NVRTC on the GPU. The same launchers serve both (`allow_cpu=True` lets them take CPU
-tensors). Covered: every width 1..9, both 16-bit dtypes, float32 weights, bias or none, identity and SiLU,
+tensors). Covered: every width 1..10, 16 and 17, both 16-bit dtypes, float32 weights, bias or none, identity and SiLU,
 T of one vector, of several passes and of several backward chunks, odd D, B = 1, strided views, the NaN
 pattern of the weight gradient, determinism, where the kernels do not apply, the dispatch from the public
 API, and the fall-back to the Triton kernels when the source does not compile.
@@ -71,6 +71,9 @@ CASES = [
     (7, torch.bfloat16, torch.float32, True, "silu"),
     (8, torch.float16, torch.float16, True, None),
     (9, torch.bfloat16, torch.bfloat16, True, "silu"),
+    (10, torch.float16, torch.float32, True, "silu"),
+    (16, torch.bfloat16, torch.float32, True, "silu"),
+    (17, torch.float16, torch.float16, False, None),
 ]
 
 
@@ -146,7 +149,7 @@ def test_where_the_kernels_do_not_apply(device):
     excluded = {
         "float32 x": (x.float(), w.float(), None),
         "T not a multiple of 8": (x[..., :60], w, None),
-        "W = 10": (x, torch.randn(4, 10, dtype=torch.bfloat16), None),
+        "W = 18": (x, torch.randn(4, 18, dtype=torch.bfloat16), None),
         "channel-last": (x.transpose(1, 2).contiguous().transpose(1, 2), w, None),
         "not 16-byte aligned": (torch.randn(2 * 4 * 64 + 1, dtype=torch.bfloat16)[1:].view(2, 4, 64), w, None),
         "bias of another dtype": (x, w, torch.randn(4)),
@@ -226,6 +229,6 @@ def test_generated_header_comes_from_the_registry():
         assert f"#define CC_ACTIVATION_{a.name.upper()} {a.code}\n" in text
     assert "#define CC_W 4\n" in text
     with pytest.raises(ValueError, match="CC_W"):
-        _source.header({**defines, "CC_W": 10})
+        _source.header({**defines, "CC_W": 18})
     with pytest.raises(ValueError, match="expected"):
         _source.header({"CC_W": 4})

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     print("(% of copy: forward 2N bytes, forward + backward 5N bytes)")
 
     for (B, D, T) in ((4, 4096, 8192), (8, 2048, 4096), (8, 4096, 2048)):
-        for W in (2, 3, 4, 7, 8, 9):
+        for W in (2, 3, 4, 7, 8, 9, 16):
             g = torch.Generator(device=DEV).manual_seed(W)
             x = torch.randn(B, D, T, device=DEV, generator=g).to(BF16)
             w = (torch.randn(D, W, device=DEV, generator=g) * W ** -0.5).to(BF16)
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
             _row("forward", f"B{B} D{D} T{T}", W, ms_t, ms_c, 2 * x.numel() * 2, copy, err)
 
     for (B, D, T) in ((8, 4096, 2048), (2, 2048, 512), (4, 4096, 8192)):
-        for W in (4, 8):
+        for W in (4, 8, 16):
             g = torch.Generator(device=DEV).manual_seed(W + 1)
             x = torch.randn(B, D, T, device=DEV, generator=g).to(BF16).requires_grad_(True)
             w = (torch.randn(D, W, device=DEV, generator=g) * W ** -0.5).to(BF16).requires_grad_(True)

@@ -15,7 +15,7 @@ FILE_NAME = "conv_bdt.cu"
 
 # the variant's defines, each with the values the kernels handle
 DEFINES = {
-    "CC_W": range(1, 10),
+    "CC_W": range(1, 18),
     "CC_X_BF16": (0, 1),
     "CC_WT": (0, 1, 2),  # weight and bias: bfloat16, float16, float32
     "CC_HAS_BIAS": (0, 1),

@@ -3,7 +3,7 @@
 The Triton backend asks these first for `causal_conv1d` in the `(B, D, T)` layout; each returns None where
 the kernels do not apply (then the Triton kernels serve the call):
 - `x` `(B, D, T)` with T contiguous, float16 or bfloat16, 16-byte aligned, strides over B and D multiples
-  of 8 elements, T a multiple of 8; weight `[D, W]` with 1 <= W <= 9, of x's dtype or float32, bias of the
+  of 8 elements, T a multiple of 8; weight `[D, W]` with 1 <= W <= 17, of x's dtype or float32, bias of the
   weight's dtype or None; activation identity or SiLU;
 - no `seq_idx`, no `initial_states`, and in the backward no gradient of the final states (final states
   themselves are gathered by the caller, as for the Triton kernels);
@@ -20,6 +20,7 @@ from .. import _activation
 from . import _runtime
 
 THREADS = 128  # CC_THREADS of the kernels: a block's threads, 8 steps each per pass
+MAX_WIDTH = 17  # the W-1 steps before (and after) a thread's 8 come from at most two neighbouring vectors
 _X_BF16 = {torch.bfloat16: 1, torch.float16: 0}
 _WT = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _MAX_GRID_YZ = 65535
@@ -52,8 +53,8 @@ def why_not(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int) -> 
         return "weight and bias: x's dtype or float32, both the same"
     B, D, T = x.shape
     W = weight.shape[1]
-    if not 1 <= W <= 9:
-        return f"W = {W}: 1..9 only"
+    if not 1 <= W <= MAX_WIDTH:
+        return f"W = {W}: 1..{MAX_WIDTH} only"
     if activation not in (_activation.IDENTITY, _activation.SILU):
         return f"activation code {activation}"
     if B == 0 or D == 0 or T == 0 or T % 8 != 0 or T // 8 >= 2**31:

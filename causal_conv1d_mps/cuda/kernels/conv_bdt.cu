@@ -1,15 +1,15 @@
 // Causal depthwise convolution over x (B, D, T) with T contiguous, 16-bit inputs: forward and backward.
 // Compiled at first use by NVRTC (causal_conv1d_mps/cuda/_runtime.py), and in CI as C++ on the CPU
 // (cuda_harness/). The loader prepends the generated contract (causal_conv1d_mps/cuda/_source.py):
-//   CC_W               filter width, 1 <= CC_W <= 9 (the W-1 steps before a thread's 8 fit one vector)
+//   CC_W               filter width, 1 <= CC_W <= 17 (the W-1 steps before a thread's 8 fit two vectors)
 //   CC_X_BF16          1: x, out, dout and dx are bfloat16; 0: float16
 //   CC_WT              0: weight and bias are bfloat16, 1: float16, 2: float32
 //   CC_HAS_BIAS        0 or 1
 //   CC_ACTIVATION      an activation code; CC_ACTIVATION_<NAME> the codes of the registry
 //
 // A thread owns 8 consecutive steps of one (b, d) row: one 16-byte load. The W-1 steps before them (and,
-// in the backward, the W-1 after them) are the neighbouring lanes' vectors, exchanged by warp shuffles;
-// lanes 0 and 31 load theirs. Windows are in registers: no shared memory, no scratch. Arithmetic in
+// in the backward, the W-1 after them) are the CC_HALO neighbouring lanes' vectors on each side, exchanged
+// by warp shuffles; the lanes at the warp's edges load theirs. Windows are in registers: no shared memory, no scratch. Arithmetic in
 // float32. Strides are in units of 8 elements (the launcher checks 16-byte alignment).
 
 typedef unsigned short cc_u16;
@@ -139,14 +139,43 @@ __device__ __forceinline__ float cc_activation_grad(float pre, float g) {
 }
 
 // ------------------------------------------------------------------ warp exchange of one 16-byte vector
-__device__ __forceinline__ uint4 cc_from_lane_below(uint4 v) {
-    return make_uint4(__shfl_up_sync(0xFFFFFFFFu, v.x, 1), __shfl_up_sync(0xFFFFFFFFu, v.y, 1),
-                      __shfl_up_sync(0xFFFFFFFFu, v.z, 1), __shfl_up_sync(0xFFFFFFFFu, v.w, 1));
+// vectors of halo on each side of a thread's own: enough for the W-1 neighbouring steps
+#define CC_HALO ((CC_W - 1 + 7) / 8)
+
+__device__ __forceinline__ uint4 cc_from_lane_below(uint4 v, int delta) {
+    return make_uint4(__shfl_up_sync(0xFFFFFFFFu, v.x, delta), __shfl_up_sync(0xFFFFFFFFu, v.y, delta),
+                      __shfl_up_sync(0xFFFFFFFFu, v.z, delta), __shfl_up_sync(0xFFFFFFFFu, v.w, delta));
 }
 
-__device__ __forceinline__ uint4 cc_from_lane_above(uint4 v) {
-    return make_uint4(__shfl_down_sync(0xFFFFFFFFu, v.x, 1), __shfl_down_sync(0xFFFFFFFFu, v.y, 1),
-                      __shfl_down_sync(0xFFFFFFFFu, v.z, 1), __shfl_down_sync(0xFFFFFFFFu, v.w, 1));
+__device__ __forceinline__ uint4 cc_from_lane_above(uint4 v, int delta) {
+    return make_uint4(__shfl_down_sync(0xFFFFFFFFu, v.x, delta), __shfl_down_sync(0xFFFFFFFFu, v.y, delta),
+                      __shfl_down_sync(0xFFFFFFFFu, v.z, delta), __shfl_down_sync(0xFFFFFFFFu, v.w, delta));
+}
+
+// xs[0 .. 8*CC_HALO) = the CC_HALO vectors before vector v of row xr (zeros before the row), oldest first.
+// Every lane of the warp must call it (shuffles); `cur` is the lane's own vector (zeros past the end).
+__device__ __forceinline__ void cc_halo_before(const uint4* __restrict__ xr, uint4 cur, int v, int n8, int lane,
+                                               float* xs) {
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+    for (int h = 1; h <= CC_HALO; ++h) {
+        uint4 p = cc_from_lane_below(cur, h);
+        if (lane < h) p = (v - h >= 0 && v - h < n8) ? xr[v - h] : zero;
+        cc_unpack8(p, xs + 8 * (CC_HALO - h));
+    }
+}
+
+// xs[0 .. 8*CC_HALO) = the CC_HALO vectors after vector v (zeros from `end` on), nearest first. `last_lane`:
+// the highest lane whose vector is in this pass; lanes above it and the lanes that would read past it load.
+__device__ __forceinline__ void cc_halo_after(const uint4* __restrict__ xr, uint4 cur, int v, int end, int lane,
+                                              int last_lane, float* xs) {
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+    for (int h = 1; h <= CC_HALO; ++h) {
+        uint4 p = cc_from_lane_above(cur, h);
+        if (lane + h > last_lane) p = v + h < end ? xr[v + h] : zero;
+        cc_unpack8(p, xs + 8 * (h - 1));
+    }
 }
 
 __device__ __forceinline__ void cc_load_filter(const cc_wt* __restrict__ weight, const cc_wt* __restrict__ bias,
@@ -177,18 +206,16 @@ extern "C" __global__ void __launch_bounds__(CC_THREADS) cc_conv_fwd_bdt(
     cc_load_filter(weight, bias, d, w_stride_d, w_stride_k, bias_stride, wk, &bs);
     const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
     const uint4 cur = v < n8 ? xr[v] : zero;
-    uint4 prev = cc_from_lane_below(cur);  // every lane takes part: no lane has returned yet
-    if (lane == 0) prev = (v > 0 && v <= n8) ? xr[v - 1] : zero;
+    float xs[8 * CC_HALO + 8];  // the halo before, then the own 8 steps
+    cc_halo_before(xr, cur, v, n8, lane, xs);  // every lane takes part: no lane has returned yet
     if (v >= n8) return;
-    float xs[16];
-    cc_unpack8(prev, xs);
-    cc_unpack8(cur, xs + 8);
+    cc_unpack8(cur, xs + 8 * CC_HALO);
     float o[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
         float acc = bs;
 #pragma unroll
-        for (int k = 0; k < CC_W; ++k) acc = fmaf(wk[k], xs[8 + i - (CC_W - 1) + k], acc);
+        for (int k = 0; k < CC_W; ++k) acc = fmaf(wk[k], xs[8 * CC_HALO + i - (CC_W - 1) + k], acc);
         o[i] = cc_activation(acc);
     }
     out[(long long)b * out_stride_b + (long long)d * out_stride_d + v] = cc_pack8(o);
@@ -222,28 +249,22 @@ extern "C" __global__ void __launch_bounds__(CC_THREADS) cc_conv_bwd_bdt(
         const int v = v0 + threadIdx.x;
         const bool ok = v < v_end;
         const uint4 xc = ok ? xr[v] : zero, gc = ok ? gr[v] : zero;
-        uint4 xp = cc_from_lane_below(xc), xn = cc_from_lane_above(xc), gn = cc_from_lane_above(gc);
-        if (lane == 0) xp = (v > 0 && v <= n8) ? xr[v - 1] : zero;
-        if (lane == 31 || v + 1 == v_end) {  // the next vector is past this pass or this chunk
-            xn = v + 1 < n8 ? xr[v + 1] : zero;
-            gn = v + 1 < n8 ? gr[v + 1] : zero;
-        }
-        float xs[24], gs[16];
-        cc_unpack8(xp, xs);
-        cc_unpack8(xc, xs + 8);
-        cc_unpack8(xn, xs + 16);
+        // the last lane with a vector of this pass and chunk; the halo after it comes from memory
+        const int last_lane = min(31, v_end - 1 - (v - lane));
+        float xs[16 * CC_HALO + 8], gs[8 * CC_HALO + 8];  // x: halo, own, halo; dout: own, halo
+        cc_halo_before(xr, xc, v, n8, lane, xs);
+        cc_unpack8(xc, xs + 8 * CC_HALO);
+        cc_halo_after(xr, xc, v, n8, lane, last_lane, xs + 8 * CC_HALO + 8);
         cc_unpack8(gc, gs);
-        cc_unpack8(gn, gs + 8);
-        // dpre of the 8 own rows and the W-1 after them; rows past T are no outputs (selected to 0, so a
-        // NaN in the last inputs does not come back through them)
-        const bool next_exists = v + 1 < n8;
+        cc_halo_after(gr, gc, v, n8, lane, last_lane, gs + 8);
+        // dpre of the 8 own rows and the W-1 after them; rows past T are no outputs (selected to 0)
         float dp[8 + CC_W - 1];
 #pragma unroll
         for (int i = 0; i < 8 + CC_W - 1; ++i) {
             float pre = bs;
 #pragma unroll
-            for (int k = 0; k < CC_W; ++k) pre = fmaf(wk[k], xs[8 + i - (CC_W - 1) + k], pre);
-            dp[i] = (i < 8 || next_exists) ? cc_activation_grad(pre, gs[i]) : 0.f;
+            for (int k = 0; k < CC_W; ++k) pre = fmaf(wk[k], xs[8 * CC_HALO + i - (CC_W - 1) + k], pre);
+            dp[i] = 8 * v + i < 8 * n8 ? cc_activation_grad(pre, gs[i]) : 0.f;
         }
         if (ok) {
             float o[8];
@@ -258,7 +279,8 @@ extern "C" __global__ void __launch_bounds__(CC_THREADS) cc_conv_bwd_bdt(
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
 #pragma unroll
-                for (int k = 0; k < CC_W; ++k) acc_dw[k] = fmaf(dp[i], xs[8 + i - (CC_W - 1) + k], acc_dw[k]);
+                for (int k = 0; k < CC_W; ++k)
+                    acc_dw[k] = fmaf(dp[i], xs[8 * CC_HALO + i - (CC_W - 1) + k], acc_dw[k]);
                 acc_dw[CC_W] += dp[i];
             }
         }
