@@ -93,12 +93,30 @@ extern "C" __global__ void __launch_bounds__(64) fwd_btd(const uint4* __restrict
     uint4* ob = out + (long)b * T * nc + c;
     const float* mb = mask + (long)b * T;
     float wk[W][8], bs[8];
+#if VEC_WEIGHTS
+    // the 8 channels' weights are 8*W contiguous values: W 16-byte loads instead of 8*W scalar ones
+    {
+        const uint4* wv = reinterpret_cast<const uint4*>(w + c * 8 * W);
+        float flat[8 * W];
+#pragma unroll
+        for (int i = 0; i < W; ++i) unpack(wv[i], flat + 8 * i);
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int k = 0; k < W; ++k) wk[k][j] = flat[j * W + k];
+        float fb[8];
+        unpack(reinterpret_cast<const uint4*>(bias)[c], fb);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) bs[j] = fb[j];
+    }
+#else
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
 #pragma unroll
         for (int k = 0; k < W; ++k) wk[k][j] = b2f(w[(c * 8 + j) * W + k]);
         bs[j] = b2f(bias[c * 8 + j]);
     }
+#endif
     float win[W][8];  // win[W-1] is the current step
 #pragma unroll
     for (int k = 0; k < W - 1; ++k) {
@@ -140,8 +158,9 @@ extern "C" __global__ void __launch_bounds__(64) fwd_btd(const uint4* __restrict
 """
 
 
-def source(kind: str, W: int, R: int = 16) -> str:
-    return f"#define W {W}\n#define R {R}\n" + COMMON + (BDT if kind == "bdt" else BTD)
+def source(kind: str, W: int, R: int = 16, vec_weights: bool = False) -> str:
+    return (f"#define W {W}\n#define R {R}\n#define VEC_WEIGHTS {int(vec_weights)}\n" + COMMON
+            + (BDT if kind == "bdt" else BTD))
 
 
 def ptx_only(out_dir: Path) -> int:
@@ -150,7 +169,7 @@ def ptx_only(out_dir: Path) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     for kind, W, R in (("bdt", 4, 16), ("btd", 4, 16), ("btd", 4, 32), ("bdt", 8, 16), ("btd", 8, 16)):
         prog = ctypes.c_void_p()
-        src = source(kind, W, R).encode()
+        src = source(kind, W, R, kind == "btd").encode()
         assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"p.cu", 0, None, None) == 0
         opts = [b"--gpu-architecture=compute_90", b"-default-device", b"--use_fast_math"]
         rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
@@ -186,15 +205,14 @@ def main(argv=None) -> int:
     b_ = torch.empty_like(a)
     copy_ms = triton.testing.do_bench(lambda: b_.copy_(a), warmup=25, rep=200, return_mode="median")
     copy_gbs = 2 * a.numel() * 2 / (copy_ms * 1e-3) / 1e9
-    del a, b_
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  copy {copy_gbs:.0f} GB/s")
     kernels = {}
 
-    def kernel(kind, W, R=16):
-        key = (kind, W, R)
+    def kernel(kind, W, R=16, vec=False):
+        key = (kind, W, R, vec)
         if key not in kernels:
             name = "fwd_bdt" if kind == "bdt" else "fwd_btd"
-            kernels[key] = torch.cuda._compile_kernel(source(kind, W, R), name, nvcc_options=["--use_fast_math"])
+            kernels[key] = torch.cuda._compile_kernel(source(kind, W, R, vec), name, nvcc_options=["--use_fast_math"])
         return kernels[key]
 
     def bench(fn):
@@ -229,13 +247,13 @@ def main(argv=None) -> int:
             record(f"triton (B,D,T) B{B} D{D} T{T} W{W}", bench(tri), nbytes, rel(tri(), ref))
 
             xl = x.transpose(1, 2).contiguous()  # [B, T, D]
-            for R in (16, 32):
+            for R, vec in ((16, False), (16, True), (32, True)):
                 out_l = torch.empty_like(xl)
-                k = kernel("btd", W, R)
+                k = kernel("btd", W, R, vec)
                 grid = ((D // 8 + 63) // 64, (T + R - 1) // R, B)
                 run = lambda: k(grid=grid, block=(64, 1, 1), args=[xl, w, bias, xl, out_l, T, D, 0, 0])  # noqa: E731
                 run()
-                record(f"cuda channel-last R{R} B{B} D{D} T{T} W{W}", bench(run), nbytes,
+                record(f"cuda channel-last R{R}{' vec-w' if vec else ''} B{B} D{D} T{T} W{W}", bench(run), nbytes,
                        rel(out_l.transpose(1, 2), ref))
             xt = xl.transpose(1, 2)
             tri = lambda: ccmps.causal_conv1d_fn(xt, w, bias, activation="silu")  # noqa: E731
@@ -248,15 +266,16 @@ def main(argv=None) -> int:
             xm = torch.where(mf[:, None, :] != 0, x.double() * mf[:, None, :], 0)
             fref = F.conv1d(F.pad(xm, (W - 1, 0)), w.double()[:, None, :], bias.double(), groups=D)
             fref = (fref * torch.sigmoid(fref) + x.double()).transpose(1, 2)
-            out_l = torch.empty_like(xl)
-            k = kernel("btd", W, 16)
-            grid = ((D // 8 + 63) // 64, (T + 15) // 16, B)
-            run = lambda: k(grid=grid, block=(64, 1, 1), args=[xl, w, bias, mf, out_l, T, D, 1, 1])  # noqa: E731
-            run()
-            record(f"cuda fused mask+residual R16 B{B} T{T} D{D} W{W}", bench(run), nbytes, rel(out_l, fref))
+            for vec in (False, True):
+                out_l = torch.empty_like(xl)
+                k = kernel("btd", W, 16, vec)
+                grid = ((D // 8 + 63) // 64, (T + 15) // 16, B)
+                run = lambda: k(grid=grid, block=(64, 1, 1), args=[xl, w, bias, mf, out_l, T, D, 1, 1])  # noqa: E731
+                run()
+                record(f"cuda fused mask+residual R16{' vec-w' if vec else ''} B{B} T{T} D{D} W{W}", bench(run),
+                       nbytes, rel(out_l, fref))
             tri = lambda: ccmps.short_conv_fused(xl, w, bias, am, activation=True, residual=True)  # noqa: E731
             record(f"triton fused mask+residual B{B} T{T} D{D} W{W}", bench(tri), nbytes, rel(tri(), fref))
-            del x, xl, out, out_l
     if args.json:
         args.json.write_text(json.dumps(dict(copy_gbs=copy_gbs, rows=rows), indent=1))
     return 0
