@@ -265,7 +265,6 @@ def main(argv=None) -> int:
     b_ = torch.empty_like(a)
     copy_ms = triton.testing.do_bench(lambda: b_.copy_(a), warmup=25, rep=200, return_mode="median")
     copy_gbs = 2 * a.numel() * 2 / (copy_ms * 1e-3) / 1e9
-    del a, b_
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  copy {copy_gbs:.0f} GB/s")
     opts = ["--use_fast_math"]
     rows = []
