@@ -187,12 +187,14 @@ class KernelFunction:
                 slots[i] = ctypes.addressof(buffer)
             return slots
 
-        configured = max(DEFAULT_SHARED, self._max_shared_mem_bytes)
+        # CUDA: static + dynamic within 48 KiB, unless the kernel opted in to more dynamic memory
+        # (then up to the device's 227 KiB; dynamic <= the configured size is checked above).
+        shared_limit = MAX_SHARED if self._max_shared_mem_bytes > DEFAULT_SHARED else DEFAULT_SHARED
         _dispatch.launch(executor, self._entry, label=f"kernel {self.name!r}", tensors=tensors, constants={},
                          names=names, bind=bind, grid=[g * b for g, b in zip(grid_dims, block_dims)],
                          group=block_dims, schedule_var="CUDA_HARNESS_SCHEDULE", guard_enabled=guard_enabled(),
                          barrier_hint=("block", "a __syncthreads is missing, or threads race on memory"),
-                         dialect=_dispatch.CUDA, shared_limit=min(configured, MAX_SHARED),
+                         dialect=_dispatch.CUDA, shared_limit=shared_limit,
                          dynamic_shared=shared_mem)
 
 
