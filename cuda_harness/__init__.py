@@ -24,7 +24,7 @@ from . import _source
 from ._library import KernelFunction, Library
 from ._source import CudaSourceError, Kernel
 
-__all__ = ["compile_source", "unavailable_reason", "Library", "KernelFunction", "CudaSourceError"]
+__all__ = ["compile_source", "compile_kernel", "unavailable_reason", "Library", "KernelFunction", "CudaSourceError"]
 
 PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 INCLUDE_DIR = PACKAGE_DIR / "include"
@@ -113,3 +113,16 @@ def compile_source(source: str, name: str = "kernels.cu") -> Library:
         library = Library(key, translated, kernels, _build)
         _libraries[key] = library
         return library
+
+
+def compile_kernel(kernel_source: str, kernel_name: str, compute_capability: str | None = None,
+                   cuda_include_dirs: list | None = None, nvcc_options: list | None = None) -> KernelFunction:
+    """A stand-in for torch.cuda._compile_kernel with its signature: the kernel `kernel_name` of
+    `kernel_source`, callable as `kernel(grid=..., block=..., args=[...], shared_mem=0)` on CPU
+    tensors. The compute capability, include directories and NVRTC options are ignored (the
+    harness always defines __CUDA_ARCH__=900 and compiles without fast-math)."""
+    library = compile_source(kernel_source)
+    if kernel_name not in dir(library):
+        raise CudaSourceError(f"Kernel compilation failed:\nno `__global__` kernel named {kernel_name!r} in the "
+                              f"source (kernels: {dir(library)})")
+    return getattr(library, kernel_name)

@@ -459,3 +459,11 @@ def test_prototype_bwd_bdt(B, D, T):
     total = part.double().sum(0)
     torch.testing.assert_close(total[:, :W], want_dw, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(total[:, W], want_db, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_kernel_mirrors_torch():
+    cuda_fwd, _ = _prototypes()
+    kernel = cuda_harness.compile_kernel(cuda_fwd.source("bdt", 4), "fwd_bdt", nvcc_options=["--use_fast_math"])
+    assert kernel.name == "fwd_bdt" and kernel.max_threads_per_block == 128
+    with pytest.raises(cuda_harness.CudaSourceError, match=r"no `__global__` kernel named 'fwd' .*\['fwd_bdt'\]"):
+        cuda_harness.compile_kernel(cuda_fwd.source("bdt", 4), "fwd")
