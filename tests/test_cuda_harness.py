@@ -467,3 +467,34 @@ def test_compile_kernel_mirrors_torch():
     assert kernel.name == "fwd_bdt" and kernel.max_threads_per_block == 128
     with pytest.raises(cuda_harness.CudaSourceError, match=r"no `__global__` kernel named 'fwd' .*\['fwd_bdt'\]"):
         cuda_harness.compile_kernel(cuda_fwd.source("bdt", 4), "fwd")
+
+
+@pytest.mark.parametrize("B,D,T", [(2, 24, 100), (1, 8, 3)])
+def test_prototype_btd_kernels_with_mask_and_residual(B, D, T):
+    """The channel-last prototypes (fwd_btd, bwd_btd) with an HF-style left-padding mask and the residual."""
+    cuda_fwd, cuda_bwd = _prototypes()
+    W, L = 4, 128
+    x, w, bias, dout = _inputs(B, D, T, W, seed=T + 2)
+    mask = torch.ones(B, T)
+    mask[0, : T // 8 + 1] = 0
+    x[0, :, 0] = float("nan")  # masked out: must not reach any output but its own (residual)
+    xl, dl = x.transpose(1, 2).contiguous(), dout.transpose(1, 2).contiguous()
+    fwd = cuda_harness.compile_source(cuda_fwd.source("btd", W, 16))
+    out = torch.full_like(xl, float("nan"))
+    fwd.fwd_btd(grid=((D // 8 + 63) // 64, (T + 15) // 16, B), block=(64, 1, 1),
+                args=[xl, w, bias, mask, out, T, D, 1, 1])
+    bwd = cuda_harness.compile_source(cuda_bwd.source("btd", W))
+    dx = torch.full_like(xl, float("nan"))
+    part = torch.full((B * ((T + L - 1) // L), D, W + 1), float("nan"))
+    bwd.bwd_btd(grid=((D // 4 + 63) // 64, (T + L - 1) // L, B), block=(64, 1, 1),
+                args=[xl, w, bias, mask, dl, dx, part, T, D, 1, 1])
+    x[0, :, 0] = 0.0  # the reference multiplies: give it the value the selection makes of the masked NaN
+    want_out, want_dx, want_dw, want_db = cuda_bwd.reference(x, w, bias, mask, True, dout)
+    out = out.transpose(1, 2).clone()
+    assert out[0, :, 0].isnan().all()  # the residual carries x's own NaN
+    out[0, :, 0] = want_out[0, :, 0] = 0.0
+    _assert_bf16_close(out, want_out)
+    _assert_bf16_close(dx.transpose(1, 2), want_dx)
+    total = part.double().sum(0)
+    torch.testing.assert_close(total[:, :W], want_dw, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(total[:, W], want_db, rtol=1e-5, atol=1e-5)
