@@ -97,17 +97,18 @@ def compile_source(source: str, name: str = "kernels.cu") -> Library:
         translated_path, meta_path = _cache() / f"{key}.cpp", _cache() / f"{key}.json"
         if translated_path.exists() and meta_path.exists():
             translated = translated_path.read_text()
-            kernels = [Kernel(k["name"], tuple(k["declarations"]), k["max_threads_expr"])
+            kernels = [Kernel(k["name"], tuple(k["declarations"]), k["max_threads_expr"], k["template"])
                        for k in json.loads(meta_path.read_text())]
         else:
             translated, kernels = _translate(source, name)
-            entries = "".join(_source.entry(i, k) for i, k in enumerate(kernels))
+            entries = "".join(_source.entry(str(i), k) for i, k in enumerate(kernels) if not k.template)
             try:
                 _compiler.check_syntax(translated + _source.ENTRY_PREAMBLE + entries, **_toolchain())
             except SyntaxError as e:
                 raise CudaSourceError(f"Kernel compilation failed:\n{e}") from None
             _write_atomically(meta_path, json.dumps([
-                {"name": k.name, "declarations": list(k.declarations), "max_threads_expr": k.max_threads_expr}
+                {"name": k.name, "declarations": list(k.declarations), "max_threads_expr": k.max_threads_expr,
+                 "template": k.template}
                 for k in kernels]))
             _write_atomically(translated_path, translated)  # written last: marks the check as passed
         library = Library(key, translated, kernels, _build)
@@ -119,10 +120,10 @@ def compile_kernel(kernel_source: str, kernel_name: str, compute_capability: str
                    cuda_include_dirs: list | None = None, nvcc_options: list | None = None) -> KernelFunction:
     """A stand-in for torch.cuda._compile_kernel with its signature: the kernel `kernel_name` of
     `kernel_source`, callable as `kernel(grid=..., block=..., args=[...], shared_mem=0)` on CPU
-    tensors. The compute capability, include directories and NVRTC options are ignored (the
-    harness always defines __CUDA_ARCH__=900 and compiles without fast-math)."""
-    library = compile_source(kernel_source)
-    if kernel_name not in dir(library):
-        raise CudaSourceError(f"Kernel compilation failed:\nno `__global__` kernel named {kernel_name!r} in the "
-                              f"source (kernels: {dir(library)})")
-    return getattr(library, kernel_name)
+    tensors. `kernel_name` may name a template's instantiation ("f<4>"), as NVRTC's name expressions.
+    The compute capability, include directories and NVRTC options are ignored (the harness always
+    defines __CUDA_ARCH__=900 and compiles without fast-math)."""
+    try:
+        return compile_source(kernel_source).get_function(kernel_name)
+    except AttributeError as e:
+        raise CudaSourceError(f"Kernel compilation failed:\n{e}") from None

@@ -4,7 +4,9 @@ kernels: `kernel(grid=(gx, gy, gz), block=(bx, by, bz), args=[...], shared_mem=0
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import operator
+import re
 import pathlib
 import struct
 from typing import Any, Callable
@@ -40,7 +42,7 @@ class KernelFunction:
     Its machine code is built on first use (one shared library per kernel, cached on disk).
     """
 
-    def __init__(self, library: "Library", index: int, kernel: Kernel):
+    def __init__(self, library: "Library", index: str, kernel: Kernel):
         self._library = library
         self._index = index
         self._kernel = kernel
@@ -206,18 +208,37 @@ class Library:
         self._key = key
         self._translated = translated
         self._build_library = build
-        self._functions = {k.name: KernelFunction(self, i, k) for i, k in enumerate(kernels)}
+        self._functions = {k.name: KernelFunction(self, str(i), k) for i, k in enumerate(kernels) if not k.template}
+        self._templates = {k.name: k for k in kernels if k.template}
 
-    def _build(self, index: int) -> pathlib.Path:
-        kernel = list(self._functions.values())[index]._kernel
+    def _build(self, index: str) -> pathlib.Path:
+        kernel = next(f._kernel for f in self._functions.values() if f._index == index)
         cpp = self._translated + ENTRY_PREAMBLE + entry(index, kernel)
         return self._build_library(cpp, f"{self._key}-{index}")
 
+    def get_function(self, name: str) -> KernelFunction:
+        """The kernel `name`, or the instantiation of a kernel template it names ("f<4>", "g<float, 8>",
+        NVRTC's name expressions); an instantiation's code is built, and checked, on its first call."""
+        if name in self._functions:
+            return self._functions[name]
+        m = re.fullmatch(r"\s*(\w+)\s*<(.*)>\s*", name, re.DOTALL)
+        if m and m.group(1) in self._templates:
+            template = self._templates[m.group(1)]
+            index = "t" + hashlib.sha256(name.encode()).hexdigest()[:16]  # the same in every process
+            function = KernelFunction(self, index, Kernel(name, template.declarations, template.max_threads_expr))
+            self._functions[name] = function
+            return function
+        templates = f"; kernel templates: {sorted(self._templates)}" if self._templates else ""
+        raise AttributeError(f"no kernel named {name!r} in this library (kernels: {sorted(self._functions)}"
+                             f"{templates})")
+
     def __getattr__(self, name: str) -> KernelFunction:
-        functions = self.__dict__.get("_functions", {})
-        if name in functions:
-            return functions[name]
-        raise AttributeError(f"no kernel named {name!r} in this library (kernels: {sorted(functions)})")
+        if name.startswith("__") or "_functions" not in self.__dict__:
+            raise AttributeError(name)
+        if name in self._templates:
+            raise AttributeError(f"kernel {name!r} is a template: get an instantiation with "
+                                 f"get_function('{name}<...>')")
+        return self.get_function(name)
 
     def __dir__(self) -> list[str]:
         return sorted(self._functions)

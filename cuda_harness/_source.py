@@ -25,9 +25,10 @@ class CudaSourceError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Kernel:
-    name: str
+    name: str                      # the function; with template arguments for an instantiation ("f<4>")
     declarations: tuple[str, ...]  # each parameter as written (for messages)
     max_threads_expr: str          # C++ expression: __launch_bounds__'s first argument, or 1024
+    template: bool = False         # a kernel template: run through Library.get_function("name<...>")
 
 
 def _error(text: str, pos: int, message: str, filename: str) -> CudaSourceError:
@@ -61,9 +62,7 @@ def _find_kernels(code: str, text: str, filename: str) -> list[Kernel]:
                 pos = head.end()
         statement = code[max(code.rfind(ch, 0, m.start()) for ch in ";{}") + 1:m.start()]
         statement = re.sub(r"^[ \t]*#.*$", "", statement, flags=re.MULTILINE)  # line markers
-        if re.search(r"\btemplate\s*<", statement):
-            raise _error(text, m.start(), f"kernel {name!r} is a template: the harness runs non-template "
-                         "`__global__` functions only", filename)
+        template = re.search(r"\btemplate\s*<", statement) is not None
         if _brace_depth(code, m.start()) != 0:
             raise _error(text, m.start(), f"kernel {name!r} must be defined at file scope", filename)
         close = _match_close(code, pos, "(", ")")
@@ -74,12 +73,14 @@ def _find_kernels(code: str, text: str, filename: str) -> list[Kernel]:
         declarations = tuple(" ".join(p.split()) for p in _split_top_level(code[pos + 1:close - 1]))
         if declarations == ("void",):
             declarations = ()
-        kernels[name] = Kernel(name, declarations, launch_bounds or str(DEFAULT_MAX_THREADS))
+        kernels[name] = Kernel(name, declarations, launch_bounds or str(DEFAULT_MAX_THREADS), template)
     return list(kernels.values())
 
 
-STATIC_SHARED = re.compile(r"(?:\bstatic\s+)?__shared__\s+([^;*&=(){}\[\]]+?)\s+(\w+)\s*((?:\[[^\];]+\]\s*)*);")
-DYNAMIC_SHARED = re.compile(r"\bextern\s+__shared__\s+([^;*&=(){}\[\]]+?)\s+(\w+)\s*\[\s*\]\s*;")
+ALIGN = r"(?:__align__\s*\(\s*(\d+)\s*\)\s*)?"
+STATIC_SHARED = re.compile(r"(?:\bstatic\s+)?__shared__\s+" + ALIGN +
+                           r"([^;*&=(){}\[\]]+?)\s+(\w+)\s*((?:\[[^\];]+\]\s*)*);")
+DYNAMIC_SHARED = re.compile(r"\bextern\s+__shared__\s+" + ALIGN + r"([^;*&=(){}\[\]]+?)\s+(\w+)\s*\[\s*\]\s*;")
 
 
 def _shared_declarations(code: str, text: str, filename: str) -> list[tuple[int, int, str]]:
@@ -95,16 +96,16 @@ def _shared_declarations(code: str, text: str, filename: str) -> list[tuple[int,
         keep_lines = "\n" * text.count("\n", start, code.find(";", m.start()))
         dynamic = DYNAMIC_SHARED.match(code, start)
         if dynamic:
-            type_text, name = dynamic.group(1).strip(), dynamic.group(2)
+            type_text, name = dynamic.group(2).strip(), dynamic.group(3)  # aligned to 16 bytes
             edits.append((dynamic.start(), dynamic.end(), f"{type_text}* const {name} = static_cast<{type_text}*>("
                           f"::mh::rt_dynamic_shared());" + keep_lines))
             continue
         static = STATIC_SHARED.match(code, start)
         if not static:
-            raise _error(text, m.start(), "unsupported __shared__ declaration: write `__shared__ T name[N]...;` "
-                         "(no initializer, no __align__) or `extern __shared__ T name[];`", filename)
-        replacement = group_storage_declaration(static.group(1).strip(), static.group(2),
-                                                "".join(static.group(3).split()), i)
+            raise _error(text, m.start(), "unsupported __shared__ declaration: write `__shared__ [__align__(n)] T "
+                         "name[N]...;` (no initializer) or `extern __shared__ [__align__(n)] T name[];`", filename)
+        replacement = group_storage_declaration(static.group(2).strip(), static.group(3),
+                                                "".join(static.group(4).split()), i, int(static.group(1) or 1))
         edits.append((static.start(), static.end(), replacement + keep_lines))
     return edits
 
@@ -122,10 +123,10 @@ def translate(text: str, filename: str) -> tuple[str, list[Kernel]]:
 ENTRY_PREAMBLE = '\n#line 1 "<cuda_harness kernel entries>"\n'
 
 
-def entry(index: int, k: Kernel) -> str:
-    """C++ for kernel `k`: `ch_entry_<index>` (argument slot i points to argument i's value, as
-    cuLaunchKernel's kernelParams), `ch_params_<index>` (how to pack each argument) and
-    `ch_max_threads_<index>`."""
+def entry(index: str, k: Kernel) -> str:
+    """C++ for kernel `k` (or the instantiation it names): `ch_entry_<index>` (argument slot i points
+    to argument i's value, as cuLaunchKernel's kernelParams), `ch_params_<index>` (how to pack each
+    argument) and `ch_max_threads_<index>`."""
     fn = f"ch_fn_{index}"
     n = len(k.declarations)
     args = ", ".join(f"*static_cast<::ch::param_t<{fn}, {j}>*>(ch_args[{j}])" for j in range(n))

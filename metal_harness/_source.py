@@ -377,14 +377,16 @@ def _threadgroup_declarations(code: str, text: str) -> list[tuple[int, int, str]
     return edits
 
 
-def group_storage_declaration(type_text: str, name: str, dims: str, i: int) -> str:
+def group_storage_declaration(type_text: str, name: str, dims: str, i: int, align: int = 1) -> str:
     """C++ that declares `name` (of type `type_text dims`, e.g. `float`, `[4][5]`) as a reference to
-    storage the executor gives each threadgroup (CUDA: block), the same for all its threads."""
+    storage the executor gives each threadgroup (CUDA: block), the same for all its threads, aligned
+    to at least `align` bytes."""
     alias = f"mh_threadgroup_type_{i}"
     key = f"mh_threadgroup_key_{i}"
+    alignment = f"alignof({alias})" if align <= 1 else f"(alignof({alias}) > {align} ? alignof({alias}) : {align})"
     return (f"using {alias} = {type_text} {dims}; static char {key}; "
             f"{alias}& {name} = *static_cast<{alias}*>(::mh::rt_threadgroup_storage("
-            f"&{key}, sizeof({alias}), alignof({alias})));")
+            f"&{key}, sizeof({alias}), {alignment}));")
 
 
 def _vector_constructors(code: str) -> list[tuple[int, int, str]]:

@@ -134,12 +134,18 @@ extern "C" __global__ void scalars(long long* __restrict__ out_i, double* __rest
 }
 
 // Dynamic shared memory (`extern __shared__`, sized by shared_mem): reverses each block.
+// Also a 16-byte aligned static array read as float4.
 extern "C" __global__ void reverse_blocks(const float* __restrict__ x, float* __restrict__ out) {
     extern __shared__ float buffer[];
+    __shared__ float pad[1];  // 4 bytes: without __align__, the next array would be only 4-byte aligned
+    __shared__ __align__(16) float aligned[33];
     const int t = threadIdx.x, n = blockDim.x, base = blockIdx.x * n;
     buffer[t] = x[base + t];
+    pad[0] = 0.f;
+    aligned[t] = 0.f;
     __syncthreads();
-    out[base + t] = buffer[n - 1 - t];
+    out[base + t] = buffer[n - 1 - t] + reinterpret_cast<const float4*>(aligned)[t / 4].x;
+    if ((size_t)aligned % 16 != 0) out[base + t] = -1.f;
 }
 
 // 47 KiB of static shared memory: dynamic shared memory above 1 KiB exceeds the 48 KiB limit.
@@ -465,8 +471,33 @@ def test_compile_kernel_mirrors_torch():
     cuda_fwd, _ = _prototypes()
     kernel = cuda_harness.compile_kernel(cuda_fwd.source("bdt", 4), "fwd_bdt", nvcc_options=["--use_fast_math"])
     assert kernel.name == "fwd_bdt" and kernel.max_threads_per_block == 128
-    with pytest.raises(cuda_harness.CudaSourceError, match=r"no `__global__` kernel named 'fwd' .*\['fwd_bdt'\]"):
+    with pytest.raises(cuda_harness.CudaSourceError, match=r"no kernel named 'fwd' .*\['fwd_bdt'\]"):
         cuda_harness.compile_kernel(cuda_fwd.source("bdt", 4), "fwd")
+
+
+TEMPLATE_SOURCE = r"""
+template <int N, typename T>
+__global__ void __launch_bounds__(64) scale(const T* __restrict__ x, T* __restrict__ out, T factor) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    out[i] = x[i] * factor + (T)N;
+}
+template <typename T>
+__global__ void broken(T* out) { out[threadIdx.x] = T::missing; }  // an error only once instantiated
+"""
+
+
+def test_template_kernels_are_instantiated_by_name():
+    lib = cuda_harness.compile_source(TEMPLATE_SOURCE)
+    x = torch.randn(128, dtype=torch.float64)
+    out = torch.zeros_like(x)
+    lib.get_function("scale<3, double>")(grid=(2, 1, 1), block=(64, 1, 1), args=[x, out, 0.5])
+    assert torch.equal(out, x * 0.5 + 3)
+    kernel = cuda_harness.compile_kernel(TEMPLATE_SOURCE, "scale<2, float>")
+    assert kernel.max_threads_per_block == 64
+    with pytest.raises(AttributeError, match=r"kernel 'scale' is a template: .*get_function\('scale<...>'\)"):
+        lib.scale
+    with pytest.raises(cuda_harness.CudaSourceError, match=r"kernels\.cu:8:\d+: error"):
+        lib.get_function("broken<float>")(grid=(1, 1, 1), block=(1, 1, 1), args=[out.float()])
 
 
 @pytest.mark.parametrize("B,D,T", [(2, 24, 100), (1, 8, 3)])
