@@ -36,8 +36,18 @@ def _error(text: str, pos: int, message: str, filename: str) -> CudaSourceError:
     return CudaSourceError(f"Kernel compilation failed:\n{file}:{line}:{col}: error: {message}")
 
 
-def _brace_depth(code: str, pos: int) -> int:
-    return code.count("{", 0, pos) - code.count("}", 0, pos)
+SCOPE_OPENER = re.compile(r'(?:\bextern\s*"[^"]*"|\bnamespace(?:\s+\w+)?)\s*$')
+
+
+def _code_depth(code: str, pos: int) -> int:
+    """How many braces that are not `extern "C" {` or `namespace n {` enclose `pos` (0: file scope)."""
+    stack: list[bool] = []  # per open brace: does it open a linkage block or a namespace?
+    for m in re.finditer(r"[{}]", code[:pos]):
+        if m.group(0) == "{":
+            stack.append(SCOPE_OPENER.search(code, max(0, m.start() - 200), m.start()) is not None)
+        elif stack:
+            stack.pop()
+    return sum(1 for scope in stack if not scope)
 
 
 KERNEL_HEAD = re.compile(r"\s*(?:(?P<void>void)\b|(?P<bounds>__launch_bounds__)\s*\(|(?P<name>\w+)\s*\()")
@@ -63,7 +73,7 @@ def _find_kernels(code: str, text: str, filename: str) -> list[Kernel]:
         statement = code[max(code.rfind(ch, 0, m.start()) for ch in ";{}") + 1:m.start()]
         statement = re.sub(r"^[ \t]*#.*$", "", statement, flags=re.MULTILINE)  # line markers
         template = re.search(r"\btemplate\s*<", statement) is not None
-        if _brace_depth(code, m.start()) != 0:
+        if _code_depth(code, m.start()) != 0:
             raise _error(text, m.start(), f"kernel {name!r} must be defined at file scope", filename)
         close = _match_close(code, pos, "(", ")")
         if code[close:].lstrip().startswith(";"):
@@ -90,7 +100,7 @@ def _shared_declarations(code: str, text: str, filename: str) -> list[tuple[int,
     for i, m in enumerate(re.finditer(r"\b__shared__\b", code)):
         statement = max(code.rfind(ch, 0, m.start()) for ch in ";{}") + 1
         start = statement + len(code[statement:m.start()]) - len(code[statement:m.start()].lstrip())
-        if _brace_depth(code, m.start()) == 0:
+        if _code_depth(code, m.start()) == 0:
             raise _error(text, m.start(), "the harness supports __shared__ variables declared inside a kernel or "
                          "device function only", filename)
         keep_lines = "\n" * text.count("\n", start, code.find(";", m.start()))
