@@ -51,8 +51,8 @@ def _cache() -> pathlib.Path:
 
 
 def _toolchain() -> dict:
-    return dict(compiler_vars=COMPILER_VARS, cache=_cache(), flags=FLAGS, include_dirs=(INCLUDE_DIR, _compiler.INCLUDE_DIR),
-                language="CUDA")
+    return dict(compiler_vars=COMPILER_VARS, cache=_cache(), flags=FLAGS,
+                include_dirs=(INCLUDE_DIR, _compiler.INCLUDE_DIR), language="CUDA")
 
 
 def _fingerprint() -> str:

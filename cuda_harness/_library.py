@@ -154,8 +154,9 @@ class KernelFunction:
         if shared_mem < 0:
             raise ValueError(f"shared_mem must be >= 0, got {shared_mem}")
         if shared_mem >= DEFAULT_SHARED and shared_mem > self._max_shared_mem_bytes:
+            configured = self._max_shared_mem_bytes
             raise RuntimeError(f"Kernel requires {shared_mem} bytes of shared memory (>= 48KB), but "
-                               f"{'only %d bytes configured' % self._max_shared_mem_bytes if self._max_shared_mem_bytes else 'not configured'}. "
+                               f"{f'only {configured} bytes configured' if configured else 'not configured'}. "
                                "Call kernel.set_shared_memory_config(shared_mem) after compilation and before "
                                "launching the kernel.")
         args = list(args or [])

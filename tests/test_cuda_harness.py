@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 if importlib.util.find_spec("cuda_harness") is None:  # test-only package at the repository root
@@ -406,14 +405,16 @@ def test_compile_error_names_the_line():
 
 
 def test_kernels_in_an_extern_c_block():
-    source = 'extern "C" {\n__global__ void twice(float* out) {\n  __shared__ float s[4];\n' \
-             '  s[threadIdx.x] = 2.f * out[threadIdx.x];\n  __syncthreads();\n  out[threadIdx.x] = s[threadIdx.x];\n}\n}\n'
+    source = ('extern "C" {\n__global__ void twice(float* out) {\n  __shared__ float s[4];\n'
+              '  s[threadIdx.x] = 2.f * out[threadIdx.x];\n  __syncthreads();\n'
+              '  out[threadIdx.x] = s[threadIdx.x];\n}\n}\n')
     out = torch.arange(4.0)
     cuda_harness.compile_source(source).twice(grid=(1, 1, 1), block=(4, 1, 1), args=[out])
     assert out.tolist() == [0.0, 2.0, 4.0, 6.0]
     with pytest.raises(cuda_harness.CudaSourceError, match=r"kernels\.cu:2:1: error: .*__shared__ variables declared "
                                                            r"inside a kernel or device function only"):
-        cuda_harness.compile_source('extern "C" {\n__shared__ float s[4];\n__global__ void k(float* o) { o[0] = s[0]; }\n}\n')
+        cuda_harness.compile_source('extern "C" {\n__shared__ float s[4];\n'
+                                    '__global__ void k(float* o) { o[0] = s[0]; }\n}\n')
 
 
 def test_source_without_kernels_is_refused():
