@@ -386,7 +386,7 @@ def group_storage_declaration(type_text: str, name: str, dims: str, i: int, alig
     alignment = f"alignof({alias})" if align <= 1 else f"(alignof({alias}) > {align} ? alignof({alias}) : {align})"
     return (f"using {alias} = {type_text} {dims}; static char {key}; "
             f"{alias}& {name} = *static_cast<{alias}*>(::mh::rt_threadgroup_storage("
-            f"&{key}, sizeof({alias}), {alignment}));")
+            f"&{key}, sizeof({alias}), {alignment}, \"{name}\"));")
 
 
 def _vector_constructors(code: str) -> list[tuple[int, int, str]]:

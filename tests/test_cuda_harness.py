@@ -166,6 +166,15 @@ extern "C" __global__ void write_past_end(const float* __restrict__ x, float* __
     out[t + (t == n - 1 ? 1 : 0)] = x[t];
 }
 
+// Thread t writes s[t + shift] of a shared array of 32 floats.
+extern "C" __global__ void shared_out_of_bounds(const float* __restrict__ x, float* __restrict__ out, int shift) {
+    __shared__ float s[32];
+    const int t = threadIdx.x;
+    if (t + shift >= -4 && t + shift < 48) s[t + shift] = x[t];
+    __syncthreads();
+    out[t] = s[t];
+}
+
 // Threads past n return before a full-mask shuffle or a __syncthreads.
 extern "C" __global__ void early_return_shuffle(const float* __restrict__ x, float* __restrict__ out, int n) {
     const int t = threadIdx.x;
@@ -369,6 +378,17 @@ def test_out_of_bounds_write_is_caught(lib):
     with pytest.raises(RuntimeError, match=r"bytes past the end of argument 1 \(float\* __restrict__ out\)"):
         lib.write_past_end(grid=(1, 1, 1), block=(8, 1, 1), args=[x, out, 8])
     lib.write_past_end(grid=(1, 1, 1), block=(8, 1, 1), args=[x, torch.zeros(9), 8])  # in bounds: no error
+
+
+def test_shared_memory_out_of_bounds_is_caught(lib):
+    x, out = torch.randn(32), torch.zeros(32)
+    lib.shared_out_of_bounds(grid=(1, 1, 1), block=(32, 1, 1), args=[x, out, 0])
+    assert torch.equal(out, x)
+    with pytest.raises(RuntimeError, match=r"a write 0 bytes past the end of shared memory 's' \(128 bytes\) in block "
+                                           r"\(0,0,0\)"):
+        lib.shared_out_of_bounds(grid=(1, 1, 1), block=(32, 1, 1), args=[x, out, 1])
+    with pytest.raises(RuntimeError, match=r"a write 4 bytes before the start of shared memory 's'"):
+        lib.shared_out_of_bounds(grid=(1, 1, 1), block=(32, 1, 1), args=[x, out, -1])
 
 
 def test_shuffle_naming_a_returned_lane_is_reported(lib):

@@ -171,11 +171,17 @@ const Dialect kCuda = {
 
 // Metal: 32 KiB per threadgroup. CUDA: up to 227 KiB per block (sm_90) with the opt-in.
 constexpr size_t kThreadgroupMemoryMax = 227 * 1024;
+// Poisoned bytes before and after every threadgroup array (not counted against the limit): a read
+// just outside an array gets NaN / -1, a write there is reported when the group ends.
+constexpr size_t kCanaryBytes = 64;
+constexpr size_t kMaxAllocations = 64;
+constexpr size_t kArenaBytes = kThreadgroupMemoryMax + (kMaxAllocations + 1) * (kCanaryBytes + 64);
 
 struct ThreadgroupAllocation {
   const void* key;
   void* ptr;
   size_t size;
+  const char* name;
 };
 
 struct Group {
@@ -191,11 +197,12 @@ struct Group {
   bool failed = false;
   std::string error;
   std::vector<ThreadgroupAllocation> allocations;
-  size_t arena_used = 0;
+  size_t arena_used = 0;         // bytes of the arena in use, canaries included
+  size_t payload_used = 0;       // the same without the canaries: what counts against the limit
   size_t arena_limit = 0;        // bytes of threadgroup/shared memory a group may use
   size_t dynamic_shared = 0;     // CUDA: bytes of `extern __shared__` memory of the launch
   const Dialect* dialect = &kMetal;
-  alignas(64) unsigned char arena[kThreadgroupMemoryMax];
+  alignas(64) unsigned char arena[kArenaBytes];
 };
 
 thread_local Group* g_group = nullptr;
@@ -370,23 +377,28 @@ void rt_simdgroup_barrier() {
   rt_simd_collective(&combine_nothing, "simdgroup_barrier", nullptr, nullptr, nullptr, 0);
 }
 
-void* rt_threadgroup_storage(const void* key, size_t size, size_t align) {
+void* rt_threadgroup_storage(const void* key, size_t size, size_t align, const char* name) {
   Group* g = g_group;
   for (const ThreadgroupAllocation& a : g->allocations)
     if (a.key == key) return a.ptr;
-  size_t offset = (g->arena_used + align - 1) / align * align;
-  if (offset + size > g->arena_limit) {
+  const size_t payload = (g->payload_used + align - 1) / align * align + size;
+  if (payload > g->arena_limit) {
     char buf[300];
     snprintf(buf, sizeof buf, "%s exceeds the %zu bytes %s (%zu requested)", g->dialect->memory,
-             g->arena_limit, g->dialect->memory_limit, offset + size);
+             g->arena_limit, g->dialect->memory_limit, payload);
     rt_fail(buf);
   }
+  if (g->allocations.size() == kMaxAllocations || align > 64) rt_fail("too many or too aligned threadgroup arrays");
+  const size_t start = g->arena_used;
+  const size_t offset = (start + kCanaryBytes + align - 1) / align * align;
   void* ptr = g->arena + offset;
   // Poison: all-ones bytes are NaN for float, half and bfloat and -1 for integers, so a kernel
-  // that reads shared memory nobody wrote in this threadgroup gets a visibly wrong result.
-  memset(ptr, 0xFF, size);
+  // that reads shared memory nobody wrote in this threadgroup gets a visibly wrong result. The
+  // canaries around the array get the same bytes.
+  memset(g->arena + start, 0xFF, offset + size + kCanaryBytes - start);
   g->arena_used = offset + size;
-  g->allocations.push_back(ThreadgroupAllocation{key, ptr, size});
+  g->payload_used = payload;
+  g->allocations.push_back(ThreadgroupAllocation{key, ptr, size, name});
   return ptr;
 }
 
@@ -396,7 +408,9 @@ namespace {
 char g_dynamic_shared_key;
 }  // namespace
 
-void* rt_dynamic_shared() { return rt_threadgroup_storage(&g_dynamic_shared_key, g_group->dynamic_shared, 16); }
+void* rt_dynamic_shared() {
+  return rt_threadgroup_storage(&g_dynamic_shared_key, g_group->dynamic_shared, 16, "extern __shared__ array");
+}
 
 void rt_fail(const char* message) {
   Group* g = g_group;
@@ -461,6 +475,38 @@ void remove_fault_handler(FaultHandler* h) {
   sigaltstack(&h->previous_stack, nullptr);
 }
 
+// After a group ran: the poisoned bytes around its threadgroup arrays must be intact.
+bool check_canaries(Group* g) {
+  const unsigned char* previous_end = g->arena;
+  for (size_t i = 0; i <= g->allocations.size(); ++i) {
+    const bool last = i == g->allocations.size();
+    const unsigned char* begin = previous_end;
+    const unsigned char* end = last ? previous_end + (g->allocations.empty() ? 0 : kCanaryBytes)
+                                    : static_cast<const unsigned char*>(g->allocations[i].ptr);
+    for (const unsigned char* p = begin; p < end; ++p) {
+      if (*p == 0xFF) continue;
+      char buf[400];
+      if (i > 0 && (last || p - begin < end - p)) {
+        const ThreadgroupAllocation& a = g->allocations[i - 1];
+        snprintf(buf, sizeof buf, "a write %zu bytes past the end of %s '%s' (%zu bytes) in %s (%u,%u,%u)",
+                 size_t(p - begin), g->dialect->memory, a.name, a.size, g->dialect->group,
+                 g->fibers[0].pos.threadgroup_position_in_grid[0], g->fibers[0].pos.threadgroup_position_in_grid[1],
+                 g->fibers[0].pos.threadgroup_position_in_grid[2]);
+      } else {
+        const ThreadgroupAllocation& a = g->allocations[i];
+        snprintf(buf, sizeof buf, "a write %zu bytes before the start of %s '%s' (%zu bytes) in %s (%u,%u,%u)",
+                 size_t(end - p), g->dialect->memory, a.name, a.size, g->dialect->group,
+                 g->fibers[0].pos.threadgroup_position_in_grid[0], g->fibers[0].pos.threadgroup_position_in_grid[1],
+                 g->fibers[0].pos.threadgroup_position_in_grid[2]);
+      }
+      fail_group(g, buf);
+      return false;
+    }
+    if (!last) previous_end = static_cast<const unsigned char*>(g->allocations[i].ptr) + g->allocations[i].size;
+  }
+  return true;
+}
+
 uint32_t ceil_div(uint64_t a, uint64_t b) { return static_cast<uint32_t>((a + b - 1) / b); }
 
 void copy_message(const std::string& s, char* err, size_t errlen) {
@@ -516,7 +562,7 @@ extern "C" int mh_dispatch(mh_entry_fn entry, void* const* args, const uint64_t*
         g->n_runnable = g->n;
         g->n_barrier = g->n_simd = g->n_done = 0;
         g->allocations.clear();
-        g->arena_used = 0;
+        g->arena_used = g->payload_used = 0;
         const uint32_t simdgroups = ceil_div(g->n, mh::kSimdWidth);
         for (uint32_t i = 0; i < g->n; ++i) {
           Fiber& f = g->fibers[i];
@@ -544,7 +590,7 @@ extern "C" int mh_dispatch(mh_entry_fn entry, void* const* args, const uint64_t*
           context_init(&f.context, stacks.top(i), kStackSize);
 #endif
         }
-        ok = run_group(g, schedule);
+        ok = run_group(g, schedule) && check_canaries(g);
       }
   remove_fault_handler(&faults);
   if (!ok) copy_message(g->error, err, errlen);
