@@ -121,9 +121,11 @@ def compile_kernel(kernel_source: str, kernel_name: str, compute_capability: str
     """A stand-in for torch.cuda._compile_kernel with its signature: the kernel `kernel_name` of
     `kernel_source`, callable as `kernel(grid=..., block=..., args=[...], shared_mem=0)` on CPU
     tensors. `kernel_name` may name a template's instantiation ("f<4>"), as NVRTC's name expressions.
+    Scalar parameters follow torch's launcher: a Python int is passed as a 4-byte int (an 8-byte
+    integer parameter is refused), a float as a double (a float parameter is refused).
     The compute capability, include directories and NVRTC options are ignored (the harness always
     defines __CUDA_ARCH__=900 and compiles without fast-math)."""
     try:
-        return compile_source(kernel_source).get_function(kernel_name)
+        return compile_source(kernel_source).get_function(kernel_name).for_torch_launcher()
     except AttributeError as e:
         raise CudaSourceError(f"Kernel compilation failed:\n{e}") from None

@@ -40,9 +40,12 @@ class KernelFunction:
     """One kernel, called like torch.cuda._compile_kernel's: synchronously, on CPU tensors.
 
     Its machine code is built on first use (one shared library per kernel, cached on disk).
+    `torch_launcher`: refuse the scalar parameters that torch's launcher would pass wrongly (it
+    passes every Python int as a 4-byte C int and every float as a C double).
     """
 
-    def __init__(self, library: "Library", index: str, kernel: Kernel):
+    def __init__(self, library: "Library", index: str, kernel: Kernel, torch_launcher: bool = False):
+        self._torch_launcher = torch_launcher
         self._library = library
         self._index = index
         self._kernel = kernel
@@ -89,7 +92,17 @@ class KernelFunction:
     def _describe(self, i: int) -> str:
         return f"kernel {self.name!r}, argument {i} ({self._kernel.declarations[i]})"
 
+    def for_torch_launcher(self) -> "KernelFunction":
+        """This kernel, with the argument rules of torch.cuda._compile_kernel's launcher."""
+        return KernelFunction(self._library, self._index, self._kernel, torch_launcher=True)
+
     def _pack_scalar(self, i: int, value: Any, info: ParamInfo) -> bytes:
+        if self._torch_launcher and info.kind in (SIGNED, UNSIGNED) and info.size > 4:
+            raise TypeError(f"{self._describe(i)}: torch.cuda._compile_kernel passes a Python int as a 4-byte C int, "
+                            f"which this {info.size}-byte parameter would misread on the GPU: declare it int")
+        if self._torch_launcher and info.kind == FLOATING and info.size != 8:
+            raise TypeError(f"{self._describe(i)}: torch.cuda._compile_kernel passes a Python float as a C double, "
+                            "which this float parameter would misread on the GPU: declare it double")
         if info.kind in (SIGNED, UNSIGNED, BOOL):
             if not isinstance(value, int):
                 raise TypeError(f"{self._describe(i)}: expected a Python int for this integer parameter, got "

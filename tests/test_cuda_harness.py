@@ -499,6 +499,22 @@ def test_prototype_bwd_bdt(B, D, T):
     torch.testing.assert_close(total[:, W], want_db, rtol=1e-5, atol=1e-5)
 
 
+def test_compile_kernel_refuses_what_torchs_launcher_passes_wrongly():
+    lib = cuda_harness.compile_source(BUILTINS_SOURCE)
+    scalars = cuda_harness.compile_kernel(BUILTINS_SOURCE, "scalars")
+    args = [torch.zeros(6, dtype=torch.int64), torch.zeros(2, dtype=torch.float64), 0, 0, 0, 0, 0, False, 0.0, 0.0]
+    lib.scalars(grid=(1, 1, 1), block=(1, 1, 1), args=args)  # the library converts to each declared type
+    with pytest.raises(TypeError, match=r"argument 4 \(long long c\): torch.cuda._compile_kernel passes a Python int "
+                                        r"as a 4-byte C int"):
+        scalars(grid=(1, 1, 1), block=(1, 1, 1), args=args)
+    shuffles = cuda_harness.compile_kernel(BUILTINS_SOURCE, "shuffles")  # int parameters only: accepted
+    shuffles(grid=(1, 1, 1), block=(32, 1, 1), args=[torch.zeros(32), torch.zeros(4, 32),
+                                                      torch.zeros(4, 32, dtype=torch.int64), 1, 1, 0, 32])
+    with pytest.raises(TypeError, match=r"argument 2 \(T factor\): .* passes a Python float as a C double"):
+        cuda_harness.compile_kernel(TEMPLATE_SOURCE, "scale<1, float>")(
+            grid=(1, 1, 1), block=(1, 1, 1), args=[torch.zeros(1), torch.zeros(1), 1.0])
+
+
 def test_compile_kernel_mirrors_torch():
     cuda_fwd, _ = _prototypes()
     kernel = cuda_harness.compile_kernel(cuda_fwd.source("bdt", 4), "fwd_bdt", nvcc_options=["--use_fast_math"])
@@ -524,8 +540,10 @@ def test_template_kernels_are_instantiated_by_name():
     out = torch.zeros_like(x)
     lib.get_function("scale<3, double>")(grid=(2, 1, 1), block=(64, 1, 1), args=[x, out, 0.5])
     assert torch.equal(out, x * 0.5 + 3)
-    kernel = cuda_harness.compile_kernel(TEMPLATE_SOURCE, "scale<2, float>")
+    kernel = cuda_harness.compile_kernel(TEMPLATE_SOURCE, "scale<2, double>")
     assert kernel.max_threads_per_block == 64
+    kernel(grid=(2, 1, 1), block=(64, 1, 1), args=[x, out, 2.0])
+    assert torch.equal(out, x * 2 + 2)
     with pytest.raises(AttributeError, match=r"kernel 'scale' is a template: .*get_function\('scale<...>'\)"):
         lib.scale
     with pytest.raises(cuda_harness.CudaSourceError, match=r"kernels\.cu:8:\d+: error"):
