@@ -144,7 +144,7 @@ extern "C" __global__ void reverse_blocks(const float* __restrict__ x, float* __
     aligned[t] = 0.f;
     __syncthreads();
     out[base + t] = buffer[n - 1 - t] + reinterpret_cast<const float4*>(aligned)[t / 4].x;
-    if ((size_t)aligned % 16 != 0) out[base + t] = -1.f;
+    if ((unsigned long long)aligned % 16 != 0) out[base + t] = -1.f;
 }
 
 // 47 KiB of static shared memory: dynamic shared memory above 1 KiB exceeds the 48 KiB limit.
@@ -579,3 +579,65 @@ def test_prototype_btd_kernels_with_mask_and_residual(B, D, T):
     total = part.double().sum(0)
     torch.testing.assert_close(total[:, :W], want_dw, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(total[:, W], want_db, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the harness against a GPU
+def _gpu_cases():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(12 * 256, generator=g)
+    ints = torch.randint(0, 2**31, (5, 4), generator=g, dtype=torch.int64).to(torch.int32)
+    small = torch.randint(0, 2**20, (5, 2), generator=g, dtype=torch.int64).to(torch.int32)
+    f4, f2 = torch.randn(5, 4, generator=g), torch.randn(5, 2, generator=g)
+    cases = [("shuffles", (2, 1, 1), (64, 1, 1), [x[:128], torch.zeros(4, 128), torch.zeros(4, 128, dtype=torch.int64),
+                                                  d, m, s, w], 0)
+             for d, m, s, w in ((1, 1, 0, 32), (3, 16, 31, 32), (31, 31, -1, 32), (2, 5, 6, 8), (1, 8, 3, 4))]
+    cases += [
+        ("votes", (1, 1, 1), (64, 1, 1), [x[:64], torch.zeros(3, 64, dtype=torch.int32)], 0),
+        ("block_sums", (2, 3, 2), (8, 4, 8), [x, torch.zeros(12)], 0),
+        ("positions", (3, 2, 2), (4, 3, 2), [torch.zeros(12 * 24, 12, dtype=torch.int32)], 0),
+        ("vectors", (1, 1, 1), (5, 1, 1), [ints, f4, small, f2, torch.zeros(5, 4, dtype=torch.int32), torch.zeros(5, 4),
+                                           torch.zeros(5, 8), torch.zeros(5, dtype=torch.int32)], 0),
+        ("reverse_blocks", (3, 1, 1), (32, 1, 1), [x[:96], torch.zeros(96)], 128),
+    ]
+    return cases
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compares the harness with a GPU run: needs CUDA")
+@pytest.mark.parametrize("case", range(10))
+def test_harness_matches_the_gpu(lib, case):
+    """The same kernels through torch.cuda._compile_kernel on the GPU: integer results must be equal,
+    float results within float32 rounding (the GPU contracts a*b+c into FMAs; __expf is approximate)."""
+    name, grid, block, args, shared_mem = _gpu_cases()[case]
+    cpu_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    getattr(lib, name)(grid=grid, block=block, args=cpu_args, shared_mem=shared_mem)
+    kernel = torch.cuda._compile_kernel(BUILTINS_SOURCE, name)
+    gpu_args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+    kernel(grid=grid, block=block, args=gpu_args, shared_mem=shared_mem)
+    torch.cuda.synchronize()
+    for i, (c, g) in enumerate(zip(cpu_args, gpu_args)):
+        if isinstance(c, torch.Tensor):
+            if c.dtype.is_floating_point:
+                torch.testing.assert_close(g.cpu(), c, rtol=2e-6, atol=1e-6, msg=f"{name}, argument {i}")
+            else:
+                assert torch.equal(g.cpu(), c), f"{name}, argument {i}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compares the harness with a GPU run: needs CUDA")
+def test_prototypes_match_the_gpu():
+    cuda_fwd, cuda_bwd = _prototypes()
+    B, D, T, W = 2, 3, 8 * 150, 4
+    x, w, bias, dout = _inputs(B, D, T, W, seed=7)
+    for source, name, grid, make_args in (
+            (cuda_fwd.source("bdt", W), "fwd_bdt", ((T // 8 + 127) // 128, D, B),
+             lambda t: [t(x), t(w), t(bias), t(torch.zeros_like(x)), T, D]),
+            (cuda_bwd.source("bdt", W), "bwd_bdt", (D, B, 1),
+             lambda t: [t(x), t(w), t(bias), t(dout), t(torch.zeros_like(x)), t(torch.zeros(B, D, W + 1)), T, D])):
+        cpu_args = make_args(lambda a: a.clone())
+        cuda_harness.compile_source(source).get_function(name)(grid=grid, block=(128, 1, 1), args=cpu_args)
+        gpu_args = make_args(lambda a: a.cuda())
+        torch.cuda._compile_kernel(source, name)(grid=grid, block=(128, 1, 1), args=gpu_args)
+        torch.cuda.synchronize()
+        for c, g in zip(cpu_args, gpu_args):
+            if isinstance(c, torch.Tensor):
+                # bf16 outputs may differ by one unit where float32 FMAs round differently
+                torch.testing.assert_close(g.cpu().float(), c.float(), rtol=2 ** -7, atol=1e-5, msg=name)
