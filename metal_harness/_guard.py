@@ -20,8 +20,8 @@ import torch
 GUARD_BYTES = 1 << 20
 
 
-def enabled() -> bool:
-    return os.environ.get("METAL_HARNESS_GUARD", "1") != "0"
+def enabled(env_var: str = "METAL_HARNESS_GUARD") -> bool:
+    return os.environ.get(env_var, "1") != "0"
 
 
 POISON = 0xFF
@@ -75,13 +75,15 @@ class _Region:
 class GuardedStorages:
     """Maps tensor arguments to pointers into guarded copies (or to their own memory when off)."""
 
-    def __init__(self, dll: ctypes.CDLL, tensors: dict[int, torch.Tensor], constants: dict[int, ctypes.Array]):
-        """`constants`: the packed Python scalars and lists (guarded too: `constant long* a` read past a list)."""
+    def __init__(self, dll: ctypes.CDLL, tensors: dict[int, torch.Tensor], constants: dict[int, ctypes.Array],
+                 enabled: bool = True):
+        """`constants`: the packed Python scalars and lists (guarded too: `constant long* a` read past a list).
+        `enabled` False: bind the tensors' own memory (no copies, no out-of-bounds detection)."""
         self._tensors = tensors
         self._regions: dict[int, _Region] = {}  # storage (or constant buffer) address -> region
         self._users: dict[int, list[int]] = {}
         self._constants = constants
-        if not enabled():
+        if not enabled:
             return
         for i, buffer in constants.items():
             address = ctypes.addressof(buffer)

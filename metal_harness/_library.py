@@ -5,13 +5,13 @@ from __future__ import annotations
 import ctypes
 import json
 import operator
-import os
 import pathlib
 import struct
 from typing import Any, Callable, Sequence
 
 import torch
 
+from . import _dispatch, _guard
 from ._compiler import executor_library
 from ._guard import GuardedStorages
 from ._source import ENTRY_PREAMBLE, Kernel, entry
@@ -30,24 +30,9 @@ for _name in ("uint16", "uint32", "uint64"):
 CASTS = {"fp16": ("e", HALF), "bf16": (None, BFLOAT), "int32": ("i", INT32), "int16": ("h", INT16),
          "int8": ("b", INT8), "uint8": ("B", INT8)}
 
-# Orders in which the executor runs a threadgroup's threads between two barriers.
-SCHEDULES = {"alternate": 0, "alternate-forward": 1, "forward": 2, "reverse": 3}
-# "compare" (the default) runs every dispatch under two opposite schedules and requires equal results.
-COMPARED_SCHEDULES = ("alternate", "alternate-forward")
-
-
 def _bfloat16_bits(values: Sequence[float]) -> bytes:
     t = torch.tensor(list(values), dtype=torch.float32).to(torch.bfloat16)
     return t.view(torch.int16).numpy().tobytes()
-
-
-def schedules() -> tuple[str, ...]:
-    name = os.environ.get("METAL_HARNESS_SCHEDULE", "compare")
-    if name == "compare":
-        return COMPARED_SCHEDULES
-    if name not in SCHEDULES:
-        raise ValueError(f"METAL_HARNESS_SCHEDULE must be 'compare' or one of {sorted(SCHEDULES)}, got {name!r}")
-    return (name,)
 
 
 class KernelFunction:
@@ -212,42 +197,17 @@ class KernelFunction:
         constants: dict[int, ctypes.Array] = {}
         slots = self._bind(args, casts, keep, constants)
         tensors = {i: a for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.numel() > 0}
-        guard = GuardedStorages(dll, tensors, constants)
         names = [f"argument {i} ({p.declaration})" for i, p in enumerate(self._kernel.buffers)]
-        order = schedules() if guard.active else schedules()[:1]
-        try:
+
+        def bind(guard: GuardedStorages) -> ctypes.Array:
             for i in (*tensors, *constants):
                 slots[i] = guard.pointer(i)
-            first = None
-            for run, schedule in enumerate(order):
-                if run > 0:
-                    first = guard.snapshot()
-                    guard.reload()
-                self._dispatch(dll, slots, grid, group, schedule, guard, names)
-            difference = guard.first_difference(first, names) if first is not None else None
-            if difference:
-                raise RuntimeError(
-                    f"kernel {self.name!r}: the result depends on the order in which the threads of a threadgroup "
-                    f"run ({order[0]!r} and {order[1]!r} schedules differ at {difference}): a threadgroup_barrier is "
-                    "missing, or threads race on memory")
-        finally:
-            guard.release(write_back=True)
+            return slots
 
-    def _dispatch(self, dll: ctypes.CDLL, slots: ctypes.Array, grid: list[int], group: list[int], schedule: str,
-                  guard: GuardedStorages, names: list[str]) -> None:
-        error = ctypes.create_string_buffer(2048)
-        fault = ctypes.c_uint64(0)
-        status = dll.mh_dispatch(self._entry, slots, (ctypes.c_uint64 * 3)(*grid), (ctypes.c_uint64 * 3)(*group),
-                                 SCHEDULES[schedule], error, len(error), ctypes.byref(fault))
-        if status != 0:
-            message = f"kernel {self.name!r}: {error.value.decode(errors='replace')}"
-            if fault.value:
-                where = guard.describe_fault(fault.value, names)
-                message += f" ({where})" if where else " (outside the memory of every argument)"
-            raise RuntimeError(message)
-        overrun = guard.describe_overrun(names)
-        if overrun:
-            raise RuntimeError(f"kernel {self.name!r}: out-of-bounds access: {overrun}")
+        _dispatch.launch(dll, self._entry, label=f"kernel {self.name!r}", tensors=tensors, constants=constants,
+                         names=names, bind=bind, grid=grid, group=group, schedule_var="METAL_HARNESS_SCHEDULE",
+                         guard_enabled=_guard.enabled(), barrier_hint=(
+                             "threadgroup", "a threadgroup_barrier is missing, or threads race on memory"))
 
 
 class Library:

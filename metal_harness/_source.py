@@ -372,14 +372,21 @@ def _threadgroup_declarations(code: str, text: str) -> list[tuple[int, int, str]
         d = declaration.match(code, m.start())
         if not d:
             continue
-        type_text, name, dims = d.group(1).strip(), d.group(2), "".join(d.group(3).split())
-        alias = f"mh_threadgroup_type_{i}"
-        key = f"mh_threadgroup_key_{i}"
-        replacement = (f"using {alias} = {type_text} {dims}; static char {key}; "
-                       f"{alias}& {name} = *static_cast<{alias}*>(::mh::rt_threadgroup_storage("
-                       f"&{key}, sizeof({alias}), alignof({alias})));")
+        replacement = group_storage_declaration(d.group(1).strip(), d.group(2), "".join(d.group(3).split()), i)
         edits.append((d.start(), d.end(), replacement + "\n" * text.count("\n", d.start(), d.end())))
     return edits
+
+
+def group_storage_declaration(type_text: str, name: str, dims: str, i: int, align: int = 1) -> str:
+    """C++ that declares `name` (of type `type_text dims`, e.g. `float`, `[4][5]`) as a reference to
+    storage the executor gives each threadgroup (CUDA: block), the same for all its threads, aligned
+    to at least `align` bytes."""
+    alias = f"mh_threadgroup_type_{i}"
+    key = f"mh_threadgroup_key_{i}"
+    alignment = f"alignof({alias})" if align <= 1 else f"(alignof({alias}) > {align} ? alignof({alias}) : {align})"
+    return (f"using {alias} = {type_text} {dims}; static char {key}; "
+            f"{alias}& {name} = *static_cast<{alias}*>(::mh::rt_threadgroup_storage("
+            f"&{key}, sizeof({alias}), {alignment}, \"{name}\"));")
 
 
 def _vector_constructors(code: str) -> list[tuple[int, int, str]]:

@@ -43,7 +43,12 @@ void rt_threadgroup_barrier();
 void rt_simdgroup_barrier();
 void rt_simd_collective(CombineFn fn, const char* what, const void* in, const void* in2, void* out,
                         uint32_t arg);
-void* rt_threadgroup_storage(const void* key, size_t size, size_t align);
+// Storage for the threadgroup array `name` declared at `key`, the same for every thread of a group.
+void* rt_threadgroup_storage(const void* key, size_t size, size_t align, const char* name);
+// The position of the thread that runs now (for CUDA's threadIdx, blockIdx, ...).
+const ThreadContext* rt_current_context();
+// CUDA's `extern __shared__` memory: the launch's dynamic bytes, one block per threadgroup.
+void* rt_dynamic_shared();
 [[noreturn]] void rt_fail(const char* message);
 
 }  // namespace mh

@@ -145,12 +145,43 @@ struct Fiber {
   const char* what = nullptr;
 };
 
-constexpr size_t kThreadgroupMemoryLimit = 32 * 1024;  // Apple GPUs: 32 KB per threadgroup
+// The words of error messages and the limits, in the vocabulary of the language the kernel is
+// written in: the executor also runs CUDA kernels for cuda_harness (blocks, warps, __syncthreads).
+struct Dialect {
+  const char* group;         // "threadgroup" / "block"
+  const char* barrier;       // the barrier's name
+  const char* simd;          // "SIMD group" / "warp"
+  const char* collective;    // "SIMD collective" / "warp-level call"
+  const char* barrier_rule;  // why a divergent barrier is an error
+  const char* simd_rule;     // why divergent collectives are an error
+  const char* memory;        // "threadgroup memory" / "shared memory"
+  const char* memory_limit;  // where the limit comes from
+};
+
+const Dialect kMetal = {
+    "threadgroup", "threadgroup_barrier", "SIMD group", "SIMD collective",
+    "on Apple GPUs every thread of a threadgroup must reach each barrier",
+    "every active lane of a SIMD group must reach the same collective",
+    "threadgroup memory", "Apple GPUs provide"};
+const Dialect kCuda = {
+    "block", "__syncthreads", "warp", "warp-level call",
+    "every thread of a block must reach each __syncthreads (undefined behaviour in CUDA)",
+    "every lane of a warp that has not returned must reach the same __shfl_*_sync/__syncwarp call",
+    "shared memory", "a block may use (48 KiB static + dynamic; more needs set_shared_memory_config)"};
+
+// Metal: 32 KiB per threadgroup. CUDA: up to 227 KiB per block (sm_90) with the opt-in.
+constexpr size_t kThreadgroupMemoryMax = 227 * 1024;
+// Poisoned bytes before and after every threadgroup array (not counted against the limit): a read
+// just outside an array gets NaN / -1, a write there is reported when the group ends.
+constexpr size_t kCanaryBytes = 64;
+constexpr size_t kMaxAllocations = 64;
+constexpr size_t kArenaBytes = kThreadgroupMemoryMax + (kMaxAllocations + 1) * (kCanaryBytes + 64);
 
 struct ThreadgroupAllocation {
   const void* key;
   void* ptr;
   size_t size;
+  const char* name;
 };
 
 struct Group {
@@ -166,18 +197,22 @@ struct Group {
   bool failed = false;
   std::string error;
   std::vector<ThreadgroupAllocation> allocations;
-  size_t arena_used = 0;
-  alignas(64) unsigned char arena[kThreadgroupMemoryLimit];
+  size_t arena_used = 0;         // bytes of the arena in use, canaries included
+  size_t payload_used = 0;       // the same without the canaries: what counts against the limit
+  size_t arena_limit = 0;        // bytes of threadgroup/shared memory a group may use
+  size_t dynamic_shared = 0;     // CUDA: bytes of `extern __shared__` memory of the launch
+  const Dialect* dialect = &kMetal;
+  alignas(64) unsigned char arena[kArenaBytes];
 };
 
 thread_local Group* g_group = nullptr;
 
 std::string position_of(const Fiber& f) {
   char buf[160];
-  snprintf(buf, sizeof buf, "thread (%u,%u,%u) of threadgroup (%u,%u,%u)",
+  snprintf(buf, sizeof buf, "thread (%u,%u,%u) of %s (%u,%u,%u)",
            f.pos.thread_position_in_threadgroup[0], f.pos.thread_position_in_threadgroup[1],
-           f.pos.thread_position_in_threadgroup[2], f.pos.threadgroup_position_in_grid[0],
-           f.pos.threadgroup_position_in_grid[1], f.pos.threadgroup_position_in_grid[2]);
+           f.pos.thread_position_in_threadgroup[2], g_group->dialect->group,
+           f.pos.threadgroup_position_in_grid[0], f.pos.threadgroup_position_in_grid[1], f.pos.threadgroup_position_in_grid[2]);
   return buf;
 }
 
@@ -208,9 +243,9 @@ void try_complete_simd(Group* g, uint32_t sg) {
     if (!first) {
       first = &f;
     } else if (f.combine != first->combine) {
-      fail_group(g, "divergent SIMD collectives: " + position_of(*first) + " calls " + first->what +
-                        " while " + position_of(f) + " calls " + f.what +
-                        " (every active lane of a SIMD group must reach the same collective)");
+      fail_group(g, std::string("divergent ") + g->dialect->collective + "s: " + position_of(*first) +
+                        " calls " + first->what + " while " + position_of(f) + " calls " + f.what + " (" +
+                        g->dialect->simd_rule + ")");
       return;
     }
     mask |= 1u << (i - begin);
@@ -220,8 +255,8 @@ void try_complete_simd(Group* g, uint32_t sg) {
   for (uint32_t i = begin; i < end; ++i)
     if (mask & (1u << (i - begin))) slots[i - begin] = g->fibers[i].slot;
   if (const char* misuse = first->combine(slots, mask)) {
-    fail_group(g, std::string(first->what) + " in the SIMD group of " + position_of(*first) + ": " +
-                      misuse);
+    fail_group(g, std::string(first->what) + " in the " + g->dialect->simd + " of " + position_of(*first) +
+                      ": " + misuse);
     return;
   }
   for (uint32_t i = begin; i < end; ++i) {
@@ -241,19 +276,20 @@ std::string describe_stuck(Group* g) {
     if (f.state == State::AtSimd && !at_simd) at_simd = &f;
     if (f.state == State::Done && !done) done = &f;
   }
-  char counts[200];
-  snprintf(counts, sizeof counts,
-           " (%u of %u threads wait at threadgroup_barrier, %u wait in a SIMD collective, %u returned)",
-           g->n_barrier, g->n, g->n_simd, g->n_done);
+  const Dialect& d = *g->dialect;
+  char counts[240];
+  snprintf(counts, sizeof counts, " (%u of %u threads wait at %s, %u wait in a %s, %u returned)",
+           g->n_barrier, g->n, d.barrier, g->n_simd, d.collective, g->n_done);
   if (at_barrier && done && !at_simd)
-    return "divergent threadgroup_barrier: " + position_of(*done) + " returned while " +
-           position_of(*at_barrier) +
-           " waits at threadgroup_barrier; on Apple GPUs every thread of a threadgroup must reach "
-           "each barrier" +
-           counts;
+    return std::string("divergent ") + d.barrier + ": " + position_of(*done) + " returned while " +
+           position_of(*at_barrier) + " waits at " + d.barrier + "; " + d.barrier_rule + counts;
   if (at_simd && at_barrier)
     return "divergent control flow: " + position_of(*at_simd) + " waits in " + at_simd->what +
-           " while " + position_of(*at_barrier) + " of the same SIMD group waits at threadgroup_barrier" +
+           " while " + position_of(*at_barrier) + " of the same " + d.simd + " waits at " + d.barrier +
+           counts;
+  if (at_simd && done)
+    return std::string("divergent ") + d.collective + ": " + position_of(*at_simd) + " waits in " +
+           at_simd->what + " while other threads of its " + d.simd + " neither returned nor reached it" +
            counts;
   return std::string("threadgroup cannot make progress") + counts;
 }
@@ -341,25 +377,39 @@ void rt_simdgroup_barrier() {
   rt_simd_collective(&combine_nothing, "simdgroup_barrier", nullptr, nullptr, nullptr, 0);
 }
 
-void* rt_threadgroup_storage(const void* key, size_t size, size_t align) {
+void* rt_threadgroup_storage(const void* key, size_t size, size_t align, const char* name) {
   Group* g = g_group;
   for (const ThreadgroupAllocation& a : g->allocations)
     if (a.key == key) return a.ptr;
-  size_t offset = (g->arena_used + align - 1) / align * align;
-  if (offset + size > kThreadgroupMemoryLimit) {
-    char buf[200];
-    snprintf(buf, sizeof buf,
-             "threadgroup memory exceeds the %zu bytes Apple GPUs provide (%zu requested)",
-             kThreadgroupMemoryLimit, offset + size);
+  const size_t payload = (g->payload_used + align - 1) / align * align + size;
+  if (payload > g->arena_limit) {
+    char buf[300];
+    snprintf(buf, sizeof buf, "%s exceeds the %zu bytes %s (%zu requested)", g->dialect->memory,
+             g->arena_limit, g->dialect->memory_limit, payload);
     rt_fail(buf);
   }
+  if (g->allocations.size() == kMaxAllocations || align > 64) rt_fail("too many or too aligned threadgroup arrays");
+  const size_t start = g->arena_used;
+  const size_t offset = (start + kCanaryBytes + align - 1) / align * align;
   void* ptr = g->arena + offset;
   // Poison: all-ones bytes are NaN for float, half and bfloat and -1 for integers, so a kernel
-  // that reads shared memory nobody wrote in this threadgroup gets a visibly wrong result.
-  memset(ptr, 0xFF, size);
+  // that reads shared memory nobody wrote in this threadgroup gets a visibly wrong result. The
+  // canaries around the array get the same bytes.
+  memset(g->arena + start, 0xFF, offset + size + kCanaryBytes - start);
   g->arena_used = offset + size;
-  g->allocations.push_back(ThreadgroupAllocation{key, ptr, size});
+  g->payload_used = payload;
+  g->allocations.push_back(ThreadgroupAllocation{key, ptr, size, name});
   return ptr;
+}
+
+const ThreadContext* rt_current_context() { return &g_group->current->pos; }
+
+namespace {
+char g_dynamic_shared_key;
+}  // namespace
+
+void* rt_dynamic_shared() {
+  return rt_threadgroup_storage(&g_dynamic_shared_key, g_group->dynamic_shared, 16, "extern __shared__ array");
 }
 
 void rt_fail(const char* message) {
@@ -425,6 +475,38 @@ void remove_fault_handler(FaultHandler* h) {
   sigaltstack(&h->previous_stack, nullptr);
 }
 
+// After a group ran: the poisoned bytes around its threadgroup arrays must be intact.
+bool check_canaries(Group* g) {
+  const unsigned char* previous_end = g->arena;
+  for (size_t i = 0; i <= g->allocations.size(); ++i) {
+    const bool last = i == g->allocations.size();
+    const unsigned char* begin = previous_end;
+    const unsigned char* end = last ? previous_end + (g->allocations.empty() ? 0 : kCanaryBytes)
+                                    : static_cast<const unsigned char*>(g->allocations[i].ptr);
+    for (const unsigned char* p = begin; p < end; ++p) {
+      if (*p == 0xFF) continue;
+      char buf[400];
+      if (i > 0 && (last || p - begin < end - p)) {
+        const ThreadgroupAllocation& a = g->allocations[i - 1];
+        snprintf(buf, sizeof buf, "a write %zu bytes past the end of %s '%s' (%zu bytes) in %s (%u,%u,%u)",
+                 size_t(p - begin), g->dialect->memory, a.name, a.size, g->dialect->group,
+                 g->fibers[0].pos.threadgroup_position_in_grid[0], g->fibers[0].pos.threadgroup_position_in_grid[1],
+                 g->fibers[0].pos.threadgroup_position_in_grid[2]);
+      } else {
+        const ThreadgroupAllocation& a = g->allocations[i];
+        snprintf(buf, sizeof buf, "a write %zu bytes before the start of %s '%s' (%zu bytes) in %s (%u,%u,%u)",
+                 size_t(end - p), g->dialect->memory, a.name, a.size, g->dialect->group,
+                 g->fibers[0].pos.threadgroup_position_in_grid[0], g->fibers[0].pos.threadgroup_position_in_grid[1],
+                 g->fibers[0].pos.threadgroup_position_in_grid[2]);
+      }
+      fail_group(g, buf);
+      return false;
+    }
+    if (!last) previous_end = static_cast<const unsigned char*>(g->allocations[i].ptr) + g->allocations[i].size;
+  }
+  return true;
+}
+
 uint32_t ceil_div(uint64_t a, uint64_t b) { return static_cast<uint32_t>((a + b - 1) / b); }
 
 void copy_message(const std::string& s, char* err, size_t errlen) {
@@ -439,11 +521,13 @@ void copy_message(const std::string& s, char* err, size_t errlen) {
 // Runs `entry` over a grid of grid[0..2] threads in threadgroups of group[0..2] threads, the way
 // dispatchThreads does (the last group along each axis may be partial; only in-grid threads exist).
 // schedule: 0 alternate (reverse first), 1 alternate (forward first), 2 forward, 3 reverse.
+// dialect: 0 Metal (messages, 32 KiB of threadgroup memory), 1 CUDA (messages; `shared_limit`
+// bytes of shared memory, of which `dynamic_shared` for `extern __shared__`).
 // Returns 0 on success, 1 with a message in err on failure; *fault_address is the faulting
 // address when a memory access faulted, else 0.
 extern "C" int mh_dispatch(mh_entry_fn entry, void* const* args, const uint64_t* grid,
-                           const uint64_t* group, int schedule, char* err, size_t errlen,
-                           uint64_t* fault_address) {
+                           const uint64_t* group, int schedule, int dialect, size_t shared_limit,
+                           size_t dynamic_shared, char* err, size_t errlen, uint64_t* fault_address) {
   static thread_local StackPool stacks;
   const uint64_t group_threads = group[0] * group[1] * group[2];
   if (!stacks.reserve(group_threads)) {
@@ -454,6 +538,10 @@ extern "C" int mh_dispatch(mh_entry_fn entry, void* const* args, const uint64_t*
   g->entry = entry;
   g->args = args;
   g->fibers.resize(group_threads);
+  g->dialect = dialect == 1 ? &kCuda : &kMetal;
+  g->arena_limit = dialect == 1 ? shared_limit : 32 * 1024;
+  if (g->arena_limit > kThreadgroupMemoryMax) g->arena_limit = kThreadgroupMemoryMax;
+  g->dynamic_shared = dynamic_shared;
   Group* previous = g_group;
   g_group = g;
   FaultHandler faults;
@@ -474,7 +562,7 @@ extern "C" int mh_dispatch(mh_entry_fn entry, void* const* args, const uint64_t*
         g->n_runnable = g->n;
         g->n_barrier = g->n_simd = g->n_done = 0;
         g->allocations.clear();
-        g->arena_used = 0;
+        g->arena_used = g->payload_used = 0;
         const uint32_t simdgroups = ceil_div(g->n, mh::kSimdWidth);
         for (uint32_t i = 0; i < g->n; ++i) {
           Fiber& f = g->fibers[i];
@@ -502,7 +590,7 @@ extern "C" int mh_dispatch(mh_entry_fn entry, void* const* args, const uint64_t*
           context_init(&f.context, stacks.top(i), kStackSize);
 #endif
         }
-        ok = run_group(g, schedule);
+        ok = run_group(g, schedule) && check_canaries(g);
       }
   remove_fault_handler(&faults);
   if (!ok) copy_message(g->error, err, errlen);
