@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # GPU validation of a release candidate on one machine with 2 CUDA GPUs (1 works: the NCCL parts skip).
 #
-#   bash benchmarks/gpu_validation.sh tests   # the op suite through the Triton kernels, GPU-only tests,
-#                                             # the self-check, transformers models, NCCL context parallelism
-#   bash benchmarks/gpu_validation.sh bench   # bench.py rows, the transformers example, context-parallel cost
+#   bash benchmarks/gpu_validation.sh tests   # the op suite through the Triton and CUDA C++ kernels, GPU-only
+#                                             # tests, the self-check, transformers models, NCCL context parallelism
+#   bash benchmarks/gpu_validation.sh bench   # bench.py rows, CUDA C++ against Triton, the transformers example,
+#                                             # context-parallel cost
+#   bash benchmarks/gpu_validation.sh all     # both in one call (about 10 minutes on 2 GPUs; no NCCL parts)
 #
 # Logs and JSON go to $OUT (default ./gpu-results); a short summary is printed last. Each part has its own
 # time limit so that a call fits a 10-minute slot. Run from the repository root; nothing is installed.
@@ -27,22 +29,29 @@ environment() {
   } > "$OUT/environment.txt" 2>&1
 }
 
+# The op suite through the backend of cuda tensors (Triton kernels, and the CUDA C++ kernels where they
+# serve), split by file over the GPUs (test_causal_conv1d.py alone compiles many W = 16 kernels);
+# -v so that a failure is named in the log even when the time limit cuts the run.
+FIRST="tests/test_causal_conv1d.py tests/test_module.py tests/test_triton_v5.py"
+SECOND="tests/test_short_conv_fused.py tests/test_update.py tests/test_validation.py tests/test_library.py
+  tests/test_activation.py tests/test_varlen_states.py tests/test_fuzz.py tests/test_nan_stream_starts.py"
+GPU_ONLY="tests/test_triton_gpu.py tests/test_cuda_kernels.py tests/test_cuda_harness.py tests/test_check.py
+  tests/test_transformers_models.py tests/test_transformers_functions.py"
+
+op_suite() {  # time limit in seconds
+  CUDA_VISIBLE_DEVICES=0 timeout "$1" python -m pytest -v -p no:cacheprovider -n 16 -m triton --device cuda \
+    $FIRST > "$OUT/suite-a.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=$LAST timeout "$1" python -m pytest -v -p no:cacheprovider -n 10 -m triton --device cuda \
+    $SECOND > "$OUT/suite-b.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=$LAST timeout "$1" python -m pytest -q -p no:cacheprovider -n 4 --device cuda \
+    $GPU_ONLY > "$OUT/gpu-only.log" 2>&1 &
+  wait
+}
+
 tests() {
   environment
-  # The op suite through the Triton kernels, split by file over the GPUs (the W = 16 kernels compile slowly);
-  # -v so that a failure is named in the log even when the time limit cuts the run.
-  local first="tests/test_causal_conv1d.py tests/test_varlen_states.py tests/test_fuzz.py tests/test_module.py tests/test_triton_v5.py"
-  local second="tests/test_short_conv_fused.py tests/test_update.py tests/test_validation.py tests/test_library.py tests/test_activation.py"
-  CUDA_VISIBLE_DEVICES=0 timeout 330 python -m pytest -v -p no:cacheprovider -n 14 -m triton --device cuda \
-    $first > "$OUT/suite-a.log" 2>&1 &
-  CUDA_VISIBLE_DEVICES=$LAST timeout 330 python -m pytest -v -p no:cacheprovider -n 14 -m triton --device cuda \
-    $second > "$OUT/suite-b.log" 2>&1 &
-  # GPU-only tests, the self-check and transformers' models on the GPU, beside the suite.
-  CUDA_VISIBLE_DEVICES=$LAST timeout 330 python -m pytest -q -p no:cacheprovider -n 4 --device cuda \
-    tests/test_triton_gpu.py tests/test_check.py tests/test_transformers_models.py \
-    tests/test_transformers_functions.py > "$OUT/gpu-only.log" 2>&1 &
-  wait
-  timeout 150 python -m pytest -q -p no:cacheprovider --device cuda tests/test_context_parallel.py -k nccl \
+  op_suite 330
+  timeout 200 python -m pytest -q -p no:cacheprovider --device cuda tests/test_context_parallel.py -k nccl \
     > "$OUT/cp-nccl.log" 2>&1
   summary "op suite (a)" "$OUT/suite-a.log"
   summary "op suite (b)" "$OUT/suite-b.log"
@@ -50,27 +59,47 @@ tests() {
   summary "context parallel (NCCL)" "$OUT/cp-nccl.log"
 }
 
+timings() {  # the timed runs, each alone on its GPU
+  CUDA_VISIBLE_DEVICES=0 timeout 200 python bench.py --dtype bf16 --suite large,backward,decode,width \
+    --json "$OUT/bench-bf16.json" > "$OUT/bench-bf16.log" 2>&1 &
+  { CUDA_VISIBLE_DEVICES=$LAST timeout 90 python benchmarks/prototypes/cuda_vs_triton.py \
+      --json "$OUT/cuda-vs-triton.json" > "$OUT/cuda-vs-triton.log" 2>&1
+    CUDA_VISIBLE_DEVICES=$LAST timeout 90 python examples/transformers_lfm2.py --device cuda --dtype bf16 \
+      --out "$OUT/lfm2-bf16.json" > "$OUT/lfm2-bf16.log" 2>&1; } &
+  wait
+}
+
 bench() {
   environment
-  # Timings run alone on their GPU: the benchmark on GPU 0, then the examples.
-  CUDA_VISIBLE_DEVICES=0 timeout 200 python bench.py --dtype bf16 --suite large,backward,decode,width \
-    --json "$OUT/bench-bf16.json" > "$OUT/bench-bf16.log" 2>&1
+  timings
   CUDA_VISIBLE_DEVICES=0 timeout 90 python -m causal_conv1d_mps.check --device cuda --json "$OUT/check.json" \
     > "$OUT/check.log" 2>&1
-  CUDA_VISIBLE_DEVICES=0 timeout 90 python examples/transformers_lfm2.py --device cuda --dtype bf16 \
-    --out "$OUT/lfm2-bf16.json" > "$OUT/lfm2-bf16.log" 2>&1
   if [ "$GPUS" -gt 1 ]; then
     timeout 120 torchrun --standalone --nproc-per-node 2 benchmarks/bench_context_parallel.py \
       --json "$OUT/cp-bench.json" > "$OUT/cp-bench.log" 2>&1
   fi
   summary "bench.py bf16" "$OUT/bench-bf16.log"
-  summary "self-check" "$OUT/check.log"
+  summary "CUDA C++ against Triton" "$OUT/cuda-vs-triton.log"
   summary "transformers LFM2 bf16" "$OUT/lfm2-bf16.log"
+  summary "self-check" "$OUT/check.log"
   [ "$GPUS" -gt 1 ] && summary "context-parallel cost" "$OUT/cp-bench.log"
+}
+
+all() {
+  environment
+  op_suite 320
+  timings
+  summary "op suite (a)" "$OUT/suite-a.log"
+  summary "op suite (b)" "$OUT/suite-b.log"
+  summary "GPU-only, check, transformers" "$OUT/gpu-only.log"
+  summary "bench.py bf16" "$OUT/bench-bf16.log"
+  summary "CUDA C++ against Triton" "$OUT/cuda-vs-triton.log"
+  summary "transformers LFM2 bf16" "$OUT/lfm2-bf16.log"
 }
 
 case "${1:-}" in
   tests) tests ;;
   bench) bench ;;
-  *) echo "usage: $0 tests|bench" >&2; exit 2 ;;
+  all) all ;;
+  *) echo "usage: $0 tests|bench|all" >&2; exit 2 ;;
 esac
