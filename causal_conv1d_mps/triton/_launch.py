@@ -28,6 +28,11 @@ def _arg_key(arg):
     return arg.dtype, arg.data_ptr() & 15 == 0
 
 
+def cache_key(kernel, device: int, num_warps: int, constexprs: dict, args: tuple) -> tuple:
+    """The key of a compiled kernel in the launch cache (benchmarks/host_overhead.py times it alone)."""
+    return (kernel, device, num_warps, *constexprs.values(), *map(_arg_key, args))
+
+
 def launch(kernel, grid, args: tuple, constexprs: dict, num_warps: int) -> None:
     """`kernel[grid](*args, **constexprs, num_warps=num_warps)`, with a cached direct launch.
 
@@ -36,7 +41,7 @@ def launch(kernel, grid, args: tuple, constexprs: dict, num_warps: int) -> None:
     global _enabled
     if _enabled and args[0].is_cuda:
         device = args[0].device.index  # a compiled kernel is loaded per device
-        key = (kernel, device, num_warps, *constexprs.values(), *map(_arg_key, args))
+        key = cache_key(kernel, device, num_warps, constexprs, args)
         compiled = _compiled.get(key)
         if compiled is not None:
             try:
