@@ -64,12 +64,13 @@ class StubLaunch:
 
     def __call__(self, kernel, grid, args, constexprs, num_warps):
         self.last = (kernel, grid, args, constexprs, num_warps)
-        key = _launch.cache_key(kernel, 0, num_warps, constexprs, args)
-        compiled = self.table.get(key)
-        if compiled is None:
-            compiled = self.table[key] = _NoOpCompiled()
-        compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, 0, None, None,
-                     None, None, None, *args, *constexprs.values())
+        key = _launch.cache_key(kernel, args[0].get_device(), num_warps, constexprs, args)
+        entry = self.table.get(key)
+        if entry is None:
+            entry = self.table[key] = (_NoOpCompiled().run, None, None)
+        run, function, metadata = entry
+        run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, 0, function, metadata,
+            None, None, None, *args, *constexprs.values())
 
 
 def install_stub() -> StubLaunch:
@@ -79,17 +80,17 @@ def install_stub() -> StubLaunch:
     return stub
 
 
-def per_call_us(fn, calls: int, repeats: int, sync) -> float:
+def per_call_us(fn, calls: int, repeats: int, sync, clock) -> float:
     for _ in range(min(calls, 50)):
         fn()
     best = float("inf")
     for _ in range(repeats):
         sync()
-        start = time.perf_counter()
+        start = clock()
         for _ in range(calls):
             fn()
         sync()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
     return best / calls * 1e6
 
 
@@ -220,6 +221,9 @@ def parse_args(argv=None):
     p.add_argument("--calls", type=int, default=2000)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: leave as is)")
+    p.add_argument("--clock", choices=("thread", "wall"), default=None,
+                   help="thread: this thread's CPU time (default on cpu: other processes on a shared machine "
+                        "barely move it); wall: perf_counter (default on cuda, where waiting for the GPU counts)")
     p.add_argument("--only", default="", help="run only workloads whose name contains this text")
     p.add_argument("--profile", action="store_true", help="cProfile each workload's public call")
     p.add_argument("--profile-rows", type=int, default=18)
@@ -234,9 +238,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     stub = install_stub() if device.type == "cpu" else None
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    clock_name = args.clock or ("wall" if device.type == "cuda" else "thread")
+    clock = time.thread_time if clock_name == "thread" else time.perf_counter
     print(f"host_overhead: {device}, {dtype}, torch {torch.__version__}, "
-          f"{'no-op stand-in launch' if stub else 'real launches'}; us per call, best of {args.repeats} x "
-          f"{args.calls} calls")
+          f"{'no-op stand-in launch' if stub else 'real launches'}; us per call ({clock_name} clock), best of "
+          f"{args.repeats} x {args.calls} calls")
     with torch.inference_mode(False):
         for name, layers in workloads(args, device, dtype, stub).items():
             if args.only and args.only not in name:
@@ -246,7 +252,7 @@ def main(argv=None) -> int:
                 calls = args.calls // 4 if "backward" in layer else args.calls
                 grad = "grad" in layer or "backward" in layer
                 with torch.set_grad_enabled(grad):
-                    us = per_call_us(fn, calls, args.repeats, sync)
+                    us = per_call_us(fn, calls, args.repeats, sync, clock)
                 print(f"  {layer:55} {us:8.1f}")
             if args.profile:
                 public = [fn for layer, fn in layers if layer.startswith(("api", "transformers integration"))]

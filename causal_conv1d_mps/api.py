@@ -21,9 +21,17 @@ def _contig(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
 
+def _is_channel_last(x: Tensor) -> bool:
+    """`x.transpose(1, 2).is_contiguous()` for a 3-D `x` `[B, D, T]`, read from its strides (a transposed
+    view costs more than the rest of the check); dimensions of size 1 may have any stride, as in PyTorch."""
+    b, d, t = x.shape
+    sb, sd, st = x.stride()
+    return (d < 2 or sd == 1) and (t < 2 or st == d) and (b < 2 or sb == t * d)
+
+
 def _bdt_layout(x: Tensor) -> Tensor:
     """`x` itself when contiguous or channel-last (a transposed contiguous `[B, T, D]`), else a contiguous copy."""
-    if x.is_contiguous() or x.transpose(1, 2).is_contiguous():
+    if x.is_contiguous() or _is_channel_last(x) or x.numel() == 0:
         return x
     return x.contiguous()
 
@@ -43,13 +51,16 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activat
     """
     act = _activation.code(activation)
     width = check.causal_conv1d_inputs(x, weight, bias, seq_idx, initial_states)
-    b, d, _ = x.shape
-    check.states("final_states_out", final_states_out, b, d, width, "B")
-    check.same_device(x=x, weight=weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states,
-                      final_states_out=final_states_out)
-    check.not_self_overlapping("final_states_out", final_states_out)
-    check.not_sharing_memory("final_states_out", final_states_out, x=x, weight=weight, bias=bias,
-                             seq_idx=seq_idx, initial_states=initial_states)
+    if final_states_out is not None:
+        b, d, _ = x.shape
+        check.states("final_states_out", final_states_out, b, d, width, "B")
+    if not check.on_one_device(x, weight, bias, seq_idx, initial_states, final_states_out):
+        check.same_device(x=x, weight=weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states,
+                          final_states_out=final_states_out)
+    if final_states_out is not None:
+        check.not_self_overlapping("final_states_out", final_states_out)
+        check.not_sharing_memory("final_states_out", final_states_out, x=x, weight=weight, bias=bias,
+                                 seq_idx=seq_idx, initial_states=initial_states)
     want_final = return_final_states or final_states_out is not None
     seq = None if seq_idx is None else check.seq_idx_int32(seq_idx)
     out, final = ops.causal_conv1d(_bdt_layout(x), weight.contiguous(), _contig(bias), seq,
@@ -165,15 +176,19 @@ def _decode_step(x3: Tensor, conv_state: Tensor, weight: Tensor, bias, cache_seq
     if conv_state_indices is None and n != b:
         raise ValueError(f"{state_name}: expected {b} rows (one per batch row, no conv_state_indices), "
                          f"got shape {tuple(conv_state.shape)}")
-    check.index_vector("cache_seqlens", cache_seqlens, b)
-    check.index_vector("conv_state_indices", conv_state_indices, b)
-    check.same_device(x=x3, **{state_name: conv_state}, weight=weight, bias=bias, cache_seqlens=cache_seqlens,
-                      conv_state_indices=conv_state_indices)
+    if cache_seqlens is not None:
+        check.index_vector("cache_seqlens", cache_seqlens, b)
+    if conv_state_indices is not None:
+        check.index_vector("conv_state_indices", conv_state_indices, b)
+    if not check.on_one_device(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices):
+        check.same_device(x=x3, **{state_name: conv_state}, weight=weight, bias=bias, cache_seqlens=cache_seqlens,
+                          conv_state_indices=conv_state_indices)
     check.not_leaf_requiring_grad(state_name, conv_state)
     check.not_self_overlapping(state_name, conv_state)
-    check.not_sharing_memory(state_name, conv_state, x=x3, weight=weight, bias=bias, cache_seqlens=cache_seqlens,
-                             conv_state_indices=conv_state_indices)
-    check.state_indices_in_range(conv_state_indices, n)
+    check.memory_conflict(state_name, conv_state, "x", x3, "weight", weight, "bias", bias, "cache_seqlens",
+                          cache_seqlens, "conv_state_indices", conv_state_indices)
+    if conv_state_indices is not None:
+        check.state_indices_in_range(conv_state_indices, n)
     seqlens = None if cache_seqlens is None else check.circular_positions(cache_seqlens, state_len)
     indices = None if conv_state_indices is None else check.state_indices_int32(conv_state_indices, n)
     # the state is written, never differentiated: a non-leaf that requires grad is updated as plain memory

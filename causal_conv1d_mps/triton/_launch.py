@@ -7,7 +7,7 @@ calls with the same key call its launcher directly. The key covers everything Tr
 the constexpr values, `num_warps`, each tensor's dtype and 16-byte alignment, and the integers
 themselves (finer than Triton's "equals 1 / multiple of 16 / needs 64 bits", so never wrong).
 
-The interpreter, a Triton whose compiled-kernel interface differs, or
+The interpreter, ROCm, a Triton whose compiled-kernel interface differs, or
 `CAUSAL_CONV1D_TRITON_FAST_LAUNCH=0` take Triton's own path every time.
 """
 from __future__ import annotations
@@ -16,9 +16,12 @@ import os
 
 import torch
 
-_enabled = os.environ.get("CAUSAL_CONV1D_TRITON_FAST_LAUNCH", "1") != "0"
+# ROCm's Triton also specialises a tensor on whether it spans less than 2 GB (buffer ops), which the key
+# does not hold: there every launch takes Triton's own path
+_enabled = os.environ.get("CAUSAL_CONV1D_TRITON_FAST_LAUNCH", "1") != "0" and torch.version.hip is None
 _compiled: dict[tuple, object] = {}
 _MAX_ENTRIES = 4096
+_current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 def _arg_key(arg):
@@ -29,8 +32,12 @@ def _arg_key(arg):
 
 
 def cache_key(kernel, device: int, num_warps: int, constexprs: dict, args: tuple) -> tuple:
-    """The key of a compiled kernel in the launch cache (benchmarks/host_overhead.py times it alone)."""
-    return (kernel, device, num_warps, *constexprs.values(), *map(_arg_key, args))
+    """The key of a compiled kernel in the launch cache (benchmarks/host_overhead.py times it alone).
+
+    The same as `(kernel, device, num_warps, *constexprs.values(), *map(_arg_key, args))`, built without a
+    Python call per argument (this runs on every launch)."""
+    return (kernel, device, num_warps, *constexprs.values(),
+            *[a if type(a) is int or a is None else (a.dtype, a.data_ptr() & 15 == 0) for a in args])
 
 
 def launch(kernel, grid, args: tuple, constexprs: dict, num_warps: int) -> None:
@@ -39,15 +46,16 @@ def launch(kernel, grid, args: tuple, constexprs: dict, num_warps: int) -> None:
     `constexprs` must list the kernel's constexpr parameters in signature order, after `args`.
     """
     global _enabled
-    if _enabled and args[0].is_cuda:
-        device = args[0].device.index  # a compiled kernel is loaded per device
+    first = args[0]
+    if _enabled and first.is_cuda:
+        device = first.get_device()  # a compiled kernel is loaded per device (an int: no torch.device built)
         key = cache_key(kernel, device, num_warps, constexprs, args)
-        compiled = _compiled.get(key)
-        if compiled is not None:
+        entry = _compiled.get(key)
+        if entry is not None:
+            run, function, metadata = entry
             try:
-                compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
-                             torch._C._cuda_getCurrentRawStream(device), compiled.function,
-                             compiled.packed_metadata, None, None, None, *args, *constexprs.values())
+                run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+                    _current_stream(device), function, metadata, None, None, None, *args, *constexprs.values())
                 return
             except TypeError:  # launcher signature of another Triton release: use Triton's path from now on
                 _enabled = False
@@ -55,6 +63,7 @@ def launch(kernel, grid, args: tuple, constexprs: dict, num_warps: int) -> None:
         if _enabled and hasattr(result, "packed_metadata") and hasattr(result, "run"):
             if len(_compiled) >= _MAX_ENTRIES:  # keys hold shapes: bound the table for ever-changing shapes
                 _compiled.clear()
-            _compiled[key] = result
+            # the launch above initialised the handles: keep the launcher, not the object, for the next call
+            _compiled[key] = (result.run, result.function, result.packed_metadata)
         return
     kernel[grid](*args, **constexprs, num_warps=num_warps)
