@@ -266,10 +266,16 @@ def memory_conflict(name: str, value: Tensor, *pairs) -> None:
     hi = lo + numel * value.element_size() if value.is_contiguous() else _byte_range(value)[1]
     for i in range(1, len(pairs), 2):
         other = pairs[i]
-        if other is None or type(other) not in _PLAIN_TENSORS or other.numel() == 0:
+        if other is None or type(other) not in _PLAIN_TENSORS:
             continue
-        o_lo, o_hi = _byte_range(other)
-        if o_lo < hi and lo < o_hi and other.device == value.device:
+        o_lo = other.data_ptr()
+        if o_lo >= hi:  # starts past the written range: no overlap, whatever its length
+            continue
+        o_numel = other.numel()
+        if o_numel == 0:
+            continue
+        o_hi = o_lo + o_numel * other.element_size() if other.is_contiguous() else _byte_range(other)[1]
+        if lo < o_hi and other.device == value.device:
             other_name = pairs[i - 1]
             raise ValueError(f"{other_name}: shares memory with {name}, which this call writes in place; "
                              f"pass a copy (e.g. {other_name}.clone())")

@@ -141,10 +141,12 @@ def _short_conv_fused(x, weight, bias, attention_mask, activation: int, residual
         if b != 1:
             raise ValueError(f"x: expected batch size 1 with cu_seqlens (packed sequences), got shape {tuple(x.shape)}")
         rows = check.cu_seqlens(cu_seqlens, t)
-    check.states(states_name, initial_states, rows, d, width, "N" if cu_seqlens is not None else "B")
-    check.same_device(x=x, weight=weight, bias=bias, attention_mask=attention_mask,
-                      **{states_name: initial_states}, cu_seqlens=cu_seqlens)
-    if x.stride(2) != 1 and d > 1:
+    if initial_states is not None:
+        check.states(states_name, initial_states, rows, d, width, "N" if cu_seqlens is not None else "B")
+    if not check.on_one_device(x, weight, bias, attention_mask, initial_states, cu_seqlens):
+        check.same_device(x=x, weight=weight, bias=bias, attention_mask=attention_mask,
+                          **{states_name: initial_states}, cu_seqlens=cu_seqlens)
+    if x.stride()[2] != 1 and d > 1:
         x = x.contiguous()
     out, final = ops.short_conv_fused(x, weight.contiguous(), _contig(bias), mask, _contig(initial_states),
                                       _int32(cu_seqlens), activation, bool(residual), return_final_states)
