@@ -45,6 +45,10 @@ from causal_conv1d_mps.triton import _launch, launch_conv, launch_update  # noqa
 from causal_conv1d_mps.triton import backend as triton_backend  # noqa: E402
 
 SILU = _activation.SILU
+# checkouts before `_launch.cache_key` existed built the same key inline (before/after comparisons)
+_cache_key = getattr(_launch, "cache_key", None) or (
+    lambda kernel, device, nw, constexprs, args: (kernel, device, nw, *constexprs.values(),
+                                                 *map(_launch._arg_key, args)))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -64,7 +68,7 @@ class StubLaunch:
 
     def __call__(self, kernel, grid, args, constexprs, num_warps):
         self.last = (kernel, grid, args, constexprs, num_warps)
-        key = _launch.cache_key(kernel, args[0].get_device(), num_warps, constexprs, args)
+        key = _cache_key(kernel, args[0].get_device(), num_warps, constexprs, args)
         entry = self.table.get(key)
         if entry is None:
             entry = self.table[key] = (_NoOpCompiled().run, None, None)
