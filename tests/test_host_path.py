@@ -71,6 +71,7 @@ def test_a_repeated_launch_calls_the_cached_launcher(fast_launch):
     kernel = FakeKernel()
     x, out = FakeTensor(), FakeTensor(address=2 << 20)
     args, constexprs = (x, None, out, 128, 64, 1), dict(W=4, BT=8)
+    misses = _launch.misses
     _launch.launch(kernel, (3, 2), args, constexprs, 4)
     assert len(kernel.jit_calls) == 1 and kernel.runs == []
     assert kernel.jit_calls[0] == ((3, 2), args, dict(W=4, BT=8, num_warps=4))
@@ -78,6 +79,7 @@ def test_a_repeated_launch_calls_the_cached_launcher(fast_launch):
         _launch.launch(kernel, (3, 2), args, constexprs, 4)
     assert len(kernel.jit_calls) == 1, "a repeated launch went through Triton's own path"
     assert len(kernel.runs) == 3
+    assert _launch.misses == misses + 1
     grid_x, grid_y, grid_z, stream, _, metadata, hook_data, enter, leave, *rest = kernel.runs[0]
     assert (grid_x, grid_y, grid_z, stream, metadata) == (3, 2, 1, 1000, ("metadata",))
     assert (hook_data, enter, leave) == (None, None, None)
@@ -131,6 +133,9 @@ def test_a_launcher_of_another_signature_turns_the_fast_path_off(fast_launch):
     _launch.launch(kernel, (1,), args, {}, 4)
     assert _launch._enabled is False
     assert len(kernel.jit_calls) == 2, "after a TypeError the launch must still happen, through Triton"
+    misses = _launch.misses
+    _launch.launch(kernel, (1,), args, {}, 4)
+    assert len(kernel.jit_calls) == 3 and _launch.misses == misses + 1
 
 
 def test_cache_key_is_the_per_argument_key():

@@ -21,6 +21,9 @@ import torch
 _enabled = os.environ.get("CAUSAL_CONV1D_TRITON_FAST_LAUNCH", "1") != "0" and torch.version.hip is None
 _compiled: dict[tuple, object] = {}
 _MAX_ENTRIES = 4096
+# cuda launches that took Triton's own path (first use of a key, or a key that keeps changing); counted only
+# there, so a cache hit pays nothing for it (examples/transformers_lfm2.py --diagnose reads it)
+misses = 0
 _current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
@@ -45,7 +48,7 @@ def launch(kernel, grid, args: tuple, constexprs: dict, num_warps: int) -> None:
 
     `constexprs` must list the kernel's constexpr parameters in signature order, after `args`.
     """
-    global _enabled
+    global _enabled, misses
     first = args[0]
     if _enabled and first.is_cuda:
         device = first.get_device()  # a compiled kernel is loaded per device (an int: no torch.device built)
@@ -59,6 +62,7 @@ def launch(kernel, grid, args: tuple, constexprs: dict, num_warps: int) -> None:
                 return
             except TypeError:  # launcher signature of another Triton release: use Triton's path from now on
                 _enabled = False
+        misses += 1
         result = kernel[grid](*args, **constexprs, num_warps=num_warps)
         if _enabled and hasattr(result, "packed_metadata") and hasattr(result, "run"):
             if len(_compiled) >= _MAX_ENTRIES:  # keys hold shapes: bound the table for ever-changing shapes
@@ -66,4 +70,6 @@ def launch(kernel, grid, args: tuple, constexprs: dict, num_warps: int) -> None:
             # the launch above initialised the handles: keep the launcher, not the object, for the next call
             _compiled[key] = (result.run, result.function, result.packed_metadata)
         return
+    if first.is_cuda:  # the fast path is off (environment, ROCm, another Triton's launcher)
+        misses += 1
     kernel[grid](*args, **constexprs, num_warps=num_warps)
