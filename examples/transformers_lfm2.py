@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="untimed runs of each variant first (allocator, oneDNN, caches)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads on cpu (0: leave as is)")
     p.add_argument("--out", help="also write the figures to this JSON file")
+    p.add_argument("--diagnose", action="store_true",
+                   help="also time each call into this package inside generate and the same call replayed alone")
     return p.parse_args(argv)
 
 
@@ -124,6 +126,106 @@ def conv_call_times(config, args, device, dtype, calls: int = 50) -> dict:
     return result
 
 
+def diagnose(model, prompt, args, device, calls: int = 200) -> dict:
+    """Each call into this package inside `generate`, against the same call replayed alone.
+
+    `api.causal_conv1d_fn` and `api.causal_conv1d_update` (what the integration calls) are wrapped with a
+    wall clock without synchronisation (host time: what a host-bound decode step waits for) and, on cuda,
+    a pair of events (device time from the call's start to the end of its kernels). The first call of each
+    function is kept and replayed `calls` times back to back with the same tensors (the state cloned): if
+    the model's calls cost more than the replay, something in the model's arguments or surroundings does it;
+    if not, our calls are not where the model loses time. Also counts cuda launches that missed the launch
+    cache (Triton's own launch path) during the recorded `generate` (0 expected after the warm-up)."""
+    from causal_conv1d_mps import api
+    from causal_conv1d_mps.triton import _launch
+
+    names = ("causal_conv1d_fn", "causal_conv1d_update")
+    originals = {name: getattr(api, name) for name in names}
+    host = {name: [] for name in names}
+    events = {name: [] for name in names}
+    first_call = {}
+
+    def timing(name):
+        real = originals[name]
+
+        def call(*a, **k):
+            first_call.setdefault(name, (a, k))
+            if device.type == "cuda":
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+            start = time.perf_counter()
+            result = real(*a, **k)
+            host[name].append(time.perf_counter() - start)
+            if device.type == "cuda":
+                end.record()
+                events[name].append((begin, end))
+            return result
+        return call
+
+    settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+    report = {}
+    cc_hf.enable()
+    try:
+        for name in names:
+            setattr(api, name, timing(name))
+        with torch.no_grad():
+            model.generate(prompt, **settings)  # warm: compiles, fills the launch cache
+            for name in names:
+                host[name].clear()
+                events[name].clear()
+            misses = _launch.misses
+            model.generate(prompt, **settings)
+            synchronize(device)
+            report["launch_cache_misses_in_generate"] = _launch.misses - misses if device.type == "cuda" else None
+            in_model = {name: (list(host[name]), list(events[name])) for name in names}
+            for name in names:
+                host[name].clear()
+                events[name].clear()
+                if name not in first_call:
+                    continue
+                a, k = first_call[name]
+                if name == "causal_conv1d_update":
+                    a = (a[0], a[1].clone(), *a[2:])
+                fn = getattr(api, name)
+                for _ in range(calls):
+                    fn(*a, **k)
+                synchronize(device)
+        for name in names:
+            model_host, model_events = in_model[name]
+            if not model_host:
+                continue
+            row = {"calls_in_generate": len(model_host),
+                   "host_us_in_model": statistics.median(model_host) * 1e6,
+                   "host_us_alone": statistics.median(host[name]) * 1e6}
+            if device.type == "cuda":
+                row["device_us_in_model"] = statistics.median(b.elapsed_time(e) for b, e in model_events) * 1e3
+                row["device_us_alone"] = statistics.median(b.elapsed_time(e) for b, e in events[name]) * 1e3
+            report[name] = row
+    finally:
+        for name in names:
+            setattr(api, name, originals[name])
+        cc_hf.disable()
+    return report
+
+
+def print_diagnosis(report: dict) -> None:
+    print("\n--diagnose: each call into causal_conv1d_mps inside generate, and the same call replayed alone "
+          "(medians, us)")
+    print("| function | calls in generate | host, in model | host, alone | device, in model | device, alone |")
+    print("|---|---|---|---|---|---|")
+    for name in ("causal_conv1d_fn", "causal_conv1d_update"):
+        row = report.get(name)
+        if row is None:
+            continue
+        device_cols = (f"{row['device_us_in_model']:.1f} | {row['device_us_alone']:.1f}"
+                       if "device_us_in_model" in row else "- | -")
+        print(f"| {name} | {row['calls_in_generate']} | {row['host_us_in_model']:.1f} | "
+              f"{row['host_us_alone']:.1f} | {device_cols} |")
+    misses = report.get("launch_cache_misses_in_generate")
+    if misses is not None:
+        print(f"cuda launches that missed the launch cache during generate: {misses}")
+
+
 def run_variant(enabled: bool, model, prompt, args, device) -> dict:
     if enabled:
         cc_hf.enable()
@@ -194,10 +296,16 @@ def main(argv=None) -> int:
         print(f"| {label:27} | {theirs_us:22.1f} | {ours_us:17.1f} | {theirs_us / ours_us:6.2f}x |")
     layers = config.layer_types.count("conv")
     print(f"\n({layers} conv layers: each prefill and each decode step makes {layers} such calls)")
+    diagnosis = None
+    if args.diagnose:
+        diagnosis = diagnose(model, prompt, args, device)
+        print_diagnosis(diagnosis)
     if args.out:
         record = {"device": device_name(device), "torch": torch.__version__, "transformers": transformers.__version__,
                   "args": vars(args), "tokens_identical": same, "transformers_pytorch": theirs,
                   "causal_conv1d_mps": ours, "conv_calls": conv}
+        if diagnosis is not None:
+            record["diagnosis"] = diagnosis
         Path(args.out).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     if dtype == torch.float32 and not same:
         print("error: float32 greedy tokens differ", file=sys.stderr)

@@ -301,3 +301,34 @@ def test_eager_backward_with_create_graph_keeps_the_double_backward_guard(monkey
     assert twice[0].requires_grad
     with pytest.raises(RuntimeError, match="once_differentiable"):
         twice[0].sum().backward()
+
+
+# ------------------------------------------------------------------------ the example's in-model diagnosis
+
+
+def test_example_diagnosis_times_every_call_of_generate(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "transformers_lfm2.py"
+    spec = importlib.util.spec_from_file_location("transformers_lfm2_diagnose", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "lfm2.json"
+    code = example.main(["--device", "cpu", "--hidden-size", "64", "--layers", "3", "--vocab", "128",
+                         "--prompt-len", "10", "--new-tokens", "4", "--repeats", "1", "--warmup", "1",
+                         "--diagnose", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "--diagnose: each call into causal_conv1d_mps inside generate" in printed
+    diagnosis = json.loads(out.read_text())["diagnosis"]
+    conv_layers = example.lfm2_layer_types(3).count("conv")
+    assert diagnosis["causal_conv1d_fn"]["calls_in_generate"] == conv_layers  # one prefill
+    assert diagnosis["causal_conv1d_update"]["calls_in_generate"] == conv_layers * 3  # new tokens - 1 steps
+    for row in (diagnosis["causal_conv1d_fn"], diagnosis["causal_conv1d_update"]):
+        assert row["host_us_in_model"] > 0 and row["host_us_alone"] > 0
+    from causal_conv1d_mps import api
+
+    assert api.causal_conv1d_update.__module__ == "causal_conv1d_mps.api", "the timing wrappers were left in place"
