@@ -16,6 +16,7 @@ shapes, which isolates the part this package changes from the rest of the model.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -126,6 +127,25 @@ def conv_call_times(config, args, device, dtype, calls: int = 50) -> dict:
     return result
 
 
+def gc_during(fn) -> tuple[float, int]:
+    """(seconds spent in Python's garbage collector, collections) while `fn()` runs."""
+    spent, started = [0.0, 0], [0.0]
+
+    def callback(phase, info):
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            spent[0] += time.perf_counter() - started[0]
+            spent[1] += 1
+
+    gc.callbacks.append(callback)
+    try:
+        fn()
+    finally:
+        gc.callbacks.remove(callback)
+    return spent[0], spent[1]
+
+
 def diagnose(model, prompt, args, device, calls: int = 200) -> dict:
     """Each call into this package inside `generate`, against the same call replayed alone.
 
@@ -135,7 +155,9 @@ def diagnose(model, prompt, args, device, calls: int = 200) -> dict:
     function is kept and replayed `calls` times back to back with the same tensors (the state cloned): if
     the model's calls cost more than the replay, something in the model's arguments or surroundings does it;
     if not, our calls are not where the model loses time. Also counts cuda launches that missed the launch
-    cache (Triton's own launch path) during the recorded `generate` (0 expected after the warm-up)."""
+    cache (Triton's own launch path) during the recorded `generate` (0 expected after the warm-up), and the
+    time Python's garbage collector takes during one `generate` of each variant (a cost that grows with the
+    objects a call allocates and with the size of the process, so it shows in a model and not alone)."""
     from causal_conv1d_mps import api
     from causal_conv1d_mps.triton import _launch
 
@@ -163,7 +185,13 @@ def diagnose(model, prompt, args, device, calls: int = 200) -> dict:
         return call
 
     settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
-    report = {}
+    report = {"gc_in_generate": {}}
+    for variant, switch in (("transformers_pytorch", cc_hf.disable), ("causal_conv1d_mps", cc_hf.enable)):
+        switch()
+        with torch.no_grad():
+            model.generate(prompt, **settings)
+            seconds, collections = gc_during(lambda: (model.generate(prompt, **settings), synchronize(device)))
+        report["gc_in_generate"][variant] = {"ms": seconds * 1e3, "collections": collections}
     cc_hf.enable()
     try:
         for name in names:
@@ -224,6 +252,9 @@ def print_diagnosis(report: dict) -> None:
     misses = report.get("launch_cache_misses_in_generate")
     if misses is not None:
         print(f"cuda launches that missed the launch cache during generate: {misses}")
+    for variant, gc_row in report["gc_in_generate"].items():
+        print(f"garbage collector during one generate, {variant}: {gc_row['ms']:.2f} ms in "
+              f"{gc_row['collections']} collections")
 
 
 def run_variant(enabled: bool, model, prompt, args, device) -> dict:
