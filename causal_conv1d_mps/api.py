@@ -165,13 +165,13 @@ def _decode_step(x3: Tensor, conv_state: Tensor, weight: Tensor, bias, cache_seq
     `state_name` (the module passes its `cache`)."""
     b, _, d = x3.shape
     check.tensor(state_name, conv_state, ndim=3)
-    if isinstance(weight, Tensor) and weight.dim() == 2 and weight.shape[0] == conv_state.shape[1] != d:
+    n, state_d, state_len = conv_state.shape
+    if isinstance(weight, Tensor) and weight.dim() == 2 and weight.shape[0] == state_d != d:
         raise ValueError(f"x: expected {weight.shape[0]} channels (those of weight and {state_name}), got {d}")
     width = check.weight_and_bias(weight, bias, d)
     check.floating(state_name, conv_state)
     if conv_state.dtype != x3.dtype:
         raise TypeError(f"{state_name}: expected dtype {x3.dtype} (the dtype of x), got {conv_state.dtype}")
-    n, state_d, state_len = conv_state.shape
     if state_d != d or state_len < width - 1:
         raise ValueError(f"{state_name}: expected shape (B or N, {d}, S) with S >= W-1 = {width - 1}, "
                          f"got {tuple(conv_state.shape)}")
@@ -220,12 +220,13 @@ def _short_conv_update(x, conv_state, weight, bias, cache_seqlens, activation: i
     `state_name` (the module's `cache`)."""
     check.tensor("x", x)
     check.floating("x", x)
-    if x.dim() not in (2, 3):
+    one_token = x.dim() == 2
+    if not one_token and x.dim() != 3:
         raise ValueError(f"x: expected shape (B, D) or (B, L, D), got {tuple(x.shape)}")
-    x3 = x.unsqueeze(1) if x.dim() == 2 else x
+    x3 = x.unsqueeze(1) if one_token else x
     out = _decode_step(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation, bool(residual),
                        state_name)
-    return out.squeeze(1) if x.dim() == 2 else out
+    return out.squeeze(1) if one_token else out
 
 
 def short_conv_update_fwd_only(*args, **kwargs) -> Tensor:
@@ -241,11 +242,12 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Te
     act = _activation.code(activation)
     check.tensor("x", x)
     check.floating("x", x)
-    if x.dim() not in (2, 3):
+    one_token = x.dim() == 2
+    if not one_token and x.dim() != 3:
         raise ValueError(f"x: expected shape (B, D) or (B, D, L), got {tuple(x.shape)}")
-    x3 = x.unsqueeze(1) if x.dim() == 2 else x.transpose(1, 2)
+    x3 = x.unsqueeze(1) if one_token else x.transpose(1, 2)
     out = _decode_step(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices, act, False)
-    return out.squeeze(1) if x.dim() == 2 else out.transpose(1, 2)
+    return out.squeeze(1) if one_token else out.transpose(1, 2)
 
 
 def causal_conv1d_varlen_states(x: Tensor, cu_seqlens: Tensor, state_len: int) -> Tensor:
