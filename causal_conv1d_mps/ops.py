@@ -36,6 +36,28 @@ def _direct(x: Tensor) -> bool:
             and not _dispatch_stack_depth() and not _is_functorch_wrapped(x))
 
 
+def _c_apply(function: type):
+    """`function.apply` without the Python wrapper of `torch.autograd.Function.apply` (about 3 us per call),
+    which only matters under functorch transforms (it unwraps dead functorch wrappers); None where this
+    PyTorch has no such entry point. Use it through `_apply_eager`."""
+    raw = getattr(torch._C, "_FunctionBase", None)
+    raw = None if raw is None else raw.__dict__.get("apply")
+    return None if raw is None else raw.__get__(None, function)
+
+
+def _apply_eager(function: type, c_apply, args: tuple, tensors: tuple):
+    """`function.apply(*args)` for a `_direct` call: the C++ entry point when no functorch transform is active
+    and none of `tensors` (the tensor arguments besides `x`, which `_direct` checked) is a functorch wrapper,
+    which is all that the Python wrapper would look at."""
+    if c_apply is not None and not torch._C._are_functorch_transforms_active():
+        for t in tensors:
+            if t is not None and _is_functorch_wrapped(t):
+                break
+        else:
+            return c_apply(*args)
+    return function.apply(*args)
+
+
 def _wants_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -151,12 +173,17 @@ class _CausalConv1dEager(torch.autograd.Function):
         return _cc_gradients(ctx, dout, dfinal, _cc_backend_bwd)
 
 
+_CC_APPLY = _c_apply(_CausalConv1dEager)
+
+
 def causal_conv1d(x, weight, bias, seq_idx, initial_states, activation: int, return_final_states: bool):
     """Runs the op on validated arguments; returns `(out, final_states)` (final empty when not asked)."""
     if not _direct(x):
         return causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation, return_final_states)
     if _wants_grad4(x, weight, bias, initial_states):
-        return _CausalConv1dEager.apply(x, weight, bias, seq_idx, initial_states, activation, return_final_states)
+        return _apply_eager(_CausalConv1dEager, _CC_APPLY,
+                            (x, weight, bias, seq_idx, initial_states, activation, return_final_states),
+                            (weight, bias, seq_idx, initial_states))
     return _impl(x).causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation, return_final_states)
 
 
@@ -246,6 +273,9 @@ class _ShortConvFusedEager(torch.autograd.Function):
         return _fused_gradients(ctx, dout, dfinal, _fused_backend_bwd)
 
 
+_FUSED_APPLY = _c_apply(_ShortConvFusedEager)
+
+
 def short_conv_fused(x, weight, bias, mask, initial_states, cu_seqlens, activation: int, residual: bool,
                      return_final_states: bool):
     """Runs the op on validated arguments; returns `(out, final_states)` (final empty when not asked)."""
@@ -253,7 +283,7 @@ def short_conv_fused(x, weight, bias, mask, initial_states, cu_seqlens, activati
     if not _direct(x):
         return short_conv_fused_fwd(*args)
     if _wants_grad4(x, weight, bias, initial_states):
-        return _ShortConvFusedEager.apply(*args)
+        return _apply_eager(_ShortConvFusedEager, _FUSED_APPLY, args, (weight, bias, mask, initial_states, cu_seqlens))
     return _impl(x).short_conv_fused_fwd(*args)
 
 

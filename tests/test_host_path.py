@@ -332,3 +332,27 @@ def test_example_diagnosis_times_every_call_of_generate(tmp_path, capsys):
     from causal_conv1d_mps import api
 
     assert api.causal_conv1d_update.__module__ == "causal_conv1d_mps.api", "the timing wrappers were left in place"
+
+
+@pytest.mark.parametrize("op", ["causal_conv1d", "short_conv_fused"])
+def test_a_dead_functorch_wrapper_takes_function_apply(monkeypatch, op):
+    """A weight leaked from a finished `torch.func` transform is a dead wrapper, which only
+    `Function.apply`'s Python wrapper unwraps: the eager road hands such calls to it, with the same gradients."""
+    monkeypatch.setenv("CAUSAL_CONV1D_BACKEND", "reference")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 5, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(6 if op == "short_conv_fused" else 5, 3, generator=g, dtype=torch.float64)
+    call = ccmps.short_conv_fused if op == "short_conv_fused" else (
+        lambda x_, w_: ccmps.causal_conv1d(x_, w_, activation="silu"))
+    xg = x.clone().requires_grad_()
+    expected = torch.autograd.grad(call(xg, w).square().sum(), xg)[0]
+    leaked = []
+    torch.func.grad(lambda w_: leaked.append(w_) or w_.sum())(w)
+    assert torch._C._functorch.is_functorch_wrapped_tensor(leaked[0])
+    applied = []
+    real_apply = torch.autograd.Function.apply.__func__
+    monkeypatch.setattr(torch.autograd.Function, "apply",
+                        classmethod(lambda cls, *a, **k: applied.append(cls) or real_apply(cls, *a, **k)))
+    call(xg, leaked[0]).square().sum().backward()
+    assert applied, "a dead wrapper skipped Function.apply"
+    torch.testing.assert_close(xg.grad, expected)
