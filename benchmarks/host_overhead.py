@@ -71,8 +71,9 @@ class StubLaunch:
         key = _cache_key(kernel, args[0].get_device(), num_warps, constexprs, args)
         entry = self.table.get(key)
         if entry is None:
-            entry = self.table[key] = (_NoOpCompiled().run, None, None)
-        run, function, metadata = entry
+            compiled = _NoOpCompiled()
+            entry = self.table[key] = (compiled.run, None, None, compiled)
+        run, function, metadata, _ = entry
         run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, 0, function, metadata,
             None, None, None, *args, *constexprs.values())
 

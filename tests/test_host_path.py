@@ -80,6 +80,8 @@ def test_a_repeated_launch_calls_the_cached_launcher(fast_launch):
     assert len(kernel.jit_calls) == 1, "a repeated launch went through Triton's own path"
     assert len(kernel.runs) == 3
     assert _launch.misses == misses + 1
+    (entry,) = _launch._compiled.values()
+    assert entry[3] is not None, "the cache must keep the compiled kernel alive (its deletion unloads the module)"
     grid_x, grid_y, grid_z, stream, _, metadata, hook_data, enter, leave, *rest = kernel.runs[0]
     assert (grid_x, grid_y, grid_z, stream, metadata) == (3, 2, 1, 1000, ("metadata",))
     assert (hook_data, enter, leave) == (None, None, None)
@@ -129,7 +131,7 @@ def test_a_launcher_of_another_signature_turns_the_fast_path_off(fast_launch):
     def other_signature(*launch_args):
         raise TypeError("takes 9 positional arguments")
 
-    _launch._compiled[key] = (other_signature, None, None)
+    _launch._compiled[key] = (other_signature, None, None, None)
     _launch.launch(kernel, (1,), args, {}, 4)
     assert _launch._enabled is False
     assert len(kernel.jit_calls) == 2, "after a TypeError the launch must still happen, through Triton"

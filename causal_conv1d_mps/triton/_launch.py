@@ -55,7 +55,7 @@ def launch(kernel, grid, args: tuple, constexprs: dict, num_warps: int) -> None:
         key = cache_key(kernel, device, num_warps, constexprs, args)
         entry = _compiled.get(key)
         if entry is not None:
-            run, function, metadata = entry
+            run, function, metadata, _ = entry
             try:
                 run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
                     _current_stream(device), function, metadata, None, None, None, *args, *constexprs.values())
@@ -67,8 +67,9 @@ def launch(kernel, grid, args: tuple, constexprs: dict, num_warps: int) -> None:
         if _enabled and hasattr(result, "packed_metadata") and hasattr(result, "run"):
             if len(_compiled) >= _MAX_ENTRIES:  # keys hold shapes: bound the table for ever-changing shapes
                 _compiled.clear()
-            # the launch above initialised the handles: keep the launcher, not the object, for the next call
-            _compiled[key] = (result.run, result.function, result.packed_metadata)
+            # the launch above initialised the handles: keep what the next call needs, and the compiled kernel
+            # itself, whose deletion would unload the module that `function` lives in
+            _compiled[key] = (result.run, result.function, result.packed_metadata, result)
         return
     if first.is_cuda:  # the fast path is off (environment, ROCm, another Triton's launcher)
         misses += 1
