@@ -31,7 +31,7 @@ def _is_channel_last(x: Tensor) -> bool:
 
 def _bdt_layout(x: Tensor) -> Tensor:
     """`x` itself when contiguous or channel-last (a transposed contiguous `[B, T, D]`), else a contiguous copy."""
-    if x.is_contiguous() or _is_channel_last(x) or x.numel() == 0:
+    if x.is_contiguous() or _is_channel_last(x):
         return x
     return x.contiguous()
 

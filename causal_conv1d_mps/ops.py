@@ -58,12 +58,8 @@ def _apply_eager(function: type, c_apply, args: tuple, tensors: tuple):
     return function.apply(*args)
 
 
-def _wants_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _wants_grad4(a: Tensor, b: Tensor, c: Optional[Tensor], d: Optional[Tensor]) -> bool:
-    """`_wants_grad(a, b, c, d)` for the conv ops' four differentiable inputs, without a generator (every call)."""
+def _wants_grad(a: Tensor, b: Tensor, c: Optional[Tensor] = None, d: Optional[Tensor] = None) -> bool:
+    """Whether grad mode is on and one of the differentiable inputs requires grad (no generator: every call)."""
     return torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or (c is not None and c.requires_grad)
                                         or (d is not None and d.requires_grad))
 
@@ -180,7 +176,7 @@ def causal_conv1d(x, weight, bias, seq_idx, initial_states, activation: int, ret
     """Runs the op on validated arguments; returns `(out, final_states)` (final empty when not asked)."""
     if not _direct(x):
         return causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation, return_final_states)
-    if _wants_grad4(x, weight, bias, initial_states):
+    if _wants_grad(x, weight, bias, initial_states):
         return _apply_eager(_CausalConv1dEager, _CC_APPLY,
                             (x, weight, bias, seq_idx, initial_states, activation, return_final_states),
                             (weight, bias, seq_idx, initial_states))
@@ -282,7 +278,7 @@ def short_conv_fused(x, weight, bias, mask, initial_states, cu_seqlens, activati
     args = (x, weight, bias, mask, initial_states, cu_seqlens, activation, residual, return_final_states)
     if not _direct(x):
         return short_conv_fused_fwd(*args)
-    if _wants_grad4(x, weight, bias, initial_states):
+    if _wants_grad(x, weight, bias, initial_states):
         return _apply_eager(_ShortConvFusedEager, _FUSED_APPLY, args, (weight, bias, mask, initial_states, cu_seqlens))
     return _impl(x).short_conv_fused_fwd(*args)
 
@@ -335,8 +331,7 @@ def short_conv_update(x, conv_state, weight, bias, cache_seqlens, conv_state_ind
                       residual: bool) -> Tensor:
     """Runs the decode step on validated arguments (`x` `[B, L, D]`, `cache_seqlens` already in [0, S));
     `conv_state` is updated in place. Differentiable in x, weight and bias."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
+    if _wants_grad(x, weight, bias):
         return _differentiable_step(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation,
                                     residual)
     return _state_write(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation, residual)
