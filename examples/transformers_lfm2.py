@@ -8,10 +8,16 @@ The model is built from an `Lfm2Config` with random weights (nothing is download
 gated short-convolution layers (width 3) and attention layers. It runs with transformers' own PyTorch
 functions, then with `causal_conv1d_mps.integrations.transformers.enable()`; the generated tokens are
 compared (identical in float32), then each variant is timed after `--warmup` untimed runs: the prefill
-(one forward over the prompt) and greedy `generate`. Decode time per token = (generate - prefill) /
-(new tokens - 1). Times are medians over `--repeats`, the two variants alternating; the device is
-synchronised around each call. Two more rows time one call of each function alone on the model's conv
-shapes, which isolates the part this package changes from the rest of the model.
+(one forward over the prompt, last position's logits only, as in `generate`) and greedy `generate`. Decode
+time per token = (generate - prefill) / (new tokens - 1). Times are medians over `--repeats`, the two
+variants alternating; the device is synchronised around each call. More rows time each function alone on the
+model's conv shapes, which isolates the part this package changes from the rest of the model: one call
+synchronised (latency) and decode calls back to back (what a host-bound decode loop pays per call).
+
+`--diagnose` then times every call into this package inside `generate` against the same call replayed alone
+(host time, and device time on cuda), counts launches that missed the Triton launch cache, and measures the
+garbage collector's time per `generate` of each variant: where a model is slower with the package while one
+call alone is faster, these say whether our calls cost more in the model or the time goes elsewhere.
 """
 from __future__ import annotations
 
@@ -90,7 +96,9 @@ def timed(fn, device) -> tuple[float, object]:
 def measure(model, prompt, args, device) -> dict:
     settings = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
     with torch.no_grad():
-        prefill, _ = timed(lambda: model(prompt, use_cache=True), device)
+        # the last position's logits only, as generate's own prefill computes them: the subtraction below then
+        # leaves the decode steps (logits over the whole prompt would add a vocab-sized matmul per position)
+        prefill, _ = timed(lambda: model(prompt, use_cache=True, logits_to_keep=1), device)
         generate, tokens = timed(lambda: model.generate(prompt, **settings), device)
     return {"prefill_s": prefill, "generate_s": generate, "tokens": tokens}
 
@@ -98,7 +106,9 @@ def measure(model, prompt, args, device) -> dict:
 def conv_call_times(config, args, device, dtype, calls: int = 50) -> dict:
     """Median time of one call of each function alone, on the shapes of this model's conv layers:
     prefill `[B, D, prompt]` (LFM2's gated product is channel-last) and a decode step with the cache's
-    `[B, D, W]` state; transformers' PyTorch functions against this package's."""
+    `[B, D, W]` state; transformers' PyTorch functions against this package's. These synchronise around each
+    call (latency of one call, device included); the back-to-back row synchronises once after `calls` decode
+    calls, which is what a host-bound decode loop pays per call."""
     from transformers.models.lfm2 import modeling_lfm2
 
     cc_hf.disable()
@@ -120,10 +130,19 @@ def conv_call_times(config, args, device, dtype, calls: int = 50) -> dict:
                     times.append(seconds)
         return statistics.median(times) * 1e6
 
+    def back_to_back_us(fn) -> float:
+        """Per call over `calls` calls with one synchronisation at the end: what a host-bound model pays."""
+        with torch.no_grad():
+            for _ in range(5):
+                fn()
+            seconds, _ = timed(lambda: [fn() for _ in range(calls)], device)
+        return seconds / calls * 1e6
+
     result = {}
     for name, (fn, update) in (("transformers_pytorch", theirs), ("causal_conv1d_mps", ours)):
         result[name] = {"prefill_conv_us": median_us(lambda: fn(x, weight, None)),
-                        "decode_conv_us": median_us(lambda: update(token, state, weight, None))}
+                        "decode_conv_us": median_us(lambda: update(token, state, weight, None)),
+                        "decode_conv_back_to_back_us": back_to_back_us(lambda: update(token, state, weight, None))}
     return result
 
 
@@ -315,16 +334,17 @@ def main(argv=None) -> int:
     rows = [("prefill (ms)", "prefill_ms", False), ("prefill tokens/s", "prefill_tokens_per_s", True),
             ("generate (ms)", "generate_ms", False), ("generate tokens/s", "generate_tokens_per_s", True),
             ("decode ms/token", "decode_ms_per_token", False), ("decode tokens/s", "decode_tokens_per_s", True)]
-    print(f"\n| {'':27} | transformers (PyTorch) | causal_conv1d_mps | speedup |")
+    print(f"\n| {'':30} | transformers (PyTorch) | causal_conv1d_mps | speedup |")
     print("|---|---|---|---|")
     for label, key, higher_is_better in rows:
         speedup = ours[key] / theirs[key] if higher_is_better else theirs[key] / ours[key]
-        print(f"| {label:27} | {theirs[key]:22.2f} | {ours[key]:17.2f} | {speedup:6.2f}x |")
+        print(f"| {label:30} | {theirs[key]:22.2f} | {ours[key]:17.2f} | {speedup:6.2f}x |")
     conv = conv_call_times(config, args, device, dtype)
     for label, key in (("one conv call, prefill (us)", "prefill_conv_us"),
-                       ("one conv call, decode (us)", "decode_conv_us")):
+                       ("one conv call, decode (us)", "decode_conv_us"),
+                       ("decode call, back to back (us)", "decode_conv_back_to_back_us")):
         theirs_us, ours_us = conv["transformers_pytorch"][key], conv["causal_conv1d_mps"][key]
-        print(f"| {label:27} | {theirs_us:22.1f} | {ours_us:17.1f} | {theirs_us / ours_us:6.2f}x |")
+        print(f"| {label:30} | {theirs_us:22.1f} | {ours_us:17.1f} | {theirs_us / ours_us:6.2f}x |")
     layers = config.layer_types.count("conv")
     print(f"\n({layers} conv layers: each prefill and each decode step makes {layers} such calls)")
     diagnosis = None
