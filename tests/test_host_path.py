@@ -64,6 +64,7 @@ class FakeKernel:
 def fast_launch(monkeypatch):
     monkeypatch.setattr(_launch, "_enabled", True)
     monkeypatch.setattr(_launch, "_compiled", {})
+    monkeypatch.setattr(_launch, "_by_class", {})
     monkeypatch.setattr(_launch, "_current_stream", lambda device: 1000 + device)
 
 
@@ -111,6 +112,23 @@ def test_anything_triton_specialises_on_misses_the_cache(fast_launch, change):
     for call in (base, changed, base, changed):
         _launch.launch(kernel, (1,), call["args"], call["constexprs"], call["num_warps"])
     assert len(kernel.jit_calls) == 2 and len(kernel.runs) == 2
+
+
+@pytest.mark.parametrize("first, then, compiles", [
+    (512, 1024, 1), (512, 528, 1), (100, 7, 1),  # same class: divisible by 16 or not, int32, not 1
+    (512, 520, 2), (16, 1, 2), (1, 2, 2),  # divisibility by 16, the constant 1
+    (5, 2**31 + 5, 2), (2**31 + 5, 2**32 + 5, 2), (-5, -2**40 - 5, 2),  # integer width
+])
+def test_new_integers_of_a_compiled_class_skip_triton(fast_launch, first, then, compiles):
+    """A new sequence length (say) reuses the kernel compiled for another length of the same class; the
+    launcher then gets the new value."""
+    kernel = FakeKernel()
+    x = FakeTensor()
+    _launch.launch(kernel, (1,), (x, first, 64), dict(W=3), 4)
+    _launch.launch(kernel, (1,), (x, then, 64), dict(W=3), 4)
+    _launch.launch(kernel, (1,), (x, then, 64), dict(W=3), 4)
+    assert len(kernel.jit_calls) == compiles
+    assert kernel.runs[-1][9:12] == (x, then, 64)
 
 
 def test_a_new_address_with_the_same_alignment_hits_the_cache(fast_launch):
