@@ -131,6 +131,30 @@ def test_new_integers_of_a_compiled_class_skip_triton(fast_launch, first, then, 
     assert kernel.runs[-1][9:12] == (x, then, 64)
 
 
+@pytest.mark.triton
+def test_kernels_reused_across_lengths_of_one_class_are_exact(device, monkeypatch):
+    """On a GPU: lengths of one class (512, 528, 1024) launch the kernel compiled for the first through the
+    class table, and every result matches float64 PyTorch; other classes compile their own."""
+    if device.type != "cuda":
+        pytest.skip("the launch cache serves cuda launches (run with --device cuda)")
+    import torch.nn.functional as F
+
+    monkeypatch.setenv("CAUSAL_CONV1D_BACKEND", "triton")
+    g = torch.Generator().manual_seed(5)
+    D, W = 64, 4
+    w, b = torch.randn(D, W, generator=g).to(device), torch.randn(D, generator=g).to(device)
+    misses_after = {}
+    for T in (512, 528, 1024, 520, 100, 37):
+        x = torch.randn(2, D, T, generator=g).to(device)
+        out = ccmps.causal_conv1d(x, w, b, "silu")
+        ref = F.silu(F.conv1d(x.double(), w.double().unsqueeze(1), b.double(), padding=W - 1, groups=D)[..., :T])
+        assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5, T
+        torch.cuda.synchronize()
+        misses_after[T] = _launch.misses
+    if _launch._enabled:
+        assert misses_after[528] == misses_after[512] and misses_after[1024] == misses_after[528]
+
+
 def test_a_new_address_with_the_same_alignment_hits_the_cache(fast_launch):
     """Decode steps get a new `x` each step: its address must not be part of the key, only its alignment."""
     kernel = FakeKernel()
