@@ -231,14 +231,16 @@ def p5_small(seed_shapes, canon_shapes):
         for B, D, T in shapes:
             if kind.startswith("seed"):
                 x = rand(B, D, T)
-                x_eager = x
+                x_eager = lambda: x
                 fwd = lambda: ccmps.causal_conv1d(x, w, b, "silu")
             else:
                 xb = rand(B, T, D)
-                x_eager = xb.transpose(1, 2)
+                # taken at call time: a view made before `requires_grad_()` below would not carry the gradient
+                # to xb, and eager's forward + backward would skip dx
+                x_eager = lambda: xb.transpose(1, 2)
                 fwd = lambda: ccmps.short_conv_fused(xb, w, b)
             w, b = rand(D, 4) * 0.5, rand(D)
-            conv = lambda: F.conv1d(x_eager, w.unsqueeze(1), b, padding=3, groups=D)
+            conv = lambda: F.conv1d(x_eager(), w.unsqueeze(1), b, padding=3, groups=D)
             with torch.no_grad():
                 t_ours, t_eager = host_us(fwd), host_us(conv)
             for t in (x, w, b) if kind.startswith("seed") else (xb, w, b):

@@ -36,6 +36,19 @@ def shape(name: str, value: Tensor, expected: tuple, meaning: str) -> None:
         raise ValueError(f"{name}: expected shape {tuple(expected)} {meaning}, got {tuple(value.shape)}")
 
 
+def on_one_device(*tensors) -> bool:
+    """Whether the given tensors (None skipped) share one device: `same_device`'s test, without building
+    its keyword dict (every call makes it; `same_device` then names the arguments when it fails)."""
+    device = None
+    for t in tensors:
+        if t is not None:
+            if device is None:
+                device = t.device
+            elif t.device != device:
+                return False
+    return True
+
+
 def same_device(**tensors) -> None:
     """Raises ValueError naming every argument's device unless all given tensors share one device."""
     device = None
@@ -195,36 +208,75 @@ def _byte_range(t: Tensor) -> tuple[int, int]:
     return start, start + (span + 1) * t.element_size()
 
 
+# (shape, strides) -> the error of `not_self_overlapping` (None: passes); a decode loop checks one state each step
+_overlap_verdicts: dict[tuple, str | None] = {}
+
+
+def _self_overlap_error(shape, strides) -> str | None:
+    extent = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(shape, strides) if sz > 1):
+        if stride < extent:
+            return (f"expected a tensor whose elements do not share memory (it is written in place), got shape "
+                    f"{tuple(shape)} with strides {tuple(strides)} (e.g. from expand()); pass a .clone()")
+        extent += (size - 1) * stride
+    return None
+
+
 def not_self_overlapping(name: str, value: Tensor | None) -> None:
     """Rejects a tensor that is written in place while two of its elements share memory (a stride 0 from
     `expand`, or strides that interleave): the writes would race and corrupt each other.
 
     Sufficient test: sorted by stride, each dimension's stride must reach past everything the smaller
-    strides span. Every view made by slicing, transposing or selecting a dense tensor passes."""
-    if value is None or value.numel() <= 1:
+    strides span. Every view made by slicing, transposing or selecting a dense tensor passes. The verdict
+    depends on shape and strides only, so it is kept per (shape, strides)."""
+    if value is None:
         return
-    extent = 1
-    for stride, size in sorted((st, sz) for sz, st in zip(value.shape, value.stride()) if sz > 1):
-        if stride < extent:
-            raise ValueError(f"{name}: expected a tensor whose elements do not share memory (it is written in "
-                             f"place), got shape {tuple(value.shape)} with strides {tuple(value.stride())} "
-                             f"(e.g. from expand()); pass a .clone()")
-        extent += (size - 1) * stride
+    if torch.compiler.is_compiling():  # symbolic sizes are not hashable: decide without the table
+        error = _self_overlap_error(value.shape, value.stride()) if value.numel() > 1 else None
+    else:
+        key = (value.shape, value.stride())
+        try:
+            error = _overlap_verdicts[key]
+        except KeyError:
+            error = _self_overlap_error(*key) if value.numel() > 1 else None
+            if len(_overlap_verdicts) >= 1024:  # bounded for ever-changing shapes
+                _overlap_verdicts.clear()
+            _overlap_verdicts[key] = error
+    if error is not None:
+        raise ValueError(f"{name}: {error}")
 
 
 def not_sharing_memory(name: str, value: Tensor | None, **inputs) -> None:
     """Rejects inputs that share memory with `value`, which the call writes: reading them while the call
     writes would give results that depend on the order of the writes. Compares byte ranges (metadata
     only, a few microseconds on the decode path); skipped where tensors have no addresses (tracing, meta)."""
-    if (value is None or type(value) not in _PLAIN_TENSORS or value.is_meta or value.numel() == 0
-            or torch.compiler.is_compiling()):
+    if value is not None:
+        memory_conflict(name, value, *[item for pair in inputs.items() for item in pair])
+
+
+def memory_conflict(name: str, value: Tensor, *pairs) -> None:
+    """`not_sharing_memory` for a `value` that is not None, the inputs given as alternating `name, tensor`
+    arguments (the decode path calls this every step: no keyword dict, no call per input)."""
+    if type(value) not in _PLAIN_TENSORS or value.is_meta or torch.compiler.is_compiling():
         return
-    lo, hi = _byte_range(value)
-    for other_name, other in inputs.items():
-        if other is None or type(other) not in _PLAIN_TENSORS or other.numel() == 0:
+    numel = value.numel()
+    if numel == 0:
+        return
+    lo = value.data_ptr()
+    hi = lo + numel * value.element_size() if value.is_contiguous() else _byte_range(value)[1]
+    for i in range(1, len(pairs), 2):
+        other = pairs[i]
+        if other is None or type(other) not in _PLAIN_TENSORS:
             continue
-        o_lo, o_hi = _byte_range(other)
-        if o_lo < hi and lo < o_hi and other.device == value.device:
+        o_lo = other.data_ptr()
+        if o_lo >= hi:  # starts past the written range: no overlap, whatever its length
+            continue
+        o_numel = other.numel()
+        if o_numel == 0:
+            continue
+        o_hi = o_lo + o_numel * other.element_size() if other.is_contiguous() else _byte_range(other)[1]
+        if lo < o_hi and other.device == value.device:
+            other_name = pairs[i - 1]
             raise ValueError(f"{other_name}: shares memory with {name}, which this call writes in place; "
                              f"pass a copy (e.g. {other_name}.clone())")
 

@@ -21,9 +21,17 @@ def _contig(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
 
+def _is_channel_last(x: Tensor) -> bool:
+    """`x.transpose(1, 2).is_contiguous()` for a 3-D `x` `[B, D, T]`, read from its strides (a transposed
+    view costs more than the rest of the check); dimensions of size 1 may have any stride, as in PyTorch."""
+    b, d, t = x.shape
+    sb, sd, st = x.stride()
+    return (d < 2 or sd == 1) and (t < 2 or st == d) and (b < 2 or sb == t * d)
+
+
 def _bdt_layout(x: Tensor) -> Tensor:
     """`x` itself when contiguous or channel-last (a transposed contiguous `[B, T, D]`), else a contiguous copy."""
-    if x.is_contiguous() or x.transpose(1, 2).is_contiguous():
+    if x.is_contiguous() or _is_channel_last(x):
         return x
     return x.contiguous()
 
@@ -43,13 +51,16 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activat
     """
     act = _activation.code(activation)
     width = check.causal_conv1d_inputs(x, weight, bias, seq_idx, initial_states)
-    b, d, _ = x.shape
-    check.states("final_states_out", final_states_out, b, d, width, "B")
-    check.same_device(x=x, weight=weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states,
-                      final_states_out=final_states_out)
-    check.not_self_overlapping("final_states_out", final_states_out)
-    check.not_sharing_memory("final_states_out", final_states_out, x=x, weight=weight, bias=bias,
-                             seq_idx=seq_idx, initial_states=initial_states)
+    if final_states_out is not None:
+        b, d, _ = x.shape
+        check.states("final_states_out", final_states_out, b, d, width, "B")
+    if not check.on_one_device(x, weight, bias, seq_idx, initial_states, final_states_out):
+        check.same_device(x=x, weight=weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states,
+                          final_states_out=final_states_out)
+    if final_states_out is not None:
+        check.not_self_overlapping("final_states_out", final_states_out)
+        check.not_sharing_memory("final_states_out", final_states_out, x=x, weight=weight, bias=bias,
+                                 seq_idx=seq_idx, initial_states=initial_states)
     want_final = return_final_states or final_states_out is not None
     seq = None if seq_idx is None else check.seq_idx_int32(seq_idx)
     out, final = ops.causal_conv1d(_bdt_layout(x), weight.contiguous(), _contig(bias), seq,
@@ -130,10 +141,12 @@ def _short_conv_fused(x, weight, bias, attention_mask, activation: int, residual
         if b != 1:
             raise ValueError(f"x: expected batch size 1 with cu_seqlens (packed sequences), got shape {tuple(x.shape)}")
         rows = check.cu_seqlens(cu_seqlens, t)
-    check.states(states_name, initial_states, rows, d, width, "N" if cu_seqlens is not None else "B")
-    check.same_device(x=x, weight=weight, bias=bias, attention_mask=attention_mask,
-                      **{states_name: initial_states}, cu_seqlens=cu_seqlens)
-    if x.stride(2) != 1 and d > 1:
+    if initial_states is not None:
+        check.states(states_name, initial_states, rows, d, width, "N" if cu_seqlens is not None else "B")
+    if not check.on_one_device(x, weight, bias, attention_mask, initial_states, cu_seqlens):
+        check.same_device(x=x, weight=weight, bias=bias, attention_mask=attention_mask,
+                          **{states_name: initial_states}, cu_seqlens=cu_seqlens)
+    if x.stride()[2] != 1 and d > 1:
         x = x.contiguous()
     out, final = ops.short_conv_fused(x, weight.contiguous(), _contig(bias), mask, _contig(initial_states),
                                       _int32(cu_seqlens), activation, bool(residual), return_final_states)
@@ -152,28 +165,32 @@ def _decode_step(x3: Tensor, conv_state: Tensor, weight: Tensor, bias, cache_seq
     `state_name` (the module passes its `cache`)."""
     b, _, d = x3.shape
     check.tensor(state_name, conv_state, ndim=3)
-    if isinstance(weight, Tensor) and weight.dim() == 2 and weight.shape[0] == conv_state.shape[1] != d:
+    n, state_d, state_len = conv_state.shape
+    if isinstance(weight, Tensor) and weight.dim() == 2 and weight.shape[0] == state_d != d:
         raise ValueError(f"x: expected {weight.shape[0]} channels (those of weight and {state_name}), got {d}")
     width = check.weight_and_bias(weight, bias, d)
     check.floating(state_name, conv_state)
     if conv_state.dtype != x3.dtype:
         raise TypeError(f"{state_name}: expected dtype {x3.dtype} (the dtype of x), got {conv_state.dtype}")
-    n, state_d, state_len = conv_state.shape
     if state_d != d or state_len < width - 1:
         raise ValueError(f"{state_name}: expected shape (B or N, {d}, S) with S >= W-1 = {width - 1}, "
                          f"got {tuple(conv_state.shape)}")
     if conv_state_indices is None and n != b:
         raise ValueError(f"{state_name}: expected {b} rows (one per batch row, no conv_state_indices), "
                          f"got shape {tuple(conv_state.shape)}")
-    check.index_vector("cache_seqlens", cache_seqlens, b)
-    check.index_vector("conv_state_indices", conv_state_indices, b)
-    check.same_device(x=x3, **{state_name: conv_state}, weight=weight, bias=bias, cache_seqlens=cache_seqlens,
-                      conv_state_indices=conv_state_indices)
+    if cache_seqlens is not None:
+        check.index_vector("cache_seqlens", cache_seqlens, b)
+    if conv_state_indices is not None:
+        check.index_vector("conv_state_indices", conv_state_indices, b)
+    if not check.on_one_device(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices):
+        check.same_device(x=x3, **{state_name: conv_state}, weight=weight, bias=bias, cache_seqlens=cache_seqlens,
+                          conv_state_indices=conv_state_indices)
     check.not_leaf_requiring_grad(state_name, conv_state)
     check.not_self_overlapping(state_name, conv_state)
-    check.not_sharing_memory(state_name, conv_state, x=x3, weight=weight, bias=bias, cache_seqlens=cache_seqlens,
-                             conv_state_indices=conv_state_indices)
-    check.state_indices_in_range(conv_state_indices, n)
+    check.memory_conflict(state_name, conv_state, "x", x3, "weight", weight, "bias", bias, "cache_seqlens",
+                          cache_seqlens, "conv_state_indices", conv_state_indices)
+    if conv_state_indices is not None:
+        check.state_indices_in_range(conv_state_indices, n)
     seqlens = None if cache_seqlens is None else check.circular_positions(cache_seqlens, state_len)
     indices = None if conv_state_indices is None else check.state_indices_int32(conv_state_indices, n)
     # the state is written, never differentiated: a non-leaf that requires grad is updated as plain memory
@@ -203,12 +220,13 @@ def _short_conv_update(x, conv_state, weight, bias, cache_seqlens, activation: i
     `state_name` (the module's `cache`)."""
     check.tensor("x", x)
     check.floating("x", x)
-    if x.dim() not in (2, 3):
+    one_token = x.dim() == 2
+    if not one_token and x.dim() != 3:
         raise ValueError(f"x: expected shape (B, D) or (B, L, D), got {tuple(x.shape)}")
-    x3 = x.unsqueeze(1) if x.dim() == 2 else x
+    x3 = x.unsqueeze(1) if one_token else x
     out = _decode_step(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation, bool(residual),
                        state_name)
-    return out.squeeze(1) if x.dim() == 2 else out
+    return out.squeeze(1) if one_token else out
 
 
 def short_conv_update_fwd_only(*args, **kwargs) -> Tensor:
@@ -224,11 +242,12 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Te
     act = _activation.code(activation)
     check.tensor("x", x)
     check.floating("x", x)
-    if x.dim() not in (2, 3):
+    one_token = x.dim() == 2
+    if not one_token and x.dim() != 3:
         raise ValueError(f"x: expected shape (B, D) or (B, D, L), got {tuple(x.shape)}")
-    x3 = x.unsqueeze(1) if x.dim() == 2 else x.transpose(1, 2)
+    x3 = x.unsqueeze(1) if one_token else x.transpose(1, 2)
     out = _decode_step(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices, act, False)
-    return out.squeeze(1) if x.dim() == 2 else out.transpose(1, 2)
+    return out.squeeze(1) if one_token else out.transpose(1, 2)
 
 
 def causal_conv1d_varlen_states(x: Tensor, cu_seqlens: Tensor, state_len: int) -> Tensor:

@@ -16,12 +16,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import _backend, _window
 
 NS = "causal_conv1d_mps"
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+# what torch.utils._python_dispatch._get_current_dispatch_mode() tests, without its Python frame
+_dispatch_stack_depth = torch._C._len_torch_dispatch_stack
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def _impl(x: Tensor):
@@ -31,12 +33,35 @@ def _impl(x: Tensor):
 def _direct(x: Tensor) -> bool:
     """True for an ordinary eager call (no tracing, no fake tensors, no functorch wrapper)."""
     return (type(x) in _PLAIN_TYPES and not torch.compiler.is_compiling()
-            and _get_current_dispatch_mode() is None
-            and not torch._C._functorch.is_functorch_wrapped_tensor(x))
+            and not _dispatch_stack_depth() and not _is_functorch_wrapped(x))
 
 
-def _wants_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _c_apply(function: type):
+    """`function.apply` without the Python wrapper of `torch.autograd.Function.apply` (about 3 us per call),
+    which only matters under functorch transforms (it unwraps dead functorch wrappers); None where this
+    PyTorch has no such entry point. Use it through `_apply_eager`."""
+    raw = getattr(torch._C, "_FunctionBase", None)
+    raw = None if raw is None else raw.__dict__.get("apply")
+    return None if raw is None else raw.__get__(None, function)
+
+
+def _apply_eager(function: type, c_apply, args: tuple, tensors: tuple):
+    """`function.apply(*args)` for a `_direct` call: the C++ entry point when no functorch transform is active
+    and none of `tensors` (the tensor arguments besides `x`, which `_direct` checked) is a functorch wrapper,
+    which is all that the Python wrapper would look at."""
+    if c_apply is not None and not torch._C._are_functorch_transforms_active():
+        for t in tensors:
+            if t is not None and _is_functorch_wrapped(t):
+                break
+        else:
+            return c_apply(*args)
+    return function.apply(*args)
+
+
+def _wants_grad(a: Tensor, b: Tensor, c: Optional[Tensor] = None, d: Optional[Tensor] = None) -> bool:
+    """Whether grad mode is on and one of the differentiable inputs requires grad (no generator: every call)."""
+    return torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or (c is not None and c.requires_grad)
+                                        or (d is not None and d.requires_grad))
 
 
 def _absent(x: Tensor) -> Tensor:
@@ -118,6 +143,15 @@ torch.library.register_autograd(
     setup_context=_cc_setup_context)
 
 
+def _cc_backend_bwd(x, *args):
+    return _impl(x).causal_conv1d_bwd(x, *args)
+
+
+@once_differentiable
+def _cc_eager_backward_twice(ctx, dout, dfinal):
+    return _cc_gradients(ctx, dout, dfinal, _cc_backend_bwd)
+
+
 class _CausalConv1dEager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, seq_idx, initial_states, activation, return_final_states):
@@ -127,19 +161,26 @@ class _CausalConv1dEager(torch.autograd.Function):
         return _impl(x).causal_conv1d_fwd(*args)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dout, dfinal):
-        return _cc_gradients(ctx, dout, dfinal, lambda *a: _impl(a[0]).causal_conv1d_bwd(*a))
+        # the engine runs this with grad mode off unless create_graph=True; only then does
+        # once_differentiable's no_grad block and double-backward guard have work to do
+        if torch.is_grad_enabled():
+            return _cc_eager_backward_twice(ctx, dout, dfinal)
+        return _cc_gradients(ctx, dout, dfinal, _cc_backend_bwd)
+
+
+_CC_APPLY = _c_apply(_CausalConv1dEager)
 
 
 def causal_conv1d(x, weight, bias, seq_idx, initial_states, activation: int, return_final_states: bool):
     """Runs the op on validated arguments; returns `(out, final_states)` (final empty when not asked)."""
-    args = (x, weight, bias, seq_idx, initial_states, activation, return_final_states)
     if not _direct(x):
-        return causal_conv1d_fwd(*args)
+        return causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation, return_final_states)
     if _wants_grad(x, weight, bias, initial_states):
-        return _CausalConv1dEager.apply(*args)
-    return _impl(x).causal_conv1d_fwd(*args)
+        return _apply_eager(_CausalConv1dEager, _CC_APPLY,
+                            (x, weight, bias, seq_idx, initial_states, activation, return_final_states),
+                            (weight, bias, seq_idx, initial_states))
+    return _impl(x).causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation, return_final_states)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -203,6 +244,15 @@ torch.library.register_autograd(
     setup_context=_fused_setup_context)
 
 
+def _fused_backend_bwd(x, *args):
+    return _impl(x).short_conv_fused_bwd(x, *args)
+
+
+@once_differentiable
+def _fused_eager_backward_twice(ctx, dout, dfinal):
+    return _fused_gradients(ctx, dout, dfinal, _fused_backend_bwd)
+
+
 class _ShortConvFusedEager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mask, initial_states, cu_seqlens, activation, residual,
@@ -213,9 +263,13 @@ class _ShortConvFusedEager(torch.autograd.Function):
         return _impl(x).short_conv_fused_fwd(*args)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dout, dfinal):
-        return _fused_gradients(ctx, dout, dfinal, lambda *a: _impl(a[0]).short_conv_fused_bwd(*a))
+        if torch.is_grad_enabled():  # create_graph=True (see _CausalConv1dEager.backward)
+            return _fused_eager_backward_twice(ctx, dout, dfinal)
+        return _fused_gradients(ctx, dout, dfinal, _fused_backend_bwd)
+
+
+_FUSED_APPLY = _c_apply(_ShortConvFusedEager)
 
 
 def short_conv_fused(x, weight, bias, mask, initial_states, cu_seqlens, activation: int, residual: bool,
@@ -225,7 +279,7 @@ def short_conv_fused(x, weight, bias, mask, initial_states, cu_seqlens, activati
     if not _direct(x):
         return short_conv_fused_fwd(*args)
     if _wants_grad(x, weight, bias, initial_states):
-        return _ShortConvFusedEager.apply(*args)
+        return _apply_eager(_ShortConvFusedEager, _FUSED_APPLY, args, (weight, bias, mask, initial_states, cu_seqlens))
     return _impl(x).short_conv_fused_fwd(*args)
 
 

@@ -17,11 +17,8 @@ from .launch_update import launch_update
 
 def _btd_strides(t: Tensor) -> tuple[int, int, int]:
     """Strides of a `(B, D, T)` tensor listed as `[B, T, D]`."""
-    return t.stride(0), t.stride(2), t.stride(1)
-
-
-def _is_channel_last(x_bdt: Tensor) -> bool:
-    return x_bdt.stride(2) != 1
+    sb, sd, st = t.stride()  # one call: `stride(i)` costs twice `stride()` each
+    return sb, st, sd
 
 
 def causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation: int, return_final_states: bool):
@@ -33,7 +30,7 @@ def causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation: int,
     if out is None:
         out = torch.empty_like(x)
         launch_forward(x, strides, out, _btd_strides(out), B, T, D, weight, bias, None, seq_idx, None,
-                       initial_states, activation, False, _is_channel_last(x))
+                       initial_states, activation, False, strides[1] != 1)  # channel-last: T not contiguous
     if not return_final_states:
         return out, x.new_empty(0)
     W = weight.shape[1]
@@ -47,9 +44,10 @@ def causal_conv1d_bwd(x, weight, bias, seq_idx, initial_states, dout, dfinal_sta
             return (*grads, x.new_empty(0))
     B, D, T = x.shape
     dx = torch.empty_like(x)
+    strides = _btd_strides(x)
     dweight, dbias, dh0 = launch_backward(
-        x, _btd_strides(x), dout, _btd_strides(dout), dx, _btd_strides(dx), B, T, D, weight, bias, None,
-        seq_idx, None, initial_states, dfinal_states, activation, False, _is_channel_last(x))
+        x, strides, dout, _btd_strides(dout), dx, _btd_strides(dx), B, T, D, weight, bias, None,
+        seq_idx, None, initial_states, dfinal_states, activation, False, strides[1] != 1)
     return dx, dweight, dbias, dh0
 
 

@@ -17,8 +17,9 @@ def launch_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias, cache_seq
     out = torch.empty_like(x)
     if B == 0 or L == 0 or D == 0:
         return out
-    cfg = _config.update_tiles(D, S, is_interpreted(x.device))
-    launch(kernels_for(x.device).short_conv_update_kernel, (-(-D // cfg["BD"]), B),
+    device = x.device
+    cfg = _config.update_tiles(D, S, is_interpreted(device))
+    launch(kernels_for(device).short_conv_update_kernel, (-(-D // cfg["BD"]), B),
            (x, conv_state, weight, bias, cache_seqlens, conv_state_indices, out,
             L, D, S, N, *x.stride(), *out.stride(), *conv_state.stride()),
            dict(W=weight.shape[1], BD=cfg["BD"], BS=cfg["BS"], ACTIVATION=activation, HAS_BIAS=bias is not None,

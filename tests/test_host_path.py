@@ -1,0 +1,402 @@
+"""The short host path of small calls (docs/PERFORMANCE.md, P5): the Triton launch cache, the shortcuts the
+argument checks take, and the eager autograd road. Each shortcut must decide exactly what the long way did.
+
+No GPU needed: the launch cache is driven with stand-in kernels and tensors, and the transformers decode
+loop runs on cpu through the Triton interpreter with its launches recorded.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import causal_conv1d_mps as ccmps
+from causal_conv1d_mps import _validate as check
+from causal_conv1d_mps import api
+from causal_conv1d_mps.triton import _launch
+
+# ------------------------------------------------------------------------------------ the launch cache
+
+
+class FakeTensor:
+    """What `_launch.launch` reads of a cuda tensor argument."""
+
+    is_cuda = True
+
+    def __init__(self, dtype=torch.float16, address=1 << 20, device=0):
+        self.dtype, self.address, self.device_index = dtype, address, device
+
+    def get_device(self):
+        return self.device_index
+
+    def data_ptr(self):
+        return self.address
+
+
+class FakeKernel:
+    """`kernel[grid](*args, **constexprs, num_warps=...)` records the call and returns a compiled kernel
+    whose launcher records its calls."""
+
+    def __init__(self):
+        self.jit_calls = []
+        self.runs = []
+
+    def __getitem__(self, grid):
+        def jit(*args, **kwargs):
+            self.jit_calls.append((grid, args, kwargs))
+            kernel = self
+
+            class Compiled:
+                function = object()
+                packed_metadata = ("metadata",)
+
+                @staticmethod
+                def run(*launch_args):
+                    kernel.runs.append(launch_args)
+
+            return Compiled
+
+        return jit
+
+
+@pytest.fixture
+def fast_launch(monkeypatch):
+    monkeypatch.setattr(_launch, "_enabled", True)
+    monkeypatch.setattr(_launch, "_compiled", {})
+    monkeypatch.setattr(_launch, "_by_class", {})
+    monkeypatch.setattr(_launch, "_current_stream", lambda device: 1000 + device)
+
+
+def test_a_repeated_launch_calls_the_cached_launcher(fast_launch):
+    kernel = FakeKernel()
+    x, out = FakeTensor(), FakeTensor(address=2 << 20)
+    args, constexprs = (x, None, out, 128, 64, 1), dict(W=4, BT=8)
+    misses = _launch.misses
+    _launch.launch(kernel, (3, 2), args, constexprs, 4)
+    assert len(kernel.jit_calls) == 1 and kernel.runs == []
+    assert kernel.jit_calls[0] == ((3, 2), args, dict(W=4, BT=8, num_warps=4))
+    for _ in range(3):
+        _launch.launch(kernel, (3, 2), args, constexprs, 4)
+    assert len(kernel.jit_calls) == 1, "a repeated launch went through Triton's own path"
+    assert len(kernel.runs) == 3
+    assert _launch.misses == misses + 1
+    (entry,) = _launch._compiled.values()
+    assert entry[3] is not None, "the cache must keep the compiled kernel alive (its deletion unloads the module)"
+    grid_x, grid_y, grid_z, stream, _, metadata, hook_data, enter, leave, *rest = kernel.runs[0]
+    assert (grid_x, grid_y, grid_z, stream, metadata) == (3, 2, 1, 1000, ("metadata",))
+    assert (hook_data, enter, leave) == (None, None, None)
+    assert tuple(rest) == (*args, 4, 8)
+
+
+@pytest.mark.parametrize("change", ["int value", "dtype", "alignment", "device", "constexpr", "num_warps", "None"])
+def test_anything_triton_specialises_on_misses_the_cache(fast_launch, change):
+    kernel = FakeKernel()
+    x = FakeTensor()
+    base = dict(args=(x, 128, FakeTensor(address=3 << 20)), constexprs=dict(W=4), num_warps=4)
+    changed = dict(base)
+    if change == "int value":
+        changed["args"] = (x, 129, base["args"][2])
+    elif change == "dtype":
+        changed["args"] = (x, 128, FakeTensor(dtype=torch.float32, address=3 << 20))
+    elif change == "alignment":
+        changed["args"] = (x, 128, FakeTensor(address=(3 << 20) + 8))
+    elif change == "device":
+        changed["args"] = (FakeTensor(device=1), 128, base["args"][2])
+    elif change == "constexpr":
+        changed["constexprs"] = dict(W=3)
+    elif change == "num_warps":
+        changed["num_warps"] = 2
+    else:
+        changed["args"] = (x, 128, None)
+    for call in (base, changed, base, changed):
+        _launch.launch(kernel, (1,), call["args"], call["constexprs"], call["num_warps"])
+    assert len(kernel.jit_calls) == 2 and len(kernel.runs) == 2
+
+
+@pytest.mark.parametrize("first, then, compiles", [
+    (512, 1024, 1), (512, 528, 1), (100, 7, 1),  # same class: divisible by 16 or not, int32, not 1
+    (512, 520, 2), (16, 1, 2), (1, 2, 2),  # divisibility by 16, the constant 1
+    (5, 2**31 + 5, 2), (2**31 + 5, 2**32 + 5, 2), (-5, -2**40 - 5, 2),  # integer width
+])
+def test_new_integers_of_a_compiled_class_skip_triton(fast_launch, first, then, compiles):
+    """A new sequence length (say) reuses the kernel compiled for another length of the same class; the
+    launcher then gets the new value."""
+    kernel = FakeKernel()
+    x = FakeTensor()
+    _launch.launch(kernel, (1,), (x, first, 64), dict(W=3), 4)
+    _launch.launch(kernel, (1,), (x, then, 64), dict(W=3), 4)
+    _launch.launch(kernel, (1,), (x, then, 64), dict(W=3), 4)
+    assert len(kernel.jit_calls) == compiles
+    assert kernel.runs[-1][9:12] == (x, then, 64)
+
+
+@pytest.mark.triton
+def test_kernels_reused_across_lengths_of_one_class_are_exact(device, monkeypatch):
+    """On a GPU: lengths of one class (512, 528, 1024) launch the kernel compiled for the first through the
+    class table, and every result matches float64 PyTorch; other classes compile their own."""
+    if device.type != "cuda":
+        pytest.skip("the launch cache serves cuda launches (run with --device cuda)")
+    import torch.nn.functional as F
+
+    monkeypatch.setenv("CAUSAL_CONV1D_BACKEND", "triton")
+    g = torch.Generator().manual_seed(5)
+    D, W = 64, 4
+    w, b = torch.randn(D, W, generator=g).to(device), torch.randn(D, generator=g).to(device)
+    misses_after = {}
+    for T in (512, 528, 1024, 520, 100, 37):
+        x = torch.randn(2, D, T, generator=g).to(device)
+        out = ccmps.causal_conv1d(x, w, b, "silu")
+        ref = F.silu(F.conv1d(x.double(), w.double().unsqueeze(1), b.double(), padding=W - 1, groups=D)[..., :T])
+        assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5, T
+        torch.cuda.synchronize()
+        misses_after[T] = _launch.misses
+    if _launch._enabled:
+        assert misses_after[528] == misses_after[512] and misses_after[1024] == misses_after[528]
+
+
+def test_a_new_address_with_the_same_alignment_hits_the_cache(fast_launch):
+    """Decode steps get a new `x` each step: its address must not be part of the key, only its alignment."""
+    kernel = FakeKernel()
+    for step in range(5):
+        x = FakeTensor(address=(1 << 20) + 512 * step)
+        _launch.launch(kernel, (1,), (x, 1, 64), dict(W=3), 4)
+    assert len(kernel.jit_calls) == 1 and len(kernel.runs) == 4
+
+
+def test_a_launcher_of_another_signature_turns_the_fast_path_off(fast_launch):
+    kernel = FakeKernel()
+    args = (FakeTensor(), 7)
+    _launch.launch(kernel, (1,), args, {}, 4)
+    key = next(iter(_launch._compiled))
+
+    def other_signature(*launch_args):
+        raise TypeError("takes 9 positional arguments")
+
+    _launch._compiled[key] = (other_signature, None, None, None)
+    _launch.launch(kernel, (1,), args, {}, 4)
+    assert _launch._enabled is False
+    assert len(kernel.jit_calls) == 2, "after a TypeError the launch must still happen, through Triton"
+    misses = _launch.misses
+    _launch.launch(kernel, (1,), args, {}, 4)
+    assert len(kernel.jit_calls) == 3 and _launch.misses == misses + 1
+
+
+def test_cache_key_is_the_per_argument_key():
+    args = (FakeTensor(), None, 5, FakeTensor(dtype=torch.bfloat16, address=(1 << 20) + 4), 16)
+    constexprs = dict(A=1, B=True)
+    assert _launch.cache_key("k", 0, 4, constexprs, args) == (
+        "k", 0, 4, *constexprs.values(), *map(_launch._arg_key, args))
+
+
+# ------------------------------------------------------------------- transformers decode: one key per kernel
+
+
+def _lfm2_launch_keys(monkeypatch, generate_calls: int):
+    transformers = pytest.importorskip("transformers")
+    from causal_conv1d_mps.integrations import transformers as cc_hf
+    from causal_conv1d_mps.triton import launch_conv, launch_update
+
+    monkeypatch.setenv("CAUSAL_CONV1D_BACKEND", "triton")
+    keys: dict[str, list] = {}
+    real_conv, real_update = launch_conv.launch, launch_update.launch
+
+    def recording(real):
+        def launch(kernel, grid, args, constexprs, num_warps):
+            keys.setdefault(kernel.__name__, []).append(
+                _launch.cache_key(kernel, 0, num_warps, constexprs, args))
+            return real(kernel, grid, args, constexprs, num_warps)
+        return launch
+
+    monkeypatch.setattr(launch_conv, "launch", recording(real_conv))
+    monkeypatch.setattr(launch_update, "launch", recording(real_update))
+    transformers.logging.set_verbosity_error()
+    config = transformers.Lfm2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, layer_types=["conv", "full_attention", "conv"], conv_L_cache=3, conv_bias=False,
+        max_position_embeddings=64, pad_token_id=0, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.Lfm2ForCausalLM(config).eval()
+    prompt = torch.randint(3, 64, (1, 8), generator=torch.Generator().manual_seed(1))
+    with cc_hf.enabled(), torch.no_grad():
+        for _ in range(generate_calls):
+            model.generate(prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    return keys
+
+
+def test_lfm2_decode_steps_reuse_one_launch_key_per_kernel(monkeypatch):
+    """Every decode step of a transformers model (and every prefill of one prompt length) launches with the
+    key of the step before, so on a GPU all but the first launch take the cached launcher. An argument that
+    changed every call (a position, a pointer-derived value) would send each step through Triton's own
+    launch path and grow the cache."""
+    keys = _lfm2_launch_keys(monkeypatch, generate_calls=2)
+    assert keys.get("short_conv_update_kernel"), "no decode step reached the Triton update kernel"
+    assert any(name.startswith("conv_fwd") for name in keys), "no prefill reached the Triton forward kernel"
+    for name, seen in keys.items():
+        # 2 generate calls x 2 conv layers: 4 prefill launches; 2 x 4 decode steps x 2 layers: 16 updates
+        assert len(seen) >= 4, (name, len(seen))
+        assert len(set(seen)) == 1, f"{name}: {len(set(seen))} distinct launch keys over {len(seen)} launches"
+
+
+# ------------------------------------------------------------------------- shortcuts of the argument checks
+
+
+def _strided_views():
+    """3-D views `[B, D, T]` of many layouts: contiguous, channel-last, size-1 dimensions with odd strides,
+    slices, expanded and empty."""
+    views = []
+    for b, d, t in itertools.product((1, 2), (1, 3), (1, 4)):
+        base = torch.zeros(b, d, t)
+        views += [base, torch.zeros(b, t, d).transpose(1, 2), base.transpose(0, 2).contiguous().transpose(0, 2),
+                  torch.zeros(b, d, 2 * t)[:, :, ::2], torch.zeros(b, 2 * t, d)[:, :t].transpose(1, 2),
+                  torch.zeros(1, d, t).expand(b, d, t), torch.zeros(b, d, 1).expand(b, d, t),
+                  torch.as_strided(torch.zeros(64), (b, d, t), (7, 1, 3))]
+    views += [torch.zeros(2, 3, 0), torch.zeros(2, 0, 3).transpose(1, 2)]
+    return views
+
+
+def test_channel_last_test_agrees_with_transpose_is_contiguous():
+    for x in _strided_views():
+        expected = x.transpose(1, 2).is_contiguous()
+        assert api._is_channel_last(x) == expected or x.numel() == 0, (tuple(x.shape), x.stride())
+        layout = api._bdt_layout(x)
+        if x.is_contiguous() or expected:
+            assert layout is x
+        else:
+            assert layout.is_contiguous() and torch.equal(layout, x)
+
+
+def _self_overlapping_the_long_way(x):
+    extent = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(x.shape, x.stride()) if sz > 1):
+        if stride < extent:
+            return True
+        extent += (size - 1) * stride
+    return False
+
+
+def test_self_overlap_verdict_is_the_same_every_time_and_names_the_argument():
+    for x in _strided_views():
+        for name in ("conv_state", "final_states_out", "conv_state"):  # the second visit is a cached verdict
+            if x.numel() > 1 and _self_overlapping_the_long_way(x):
+                with pytest.raises(ValueError, match=f"^{name}: expected a tensor whose elements do not share"):
+                    check.not_self_overlapping(name, x)
+            else:
+                check.not_self_overlapping(name, x)
+
+
+def _shares_bytes(a, b):
+    """Whether two tensors' byte ranges overlap, from their storage offsets (the long way)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+
+    def span(t):
+        lo = t.data_ptr()
+        return lo, lo + (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+    (lo, hi), (o_lo, o_hi) = span(a), span(b)
+    return o_lo < hi and lo < o_hi
+
+
+def test_memory_conflict_finds_exactly_the_overlapping_inputs():
+    storage = torch.zeros(4, 6, 8)
+    written = [storage[1:3], storage[:, 2:4], storage[0, :, :3], storage[2:, :, 4:].transpose(1, 2), storage[:0]]
+    inputs = [storage[0], storage[3], storage[:, 5], storage[1, 0, :1], storage[3:], storage[:, :, 7],
+              torch.zeros(5), storage[:0], storage.view(-1)[17:40]]
+    for value in written:
+        for other in inputs:
+            expected = _shares_bytes(value, other)
+            for call in (lambda: check.memory_conflict("conv_state", value, "bias", None, "x", other),
+                         lambda: check.not_sharing_memory("conv_state", value, bias=None, x=other)):
+                if expected:
+                    with pytest.raises(ValueError, match="^x: shares memory with conv_state"):
+                        call()
+                else:
+                    call()
+
+
+def test_device_shortcut_agrees_with_the_named_check():
+    cpu, meta = torch.zeros(2), torch.zeros(2, device="meta")
+    assert check.on_one_device(cpu, None, cpu) and check.on_one_device(None, None)
+    assert not check.on_one_device(cpu, None, meta)
+    with pytest.raises(ValueError, match="x on cpu, weight on meta"):
+        check.same_device(x=cpu, bias=None, weight=meta)
+
+
+# --------------------------------------------------------------------------------- the eager autograd road
+
+
+@pytest.mark.parametrize("op", ["causal_conv1d", "short_conv_fused"])
+def test_eager_backward_with_create_graph_keeps_the_double_backward_guard(monkeypatch, op):
+    """Without create_graph the backward skips once_differentiable's wrapper; with it the gradients are the
+    same and differentiating them again still raises instead of returning wrong second derivatives."""
+    monkeypatch.setenv("CAUSAL_CONV1D_BACKEND", "reference")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6 if op == "short_conv_fused" else 5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    fn = (lambda: ccmps.short_conv_fused(x, w)) if op == "short_conv_fused" else (
+        lambda: ccmps.causal_conv1d(x, w, activation="silu"))
+    # a cotangent that requires grad is what once_differentiable guards (a grad-of-grad through it)
+    dout = torch.randn(fn().shape, generator=g, dtype=torch.float64, requires_grad=True)
+    plain = torch.autograd.grad(fn(), (x, w), dout)
+    twice = torch.autograd.grad(fn(), (x, w), dout, create_graph=True)
+    for a, b in zip(plain, twice):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert twice[0].requires_grad
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        twice[0].sum().backward()
+
+
+# ------------------------------------------------------------------------ the example's in-model diagnosis
+
+
+def test_example_diagnosis_times_every_call_of_generate(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "transformers_lfm2.py"
+    spec = importlib.util.spec_from_file_location("transformers_lfm2_diagnose", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "lfm2.json"
+    code = example.main(["--device", "cpu", "--hidden-size", "64", "--layers", "3", "--vocab", "128",
+                         "--prompt-len", "10", "--new-tokens", "4", "--repeats", "1", "--warmup", "1",
+                         "--diagnose", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "--diagnose: each call into causal_conv1d_mps inside generate" in printed
+    diagnosis = json.loads(out.read_text())["diagnosis"]
+    conv_layers = example.lfm2_layer_types(3).count("conv")
+    assert diagnosis["causal_conv1d_fn"]["calls_in_generate"] == conv_layers  # one prefill
+    assert diagnosis["causal_conv1d_update"]["calls_in_generate"] == conv_layers * 3  # new tokens - 1 steps
+    for row in (diagnosis["causal_conv1d_fn"], diagnosis["causal_conv1d_update"]):
+        assert row["host_us_in_model"] > 0 and row["host_us_alone"] > 0
+    from causal_conv1d_mps import api
+
+    assert api.causal_conv1d_update.__module__ == "causal_conv1d_mps.api", "the timing wrappers were left in place"
+
+
+@pytest.mark.parametrize("op", ["causal_conv1d", "short_conv_fused"])
+def test_a_dead_functorch_wrapper_takes_function_apply(monkeypatch, op):
+    """A weight leaked from a finished `torch.func` transform is a dead wrapper, which only
+    `Function.apply`'s Python wrapper unwraps: the eager road hands such calls to it, with the same gradients."""
+    monkeypatch.setenv("CAUSAL_CONV1D_BACKEND", "reference")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 5, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(6 if op == "short_conv_fused" else 5, 3, generator=g, dtype=torch.float64)
+    call = ccmps.short_conv_fused if op == "short_conv_fused" else (
+        lambda x_, w_: ccmps.causal_conv1d(x_, w_, activation="silu"))
+    xg = x.clone().requires_grad_()
+    expected = torch.autograd.grad(call(xg, w).square().sum(), xg)[0]
+    leaked = []
+    torch.func.grad(lambda w_: leaked.append(w_) or w_.sum())(w)
+    assert torch._C._functorch.is_functorch_wrapped_tensor(leaked[0])
+    applied = []
+    real_apply = torch.autograd.Function.apply.__func__
+    monkeypatch.setattr(torch.autograd.Function, "apply",
+                        classmethod(lambda cls, *a, **k: applied.append(cls) or real_apply(cls, *a, **k)))
+    call(xg, leaked[0]).square().sum().backward()
+    assert applied, "a dead wrapper skipped Function.apply"
+    torch.testing.assert_close(xg.grad, expected)
