@@ -236,6 +236,20 @@ def ptx_only(out_dir: Path) -> int:
     return 0
 
 
+def _graphed(step):
+    """`step` captured in a CUDA graph: its replay is the GPU time alone, without the host's share."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def reference(x_bdt, w, bias, mask, residual, dout_bdt):
     """float64 forward + backward of `residual*x + silu(bias + conv(x masked))` over `[B, D, T]`."""
     x = x_bdt.double().requires_grad_(True)
@@ -319,6 +333,8 @@ def main(argv=None) -> int:
             y = step_triton()
             errs = [rel(y, ref[0]), rel(xg.grad, ref[1]), rel(wg.grad, ref[2]), rel(bg.grad, ref[3])]
             record(f"triton fwd+bwd (B,D,T) B{B} D{D} T{T} W{W}", bench(step_triton), n, errs)
+            record(f"triton fwd+bwd (B,D,T) in a CUDA graph B{B} D{D} T{T} W{W}", bench(_graphed(step_triton)), n,
+                   errs)
 
             # [B, T, D]: the fused op with an HF-style mask and the residual
             am = torch.ones(B, T, device=dev, dtype=torch.int64)
@@ -327,7 +343,8 @@ def main(argv=None) -> int:
             xl = x.transpose(1, 2).contiguous()
             dl = dout.transpose(1, 2).contiguous()
             ref = reference(x, w, bias, mf, True, dout)
-            fwd = torch.cuda._compile_kernel(cuda_fwd.source("btd", W, 16), "fwd_btd", nvcc_options=opts)
+            fwd = torch.cuda._compile_kernel(cuda_fwd.source("btd", W, 16, vec_weights=True), "fwd_btd",
+                                             nvcc_options=opts)
             bwd = torch.cuda._compile_kernel(source("btd", W), "bwd_btd", nvcc_options=opts)
             out_l, dx_l = torch.empty_like(xl), torch.empty_like(xl)
             L = 128
@@ -344,6 +361,9 @@ def main(argv=None) -> int:
             errs = [rel(out_l.transpose(1, 2), ref[0]), rel(dx_l.transpose(1, 2), ref[1]),
                     rel(total[:, :W], ref[2]), rel(total[:, W], ref[3])]
             record(f"cuda fused fwd+bwd B{B} T{T} D{D} W{W}", bench(step_btd), n, errs)
+            fwd_only = lambda: fwd(grid=((D // 8 + 63) // 64, (T + 15) // 16, B), block=(64, 1, 1),  # noqa: E731
+                                   args=[xl, w, bias, mf, out_l, T, D, 1, 1])
+            record(f"  of which the fused forward B{B} T{T} D{D} W{W}", bench(fwd_only), n, errs)
             xg = xl.detach().clone().requires_grad_(True)
 
             def step_fused():
@@ -357,6 +377,7 @@ def main(argv=None) -> int:
             errs = [rel(y.transpose(1, 2), ref[0]), rel(xg.grad.transpose(1, 2), ref[1]),
                     rel(wg.grad, ref[2]), rel(bg.grad, ref[3])]
             record(f"triton fused fwd+bwd B{B} T{T} D{D} W{W}", bench(step_fused), n, errs)
+            record(f"triton fused fwd+bwd in a CUDA graph B{B} T{T} D{D} W{W}", bench(_graphed(step_fused)), n, errs)
     if args.json:
         args.json.write_text(json.dumps(dict(copy_gbs=copy_gbs, rows=rows), indent=1))
     return 0
