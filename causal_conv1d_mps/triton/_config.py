@@ -70,10 +70,22 @@ def _runs_tiles(T: int, D: int, W: int, channel_last: bool) -> dict | None:
 
 
 @functools.lru_cache(maxsize=1024)
-def conv_bwd_tiles(T: int, D: int, W: int, channel_last: bool, interpreted: bool) -> dict:
-    """Tiles of the backward kernel; `TILES` T tiles per program bound the number of partial rows."""
+def conv_bwd_tiles(T: int, D: int, W: int, channel_last: bool, interpreted: bool, elem_bytes: int = 4,
+                   packed: bool = False) -> dict:
+    """Tiles of the backward kernel; `TILES` T tiles per program bound the number of partial rows.
+
+    A config with `R` selects the per-thread-run kernel (`kernels/conv_bwd_runs.py`): 16-bit inputs, no
+    packed sequences, full D tiles, and only where it was measured faster on an H200 (docs/PERF_NOTES.md,
+    v6); elsewhere `conv_bwd`.
+    """
+    runs = _bwd_runs_tiles(T, D, W, channel_last) if elem_bytes == 2 and not packed else None
     if interpreted:
         config = dict(BT=min(_pow2(T), 64), BD=min(_pow2(D), 64), TILES=4, num_warps=4)
+        if (runs is not None and D % config["BD"] == 0 and config["BT"] % runs["R"] == 0
+                and config["BT"] >= runs["HR"]):  # the same kernel choice as on a GPU
+            config.update(R=runs["R"], HR=runs["HR"], HF=runs["HF"])
+    elif runs is not None:
+        config = runs
     elif channel_last:
         # two warps share a BT32 x BD64 tile (32 values per thread); one warp holding it all used 255
         # registers and spilled. Wider filters keep more tiles live: half the channels, one warp
@@ -82,7 +94,28 @@ def conv_bwd_tiles(T: int, D: int, W: int, channel_last: bool, interpreted: bool
                       num_warps=2 if W <= 4 else 1)
     else:
         config = dict(BT=min(_pow2(T, 16), 128), BD=min(_pow2(D), 4), TILES=4, num_warps=2)
-    return _override("conv_bwd_" + ("channel_last" if channel_last else "contiguous"), config)
+    config = _override("conv_bwd_" + ("channel_last" if channel_last else "contiguous"), config)
+    if config.get("R") and (packed or D % config["BD"] != 0):  # an override cannot force what the kernel lacks
+        config = {k: v for k, v in config.items() if k not in ("R", "HR", "HF")}
+    return config
+
+
+def _bwd_runs_tiles(T: int, D: int, W: int, channel_last: bool) -> dict | None:
+    """Per-thread-run backward tiles for 16-bit inputs, else None.
+
+    The interior runs start at step HR and need HF steps after them, so HR and HF are at least W - 1;
+    in the contiguous layout a run and each halo are one 16-byte vector of 8 steps (HR = HF = R = 8).
+    """
+    if W < 2:
+        return None
+    halo = _pow2(W - 1)
+    if channel_last:
+        if W <= 8 and D % 128 == 0 and T >= 64:
+            return dict(BT=8, BD=128, R=8, HR=halo, HF=halo, TILES=32, num_warps=1)
+        return None
+    if W <= 9 and T % 8 == 0 and T >= 256 and D % 4 == 0:
+        return dict(BT=128, BD=4, R=8, HR=8, HF=8, TILES=4, num_warps=2)
+    return None
 
 
 @functools.lru_cache(maxsize=256)
