@@ -245,12 +245,12 @@ def conv_bwd_runs_kernel(
             SCR_D: tl.constexpr = 1
         i_s = (i_b * (tl.num_programs(0) - n_chunks) + i_g) * tl.num_programs(1) + i_d
         p_scr = scratch + i_s.to(tl.int64) * (BT + BH) * BD + tl.arange(0, BD)[None, :] * SCR_D
-        b_dw = tl.full([BW, BD], 0., tl.float32)
-        b_dw = _bwd_tile_general(x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, dht, dx, p_scr, b_dw, i_b,
+        b_dwg = tl.full([BW, BD], 0., tl.float32)
+        b_dwg = _bwd_tile_general(x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, dht, dx, p_scr, b_dwg, i_b,
                                  t_start, t_stop, o_r, o_rh, o_d, o_w, T, D, N, n_search_steps,
                                  stride_x_b, stride_x_t, stride_x_d, stride_do_b, stride_do_t, stride_do_d,
                                  stride_dx_b, stride_dx_t, stride_dx_d, W, BT, BH, BD, SCR_R,
                                  ACTIVATION, HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, HAS_RESIDUAL, IS_VARLEN,
                                  USE_INITIAL_STATE, USE_FINAL_STATE_GRAD)
-        p_dw = dw_partial + (i_p.to(tl.int64) * D + o_d[None, :]) * (W + 1) + o_w[:, None]
-        tl.store(p_dw, b_dw, mask=o_w[:, None] < W + 1)
+        p_dwg = dw_partial + (i_p.to(tl.int64) * D + o_d[None, :]) * (W + 1) + o_w[:, None]
+        tl.store(p_dwg, b_dwg, mask=o_w[:, None] < W + 1)
