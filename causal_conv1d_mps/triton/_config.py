@@ -83,7 +83,7 @@ def conv_bwd_tiles(T: int, D: int, W: int, channel_last: bool, interpreted: bool
         config = dict(BT=min(_pow2(T), 64), BD=min(_pow2(D), 64), TILES=4, num_warps=4)
         if (runs is not None and D % config["BD"] == 0 and config["BT"] % runs["R"] == 0
                 and config["BT"] >= runs["HR"]):  # the same kernel choice as on a GPU
-            config.update(R=runs["R"], HR=runs["HR"], HF=runs["HF"])
+            config.update(R=runs["R"], HR=runs["HR"], HF=runs["HF"], CARRY=False)
     elif runs is not None:
         config = runs
     elif channel_last:
@@ -96,7 +96,7 @@ def conv_bwd_tiles(T: int, D: int, W: int, channel_last: bool, interpreted: bool
         config = dict(BT=min(_pow2(T, 16), 128), BD=min(_pow2(D), 4), TILES=4, num_warps=2)
     config = _override("conv_bwd_" + ("channel_last" if channel_last else "contiguous"), config)
     if config.get("R") and (packed or D % config["BD"] != 0):  # an override cannot force what the kernel lacks
-        config = {k: v for k, v in config.items() if k not in ("R", "HR", "HF")}
+        config = {k: v for k, v in config.items() if k not in ("R", "HR", "HF", "CARRY")}
     return config
 
 
@@ -110,8 +110,11 @@ def _bwd_runs_tiles(T: int, D: int, W: int, channel_last: bool) -> dict | None:
         return None
     halo = _pow2(W - 1)
     if channel_last:
+        # one warp per 128 channels, 4 per thread (`VEC`): each thread walks its channels back in time,
+        # one run per tile, and hands the dpre of the run's first rows to the tile before (`CARRY`)
         if W <= 8 and D % 128 == 0 and T >= 64:
-            return dict(BT=8, BD=128, R=8, HR=halo, HF=halo, TILES=32, num_warps=1)
+            run = 4 if halo <= 4 else 8
+            return dict(BT=run, BD=128, R=run, HR=halo, HF=halo, TILES=32, CARRY=True, VEC=4, num_warps=1)
         return None
     if W <= 9 and T % 8 == 0 and T >= 256 and D % 4 == 0:
         return dict(BT=128, BD=4, R=8, HR=8, HF=8, TILES=4, num_warps=2)

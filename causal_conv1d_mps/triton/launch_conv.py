@@ -92,7 +92,8 @@ def launch_backward(x: Tensor, x_strides, dout: Tensor, dout_strides, dx: Tensor
         n_chunks = n_runs + n_general
         n_scratch = n_general * _cdiv(D, cfg["BD"]) * B
         kernel, extra_args = _bwd_runs_kernel(kernels), (n_interior, n_runs, t_tail)
-        constexprs.update(R=cfg["R"], HR=HR, HF=HF, BK=_next_pow2(W))
+        constexprs.update(R=cfg["R"], HR=HR, HF=HF, BK=_next_pow2(W), CARRY=bool(cfg.get("CARRY")),
+                          VEC=cfg.get("VEC", 8))
     else:
         n_chunks = _cdiv(_cdiv(T, cfg["BT"]), cfg["TILES"]) if B > 0 else 0
         n_scratch = n_chunks * _cdiv(D, cfg["BD"]) * B

@@ -46,13 +46,18 @@ def _source(b_h, b_x, b_f, o_j, o_r, o_f, i: tl.constexpr, R: tl.constexpr, HR: 
 
 
 @triton.jit
-def _bwd_runs_tile(x, mask, dout, dx, b_w, b_bias, b_dw, b_db, i_b, t0, o_d, T,
+def _bwd_runs_tile(x, mask, dout, dx, b_w, b_bias, b_dw, b_db, b_carry, i_b, t0, o_d, T,
                    stride_x_b, stride_x_t, stride_x_d, stride_do_b, stride_do_t, stride_do_d,
                    stride_dx_b, stride_dx_t, stride_dx_d,
                    W: tl.constexpr, R: tl.constexpr, G: tl.constexpr, HR: tl.constexpr, HF: tl.constexpr,
                    BK: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-                   HAS_RESIDUAL: tl.constexpr):
-    """dx of the interior rows `t0 .. t0 + G*R - 1`; returns the updated accumulators `(b_dw, b_db)`."""
+                   HAS_RESIDUAL: tl.constexpr, FROM_CARRY: tl.constexpr):
+    """dx of the interior rows `t0 .. t0 + G*R - 1`; returns the updated accumulators and the dpre of the
+    first HF rows of each run, `(b_dw, b_db, b_carry)`.
+
+    With `FROM_CARRY` the dpre of the HF rows after each run is `b_carry` (what the tile after this one
+    returned: G must be 1 and HF <= R); otherwise it is recomputed from x and dout.
+    """
     o_r = tl.arange(0, R)[:, None, None]
     o_j = tl.arange(0, HR)[:, None, None]
     o_f = tl.arange(0, HF)[:, None, None]
@@ -60,25 +65,35 @@ def _bwd_runs_tile(x, mask, dout, dx, b_w, b_bias, b_dw, b_db, i_b, t0, o_d, T,
     o_c = o_d[None, None, :]
     t_run = t0 + tl.arange(0, G)[None, :, None] * R
     p_x = x + i_b.to(tl.int64) * stride_x_b + o_c.to(tl.int64) * stride_x_d
+    p_do = dout + i_b.to(tl.int64) * stride_do_b + o_c.to(tl.int64) * stride_do_d
     b_x = tl.load(p_x + (t_run + o_r).to(tl.int64) * stride_x_t).to(tl.float32)
-    b_h = tl.load(p_x + (t_run - HR + o_j).to(tl.int64) * stride_x_t).to(tl.float32)
-    b_f = tl.load(p_x + (t_run + R + o_f).to(tl.int64) * stride_x_t).to(tl.float32)
+    b_do = tl.load(p_do + (t_run + o_r).to(tl.int64) * stride_do_t).to(tl.float32)
+    if ACTIVATION != IDENTITY:
+        b_h = tl.load(p_x + (t_run - HR + o_j).to(tl.int64) * stride_x_t).to(tl.float32)
+    else:
+        b_h = b_x  # never read: no pre-activation to recompute
+    if FROM_CARRY:
+        b_f = b_h  # never read
+        b_gf = b_carry
+    else:
+        b_f = tl.load(p_x + (t_run + R + o_f).to(tl.int64) * stride_x_t).to(tl.float32)
+        b_gf = tl.load(p_do + (t_run + R + o_f).to(tl.int64) * stride_do_t).to(tl.float32)
     if HAS_MASK:
         # selection: a masked-out step contributes nothing, even when x is NaN there
         p_m = mask + i_b.to(tl.int64) * T + t_run
         b_m = tl.load(p_m + o_r).to(tl.float32)
         b_x = masked_input(b_x, b_m)
-        b_h = masked_input(b_h, tl.load(p_m - HR + o_j).to(tl.float32))
-        b_f = masked_input(b_f, tl.load(p_m + R + o_f).to(tl.float32))
-    p_do = dout + i_b.to(tl.int64) * stride_do_b + o_c.to(tl.int64) * stride_do_d
-    b_do = tl.load(p_do + (t_run + o_r).to(tl.int64) * stride_do_t).to(tl.float32)
+        if ACTIVATION != IDENTITY:
+            b_h = masked_input(b_h, tl.load(p_m - HR + o_j).to(tl.float32))
+            if not FROM_CARRY:
+                b_f = masked_input(b_f, tl.load(p_m + R + o_f).to(tl.float32))
     b_g = b_do
-    b_gf = tl.load(p_do + (t_run + R + o_f).to(tl.int64) * stride_do_t).to(tl.float32)
     if ACTIVATION != IDENTITY:
-        # pre-activation of the run rows and of the W-1 rows after it, then dpre on whole tiles
+        # pre-activation of the run rows (and of the W-1 rows after it unless carried), then dpre on
+        # whole tiles
         b_pre = b_x
-        b_pre_f = b_f
-        for j in tl.static_range(R + W - 1):
+        b_pre_f = b_gf
+        for j in tl.static_range(R if FROM_CARRY else R + W - 1):
             b_acc = b_bias
             for k in tl.static_range(W):
                 b_acc = b_acc + _source(b_h, b_x, b_f, o_j, o_r, o_f, j - (W - 1) + k, R, HR) * _pick(b_w, o_k, k)
@@ -87,7 +102,8 @@ def _bwd_runs_tile(x, mask, dout, dx, b_w, b_bias, b_dw, b_db, i_b, t0, o_d, T,
             else:
                 b_pre_f = tl.where(o_f == j - R, b_acc[None, :, :], b_pre_f)
         b_g = b_g * activation_grad(b_pre, ACTIVATION)
-        b_gf = b_gf * activation_grad(b_pre_f, ACTIVATION)
+        if not FROM_CARRY:
+            b_gf = b_gf * activation_grad(b_pre_f, ACTIVATION)
 
     # dx: each source row gathers the W outputs that read it
     b_dxe = b_g
@@ -104,8 +120,8 @@ def _bwd_runs_tile(x, mask, dout, dx, b_w, b_bias, b_dw, b_db, i_b, t0, o_d, T,
             + (t_run + o_r).to(tl.int64) * stride_dx_t)
     tl.store(p_dx, b_dxe.to(dx.dtype.element_ty))
 
-    # dweight / dbias: sums over the in-thread run axis only
-    # (by source row, as the general tiles count them: each (output, source) pair once)
+    # dweight / dbias: sums over the in-thread run axis only, by source row (as the general tiles count
+    # them: each (output, source) pair once)
     for k in tl.static_range(W):
         b_sum = _pick(b_x, o_r, 0) * _source(b_gf, b_g, b_gf, o_f, o_r, o_f, W - 1 - k, R, HF)
         for r in tl.static_range(1, R):
@@ -113,7 +129,12 @@ def _bwd_runs_tile(x, mask, dout, dx, b_w, b_bias, b_dw, b_db, i_b, t0, o_d, T,
         b_dw = tl.where(o_k == k, b_dw + b_sum[None, :, :], b_dw)
     if HAS_BIAS:
         b_db += tl.reduce(b_g, 0, add)
-    return b_dw, b_db
+    # the dpre rows the tile before this one needs (when walking back in time)
+    b_carry = b_gf
+    for j in tl.static_range(HF):
+        if j < R:
+            b_carry = tl.where(o_f == j, _pick(b_g, o_r, j)[None, :, :], b_carry)
+    return b_dw, b_db, b_carry
 
 
 @triton.jit
@@ -196,16 +217,20 @@ def conv_bwd_runs_kernel(
     HAS_SEQ_IDX: tl.constexpr, HAS_RESIDUAL: tl.constexpr, IS_VARLEN: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRAD: tl.constexpr, EVEN_D: tl.constexpr,
     TIME_CONTIGUOUS: tl.constexpr, R: tl.constexpr, HR: tl.constexpr, HF: tl.constexpr, BK: tl.constexpr,
+    CARRY: tl.constexpr, VEC: tl.constexpr,
 ):
     """Grid `(n_chunks + general tiles, D tiles, B)`. Program `i_c < n_chunks` walks interior tiles
     `i_c * tiles_per_program ..` (of `n_interior`, the first starting at step HR); the others each take one
     general tile: the HR steps before the interior, then BT-step tiles from `t_tail` to T.
     `dw_partial[i_b * grid0 + i_c]` gets each program's `[D, W+1]` weight/bias gradient."""
     tl.static_assert(EVEN_D and not HAS_SEQ_IDX and not IS_VARLEN, "conv_bwd_runs: full D tiles, no packing")
+    tl.static_assert(not CARRY or (BT == R and HF <= R), "conv_bwd_runs: CARRY needs one run per tile, HF <= R")
     i_c, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_p = i_b * tl.num_programs(0) + i_c
     if i_c < n_chunks:
-        o_d = i_d * BD + tl.arange(0, BD)
+        # VEC channels per access in channel-last (the thread's share of a row: fewer channels per thread
+        # leave room for longer runs in registers)
+        o_d = tl.max_contiguous(i_d * BD + tl.arange(0, BD), VEC)
         o_k = tl.arange(0, BK)[:, None, None]
         o_c = o_d[None, None, :]
         # loaded once per program; `_pick` turns the [BK, 1, BD] tiles into [1, BD] rows of the run layout
@@ -216,12 +241,29 @@ def conv_bwd_runs_kernel(
             b_bias = _pick(tl.where(o_k < 0, b_w, 0.), o_k, 0)  # exact zeros whatever the weights hold
         b_dw = tl.full([BK, BT // R, BD], 0., tl.float32)
         b_db = tl.full([BT // R, BD], 0., tl.float32)
-        i_t_end = tl.minimum((i_c + 1) * tiles_per_program, n_interior)
-        for i_t in range(i_c * tiles_per_program, i_t_end):
-            b_dw, b_db = _bwd_runs_tile(x, mask, dout, dx, b_w, b_bias, b_dw, b_db, i_b, HR + i_t * BT, o_d, T,
-                                        stride_x_b, stride_x_t, stride_x_d, stride_do_b, stride_do_t, stride_do_d,
-                                        stride_dx_b, stride_dx_t, stride_dx_d,
-                                        W, R, BT // R, HR, HF, BK, ACTIVATION, HAS_BIAS, HAS_MASK, HAS_RESIDUAL)
+        i_t_begin = i_c * tiles_per_program
+        i_t_end = tl.minimum(i_t_begin + tiles_per_program, n_interior)
+        if CARRY:
+            # walk back in time: each tile hands the dpre of its first rows to the tile before it, so
+            # only the program's last tile recomputes the rows after it
+            b_dw, b_db, b_carry = _bwd_runs_tile(
+                x, mask, dout, dx, b_w, b_bias, b_dw, b_db, b_db[None, :, :], i_b, HR + (i_t_end - 1) * BT, o_d,
+                T, stride_x_b, stride_x_t, stride_x_d, stride_do_b, stride_do_t, stride_do_d,
+                stride_dx_b, stride_dx_t, stride_dx_d,
+                W, R, BT // R, HR, HF, BK, ACTIVATION, HAS_BIAS, HAS_MASK, HAS_RESIDUAL, False)
+            for i_back in range(2, i_t_end - i_t_begin + 1):
+                b_dw, b_db, b_carry = _bwd_runs_tile(
+                    x, mask, dout, dx, b_w, b_bias, b_dw, b_db, b_carry, i_b, HR + (i_t_end - i_back) * BT, o_d,
+                    T, stride_x_b, stride_x_t, stride_x_d, stride_do_b, stride_do_t, stride_do_d,
+                    stride_dx_b, stride_dx_t, stride_dx_d,
+                    W, R, BT // R, HR, HF, BK, ACTIVATION, HAS_BIAS, HAS_MASK, HAS_RESIDUAL, True)
+        else:
+            for i_t in range(i_t_begin, i_t_end):
+                b_dw, b_db, _ = _bwd_runs_tile(
+                    x, mask, dout, dx, b_w, b_bias, b_dw, b_db, b_db[None, :, :], i_b, HR + i_t * BT, o_d, T,
+                    stride_x_b, stride_x_t, stride_x_d, stride_do_b, stride_do_t, stride_do_d,
+                    stride_dx_b, stride_dx_t, stride_dx_d,
+                    W, R, BT // R, HR, HF, BK, ACTIVATION, HAS_BIAS, HAS_MASK, HAS_RESIDUAL, False)
         # the one cross-thread sum of this program, in a fixed order
         o_k2 = tl.arange(0, BK)
         p_dw = dw_partial + (i_p.to(tl.int64) * D + o_d[None, :]) * (W + 1)
