@@ -29,9 +29,21 @@ deterministic, no float atomics), after `conv_bwd_initial_state_kernel` for the 
 import triton
 import triton.language as tl
 
-from .common import IDENTITY, activation_grad, add, load_source, masked_input, row_sequences
+from .common import IDENTITY, _interpreting, activation_grad, add, load_source, masked_input, row_sequences
 from .conv_bwd import dpre_rows, tap_gradients
-from .conv_fwd_runs import _pick
+from .conv_fwd_runs import _or
+
+# `_pick`'s combine: compiled, a bitwise OR (LLVM folds `x | 0`, nothing is left but the register, as in
+# conv_fwd_runs); interpreted, Triton's own sum combine, which the interpreter runs as one numpy sum instead
+# of a Python call per element (a sum of one value and zeros is that value, bit for bit)
+_pick_combine = add if _interpreting() else _or
+
+
+@triton.jit
+def _pick(tile, o_r, slot: tl.constexpr):
+    """Slot `slot` of the in-thread axis 0 of a float32 `[S, G, BD]` tile, as `[G, BD]`."""
+    bits = tile.to(tl.int32, bitcast=True)
+    return tl.reduce(tl.where(o_r == slot, bits, 0), 0, _pick_combine).to(tl.float32, bitcast=True)
 
 
 @triton.jit
