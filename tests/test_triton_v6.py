@@ -199,17 +199,46 @@ def test_packed_sequences_keep_the_old_kernel(triton_backend, tiles, launched):
     assert OLD_BWD in launched and RUNS_BWD not in launched, launched
 
 
+@pytest.fixture
+def measured():
+    """`measured(pairs)`: set `_config.BWD_RUNS_MEASURED` for the test (restored, caches cleared, after it)."""
+    from causal_conv1d_mps.triton import _config
+
+    saved = _config.BWD_RUNS_MEASURED
+
+    def set_pairs(pairs):
+        _config.BWD_RUNS_MEASURED = frozenset(pairs)
+        _config.clear()
+
+    yield set_pairs
+    _config.BWD_RUNS_MEASURED = saved
+    _config.clear()
+
+
 @pytest.mark.parametrize("channel_last", [False, True], ids=["contiguous", "channel_last"])
-def test_default_dispatch(triton_backend, launched, channel_last):
-    """16-bit shapes that the default configs send to the run kernel, on their own tiles."""
+def test_measured_dispatch(triton_backend, launched, measured, channel_last):
+    """A `(layout, W)` listed in `_config.BWD_RUNS_MEASURED` sends 16-bit shapes to the run kernel on the
+    default tiles (the candidate's run and halo constants)."""
     from causal_conv1d_mps.triton import _config
 
     device = triton_backend
     B, D, T, W = (1, 128, 80, 4) if channel_last else (1, 8, 256, 4)
+    measured({(channel_last, W)})
     cfg = _config.conv_bwd_tiles(T, D, W, channel_last, device.type == "cpu", 2)
     assert cfg.get("R"), f"not the run kernel: {cfg}"
     gen = seeded(21)
     weight, bias = make_params(D, W, torch.bfloat16, device, gen)
     x = _input(B, D, T, channel_last, torch.bfloat16, device, gen)
-    _check_causal_conv1d(x, weight, bias, "silu", name=f"default {'channel-last' if channel_last else '(B,D,T)'}")
+    _check_causal_conv1d(x, weight, bias, "silu", name=f"measured {'channel-last' if channel_last else '(B,D,T)'}")
     assert RUNS_BWD in launched and OLD_BWD not in launched, launched
+
+
+def test_unmeasured_dispatch_keeps_old_kernel(triton_backend, launched, measured):
+    """Shapes of a `(layout, W)` not in `_config.BWD_RUNS_MEASURED` keep `conv_bwd_kernel`."""
+    device = triton_backend
+    measured({(True, 3)})
+    gen = seeded(22)
+    weight, bias = make_params(8, 4, torch.bfloat16, device, gen)
+    x = _input(1, 8, 256, False, torch.bfloat16, device, gen)
+    _check_causal_conv1d(x, weight, bias, "silu", name="unmeasured")
+    assert OLD_BWD in launched and RUNS_BWD not in launched, launched

@@ -14,6 +14,7 @@ import concurrent.futures as cf
 import json
 import multiprocessing as mp
 import os
+import sys
 import time
 
 import torch
@@ -29,6 +30,9 @@ from causal_conv1d_mps.triton import _config  # noqa: E402
 DEV = "cuda"
 BF16 = torch.bfloat16
 SHAPE = dict(B=8, D=4096, T=2048)
+DRY = "--dry-run" in sys.argv  # the interpreter on the CPU at a small shape: checks the script, times nothing
+if DRY:
+    DEV, SHAPE = "cpu", dict(B=1, D=256, T=96)
 
 # the v5 tiles of conv_bwd_kernel (R=0: not the run kernel)
 OLD = {"bdt": dict(BT=128, BD=4, TILES=4, num_warps=2, R=0),
@@ -40,7 +44,7 @@ OLD_WIDE = {"bdt": dict(BT=128, BD=4, TILES=4, num_warps=2, R=0),
 def variants(layout: str, W: int) -> list[tuple[str, dict | None]]:
     halo = triton.next_power_of_2(max(W - 1, 1))
     old = OLD[layout] if W <= 4 else OLD_WIDE[layout]
-    out = [("v5", old), ("default", None)]
+    out = [("v5", old), ("candidate", _config.bwd_runs_candidate(SHAPE["T"], SHAPE["D"], W, layout == "fused"))]
     if layout == "bdt":
         run = dict(R=8, HR=8, HF=8)
         out += [
@@ -123,7 +127,17 @@ def _warm(job):
         return repr(exc)[:200]
 
 
+def bench(fn, **kwargs) -> float:
+    if DRY:
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median", **kwargs)
+
+
 def copy_bandwidth() -> float:
+    if DRY:
+        return 1.0
     a = torch.randn(2**29, device=DEV, dtype=BF16)  # 1 GiB
     b = torch.empty_like(a)
     ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=25, rep=200, return_mode="median")
@@ -133,7 +147,8 @@ def copy_bandwidth() -> float:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--widths", default="4,3,8")
-    parser.add_argument("--quick", action="store_true", help="W4 only: v5 and the default")
+    parser.add_argument("--quick", action="store_true", help="v5 and the candidate only")
+    parser.add_argument("--dry-run", action="store_true", help="interpreter on the CPU, small shape, no timing")
     args = parser.parse_args()
     t_start = time.time()
     widths = [int(w) for w in args.widths.split(",")]
@@ -144,13 +159,16 @@ def main():
             if args.quick or W != 4:
                 vs = vs[:2] + ([vs[2]] if W != 4 and not args.quick else [])
             jobs += [(layout, W, label, cfg) for label, cfg in vs]
-    with cf.ProcessPoolExecutor(max_workers=min(16, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
-        warm_errors = list(pool.map(_warm, [(lay, W, cfg) for lay, W, _, cfg in jobs]))
+    warm_errors = []
+    if not DRY:
+        with cf.ProcessPoolExecutor(max_workers=min(16, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
+            warm_errors = list(pool.map(_warm, [(lay, W, cfg) for lay, W, _, cfg in jobs]))
     print(f"compiled {len(jobs)} variants in {time.time() - t_start:.0f} s; errors: "
           f"{[e for e in warm_errors if e]}", flush=True)
 
     copy_gbs = copy_bandwidth()
-    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+    name = "cpu (dry run)" if DRY else torch.cuda.get_device_name()
+    print(f"device {name}, torch {torch.__version__}, triton {triton.__version__}, "
           f"copy {copy_gbs:.0f} GB/s", flush=True)
     rows = []
     cases = {}
@@ -167,13 +185,11 @@ def main():
             grads = [torch.autograd.grad(fn(), leaves, dout) for _ in range(2)]
             row["err"] = max(rel(g, r) for g, r in zip(grads[0], ref))
             row["deterministic"] = all(torch.equal(a, b) for a, b in zip(*grads))
-            ms_fb = triton.testing.do_bench(lambda: fn().backward(dout), warmup=25, rep=200,
-                                            return_mode="median", grad_to_none=list(leaves))
+            ms_fb = bench(lambda: fn().backward(dout), grad_to_none=list(leaves))
             out = fn()
-            ms_b = triton.testing.do_bench(lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True),
-                                           warmup=25, rep=200, return_mode="median")
+            ms_b = bench(lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True))
             with torch.no_grad():
-                ms_f = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+                ms_f = bench(fn)
             row.update(ms_fb=ms_fb, ms_b=ms_b, ms_f=ms_f, pct_fb=100 * n_fb / (ms_fb * 1e-3) / 1e9 / copy_gbs,
                        pct_b=100 * n_b / (ms_b * 1e-3) / 1e9 / copy_gbs)
         except Exception as exc:
@@ -185,7 +201,7 @@ def main():
     out_dir = os.environ.get("OUT")
     if out_dir:
         with open(os.path.join(out_dir, "v6_bench.json"), "w") as f:
-            json.dump(dict(copy_gbs=copy_gbs, device=torch.cuda.get_device_name(), torch=torch.__version__,
+            json.dump(dict(copy_gbs=copy_gbs, device=name, torch=torch.__version__,
                            triton=triton.__version__, rows=rows), f, indent=1)
     print(f"\n== copy {copy_gbs:.0f} GB/s; {time.time() - t_start:.0f} s; fwd+bwd bytes 5N, bwd 3N (bf16)")
     for r in rows:

@@ -71,14 +71,19 @@ def _runs_tiles(T: int, D: int, W: int, channel_last: bool) -> dict | None:
 
 @functools.lru_cache(maxsize=1024)
 def conv_bwd_tiles(T: int, D: int, W: int, channel_last: bool, interpreted: bool, elem_bytes: int = 4,
-                   packed: bool = False) -> dict:
+                   packed: bool = False, masked: bool = False) -> dict:
     """Tiles of the backward kernel; `TILES` T tiles per program bound the number of partial rows.
 
     A config with `R` selects the per-thread-run kernel (`kernels/conv_bwd_runs.py`): 16-bit inputs, no
-    packed sequences, full D tiles, and only where it was measured faster on an H200 (docs/PERF_NOTES.md,
-    v6); elsewhere `conv_bwd`.
+    packed sequences, full D tiles, and only for the `(channel_last, W)` of `BWD_RUNS_MEASURED`;
+    elsewhere `conv_bwd` (an override with `R` forces either kernel).
     """
-    runs = _bwd_runs_tiles(T, D, W, channel_last) if elem_bytes == 2 and not packed else None
+    runs = None
+    # an attention mask in the time-major layout: its [R, G, 1] tiles change layout in every run (SASS:
+    # about 160 instructions per element), so only channel-last takes the run kernel with a mask
+    eligible = elem_bytes == 2 and not packed and not (masked and not channel_last)
+    if eligible and (channel_last, W) in BWD_RUNS_MEASURED:
+        runs = bwd_runs_candidate(T, D, W, channel_last)
     if interpreted:
         config = dict(BT=min(_pow2(T), 64), BD=min(_pow2(D), 64), TILES=4, num_warps=4)
         if (runs is not None and D % config["BD"] == 0 and config["BT"] % runs["R"] == 0
@@ -100,8 +105,15 @@ def conv_bwd_tiles(T: int, D: int, W: int, channel_last: bool, interpreted: bool
     return config
 
 
-def _bwd_runs_tiles(T: int, D: int, W: int, channel_last: bool) -> dict | None:
-    """Per-thread-run backward tiles for 16-bit inputs, else None.
+# The `(channel_last, W)` for which an H200 run measured the run-based backward faster than `conv_bwd`
+# (docs/PERF_NOTES.md, v6). None has been measured yet, so nothing is dispatched to it by default;
+# benchmarks/prototypes/v6_bench.py times `bwd_runs_candidate` and other tilings against `conv_bwd`.
+BWD_RUNS_MEASURED: frozenset[tuple[bool, int]] = frozenset()
+
+
+def bwd_runs_candidate(T: int, D: int, W: int, channel_last: bool) -> dict | None:
+    """Per-thread-run backward tiles for 16-bit inputs at this shape, else None (chosen from SASS counts
+    with triton 3.6 and 3.9, not yet timed: docs/PERF_NOTES.md, v6).
 
     The interior runs start at step HR and need HF steps after them, so HR and HF are at least W - 1;
     in the contiguous layout a run and each halo are one 16-byte vector of 8 steps (HR = HF = R = 8).

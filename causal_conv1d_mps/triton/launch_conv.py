@@ -69,7 +69,7 @@ def launch_backward(x: Tensor, x_strides, dout: Tensor, dout_strides, dx: Tensor
     kernels = kernels_for(x.device)
     interpreted = is_interpreted(x.device)
     cfg = _config.conv_bwd_tiles(T, D, W, channel_last, interpreted, x.element_size(),
-                                 packed=seq_idx is not None or cu_seqlens is not None)
+                                 packed=seq_idx is not None or cu_seqlens is not None, masked=mask is not None)
     N, steps = _search_steps(cu_seqlens)
     BW = _next_pow2(W + 1)
     BH = _next_pow2(max(W - 1, 2))
