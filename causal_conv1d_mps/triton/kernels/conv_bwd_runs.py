@@ -15,7 +15,14 @@ step t, with `dpre = dout * act'(pre)`:
     dbias      += sum_s dpre[s]
 dweight and dbias are summed over the in-thread R axis only, into `[BK, G, BD]` / `[G, BD]` accumulators
 that live across all the tiles a program walks; the sum across threads (over G) happens once, when the
-program writes its float32 partial row. There is no scratch and no barrier on that path.
+program writes its float32 partial row. There is no scratch and no barrier on that path. Both sums are
+taken by source row, as the general tiles take them, so each (output, source) pair is counted once.
+
+With `CARRY` (one run per tile, G = 1: each thread walks its own channels) a program walks its tiles back
+in time and each tile hands the dpre of its first HF rows to the tile before it, so only the program's
+first tile recomputes the W-1 rows after its run (at W = 4 and R = 4 that recomputation was 3 of every
+7 pre-activations). `VEC` caps the channels per access (`tl.max_contiguous`): 4 bf16 channels per thread
+in channel-last keep one warp on 128 channels with the R axis inside each thread.
 
 The interior runs start at step HR (so that every halo load stays inside x); the HR steps before them and
 the tail after the last full interior tile (at least HF steps: the forward halo must stay inside x) are
@@ -237,6 +244,7 @@ def conv_bwd_runs_kernel(
     `dw_partial[i_b * grid0 + i_c]` gets each program's `[D, W+1]` weight/bias gradient."""
     tl.static_assert(EVEN_D and not HAS_SEQ_IDX and not IS_VARLEN, "conv_bwd_runs: full D tiles, no packing")
     tl.static_assert(not CARRY or (BT == R and HF <= R), "conv_bwd_runs: CARRY needs one run per tile, HF <= R")
+    tl.static_assert(HR <= BT and BT % R == 0, "conv_bwd_runs: the first general tile holds the HR steps")
     i_c, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_p = i_b * tl.num_programs(0) + i_c
     if i_c < n_chunks:
