@@ -114,6 +114,19 @@ def test_runs_backward_matches_oracle(triton_backend, tiles, launched, config, w
     assert RUNS_BWD in launched and OLD_BWD not in launched, launched
 
 
+@pytest.mark.parametrize("width", [7, 8])
+def test_runs_backward_wide_channel_last(triton_backend, tiles, launched, width):
+    """W 7 and 8 on 8-step runs with 8-step halos (the channel-last candidate for W 5-8), T = 70."""
+    device = triton_backend
+    tiles("conv_bwd_channel_last", BT=8, BD=16, R=8, HR=8, HF=8, TILES=3, CARRY=True, VEC=2, num_warps=1)
+    gen = seeded(40 + width)
+    B, D, T = 1, 32, 70
+    weight, bias = make_params(D, width, torch.float32, device, gen)
+    x = _input(B, D, T, True, torch.float32, device, gen)
+    _check_causal_conv1d(x, weight, bias, "silu", name=f"channel-last W{width}")
+    assert RUNS_BWD in launched and OLD_BWD not in launched, launched
+
+
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_runs_backward_bf16_states_no_bias_identity(triton_backend, tiles, launched, config):
     """bf16, no bias, no activation, initial states and final-state gradients (general tiles at both

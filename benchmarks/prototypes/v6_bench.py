@@ -48,18 +48,18 @@ def variants(layout: str, W: int) -> list[tuple[str, dict | None]]:
     if layout == "bdt":
         run = dict(R=8, HR=8, HF=8)
         out += [
-            ("runs BT128 BD4 t4 w2", dict(BT=128, BD=4, TILES=4, num_warps=2, **run)),
+            ("carry BT8 BD32 R8 t32 w1", dict(BT=8, BD=32, TILES=32, num_warps=1, CARRY=True, **run)),
+            ("runs BT128 BD4 t4 w2", dict(BT=128, BD=4, TILES=4, num_warps=2, **run)),  # = candidate: spread
             ("runs BT128 BD4 t8 w2", dict(BT=128, BD=4, TILES=8, num_warps=2, **run)),
             ("runs BT64 BD4 t8 w1", dict(BT=64, BD=4, TILES=8, num_warps=1, **run)),
             ("runs BT256 BD4 t2 w4", dict(BT=256, BD=4, TILES=2, num_warps=4, **run)),
-            ("carry BT8 BD32 R8 t32 w1", dict(BT=8, BD=32, TILES=32, num_warps=1, CARRY=True, **run)),
             ("carry BT16 BD64 R16 t16 w2", dict(BT=16, BD=64, TILES=16, num_warps=2, CARRY=True, R=16, HR=8, HF=8)),
         ]
     else:
         r = 4 if halo <= 4 else 8
         out += [
             (f"carry BT{r} BD128 v4 t32 w1", dict(BT=r, BD=128, R=r, HR=halo, HF=halo, TILES=32, CARRY=True, VEC=4,
-                                                 num_warps=1)),
+                                                 num_warps=1)),  # W4: = candidate, a second timing
             (f"carry BT{r} BD128 v4 t64 w1", dict(BT=r, BD=128, R=r, HR=halo, HF=halo, TILES=64, CARRY=True, VEC=4,
                                                  num_warps=1)),
             (f"carry BT{r} BD256 v4 t32 w2", dict(BT=r, BD=256, R=r, HR=halo, HF=halo, TILES=32, CARRY=True, VEC=4,
@@ -156,8 +156,9 @@ def main():
     for W in widths:
         for layout in ("bdt", "fused"):
             vs = variants(layout, W)
-            if args.quick or W != 4:
-                vs = vs[:2] + ([vs[2]] if W != 4 and not args.quick else [])
+            if args.quick or W != 4:  # v5, the candidate, and (not --quick) the first other tiling
+                other = [v for v in vs[2:] if v[1] != vs[1][1]][:1]
+                vs = vs[:2] + (other if W != 4 and not args.quick else [])
             jobs += [(layout, W, label, cfg) for label, cfg in vs]
     warm_errors = []
     if not DRY:

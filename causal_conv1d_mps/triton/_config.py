@@ -122,11 +122,13 @@ def bwd_runs_candidate(T: int, D: int, W: int, channel_last: bool) -> dict | Non
         return None
     halo = _pow2(W - 1)
     if channel_last:
-        # one warp per 128 channels, 4 per thread (`VEC`): each thread walks its channels back in time,
-        # one run per tile, and hands the dpre of the run's first rows to the tile before (`CARRY`)
-        if W <= 8 and D % 128 == 0 and T >= 64:
-            run = 4 if halo <= 4 else 8
-            return dict(BT=run, BD=128, R=run, HR=halo, HF=halo, TILES=32, CARRY=True, VEC=4, num_warps=1)
+        # each thread walks its channels back in time, one run per tile, and hands the dpre of the run's
+        # first rows to the tile before (`CARRY`); VEC channels per thread: 4 (one warp per 128 channels) up
+        # to W = 4, 2 for W = 5..8, whose 8-step runs and halos spilled with 4 (SASS, triton 3.6)
+        if W <= 4 and D % 128 == 0 and T >= 64:
+            return dict(BT=4, BD=128, R=4, HR=halo, HF=halo, TILES=32, CARRY=True, VEC=4, num_warps=1)
+        if W <= 8 and D % 64 == 0 and T >= 64:
+            return dict(BT=8, BD=64, R=8, HR=halo, HF=halo, TILES=32, CARRY=True, VEC=2, num_warps=1)
         return None
     if W <= 9 and T % 8 == 0 and T >= 256 and D % 4 == 0:
         return dict(BT=128, BD=4, R=8, HR=8, HF=8, TILES=4, num_warps=2)
