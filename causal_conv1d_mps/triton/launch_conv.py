@@ -7,10 +7,14 @@ own specialisation, never a placeholder tensor.
 """
 from __future__ import annotations
 
+import importlib
+import sys
+from contextlib import nullcontext
+
 import torch
 from torch import Tensor
 
-from . import _config
+from . import _config, _loader
 from ._launch import launch
 from ._loader import is_interpreted, kernels_for
 
@@ -64,33 +68,49 @@ def launch_backward(x: Tensor, x_strides, dout: Tensor, dout_strides, dx: Tensor
         return dweight, dbias, dh0
     kernels = kernels_for(x.device)
     interpreted = is_interpreted(x.device)
-    cfg = _config.conv_bwd_tiles(T, D, W, channel_last, interpreted)
+    cfg = _config.conv_bwd_tiles(T, D, W, channel_last, interpreted, x.element_size(),
+                                 packed=seq_idx is not None or cu_seqlens is not None, masked=mask is not None)
     N, steps = _search_steps(cu_seqlens)
-    n_tiles = _cdiv(T, cfg["BT"])
-    n_chunks = _cdiv(n_tiles, cfg["TILES"]) if B > 0 else 0
     # one partial row per stream start: its W-1 states, or the zeros standing in for them, which are still
     # inputs (docs/CONTRACT.md section 7, item 5)
     start_rows = rows if W > 1 and (use_h0 or T > 0) else 0
-    n_partials = B * n_chunks + start_rows
     BW = _next_pow2(W + 1)
-    dw_partial = torch.empty(n_partials, D, W + 1, device=x.device, dtype=torch.float32)
+    BH = _next_pow2(max(W - 1, 2))
     flags = dict(ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
                  HAS_SEQ_IDX=seq_idx is not None)
     h0 = initial_states if use_h0 else None
     dht = dfinal_states if use_dht else None
+    constexprs = dict(W=W, BT=cfg["BT"], BH=BH, BD=cfg["BD"], BW=BW, **flags, HAS_RESIDUAL=residual,
+                      IS_VARLEN=cu_seqlens is not None, USE_INITIAL_STATE=use_h0, USE_FINAL_STATE_GRAD=use_dht,
+                      EVEN_D=D % cfg["BD"] == 0, TIME_CONTIGUOUS=not channel_last)
+    if cfg.get("R") and B > 0:
+        # per-thread time runs for the interior (kernels/conv_bwd_runs.py): the programs along T are the
+        # interior's chunks of TILES tiles, then one per general tile (the HR steps before the interior and
+        # the tail after it); scratch slices only for the general tiles
+        HR, HF = cfg["HR"], cfg["HF"]
+        n_interior = max((T - HR - HF) // cfg["BT"], 0)
+        t_tail = HR + n_interior * cfg["BT"]
+        n_general = 1 + _cdiv(max(T - t_tail, 0), cfg["BT"])
+        n_runs = _cdiv(n_interior, cfg["TILES"])
+        n_chunks = n_runs + n_general
+        n_scratch = n_general * _cdiv(D, cfg["BD"]) * B
+        kernel, extra_args = _bwd_runs_kernel(kernels), (n_interior, n_runs, t_tail)
+        constexprs.update(R=cfg["R"], HR=HR, HF=HF, BK=_next_pow2(W), CARRY=bool(cfg.get("CARRY")),
+                          VEC=cfg.get("VEC", 8))
+    else:
+        n_chunks = _cdiv(_cdiv(T, cfg["BT"]), cfg["TILES"]) if B > 0 else 0
+        n_scratch = n_chunks * _cdiv(D, cfg["BD"]) * B
+        kernel, extra_args = kernels.conv_bwd_kernel, ()
+    n_partials = B * n_chunks + start_rows
+    dw_partial = torch.empty(n_partials, D, W + 1, device=x.device, dtype=torch.float32)
     if n_chunks > 0:
         grid = (n_chunks, _cdiv(D, cfg["BD"]), B)
-        BH = _next_pow2(max(W - 1, 2))
         # per-program float32 slices for dpre (tile rows + halo); small enough to live in L2
-        scratch = torch.empty(grid[0] * grid[1] * grid[2], cfg["BT"] + BH, cfg["BD"],
-                              device=x.device, dtype=torch.float32)
-        launch(kernels.conv_bwd_kernel, grid,
+        scratch = torch.empty(n_scratch, cfg["BT"] + BH, cfg["BD"], device=x.device, dtype=torch.float32)
+        launch(kernel, grid,
                (x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, dht, dx, dw_partial, scratch,
-                T, D, N, steps, cfg["TILES"], *x_strides, *dout_strides, *dx_strides),
-               dict(W=W, BT=cfg["BT"], BH=BH, BD=cfg["BD"], BW=BW, **flags, HAS_RESIDUAL=residual,
-                    IS_VARLEN=cu_seqlens is not None, USE_INITIAL_STATE=use_h0, USE_FINAL_STATE_GRAD=use_dht,
-                    EVEN_D=D % cfg["BD"] == 0, TIME_CONTIGUOUS=not channel_last),
-               cfg["num_warps"])
+                T, D, N, steps, cfg["TILES"], *extra_args, *x_strides, *dout_strides, *dx_strides),
+               constexprs, cfg["num_warps"])
     if start_rows > 0:
         BD = min(_next_pow2(D), 128)
         BJ = _next_pow2(max(W - 1, 2))
@@ -110,6 +130,23 @@ def launch_backward(x: Tensor, x_strides, dout: Tensor, dout_strides, dx: Tensor
            (dw_partial, dweight, dbias if bias is not None else None, n_partials, n_cols),
            dict(W=W, BP=16, BC=BC, HAS_BIAS=bias is not None), 4)
     return dweight, dbias, dh0
+
+
+def _bwd_runs_kernel(kernels):
+    """`conv_bwd_runs_kernel` of the package `kernels` (compiled, or the interpreted copy of `._loader`).
+
+    `kernels/__init__.py` does not import that module: it is imported here, with the interpreter knob on
+    for the interpreted copy (its decorators must run interpreted, see `._loader`).
+    """
+    kernel = getattr(kernels, "conv_bwd_runs_kernel", None)
+    if kernel is not None:
+        return kernel
+    name = kernels.__name__ + ".conv_bwd_runs"
+    module = sys.modules.get(name)
+    if module is None:
+        with _loader._interpreter_on() if kernels.__name__ == _loader._INTERPRETED_KERNELS else nullcontext():
+            module = importlib.import_module(name)
+    return module.conv_bwd_runs_kernel
 
 
 def gather_states(x: Tensor, x_strides, rows: int, T: int, D: int, state_len: int, W: int,
