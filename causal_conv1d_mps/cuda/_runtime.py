@@ -51,7 +51,7 @@ def kernel(name: str, defines: dict[str, int], device: torch.device):
         return None
     index = device.index if device.type == "cuda" and device.index is not None else (
         torch.cuda.current_device() if device.type == "cuda" else -1)
-    key = (name, device.type, index, tuple(sorted(defines.items())))
+    key = (name, device.type, index, *defines.items())  # the launchers build `defines` in one order
     found = _kernels.get(key)
     if found is not None:
         return found
@@ -90,9 +90,9 @@ def _compile(name: str, defines: dict[str, int], device: torch.device, index: in
 
 class _DriverKernel:
     """A kernel compiled by `torch.cuda._compile_kernel`, launched through `cuLaunchKernel` on the current
-    stream. The argument values are packed into one buffer (`struct`, native alignment: tensors as pointers,
-    ints as 32-bit `int`) and `kernelParams` points into it: one `struct.pack` and one pointer array per
-    launch instead of a ctypes object per argument keeps the host time low."""
+    stream. The argument values are packed into one buffer per argument layout (`struct.pack_into`: tensors as
+    pointers, ints as 32-bit `int`) that a fixed `kernelParams` array points into: no ctypes object is made
+    per argument or per launch, which keeps the host time low."""
 
     def __init__(self, compiled, device_index: int):
         global _libcuda
@@ -107,31 +107,43 @@ class _DriverKernel:
         self._compiled = compiled  # keeps the module loaded
         self._func = compiled.func.value
         self._device = device_index
-        self._layouts: dict[tuple, tuple] = {}
+        self._layouts: dict[tuple, _ArgumentLayout] = {}
 
     def __call__(self, grid, block, args, shared_mem: int = 0) -> None:
         kinds = tuple(type(a) is int for a in args)
         layout = self._layouts.get(kinds)
         if layout is None:
-            codes = ["i" if k else "P" for k in kinds]
-            offsets = [struct.calcsize("@" + "".join(codes[:i + 1])) - struct.calcsize("@" + codes[i])
-                       for i in range(len(codes))]
-            layout = self._layouts[kinds] = ("@" + "".join(codes), offsets, ctypes.c_void_p * len(codes))
-        fmt, offsets, array_type = layout
-        buffer = ctypes.create_string_buffer(struct.pack(fmt, *[a if type(a) is int else a.data_ptr() for a in args]))
-        base = ctypes.addressof(buffer)
-        params = array_type(*[base + off for off in offsets])
+            layout = self._layouts[kinds] = _ArgumentLayout(kinds)
+        values = [a if type(a) is int else a.data_ptr() for a in args]
         stream = torch._C._cuda_getCurrentRawStream(self._device)
-        result = _libcuda.cuLaunchKernel(self._func, grid[0], grid[1], grid[2], block[0], block[1], block[2],
-                                         shared_mem, stream, params, None)
-        if result == _CUDA_ERROR_INVALID_CONTEXT:
+        for attempt in range(2):
+            with layout.lock:  # the driver copies the parameters during the call: the buffer is free after it
+                struct.pack_into(layout.fmt, layout.buffer, 0, *values)
+                result = _libcuda.cuLaunchKernel(self._func, grid[0], grid[1], grid[2], block[0], block[1],
+                                                 block[2], shared_mem, stream, layout.params, None)
+            if result != _CUDA_ERROR_INVALID_CONTEXT or attempt:
+                break
             # a thread that has not used the driver API yet (autograd's device threads): make the device's
             # primary context (the one PyTorch and the module use) current, then launch again
             _make_primary_context_current(self._device)
-            result = _libcuda.cuLaunchKernel(self._func, grid[0], grid[1], grid[2], block[0], block[1],
-                                             block[2], shared_mem, stream, params, None)
         if result != 0:
             raise RuntimeError(f"cuLaunchKernel failed with CUDA error {result}")
+
+
+class _ArgumentLayout:
+    """The C layout of one argument list (tensors: pointers, ints: 32-bit `int`, native alignment), with a
+    buffer the values are packed into and the `kernelParams` array pointing at each value in it."""
+
+    def __init__(self, kinds: tuple[bool, ...]):
+        codes = ["i" if is_int else "P" for is_int in kinds]
+        self.fmt = "@" + "".join(codes)
+        offsets = [struct.calcsize("@" + "".join(codes[:i + 1])) - struct.calcsize("@" + codes[i])
+                   for i in range(len(codes))]
+        self.buffer = ctypes.create_string_buffer(max(struct.calcsize(self.fmt), 1))
+        base = ctypes.addressof(self.buffer)
+        self.params = (ctypes.c_void_p * len(codes))(*[base + off for off in offsets])
+        self.lock = threading.Lock()
+
 
 _CUDA_ERROR_INVALID_CONTEXT = 201
 
