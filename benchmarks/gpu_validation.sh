@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_validation.sh bench   # bench.py rows, CUDA C++ against Triton, the transformers example,
 #                                             # context-parallel cost
 #   bash benchmarks/gpu_validation.sh all     # both in one call (about 10 minutes on 2 GPUs; no NCCL parts)
+#   bash benchmarks/gpu_validation.sh suite   # the op suite and GPU-only tests alone (about 6 minutes)
+#   bash benchmarks/gpu_validation.sh timings # the timed runs alone (about 4 minutes)
 #
 # Logs and JSON go to $OUT (default ./gpu-results); a short summary is printed last. Each part has its own
 # time limit so that a call fits a 10-minute slot. Run from the repository root; nothing is installed.
@@ -59,13 +61,17 @@ tests() {
   summary "context parallel (NCCL)" "$OUT/cp-nccl.log"
 }
 
-timings() {  # the timed runs, each alone on its GPU
-  CUDA_VISIBLE_DEVICES=0 timeout 200 python bench.py --dtype bf16 --suite large,backward,decode,width \
+timings() {  # the timed runs: bench.py alone on the first GPU, the rest one after another on the other
+  CUDA_VISIBLE_DEVICES=0 timeout 230 python bench.py --dtype bf16 --suite large,backward,decode,width \
     --json "$OUT/bench-bf16.json" > "$OUT/bench-bf16.log" 2>&1 &
   { CUDA_VISIBLE_DEVICES=$LAST timeout 90 python benchmarks/prototypes/cuda_vs_triton.py \
       --json "$OUT/cuda-vs-triton.json" > "$OUT/cuda-vs-triton.log" 2>&1
-    CUDA_VISIBLE_DEVICES=$LAST timeout 90 python examples/transformers_lfm2.py --device cuda --dtype bf16 \
-      --out "$OUT/lfm2-bf16.json" > "$OUT/lfm2-bf16.log" 2>&1; } &
+    CUDA_VISIBLE_DEVICES=$LAST timeout 80 python examples/transformers_lfm2.py --device cuda --dtype bf16 \
+      --out "$OUT/lfm2-bf16.json" > "$OUT/lfm2-bf16.log" 2>&1
+    CUDA_VISIBLE_DEVICES=$LAST timeout 60 python examples/transformers_lfm2.py --device cuda --dtype bf16 \
+      --diagnose > "$OUT/lfm2-diagnose.log" 2>&1
+    CUDA_VISIBLE_DEVICES=$LAST timeout 40 python benchmarks/host_overhead.py --device cuda --dtype bf16 \
+      > "$OUT/host-overhead.log" 2>&1; } &
   wait
 }
 
@@ -97,9 +103,29 @@ all() {
   summary "transformers LFM2 bf16" "$OUT/lfm2-bf16.log"
 }
 
+suite() {
+  environment
+  op_suite 330
+  summary "op suite (a)" "$OUT/suite-a.log"
+  summary "op suite (b)" "$OUT/suite-b.log"
+  summary "GPU-only, check, transformers" "$OUT/gpu-only.log"
+}
+
+timed() {
+  environment
+  timings
+  summary "bench.py bf16" "$OUT/bench-bf16.log"
+  summary "CUDA C++ against Triton" "$OUT/cuda-vs-triton.log"
+  summary "transformers LFM2 bf16" "$OUT/lfm2-bf16.log"
+  summary "LFM2 diagnose" "$OUT/lfm2-diagnose.log"
+  summary "host overhead" "$OUT/host-overhead.log"
+}
+
 case "${1:-}" in
+  suite) suite ;;
+  timings) timed ;;
   tests) tests ;;
   bench) bench ;;
   all) all ;;
-  *) echo "usage: $0 tests|bench|all" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|bench|all|suite|timings" >&2; exit 2 ;;
 esac
