@@ -66,10 +66,8 @@ timings() {  # the timed runs: bench.py alone on the first GPU, the rest one aft
     --json "$OUT/bench-bf16.json" > "$OUT/bench-bf16.log" 2>&1 &
   { CUDA_VISIBLE_DEVICES=$LAST timeout 90 python benchmarks/prototypes/cuda_vs_triton.py \
       --json "$OUT/cuda-vs-triton.json" > "$OUT/cuda-vs-triton.log" 2>&1
-    CUDA_VISIBLE_DEVICES=$LAST timeout 80 python examples/transformers_lfm2.py --device cuda --dtype bf16 \
-      --out "$OUT/lfm2-bf16.json" > "$OUT/lfm2-bf16.log" 2>&1
-    CUDA_VISIBLE_DEVICES=$LAST timeout 60 python examples/transformers_lfm2.py --device cuda --dtype bf16 \
-      --diagnose > "$OUT/lfm2-diagnose.log" 2>&1
+    CUDA_VISIBLE_DEVICES=$LAST timeout 140 python examples/transformers_lfm2.py --device cuda --dtype bf16 \
+      --diagnose --out "$OUT/lfm2-bf16.json" > "$OUT/lfm2-bf16.log" 2>&1
     CUDA_VISIBLE_DEVICES=$LAST timeout 40 python benchmarks/host_overhead.py --device cuda --dtype bf16 \
       > "$OUT/host-overhead.log" 2>&1; } &
   wait
@@ -117,7 +115,6 @@ timed() {
   summary "bench.py bf16" "$OUT/bench-bf16.log"
   summary "CUDA C++ against Triton" "$OUT/cuda-vs-triton.log"
   summary "transformers LFM2 bf16" "$OUT/lfm2-bf16.log"
-  summary "LFM2 diagnose" "$OUT/lfm2-diagnose.log"
   summary "host overhead" "$OUT/host-overhead.log"
 }
 
