@@ -232,3 +232,41 @@ def test_generated_header_comes_from_the_registry():
         _source.header({**defines, "CC_W": 18})
     with pytest.raises(ValueError, match="expected"):
         _source.header({"CC_W": 4})
+
+
+def test_public_api_with_final_states_mixes_kernels_correctly(kernels, device, monkeypatch):
+    """The CUDA C++ forward with final states gathered by the Triton kernel, and a backward that carries a
+    final-state gradient (which the CUDA C++ backward does not take: Triton serves it), against the oracle."""
+    import causal_conv1d_mps as ccmps
+    from causal_conv1d_mps.cuda import launch
+
+    monkeypatch.setenv("CAUSAL_CONV1D_BACKEND", "triton")
+    served = []
+    fwd, bwd = launch.conv_fwd_bdt, launch.conv_bwd_bdt
+
+    def spy(fn, name):
+        def wrapped(*args, **kwargs):
+            result = fn(*args, **{**kwargs, "allow_cpu": True})
+            served.append((name, result is not None))
+            return result
+        return wrapped
+
+    monkeypatch.setattr(launch, "conv_fwd_bdt", spy(fwd, "fwd"))
+    monkeypatch.setattr(launch, "conv_bwd_bdt", spy(bwd, "bwd"))
+    gen = seeded(13)
+    weight, bias = make_params(5, 4, torch.float32, device, gen)
+    x = randn(2, 5, 24, dtype=torch.float16, device=device, generator=gen)
+    dout = randn(2, 5, 24, dtype=torch.float16, device=device, generator=gen)
+    dfinal = randn(2, 5, 3, dtype=torch.float16, device=device, generator=gen)
+    xl, wl, bl = leaf(x), leaf(weight), leaf(bias)
+    out, final = ccmps.causal_conv1d(xl, wl, bl, "silu", return_final_states=True)
+    torch.autograd.backward((out, final), (dout, dfinal))
+    assert served == [("fwd", True)], served  # the backward with a final-state gradient is Triton's
+    x64, w64, b64 = leaf64(x), leaf64(weight), leaf64(bias)
+    ref, ref_final = oracle.causal_conv1d(x64, w64, b64, "silu")
+    torch.autograd.backward((ref, ref_final), (dout.cpu().double(), dfinal.cpu().double()))
+    assert_close_rel(out, ref, torch.float16, "out")
+    assert_close_rel(final, ref_final, torch.float16, "final states")
+    assert_close_rel(xl.grad, x64.grad, torch.float16, "dx")
+    assert_close_rel(wl.grad, w64.grad, torch.float16, "dweight")
+    assert_close_rel(bl.grad, b64.grad, torch.float16, "dbias")
