@@ -6,6 +6,8 @@ registers and spills. No device time is needed to see layout conversions, spills
     PYTHONPATH=$PWD python benchmarks/kernel_asm.py bwd --BT 32 --BD 64 --warps 2 [--contiguous]
     PYTHONPATH=$PWD python benchmarks/kernel_asm.py update --BD 256 --warps 4
     PYTHONPATH=$PWD python benchmarks/kernel_asm.py fwd_runs --BT 256 --BD 4 --R 8 --HR 8 --contiguous
+    PYTHONPATH=$PWD python benchmarks/kernel_asm.py bwd_runs --BT 4 --BD 128 --R 4 --HR 4 --carry --vec 4 --warps 1
+    PYTHONPATH=$PWD python benchmarks/kernel_asm.py bwd_runs --BT 128 --BD 4 --R 8 --HR 8 --warps 2 --contiguous
     ... --dump /tmp/k   (writes k.ptx and k.sass)
 
 Inputs are described as bf16 tensors whose stride along the vectorised axis is 1 and whose pointers,
@@ -27,7 +29,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from causal_conv1d_mps.triton.kernels import conv_bwd, conv_fwd, conv_fwd_runs, update
+from causal_conv1d_mps.triton.kernels import conv_bwd, conv_bwd_runs, conv_fwd, conv_fwd_runs, update
 
 BF16 = "*bf16"
 
@@ -122,16 +124,23 @@ def kernel_and_args(args):
         return conv_fwd_runs.conv_fwd_runs_kernel, tensors, dict(
             **constexprs, R=args.R, HR=args.HR or triton.next_power_of_2(max(W - 1, 1)),
             BW=triton.next_power_of_2(W))
-    if args.kernel == "bwd":
+    if args.kernel in ("bwd", "bwd_runs"):
         strides = (dict(stride_x_t=1, stride_do_t=1, stride_dx_t=1) if time_major
                    else dict(stride_x_d=1, stride_do_d=1, stride_dx_d=1))
+        states = BF16 if args.states else None
         tensors = dict(x=BF16, weight=BF16, bias=BF16, mask=BF16 if args.mask else None, seq_idx=None,
-                       cu_seqlens=None, h0=None, dout=BF16, dht=None, dx=BF16, dw_partial="*fp32",
+                       cu_seqlens=None, h0=states, dout=BF16, dht=states, dx=BF16, dw_partial="*fp32",
                        scratch="*fp32")
-        return conv_bwd.conv_bwd_kernel, tensors, dict(
+        constexprs = dict(
             **strides, W=W, BT=args.BT, BH=triton.next_power_of_2(max(W - 1, 2)), BD=args.BD,
-            BW=triton.next_power_of_2(W + 1), **flags, HAS_RESIDUAL=not time_major, USE_INITIAL_STATE=False,
-            USE_FINAL_STATE_GRAD=False, EVEN_D=True, TIME_CONTIGUOUS=time_major)
+            BW=triton.next_power_of_2(W + 1), **flags, HAS_RESIDUAL=not time_major,
+            USE_INITIAL_STATE=args.states, USE_FINAL_STATE_GRAD=args.states, EVEN_D=True,
+            TIME_CONTIGUOUS=time_major)
+        if args.kernel == "bwd":
+            return conv_bwd.conv_bwd_kernel, tensors, constexprs
+        halo = args.HR or triton.next_power_of_2(max(W - 1, 1))
+        return conv_bwd_runs.conv_bwd_runs_kernel, tensors, dict(
+            **constexprs, R=args.R, HR=halo, HF=halo, BK=triton.next_power_of_2(W), CARRY=args.carry, VEC=args.vec)
     tensors = dict(x=BF16, conv_state=BF16, weight=BF16, bias=BF16, cache_seqlens=None, state_indices=None,
                    out=BF16)
     return update.short_conv_update_kernel, tensors, dict(
@@ -141,14 +150,19 @@ def kernel_and_args(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kernel", choices=["fwd", "fwd_runs", "bwd", "update"])
+    parser.add_argument("kernel", choices=["fwd", "fwd_runs", "bwd", "bwd_runs", "update"])
     parser.add_argument("--W", type=int, default=4)
     parser.add_argument("--BT", type=int, default=32)
     parser.add_argument("--BD", type=int, default=64)
     parser.add_argument("--warps", type=int, default=4)
-    parser.add_argument("--R", type=int, default=8, help="fwd_runs: time steps per thread run")
-    parser.add_argument("--HR", type=int, default=0, help="fwd_runs: halo rows (default next_pow2(W-1))")
+    parser.add_argument("--R", type=int, default=8, help="*_runs: time steps per thread run")
+    parser.add_argument("--HR", type=int, default=0,
+                        help="*_runs: halo rows (bwd_runs: before and after a run; default next_pow2(W-1))")
+    parser.add_argument("--carry", action="store_true", help="bwd_runs: walk back in time, carrying dpre rows")
+    parser.add_argument("--vec", type=int, default=8, help="bwd_runs: channels per access on the run tiles")
     parser.add_argument("--mask", action="store_true", help="with an attention mask (fused op)")
+    parser.add_argument("--states", action="store_true",
+                        help="bwd*: with initial states and final-state gradients")
     parser.add_argument("--contiguous", action="store_true", help="(B, D, T) contiguous: time is the fast axis")
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--dump", help="write PREFIX.ptx and PREFIX.sass")
@@ -159,7 +173,8 @@ def main():
     if args.dump:
         Path(args.dump + ".ptx").write_text(ptx)
     print(f"{args.kernel} W{args.W} BT{args.BT} BD{args.BD} warps {args.warps}"
-          f"{' mask' if args.mask else ''}{' contiguous' if args.contiguous else ' channel-last'}")
+          f"{' mask' if args.mask else ''}{' states' if args.states else ''}"
+          f"{' contiguous' if args.contiguous else ' channel-last'}")
     ptx_info, sass_info = ptx_summary(ptx), sass_summary(ptx, args.arch, args.dump)
     print("PTX :", {k: v for k, v in ptx_info.items() if k != "top"})
     print("      top:", ", ".join(f"{op} {c}" for op, c in ptx_info["top"]))

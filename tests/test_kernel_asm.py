@@ -13,8 +13,12 @@ ROOT = Path(__file__).resolve().parent.parent
 pytest.importorskip("triton")
 
 
-@pytest.mark.parametrize("args", [["update", "--BD", "256"], ["fwd", "--BT", "8", "--BD", "128", "--warps", "1"]],
-                         ids=["update", "fwd"])
+@pytest.mark.parametrize("args", [
+    ["update", "--BD", "256"],
+    ["fwd", "--BT", "8", "--BD", "128", "--warps", "1"],
+    # the run-based backward with the channel-last W = 4 tiles it is dispatched with (`_config`)
+    ["bwd_runs", "--BT", "4", "--BD", "128", "--R", "4", "--HR", "4", "--carry", "--vec", "4", "--warps", "1"],
+], ids=["update", "fwd", "bwd_runs"])
 def test_counts_instructions_of_a_compiled_kernel(args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

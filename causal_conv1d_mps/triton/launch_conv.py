@@ -7,14 +7,10 @@ own specialisation, never a placeholder tensor.
 """
 from __future__ import annotations
 
-import importlib
-import sys
-from contextlib import nullcontext
-
 import torch
 from torch import Tensor
 
-from . import _config, _loader
+from . import _config
 from ._launch import launch
 from ._loader import is_interpreted, kernels_for
 
@@ -94,7 +90,7 @@ def launch_backward(x: Tensor, x_strides, dout: Tensor, dout_strides, dx: Tensor
         n_runs = _cdiv(n_interior, cfg["TILES"])
         n_chunks = n_runs + n_general
         n_scratch = n_general * _cdiv(D, cfg["BD"]) * B
-        kernel, extra_args = _bwd_runs_kernel(kernels), (n_interior, n_runs, t_tail)
+        kernel, extra_args = kernels.conv_bwd_runs_kernel, (n_interior, n_runs, t_tail)
         constexprs.update(R=cfg["R"], HR=HR, HF=HF, BK=_next_pow2(W), CARRY=bool(cfg.get("CARRY")),
                           VEC=cfg.get("VEC", 8))
     else:
@@ -130,23 +126,6 @@ def launch_backward(x: Tensor, x_strides, dout: Tensor, dout_strides, dx: Tensor
            (dw_partial, dweight, dbias if bias is not None else None, n_partials, n_cols),
            dict(W=W, BP=16, BC=BC, HAS_BIAS=bias is not None), 4)
     return dweight, dbias, dh0
-
-
-def _bwd_runs_kernel(kernels):
-    """`conv_bwd_runs_kernel` of the package `kernels` (compiled, or the interpreted copy of `._loader`).
-
-    `kernels/__init__.py` does not import that module: it is imported here, with the interpreter knob on
-    for the interpreted copy (its decorators must run interpreted, see `._loader`).
-    """
-    kernel = getattr(kernels, "conv_bwd_runs_kernel", None)
-    if kernel is not None:
-        return kernel
-    name = kernels.__name__ + ".conv_bwd_runs"
-    module = sys.modules.get(name)
-    if module is None:
-        with _loader._interpreter_on() if kernels.__name__ == _loader._INTERPRETED_KERNELS else nullcontext():
-            module = importlib.import_module(name)
-    return module.conv_bwd_runs_kernel
 
 
 def gather_states(x: Tensor, x_strides, rows: int, T: int, D: int, state_len: int, W: int,

@@ -11,11 +11,13 @@ Each program first computes dpre once per row (its BT rows and the W-1 rows afte
 its own slice of an L2-resident float32 scratch, and after a barrier reads it back shifted by each tap:
 Triton has no register shift, and recomputing dpre for every tap would cost W times the arithmetic.
 A tile whose taps, halo and channels all lie inside `x` (no packed sequences) takes an unmasked path
-(`bwd_tile_interior`). The scratch is laid out like `x` (time-major when T is contiguous) and 16-bit
-channel-last tiles are read 4 channels per access, so that no tile changes layout between memory and
-arithmetic (docs/PERF_NOTES.md, v4). A program walks `tiles_per_program` T tiles of one (D tile, row)
-and keeps its weight/bias gradient in registers; each program writes one float32 partial row, and
-`reduce_partials_kernel` sums the rows in a fixed order (bitwise deterministic, no float atomics).
+(`bwd_tile_interior`); every other tile takes the masked one (`bwd_tile_general`, which the run-based
+backward `conv_bwd_runs` uses for its boundary tiles too). The scratch is laid out like `x` (time-major
+when T is contiguous) and 16-bit channel-last tiles are read 4 channels per access, so that no tile
+changes layout between memory and arithmetic (docs/PERF_NOTES.md, v4). A program walks
+`tiles_per_program` T tiles of one (D tile, row) and keeps its weight/bias gradient in registers; each
+program writes one float32 partial row, and `reduce_partials_kernel` sums the rows in a fixed order
+(bitwise deterministic, no float atomics).
 
 The W-1 steps before a stream start (the initial states, or the zeros standing in for them) have no row
 in that grid: a small kernel, `conv_bwd_initial_state_kernel`, gives their gradient and their share of
@@ -117,6 +119,85 @@ def bwd_tile_interior(x, weight, bias, mask, dout, dx, p_scr, b_dw, i_b, t0, o_r
 
 
 @triton.jit
+def bwd_tile_general(x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, dht, dx, p_scr, b_dw, i_b,
+                     t_start, t_stop, o_r, o_rh, o_d, o_w, T, D, N, n_search_steps,
+                     stride_x_b, stride_x_t, stride_x_d, stride_do_b, stride_do_t, stride_do_d,
+                     stride_dx_b, stride_dx_t, stride_dx_d,
+                     W: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, SCR_R: tl.constexpr,
+                     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                     HAS_SEQ_IDX: tl.constexpr, HAS_RESIDUAL: tl.constexpr, IS_VARLEN: tl.constexpr,
+                     USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRAD: tl.constexpr,
+                     SCRATCH_REUSED: tl.constexpr):
+    """One T tile with every mask (sequence boundaries, padding, initial states, final-state gradients,
+    partial tiles): source rows `t_start .. min(t_start + BT, t_stop, T) - 1` get their dx, and their share
+    of the `[BW, BD]` weight/bias gradient `b_dw` (row W: bias) is added; the updated `b_dw` is returned.
+
+    Phase 1 parks the dpre of the BT rows from `t_start` and of the W-1 rows after them in the program's
+    scratch slice `p_scr`; phase 2 gathers it through each tap. Rows from `t_stop` on get dpre (a tap of an
+    earlier row reads it) but no dx and no dweight share: another tile owns them (`conv_bwd_runs`; pass
+    `t_stop = T` for a whole tile). `SCRATCH_REUSED`: an earlier tile of this program may still be reading
+    the scratch, so wait for it before overwriting.
+    """
+    m_d = o_d < D
+    o_s = t_start + o_r
+    m_all = o_s < T
+    m_s = m_all & (o_s < t_stop)
+    # phase 1: dpre once per output row (tile rows and the W-1 halo rows after them) into the scratch
+    b_dpre = dpre_rows(x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, i_b, o_s, o_d, m_all, m_d,
+                       T, D, N, n_search_steps, stride_x_b, stride_x_t, stride_x_d,
+                       stride_do_b, stride_do_t, stride_do_d, W, BT, BD,
+                       ACTIVATION, HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, IS_VARLEN, USE_INITIAL_STATE)
+    o_th = t_start + BT + o_rh
+    m_th = (o_th < T) & (o_rh < W - 1)
+    b_dpre_h = dpre_rows(x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, i_b, o_th, o_d, m_th, m_d,
+                         T, D, N, n_search_steps, stride_x_b, stride_x_t, stride_x_d,
+                         stride_do_b, stride_do_t, stride_do_d, W, BH, BD,
+                         ACTIVATION, HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, IS_VARLEN, USE_INITIAL_STATE)
+    if SCRATCH_REUSED:
+        tl.debug_barrier()  # the previous tile's readers are done with the scratch
+    tl.store(p_scr + o_r[:, None] * SCR_R, b_dpre)
+    tl.store(p_scr + (BT + o_rh)[:, None] * SCR_R, b_dpre_h)
+    tl.debug_barrier()  # make the rows visible to every thread of the program
+
+    # phase 2: gather dpre through each tap for the source rows s of the tile
+    i_h, bos, eos, b_seq_s, _ = row_sequences(seq_idx, cu_seqlens, i_b, o_s, m_s, T, N, n_search_steps,
+                                              HAS_SEQ_IDX, IS_VARLEN)
+    if HAS_SEQ_IDX:
+        p_seq = seq_idx + i_b.to(tl.int64) * T
+    b_xs = load_source(x, mask, h0, i_b, i_h, o_s, o_d, m_d, m_s, m_s, bos, T, D,
+                       stride_x_b, stride_x_t, stride_x_d, W, HAS_MASK, False)
+    b_dxe = tl.full([BT, BD], 0., tl.float32)
+    for k in tl.static_range(W):
+        o_tk = o_s + (W - 1 - k)
+        ok_t = m_s & (o_tk < eos)  # the output reading s through tap k is of the same sequence
+        if HAS_SEQ_IDX:
+            b_seq_tk = tl.load(p_seq + o_tk, mask=ok_t, other=-1)
+            ok_t = ok_t & (b_seq_tk == b_seq_s) & (b_seq_s >= 0)
+        b_g = tl.load(p_scr + (o_r + (W - 1 - k))[:, None] * SCR_R, mask=ok_t[:, None], other=0.)
+        b_w = tl.load(weight + o_d * W + k, mask=m_d, other=0.).to(tl.float32)
+        # a source outside the output's sequence adds nothing to dweight, even if it is NaN
+        b_xs_k = tl.where(ok_t[:, None], b_xs, 0.)
+        b_dxe, b_dw = tap_gradients(b_g, b_w, b_xs_k, b_dxe, b_dw, o_w, k, W, HAS_BIAS)
+
+    if USE_FINAL_STATE_GRAD:
+        # the final states are the last W-1 steps of xe: their gradient lands on those steps
+        o_j = o_s - (eos - (W - 1))
+        m_j = m_s & (o_j >= 0) & (o_j < W - 1)
+        p_dht = dht + (i_h.to(tl.int64) * D * (W - 1) + o_j)[:, None] + o_d[None, :] * (W - 1)
+        b_dxe += tl.load(p_dht, mask=m_j[:, None] & m_d[None, :], other=0.).to(tl.float32)
+    if HAS_MASK:
+        b_dxe = masked_input(b_dxe, tl.load(mask + i_b.to(tl.int64) * T + o_s, mask=m_s,
+                                            other=0.).to(tl.float32)[:, None])
+    m_sd = m_s[:, None] & m_d[None, :]
+    if HAS_RESIDUAL:
+        p_do = dout + i_b.to(tl.int64) * stride_do_b + o_d.to(tl.int64)[None, :] * stride_do_d
+        b_dxe += tl.load(p_do + o_s.to(tl.int64)[:, None] * stride_do_t, mask=m_sd, other=0.).to(tl.float32)
+    p_dx = dx + i_b.to(tl.int64) * stride_dx_b + o_d.to(tl.int64)[None, :] * stride_dx_d
+    tl.store(p_dx + o_s.to(tl.int64)[:, None] * stride_dx_t, b_dxe.to(dx.dtype.element_ty), mask=m_sd)
+    return b_dw
+
+
+@triton.jit
 def conv_bwd_kernel(
     x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, dht, dx, dw_partial, scratch,
     T, D, N, n_search_steps, tiles_per_program,
@@ -149,8 +230,6 @@ def conv_bwd_kernel(
         SCR_D: tl.constexpr = 1
     p_scr = (scratch + ((i_p * tl.num_programs(1) + i_d).to(tl.int64) * (BT + BH)) * BD
              + tl.arange(0, BD)[None, :] * SCR_D)
-    p_do = dout + i_b.to(tl.int64) * stride_do_b + o_d.to(tl.int64)[None, :] * stride_do_d
-    p_dx = dx + i_b.to(tl.int64) * stride_dx_b + o_d.to(tl.int64)[None, :] * stride_dx_d
     # row W carries the bias gradient. [BW, BD] (not [BD, BW]): a per-tap sum over T, broadcast back
     # along a new leading axis, keeps the tile's own layout, so accumulating needs no layout conversion
     b_dw = tl.full([BW, BD], 0., tl.float32)
@@ -167,57 +246,12 @@ def conv_bwd_kernel(
                                      stride_dx_b, stride_dx_t, stride_dx_d, W, BT, BH, BD, SCR_R,
                                      ACTIVATION, HAS_BIAS, HAS_MASK, HAS_RESIDUAL)
         else:
-            o_s = i_t * BT + o_r
-            m_s = o_s < T
-            # phase 1: dpre once per output row (tile rows and the W-1 halo rows after them) into the scratch
-            b_dpre = dpre_rows(x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, i_b, o_s, o_d, m_s, m_d,
-                               T, D, N, n_search_steps, stride_x_b, stride_x_t, stride_x_d,
-                               stride_do_b, stride_do_t, stride_do_d, W, BT, BD,
-                               ACTIVATION, HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, IS_VARLEN, USE_INITIAL_STATE)
-            o_th = i_t * BT + BT + o_rh
-            m_th = (o_th < T) & (o_rh < W - 1)
-            b_dpre_h = dpre_rows(x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, i_b, o_th, o_d, m_th, m_d,
-                                 T, D, N, n_search_steps, stride_x_b, stride_x_t, stride_x_d,
-                                 stride_do_b, stride_do_t, stride_do_d, W, BH, BD,
-                                 ACTIVATION, HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, IS_VARLEN, USE_INITIAL_STATE)
-            tl.debug_barrier()  # the previous tile's readers are done with the scratch
-            tl.store(p_scr + o_r[:, None] * SCR_R, b_dpre)
-            tl.store(p_scr + (BT + o_rh)[:, None] * SCR_R, b_dpre_h)
-            tl.debug_barrier()  # make the rows visible to every thread of the program
-
-            # phase 2: gather dpre through each tap for the source rows s of the tile
-            i_h, bos, eos, b_seq_s, _ = row_sequences(seq_idx, cu_seqlens, i_b, o_s, m_s, T, N, n_search_steps,
-                                                      HAS_SEQ_IDX, IS_VARLEN)
-            if HAS_SEQ_IDX:
-                p_seq = seq_idx + i_b.to(tl.int64) * T
-            b_xs = load_source(x, mask, h0, i_b, i_h, o_s, o_d, m_d, m_s, m_s, bos, T, D,
-                               stride_x_b, stride_x_t, stride_x_d, W, HAS_MASK, False)
-            b_dxe = tl.full([BT, BD], 0., tl.float32)
-            for k in tl.static_range(W):
-                o_tk = o_s + (W - 1 - k)
-                ok_t = m_s & (o_tk < eos)  # the output reading s through tap k is of the same sequence
-                if HAS_SEQ_IDX:
-                    b_seq_tk = tl.load(p_seq + o_tk, mask=ok_t, other=-1)
-                    ok_t = ok_t & (b_seq_tk == b_seq_s) & (b_seq_s >= 0)
-                b_g = tl.load(p_scr + (o_r + (W - 1 - k))[:, None] * SCR_R, mask=ok_t[:, None], other=0.)
-                b_w = tl.load(weight + o_d * W + k, mask=m_d, other=0.).to(tl.float32)
-                # a source outside the output's sequence adds nothing to dweight, even if it is NaN
-                b_xs_k = tl.where(ok_t[:, None], b_xs, 0.)
-                b_dxe, b_dw = tap_gradients(b_g, b_w, b_xs_k, b_dxe, b_dw, o_w, k, W, HAS_BIAS)
-
-            if USE_FINAL_STATE_GRAD:
-                # the final states are the last W-1 steps of xe: their gradient lands on those steps
-                o_j = o_s - (eos - (W - 1))
-                m_j = m_s & (o_j >= 0) & (o_j < W - 1)
-                p_dht = dht + (i_h.to(tl.int64) * D * (W - 1) + o_j)[:, None] + o_d[None, :] * (W - 1)
-                b_dxe += tl.load(p_dht, mask=m_j[:, None] & m_d[None, :], other=0.).to(tl.float32)
-            if HAS_MASK:
-                b_dxe = masked_input(b_dxe, tl.load(mask + i_b.to(tl.int64) * T + o_s, mask=m_s,
-                                                    other=0.).to(tl.float32)[:, None])
-            m_sd = m_s[:, None] & m_d[None, :]
-            if HAS_RESIDUAL:
-                b_dxe += tl.load(p_do + o_s.to(tl.int64)[:, None] * stride_do_t, mask=m_sd, other=0.).to(tl.float32)
-            tl.store(p_dx + o_s.to(tl.int64)[:, None] * stride_dx_t, b_dxe.to(dx.dtype.element_ty), mask=m_sd)
+            b_dw = bwd_tile_general(x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, dht, dx, p_scr, b_dw, i_b,
+                                    i_t * BT, T, o_r, o_rh, o_d, o_w, T, D, N, n_search_steps,
+                                    stride_x_b, stride_x_t, stride_x_d, stride_do_b, stride_do_t, stride_do_d,
+                                    stride_dx_b, stride_dx_t, stride_dx_d, W, BT, BH, BD, SCR_R,
+                                    ACTIVATION, HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, HAS_RESIDUAL, IS_VARLEN,
+                                    USE_INITIAL_STATE, USE_FINAL_STATE_GRAD, True)
 
     p_dw = dw_partial + (i_p.to(tl.int64) * D + o_d[None, :]) * (W + 1) + o_w[:, None]
     tl.store(p_dw, b_dw, mask=m_d[None, :] & (o_w[:, None] < W + 1))

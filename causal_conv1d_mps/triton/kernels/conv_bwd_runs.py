@@ -26,8 +26,9 @@ in channel-last keep one warp on 128 channels with the R axis inside each thread
 
 The interior runs start at step HR (so that every halo load stays inside x); the HR steps before them and
 the tail after the last full interior tile (at least HF steps: the forward halo must stay inside x) are
-cut into `general` tiles, one per program, which follow `conv_bwd_kernel`'s masked scratch path and so
-handle initial states, final-state gradients, masks and partial tiles the same way. Packed sequences and
+cut into `general` tiles, one per program, which run `conv_bwd.bwd_tile_general` (the masked scratch path
+of `conv_bwd_kernel`) and so handle initial states, final-state gradients, masks and partial tiles the same
+way. Packed sequences and
 partial D tiles are not dispatched here (they stay on `conv_bwd_kernel`).
 
 Every program writes one partial row; `reduce_partials_kernel` sums them in a fixed order (bitwise
@@ -36,8 +37,8 @@ deterministic, no float atomics), after `conv_bwd_initial_state_kernel` for the 
 import triton
 import triton.language as tl
 
-from .common import IDENTITY, _interpreting, activation_grad, add, load_source, masked_input, row_sequences
-from .conv_bwd import dpre_rows, tap_gradients
+from .common import IDENTITY, _interpreting, activation_grad, add, masked_input
+from .conv_bwd import bwd_tile_general
 from .conv_fwd_runs import _or
 
 # `_pick`'s combine: compiled, a bitwise OR (LLVM folds `x | 0`, nothing is left but the register, as in
@@ -157,74 +158,6 @@ def _bwd_runs_tile(x, mask, dout, dx, b_w, b_bias, b_dw, b_db, b_carry, i_b, t0,
 
 
 @triton.jit
-def _bwd_tile_general(x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, dht, dx, p_scr, b_dw, i_b,
-                      t_start, t_stop, o_r, o_rh, o_d, o_w, T, D, N, n_search_steps,
-                      stride_x_b, stride_x_t, stride_x_d, stride_do_b, stride_do_t, stride_do_d,
-                      stride_dx_b, stride_dx_t, stride_dx_d,
-                      W: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BD: tl.constexpr, SCR_R: tl.constexpr,
-                      ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-                      HAS_SEQ_IDX: tl.constexpr, HAS_RESIDUAL: tl.constexpr, IS_VARLEN: tl.constexpr,
-                      USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRAD: tl.constexpr):
-    """Source rows `t_start .. t_stop - 1` (at most BT) with every mask: the general tile of
-    `conv_bwd_kernel` (dpre of the BT rows from `t_start` and the W-1 after them through the scratch),
-    except that rows from `t_stop` on get dpre but no dx and no dweight share (another tile owns them).
-    Returns the updated `[BW, BD]` weight/bias gradient (row W: bias)."""
-    m_d = o_d < D
-    o_s = t_start + o_r
-    m_all = o_s < T
-    m_s = m_all & (o_s < t_stop)
-    b_dpre = dpre_rows(x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, i_b, o_s, o_d, m_all, m_d,
-                       T, D, N, n_search_steps, stride_x_b, stride_x_t, stride_x_d,
-                       stride_do_b, stride_do_t, stride_do_d, W, BT, BD,
-                       ACTIVATION, HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, IS_VARLEN, USE_INITIAL_STATE)
-    o_th = t_start + BT + o_rh
-    m_th = (o_th < T) & (o_rh < W - 1)
-    b_dpre_h = dpre_rows(x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, i_b, o_th, o_d, m_th, m_d,
-                         T, D, N, n_search_steps, stride_x_b, stride_x_t, stride_x_d,
-                         stride_do_b, stride_do_t, stride_do_d, W, BH, BD,
-                         ACTIVATION, HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, IS_VARLEN, USE_INITIAL_STATE)
-    tl.store(p_scr + o_r[:, None] * SCR_R, b_dpre)
-    tl.store(p_scr + (BT + o_rh)[:, None] * SCR_R, b_dpre_h)
-    tl.debug_barrier()  # make the rows visible to every thread of the program
-
-    i_h, bos, eos, b_seq_s, _ = row_sequences(seq_idx, cu_seqlens, i_b, o_s, m_s, T, N, n_search_steps,
-                                              HAS_SEQ_IDX, IS_VARLEN)
-    if HAS_SEQ_IDX:
-        p_seq = seq_idx + i_b.to(tl.int64) * T
-    b_xs = load_source(x, mask, h0, i_b, i_h, o_s, o_d, m_d, m_s, m_s, bos, T, D,
-                       stride_x_b, stride_x_t, stride_x_d, W, HAS_MASK, False)
-    b_dxe = tl.full([BT, BD], 0., tl.float32)
-    for k in tl.static_range(W):
-        o_tk = o_s + (W - 1 - k)
-        ok_t = m_s & (o_tk < eos)  # the output reading s through tap k is of the same sequence
-        if HAS_SEQ_IDX:
-            b_seq_tk = tl.load(p_seq + o_tk, mask=ok_t, other=-1)
-            ok_t = ok_t & (b_seq_tk == b_seq_s) & (b_seq_s >= 0)
-        b_g = tl.load(p_scr + (o_r + (W - 1 - k))[:, None] * SCR_R, mask=ok_t[:, None], other=0.)
-        b_w = tl.load(weight + o_d * W + k, mask=m_d, other=0.).to(tl.float32)
-        # a source outside the output's sequence adds nothing to dweight, even if it is NaN
-        b_xs_k = tl.where(ok_t[:, None], b_xs, 0.)
-        b_dxe, b_dw = tap_gradients(b_g, b_w, b_xs_k, b_dxe, b_dw, o_w, k, W, HAS_BIAS)
-
-    if USE_FINAL_STATE_GRAD:
-        # the final states are the last W-1 steps of xe: their gradient lands on those steps
-        o_j = o_s - (eos - (W - 1))
-        m_j = m_s & (o_j >= 0) & (o_j < W - 1)
-        p_dht = dht + (i_h.to(tl.int64) * D * (W - 1) + o_j)[:, None] + o_d[None, :] * (W - 1)
-        b_dxe += tl.load(p_dht, mask=m_j[:, None] & m_d[None, :], other=0.).to(tl.float32)
-    if HAS_MASK:
-        b_dxe = masked_input(b_dxe, tl.load(mask + i_b.to(tl.int64) * T + o_s, mask=m_s,
-                                            other=0.).to(tl.float32)[:, None])
-    m_sd = m_s[:, None] & m_d[None, :]
-    if HAS_RESIDUAL:
-        p_do = dout + i_b.to(tl.int64) * stride_do_b + o_d.to(tl.int64)[None, :] * stride_do_d
-        b_dxe += tl.load(p_do + o_s.to(tl.int64)[:, None] * stride_do_t, mask=m_sd, other=0.).to(tl.float32)
-    p_dx = dx + i_b.to(tl.int64) * stride_dx_b + o_d.to(tl.int64)[None, :] * stride_dx_d
-    tl.store(p_dx + o_s.to(tl.int64)[:, None] * stride_dx_t, b_dxe.to(dx.dtype.element_ty), mask=m_sd)
-    return b_dw
-
-
-@triton.jit
 def conv_bwd_runs_kernel(
     x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, dht, dx, dw_partial, scratch,
     T, D, N, n_search_steps, tiles_per_program, n_interior, n_chunks, t_tail,
@@ -308,11 +241,12 @@ def conv_bwd_runs_kernel(
         i_s = (i_b * (tl.num_programs(0) - n_chunks) + i_g) * tl.num_programs(1) + i_d
         p_scr = scratch + i_s.to(tl.int64) * (BT + BH) * BD + tl.arange(0, BD)[None, :] * SCR_D
         b_dwg = tl.full([BW, BD], 0., tl.float32)
-        b_dwg = _bwd_tile_general(x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, dht, dx, p_scr, b_dwg, i_b,
+        # one tile per program: the scratch slice is fresh, no earlier reader to wait for
+        b_dwg = bwd_tile_general(x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, dht, dx, p_scr, b_dwg, i_b,
                                  t_start, t_stop, o_r, o_rh, o_d, o_w, T, D, N, n_search_steps,
                                  stride_x_b, stride_x_t, stride_x_d, stride_do_b, stride_do_t, stride_do_d,
                                  stride_dx_b, stride_dx_t, stride_dx_d, W, BT, BH, BD, SCR_R,
                                  ACTIVATION, HAS_BIAS, HAS_MASK, HAS_SEQ_IDX, HAS_RESIDUAL, IS_VARLEN,
-                                 USE_INITIAL_STATE, USE_FINAL_STATE_GRAD)
+                                 USE_INITIAL_STATE, USE_FINAL_STATE_GRAD, False)
         p_dwg = dw_partial + (i_p.to(tl.int64) * D + o_d[None, :]) * (W + 1) + o_w[:, None]
         tl.store(p_dwg, b_dwg, mask=o_w[:, None] < W + 1)
