@@ -86,6 +86,31 @@ def backend(request, device, monkeypatch) -> str:
     return name
 
 
+@pytest.fixture
+def triton_backend(device, monkeypatch):
+    """Forces the Triton backend (skips where it cannot run on `device`); returns the device."""
+    from causal_conv1d_mps._backend import backend_unavailable_reason
+
+    reason = backend_unavailable_reason("triton", device)
+    if reason is not None:
+        pytest.skip(f"backend triton on {device}: {reason}")
+    monkeypatch.setenv("CAUSAL_CONV1D_BACKEND", "triton")
+    return device
+
+
+@pytest.fixture
+def tiles(monkeypatch):
+    """`tiles(name, **config)`: force a Triton tile config (cleared again after the test)."""
+    from causal_conv1d_mps.triton import _config
+
+    def force(name, **config):
+        monkeypatch.setitem(_config.OVERRIDES, name, config)
+        _config.clear()
+
+    yield force
+    _config.clear()
+
+
 def uses_small_shapes(backend: str, device: torch.device) -> bool:
     """Kernel backends on CPU run in an interpreter/harness: keep their shapes small."""
     return backend in KERNEL_BACKENDS and device.type == "cpu"

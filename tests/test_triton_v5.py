@@ -16,30 +16,6 @@ from conftest import assert_close_rel, make_params, randn, seeded
 pytestmark = pytest.mark.triton
 
 
-@pytest.fixture
-def triton_backend(device, monkeypatch):
-    from causal_conv1d_mps._backend import backend_unavailable_reason
-
-    reason = backend_unavailable_reason("triton", device)
-    if reason is not None:
-        pytest.skip(f"backend triton on {device}: {reason}")
-    monkeypatch.setenv("CAUSAL_CONV1D_BACKEND", "triton")
-    return device
-
-
-@pytest.fixture
-def tiles(monkeypatch):
-    """`tiles(name, **config)`: force a forward tile config (cleared again after the test)."""
-    from causal_conv1d_mps.triton import _config
-
-    def force(name, **config):
-        monkeypatch.setitem(_config.OVERRIDES, name, config)
-        _config.clear()
-
-    yield force
-    _config.clear()
-
-
 RUNS_CONTIGUOUS = dict(BT=16, BD=4, R=8, num_warps=1)
 RUNS_CHANNEL_LAST = dict(BT=8, BD=16, R=4, num_warps=1)
 

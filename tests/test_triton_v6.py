@@ -22,30 +22,6 @@ OLD_BWD = "conv_bwd_kernel"
 
 
 @pytest.fixture
-def triton_backend(device, monkeypatch):
-    from causal_conv1d_mps._backend import backend_unavailable_reason
-
-    reason = backend_unavailable_reason("triton", device)
-    if reason is not None:
-        pytest.skip(f"backend triton on {device}: {reason}")
-    monkeypatch.setenv("CAUSAL_CONV1D_BACKEND", "triton")
-    return device
-
-
-@pytest.fixture
-def tiles(monkeypatch):
-    """`tiles(name, **config)`: force a tile config (cleared again after the test)."""
-    from causal_conv1d_mps.triton import _config
-
-    def force(name, **config):
-        monkeypatch.setitem(_config.OVERRIDES, name, config)
-        _config.clear()
-
-    yield force
-    _config.clear()
-
-
-@pytest.fixture
 def launched(monkeypatch):
     """The names of the kernels launched by the convolution launchers during the test, in order."""
     from causal_conv1d_mps.triton import launch_conv

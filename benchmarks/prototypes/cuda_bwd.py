@@ -19,9 +19,7 @@ Weight/bias gradients: float32 partial rows, summed by one `torch.sum` (a fixed 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -214,40 +212,16 @@ def source(kind: str, W: int, L: int = 128, R: int = 8) -> str:
 
 
 def ptx_only(out_dir: Path) -> int:
-    lib = ctypes.CDLL(os.environ.get("NVRTC_LIB", "libnvrtc.so"))
     out_dir.mkdir(parents=True, exist_ok=True)
     for kind, W in (("bdt", 4), ("btd", 4), ("bdt", 8), ("btd", 8)):
-        prog = ctypes.c_void_p()
-        assert lib.nvrtcCreateProgram(ctypes.byref(prog), source(kind, W).encode(), b"p.cu", 0, None, None) == 0
-        opts = [b"--gpu-architecture=compute_90", b"-default-device", b"--use_fast_math"]
-        rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-        size = ctypes.c_size_t()
-        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-        log = ctypes.create_string_buffer(size.value)
-        lib.nvrtcGetProgramLog(prog, log)
-        if rc != 0:
-            print(f"bwd {kind} W{W}: compile failed\n{log.value.decode()}")
+        try:
+            ptx = cuda_fwd.nvrtc_ptx(source(kind, W))
+        except RuntimeError as exc:
+            print(f"bwd {kind} W{W}: compile failed\n{exc}")
             return 1
-        lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
-        ptx = ctypes.create_string_buffer(size.value)
-        lib.nvrtcGetPTX(prog, ptx)
-        (out_dir / f"bwd_{kind}_W{W}.ptx").write_bytes(ptx.value)
-        print(f"bwd {kind} W{W}: {size.value} bytes of PTX")
+        (out_dir / f"bwd_{kind}_W{W}.ptx").write_bytes(ptx)
+        print(f"bwd {kind} W{W}: {len(ptx)} bytes of PTX")
     return 0
-
-
-def _graphed(step):
-    """`step` captured in a CUDA graph: its replay is the GPU time alone, without the host's share."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
 
 
 def reference(x_bdt, w, bias, mask, residual, dout_bdt):
@@ -333,7 +307,7 @@ def main(argv=None) -> int:
             y = step_triton()
             errs = [rel(y, ref[0]), rel(xg.grad, ref[1]), rel(wg.grad, ref[2]), rel(bg.grad, ref[3])]
             record(f"triton fwd+bwd (B,D,T) B{B} D{D} T{T} W{W}", bench(step_triton), n, errs)
-            record(f"triton fwd+bwd (B,D,T) in a CUDA graph B{B} D{D} T{T} W{W}", bench(_graphed(step_triton)), n,
+            record(f"triton fwd+bwd (B,D,T) in a CUDA graph B{B} D{D} T{T} W{W}", bench(cuda_fwd.graphed(step_triton)), n,
                    errs)
 
             # [B, T, D]: the fused op with an HF-style mask and the residual
@@ -377,7 +351,7 @@ def main(argv=None) -> int:
             errs = [rel(y.transpose(1, 2), ref[0]), rel(xg.grad.transpose(1, 2), ref[1]),
                     rel(wg.grad, ref[2]), rel(bg.grad, ref[3])]
             record(f"triton fused fwd+bwd B{B} T{T} D{D} W{W}", bench(step_fused), n, errs)
-            record(f"triton fused fwd+bwd in a CUDA graph B{B} T{T} D{D} W{W}", bench(_graphed(step_fused)), n, errs)
+            record(f"triton fused fwd+bwd in a CUDA graph B{B} T{T} D{D} W{W}", bench(cuda_fwd.graphed(step_fused)), n, errs)
     if args.json:
         args.json.write_text(json.dumps(dict(copy_gbs=copy_gbs, rows=rows), indent=1))
     return 0

@@ -163,28 +163,51 @@ def source(kind: str, W: int, R: int = 16, vec_weights: bool = False) -> str:
             + (BDT if kind == "bdt" else BTD))
 
 
-def ptx_only(out_dir: Path) -> int:
-    """Compile every variant to PTX with the NVRTC library named by $NVRTC_LIB (no GPU needed)."""
+def nvrtc_ptx(text: str) -> bytes:
+    """PTX of `text` for sm_90 from the NVRTC library named by $NVRTC_LIB (no GPU needed); raises with the
+    compiler's log when it fails."""
     lib = ctypes.CDLL(os.environ.get("NVRTC_LIB", "libnvrtc.so"))
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), text.encode(), b"p.cu", 0, None, None) == 0
+    opts = [b"--gpu-architecture=compute_90", b"-default-device", b"--use_fast_math"]
+    rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    if rc != 0:
+        raise RuntimeError(log.value.decode())
+    lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+    ptx = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetPTX(prog, ptx)
+    return ptx.value
+
+
+def graphed(step):
+    """`step` captured in a CUDA graph: its replay is the GPU time alone, without the host's share."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def ptx_only(out_dir: Path) -> int:
+    """Compile every variant to PTX (no GPU needed)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for kind, W, R in (("bdt", 4, 16), ("btd", 4, 16), ("btd", 4, 32), ("bdt", 8, 16), ("btd", 8, 16)):
-        prog = ctypes.c_void_p()
-        src = source(kind, W, R, kind == "btd").encode()
-        assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"p.cu", 0, None, None) == 0
-        opts = [b"--gpu-architecture=compute_90", b"-default-device", b"--use_fast_math"]
-        rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-        size = ctypes.c_size_t()
-        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-        log = ctypes.create_string_buffer(size.value)
-        lib.nvrtcGetProgramLog(prog, log)
-        if rc != 0:
-            print(f"{kind} W{W} R{R}: compile failed\n{log.value.decode()}")
+        try:
+            ptx = nvrtc_ptx(source(kind, W, R, kind == "btd"))
+        except RuntimeError as exc:
+            print(f"{kind} W{W} R{R}: compile failed\n{exc}")
             return 1
-        lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
-        ptx = ctypes.create_string_buffer(size.value)
-        lib.nvrtcGetPTX(prog, ptx)
-        (out_dir / f"{kind}_W{W}_R{R}.ptx").write_bytes(ptx.value)
-        print(f"{kind} W{W} R{R}: {size.value} bytes of PTX")
+        (out_dir / f"{kind}_W{W}_R{R}.ptx").write_bytes(ptx)
+        print(f"{kind} W{W} R{R}: {len(ptx)} bytes of PTX")
     return 0
 
 

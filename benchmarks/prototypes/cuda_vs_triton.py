@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import causal_conv1d_mps as ccmps  # noqa: E402
+import cuda_fwd  # noqa: E402
 
 DEV, BF16 = "cuda", torch.bfloat16
 ROWS: list[dict] = []
@@ -42,20 +44,6 @@ def _bench(fn) -> float:
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median")
-
-
-def _graphed(step):
-    """`step` captured in a CUDA graph: its replay is the GPU time alone, without the host's share."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
 
 
 def _host_us(fn, calls: int = 200) -> float:
@@ -120,11 +108,11 @@ def main(argv=None) -> int:
             _use(False)
             step()
             ref = [t.grad.float().clone() for t in (x, w, b)]
-            ms_t, graph_t = _bench(step), _bench(_graphed(step))
+            ms_t, graph_t = _bench(step), _bench(cuda_fwd.graphed(step))
             _use(True)
             step()
             got = [t.grad.float() for t in (x, w, b)]
-            ms_c, graph_c = _bench(step), _bench(_graphed(step))
+            ms_c, graph_c = _bench(step), _bench(cuda_fwd.graphed(step))
             err = max(((g_ - r).abs().max() / r.abs().max()).item() for g_, r in zip(got, ref))
             _row("forward+back", f"B{B} D{D} T{T}", W, ms_t, ms_c, 5 * x.numel() * 2, copy, err)
             _row("  in a graph", f"B{B} D{D} T{T}", W, graph_t, graph_c, 5 * x.numel() * 2, copy, err)
