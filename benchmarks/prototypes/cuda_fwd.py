@@ -183,6 +183,16 @@ def nvrtc_ptx(text: str) -> bytes:
     return ptx.value
 
 
+def copy_bandwidth() -> float:
+    """GB/s of a 1 GiB bf16 device copy (read + write), the yardstick of every % of copy."""
+    import triton.testing
+
+    a = torch.randn(2**29, device="cuda", dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=25, rep=200, return_mode="median")
+    return 2 * a.numel() * 2 / (ms * 1e-3) / 1e9
+
+
 def graphed(step):
     """`step` captured in a CUDA graph: its replay is the GPU time alone, without the host's share."""
     side = torch.cuda.Stream()
@@ -224,10 +234,7 @@ def main(argv=None) -> int:
     import causal_conv1d_mps as ccmps
 
     dev, bf16 = "cuda", torch.bfloat16
-    a = torch.randn(2**29, device=dev, dtype=bf16)
-    b_ = torch.empty_like(a)
-    copy_ms = triton.testing.do_bench(lambda: b_.copy_(a), warmup=25, rep=200, return_mode="median")
-    copy_gbs = 2 * a.numel() * 2 / (copy_ms * 1e-3) / 1e9
+    copy_gbs = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  copy {copy_gbs:.0f} GB/s")
     kernels = {}
 
