@@ -96,6 +96,28 @@ def causal_conv1d_inputs(x, weight, bias, seq_idx, initial_states) -> int:
     return width
 
 
+def short_conv_fused_inputs(x, weight, bias, attention_mask, initial_states, offsets, *, offsets_end_at_t: bool,
+                            states_name: str = "initial_states"):
+    """The shape and dtype checks of `short_conv_fused`'s inputs (`x` `[B, T, D]`, `weight` `[D, W]`, `bias`,
+    `attention_mask`, `offsets` the `cu_seqlens` `[N+1]` with B == 1, `initial_states` `[N|B, D, W-1]` named
+    `states_name`), shared by the plain and the context-parallel function. `offsets_end_at_t`: the values of
+    `cu_seqlens` are checked to run from 0 to x's T (False: its form only). Returns (W, the mask normalised to
+    `[B, T]` float or None, N or B). The same-device check stays with the caller."""
+    tensor("x", x, ndim=3)
+    floating("x", x)
+    b, t, d = x.shape
+    width = weight_and_bias(weight, bias, d)
+    mask = None if attention_mask is None else normalize_mask(
+        attention_mask, b, t, torch.float64 if x.dtype == torch.float64 else torch.float32)
+    rows = b
+    if offsets is not None:
+        if b != 1:
+            raise ValueError(f"x: expected batch size 1 with cu_seqlens (packed sequences), got shape {tuple(x.shape)}")
+        rows = cu_seqlens(offsets, t if offsets_end_at_t else None)
+    states(states_name, initial_states, rows, d, width, "N" if offsets is not None else "B")
+    return width, mask, rows
+
+
 def states(name: str, value, rows: int, channels: int, width: int, rows_meaning: str) -> None:
     if value is None:
         return
@@ -124,13 +146,14 @@ def values_checkable(value: Tensor) -> bool:
     return True
 
 
-def cu_seqlens(value, total: int) -> int:
-    """Checks `(N+1,)` integer, 0 first, `total` last, non-decreasing; returns N."""
+def cu_seqlens(value, total: int | None) -> int:
+    """Checks `(N+1,)` integer and, given `total`, 0 first, `total` last, non-decreasing; returns N.
+    `total=None` checks the form only (context parallelism: offsets of the whole sequence, not the slice)."""
     tensor("cu_seqlens", value, ndim=1)
     integer("cu_seqlens", value)
     if value.shape[0] < 1:
         raise ValueError("cu_seqlens: expected shape (N+1,) with N >= 0, got an empty tensor")
-    if values_checkable(value):
+    if total is not None and values_checkable(value):
         cpu = value.detach().to("cpu", torch.int64)
         if int(cpu[0]) != 0 or int(cpu[-1]) != total:
             raise ValueError(f"cu_seqlens: expected to start at 0 and end at T={total}, "

@@ -130,19 +130,9 @@ def _short_conv_fused(x, weight, bias, attention_mask, activation: int, residual
                       return_final_states, cu_seqlens, states_name: str = "initial_states"):
     """`short_conv_fused` with `activation` already a code of `_activation`; errors about the initial states
     name them `states_name` (the module's `cache`)."""
-    check.tensor("x", x, ndim=3)
-    check.floating("x", x)
-    b, t, d = x.shape
-    width = check.weight_and_bias(weight, bias, d)
-    mask = None if attention_mask is None else check.normalize_mask(
-        attention_mask, b, t, torch.float64 if x.dtype == torch.float64 else torch.float32)
-    rows = b
-    if cu_seqlens is not None:
-        if b != 1:
-            raise ValueError(f"x: expected batch size 1 with cu_seqlens (packed sequences), got shape {tuple(x.shape)}")
-        rows = check.cu_seqlens(cu_seqlens, t)
-    if initial_states is not None:
-        check.states(states_name, initial_states, rows, d, width, "N" if cu_seqlens is not None else "B")
+    _, mask, _ = check.short_conv_fused_inputs(x, weight, bias, attention_mask, initial_states, cu_seqlens,
+                                               offsets_end_at_t=True, states_name=states_name)
+    d = x.shape[2]
     if not check.on_one_device(x, weight, bias, attention_mask, initial_states, cu_seqlens):
         check.same_device(x=x, weight=weight, bias=bias, attention_mask=attention_mask,
                           **{states_name: initial_states}, cu_seqlens=cu_seqlens)

@@ -141,22 +141,10 @@ def short_conv_fused(x: Tensor, weight: Tensor, bias: Tensor | None = None, atte
     else `[B, D, W-1]` read on the first rank. Returns `out` `[B, T_local, D]`, or `(out, final_states)`
     with the sequence's (each sequence's) final states on every rank."""
     act = _activation.code(activation, allow_bool=True)
-    check.tensor("x", x, ndim=3)
-    check.floating("x", x)
-    b, t, d = x.shape
-    width = check.weight_and_bias(weight, bias, d)
-    mask = None if attention_mask is None else check.normalize_mask(
-        attention_mask, b, t, torch.float64 if x.dtype == torch.float64 else torch.float32)
-    rows = b
-    if cu_seqlens is not None:
-        if b != 1:
-            raise ValueError(f"x: expected batch size 1 with cu_seqlens (packed sequences), got shape {tuple(x.shape)}")
-        check.tensor("cu_seqlens", cu_seqlens, ndim=1)
-        check.integer("cu_seqlens", cu_seqlens)
-        if cu_seqlens.shape[0] < 1:
-            raise ValueError("cu_seqlens: expected shape (N+1,) with N >= 0, got an empty tensor")
-        rows = cu_seqlens.shape[0] - 1
-    check.states("initial_states", initial_states, rows, d, width, "N" if cu_seqlens is not None else "B")
+    # cu_seqlens holds offsets of the whole sequence: its form is checked here, not its end (this slice's T)
+    width, mask, rows = check.short_conv_fused_inputs(x, weight, bias, attention_mask, initial_states, cu_seqlens,
+                                                      offsets_end_at_t=False)
+    d = x.shape[2]
     check.same_device(x=x, weight=weight, bias=bias, attention_mask=attention_mask, initial_states=initial_states,
                       cu_seqlens=cu_seqlens)
     comm = _comm(_context(context))
