@@ -162,28 +162,32 @@ def test_where_the_kernels_do_not_apply(device):
     assert launch.conv_fwd_bdt(x, w, None, silu) is None
 
 
-def test_public_api_dispatches_to_them(kernels, device, monkeypatch):
-    """`causal_conv1d` through the Triton backend takes the CUDA C++ kernels where they apply (here CPU
-    tensors are let through to the harness), and still matches the oracle, forward and backward."""
-    import causal_conv1d_mps as ccmps
+@pytest.fixture
+def served(kernels, monkeypatch):
+    """The Triton backend forced, the CUDA C++ launchers let through to CPU tensors (the harness), and the
+    list of ("fwd" | "bwd", whether they served) of every call the backend made to them."""
     from causal_conv1d_mps.cuda import launch
 
     monkeypatch.setenv("CAUSAL_CONV1D_BACKEND", "triton")
     calls = []
-    fwd, bwd = launch.conv_fwd_bdt, launch.conv_bwd_bdt
 
-    def spy_fwd(*args, **kwargs):
-        result = fwd(*args, **{**kwargs, "allow_cpu": True})
-        calls.append(("fwd", result is not None))
-        return result
+    def spy(fn, name):
+        def wrapped(*args, **kwargs):
+            result = fn(*args, **{**kwargs, "allow_cpu": True})
+            calls.append((name, result is not None))
+            return result
+        return wrapped
 
-    def spy_bwd(*args, **kwargs):
-        result = bwd(*args, **{**kwargs, "allow_cpu": True})
-        calls.append(("bwd", result is not None))
-        return result
+    monkeypatch.setattr(launch, "conv_fwd_bdt", spy(launch.conv_fwd_bdt, "fwd"))
+    monkeypatch.setattr(launch, "conv_bwd_bdt", spy(launch.conv_bwd_bdt, "bwd"))
+    return calls
 
-    monkeypatch.setattr(launch, "conv_fwd_bdt", spy_fwd)
-    monkeypatch.setattr(launch, "conv_bwd_bdt", spy_bwd)
+
+def test_public_api_dispatches_to_them(served, device):
+    """`causal_conv1d` through the Triton backend takes the CUDA C++ kernels where they apply (here CPU
+    tensors are let through to the harness), and still matches the oracle, forward and backward."""
+    import causal_conv1d_mps as ccmps
+
     gen = seeded(11)
     weight, bias = make_params(6, 4, torch.bfloat16, device, gen)
     x = randn(2, 6, 32, dtype=torch.bfloat16, device=device, generator=gen)
@@ -191,7 +195,7 @@ def test_public_api_dispatches_to_them(kernels, device, monkeypatch):
     xl, wl, bl = leaf(x), leaf(weight), leaf(bias)
     out = ccmps.causal_conv1d(xl, wl, bl, "silu")
     out.backward(dout)
-    assert calls == [("fwd", True), ("bwd", True)]
+    assert served == [("fwd", True), ("bwd", True)]
     x64, w64, b64 = leaf64(x), leaf64(weight), leaf64(bias)
     ref, _ = oracle.causal_conv1d(x64, w64, b64, "silu")
     ref.backward(dout.cpu().double())
@@ -234,25 +238,11 @@ def test_generated_header_comes_from_the_registry():
         _source.header({"CC_W": 4})
 
 
-def test_public_api_with_final_states_mixes_kernels_correctly(kernels, device, monkeypatch):
+def test_public_api_with_final_states_mixes_kernels_correctly(served, device):
     """The CUDA C++ forward with final states gathered by the Triton kernel, and a backward that carries a
     final-state gradient (which the CUDA C++ backward does not take: Triton serves it), against the oracle."""
     import causal_conv1d_mps as ccmps
-    from causal_conv1d_mps.cuda import launch
 
-    monkeypatch.setenv("CAUSAL_CONV1D_BACKEND", "triton")
-    served = []
-    fwd, bwd = launch.conv_fwd_bdt, launch.conv_bwd_bdt
-
-    def spy(fn, name):
-        def wrapped(*args, **kwargs):
-            result = fn(*args, **{**kwargs, "allow_cpu": True})
-            served.append((name, result is not None))
-            return result
-        return wrapped
-
-    monkeypatch.setattr(launch, "conv_fwd_bdt", spy(fwd, "fwd"))
-    monkeypatch.setattr(launch, "conv_bwd_bdt", spy(bwd, "bwd"))
     gen = seeded(13)
     weight, bias = make_params(5, 4, torch.float32, device, gen)
     x = randn(2, 5, 24, dtype=torch.float16, device=device, generator=gen)

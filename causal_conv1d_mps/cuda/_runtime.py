@@ -110,14 +110,14 @@ class _DriverKernel:
         self._layouts: dict[tuple, _ArgumentLayout] = {}
 
     def __call__(self, grid, block, args, shared_mem: int = 0) -> None:
+        if torch.cuda.current_device() != self._device:  # the module lives in its device's context
+            with torch.cuda.device(self._device):
+                return self(grid, block, args, shared_mem)
         kinds = tuple(type(a) is int for a in args)
         layout = self._layouts.get(kinds)
         if layout is None:
             layout = self._layouts[kinds] = _ArgumentLayout(kinds)
         values = [a if type(a) is int else a.data_ptr() for a in args]
-        if torch.cuda.current_device() != self._device:  # the module lives in its device's context
-            with torch.cuda.device(self._device):
-                return self(grid, block, args, shared_mem)
         stream = torch._C._cuda_getCurrentRawStream(self._device)
         for attempt in range(2):
             with layout.lock:  # the driver copies the parameters during the call: the buffer is free after it

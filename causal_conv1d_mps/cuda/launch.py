@@ -41,29 +41,43 @@ def _vector_strides(t: Tensor) -> tuple[int, int] | None:
     return out[0], out[1]
 
 
+def _new_like_strides(t: Tensor) -> tuple[int, int]:
+    """Vector strides of `torch.empty_like(x)` for an `x` the kernels take: it keeps x's strides (dense x) or
+    is contiguous (T a multiple of 8), freshly allocated and so aligned: never None."""
+    strides = _vector_strides(t)
+    assert strides is not None, "empty_like of a vector-aligned x is vector-aligned"
+    return strides
+
+
 def _weight_strides(weight: Tensor, bias: Tensor | None) -> tuple[int, int, int]:
     return weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0
 
 
 def why_not(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int) -> str | None:
     """Why the kernels do not apply to these arguments (None: they do); metadata only, no device work."""
+    return _check(x, weight, bias, activation)[0]
+
+
+def _check(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int):
+    """(why the kernels do not apply or None, x's vector strides where they apply)."""
     if x.dim() != 3 or x.dtype not in _X_BF16:
-        return f"x: float16 or bfloat16 (B, D, T) only, got {x.dtype} with {x.dim()} dims"
+        return f"x: float16 or bfloat16 (B, D, T) only, got {x.dtype} with {x.dim()} dims", None
     if weight.dtype not in (x.dtype, torch.float32) or (bias is not None and bias.dtype != weight.dtype):
-        return "weight and bias: x's dtype or float32, both the same"
+        return "weight and bias: x's dtype or float32, both the same", None
     B, D, T = x.shape
     W = weight.shape[1]
     if not 1 <= W <= MAX_WIDTH:
-        return f"W = {W}: 1..{MAX_WIDTH} only"
+        return f"W = {W}: 1..{MAX_WIDTH} only", None
     if activation not in (_activation.IDENTITY, _activation.SILU):
-        return f"activation code {activation}"
+        return f"activation code {activation}", None
     if B == 0 or D == 0 or T == 0 or T % 8 != 0 or T // 8 >= 2**31:
-        return f"T = {T}: a positive multiple of 8 only (B = {B}, D = {D} non-zero)"
+        return f"T = {T}: a positive multiple of 8 only (B = {B}, D = {D} non-zero)", None
     if B > _MAX_GRID_YZ or D > _MAX_GRID_YZ:
-        return f"B = {B}, D = {D}: at most {_MAX_GRID_YZ} each (grid)"
-    if _vector_strides(x) is None:
-        return "x: T contiguous, 16-byte aligned, strides over B and D multiples of 8"
-    return None
+        return f"B = {B}, D = {D}: at most {_MAX_GRID_YZ} each (grid)", None
+    strides = _vector_strides(x)
+    if strides is None:
+        return "x: T contiguous, 16-byte aligned, strides over B and D multiples of 8", None
+    return None, strides
 
 
 def preferred_for_forward(T: int, W: int) -> bool:
@@ -84,20 +98,17 @@ def _usable(x: Tensor, allow_cpu: bool) -> bool:
 def conv_fwd_bdt(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int,
                  allow_cpu: bool = False) -> Tensor | None:
     """`act(bias + conv(x))` `[B, D, T]` (zeros before t = 0), or None where the kernels do not apply."""
-    if not _usable(x, allow_cpu) or why_not(x, weight, bias, activation) is not None:
+    if not _usable(x, allow_cpu):
         return None
-    fn = _runtime.kernel("cc_conv_fwd_bdt", _defines(x, weight, bias, activation), x.device)
+    reason, x_strides = _check(x, weight, bias, activation)
+    fn = _runtime.kernel("cc_conv_fwd_bdt", _defines(x, weight, bias, activation), x.device) if not reason else None
     if fn is None:
         return None
     B, D, T = x.shape
     out = torch.empty_like(x)
-    out_strides = _vector_strides(out)
-    if out_strides is None:  # empty_like of a strided view: contiguous, always vector-aligned
-        out = torch.empty(B, D, T, dtype=x.dtype, device=x.device)
-        out_strides = _vector_strides(out)
     n8 = T // 8
     fn(grid=(-(-n8 // THREADS), D, B), block=(THREADS, 1, 1),
-       args=[x, weight, bias if bias is not None else weight, out, n8, *_vector_strides(x), *out_strides,
+       args=[x, weight, bias if bias is not None else weight, out, n8, *x_strides, *_new_like_strides(out),
              *_weight_strides(weight, bias)])
     return out
 
@@ -106,9 +117,11 @@ def conv_bwd_bdt(x: Tensor, weight: Tensor, bias: Tensor | None, dout: Tensor, a
                  allow_cpu: bool = False) -> tuple[Tensor, Tensor, Tensor] | None:
     """(dx `[B, D, T]`, dweight `[D, W]`, dbias `[D]` or empty) of `conv_fwd_bdt`, or None where the
     kernels do not apply (dout must have x's dtype and a vector layout too)."""
-    if not _usable(x, allow_cpu) or why_not(x, weight, bias, activation) is not None:
+    if not _usable(x, allow_cpu):
         return None
-    if dout.dtype != x.dtype or dout.shape != x.shape or _vector_strides(dout) is None:
+    reason, x_strides = _check(x, weight, bias, activation)
+    dout_strides = _vector_strides(dout) if not reason and dout.dtype == x.dtype and dout.shape == x.shape else None
+    if dout_strides is None:
         return None
     defines = _defines(x, weight, bias, activation)
     fn = _runtime.kernel("cc_conv_bwd_bdt", defines, x.device)
@@ -124,14 +137,10 @@ def conv_bwd_bdt(x: Tensor, weight: Tensor, bias: Tensor | None, dout: Tensor, a
     chunk8 = -(-passes // chunks) * THREADS
     chunks = -(-n8 // chunk8)
     dx = torch.empty_like(x)
-    dx_strides = _vector_strides(dx)
-    if dx_strides is None:
-        dx = torch.empty(B, D, T, dtype=x.dtype, device=x.device)
-        dx_strides = _vector_strides(dx)
     partials = torch.empty(chunks * B, D, W + 1, dtype=torch.float32, device=x.device)
     fn(grid=(D, B, chunks), block=(THREADS, 1, 1),
        args=[x, weight, bias if bias is not None else weight, dout, dx, partials, n8, chunk8, B, D,
-             *_vector_strides(x), *_vector_strides(dout), *dx_strides, *_weight_strides(weight, bias)])
+             *x_strides, *dout_strides, *_new_like_strides(dx), *_weight_strides(weight, bias)])
     dweight = torch.empty(D, W, dtype=weight.dtype, device=x.device)
     dbias = torch.empty(D, dtype=bias.dtype, device=x.device) if bias is not None else x.new_empty(0)
     reduce(grid=(-(-D * (W + 1) // 256), 1, 1), block=(256, 1, 1),
