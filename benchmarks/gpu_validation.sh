@@ -50,15 +50,10 @@ op_suite() {  # time limit in seconds
   wait
 }
 
-tests() {
-  environment
-  op_suite 330
-  timeout 200 python -m pytest -q -p no:cacheprovider --device cuda tests/test_context_parallel.py -k nccl \
-    > "$OUT/cp-nccl.log" 2>&1
+suite_summary() {
   summary "op suite (a)" "$OUT/suite-a.log"
   summary "op suite (b)" "$OUT/suite-b.log"
   summary "GPU-only, check, transformers" "$OUT/gpu-only.log"
-  summary "context parallel (NCCL)" "$OUT/cp-nccl.log"
 }
 
 timings() {  # the timed runs: bench.py alone on the first GPU, the rest one after another on the other
@@ -73,6 +68,28 @@ timings() {  # the timed runs: bench.py alone on the first GPU, the rest one aft
   wait
 }
 
+timings_summary() {
+  summary "bench.py bf16" "$OUT/bench-bf16.log"
+  summary "CUDA C++ against Triton" "$OUT/cuda-vs-triton.log"
+  summary "transformers LFM2 bf16" "$OUT/lfm2-bf16.log"
+  summary "host overhead" "$OUT/host-overhead.log"
+}
+
+suite() { environment; op_suite 330; suite_summary; }
+
+timed() { environment; timings; timings_summary; }
+
+all() { environment; op_suite 320; timings; suite_summary; timings_summary; }
+
+tests() {
+  environment
+  op_suite 330
+  timeout 200 python -m pytest -q -p no:cacheprovider --device cuda tests/test_context_parallel.py -k nccl \
+    > "$OUT/cp-nccl.log" 2>&1
+  suite_summary
+  summary "context parallel (NCCL)" "$OUT/cp-nccl.log"
+}
+
 bench() {
   environment
   timings
@@ -82,40 +99,9 @@ bench() {
     timeout 120 torchrun --standalone --nproc-per-node 2 benchmarks/bench_context_parallel.py \
       --json "$OUT/cp-bench.json" > "$OUT/cp-bench.log" 2>&1
   fi
-  summary "bench.py bf16" "$OUT/bench-bf16.log"
-  summary "CUDA C++ against Triton" "$OUT/cuda-vs-triton.log"
-  summary "transformers LFM2 bf16" "$OUT/lfm2-bf16.log"
+  timings_summary
   summary "self-check" "$OUT/check.log"
   [ "$GPUS" -gt 1 ] && summary "context-parallel cost" "$OUT/cp-bench.log"
-}
-
-all() {
-  environment
-  op_suite 320
-  timings
-  summary "op suite (a)" "$OUT/suite-a.log"
-  summary "op suite (b)" "$OUT/suite-b.log"
-  summary "GPU-only, check, transformers" "$OUT/gpu-only.log"
-  summary "bench.py bf16" "$OUT/bench-bf16.log"
-  summary "CUDA C++ against Triton" "$OUT/cuda-vs-triton.log"
-  summary "transformers LFM2 bf16" "$OUT/lfm2-bf16.log"
-}
-
-suite() {
-  environment
-  op_suite 330
-  summary "op suite (a)" "$OUT/suite-a.log"
-  summary "op suite (b)" "$OUT/suite-b.log"
-  summary "GPU-only, check, transformers" "$OUT/gpu-only.log"
-}
-
-timed() {
-  environment
-  timings
-  summary "bench.py bf16" "$OUT/bench-bf16.log"
-  summary "CUDA C++ against Triton" "$OUT/cuda-vs-triton.log"
-  summary "transformers LFM2 bf16" "$OUT/lfm2-bf16.log"
-  summary "host overhead" "$OUT/host-overhead.log"
 }
 
 case "${1:-}" in
