@@ -140,6 +140,8 @@ def workloads(args, device, dtype, stub):
         ("eager F.conv1d", lambda: F.conv1d(x_bdt, w3, b, padding=W - 1, groups=D)),
     ]
     result[f"causal_conv1d forward, no grad, [B, D, T] = [{B}, {D}, {T}], W {W}"] = layers
+    if device.type == "cuda":
+        result[f"CUDA C++ forward launch path, [B, D, T] = [{B}, {D}, {T}], W {W}"] = cuda_layers(x_bdt, w, b)
 
     # causal_conv1d forward + backward --------------------------------------------------------------------
     xg, wg, bg = requiring_grad(x_bdt, w, b)
@@ -193,6 +195,37 @@ def workloads(args, device, dtype, stub):
     ]
     result[f"decode step, B {B} D {D} W {Wd}, state [B, D, W]"] = layers
     return result
+
+
+def cuda_layers(x, w, b):
+    """The pieces of `cuda.launch.conv_fwd_bdt` one by one (real launches: a GPU only)."""
+    from causal_conv1d_mps.cuda import _runtime
+    from causal_conv1d_mps.cuda import launch as cuda_launch
+
+    defines = cuda_launch._defines(x, w, b, SILU)
+    fn = _runtime.kernel("cc_conv_fwd_bdt", defines, x.device)
+    if fn is None:
+        return [(f"CUDA C++ kernels unavailable: {_runtime.unavailable_reason(x.device)}", lambda: None)]
+    _, strides = cuda_launch._check(x, w, b, SILU)
+    out = torch.empty_like(x)
+    n8 = x.shape[2] // 8
+    grid, block = (-(-n8 // cuda_launch.THREADS), x.shape[1], x.shape[0]), (cuda_launch.THREADS, 1, 1)
+    args = [x, w, b, out, n8, *strides, *strides, *cuda_launch._weight_strides(w, b)]
+    fn(grid=grid, block=block, args=args)
+    layout = next(iter(fn._layouts.values()))
+    stream = torch._C._cuda_getCurrentRawStream(x.device.index or 0)
+    lib = _runtime._libcuda
+    return [
+        ("cuLaunchKernel alone (ctypes, packed arguments)", lambda: lib.cuLaunchKernel(
+            fn._func, *grid, *block, 0, stream, layout.params, None)),
+        ("torch.cuda.current_device()", torch.cuda.current_device),
+        ("_cuda_getCurrentRawStream", lambda: torch._C._cuda_getCurrentRawStream(0)),
+        ("_DriverKernel call, arguments ready", lambda: fn(grid=grid, block=block, args=args)),
+        ("_check (why_not and vector strides)", lambda: cuda_launch._check(x, w, b, SILU)),
+        ("_defines + _runtime.kernel (variant lookup)", lambda: _runtime.kernel(
+            "cc_conv_fwd_bdt", cuda_launch._defines(x, w, b, SILU), x.device)),
+        ("launch.conv_fwd_bdt (all of the above + empty_like)", lambda: cuda_launch.conv_fwd_bdt(x, w, b, SILU)),
+    ]
 
 
 def _transformers_update(x, state, weight):

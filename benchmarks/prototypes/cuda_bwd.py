@@ -295,6 +295,7 @@ def main(argv=None) -> int:
             bg = bias.detach().clone().requires_grad_(True)
 
             def step_triton():
+                xg.grad = wg.grad = bg.grad = None  # fresh gradients: a graph cannot capture accumulation
                 y = ccmps.causal_conv1d_fn(xg, wg, bg, activation="silu")
                 y.backward(dout)
                 return y
@@ -338,6 +339,7 @@ def main(argv=None) -> int:
             xg = xl.detach().clone().requires_grad_(True)
 
             def step_fused():
+                xg.grad = wg.grad = bg.grad = None
                 y = ccmps.short_conv_fused(xg, wg, bg, am, activation=True, residual=True)
                 y.backward(dl)
                 return y
