@@ -304,6 +304,7 @@ def main(argv=None) -> int:
             xg.grad = wg.grad = bg.grad = None
             y = step_triton()
             errs = [rel(y, ref[0]), rel(xg.grad, ref[1]), rel(wg.grad, ref[2]), rel(bg.grad, ref[3])]
+            del y  # a live graph keeps the leaves' AccumulateGrad nodes on the default stream: no capture
             record(f"triton fwd+bwd (B,D,T) B{B} D{D} T{T} W{W}", bench(step_triton), n, errs)
             record(f"triton fwd+bwd (B,D,T) in a CUDA graph B{B} D{D} T{T} W{W}", bench(cuda_fwd.graphed(step_triton)), n,
                    errs)
@@ -349,6 +350,7 @@ def main(argv=None) -> int:
             y = step_fused()
             errs = [rel(y.transpose(1, 2), ref[0]), rel(xg.grad.transpose(1, 2), ref[1]),
                     rel(wg.grad, ref[2]), rel(bg.grad, ref[3])]
+            del y
             record(f"triton fused fwd+bwd B{B} T{T} D{D} W{W}", bench(step_fused), n, errs)
             record(f"triton fused fwd+bwd in a CUDA graph B{B} T{T} D{D} W{W}", bench(cuda_fwd.graphed(step_fused)), n, errs)
     if args.json:
