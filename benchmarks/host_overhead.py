@@ -141,7 +141,7 @@ def workloads(args, device, dtype, stub):
     ]
     result[f"causal_conv1d forward, no grad, [B, D, T] = [{B}, {D}, {T}], W {W}"] = layers
     if device.type == "cuda":
-        result[f"CUDA C++ forward launch path, [B, D, T] = [{B}, {D}, {T}], W {W}"] = cuda_layers(x_bdt, w, b)
+        result[f"CUDA C++ forward launch path, [B, D, T] = [{B}, {D}, {T}], W {W}"] = cuda_layers(x_bdt, w, b, dout_bdt)
 
     # causal_conv1d forward + backward --------------------------------------------------------------------
     xg, wg, bg = requiring_grad(x_bdt, w, b)
@@ -153,6 +153,18 @@ def workloads(args, device, dtype, stub):
         ("api forward + .backward()", lambda: ccmps.causal_conv1d(xg, wg, bg, "silu").backward(dout_bdt)),
         ("eager F.conv1d forward + .backward()",
          lambda: F.conv1d(xe, we, be, padding=W - 1, groups=D)[..., :T].backward(dout_bdt)),
+    ]
+
+    # where a forward + backward's host time goes: the autograd engine's round trip for a Python Function
+    # (identity), the same with the engine's device threads off (the backward runs on the calling thread)
+    xi = xg.detach().clone().requires_grad_()
+    result[f"autograd engine, [B, D, T] = [{B}, {D}, {T}]"] = [
+        ("identity Function forward + .backward()", lambda: _Identity.apply(xi).backward(dout_bdt)),
+        ("eager x * 1 forward + .backward()", lambda: (xi * 1).backward(dout_bdt)),
+        ("api forward + .backward(), engine on this thread", lambda: _single_thread(
+            lambda: ccmps.causal_conv1d(xg, wg, bg, "silu").backward(dout_bdt))),
+        ("eager F.conv1d fwd + .backward(), engine on this thread", lambda: _single_thread(
+            lambda: F.conv1d(xe, we, be, padding=W - 1, groups=D)[..., :T].backward(dout_bdt))),
     ]
 
     # short_conv_fused forward + backward -----------------------------------------------------------------
@@ -197,7 +209,24 @@ def workloads(args, device, dtype, stub):
     return result
 
 
-def cuda_layers(x, w, b):
+class _Identity(torch.autograd.Function):
+    """The cheapest Python autograd Function: what the engine's round trip costs by itself."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dout):
+        return dout
+
+
+def _single_thread(step):
+    with torch.autograd.set_multithreading_enabled(False):
+        step()
+
+
+def cuda_layers(x, w, b, dout):
     """The pieces of `cuda.launch.conv_fwd_bdt` one by one (real launches: a GPU only)."""
     from causal_conv1d_mps.cuda import _runtime
     from causal_conv1d_mps.cuda import launch as cuda_launch
@@ -225,6 +254,7 @@ def cuda_layers(x, w, b):
         ("_defines + _runtime.kernel (variant lookup)", lambda: _runtime.kernel(
             "cc_conv_fwd_bdt", cuda_launch._defines(x, w, b, SILU), x.device)),
         ("launch.conv_fwd_bdt (all of the above + empty_like)", lambda: cuda_launch.conv_fwd_bdt(x, w, b, SILU)),
+        ("launch.conv_bwd_bdt (2 launches, 4 allocations)", lambda: cuda_launch.conv_bwd_bdt(x, w, b, dout, SILU)),
     ]
 
 
