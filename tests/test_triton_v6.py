@@ -23,8 +23,11 @@ OLD_BWD = "conv_bwd_kernel"
 
 @pytest.fixture
 def launched(monkeypatch):
-    """The names of the kernels launched by the convolution launchers during the test, in order."""
+    """The names of the kernels launched by the convolution launchers during the test, in order. The CUDA C++
+    kernels are turned off: on a GPU they would take the (B, D, T) calls whose Triton dispatch is tested."""
     from causal_conv1d_mps.triton import launch_conv
+
+    monkeypatch.setenv("CAUSAL_CONV1D_CUDA_KERNELS", "0")
 
     names: list[str] = []
     real = launch_conv.launch
