@@ -14,6 +14,12 @@ import torch
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FUNCTIONS = ("causal_conv1d_fwd", "causal_conv1d_bwd", "short_conv_fused_fwd", "short_conv_fused_bwd",
               "short_conv_update", "causal_conv1d_varlen_states")
+# The kernels unroll their tap loops: compile time grows with W, and a W = 257 specialisation did not finish
+# compiling within 400 s on an H200's host. Filters wider than this are served by the reference path (PyTorch's
+# convolution) on the same device; the position of `weight` in each backend function's arguments:
+MAX_WIDTH = 32
+_WEIGHT_ARG = {"causal_conv1d_fwd": 1, "causal_conv1d_bwd": 1, "short_conv_fused_fwd": 1,
+               "short_conv_fused_bwd": 1, "short_conv_update": 2}
 
 
 def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -36,13 +42,27 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
+def _width_guarded(kernels, reference, weight_arg: int):
+    """`kernels(*args)`, or `reference(*args)` for a weight wider than `MAX_WIDTH`."""
+    def run(*args):
+        return (kernels if args[weight_arg].shape[1] <= MAX_WIDTH else reference)(*args)
+
+    run.__name__ = run.__qualname__ = kernels.__name__
+    run.__doc__ = kernels.__doc__
+    return run
+
+
 def __getattr__(name: str):
     # first use of a backend function imports triton and the launchers, then binds them here
     if name in _FUNCTIONS:
+        from .. import reference
         from . import backend
 
         for fn_name in _FUNCTIONS:
-            globals()[fn_name] = getattr(backend, fn_name)
+            fn = getattr(backend, fn_name)
+            if fn_name in _WEIGHT_ARG:
+                fn = _width_guarded(fn, getattr(reference, fn_name), _WEIGHT_ARG[fn_name])
+            globals()[fn_name] = fn
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
