@@ -211,7 +211,7 @@ def test_a_source_that_does_not_compile_falls_back_with_one_warning(kernels, dev
 
     monkeypatch.setattr(_runtime, "_kernels", {})
     monkeypatch.setattr(_runtime, "_failed", {})
-    monkeypatch.setattr(_source, "_kernel_file", lambda: "this is not C++;\n")
+    monkeypatch.setattr(_source, "_text", lambda file_name: "this is not C++;\n")
     x = torch.randn(1, 2, 16, dtype=torch.bfloat16, device=device)
     w = torch.randn(2, 4, dtype=torch.bfloat16, device=device)
     with pytest.warns(RuntimeWarning, match="the Triton kernels serve"):

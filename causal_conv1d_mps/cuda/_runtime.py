@@ -65,7 +65,7 @@ def kernel(name: str, defines: dict[str, int], device: torch.device):
 
 
 def _compile(name: str, defines: dict[str, int], device: torch.device, index: int):
-    text = _source.source(defines)
+    text = _source.source(name, defines)
     try:
         if device.type == "cuda":
             with torch.cuda.device(index):
@@ -79,10 +79,10 @@ def _compile(name: str, defines: dict[str, int], device: torch.device, index: in
         if reason is not None:
             _failed[device.type] = f"cuda_harness: {reason}"
             return None
-        return getattr(cuda_harness.compile_source(text, name=_source.FILE_NAME), name)
+        return getattr(cuda_harness.compile_source(text, name=_source.file_for(name)), name)
     except Exception as exc:  # NVRTC missing, or the shipped source rejected: the Triton kernels serve
         message = str(exc).strip().splitlines()
-        _failed[device.type] = f"compiling {_source.FILE_NAME} failed: {message[0] if message else exc!r}"
+        _failed[device.type] = f"compiling {_source.file_for(name)} failed: {message[0] if message else exc!r}"
         warnings.warn(f"causal_conv1d_mps: the CUDA C++ kernels are off for this process, the Triton kernels "
                       f"serve instead ({_failed[device.type]})", RuntimeWarning, stacklevel=4)
         return None
