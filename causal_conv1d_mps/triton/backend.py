@@ -3,7 +3,9 @@
 Both convolution families reach the same kernels with `x` described as `[B, T, D]` by strides:
 `causal_conv1d`'s `(B, D, T)` tensor passes `(stride(0), stride(2), stride(1))`.
 `causal_conv1d` in the `(B, D, T)` layout without packed sequences or initial states asks the CUDA C++
-kernels first (`causal_conv1d_mps.cuda`); they return None where they do not apply.
+kernels first (`causal_conv1d_mps.cuda`); they return None where they do not apply. The forward of
+`short_conv_fused` and of a channel-last `causal_conv1d` (no packed sequences, no initial states) asks the
+channel-last CUDA C++ kernel where it was measured faster (`cuda.launch_btd.preferred`).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..cuda import launch as cuda_launch
+from ..cuda import launch_btd
 from .launch_conv import gather_states, launch_backward, launch_forward
 from .launch_update import launch_update
 
@@ -23,17 +26,21 @@ def _btd_strides(t: Tensor) -> tuple[int, int, int]:
 
 def causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation: int, return_final_states: bool):
     B, D, T = x.shape
-    out = None
-    if seq_idx is None and initial_states is None and cuda_launch.preferred_for_forward(T, weight.shape[1]):
-        out = cuda_launch.conv_fwd_bdt(x, weight, bias, activation)
+    W = weight.shape[1]
+    plain = seq_idx is None and initial_states is None
     strides = _btd_strides(x)
+    channel_last = strides[1] != 1  # T not contiguous
+    out = None
+    if plain and not channel_last and cuda_launch.preferred_for_forward(T, W):
+        out = cuda_launch.conv_fwd_bdt(x, weight, bias, activation)
     if out is None:
         out = torch.empty_like(x)
-        launch_forward(x, strides, out, _btd_strides(out), B, T, D, weight, bias, None, seq_idx, None,
-                       initial_states, activation, False, strides[1] != 1)  # channel-last: T not contiguous
+        if not (plain and channel_last and launch_btd.preferred(False, W) and launch_btd.conv_fwd_btd(
+                x.transpose(1, 2), weight, bias, None, activation, False, out.transpose(1, 2))):
+            launch_forward(x, strides, out, _btd_strides(out), B, T, D, weight, bias, None, seq_idx, None,
+                           initial_states, activation, False, channel_last)
     if not return_final_states:
         return out, x.new_empty(0)
-    W = weight.shape[1]
     return out, gather_states(x, strides, B, T, D, W - 1, W, None, initial_states, None)
 
 
@@ -55,8 +62,10 @@ def short_conv_fused_fwd(x, weight, bias, mask, initial_states, cu_seqlens,
                          activation: int, residual: bool, return_final_states: bool):
     B, T, D = x.shape
     out = x.new_empty(B, T, D)
-    launch_forward(x, x.stride(), out, out.stride(), B, T, D, weight, bias, mask, None, cu_seqlens,
-                   initial_states, activation, residual, True)
+    if not (cu_seqlens is None and initial_states is None and launch_btd.preferred(mask is not None, weight.shape[1])
+            and launch_btd.conv_fwd_btd(x, weight, bias, mask, activation, residual, out)):
+        launch_forward(x, x.stride(), out, out.stride(), B, T, D, weight, bias, mask, None, cu_seqlens,
+                       initial_states, activation, residual, True)
     if not return_final_states:
         return out, x.new_empty(0)
     W = weight.shape[1]

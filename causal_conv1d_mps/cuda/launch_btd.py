@@ -1,0 +1,104 @@
+"""Launcher of the channel-last CUDA C++ forward (`kernels/conv_btd.cu`), and where it applies.
+
+The Triton backend asks it first for the forward of `short_conv_fused` and of `causal_conv1d` on a
+channel-last x; it returns False where the kernel does not apply (then the Triton kernels serve the call):
+- `x` `[B, T, D]` with D contiguous, float16 or bfloat16, 8-byte aligned, strides over B and T multiples of 4
+  elements, D a multiple of 4; `weight` `[D, W]` contiguous with 1 <= W <= 16, of x's dtype or float32, and
+  `bias` contiguous of the weight's dtype or None, both 16-byte aligned; activation identity or SiLU;
+- `mask` `[B, T]` float32 contiguous or None; no packed sequences, no `seq_idx`, no initial states (the caller
+  checks those);
+- `(mask is not None, W)` in `MEASURED_FASTER`: the pairs an H200 run measured faster than the Triton
+  kernels (docs/PERF_NOTES.md, v8); elsewhere the Triton kernels stay;
+- a CUDA device whose NVRTC compile succeeded, or, for tests only, CPU tensors through `cuda_harness`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _activation
+from . import _runtime
+
+VEC = 4  # CC_VEC: channels per thread
+RUN = 8  # CC_RUN: steps per thread
+THREADS = 64  # CC_BTD_THREADS
+MAX_WIDTH = 16
+_X_BF16 = {torch.bfloat16: 1, torch.float16: 0}
+_WT = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+_MAX_GRID_YZ = 65535
+
+# (has mask, W) where the kernel beat the Triton kernels on an H200 (bf16, B4 T8192 D4096 and B8 T2048 D4096,
+# `python benchmarks/prototypes/cuda_btd.py`): channel-last W 2 / 7 / 16: 96 / 66 / 30% of copy against
+# 91 / 39 / 23%; fused with mask W 2 / 4 / 7 / 16: 89 / 76 / 58 / 22% against 80 / 65 / 35 / 18%. Ties (W 4
+# and 8 without mask) and losses (W 8 with mask) keep Triton; other widths until timed.
+MEASURED_FASTER: frozenset[tuple[bool, int]] = frozenset(
+    {(False, 2), (False, 7), (False, 16), (True, 2), (True, 4), (True, 7), (True, 16)})
+
+
+def why_not(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None, activation: int) -> str | None:
+    """Why the kernel does not apply to `x` `[B, T, D]` and these arguments (None: it does); metadata only."""
+    if x.dim() != 3 or x.dtype not in _X_BF16:
+        return f"x: float16 or bfloat16 [B, T, D] only, got {x.dtype} with {x.dim()} dims"
+    if weight.dtype not in (x.dtype, torch.float32) or (bias is not None and bias.dtype != weight.dtype):
+        return "weight and bias: x's dtype or float32, both the same"
+    B, T, D = x.shape
+    W = weight.shape[1]
+    if not 1 <= W <= MAX_WIDTH:
+        return f"W = {W}: 1..{MAX_WIDTH} only"
+    if activation not in (_activation.IDENTITY, _activation.SILU):
+        return f"activation code {activation}"
+    if B == 0 or T == 0 or D == 0 or D % VEC != 0:
+        return f"D = {D}: a positive multiple of {VEC} only (B = {B}, T = {T} non-zero)"
+    if B > _MAX_GRID_YZ or -(-D // (VEC * THREADS)) > _MAX_GRID_YZ or -(-T // RUN) >= 2**31:
+        return f"B = {B}, D = {D}, T = {T}: beyond the grid's limits"
+    if _vector_strides(x) is None:
+        return "x: D contiguous, 8-byte aligned, strides over B and T multiples of 4"
+    if not weight.is_contiguous() or weight.data_ptr() % 16 != 0 or (
+            bias is not None and (not bias.is_contiguous() or bias.data_ptr() % 16 != 0)):
+        return "weight and bias: contiguous and 16-byte aligned"
+    if mask is not None and (mask.dtype != torch.float32 or not mask.is_contiguous()):
+        return "mask: float32 [B, T] contiguous"
+    return None
+
+
+def _vector_strides(t: Tensor) -> tuple[int, int] | None:
+    """`t`'s strides over B and T in units of VEC elements (0 for a dimension of size 1), or None if D is not
+    contiguous in 8-byte vectors."""
+    B, T, D = t.shape
+    sb, st, sd = t.stride()
+    sb, st = (0 if B == 1 else sb), (0 if T == 1 else st)
+    if (sd != 1 and D > 1) or t.data_ptr() % 8 != 0 or sb % VEC != 0 or st % VEC != 0 or max(sb, st) // VEC >= 2**31:
+        return None
+    return sb // VEC, st // VEC
+
+
+def preferred(has_mask: bool, W: int) -> bool:
+    """Whether an H200 run measured this kernel faster than Triton's for this case (`MEASURED_FASTER`)."""
+    return (has_mask, W) in MEASURED_FASTER
+
+
+def _usable(x: Tensor, allow_cpu: bool) -> bool:
+    return x.device.type == "cuda" or (allow_cpu and x.device.type == "cpu")
+
+
+def conv_fwd_btd(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None, activation: int,
+                 residual: bool, out: Tensor, allow_cpu: bool = False) -> bool:
+    """Write `(x if residual) + act(bias + conv(x masked))` into `out` `[B, T, D]` (D contiguous, the layout
+    rules of x); True, or False (nothing written) where the kernel does not apply."""
+    if not _usable(x, allow_cpu) or why_not(x, weight, bias, mask, activation) is not None:
+        return False
+    out_strides = _vector_strides(out)
+    if out_strides is None:
+        return False
+    defines = dict(CC_W=weight.shape[1], CC_X_BF16=_X_BF16[x.dtype], CC_WT=_WT[weight.dtype],
+                   CC_HAS_BIAS=int(bias is not None), CC_ACTIVATION=activation, CC_HAS_MASK=int(mask is not None),
+                   CC_RESIDUAL=int(bool(residual)))
+    fn = _runtime.kernel("cc_conv_fwd_btd", defines, x.device)
+    if fn is None:
+        return False
+    B, T, D = x.shape
+    d4 = D // VEC
+    fn(grid=(-(-T // RUN), -(-d4 // THREADS), B), block=(THREADS, 1, 1),
+       args=[x, weight, bias if bias is not None else weight, mask if mask is not None else x, out, T, d4,
+             *_vector_strides(x), *out_strides])
+    return True
