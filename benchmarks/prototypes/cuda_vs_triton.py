@@ -68,14 +68,52 @@ def _row(kind, shape, W, ms_triton, ms_cuda, nbytes, copy, err):
           f"cuda {ms_cuda:8.4f} ms ({row['cuda_pct']:5.1f}%)   x{ms_triton / ms_cuda:4.2f}   diff {err:.1e}")
 
 
+def channel_last_rows(copy: float) -> None:
+    """The channel-last CUDA C++ forward (`cuda/launch_btd.py`) forced on for every width against the Triton
+    kernels: `short_conv_fused` with an HF-style mask and the residual, and `causal_conv1d` on a channel-last x."""
+    from causal_conv1d_mps.cuda import launch_btd
+
+    every = frozenset((m, W) for m in (False, True) for W in range(1, launch_btd.MAX_WIDTH + 1))
+    saved = launch_btd.MEASURED_FASTER
+    for (B, T, D) in ((4, 8192, 4096), (8, 2048, 4096)):
+        for W in range(1, launch_btd.MAX_WIDTH + 1):
+            g = torch.Generator(device=DEV).manual_seed(W)
+            x = torch.randn(B, T, D, device=DEV, generator=g).to(BF16)
+            w = (torch.randn(D, W, device=DEV, generator=g) * W ** -0.5).to(BF16)
+            b = (torch.randn(D, device=DEV, generator=g) * 0.5).to(BF16)
+            am = torch.ones(B, T, device=DEV, dtype=torch.int64)
+            am[0, : T // 8] = 0
+            xt = x.transpose(1, 2)
+            for kind, fn in (("fused mask", lambda: ccmps.short_conv_fused(x, w, b, am)),
+                             ("channel-last", lambda: ccmps.causal_conv1d(xt, w, b, "silu"))):
+                with torch.no_grad():
+                    _use(False)
+                    ref = fn()
+                    ms_t = _bench(fn)
+                    _use(True)
+                    launch_btd.MEASURED_FASTER = every
+                    got = fn()
+                    ms_c = _bench(fn)
+                    launch_btd.MEASURED_FASTER = saved
+                err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+                _row(kind, f"B{B} T{T} D{D}", W, ms_t, ms_c, 2 * x.numel() * 2, copy, err)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", type=Path)
     p.add_argument("--profile", action="store_true", help="cProfile of the small forward+backward calls")
+    p.add_argument("--channel-last", action="store_true",
+                   help="only the channel-last kernel (fused and channel-last forward, every width 1..16)")
     args = p.parse_args(argv)
     copy = _copy_gbs()
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  copy {copy:.0f} GB/s")
     print("(% of copy: forward 2N bytes, forward + backward 5N bytes)")
+    if args.channel_last:
+        channel_last_rows(copy)
+        if args.json:
+            args.json.write_text(json.dumps(dict(copy_gbs=copy, rows=ROWS), indent=1))
+        return 0
 
     for (B, D, T) in ((4, 4096, 8192), (8, 2048, 4096), (8, 4096, 2048)):
         for W in (2, 3, 4, 7, 8, 9, 16):
