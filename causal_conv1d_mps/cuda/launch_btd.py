@@ -27,12 +27,12 @@ _X_BF16 = {torch.bfloat16: 1, torch.float16: 0}
 _WT = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _MAX_GRID_YZ = 65535
 
-# (has mask, W) where the kernel beat the Triton kernels on an H200 (bf16, B4 T8192 D4096 and B8 T2048 D4096,
-# `python benchmarks/prototypes/cuda_btd.py`): channel-last W 2 / 7 / 16: 96 / 66 / 30% of copy against
-# 91 / 39 / 23%; fused with mask W 2 / 4 / 7 / 16: 89 / 76 / 58 / 22% against 80 / 65 / 35 / 18%. Ties (W 4
-# and 8 without mask) and losses (W 8 with mask) keep Triton; other widths until timed.
+# (has mask, W) where the kernel beat the Triton kernels on an H200 through the public API (bf16, B4 T8192 D4096
+# and B8 T2048 D4096, `python benchmarks/prototypes/cuda_vs_triton.py --channel-last`, docs/PERF_NOTES.md v8):
+# every width 2..16, with and without a mask, e.g. channel-last W 4 91.7 against 84.5% of copy, fused with mask
+# W 4 81.8 against 65.3%, W 7 61.1 against 34.8%. W = 1 ties or loses (0.93-1.01x): Triton keeps it.
 MEASURED_FASTER: frozenset[tuple[bool, int]] = frozenset(
-    {(False, 2), (False, 7), (False, 16), (True, 2), (True, 4), (True, 7), (True, 16)})
+    (has_mask, W) for has_mask in (False, True) for W in range(2, MAX_WIDTH + 1))
 
 
 def why_not(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None, activation: int) -> str | None:
