@@ -149,10 +149,18 @@ def short_conv_fused_fwd_only(*args, **kwargs):
         return short_conv_fused(*args, **kwargs)
 
 
-def _decode_step(x3: Tensor, conv_state: Tensor, weight: Tensor, bias, cache_seqlens, conv_state_indices,
-                 activation: int, residual: bool, state_name: str = "conv_state") -> Tensor:
-    """Validated decode step on `x3` `[B, L, D]`; returns `out` like `x3`. Errors about the state name it
-    `state_name` (the module passes its `cache`)."""
+# Decode steps check one signature per layer and token: the verdict of the metadata-only checks is kept per
+# signature (`_validate.Verdicts`), so that a repeated call costs one key and one lookup above the checks
+# that read pointers or values. The layouts of `x` tell the public functions apart.
+_BLD, _BDL = 0, 1
+_decode_verdicts = check.Verdicts()
+
+
+def _check_decode_step(x3: Tensor, conv_state, weight, bias, cache_seqlens, conv_state_indices,
+                       state_name: str) -> tuple:
+    """The checks of a decode step on `x3` `[B, L, D]` that read metadata only (and the grad mode, for a state
+    that requires grad); returns the verdict kept for its signature: `(N, S, byte extents of conv_state,
+    x3, weight, bias, cache_seqlens, conv_state_indices)`."""
     b, _, d = x3.shape
     check.tensor(state_name, conv_state, ndim=3)
     n, state_d, state_len = conv_state.shape
@@ -177,8 +185,28 @@ def _decode_step(x3: Tensor, conv_state: Tensor, weight: Tensor, bias, cache_seq
                           conv_state_indices=conv_state_indices)
     check.not_leaf_requiring_grad(state_name, conv_state)
     check.not_self_overlapping(state_name, conv_state)
-    check.memory_conflict(state_name, conv_state, "x", x3, "weight", weight, "bias", bias, "cache_seqlens",
-                          cache_seqlens, "conv_state_indices", conv_state_indices)
+    extents = tuple(0 if t is None else check.byte_extent(t)
+                    for t in (x3, weight, bias, cache_seqlens, conv_state_indices))
+    return (n, state_len, 0 if conv_state.is_meta else check.byte_extent(conv_state), extents)
+
+
+def _decode_step(x3: Tensor, conv_state: Tensor, weight: Tensor, bias, cache_seqlens, conv_state_indices,
+                 activation: int, residual: bool, state_name: str = "conv_state", signature: tuple | None = None,
+                 verdict: tuple | None = None) -> Tensor:
+    """Validated decode step on `x3` `[B, L, D]`; returns `out` like `x3`. Errors about the state name it
+    `state_name` (the module passes its `cache`). `verdict`: the one kept for the call's `signature`, whose
+    metadata checks are then skipped; without it they run and their verdict is kept for `signature`."""
+    if verdict is None:
+        verdict = _check_decode_step(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices, state_name)
+        _decode_verdicts.remember(signature, verdict)
+        conflict = True
+    else:
+        conflict = check.may_conflict(conv_state, verdict[2], (x3, weight, bias, cache_seqlens, conv_state_indices),
+                                      verdict[3])
+    if conflict:
+        check.memory_conflict(state_name, conv_state, "x", x3, "weight", weight, "bias", bias, "cache_seqlens",
+                              cache_seqlens, "conv_state_indices", conv_state_indices)
+    n, state_len = verdict[0], verdict[1]
     if conv_state_indices is not None:
         check.state_indices_in_range(conv_state_indices, n)
     seqlens = None if cache_seqlens is None else check.circular_positions(cache_seqlens, state_len)
@@ -208,14 +236,17 @@ def _short_conv_update(x, conv_state, weight, bias, cache_seqlens, activation: i
                        state_name: str = "conv_state") -> Tensor:
     """`short_conv_update` with `activation` already a code of `_activation`; errors about the state name it
     `state_name` (the module's `cache`)."""
-    check.tensor("x", x)
-    check.floating("x", x)
+    signature = check.decode_signature(_BLD, x, conv_state, weight, bias, cache_seqlens, conv_state_indices)
+    verdict = _decode_verdicts.get(signature)
+    if verdict is None:
+        check.tensor("x", x)
+        check.floating("x", x)
     one_token = x.dim() == 2
     if not one_token and x.dim() != 3:
         raise ValueError(f"x: expected shape (B, D) or (B, L, D), got {tuple(x.shape)}")
     x3 = x.unsqueeze(1) if one_token else x
     out = _decode_step(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation, bool(residual),
-                       state_name)
+                       state_name, signature, verdict)
     return out.squeeze(1) if one_token else out
 
 
@@ -230,13 +261,17 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Te
                          conv_state_indices: Tensor | None = None) -> Tensor:
     """Dao-compatible decode step: `x` `[B, D]` or `[B, D, L]`, `conv_state` `[B|N, D, S]` updated in place."""
     act = _activation.code(activation)
-    check.tensor("x", x)
-    check.floating("x", x)
+    signature = check.decode_signature(_BDL, x, conv_state, weight, bias, cache_seqlens, conv_state_indices)
+    verdict = _decode_verdicts.get(signature)
+    if verdict is None:
+        check.tensor("x", x)
+        check.floating("x", x)
     one_token = x.dim() == 2
     if not one_token and x.dim() != 3:
         raise ValueError(f"x: expected shape (B, D) or (B, D, L), got {tuple(x.shape)}")
     x3 = x.unsqueeze(1) if one_token else x.transpose(1, 2)
-    out = _decode_step(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices, act, False)
+    out = _decode_step(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices, act, False, "conv_state",
+                       signature, verdict)
     return out.squeeze(1) if one_token else out.transpose(1, 2)
 
 
