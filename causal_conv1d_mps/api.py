@@ -154,6 +154,8 @@ def short_conv_fused_fwd_only(*args, **kwargs):
 # that read pointers or values. The layouts of `x` tell the public functions apart.
 _BLD, _BDL = 0, 1
 _decode_verdicts = check.Verdicts()
+# the function forms skip the method's argument parsing (about 0.2 us each, and a decode step makes two views)
+_unsqueeze, _squeeze = torch.unsqueeze, torch.squeeze
 
 
 def _check_decode_step(x3: Tensor, conv_state, weight, bias, cache_seqlens, conv_state_indices,
@@ -200,7 +202,7 @@ def _decode_step(x3: Tensor, conv_state: Tensor, weight: Tensor, bias, cache_seq
         verdict = _check_decode_step(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices, state_name)
         _decode_verdicts.remember(signature, verdict)
         conflict = True
-    else:
+    else:  # pointers change from call to call: only those near the state's bytes need the full check
         conflict = check.may_conflict(conv_state, verdict[2], (x3, weight, bias, cache_seqlens, conv_state_indices),
                                       verdict[3])
     if conflict:
@@ -213,8 +215,8 @@ def _decode_step(x3: Tensor, conv_state: Tensor, weight: Tensor, bias, cache_seq
     indices = None if conv_state_indices is None else check.state_indices_int32(conv_state_indices, n)
     # the state is written, never differentiated: a non-leaf that requires grad is updated as plain memory
     state = conv_state.detach() if conv_state.requires_grad else conv_state
-    return ops.short_conv_update(x3, state, weight.contiguous(), _contig(bias), seqlens, indices, activation,
-                                 residual)
+    return ops.short_conv_update(x3, state, weight.contiguous(), None if bias is None else bias.contiguous(),
+                                 seqlens, indices, activation, residual)
 
 
 def short_conv_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None = None,
@@ -244,10 +246,10 @@ def _short_conv_update(x, conv_state, weight, bias, cache_seqlens, activation: i
     one_token = x.dim() == 2
     if not one_token and x.dim() != 3:
         raise ValueError(f"x: expected shape (B, D) or (B, L, D), got {tuple(x.shape)}")
-    x3 = x.unsqueeze(1) if one_token else x
+    x3 = _unsqueeze(x, 1) if one_token else x
     out = _decode_step(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation, bool(residual),
                        state_name, signature, verdict)
-    return out.squeeze(1) if one_token else out
+    return _squeeze(out, 1) if one_token else out
 
 
 def short_conv_update_fwd_only(*args, **kwargs) -> Tensor:
@@ -269,10 +271,10 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Te
     one_token = x.dim() == 2
     if not one_token and x.dim() != 3:
         raise ValueError(f"x: expected shape (B, D) or (B, D, L), got {tuple(x.shape)}")
-    x3 = x.unsqueeze(1) if one_token else x.transpose(1, 2)
+    x3 = _unsqueeze(x, 1) if one_token else x.mT  # mT: transpose(1, 2) of a 3-D x, without argument parsing
     out = _decode_step(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices, act, False, "conv_state",
                        signature, verdict)
-    return out.squeeze(1) if one_token else out.transpose(1, 2)
+    return _squeeze(out, 1) if one_token else out.mT
 
 
 def causal_conv1d_varlen_states(x: Tensor, cu_seqlens: Tensor, state_len: int) -> Tensor:
