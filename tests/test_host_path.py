@@ -584,3 +584,44 @@ def test_decode_signature_is_none_where_the_full_checks_must_run():
     # the two public functions read x in different layouts: never one signature
     assert check.decode_signature(0, x, state, weight, None, None, None) != check.decode_signature(
         1, x, state, weight, None, None, None)
+
+
+def test_the_kept_launch_plan_of_a_decode_step_follows_every_flag_and_a_config_override(monkeypatch):
+    """The decode launcher keeps its kernel, tiles and constexprs per (device, D, S, W, activation, flags):
+    each of those changing gives the constexprs that choosing afresh gives, and a tile override is honoured."""
+    from causal_conv1d_mps.triton import _config, launch_update
+
+    launched = []
+    monkeypatch.setattr(launch_update, "launch", lambda kernel, grid, args, constexprs, nw: launched.append(
+        (grid, dict(constexprs), nw)))
+    monkeypatch.setattr(launch_update, "_plans", {})
+    g = torch.Generator().manual_seed(9)
+    x, state = torch.randn(2, 1, 40, generator=g), torch.randn(2, 40, 5, generator=g)
+    weight, bias, seqlens = torch.randn(40, 4, generator=g), torch.randn(40, generator=g), _i32(0, 3)
+
+    def constexprs(**changes):
+        a = dict(x=x, conv_state=state, weight=weight, bias=bias, cache_seqlens=None, conv_state_indices=None,
+                 activation=1, residual=False)
+        a.update(changes)
+        launch_update.launch_update(**a)
+        return launched[-1]
+
+    first = constexprs()
+    assert first == constexprs() and len(launch_update._plans) == 1
+    for changes, field, value in (
+            (dict(bias=None), "HAS_BIAS", False), (dict(activation=0), "ACTIVATION", 0),
+            (dict(residual=True), "HAS_RESIDUAL", True), (dict(cache_seqlens=seqlens), "IS_CIRCULAR", True),
+            (dict(conv_state_indices=_i32(1, 0)), "HAS_STATE_INDICES", True),
+            (dict(weight=torch.randn(40, 3, generator=g)), "W", 3)):
+        assert constexprs(**changes)[1][field] == value, field
+        assert constexprs()[1] == first[1]
+    wide = constexprs(x=torch.randn(2, 1, 200, generator=g), conv_state=torch.randn(2, 200, 5, generator=g),
+                      weight=torch.randn(200, 4, generator=g), bias=None)
+    assert wide[1]["BD"] != first[1]["BD"] and wide[0][0] == -(-200 // wide[1]["BD"])
+    monkeypatch.setitem(_config.OVERRIDES, "update", dict(BD=16, num_warps=2))
+    _config.clear()
+    overridden = constexprs()
+    assert overridden[1]["BD"] == 16 and overridden[2] == 2 and overridden[0] == (-(-40 // 16), 2)
+    monkeypatch.delitem(_config.OVERRIDES, "update")
+    _config.clear()
+    assert constexprs() == first
