@@ -433,3 +433,18 @@ def decode_signature(layout: int, x, conv_state, weight, bias, cache_seqlens, co
                 None if conv_state_indices is None else _slot(conv_state_indices))
     except Exception:  # whatever cannot be read here is for the full checks to report
         return None
+
+
+
+def call_signature(tag, x, weight, *optional) -> tuple | None:
+    """The signature of a convolution's tensor arguments: `x` and `weight` (shape, dtype, device: what the
+    metadata checks read of them) and a slot per `optional` argument, None when absent (also its strides:
+    an argument written in place is checked for self-overlap). `tag` tells the public functions apart. None
+    where the call must take every check (as for `decode_signature`)."""
+    try:
+        if type(x) not in _PLAIN_TENSORS or type(weight) not in _PLAIN_TENSORS or torch.compiler.is_compiling():
+            return None
+        return (tag, x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device,
+                *[None if t is None else _slot(t) for t in optional])
+    except Exception:  # whatever cannot be read here is for the full checks to report
+        return None

@@ -36,6 +36,24 @@ def _bdt_layout(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
+# The verdicts of the metadata-only checks of `causal_conv1d` and `short_conv_fused`, per call signature
+# (`_validate.Verdicts`; the decode step's are below): a repeated call skips them
+_conv_verdicts = check.Verdicts()
+
+
+def _check_causal_conv1d(x, weight, bias, seq_idx, initial_states, final_states_out) -> None:
+    """The checks of `causal_conv1d`'s arguments that read metadata only."""
+    width = check.causal_conv1d_inputs(x, weight, bias, seq_idx, initial_states)
+    if final_states_out is not None:
+        b, d, _ = x.shape
+        check.states("final_states_out", final_states_out, b, d, width, "B")
+    if not check.on_one_device(x, weight, bias, seq_idx, initial_states, final_states_out):
+        check.same_device(x=x, weight=weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states,
+                          final_states_out=final_states_out)
+    if final_states_out is not None:
+        check.not_self_overlapping("final_states_out", final_states_out)
+
+
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None, *,
                   seq_idx: Tensor | None = None, initial_states: Tensor | None = None,
                   return_final_states: bool = False, final_states_out: Tensor | None = None):
@@ -50,15 +68,11 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activat
     Differentiable in x, weight, bias and initial_states (a gradient on final_states is honoured).
     """
     act = _activation.code(activation)
-    width = check.causal_conv1d_inputs(x, weight, bias, seq_idx, initial_states)
+    signature = check.call_signature("causal_conv1d", x, weight, bias, seq_idx, initial_states, final_states_out)
+    if signature not in _conv_verdicts:
+        _check_causal_conv1d(x, weight, bias, seq_idx, initial_states, final_states_out)
+        _conv_verdicts.remember(signature, True)
     if final_states_out is not None:
-        b, d, _ = x.shape
-        check.states("final_states_out", final_states_out, b, d, width, "B")
-    if not check.on_one_device(x, weight, bias, seq_idx, initial_states, final_states_out):
-        check.same_device(x=x, weight=weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states,
-                          final_states_out=final_states_out)
-    if final_states_out is not None:
-        check.not_self_overlapping("final_states_out", final_states_out)
         check.not_sharing_memory("final_states_out", final_states_out, x=x, weight=weight, bias=bias,
                                  seq_idx=seq_idx, initial_states=initial_states)
     want_final = return_final_states or final_states_out is not None
@@ -130,12 +144,21 @@ def _short_conv_fused(x, weight, bias, attention_mask, activation: int, residual
                       return_final_states, cu_seqlens, states_name: str = "initial_states"):
     """`short_conv_fused` with `activation` already a code of `_activation`; errors about the initial states
     name them `states_name` (the module's `cache`)."""
-    _, mask, _ = check.short_conv_fused_inputs(x, weight, bias, attention_mask, initial_states, cu_seqlens,
-                                               offsets_end_at_t=True, states_name=states_name)
-    d = x.shape[2]
-    if not check.on_one_device(x, weight, bias, attention_mask, initial_states, cu_seqlens):
-        check.same_device(x=x, weight=weight, bias=bias, attention_mask=attention_mask,
-                          **{states_name: initial_states}, cu_seqlens=cu_seqlens)
+    signature = check.call_signature("short_conv_fused", x, weight, bias, attention_mask, initial_states, cu_seqlens)
+    if signature in _conv_verdicts:  # what remains to check reads values: the mask's, cu_seqlens'
+        b, t, d = x.shape
+        mask = None if attention_mask is None else check.normalize_mask(
+            attention_mask, b, t, torch.float64 if x.dtype == torch.float64 else torch.float32)
+        if cu_seqlens is not None:
+            check.cu_seqlens(cu_seqlens, t)
+    else:
+        _, mask, _ = check.short_conv_fused_inputs(x, weight, bias, attention_mask, initial_states, cu_seqlens,
+                                                   offsets_end_at_t=True, states_name=states_name)
+        d = x.shape[2]
+        if not check.on_one_device(x, weight, bias, attention_mask, initial_states, cu_seqlens):
+            check.same_device(x=x, weight=weight, bias=bias, attention_mask=attention_mask,
+                              **{states_name: initial_states}, cu_seqlens=cu_seqlens)
+        _conv_verdicts.remember(signature, True)
     if x.stride()[2] != 1 and d > 1:
         x = x.contiguous()
     out, final = ops.short_conv_fused(x, weight.contiguous(), _contig(bias), mask, _contig(initial_states),

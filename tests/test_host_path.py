@@ -625,3 +625,108 @@ def test_the_kept_launch_plan_of_a_decode_step_follows_every_flag_and_a_config_o
     monkeypatch.delitem(_config.OVERRIDES, "update")
     _config.clear()
     assert constexprs() == first
+
+
+# ------------------------------------------------- causal_conv1d and short_conv_fused: verdicts per signature
+
+CB, CD, CT, CW = 2, 4, 6, 3
+
+
+@pytest.fixture
+def fresh_conv_verdicts():
+    api._conv_verdicts.clear()
+    yield api._conv_verdicts
+    api._conv_verdicts.clear()
+
+
+def _conv_args(**changes):
+    g = torch.Generator().manual_seed(10)
+    args = dict(x=torch.randn(CB, CD, CT, generator=g), weight=torch.randn(CD, CW, generator=g),
+                bias=torch.randn(CD, generator=g), seq_idx=None, initial_states=None, final_states_out=None)
+    args.update(changes)
+    return args
+
+
+def _conv_call(a):
+    return ccmps.causal_conv1d(a["x"], a["weight"], a["bias"], "silu", seq_idx=a["seq_idx"],
+                               initial_states=a["initial_states"], final_states_out=a["final_states_out"])
+
+
+def _fused_args(**changes):
+    g = torch.Generator().manual_seed(11)
+    args = dict(x=torch.randn(CB, CT, CD, generator=g), weight=torch.randn(CD, CW, generator=g), bias=None,
+                attention_mask=None, initial_states=None, cu_seqlens=None)
+    args.update(changes)
+    return args
+
+
+def _fused_call(a):
+    return ccmps.short_conv_fused(a["x"], a["weight"], a["bias"], a["attention_mask"],
+                                  initial_states=a["initial_states"], cu_seqlens=a["cu_seqlens"])
+
+
+_SEQ = torch.zeros(CB, CT, dtype=torch.int32)
+_PACKED = dict(x=torch.randn(1, 9, CD), cu_seqlens=_i32(0, 4, 9))
+_CONV_ONE_FIELD = {
+    "x rank": (_conv_call, {}, dict(x=torch.zeros(CD, CT))),
+    "x integer": (_conv_call, {}, dict(x=torch.zeros(CB, CD, CT, dtype=torch.int64))),
+    "x device": (_conv_call, {}, dict(x=torch.zeros(CB, CD, CT, device="meta"))),
+    "weight channels": (_conv_call, {}, dict(weight=torch.zeros(CD + 1, CW))),
+    "weight integer": (_conv_call, {}, dict(weight=torch.zeros(CD, CW, dtype=torch.int32))),
+    "weight device": (_conv_call, {}, dict(weight=torch.zeros(CD, CW, device="meta"))),
+    "bias shape": (_conv_call, {}, dict(bias=torch.zeros(CD + 1))),
+    "bias integer": (_conv_call, {}, dict(bias=torch.zeros(CD, dtype=torch.int64))),
+    "bias given as seq_idx": (_conv_call, {}, dict(bias=None, seq_idx=torch.zeros(CD))),
+    "seq_idx float": (_conv_call, dict(seq_idx=_SEQ), dict(seq_idx=_SEQ.float())),
+    "seq_idx shape": (_conv_call, dict(seq_idx=_SEQ), dict(seq_idx=_SEQ[:, 1:])),
+    "initial_states width": (_conv_call, dict(initial_states=torch.zeros(CB, CD, CW - 1)),
+                             dict(initial_states=torch.zeros(CB, CD, CW))),
+    "initial_states device": (_conv_call, dict(initial_states=torch.zeros(CB, CD, CW - 1)),
+                              dict(initial_states=torch.zeros(CB, CD, CW - 1, device="meta"))),
+    "final_states_out strides (expanded)": (_conv_call, dict(final_states_out=torch.zeros(CB, CD, CW - 1)),
+                                            dict(final_states_out=torch.zeros(1, CD, CW - 1).expand(CB, CD, CW - 1))),
+    "final_states_out dtype": (_conv_call, dict(final_states_out=torch.zeros(CB, CD, CW - 1)),
+                               dict(final_states_out=torch.zeros(CB, CD, CW - 1, dtype=torch.int32))),
+    "fused x rank": (_fused_call, {}, dict(x=torch.zeros(CT, CD))),
+    "fused weight channels": (_fused_call, {}, dict(weight=torch.zeros(CD - 1, CW))),
+    "fused mask shape": (_fused_call, dict(attention_mask=torch.ones(CB, CT)),
+                         dict(attention_mask=torch.ones(CB + 1, CT))),
+    "fused mask complex": (_fused_call, dict(attention_mask=torch.ones(CB, CT)),
+                           dict(attention_mask=torch.ones(CB, CT, dtype=torch.complex64))),
+    "fused mask device": (_fused_call, dict(attention_mask=torch.ones(CB, CT)),
+                          dict(attention_mask=torch.ones(CB, CT, device="meta"))),
+    "fused initial_states rows": (_fused_call, dict(initial_states=torch.zeros(CB, CD, CW - 1)),
+                                  dict(initial_states=torch.zeros(CB + 1, CD, CW - 1))),
+    "fused cu_seqlens batch": (_fused_call, dict(x=torch.zeros(1, CT, CD), cu_seqlens=_i32(0, CT)),
+                               dict(x=torch.zeros(CB, CT, CD), cu_seqlens=_i32(0, CT))),
+    "fused cu_seqlens float": (_fused_call, _PACKED, dict(_PACKED, cu_seqlens=torch.tensor([0.0, 4.0, 9.0]))),
+    "fused cu_seqlens values": (_fused_call, _PACKED, dict(_PACKED, cu_seqlens=_i32(0, 5, 3))),
+    "fused cu_seqlens end": (_fused_call, _PACKED, dict(_PACKED, cu_seqlens=_i32(0, 4, 8))),
+}
+
+
+@pytest.mark.parametrize("case", list(_CONV_ONE_FIELD))
+def test_a_known_convolution_signature_never_lets_a_changed_field_through(fresh_conv_verdicts, case):
+    """As for the decode step: after a valid call's verdict is kept, a call differing in one field raises
+    what it raises with none kept; the values of cu_seqlens are checked every call."""
+    call, valid_changes, failing_changes = _CONV_ONE_FIELD[case]
+    make = _conv_args if call is _conv_call else _fused_args
+    valid, failing = make(**valid_changes), make(**failing_changes)
+    expected = _error_of(call, failing)
+    assert not fresh_conv_verdicts, "a failing call left a verdict"
+    for _ in range(2):
+        call(valid)
+    assert len(fresh_conv_verdicts) == 1
+    assert _error_of(call, failing) == expected
+
+
+def test_a_known_convolution_signature_still_checks_memory_every_call(fresh_conv_verdicts):
+    args = _conv_args()
+    buffer = torch.zeros(2 * CB * CD * CT)
+    inside = buffer[CB * CD * CT - 2:CB * CD * CT - 2 + CB * CD * (CW - 1)].view(CB, CD, CW - 1)
+    x = buffer[:CB * CD * CT].view(CB, CD, CT)
+    for _ in range(2):
+        _conv_call(dict(args, x=x, final_states_out=torch.zeros(CB, CD, CW - 1)))
+    assert len(fresh_conv_verdicts) == 1
+    with pytest.raises(ValueError, match="^x: shares memory with final_states_out"):
+        _conv_call(dict(args, x=x, final_states_out=inside))
