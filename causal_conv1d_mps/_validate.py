@@ -414,6 +414,13 @@ def _slot(t):
     return t.shape, t.stride(), t.dtype, t.device
 
 
+def _read_slot(t):
+    """`_slot` of an argument that is only read (its strides concern no check)."""
+    if type(t) not in _PLAIN_TENSORS:
+        raise TypeError("not a plain tensor")
+    return t.shape, t.dtype, t.device
+
+
 def decode_signature(layout: int, x, conv_state, weight, bias, cache_seqlens, conv_state_indices) -> tuple | None:
     """The signature of a decode step's arguments (`layout` tells the public functions apart), or None where
     the call must take every check: symbolic sizes and fake tensors under torch.compile, tensor subclasses,
@@ -436,14 +443,20 @@ def decode_signature(layout: int, x, conv_state, weight, bias, cache_seqlens, co
 
 
 
-def call_signature(tag, x, weight, *optional) -> tuple | None:
-    """The signature of a convolution's tensor arguments: `x` and `weight` (shape, dtype, device: what the
-    metadata checks read of them) and a slot per `optional` argument, None when absent (also its strides:
-    an argument written in place is checked for self-overlap). `tag` tells the public functions apart. None
-    where the call must take every check (as for `decode_signature`)."""
+def call_signature(tag, x, weight, first, second, third, fourth) -> tuple | None:
+    """The signature of a convolution's tensor arguments: `x`, `weight` and the three optional `first`,
+    `second`, `third` (shape, dtype, device: what the metadata checks read of them; None when absent), and
+    the optional `fourth` with its strides too (`final_states_out`, written in place, is checked for
+    self-overlap). `tag` tells the public functions apart. None where the call must take every check (as for
+    `decode_signature`)."""
     try:
         if type(x) not in _PLAIN_TENSORS or type(weight) not in _PLAIN_TENSORS or torch.compiler.is_compiling():
             return None
+        return (tag, x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device,
+                None if first is None else _read_slot(first), None if second is None else _read_slot(second),
+                None if third is None else _read_slot(third), None if fourth is None else _slot(fourth))
+    except Exception:  # whatever cannot be read here is for the full checks to report
+        return None
         return (tag, x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device,
                 *[None if t is None else _slot(t) for t in optional])
     except Exception:  # whatever cannot be read here is for the full checks to report
