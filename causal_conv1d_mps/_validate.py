@@ -399,9 +399,7 @@ class Verdicts(dict):
         super().__init__()
         self.limit = limit
 
-    def remember(self, signature: tuple | None, verdict) -> None:
-        if signature is None:
-            return
+    def remember(self, signature: tuple, verdict) -> None:
         if len(self) >= self.limit:
             self.clear()
         self[signature] = verdict

@@ -37,7 +37,8 @@ def _bdt_layout(x: Tensor) -> Tensor:
 
 
 # The verdicts of the metadata-only checks of `causal_conv1d` and `short_conv_fused`, per call signature
-# (`_validate.Verdicts`; the decode step's are below): a repeated call skips them
+# (`_validate.Verdicts`; the decode step's are below): a repeated call skips them. Without a signature
+# (torch.compile among others) the tables are not touched: dynamo would guard on their length.
 _conv_verdicts = check.Verdicts()
 
 
@@ -69,9 +70,10 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activat
     """
     act = _activation.code(activation)
     signature = check.call_signature("causal_conv1d", x, weight, bias, seq_idx, initial_states, final_states_out)
-    if signature not in _conv_verdicts:
+    if signature is None or signature not in _conv_verdicts:
         _check_causal_conv1d(x, weight, bias, seq_idx, initial_states, final_states_out)
-        _conv_verdicts.remember(signature, True)
+        if signature is not None:
+            _conv_verdicts.remember(signature, True)
     if final_states_out is not None:
         check.not_sharing_memory("final_states_out", final_states_out, x=x, weight=weight, bias=bias,
                                  seq_idx=seq_idx, initial_states=initial_states)
@@ -145,7 +147,7 @@ def _short_conv_fused(x, weight, bias, attention_mask, activation: int, residual
     """`short_conv_fused` with `activation` already a code of `_activation`; errors about the initial states
     name them `states_name` (the module's `cache`)."""
     signature = check.call_signature("short_conv_fused", x, weight, bias, attention_mask, initial_states, cu_seqlens)
-    if signature in _conv_verdicts:  # what remains to check reads values: the mask's, cu_seqlens'
+    if signature is not None and signature in _conv_verdicts:  # what remains to check reads values
         b, t, d = x.shape
         mask = None if attention_mask is None else check.normalize_mask(
             attention_mask, b, t, torch.float64 if x.dtype == torch.float64 else torch.float32)
@@ -158,7 +160,8 @@ def _short_conv_fused(x, weight, bias, attention_mask, activation: int, residual
         if not check.on_one_device(x, weight, bias, attention_mask, initial_states, cu_seqlens):
             check.same_device(x=x, weight=weight, bias=bias, attention_mask=attention_mask,
                               **{states_name: initial_states}, cu_seqlens=cu_seqlens)
-        _conv_verdicts.remember(signature, True)
+        if signature is not None:
+            _conv_verdicts.remember(signature, True)
     if x.stride()[2] != 1 and d > 1:
         x = x.contiguous()
     out, final = ops.short_conv_fused(x, weight.contiguous(), _contig(bias), mask, _contig(initial_states),
@@ -223,7 +226,8 @@ def _decode_step(x3: Tensor, conv_state: Tensor, weight: Tensor, bias, cache_seq
     metadata checks are then skipped; without it they run and their verdict is kept for `signature`."""
     if verdict is None:
         verdict = _check_decode_step(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices, state_name)
-        _decode_verdicts.remember(signature, verdict)
+        if signature is not None:
+            _decode_verdicts.remember(signature, verdict)
         conflict = True
     else:  # pointers change from call to call: only those near the state's bytes need the full check
         conflict = check.may_conflict(conv_state, verdict[2], (x3, weight, bias, cache_seqlens, conv_state_indices),
@@ -262,7 +266,7 @@ def _short_conv_update(x, conv_state, weight, bias, cache_seqlens, activation: i
     """`short_conv_update` with `activation` already a code of `_activation`; errors about the state name it
     `state_name` (the module's `cache`)."""
     signature = check.decode_signature(_BLD, x, conv_state, weight, bias, cache_seqlens, conv_state_indices)
-    verdict = _decode_verdicts.get(signature)
+    verdict = None if signature is None else _decode_verdicts.get(signature)
     if verdict is None:
         check.tensor("x", x)
         check.floating("x", x)
@@ -287,7 +291,7 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Te
     """Dao-compatible decode step: `x` `[B, D]` or `[B, D, L]`, `conv_state` `[B|N, D, S]` updated in place."""
     act = _activation.code(activation)
     signature = check.decode_signature(_BDL, x, conv_state, weight, bias, cache_seqlens, conv_state_indices)
-    verdict = _decode_verdicts.get(signature)
+    verdict = None if signature is None else _decode_verdicts.get(signature)
     if verdict is None:
         check.tensor("x", x)
         check.floating("x", x)

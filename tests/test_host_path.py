@@ -730,3 +730,26 @@ def test_a_known_convolution_signature_still_checks_memory_every_call(fresh_conv
     assert len(fresh_conv_verdicts) == 1
     with pytest.raises(ValueError, match="^x: shares memory with final_states_out"):
         _conv_call(dict(args, x=x, final_states_out=inside))
+
+
+def test_compiled_calls_neither_read_nor_fill_the_verdicts(fresh_verdicts, fresh_conv_verdicts):
+    """Under torch.compile every check runs (symbolic sizes) and the tables are left alone: a guard on
+    their contents would recompile the model whenever an eager call adds a verdict."""
+    from torch._dynamo.utils import counters
+
+    def step(x, state, weight):
+        window = ccmps.causal_conv1d(state, weight)[..., -1]
+        return ccmps.short_conv_update(x, state, weight) + window
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    x, state, weight = torch.randn(VB, VD), torch.zeros(VB, VD, VS), torch.randn(VD, VW)
+    with torch.no_grad():
+        compiled(x, state, weight)
+        assert not fresh_verdicts and not fresh_conv_verdicts
+        for rows in range(1, 4):  # eager calls of new signatures
+            step(torch.randn(rows, VD), torch.zeros(rows, VD, VS), weight)
+        assert fresh_verdicts and fresh_conv_verdicts
+        compiled(x, state, weight)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
