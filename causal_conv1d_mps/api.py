@@ -218,12 +218,24 @@ def _check_decode_step(x3: Tensor, conv_state, weight, bias, cache_seqlens, conv
     return (n, state_len, 0 if conv_state.is_meta else check.byte_extent(conv_state), extents)
 
 
-def _decode_step(x3: Tensor, conv_state: Tensor, weight: Tensor, bias, cache_seqlens, conv_state_indices,
-                 activation: int, residual: bool, state_name: str = "conv_state", signature: tuple | None = None,
-                 verdict: tuple | None = None) -> Tensor:
-    """Validated decode step on `x3` `[B, L, D]`; returns `out` like `x3`. Errors about the state name it
-    `state_name` (the module passes its `cache`). `verdict`: the one kept for the call's `signature`, whose
-    metadata checks are then skipped; without it they run and their verdict is kept for `signature`."""
+_MULTI_TOKEN_SHAPE = {_BLD: "(B, L, D)", _BDL: "(B, D, L)"}
+
+
+def _decode(layout: int, x, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation: int,
+            residual: bool, state_name: str = "conv_state") -> Tensor:
+    """Validated decode step on `x` `[B, D]` (one token) or `[B, L, D]` (`_BLD`) / `[B, D, L]` (`_BDL`);
+    returns `out` like `x`. Errors about the state name it `state_name` (the module passes its `cache`).
+    The metadata checks run only for a signature without a kept verdict."""
+    signature = check.decode_signature(layout, x, conv_state, weight, bias, cache_seqlens, conv_state_indices)
+    verdict = None if signature is None else _decode_verdicts.get(signature)
+    if verdict is None:
+        check.tensor("x", x)
+        check.floating("x", x)
+    one_token = x.dim() == 2
+    if not one_token and x.dim() != 3:
+        raise ValueError(f"x: expected shape (B, D) or {_MULTI_TOKEN_SHAPE[layout]}, got {tuple(x.shape)}")
+    # mT: transpose(1, 2) of a 3-D x, without the method's argument parsing
+    x3 = _unsqueeze(x, 1) if one_token else x if layout == _BLD else x.mT
     if verdict is None:
         verdict = _check_decode_step(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices, state_name)
         if signature is not None:
@@ -242,8 +254,9 @@ def _decode_step(x3: Tensor, conv_state: Tensor, weight: Tensor, bias, cache_seq
     indices = None if conv_state_indices is None else check.state_indices_int32(conv_state_indices, n)
     # the state is written, never differentiated: a non-leaf that requires grad is updated as plain memory
     state = conv_state.detach() if conv_state.requires_grad else conv_state
-    return ops.short_conv_update(x3, state, weight.contiguous(), None if bias is None else bias.contiguous(),
-                                 seqlens, indices, activation, residual)
+    out = ops.short_conv_update(x3, state, weight.contiguous(), None if bias is None else bias.contiguous(),
+                                seqlens, indices, activation, residual)
+    return _squeeze(out, 1) if one_token else out if layout == _BLD else out.mT
 
 
 def short_conv_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None = None,
@@ -257,26 +270,16 @@ def short_conv_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tenso
     cache_seqlens). `conv_state_indices[b] < 0` marks a padding row: output 0, no state touched (indices
     >= N raise on CPU and are treated as padding on GPUs). Differentiable in x, weight and bias.
     """
-    act = _activation.code(activation, allow_bool=True)
-    return _short_conv_update(x, conv_state, weight, bias, cache_seqlens, act, residual, conv_state_indices)
+    return _decode(_BLD, x, conv_state, weight, bias, cache_seqlens, conv_state_indices,
+                   _activation.code(activation, allow_bool=True), bool(residual))
 
 
 def _short_conv_update(x, conv_state, weight, bias, cache_seqlens, activation: int, residual, conv_state_indices,
                        state_name: str = "conv_state") -> Tensor:
     """`short_conv_update` with `activation` already a code of `_activation`; errors about the state name it
     `state_name` (the module's `cache`)."""
-    signature = check.decode_signature(_BLD, x, conv_state, weight, bias, cache_seqlens, conv_state_indices)
-    verdict = None if signature is None else _decode_verdicts.get(signature)
-    if verdict is None:
-        check.tensor("x", x)
-        check.floating("x", x)
-    one_token = x.dim() == 2
-    if not one_token and x.dim() != 3:
-        raise ValueError(f"x: expected shape (B, D) or (B, L, D), got {tuple(x.shape)}")
-    x3 = _unsqueeze(x, 1) if one_token else x
-    out = _decode_step(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation, bool(residual),
-                       state_name, signature, verdict)
-    return _squeeze(out, 1) if one_token else out
+    return _decode(_BLD, x, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation, bool(residual),
+                   state_name)
 
 
 def short_conv_update_fwd_only(*args, **kwargs) -> Tensor:
@@ -289,19 +292,8 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Te
                          activation: str | None = None, cache_seqlens: Tensor | None = None,
                          conv_state_indices: Tensor | None = None) -> Tensor:
     """Dao-compatible decode step: `x` `[B, D]` or `[B, D, L]`, `conv_state` `[B|N, D, S]` updated in place."""
-    act = _activation.code(activation)
-    signature = check.decode_signature(_BDL, x, conv_state, weight, bias, cache_seqlens, conv_state_indices)
-    verdict = None if signature is None else _decode_verdicts.get(signature)
-    if verdict is None:
-        check.tensor("x", x)
-        check.floating("x", x)
-    one_token = x.dim() == 2
-    if not one_token and x.dim() != 3:
-        raise ValueError(f"x: expected shape (B, D) or (B, D, L), got {tuple(x.shape)}")
-    x3 = _unsqueeze(x, 1) if one_token else x.mT  # mT: transpose(1, 2) of a 3-D x, without argument parsing
-    out = _decode_step(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices, act, False, "conv_state",
-                       signature, verdict)
-    return _squeeze(out, 1) if one_token else out.mT
+    return _decode(_BDL, x, conv_state, weight, bias, cache_seqlens, conv_state_indices, _activation.code(activation),
+                   False)
 
 
 def causal_conv1d_varlen_states(x: Tensor, cu_seqlens: Tensor, state_len: int) -> Tensor:
