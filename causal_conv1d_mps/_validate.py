@@ -440,7 +440,6 @@ def decode_signature(layout: int, x, conv_state, weight, bias, cache_seqlens, co
         return None
 
 
-
 def call_signature(tag, x, weight, first, second, third, fourth) -> tuple | None:
     """The signature of a convolution's tensor arguments: `x`, `weight` and the three optional `first`,
     `second`, `third` (shape, dtype, device: what the metadata checks read of them; None when absent), and
@@ -453,9 +452,5 @@ def call_signature(tag, x, weight, first, second, third, fourth) -> tuple | None
         return (tag, x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device,
                 None if first is None else _read_slot(first), None if second is None else _read_slot(second),
                 None if third is None else _read_slot(third), None if fourth is None else _slot(fourth))
-    except Exception:  # whatever cannot be read here is for the full checks to report
-        return None
-        return (tag, x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device,
-                *[None if t is None else _slot(t) for t in optional])
     except Exception:  # whatever cannot be read here is for the full checks to report
         return None

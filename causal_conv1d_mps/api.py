@@ -187,8 +187,8 @@ _unsqueeze, _squeeze = torch.unsqueeze, torch.squeeze
 def _check_decode_step(x3: Tensor, conv_state, weight, bias, cache_seqlens, conv_state_indices,
                        state_name: str) -> tuple:
     """The checks of a decode step on `x3` `[B, L, D]` that read metadata only (and the grad mode, for a state
-    that requires grad); returns the verdict kept for its signature: `(N, S, byte extents of conv_state,
-    x3, weight, bias, cache_seqlens, conv_state_indices)`."""
+    that requires grad); returns the verdict kept for its signature: `(N, S, conv_state's byte extent (0:
+    nothing to compare), the byte extents of (x3, weight, bias, cache_seqlens, conv_state_indices))`."""
     b, _, d = x3.shape
     check.tensor(state_name, conv_state, ndim=3)
     n, state_d, state_len = conv_state.shape
