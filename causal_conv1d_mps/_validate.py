@@ -304,6 +304,37 @@ def memory_conflict(name: str, value: Tensor, *pairs) -> None:
                              f"pass a copy (e.g. {other_name}.clone())")
 
 
+def byte_extent(t: Tensor) -> int:
+    """How many bytes from `t.data_ptr()` `memory_conflict` counts as `t`'s (0 for an empty tensor); it
+    depends on shape, strides and dtype only."""
+    numel = t.numel()
+    if numel == 0:
+        return 0
+    if t.is_contiguous():
+        return numel * t.element_size()
+    start, end = _byte_range(t)
+    return end - start
+
+
+def may_conflict(value: Tensor, value_extent: int, tensors: tuple, extents: tuple) -> bool:
+    """Whether `memory_conflict` could find one of `tensors` (None skipped) sharing memory with `value`,
+    given the `byte_extent`s of all of them (`value_extent` 0: `value` is empty or has no memory). False
+    means it would not; True is answered by calling it. Pointer arithmetic only, for a repeated signature
+    whose extents are known."""
+    if not value_extent:
+        return False
+    lo = value.data_ptr()
+    hi = lo + value_extent
+    i = 0
+    for other in tensors:
+        if other is not None:
+            start = other.data_ptr()
+            if start < hi and lo < start + extents[i]:
+                return True
+        i += 1
+    return False
+
+
 def not_leaf_requiring_grad(name: str, value: Tensor) -> None:
     """In-place updates of a leaf that requires grad are refused (as PyTorch refuses them in grad mode)."""
     if value.requires_grad and value.is_leaf and torch.is_grad_enabled():
@@ -351,3 +382,75 @@ def normalize_mask(mask, batch: int, length: int, dtype: torch.dtype = torch.flo
         raise ValueError(f"attention_mask: cannot be read as (B, T) = ({batch}, {length}): got shape {got}; "
                          f"accepted forms are {_MASK_FORMS}, with more than T columns keeping the last T")
     return m.to(dtype).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Verdicts of the metadata-only checks, kept per call signature (a decode loop repeats one signature per layer)
+
+
+class Verdicts(dict):
+    """`signature -> verdict` of calls whose metadata-only checks all passed, bounded for ever-changing shapes.
+
+    A signature holds everything those checks read (shapes, strides, dtypes, devices, which optional
+    arguments are given, the flags they test), so a call with a known signature would pass them again and
+    may skip them. The checks that read data pointers, values or the grad mode run on every call."""
+
+    def __init__(self, limit: int = 256):
+        super().__init__()
+        self.limit = limit
+
+    def remember(self, signature: tuple, verdict) -> None:
+        if len(self) >= self.limit:
+            self.clear()
+        self[signature] = verdict
+
+
+def _slot(t):
+    """An optional tensor argument's part of a signature (not None)."""
+    if type(t) not in _PLAIN_TENSORS:
+        raise TypeError("not a plain tensor")
+    return t.shape, t.stride(), t.dtype, t.device
+
+
+def _read_slot(t):
+    """`_slot` of an argument that is only read (its strides concern no check)."""
+    if type(t) not in _PLAIN_TENSORS:
+        raise TypeError("not a plain tensor")
+    return t.shape, t.dtype, t.device
+
+
+def decode_signature(layout: int, x, conv_state, weight, bias, cache_seqlens, conv_state_indices) -> tuple | None:
+    """The signature of a decode step's arguments (`layout` tells the public functions apart), or None where
+    the call must take every check: symbolic sizes and fake tensors under torch.compile, tensor subclasses,
+    arguments that are not tensors, and a state that requires grad (whose check depends on the grad mode).
+    Each optional argument keeps its own slot, None when absent, so that one given in another's place
+    cannot match."""
+    try:
+        if (type(x) not in _PLAIN_TENSORS or type(conv_state) not in _PLAIN_TENSORS
+                or type(weight) not in _PLAIN_TENSORS or conv_state.requires_grad
+                or torch.compiler.is_compiling()):
+            return None
+        return (layout, x.shape, x.stride(), x.dtype, x.device,
+                conv_state.shape, conv_state.stride(), conv_state.dtype, conv_state.device,
+                weight.shape, weight.stride(), weight.dtype, weight.device,
+                None if bias is None else _slot(bias),
+                None if cache_seqlens is None else _slot(cache_seqlens),
+                None if conv_state_indices is None else _slot(conv_state_indices))
+    except Exception:  # whatever cannot be read here is for the full checks to report
+        return None
+
+
+def call_signature(tag, x, weight, first, second, third, fourth) -> tuple | None:
+    """The signature of a convolution's tensor arguments: `x`, `weight` and the three optional `first`,
+    `second`, `third` (shape, dtype, device: what the metadata checks read of them; None when absent), and
+    the optional `fourth` with its strides too (`final_states_out`, written in place, is checked for
+    self-overlap). `tag` tells the public functions apart. None where the call must take every check (as for
+    `decode_signature`)."""
+    try:
+        if type(x) not in _PLAIN_TENSORS or type(weight) not in _PLAIN_TENSORS or torch.compiler.is_compiling():
+            return None
+        return (tag, x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device,
+                None if first is None else _read_slot(first), None if second is None else _read_slot(second),
+                None if third is None else _read_slot(third), None if fourth is None else _slot(fourth))
+    except Exception:  # whatever cannot be read here is for the full checks to report
+        return None

@@ -36,6 +36,25 @@ def _bdt_layout(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
+# The verdicts of the metadata-only checks of `causal_conv1d` and `short_conv_fused`, per call signature
+# (`_validate.Verdicts`; the decode step's are below): a repeated call skips them. Without a signature
+# (torch.compile among others) the tables are not touched: dynamo would guard on their length.
+_conv_verdicts = check.Verdicts()
+
+
+def _check_causal_conv1d(x, weight, bias, seq_idx, initial_states, final_states_out) -> None:
+    """The checks of `causal_conv1d`'s arguments that read metadata only."""
+    width = check.causal_conv1d_inputs(x, weight, bias, seq_idx, initial_states)
+    if final_states_out is not None:
+        b, d, _ = x.shape
+        check.states("final_states_out", final_states_out, b, d, width, "B")
+    if not check.on_one_device(x, weight, bias, seq_idx, initial_states, final_states_out):
+        check.same_device(x=x, weight=weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states,
+                          final_states_out=final_states_out)
+    if final_states_out is not None:
+        check.not_self_overlapping("final_states_out", final_states_out)
+
+
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None, *,
                   seq_idx: Tensor | None = None, initial_states: Tensor | None = None,
                   return_final_states: bool = False, final_states_out: Tensor | None = None):
@@ -50,15 +69,12 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activat
     Differentiable in x, weight, bias and initial_states (a gradient on final_states is honoured).
     """
     act = _activation.code(activation)
-    width = check.causal_conv1d_inputs(x, weight, bias, seq_idx, initial_states)
+    signature = check.call_signature("causal_conv1d", x, weight, bias, seq_idx, initial_states, final_states_out)
+    if signature is None or signature not in _conv_verdicts:
+        _check_causal_conv1d(x, weight, bias, seq_idx, initial_states, final_states_out)
+        if signature is not None:
+            _conv_verdicts.remember(signature, True)
     if final_states_out is not None:
-        b, d, _ = x.shape
-        check.states("final_states_out", final_states_out, b, d, width, "B")
-    if not check.on_one_device(x, weight, bias, seq_idx, initial_states, final_states_out):
-        check.same_device(x=x, weight=weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states,
-                          final_states_out=final_states_out)
-    if final_states_out is not None:
-        check.not_self_overlapping("final_states_out", final_states_out)
         check.not_sharing_memory("final_states_out", final_states_out, x=x, weight=weight, bias=bias,
                                  seq_idx=seq_idx, initial_states=initial_states)
     want_final = return_final_states or final_states_out is not None
@@ -130,12 +146,22 @@ def _short_conv_fused(x, weight, bias, attention_mask, activation: int, residual
                       return_final_states, cu_seqlens, states_name: str = "initial_states"):
     """`short_conv_fused` with `activation` already a code of `_activation`; errors about the initial states
     name them `states_name` (the module's `cache`)."""
-    _, mask, _ = check.short_conv_fused_inputs(x, weight, bias, attention_mask, initial_states, cu_seqlens,
-                                               offsets_end_at_t=True, states_name=states_name)
-    d = x.shape[2]
-    if not check.on_one_device(x, weight, bias, attention_mask, initial_states, cu_seqlens):
-        check.same_device(x=x, weight=weight, bias=bias, attention_mask=attention_mask,
-                          **{states_name: initial_states}, cu_seqlens=cu_seqlens)
+    signature = check.call_signature("short_conv_fused", x, weight, bias, attention_mask, initial_states, cu_seqlens)
+    if signature is not None and signature in _conv_verdicts:  # what remains to check reads values
+        b, t, d = x.shape
+        mask = None if attention_mask is None else check.normalize_mask(
+            attention_mask, b, t, torch.float64 if x.dtype == torch.float64 else torch.float32)
+        if cu_seqlens is not None:
+            check.cu_seqlens(cu_seqlens, t)
+    else:
+        _, mask, _ = check.short_conv_fused_inputs(x, weight, bias, attention_mask, initial_states, cu_seqlens,
+                                                   offsets_end_at_t=True, states_name=states_name)
+        d = x.shape[2]
+        if not check.on_one_device(x, weight, bias, attention_mask, initial_states, cu_seqlens):
+            check.same_device(x=x, weight=weight, bias=bias, attention_mask=attention_mask,
+                              **{states_name: initial_states}, cu_seqlens=cu_seqlens)
+        if signature is not None:
+            _conv_verdicts.remember(signature, True)
     if x.stride()[2] != 1 and d > 1:
         x = x.contiguous()
     out, final = ops.short_conv_fused(x, weight.contiguous(), _contig(bias), mask, _contig(initial_states),
@@ -149,10 +175,20 @@ def short_conv_fused_fwd_only(*args, **kwargs):
         return short_conv_fused(*args, **kwargs)
 
 
-def _decode_step(x3: Tensor, conv_state: Tensor, weight: Tensor, bias, cache_seqlens, conv_state_indices,
-                 activation: int, residual: bool, state_name: str = "conv_state") -> Tensor:
-    """Validated decode step on `x3` `[B, L, D]`; returns `out` like `x3`. Errors about the state name it
-    `state_name` (the module passes its `cache`)."""
+# Decode steps check one signature per layer and token: the verdict of the metadata-only checks is kept per
+# signature (`_validate.Verdicts`), so that a repeated call costs one key and one lookup above the checks
+# that read pointers or values. The layouts of `x` tell the public functions apart.
+_BLD, _BDL = 0, 1
+_decode_verdicts = check.Verdicts()
+# the function forms skip the method's argument parsing (about 0.2 us each, and a decode step makes two views)
+_unsqueeze, _squeeze = torch.unsqueeze, torch.squeeze
+
+
+def _check_decode_step(x3: Tensor, conv_state, weight, bias, cache_seqlens, conv_state_indices,
+                       state_name: str) -> tuple:
+    """The checks of a decode step on `x3` `[B, L, D]` that read metadata only (and the grad mode, for a state
+    that requires grad); returns the verdict kept for its signature: `(N, S, conv_state's byte extent (0:
+    nothing to compare), the byte extents of (x3, weight, bias, cache_seqlens, conv_state_indices))`."""
     b, _, d = x3.shape
     check.tensor(state_name, conv_state, ndim=3)
     n, state_d, state_len = conv_state.shape
@@ -177,16 +213,50 @@ def _decode_step(x3: Tensor, conv_state: Tensor, weight: Tensor, bias, cache_seq
                           conv_state_indices=conv_state_indices)
     check.not_leaf_requiring_grad(state_name, conv_state)
     check.not_self_overlapping(state_name, conv_state)
-    check.memory_conflict(state_name, conv_state, "x", x3, "weight", weight, "bias", bias, "cache_seqlens",
-                          cache_seqlens, "conv_state_indices", conv_state_indices)
+    extents = tuple(0 if t is None else check.byte_extent(t)
+                    for t in (x3, weight, bias, cache_seqlens, conv_state_indices))
+    return (n, state_len, 0 if conv_state.is_meta else check.byte_extent(conv_state), extents)
+
+
+_MULTI_TOKEN_SHAPE = {_BLD: "(B, L, D)", _BDL: "(B, D, L)"}
+
+
+def _decode(layout: int, x, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation: int,
+            residual: bool, state_name: str = "conv_state") -> Tensor:
+    """Validated decode step on `x` `[B, D]` (one token) or `[B, L, D]` (`_BLD`) / `[B, D, L]` (`_BDL`);
+    returns `out` like `x`. Errors about the state name it `state_name` (the module passes its `cache`).
+    The metadata checks run only for a signature without a kept verdict."""
+    signature = check.decode_signature(layout, x, conv_state, weight, bias, cache_seqlens, conv_state_indices)
+    verdict = None if signature is None else _decode_verdicts.get(signature)
+    if verdict is None:
+        check.tensor("x", x)
+        check.floating("x", x)
+    one_token = x.dim() == 2
+    if not one_token and x.dim() != 3:
+        raise ValueError(f"x: expected shape (B, D) or {_MULTI_TOKEN_SHAPE[layout]}, got {tuple(x.shape)}")
+    # mT: transpose(1, 2) of a 3-D x, without the method's argument parsing
+    x3 = _unsqueeze(x, 1) if one_token else x if layout == _BLD else x.mT
+    if verdict is None:
+        verdict = _check_decode_step(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices, state_name)
+        if signature is not None:
+            _decode_verdicts.remember(signature, verdict)
+        conflict = True
+    else:  # pointers change from call to call: only those near the state's bytes need the full check
+        conflict = check.may_conflict(conv_state, verdict[2], (x3, weight, bias, cache_seqlens, conv_state_indices),
+                                      verdict[3])
+    if conflict:
+        check.memory_conflict(state_name, conv_state, "x", x3, "weight", weight, "bias", bias, "cache_seqlens",
+                              cache_seqlens, "conv_state_indices", conv_state_indices)
+    n, state_len = verdict[0], verdict[1]
     if conv_state_indices is not None:
         check.state_indices_in_range(conv_state_indices, n)
     seqlens = None if cache_seqlens is None else check.circular_positions(cache_seqlens, state_len)
     indices = None if conv_state_indices is None else check.state_indices_int32(conv_state_indices, n)
     # the state is written, never differentiated: a non-leaf that requires grad is updated as plain memory
     state = conv_state.detach() if conv_state.requires_grad else conv_state
-    return ops.short_conv_update(x3, state, weight.contiguous(), _contig(bias), seqlens, indices, activation,
-                                 residual)
+    out = ops.short_conv_update(x3, state, weight.contiguous(), None if bias is None else bias.contiguous(),
+                                seqlens, indices, activation, residual)
+    return _squeeze(out, 1) if one_token else out if layout == _BLD else out.mT
 
 
 def short_conv_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None = None,
@@ -200,23 +270,16 @@ def short_conv_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tenso
     cache_seqlens). `conv_state_indices[b] < 0` marks a padding row: output 0, no state touched (indices
     >= N raise on CPU and are treated as padding on GPUs). Differentiable in x, weight and bias.
     """
-    act = _activation.code(activation, allow_bool=True)
-    return _short_conv_update(x, conv_state, weight, bias, cache_seqlens, act, residual, conv_state_indices)
+    return _decode(_BLD, x, conv_state, weight, bias, cache_seqlens, conv_state_indices,
+                   _activation.code(activation, allow_bool=True), bool(residual))
 
 
 def _short_conv_update(x, conv_state, weight, bias, cache_seqlens, activation: int, residual, conv_state_indices,
                        state_name: str = "conv_state") -> Tensor:
     """`short_conv_update` with `activation` already a code of `_activation`; errors about the state name it
     `state_name` (the module's `cache`)."""
-    check.tensor("x", x)
-    check.floating("x", x)
-    one_token = x.dim() == 2
-    if not one_token and x.dim() != 3:
-        raise ValueError(f"x: expected shape (B, D) or (B, L, D), got {tuple(x.shape)}")
-    x3 = x.unsqueeze(1) if one_token else x
-    out = _decode_step(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation, bool(residual),
-                       state_name)
-    return out.squeeze(1) if one_token else out
+    return _decode(_BLD, x, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation, bool(residual),
+                   state_name)
 
 
 def short_conv_update_fwd_only(*args, **kwargs) -> Tensor:
@@ -229,15 +292,8 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Te
                          activation: str | None = None, cache_seqlens: Tensor | None = None,
                          conv_state_indices: Tensor | None = None) -> Tensor:
     """Dao-compatible decode step: `x` `[B, D]` or `[B, D, L]`, `conv_state` `[B|N, D, S]` updated in place."""
-    act = _activation.code(activation)
-    check.tensor("x", x)
-    check.floating("x", x)
-    one_token = x.dim() == 2
-    if not one_token and x.dim() != 3:
-        raise ValueError(f"x: expected shape (B, D) or (B, D, L), got {tuple(x.shape)}")
-    x3 = x.unsqueeze(1) if one_token else x.transpose(1, 2)
-    out = _decode_step(x3, conv_state, weight, bias, cache_seqlens, conv_state_indices, act, False)
-    return out.squeeze(1) if one_token else out.transpose(1, 2)
+    return _decode(_BDL, x, conv_state, weight, bias, cache_seqlens, conv_state_indices, _activation.code(activation),
+                   False)
 
 
 def causal_conv1d_varlen_states(x: Tensor, cu_seqlens: Tensor, state_len: int) -> Tensor:

@@ -400,3 +400,356 @@ def test_a_dead_functorch_wrapper_takes_function_apply(monkeypatch, op):
     call(xg, leaked[0]).square().sum().backward()
     assert applied, "a dead wrapper skipped Function.apply"
     torch.testing.assert_close(xg.grad, expected)
+
+
+# ---------------------------------------------------------- decode steps: the checks' verdicts per signature
+
+# B == D so that a bias `[D]` and a cache_seqlens `[B]` of one dtype read alike: only their slots tell them apart
+VB, VD, VW, VS = 4, 4, 3, 4
+
+
+@pytest.fixture
+def fresh_verdicts():
+    api._decode_verdicts.clear()
+    yield api._decode_verdicts
+    api._decode_verdicts.clear()
+
+
+def _decode_args(**changes):
+    """Valid arguments of a decode step (`x` `[B, D]`, a `[B, D, S]` state), with `changes` applied."""
+    g = torch.Generator().manual_seed(8)
+    args = dict(x=torch.randn(VB, VD, generator=g), state=torch.randn(VB, VD, VS, generator=g),
+                weight=torch.randn(VD, VW, generator=g), bias=torch.randn(VD, generator=g),
+                cache_seqlens=None, indices=None)
+    args.update(changes)
+    return args
+
+
+_DECODE_CALLS = {
+    "short_conv_update": lambda a: ccmps.short_conv_update(
+        a["x"], a["state"], a["weight"], a["bias"], a["cache_seqlens"], conv_state_indices=a["indices"]),
+    "causal_conv1d_update": lambda a: ccmps.causal_conv1d_update(
+        a["x"], a["state"], a["weight"], a["bias"], "silu", a["cache_seqlens"], a["indices"]),
+}
+
+
+def _i32(*values):
+    return torch.tensor(values, dtype=torch.int32)
+
+
+# name -> (the valid call's changes, the failing call's changes): each failing call differs from the valid one
+# in one field of the signature (shape, strides, dtype, device, requires_grad, None or a tensor)
+_ONE_FIELD = {
+    "state rows (shape only)": ({}, dict(state=torch.zeros(VB + 1, VD, VS))),
+    "state too short": ({}, dict(state=torch.zeros(VB, VD, VW - 2))),
+    "state strides (expanded)": ({}, dict(state=torch.zeros(1, VD, VS).expand(VB, VD, VS))),
+    "state dtype": ({}, dict(state=torch.zeros(VB, VD, VS, dtype=torch.float64))),
+    "state device": ({}, dict(state=torch.zeros(VB, VD, VS, device="meta"))),
+    "state requires grad": ({}, dict(state=torch.zeros(VB, VD, VS, requires_grad=True))),
+    "x dtype": ({}, dict(x=torch.zeros(VB, VD, dtype=torch.float64))),
+    "x integer": ({}, dict(x=torch.zeros(VB, VD, dtype=torch.int64))),
+    "x channels": ({}, dict(x=torch.zeros(VB, VD - 1))),
+    "x rank": ({}, dict(x=torch.zeros(VD))),
+    "x device": ({}, dict(x=torch.zeros(VB, VD, device="meta"))),
+    "weight width": ({}, dict(weight=torch.zeros(VD, VS + 2))),
+    "weight integer": ({}, dict(weight=torch.zeros(VD, VW, dtype=torch.int32))),
+    "weight device": ({}, dict(weight=torch.zeros(VD, VW, device="meta"))),
+    "bias shape": ({}, dict(bias=torch.zeros(VD + 1))),
+    "bias integer": ({}, dict(bias=torch.zeros(VD, dtype=torch.int64))),
+    "bias device": ({}, dict(bias=torch.zeros(VD, device="meta"))),
+    "bias not a tensor": ({}, dict(bias=[0.0] * VD)),
+    "cache_seqlens float": (dict(cache_seqlens=_i32(0, 1, 2, 3)), dict(cache_seqlens=torch.zeros(VB))),
+    "cache_seqlens shape": (dict(cache_seqlens=_i32(0, 1, 2, 3)), dict(cache_seqlens=_i32(0, 1, 2, 3, 4))),
+    "indices float": (dict(indices=_i32(0, 1, 2, 3)), dict(indices=torch.zeros(VB))),
+    "indices dropped": (dict(indices=_i32(0, 1, 2, 3), state=torch.zeros(VB + 2, VD, VS)),
+                        dict(indices=None, state=torch.zeros(VB + 2, VD, VS))),
+    "bias given as cache_seqlens": ({}, dict(bias=None, cache_seqlens=torch.zeros(VB))),
+}
+
+
+def _error_of(call, args):
+    with pytest.raises((TypeError, ValueError)) as info:
+        call(args)
+    return type(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("fn", list(_DECODE_CALLS))
+@pytest.mark.parametrize("case", list(_ONE_FIELD))
+def test_a_known_signature_never_lets_a_changed_field_through(fresh_verdicts, fn, case):
+    """After a valid call's verdict is kept, a call that differs in one field of the signature raises
+    exactly what it raises with no verdict kept, and changes no state."""
+    call = _DECODE_CALLS[fn]
+    valid, failing = (_decode_args(**changes) for changes in _ONE_FIELD[case])
+    expected = _error_of(call, failing)
+    assert not fresh_verdicts, "a failing call left a verdict"
+    for _ in range(2):  # the second call takes the kept verdict
+        call(valid)
+    assert len(fresh_verdicts) == 1
+    state = failing["state"]
+    before = state.clone() if state.device.type != "meta" else None
+    with torch.enable_grad():
+        assert _error_of(call, failing) == expected
+    if before is not None:
+        assert torch.equal(state, before)
+
+
+def test_a_known_signature_still_checks_memory_every_call(fresh_verdicts):
+    """The pointers change from call to call: an input that shares memory with the state is found with the
+    signature of a valid call (contiguous `[B, D]` x and `[D, W]` weight), and so is an x whose strides
+    reach into the state from below its first byte."""
+    buffer = torch.zeros(VB * VD * VS + 2 * VB * VD + VD * VW)
+    state = buffer[:VB * VD * VS].view(VB, VD, VS)
+    x_inside = buffer[VB * VD * VS - 2:VB * VD * VS - 2 + VB * VD].view(VB, VD)
+    weight_inside = buffer[:VD * VW].view(VD, VW)
+    for fn, call in _DECODE_CALLS.items():
+        for name, changes in (("x", dict(x=x_inside)), ("weight", dict(weight=weight_inside))):
+            fresh_verdicts.clear()
+            call(_decode_args(state=state))
+            call(_decode_args(state=state))
+            assert len(fresh_verdicts) == 1
+            with pytest.raises(ValueError, match=f"^{name}: shares memory with conv_state"):
+                call(_decode_args(state=state, **changes))
+    # x below the state, reaching into it through a large stride: its extent is not the valid x's
+    below = torch.zeros(2 * VB * VD * VS)
+    state = below[VB * VD * VS:].view(VB, VD, VS)
+    x_strided = below.as_strided((VB, VD), (1, (VB * VD * VS) // (VD - 1)))
+    assert x_strided.shape == (VB, VD) and check.byte_extent(x_strided) > VB * VD * VS * 4
+    fresh_verdicts.clear()
+    call = _DECODE_CALLS["short_conv_update"]
+    call(_decode_args(state=state))
+    call(_decode_args(state=state))
+    with pytest.raises(ValueError, match="^x: shares memory with conv_state"):
+        call(_decode_args(state=state, x=x_strided))
+
+
+def test_a_known_signature_still_checks_index_values_every_call(fresh_verdicts):
+    state = torch.zeros(VB + 2, VD, VS)
+    call = _DECODE_CALLS["short_conv_update"]
+    call(_decode_args(state=state, indices=_i32(0, 1, 2, 3)))
+    call(_decode_args(state=state, indices=_i32(5, 4, -1, 0)))
+    assert len(fresh_verdicts) == 1
+    with pytest.raises(ValueError, match="^conv_state_indices: expected values < 6"):
+        call(_decode_args(state=state, indices=_i32(0, 6, 2, 3)))
+    with pytest.raises(ValueError, match="^conv_state_indices: expected distinct slots"):
+        call(_decode_args(state=state, indices=_i32(0, 1, 1, 3)))
+
+
+def test_a_leaf_state_requiring_grad_is_checked_against_the_grad_mode_every_call(fresh_verdicts):
+    state = torch.zeros(VB, VD, VS, requires_grad=True)
+    call = _DECODE_CALLS["causal_conv1d_update"]
+    with torch.no_grad():
+        call(_decode_args(state=state))
+        call(_decode_args(state=state))
+    with torch.enable_grad(), pytest.raises(ValueError, match="^conv_state: a leaf tensor that requires grad"):
+        call(_decode_args(state=state))
+
+
+def test_the_module_and_the_integration_share_the_verdicts_and_name_their_arguments(fresh_verdicts):
+    module = ccmps.ShortConvolution(VD, VW)
+    with torch.no_grad():
+        module.step(torch.zeros(VB, VD), torch.zeros(VB, VD, VS))
+        module.step(torch.zeros(VB, VD), torch.zeros(VB, VD, VS))
+        assert len(fresh_verdicts) == 1
+        with pytest.raises(ValueError, match="^cache: expected a tensor whose elements do not share memory"):
+            module.step(torch.zeros(VB, VD), torch.zeros(1, VD, VS).expand(VB, VD, VS))
+    pytest.importorskip("transformers")
+    from causal_conv1d_mps.integrations import transformers as cc_hf
+
+    args = _decode_args()
+    for _ in range(2):
+        cc_hf.causal_conv1d_update(args["x"].unsqueeze(-1), args["state"], args["weight"])
+    with pytest.raises(ValueError, match="^conv_state: expected 4 rows"):
+        cc_hf.causal_conv1d_update(args["x"].unsqueeze(-1), torch.zeros(VB + 1, VD, VS), args["weight"])
+
+
+def test_the_verdicts_are_bounded(fresh_verdicts):
+    call = _DECODE_CALLS["short_conv_update"]
+    for s in range(VW - 1, VW - 1 + fresh_verdicts.limit + 10):
+        call(_decode_args(state=torch.zeros(VB, VD, s)))
+        assert 0 < len(fresh_verdicts) <= fresh_verdicts.limit
+
+
+def test_decode_signature_is_none_where_the_full_checks_must_run():
+    x, state, weight = torch.zeros(VB, VD), torch.zeros(VB, VD, VS), torch.zeros(VD, VW)
+    assert check.decode_signature(0, x, state, weight, None, None, None) is not None
+    assert check.decode_signature(0, x, state.requires_grad_(), weight, None, None, None) is None
+    state = torch.zeros(VB, VD, VS)
+    assert check.decode_signature(0, [0.0], state, weight, None, None, None) is None
+    assert check.decode_signature(0, x, state, weight, None, None, "indices") is None
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert check.decode_signature(0, x.as_subclass(Sub), state, weight, None, None, None) is None
+    # the two public functions read x in different layouts: never one signature
+    assert check.decode_signature(0, x, state, weight, None, None, None) != check.decode_signature(
+        1, x, state, weight, None, None, None)
+
+
+def test_the_kept_launch_plan_of_a_decode_step_follows_every_flag_and_a_config_override(monkeypatch):
+    """The decode launcher keeps its kernel, tiles and constexprs per (device, D, S, W, activation, flags):
+    each of those changing gives the constexprs that choosing afresh gives, and a tile override is honoured."""
+    from causal_conv1d_mps.triton import _config, launch_update
+
+    launched = []
+    monkeypatch.setattr(launch_update, "launch", lambda kernel, grid, args, constexprs, nw: launched.append(
+        (grid, dict(constexprs), nw)))
+    monkeypatch.setattr(launch_update, "_plans", {})
+    g = torch.Generator().manual_seed(9)
+    x, state = torch.randn(2, 1, 40, generator=g), torch.randn(2, 40, 5, generator=g)
+    weight, bias, seqlens = torch.randn(40, 4, generator=g), torch.randn(40, generator=g), _i32(0, 3)
+
+    def constexprs(**changes):
+        a = dict(x=x, conv_state=state, weight=weight, bias=bias, cache_seqlens=None, conv_state_indices=None,
+                 activation=1, residual=False)
+        a.update(changes)
+        launch_update.launch_update(**a)
+        return launched[-1]
+
+    first = constexprs()
+    assert first == constexprs() and len(launch_update._plans) == 1
+    for changes, field, value in (
+            (dict(bias=None), "HAS_BIAS", False), (dict(activation=0), "ACTIVATION", 0),
+            (dict(residual=True), "HAS_RESIDUAL", True), (dict(cache_seqlens=seqlens), "IS_CIRCULAR", True),
+            (dict(conv_state_indices=_i32(1, 0)), "HAS_STATE_INDICES", True),
+            (dict(weight=torch.randn(40, 3, generator=g)), "W", 3)):
+        assert constexprs(**changes)[1][field] == value, field
+        assert constexprs()[1] == first[1]
+    wide = constexprs(x=torch.randn(2, 1, 200, generator=g), conv_state=torch.randn(2, 200, 5, generator=g),
+                      weight=torch.randn(200, 4, generator=g), bias=None)
+    assert wide[1]["BD"] != first[1]["BD"] and wide[0][0] == -(-200 // wide[1]["BD"])
+    monkeypatch.setitem(_config.OVERRIDES, "update", dict(BD=16, num_warps=2))
+    _config.clear()
+    overridden = constexprs()
+    assert overridden[1]["BD"] == 16 and overridden[2] == 2 and overridden[0] == (-(-40 // 16), 2)
+    monkeypatch.delitem(_config.OVERRIDES, "update")
+    _config.clear()
+    assert constexprs() == first
+
+
+# ------------------------------------------------- causal_conv1d and short_conv_fused: verdicts per signature
+
+CB, CD, CT, CW = 2, 4, 6, 3
+
+
+@pytest.fixture
+def fresh_conv_verdicts():
+    api._conv_verdicts.clear()
+    yield api._conv_verdicts
+    api._conv_verdicts.clear()
+
+
+def _conv_args(**changes):
+    g = torch.Generator().manual_seed(10)
+    args = dict(x=torch.randn(CB, CD, CT, generator=g), weight=torch.randn(CD, CW, generator=g),
+                bias=torch.randn(CD, generator=g), seq_idx=None, initial_states=None, final_states_out=None)
+    args.update(changes)
+    return args
+
+
+def _conv_call(a):
+    return ccmps.causal_conv1d(a["x"], a["weight"], a["bias"], "silu", seq_idx=a["seq_idx"],
+                               initial_states=a["initial_states"], final_states_out=a["final_states_out"])
+
+
+def _fused_args(**changes):
+    g = torch.Generator().manual_seed(11)
+    args = dict(x=torch.randn(CB, CT, CD, generator=g), weight=torch.randn(CD, CW, generator=g), bias=None,
+                attention_mask=None, initial_states=None, cu_seqlens=None)
+    args.update(changes)
+    return args
+
+
+def _fused_call(a):
+    return ccmps.short_conv_fused(a["x"], a["weight"], a["bias"], a["attention_mask"],
+                                  initial_states=a["initial_states"], cu_seqlens=a["cu_seqlens"])
+
+
+_SEQ = torch.zeros(CB, CT, dtype=torch.int32)
+_PACKED = dict(x=torch.randn(1, 9, CD), cu_seqlens=_i32(0, 4, 9))
+_CONV_ONE_FIELD = {
+    "x rank": (_conv_call, {}, dict(x=torch.zeros(CD, CT))),
+    "x integer": (_conv_call, {}, dict(x=torch.zeros(CB, CD, CT, dtype=torch.int64))),
+    "x device": (_conv_call, {}, dict(x=torch.zeros(CB, CD, CT, device="meta"))),
+    "weight channels": (_conv_call, {}, dict(weight=torch.zeros(CD + 1, CW))),
+    "weight integer": (_conv_call, {}, dict(weight=torch.zeros(CD, CW, dtype=torch.int32))),
+    "weight device": (_conv_call, {}, dict(weight=torch.zeros(CD, CW, device="meta"))),
+    "bias shape": (_conv_call, {}, dict(bias=torch.zeros(CD + 1))),
+    "bias integer": (_conv_call, {}, dict(bias=torch.zeros(CD, dtype=torch.int64))),
+    "bias given as seq_idx": (_conv_call, {}, dict(bias=None, seq_idx=torch.zeros(CD))),
+    "seq_idx float": (_conv_call, dict(seq_idx=_SEQ), dict(seq_idx=_SEQ.float())),
+    "seq_idx shape": (_conv_call, dict(seq_idx=_SEQ), dict(seq_idx=_SEQ[:, 1:])),
+    "initial_states width": (_conv_call, dict(initial_states=torch.zeros(CB, CD, CW - 1)),
+                             dict(initial_states=torch.zeros(CB, CD, CW))),
+    "initial_states device": (_conv_call, dict(initial_states=torch.zeros(CB, CD, CW - 1)),
+                              dict(initial_states=torch.zeros(CB, CD, CW - 1, device="meta"))),
+    "final_states_out strides (expanded)": (_conv_call, dict(final_states_out=torch.zeros(CB, CD, CW - 1)),
+                                            dict(final_states_out=torch.zeros(1, CD, CW - 1).expand(CB, CD, CW - 1))),
+    "final_states_out dtype": (_conv_call, dict(final_states_out=torch.zeros(CB, CD, CW - 1)),
+                               dict(final_states_out=torch.zeros(CB, CD, CW - 1, dtype=torch.int32))),
+    "fused x rank": (_fused_call, {}, dict(x=torch.zeros(CT, CD))),
+    "fused weight channels": (_fused_call, {}, dict(weight=torch.zeros(CD - 1, CW))),
+    "fused mask shape": (_fused_call, dict(attention_mask=torch.ones(CB, CT)),
+                         dict(attention_mask=torch.ones(CB + 1, CT))),
+    "fused mask complex": (_fused_call, dict(attention_mask=torch.ones(CB, CT)),
+                           dict(attention_mask=torch.ones(CB, CT, dtype=torch.complex64))),
+    "fused mask device": (_fused_call, dict(attention_mask=torch.ones(CB, CT)),
+                          dict(attention_mask=torch.ones(CB, CT, device="meta"))),
+    "fused initial_states rows": (_fused_call, dict(initial_states=torch.zeros(CB, CD, CW - 1)),
+                                  dict(initial_states=torch.zeros(CB + 1, CD, CW - 1))),
+    "fused cu_seqlens batch": (_fused_call, dict(x=torch.zeros(1, CT, CD), cu_seqlens=_i32(0, CT)),
+                               dict(x=torch.zeros(CB, CT, CD), cu_seqlens=_i32(0, CT))),
+    "fused cu_seqlens float": (_fused_call, _PACKED, dict(_PACKED, cu_seqlens=torch.tensor([0.0, 4.0, 9.0]))),
+    "fused cu_seqlens values": (_fused_call, _PACKED, dict(_PACKED, cu_seqlens=_i32(0, 5, 3))),
+    "fused cu_seqlens end": (_fused_call, _PACKED, dict(_PACKED, cu_seqlens=_i32(0, 4, 8))),
+}
+
+
+@pytest.mark.parametrize("case", list(_CONV_ONE_FIELD))
+def test_a_known_convolution_signature_never_lets_a_changed_field_through(fresh_conv_verdicts, case):
+    """As for the decode step: after a valid call's verdict is kept, a call differing in one field raises
+    what it raises with none kept; the values of cu_seqlens are checked every call."""
+    call, valid_changes, failing_changes = _CONV_ONE_FIELD[case]
+    make = _conv_args if call is _conv_call else _fused_args
+    valid, failing = make(**valid_changes), make(**failing_changes)
+    expected = _error_of(call, failing)
+    assert not fresh_conv_verdicts, "a failing call left a verdict"
+    for _ in range(2):
+        call(valid)
+    assert len(fresh_conv_verdicts) == 1
+    assert _error_of(call, failing) == expected
+
+
+def test_a_known_convolution_signature_still_checks_memory_every_call(fresh_conv_verdicts):
+    args = _conv_args()
+    buffer = torch.zeros(2 * CB * CD * CT)
+    inside = buffer[CB * CD * CT - 2:CB * CD * CT - 2 + CB * CD * (CW - 1)].view(CB, CD, CW - 1)
+    x = buffer[:CB * CD * CT].view(CB, CD, CT)
+    for _ in range(2):
+        _conv_call(dict(args, x=x, final_states_out=torch.zeros(CB, CD, CW - 1)))
+    assert len(fresh_conv_verdicts) == 1
+    with pytest.raises(ValueError, match="^x: shares memory with final_states_out"):
+        _conv_call(dict(args, x=x, final_states_out=inside))
+
+
+def test_compiled_calls_neither_read_nor_fill_the_verdicts(fresh_verdicts, fresh_conv_verdicts):
+    """Under torch.compile every check runs (symbolic sizes) and the tables are left alone: a guard on
+    their contents would recompile the model whenever an eager call adds a verdict."""
+    from torch._dynamo.utils import counters
+
+    def step(x, state, weight):
+        window = ccmps.causal_conv1d(state, weight)[..., -1]
+        return ccmps.short_conv_update(x, state, weight) + window
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    x, state, weight = torch.randn(VB, VD), torch.zeros(VB, VD, VS), torch.randn(VD, VW)
+    with torch.no_grad():
+        compiled(x, state, weight)
+        assert not fresh_verdicts and not fresh_conv_verdicts
+        for rows in range(1, 4):  # eager calls of new signatures
+            step(torch.randn(rows, VD), torch.zeros(rows, VD, VS), weight)
+        assert fresh_verdicts and fresh_conv_verdicts
+        compiled(x, state, weight)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
