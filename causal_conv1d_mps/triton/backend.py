@@ -22,11 +22,12 @@ def _btd_strides(t: Tensor) -> tuple[int, int, int]:
 
 
 def causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation: int, return_final_states: bool):
-    B, D, T = x.shape
     out = None
-    if seq_idx is None and initial_states is None and cuda_launch.preferred_for_forward(T, weight.shape[1]):
-        out = cuda_launch.conv_fwd_bdt(x, weight, bias, activation)
-    strides = _btd_strides(x)
+    if seq_idx is None and initial_states is None:
+        out = cuda_launch.conv_fwd_bdt(x, weight, bias, activation, where_faster=True)
+    if out is None or return_final_states:
+        B, D, T = x.shape
+        strides = _btd_strides(x)
     if out is None:
         out = torch.empty_like(x)
         launch_forward(x, strides, out, _btd_strides(out), B, T, D, weight, bias, None, seq_idx, None,
@@ -41,7 +42,7 @@ def causal_conv1d_bwd(x, weight, bias, seq_idx, initial_states, dout, dfinal_sta
     if seq_idx is None and initial_states is None and dfinal_states is None:
         grads = cuda_launch.conv_bwd_bdt(x, weight, bias, dout, activation)
         if grads is not None:
-            return (*grads, x.new_empty(0))
+            return grads + (x.new_empty(0),)
     B, D, T = x.shape
     dx = torch.empty_like(x)
     strides = _btd_strides(x)
