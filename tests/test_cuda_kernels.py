@@ -10,6 +10,10 @@ API, and the fall-back to the Triton kernels when the source does not compile.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import threading
+import time
 import warnings
 
 import pytest
@@ -211,6 +215,7 @@ def test_a_source_that_does_not_compile_falls_back_with_one_warning(kernels, dev
 
     monkeypatch.setattr(_runtime, "_kernels", {})
     monkeypatch.setattr(_runtime, "_failed", {})
+    monkeypatch.setattr(kernels, "_forward_plans", {})  # a plan made earlier holds a compiled kernel
     monkeypatch.setattr(_source, "_kernel_file", lambda: "this is not C++;\n")
     x = torch.randn(1, 2, 16, dtype=torch.bfloat16, device=device)
     w = torch.randn(2, 4, dtype=torch.bfloat16, device=device)
@@ -260,3 +265,235 @@ def test_public_api_with_final_states_mixes_kernels_correctly(served, device):
     assert_close_rel(xl.grad, x64.grad, torch.float16, "dx")
     assert_close_rel(wl.grad, w64.grad, torch.float16, "dweight")
     assert_close_rel(bl.grad, b64.grad, torch.float16, "dbias")
+
+
+# ------------------------------------------------------------------------------------------ launch plans
+# Each launcher keeps a plan per call signature (kernels, grid, block, integer arguments); a call whose
+# signature differs in any part must get its own plan, never a stale one.
+
+def _signature_variants(device):
+    """(name, x, weight, bias, activation): a base call, then calls that each differ from it in one part of
+    the signature only (the same values where the part allows)."""
+    gen = seeded(17)
+    B, D, T, W = 2, 4, 32, 4
+    x = randn(B, D, T, dtype=torch.bfloat16, device=device, generator=gen)
+    weight, bias = make_params(D, W, torch.float32, device, gen)
+    wide = randn(B, 2 * D, T, dtype=torch.bfloat16, device=device, generator=gen)
+    wide[:, ::2] = x
+    long = randn(B, D, 2 * T, dtype=torch.bfloat16, device=device, generator=gen)
+    bias_wide = randn(2 * D, dtype=torch.float32, device=device, generator=gen)
+    bias_wide[::2] = bias
+    w5, _ = make_params(D, W + 1, torch.float32, device, gen)
+    return [
+        ("base", x, weight, bias, "silu"),
+        ("x strides over D (same shape)", wide[:, ::2], weight, bias, "silu"),
+        ("x shape (T)", long, weight, bias, "silu"),
+        ("x shape (B)", x[:1], weight, bias, "silu"),
+        ("x dtype", x.half(), weight, bias, "silu"),
+        ("weight strides (same shape)", x, weight.t().contiguous().t(), bias, "silu"),
+        ("weight dtype", x, weight.bfloat16(), bias.bfloat16(), "silu"),
+        ("width", x, w5, bias, "silu"),
+        ("no bias", x, weight, None, "silu"),
+        ("bias strides", x, weight, bias_wide[::2], "silu"),
+        ("activation", x, weight, bias, None),
+    ]
+
+
+def test_launch_plans_follow_every_part_of_the_signature(kernels, device):
+    """Every variant after the base call (and the base again after all of them) matches the oracle."""
+    variants = _signature_variants(device)
+    gen = seeded(19)
+    for name, x, weight, bias, activation in variants + variants[:1]:
+        dout = randn(*x.shape, dtype=x.dtype, device=device, generator=gen)
+        _check_against_oracle(kernels, x, weight, bias, activation, dout, name)
+
+
+def test_a_misaligned_x_or_dout_is_refused_though_its_signature_has_a_plan(kernels, device):
+    """Alignment is each call's: a tensor of a planned signature at an address 2 bytes past a multiple of 16
+    is refused (the Triton kernels serve it), the aligned one still served."""
+    from causal_conv1d_mps import _activation
+
+    silu = _activation.SILU
+    gen = seeded(23)
+    weight, bias = make_params(4, 4, torch.bfloat16, device, gen)
+    n = 2 * 4 * 32
+    storage = randn(n + 16, dtype=torch.bfloat16, device=device, generator=gen)
+    aligned, misaligned = storage[8:8 + n].view(2, 4, 32), storage[1:1 + n].view(2, 4, 32)
+    assert aligned.stride() == misaligned.stride() and aligned.data_ptr() % 16 == 0
+    dout = randn(2, 4, 32, dtype=torch.bfloat16, device=device, generator=gen)
+    assert kernels.conv_fwd_bdt(aligned, weight, bias, silu, allow_cpu=True) is not None
+    assert kernels.conv_bwd_bdt(aligned, weight, bias, dout, silu, allow_cpu=True) is not None
+    assert kernels.conv_fwd_bdt(misaligned, weight, bias, silu, allow_cpu=True) is None
+    assert kernels.conv_bwd_bdt(misaligned, weight, bias, dout, silu, allow_cpu=True) is None
+    assert kernels.conv_bwd_bdt(aligned, weight, bias, misaligned, silu, allow_cpu=True) is None
+    assert kernels.why_not(misaligned, weight, bias, silu) is not None
+    _check_against_oracle(kernels, aligned, weight, bias, "silu", dout, "aligned again")
+
+
+def test_a_misaligned_x_falls_back_to_triton_through_the_public_api(served, device):
+    import causal_conv1d_mps as ccmps
+
+    gen = seeded(29)
+    weight, bias = make_params(3, 4, torch.bfloat16, device, gen)
+    storage = randn(3 * 16 + 8, dtype=torch.bfloat16, device=device, generator=gen)
+    aligned, misaligned = storage[8:8 + 48].view(1, 3, 16), storage[1:1 + 48].view(1, 3, 16)
+    for x in (aligned, misaligned):
+        out = ccmps.causal_conv1d(x, weight, bias, "silu")
+        ref, _ = oracle.causal_conv1d(leaf64(x), leaf64(weight), leaf64(bias), "silu")
+        assert_close_rel(out, ref, torch.bfloat16, f"x at {x.data_ptr() % 16} bytes past 16")
+    assert served == [("fwd", True), ("fwd", False)]
+
+
+def test_the_plan_tables_are_bounded(kernels, device, monkeypatch):
+    from causal_conv1d_mps import _activation
+
+    monkeypatch.setattr(kernels, "_MAX_PLANS", 3)
+    monkeypatch.setattr(kernels, "_forward_plans", {})
+    monkeypatch.setattr(kernels, "_backward_plans", {})
+    gen = seeded(31)
+    weight, bias = make_params(2, 3, torch.bfloat16, device, gen)
+    for T in (8, 16, 24, 32, 40, 8):
+        x = randn(1, 2, T, dtype=torch.bfloat16, device=device, generator=gen)
+        dout = randn(1, 2, T, dtype=torch.bfloat16, device=device, generator=gen)
+        _check_against_oracle(kernels, x, weight, bias, "silu", dout, f"T {T}")
+        assert len(kernels._forward_plans) <= 3 and len(kernels._backward_plans) <= 3
+    # a signature the kernels do not take is remembered too, in the same bounded table
+    assert kernels.conv_fwd_bdt(x[..., :5], weight, bias, _activation.SILU, allow_cpu=True) is None
+    assert None in kernels._forward_plans.values() and len(kernels._forward_plans) <= 3
+
+
+def test_turning_the_kernels_off_takes_effect_on_a_planned_signature(kernels, device, monkeypatch):
+    from causal_conv1d_mps import _activation
+
+    gen = seeded(37)
+    weight, bias = make_params(2, 4, torch.bfloat16, device, gen)
+    x = randn(1, 2, 16, dtype=torch.bfloat16, device=device, generator=gen)
+    assert kernels.conv_fwd_bdt(x, weight, bias, _activation.SILU, allow_cpu=True) is not None
+    monkeypatch.setenv("CAUSAL_CONV1D_CUDA_KERNELS", "0")
+    assert kernels.conv_fwd_bdt(x, weight, bias, _activation.SILU, allow_cpu=True) is None
+    assert kernels.conv_bwd_bdt(x, weight, bias, x, _activation.SILU, allow_cpu=True) is None
+    monkeypatch.setenv("CAUSAL_CONV1D_CUDA_KERNELS", "1")
+    assert kernels.conv_fwd_bdt(x, weight, bias, _activation.SILU, allow_cpu=True) is not None
+
+
+# ------------------------------------------------------------------- the driver launch, with a stand-in
+# What `_runtime` hands to `cuLaunchKernel`, checked on the CPU: the driver call replaced by a recorder
+# that reads the arguments back through `kernelParams` as the driver would.
+
+class _RecordingDriver:
+    """Stands in for `cuLaunchKernel`: decodes each launch (pointers, then 32-bit ints) and returns the
+    next of `results` (0: success)."""
+
+    def __init__(self, pointers: int, ints: int, results=()):
+        self.pointers, self.ints, self.results, self.launches = pointers, ints, list(results), []
+
+    def __call__(self, func, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        values = [ctypes.c_void_p.from_address(params[i]).value or 0 for i in range(self.pointers)]
+        values += [ctypes.c_int.from_address(params[self.pointers + i]).value for i in range(self.ints)]
+        self.launches.append(dict(func=func.value, grid=(gx, gy, gz), block=(bx, by, bz), shared=shared,
+                                  stream=stream.value or 0, args=values, extra=extra))
+        return self.results.pop(0) if self.results else 0
+
+
+@pytest.fixture
+def driver(monkeypatch):
+    """A `_DriverKernel` on device 0 of a stand-in driver: the current device and stream are settable."""
+    from causal_conv1d_mps.cuda import _runtime
+
+    class Compiled:
+        func = ctypes.c_void_p(0x1230)
+
+    state = {"device": 0, "stream": 0x5000}
+    monkeypatch.setattr(_runtime, "_libcuda", object())  # loaded: nothing is looked up in it
+    monkeypatch.setattr(_runtime, "_launch_kernel", object())
+    monkeypatch.setattr(_runtime, "_current_device", lambda: state["device"])
+    monkeypatch.setattr(_runtime, "_current_stream", lambda index: state["stream"] + index)
+    return _runtime._DriverKernel(Compiled(), 0), state
+
+
+def test_a_prepared_launch_passes_pointers_then_its_ints(driver, monkeypatch):
+    from causal_conv1d_mps.cuda import _runtime
+
+    kernel, state = driver
+    recorder = _RecordingDriver(pointers=3, ints=4)
+    monkeypatch.setattr(_runtime, "_launch_kernel", recorder)
+    launch = kernel.prepare((5, 6, 7), (128, 1, 1), 3, (11, -2, 2**31 - 1, 0))
+    launch(0x7F0000001000, 0x10, 2**48 + 16)
+    state["stream"] = 0x6000
+    launch(1, 2, 3)
+    first, second = recorder.launches
+    assert first == dict(func=0x1230, grid=(5, 6, 7), block=(128, 1, 1), shared=0, stream=0x5000,
+                         args=[0x7F0000001000, 0x10, 2**48 + 16, 11, -2, 2**31 - 1, 0], extra=None)
+    assert second["stream"] == 0x6000 and second["args"] == [1, 2, 3, 11, -2, 2**31 - 1, 0]
+
+
+def test_a_prepared_launch_retries_once_in_the_primary_context_and_raises_other_errors(driver, monkeypatch):
+    from causal_conv1d_mps.cuda import _runtime
+
+    kernel, _ = driver
+    made_current = []
+    monkeypatch.setattr(_runtime, "_make_primary_context_current", made_current.append)
+    recorder = _RecordingDriver(pointers=1, ints=1, results=[201, 0])
+    monkeypatch.setattr(_runtime, "_launch_kernel", recorder)
+    launch = kernel.prepare((1, 1, 1), (32, 1, 1), 1, (4,))
+    launch(0x100)  # CUDA_ERROR_INVALID_CONTEXT (an autograd device thread), then success
+    assert made_current == [0] and [r["args"] for r in recorder.launches] == [[0x100, 4], [0x100, 4]]
+    recorder.results = [201, 201]
+    with pytest.raises(RuntimeError, match="CUDA error 201"):
+        launch(0x100)
+    recorder.results = [700]
+    with pytest.raises(RuntimeError, match="CUDA error 700"):
+        launch(0x100)
+    assert made_current == [0, 0]
+
+
+def test_a_prepared_launch_switches_to_its_device(driver, monkeypatch):
+    """A kernel lives in its device's context: launched while another device is current, it makes its own
+    current for the launch (and asks for that device's stream)."""
+    from causal_conv1d_mps.cuda import _runtime
+
+    kernel, state = driver
+    state["device"] = 1
+    switched = []
+
+    @contextlib.contextmanager
+    def device_guard(index):
+        previous, state["device"] = state["device"], index
+        switched.append(index)
+        try:
+            yield
+        finally:
+            state["device"] = previous
+
+    monkeypatch.setattr(torch.cuda, "device", device_guard)
+    recorder = _RecordingDriver(pointers=1, ints=0)
+    monkeypatch.setattr(_runtime, "_launch_kernel", recorder)
+    kernel.prepare((1, 1, 1), (32, 1, 1), 1, ())(0x100)
+    assert switched == [0] and state["device"] == 1
+    assert recorder.launches[0]["stream"] == 0x5000  # device 0's
+
+
+def test_threads_sharing_a_prepared_launch_each_launch_their_own_pointers(driver, monkeypatch):
+    """The argument buffer is shared: packing and launching happen under its lock, so a thread switch
+    between them (forced here) cannot hand one thread's launch another thread's pointers."""
+    from causal_conv1d_mps.cuda import _runtime
+
+    kernel, _ = driver
+    recorder = _RecordingDriver(pointers=1, ints=1)
+    monkeypatch.setattr(_runtime, "_launch_kernel", recorder)
+    launch = kernel.prepare((1, 1, 1), (32, 1, 1), 1, (9,))
+    pack = launch._pack
+
+    def pack_then_yield(*args):
+        pack(*args)
+        time.sleep(0.0002)  # another thread runs between this thread's packing and its launch
+    launch._pack = pack_then_yield
+    pointers = [0x1000 * (i + 1) for i in range(4)]
+    threads = [threading.Thread(target=lambda p=p: [launch(p) for _ in range(25)]) for p in pointers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    launched = sorted(r["args"][0] for r in recorder.launches)
+    assert launched == sorted(pointers * 25)
+    assert all(r["args"][1] == 9 for r in recorder.launches)
