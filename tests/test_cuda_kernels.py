@@ -272,40 +272,49 @@ def test_public_api_with_final_states_mixes_kernels_correctly(served, device):
 # signature differs in any part must get its own plan, never a stale one.
 
 def _signature_variants(device):
-    """(name, x, weight, bias, activation): a base call, then calls that each differ from it in one part of
-    the signature only (the same values where the part allows)."""
+    """(name, x, weight, bias, activation, dout): a base call, then calls that each differ from it in one
+    part of the signature only (the same values where the part allows)."""
     gen = seeded(17)
     B, D, T, W = 2, 4, 32, 4
     x = randn(B, D, T, dtype=torch.bfloat16, device=device, generator=gen)
+    dout = randn(B, D, T, dtype=torch.bfloat16, device=device, generator=gen)
     weight, bias = make_params(D, W, torch.float32, device, gen)
     wide = randn(B, 2 * D, T, dtype=torch.bfloat16, device=device, generator=gen)
     wide[:, ::2] = x
-    long = randn(B, D, 2 * T, dtype=torch.bfloat16, device=device, generator=gen)
+    dout_wide = randn(2 * B, D, T, dtype=torch.bfloat16, device=device, generator=gen)
+    dout_wide[::2] = dout
     bias_wide = randn(2 * D, dtype=torch.float32, device=device, generator=gen)
     bias_wide[::2] = bias
     w5, _ = make_params(D, W + 1, torch.float32, device, gen)
+
+    def other(t):
+        return randn(*t.shape, dtype=t.dtype, device=device, generator=gen)
+
+    long = other(x.repeat(1, 1, 2))
     return [
-        ("base", x, weight, bias, "silu"),
-        ("x strides over D (same shape)", wide[:, ::2], weight, bias, "silu"),
-        ("x shape (T)", long, weight, bias, "silu"),
-        ("x shape (B)", x[:1], weight, bias, "silu"),
-        ("x dtype", x.half(), weight, bias, "silu"),
-        ("weight strides (same shape)", x, weight.t().contiguous().t(), bias, "silu"),
-        ("weight dtype", x, weight.bfloat16(), bias.bfloat16(), "silu"),
-        ("width", x, w5, bias, "silu"),
-        ("no bias", x, weight, None, "silu"),
-        ("bias strides", x, weight, bias_wide[::2], "silu"),
-        ("activation", x, weight, bias, None),
+        ("base", x, weight, bias, "silu", dout),
+        ("x strides over D (same shape)", wide[:, ::2], weight, bias, "silu", dout),
+        ("dout strides over B (same shape)", x, weight, bias, "silu", dout_wide[::2]),
+        ("x shape (T)", long, weight, bias, "silu", other(long)),
+        ("x shape (B)", x[:1], weight, bias, "silu", dout[:1]),
+        ("x dtype", x.half(), weight, bias, "silu", dout.half()),
+        ("weight strides (same shape)", x, weight.t().contiguous().t(), bias, "silu", dout),
+        ("weight dtype", x, weight.bfloat16(), bias.bfloat16(), "silu", dout),
+        ("width", x, w5, bias, "silu", dout),
+        ("no bias", x, weight, None, "silu", dout),
+        ("bias strides", x, weight, bias_wide[::2], "silu", dout),
+        ("activation", x, weight, bias, None, dout),
     ]
 
 
 def test_launch_plans_follow_every_part_of_the_signature(kernels, device):
-    """Every variant after the base call (and the base again after all of them) matches the oracle."""
+    """Every variant after the base call (and the base again after all of them) matches the oracle, with
+    and without bias (the two keys are built apart)."""
     variants = _signature_variants(device)
-    gen = seeded(19)
-    for name, x, weight, bias, activation in variants + variants[:1]:
-        dout = randn(*x.shape, dtype=x.dtype, device=device, generator=gen)
+    for name, x, weight, bias, activation, dout in variants + variants[:1]:
         _check_against_oracle(kernels, x, weight, bias, activation, dout, name)
+        if bias is not None and name != "bias strides":
+            _check_against_oracle(kernels, x, weight, None, activation, dout, f"{name}, no bias")
 
 
 def test_a_misaligned_x_or_dout_is_refused_though_its_signature_has_a_plan(kernels, device):
