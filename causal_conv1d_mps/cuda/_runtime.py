@@ -8,6 +8,10 @@ variant (the contract's defines) compiles once per process and device (about 0.1
 On CPU tensors the same source runs through `cuda_harness` (the repository's test-only CPU harness, not
 installed with the package): that is how CI checks these kernels without a GPU.
 
+Both kinds of kernel can be called with any argument list (`kernel(grid, block, args)`), or prepared once
+per call signature (`kernel.prepare(grid, block, pointers, ints)`): the launchers' plans hold prepared
+launches, whose call passes only the pointers (docs/CUDA_KERNELS.md, "Launch plans").
+
 Nothing here raises for a missing compiler: `kernel()` returns None with the reason kept in
 `unavailable_reason()`, and the launchers then use the Triton kernels. A compile error of the shipped
 source is a bug of this package: it warns once, quoting the compiler, and the Triton kernels serve.
@@ -125,7 +129,7 @@ class _DriverKernel:
 
     def prepare(self, grid, block, pointers: int, ints) -> _PreparedLaunch:
         """A launch of this kernel with `grid`, `block` and its arguments: `pointers` pointers, then `ints`."""
-        return _PreparedLaunch(self._func, self._device, grid, block, pointers, ints)
+        return _PreparedLaunch(self, grid, block, pointers, ints)
 
     def __call__(self, grid, block, args, shared_mem: int = 0) -> None:
         if _current_device() != self._device:  # the module lives in its device's context
@@ -155,15 +159,17 @@ class _PreparedLaunch:
     The integers sit packed once behind the pointers in the argument buffer that the `kernelParams` array
     points into; a call packs the pointers in front of them and calls the driver with an argument tuple
     built once per stream (no ctypes conversion per argument: `cuLaunchKernel` is called without argtypes,
-    each value already a ctypes object or a small int). The call keeps the GIL: the driver only queues the
-    launch (about 2-4 us), and giving the GIL up around it would let another Python thread take it for up
-    to a switch interval in the middle of a launch. The buffer is shared: a lock spans packing and
-    launching (the driver has copied the parameters when the call returns)."""
+    each value already a ctypes object or a small int). The buffer is shared: a lock spans packing and
+    launching (the driver has copied the parameters when the call returns).
 
-    __slots__ = ("_device", "_head", "_params", "_buffer", "_pack", "_calls", "_lock")
+    The call gives the GIL up, like any ctypes.CDLL call: keeping it saves about 0.05 us, but a launch blocks
+    when the device's launch queue is full, and a stream callback that runs Python (cupy, numba) would then
+    wait for the GIL this thread holds while the queue waits for the callback."""
+
+    __slots__ = ("_kernel", "_device", "_head", "_params", "_buffer", "_pack", "_calls", "_lock")
     takes_pointers = True
 
-    def __init__(self, func: int, device: int, grid, block, pointers: int, ints):
+    def __init__(self, kernel: _DriverKernel, grid, block, pointers: int, ints):
         codes = "P" * pointers + "i" * len(ints)
         offsets = [struct.calcsize("@" + codes[:i + 1]) - struct.calcsize("@" + codes[i]) for i in range(len(codes))]
         self._buffer = ctypes.create_string_buffer(max(struct.calcsize("@" + codes), 1))
@@ -172,8 +178,9 @@ class _PreparedLaunch:
         base = ctypes.addressof(self._buffer)
         self._params = (ctypes.c_void_p * max(len(codes), 1))(*[base + off for off in offsets])
         # cuLaunchKernel(f, gridDim x y z, blockDim x y z, sharedMemBytes, hStream, kernelParams, extra)
-        self._head = (ctypes.c_void_p(func), *map(int, grid), *map(int, block), 0)
-        self._device = device
+        self._head = (ctypes.c_void_p(kernel._func), *map(int, grid), *map(int, block), 0)
+        self._kernel = kernel  # keeps the module loaded while a plan holds this launch
+        self._device = kernel._device
         self._calls: dict[int, tuple] = {}  # stream -> the call's arguments
         self._lock = threading.Lock()
 
@@ -260,7 +267,7 @@ _CUDA_ERROR_INVALID_CONTEXT = 201
 
 def _load_driver() -> None:
     """The driver library, once: `_libcuda` for the general call and the context calls, `_launch_kernel`
-    (the same `cuLaunchKernel`, called without argtypes and keeping the GIL) for prepared launches."""
+    (the same `cuLaunchKernel`, called without argtypes) for prepared launches."""
     global _libcuda, _launch_kernel
     if _libcuda is None:
         try:
@@ -272,7 +279,7 @@ def _load_driver() -> None:
         _libcuda = lib
     if _launch_kernel is None:
         address = ctypes.cast(_libcuda.cuLaunchKernel, ctypes.c_void_p).value
-        _launch_kernel = ctypes.PYFUNCTYPE(ctypes.c_int)(address)
+        _launch_kernel = ctypes.CFUNCTYPE(ctypes.c_int)(address)
 
 
 def _raise_for(result: int) -> None:
