@@ -426,7 +426,7 @@ def test_a_prepared_launch_passes_pointers_then_its_ints(driver, monkeypatch):
     kernel, state = driver
     recorder = _RecordingDriver(pointers=3, ints=4)
     monkeypatch.setattr(_runtime, "_launch_kernel", recorder)
-    launch = kernel.prepare((5, 6, 7), (128, 1, 1), 3, (11, -2, 2**31 - 1, 0))
+    launch = kernel.prepare((5, 6, 7), (128, 1, 1), 3, (11, -2, 2**31 - 1, 0)).launch
     launch(0x7F0000001000, 0x10, 2**48 + 16)
     state["stream"] = 0x6000
     launch(1, 2, 3)
@@ -444,7 +444,7 @@ def test_a_prepared_launch_retries_once_in_the_primary_context_and_raises_other_
     monkeypatch.setattr(_runtime, "_make_primary_context_current", made_current.append)
     recorder = _RecordingDriver(pointers=1, ints=1, results=[201, 0])
     monkeypatch.setattr(_runtime, "_launch_kernel", recorder)
-    launch = kernel.prepare((1, 1, 1), (32, 1, 1), 1, (4,))
+    launch = kernel.prepare((1, 1, 1), (32, 1, 1), 1, (4,)).launch
     launch(0x100)  # CUDA_ERROR_INVALID_CONTEXT (an autograd device thread), then success
     assert made_current == [0] and [r["args"] for r in recorder.launches] == [[0x100, 4], [0x100, 4]]
     recorder.results = [201, 201]
@@ -477,7 +477,7 @@ def test_a_prepared_launch_switches_to_its_device(driver, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", device_guard)
     recorder = _RecordingDriver(pointers=1, ints=0)
     monkeypatch.setattr(_runtime, "_launch_kernel", recorder)
-    kernel.prepare((1, 1, 1), (32, 1, 1), 1, ())(0x100)
+    kernel.prepare((1, 1, 1), (32, 1, 1), 1, ()).launch(0x100)
     assert switched == [0] and state["device"] == 1
     assert recorder.launches[0]["stream"] == 0x5000  # device 0's
 
@@ -490,13 +490,14 @@ def test_threads_sharing_a_prepared_launch_each_launch_their_own_pointers(driver
     kernel, _ = driver
     recorder = _RecordingDriver(pointers=1, ints=1)
     monkeypatch.setattr(_runtime, "_launch_kernel", recorder)
-    launch = kernel.prepare((1, 1, 1), (32, 1, 1), 1, (9,))
-    pack = launch._pack
+    prepared = kernel.prepare((1, 1, 1), (32, 1, 1), 1, (9,))
+    pack = prepared._pack
 
     def pack_then_yield(*args):
         pack(*args)
         time.sleep(0.0002)  # another thread runs between this thread's packing and its launch
-    launch._pack = pack_then_yield
+    prepared._pack = pack_then_yield
+    launch = prepared.launch
     pointers = [0x1000 * (i + 1) for i in range(4)]
     threads = [threading.Thread(target=lambda p=p: [launch(p) for _ in range(25)]) for p in pointers]
     for t in threads:

@@ -153,7 +153,7 @@ class _DriverKernel:
 
 
 class _PreparedLaunch:
-    """One kernel with its grid, block and integer arguments fixed: a call passes the pointer arguments'
+    """One kernel with its grid, block and integer arguments fixed: `launch` takes the pointer arguments'
     values (ints, `Tensor.data_ptr()`) and launches on the device's current stream.
 
     The integers sit packed once behind the pointers in the argument buffer that the `kernelParams` array
@@ -190,11 +190,12 @@ class _PreparedLaunch:
         args = self._calls[stream] = (*self._head, ctypes.c_void_p(stream), self._params, None)
         return args
 
-    def __call__(self, *pointers: int) -> None:
+    def launch(self, *pointers: int) -> None:
+        """Launch with these pointer arguments (a method, not `__call__`: calling an instance costs more)."""
         device = self._device
         if _current_device() != device:  # the module lives in its device's context
             with torch.cuda.device(device):
-                return self(*pointers)
+                return self.launch(*pointers)
         stream = _current_stream(device)
         args = self._calls.get(stream)
         if args is None:
@@ -232,7 +233,7 @@ class _HarnessKernel:
 
 
 class _HarnessLaunch:
-    """`_PreparedLaunch` for `cuda_harness`, except that a call passes the tensors themselves, not their
+    """`_PreparedLaunch` for `cuda_harness`, except that `launch` takes the tensors themselves, not their
     pointers (the harness checks each tensor and guards its memory)."""
 
     takes_pointers = False
@@ -241,7 +242,7 @@ class _HarnessLaunch:
         self._function, self._grid, self._block = function, tuple(grid), tuple(block)
         self._pointers, self._ints = pointers, list(ints)
 
-    def __call__(self, *tensors) -> None:
+    def launch(self, *tensors) -> None:
         if len(tensors) != self._pointers:
             raise TypeError(f"expected {self._pointers} tensors, got {len(tensors)}")
         self._function(grid=self._grid, block=self._block, args=[*tensors, *self._ints])

@@ -109,9 +109,9 @@ class _ForwardPlan:
 
     __slots__ = ("launch", "pointers", "faster")
 
-    def __init__(self, launch, faster: bool):
-        self.launch = launch  # (x, weight, bias or weight, out): pointers, or tensors for the harness
-        self.pointers = launch.takes_pointers
+    def __init__(self, prepared, faster: bool):
+        self.launch = prepared.launch  # (x, weight, bias or weight, out): pointers, or tensors (the harness)
+        self.pointers = prepared.takes_pointers
         self.faster = faster  # `preferred_for_forward`
 
 
@@ -122,8 +122,8 @@ class _BackwardPlan:
     __slots__ = ("conv", "reduce", "pointers", "partials", "dweight")
 
     def __init__(self, conv, reduce, partials: int, dweight: tuple[int, int]):
-        self.conv = conv  # (x, weight, bias or weight, dout, dx, partials)
-        self.reduce = reduce  # (partials, dweight, dbias or dweight)
+        self.conv = conv.launch  # (x, weight, bias or weight, dout, dx, partials)
+        self.reduce = reduce.launch  # (partials, dweight, dbias or dweight)
         self.pointers = conv.takes_pointers
         self.partials, self.dweight = partials, dweight
 
