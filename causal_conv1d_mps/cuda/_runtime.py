@@ -19,6 +19,7 @@ source is a bug of this package: it warns once, quoting the compiler, and the Tr
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import struct
 import threading
@@ -174,7 +175,7 @@ class _PreparedLaunch:
         offsets = [struct.calcsize("@" + codes[:i + 1]) - struct.calcsize("@" + codes[i]) for i in range(len(codes))]
         self._buffer = ctypes.create_string_buffer(max(struct.calcsize("@" + codes), 1))
         struct.pack_into("@" + codes, self._buffer, 0, *[0] * pointers, *ints)
-        self._pack = struct.Struct("@" + "P" * pointers).pack_into
+        self._pack = functools.partial(struct.Struct("@" + "P" * pointers).pack_into, self._buffer, 0)
         base = ctypes.addressof(self._buffer)
         self._params = (ctypes.c_void_p * max(len(codes), 1))(*[base + off for off in offsets])
         # cuLaunchKernel(f, gridDim x y z, blockDim x y z, sharedMemBytes, hStream, kernelParams, extra)
@@ -203,7 +204,7 @@ class _PreparedLaunch:
         lock = self._lock
         lock.acquire()  # (`with lock` costs twice as much)
         try:
-            self._pack(self._buffer, 0, *pointers)
+            self._pack(*pointers)
             result = _launch_kernel(*args)
         finally:
             lock.release()
@@ -214,7 +215,7 @@ class _PreparedLaunch:
         if result == _CUDA_ERROR_INVALID_CONTEXT:
             _make_primary_context_current(self._device)
             with self._lock:
-                self._pack(self._buffer, 0, *pointers)
+                self._pack(*pointers)
                 result = _launch_kernel(*args)
         _raise_for(result)
 
