@@ -507,3 +507,60 @@ def test_threads_sharing_a_prepared_launch_each_launch_their_own_pointers(driver
     launched = sorted(r["args"][0] for r in recorder.launches)
     assert launched == sorted(pointers * 25)
     assert all(r["args"][1] == 9 for r in recorder.launches)
+
+
+def test_the_launchers_hand_the_driver_what_they_hand_the_harness(kernels, device, monkeypatch):
+    """On a GPU the launchers pass pointers to prepared driver launches; here (the harness takes tensors)
+    the driver is stood in: each launch must carry the grid, block and integers of the harness launch that
+    the oracle tests verify, and the pointers of the right tensors in the right slots."""
+    from causal_conv1d_mps import _activation
+    from causal_conv1d_mps.cuda import _runtime
+
+    if device.type != "cpu":
+        pytest.skip("the stand-in driver takes CPU tensors")
+    silu = _activation.SILU
+    gen = seeded(41)
+    weight, bias = make_params(6, 5, torch.float32, device, gen)
+    wide = randn(3, 12, 2064, dtype=torch.float16, device=device, generator=gen)
+    x = wide[:, ::2]  # strides over B and D that differ from dx's and dout's
+    dout = randn(3, 6, 2064, dtype=torch.float16, device=device, generator=gen)
+
+    def harness_launches():
+        kernels.conv_fwd_bdt(x, weight, bias, silu, allow_cpu=True)
+        kernels.conv_bwd_bdt(x, weight, bias, dout, silu, allow_cpu=True)
+        (fwd,), (bwd,) = kernels._forward_plans.values(), kernels._backward_plans.values()
+        return [(p.__self__._grid, p.__self__._block, p.__self__._ints) for p in (fwd.launch, bwd.conv, bwd.reduce)]
+
+    monkeypatch.setattr(kernels, "_forward_plans", {})
+    monkeypatch.setattr(kernels, "_backward_plans", {})
+    expected = harness_launches()
+
+    counts = {"cc_conv_fwd_bdt": (4, 8), "cc_conv_bwd_bdt": (6, 13), "cc_reduce_partials": (3, 2)}
+    handles = {name: 0x100 * (i + 1) for i, name in enumerate(counts)}
+    recorders = {handles[name]: _RecordingDriver(*n) for name, n in counts.items()}
+
+    class Compiled:
+        def __init__(self, name):
+            self.func = ctypes.c_void_p(handles[name])
+
+    launches = []
+    monkeypatch.setattr(_runtime, "_kernels", {})
+    monkeypatch.setattr(_runtime, "_compile", lambda name, defines, dev, index: _runtime._DriverKernel(
+        Compiled(name), index))
+    monkeypatch.setattr(_runtime, "_libcuda", object())
+    monkeypatch.setattr(_runtime, "_launch_kernel", lambda *args: (
+        recorders[args[0].value](*args), launches.append(recorders[args[0].value].launches[-1]))[0])
+    monkeypatch.setattr(_runtime, "_current_device", lambda: -1)
+    monkeypatch.setattr(_runtime, "_current_stream", lambda index: 0x77)
+    monkeypatch.setattr(kernels, "_forward_plans", {})
+    monkeypatch.setattr(kernels, "_backward_plans", {})
+    out = kernels.conv_fwd_bdt(x, weight, bias, silu, allow_cpu=True)
+    dx, dweight, dbias = kernels.conv_bwd_bdt(x, weight, bias, dout, silu, allow_cpu=True)
+    assert [r["func"] for r in launches] == [handles[name] for name in counts]
+    for got, (grid, block, ints) in zip(launches, expected):
+        n = len(got["args"]) - len(ints)
+        assert (got["grid"], got["block"], got["args"][n:], got["stream"]) == (grid, block, ints, 0x77)
+    fwd, conv, reduce = (r["args"] for r in launches)
+    assert fwd[:4] == [t.data_ptr() for t in (x, weight, bias, out)]
+    assert conv[:5] == [t.data_ptr() for t in (x, weight, bias, dout, dx)]
+    assert reduce[:3] == [conv[5], dweight.data_ptr(), dbias.data_ptr()]
