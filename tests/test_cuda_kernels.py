@@ -564,3 +564,52 @@ def test_the_launchers_hand_the_driver_what_they_hand_the_harness(kernels, devic
     assert fwd[:4] == [t.data_ptr() for t in (x, weight, bias, out)]
     assert conv[:5] == [t.data_ptr() for t in (x, weight, bias, dout, dx)]
     assert reduce[:3] == [conv[5], dweight.data_ptr(), dbias.data_ptr()]
+
+
+RECORDING_DRIVER_SOURCE = """
+void* seen_f; unsigned seen_dims[7]; void* seen_stream; void** seen_params; void** seen_extra; int calls;
+int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                   unsigned shared, void* stream, void** params, void** extra) {
+    seen_f = f; seen_stream = stream; seen_params = params; seen_extra = extra; ++calls;
+    seen_dims[0] = gx; seen_dims[1] = gy; seen_dims[2] = gz; seen_dims[3] = bx; seen_dims[4] = by;
+    seen_dims[5] = bz; seen_dims[6] = shared;
+    return calls == 1 ? 0 : 700;
+}
+"""
+
+
+def test_a_prepared_launch_reaches_a_c_function_of_the_drivers_signature_intact(tmp_path, monkeypatch):
+    """The ctypes call itself (no argtypes: ints as C int, pointers as ctypes objects, past the registers
+    onto the stack) against a C function with `cuLaunchKernel`'s signature that keeps what it received."""
+    import shutil
+    import subprocess
+
+    from causal_conv1d_mps.cuda import _runtime
+
+    compiler = next((c for c in ("clang-16", "clang", "cc", "gcc") if shutil.which(c)), None)
+    if compiler is None:
+        pytest.skip("no C compiler")
+    (tmp_path / "driver.c").write_text(RECORDING_DRIVER_SOURCE)
+    subprocess.run([compiler, "-O1", "-shared", "-fPIC", "-o", str(tmp_path / "libdriver.so"),
+                    str(tmp_path / "driver.c")], check=True)
+    lib = ctypes.CDLL(str(tmp_path / "libdriver.so"))
+    monkeypatch.setattr(_runtime, "_libcuda", lib)
+    monkeypatch.setattr(_runtime, "_launch_kernel", None)  # derived from `_libcuda` by `_load_driver`
+    monkeypatch.setattr(_runtime, "_current_device", lambda: 0)
+    monkeypatch.setattr(_runtime, "_current_stream", lambda index: 0x7F00DEADBEE0)
+
+    class Compiled:
+        func = ctypes.c_void_p(0x7F0012345670)
+
+    launch = _runtime._DriverKernel(Compiled(), 0).prepare((70000, 65535, 3), (128, 1, 1), 2, (8, -1, 2**31 - 1))
+    launch.launch(0x7FFF00000010, 2**63 + 16)
+    assert ctypes.c_void_p.in_dll(lib, "seen_f").value == 0x7F0012345670
+    assert list((ctypes.c_uint * 7).in_dll(lib, "seen_dims")) == [70000, 65535, 3, 128, 1, 1, 0]
+    assert ctypes.c_void_p.in_dll(lib, "seen_stream").value == 0x7F00DEADBEE0
+    assert ctypes.c_void_p.in_dll(lib, "seen_extra").value is None
+    params = ctypes.cast(ctypes.c_void_p.in_dll(lib, "seen_params"), ctypes.POINTER(ctypes.c_void_p))
+    values = [ctypes.c_uint64.from_address(params[i]).value for i in range(2)]
+    values += [ctypes.c_int.from_address(params[2 + i]).value for i in range(3)]
+    assert values == [0x7FFF00000010, 2**63 + 16, 8, -1, 2**31 - 1]
+    with pytest.raises(RuntimeError, match="CUDA error 700"):  # the second call returns an error
+        launch.launch(0x10, 0x20)
