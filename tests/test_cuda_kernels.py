@@ -5,7 +5,9 @@ On `--device cpu` the shipped source runs through `cuda_harness` (compiled as C+
 tensors). Covered: every width 1..10, 16 and 17, both 16-bit dtypes, float32 weights, bias or none, identity and SiLU,
 T of one vector, of several passes and of several backward chunks, odd D, B = 1, strided views, the NaN
 pattern of the weight gradient, determinism, where the kernels do not apply, the dispatch from the public
-API, and the fall-back to the Triton kernels when the source does not compile.
+API, and the fall-back to the Triton kernels when the source does not compile. The launch plans: a call
+differing from a planned one in any part of the signature, misaligned views, the environment switch, the
+bounded tables; the prepared driver launch against stand-ins of `cuLaunchKernel` (Python and C).
 """
 
 from __future__ import annotations
