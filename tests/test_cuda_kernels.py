@@ -615,3 +615,24 @@ def test_a_prepared_launch_reaches_a_c_function_of_the_drivers_signature_intact(
     assert values == [0x7FFF00000010, 2**63 + 16, 8, -1, 2**31 - 1]
     with pytest.raises(RuntimeError, match="CUDA error 700"):  # the second call returns an error
         launch.launch(0x10, 0x20)
+
+
+def test_the_backend_leaves_narrow_long_forwards_to_triton(served, device):
+    """At W < 4 and T >= 1024 Triton's forward is as fast (`preferred_for_forward`): the backend's call
+    asks for the faster kernels only, and the plan of that signature (which the launcher itself serves)
+    says no; the backward still takes the CUDA C++ kernels."""
+    import causal_conv1d_mps as ccmps
+    from causal_conv1d_mps import _activation
+    from causal_conv1d_mps.cuda import launch
+
+    gen = seeded(43)
+    weight, bias = make_params(2, 3, torch.bfloat16, device, gen)
+    x = randn(1, 2, 1024, dtype=torch.bfloat16, device=device, generator=gen)
+    assert launch.conv_fwd_bdt(x, weight, bias, _activation.SILU, allow_cpu=True) is not None  # planned
+    served.clear()
+    xl = leaf(x)
+    out = ccmps.causal_conv1d(xl, weight, bias, "silu")
+    out.backward(torch.ones_like(out))
+    assert served == [("fwd", False), ("bwd", True)]
+    ref, _ = oracle.causal_conv1d(leaf64(x), leaf64(weight), leaf64(bias), "silu")
+    assert_close_rel(out, ref, torch.bfloat16, "out")
