@@ -10,6 +10,14 @@ the kernels do not apply (then the Triton kernels serve the call):
 - B, D and the T chunks within CUDA's grid limits; a CUDA device whose NVRTC compile succeeded
   (`_runtime.unavailable_reason`), or, for tests only, CPU tensors through `cuda_harness`.
 Figures and the measurement that chose these kernels: docs/PERF_NOTES.md, v6 (CUDA C++).
+
+Small calls are host-bound, so each launcher keeps a launch plan per call signature (shapes, strides and
+dtypes of every tensor, bias presence, activation, device): the answer of the applicability check, the
+variant's kernels with grid, block and integer arguments packed once (`prepare` of `_runtime`'s kernels),
+and the shapes
+of the gradient buffers. A call then builds the signature, checks the 16-byte alignment of its vector
+pointers (x, dout, and the fresh out / dx), allocates its outputs and passes the pointers
+(docs/CUDA_KERNELS.md, "Launch plans").
 """
 from __future__ import annotations
 
@@ -25,12 +33,14 @@ _X_BF16 = {torch.bfloat16: 1, torch.float16: 0}
 _WT = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _MAX_GRID_YZ = 65535
 _TARGET_BLOCKS = 1024  # the backward splits T into chunks until about this many blocks run
+_MAX_PLANS = 512  # per launcher: signatures hold shapes, so a model with ever-changing lengths must not grow it
+_UNSEEN = object()
 
 
 def _vector_strides(t: Tensor) -> tuple[int, int] | None:
     """Strides over B and D in units of 8 elements (0 for a dimension of size 1), or None if T is not
-    contiguous in 16-byte vectors."""
-    if t.stride(2) != 1 or t.data_ptr() % 16 != 0:
+    contiguous in 16-byte vectors. The address itself (16-byte aligned?) is each call's to check."""
+    if t.stride(2) != 1:
         return None
     out = []
     for dim in (0, 1):
@@ -39,14 +49,6 @@ def _vector_strides(t: Tensor) -> tuple[int, int] | None:
             return None
         out.append(stride // 8)
     return out[0], out[1]
-
-
-def _new_like_strides(t: Tensor) -> tuple[int, int]:
-    """Vector strides of `torch.empty_like(x)` for an `x` the kernels take: it keeps x's strides (dense x) or
-    is contiguous (T a multiple of 8), freshly allocated and so aligned: never None."""
-    strides = _vector_strides(t)
-    assert strides is not None, "empty_like of a vector-aligned x is vector-aligned"
-    return strides
 
 
 def _weight_strides(weight: Tensor, bias: Tensor | None) -> tuple[int, int, int]:
@@ -60,6 +62,17 @@ def why_not(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int) -> 
 
 def _check(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int):
     """(why the kernels do not apply or None, x's vector strides where they apply)."""
+    reason, strides = _check_signature(x, weight, bias, activation)
+    if reason is None and x.data_ptr() % 16 != 0:
+        return _X_LAYOUT, None
+    return reason, strides
+
+
+_X_LAYOUT = "x: T contiguous, 16-byte aligned, strides over B and D multiples of 8"
+
+
+def _check_signature(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int):
+    """`_check` without x's address: what a launch plan caches."""
     if x.dim() != 3 or x.dtype not in _X_BF16:
         return f"x: float16 or bfloat16 (B, D, T) only, got {x.dtype} with {x.dim()} dims", None
     if weight.dtype not in (x.dtype, torch.float32) or (bias is not None and bias.dtype != weight.dtype):
@@ -76,7 +89,7 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int):
         return f"B = {B}, D = {D}: at most {_MAX_GRID_YZ} each (grid)", None
     strides = _vector_strides(x)
     if strides is None:
-        return "x: T contiguous, 16-byte aligned, strides over B and D multiples of 8", None
+        return _X_LAYOUT, None
     return None, strides
 
 
@@ -91,35 +104,65 @@ def _defines(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int) ->
                 CC_HAS_BIAS=int(bias is not None), CC_ACTIVATION=activation)
 
 
-def _usable(x: Tensor, allow_cpu: bool) -> bool:
-    return x.device.type == "cuda" or (allow_cpu and x.device.type == "cpu")
+class _ForwardPlan:
+    """What a forward call of one signature needs beyond its pointers."""
+
+    __slots__ = ("launch", "pointers", "faster")
+
+    def __init__(self, prepared, faster: bool):
+        self.launch = prepared.launch  # (x, weight, bias or weight, out): pointers, or tensors (the harness)
+        self.pointers = prepared.takes_pointers
+        self.faster = faster  # `preferred_for_forward`
 
 
-def conv_fwd_bdt(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int,
-                 allow_cpu: bool = False) -> Tensor | None:
-    """`act(bias + conv(x))` `[B, D, T]` (zeros before t = 0), or None where the kernels do not apply."""
-    if not _usable(x, allow_cpu):
-        return None
-    reason, x_strides = _check(x, weight, bias, activation)
+class _BackwardPlan:
+    """What a backward call of one signature needs beyond its pointers: both launches and the sizes of
+    the buffers it allocates (the float32 partial sums `[chunks * B, D, W + 1]`, flat; dweight `[D, W]`)."""
+
+    __slots__ = ("conv", "reduce", "pointers", "partials", "dweight")
+
+    def __init__(self, conv, reduce, partials: int, dweight: tuple[int, int]):
+        self.conv = conv.launch  # (x, weight, bias or weight, dout, dx, partials)
+        self.reduce = reduce.launch  # (partials, dweight, dbias or dweight)
+        self.pointers = conv.takes_pointers
+        self.partials, self.dweight = partials, dweight
+
+
+def _remember(plans: dict, key: tuple, plan):
+    if len(plans) >= _MAX_PLANS:
+        plans.clear()
+    plans[key] = plan
+    return plan
+
+
+_forward_plans: dict[tuple, _ForwardPlan | None] = {}  # None: the kernels do not apply to that signature
+_backward_plans: dict[tuple, _BackwardPlan | None] = {}
+
+
+def _plan_forward(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int) -> _ForwardPlan | None:
+    reason, x_strides = _check_signature(x, weight, bias, activation)
     fn = _runtime.kernel("cc_conv_fwd_bdt", _defines(x, weight, bias, activation), x.device) if not reason else None
     if fn is None:
         return None
     B, D, T = x.shape
-    out = torch.empty_like(x)
     n8 = T // 8
-    fn(grid=(-(-n8 // THREADS), D, B), block=(THREADS, 1, 1),
-       args=[x, weight, bias if bias is not None else weight, out, n8, *x_strides, *_new_like_strides(out),
-             *_weight_strides(weight, bias)])
-    return out
+    out_strides = _new_like_strides(x)
+    launch = fn.prepare((-(-n8 // THREADS), D, B), (THREADS, 1, 1), 4,
+                        (n8, *x_strides, *out_strides, *_weight_strides(weight, bias)))
+    return _ForwardPlan(launch, preferred_for_forward(T, weight.shape[1]))
 
 
-def conv_bwd_bdt(x: Tensor, weight: Tensor, bias: Tensor | None, dout: Tensor, activation: int,
-                 allow_cpu: bool = False) -> tuple[Tensor, Tensor, Tensor] | None:
-    """(dx `[B, D, T]`, dweight `[D, W]`, dbias `[D]` or empty) of `conv_fwd_bdt`, or None where the
-    kernels do not apply (dout must have x's dtype and a vector layout too)."""
-    if not _usable(x, allow_cpu):
-        return None
-    reason, x_strides = _check(x, weight, bias, activation)
+def _new_like_strides(x: Tensor) -> tuple[int, int]:
+    """Vector strides of `torch.empty_like(x)` (a function of x's shape and strides) for an `x` the kernels
+    take: it keeps x's strides (dense x) or is contiguous (T a multiple of 8): never None."""
+    strides = _vector_strides(torch.empty_like(x))
+    assert strides is not None, "empty_like of a vector-strided x is vector-strided"
+    return strides
+
+
+def _plan_backward(x: Tensor, weight: Tensor, bias: Tensor | None, dout: Tensor,
+                   activation: int) -> _BackwardPlan | None:
+    reason, x_strides = _check_signature(x, weight, bias, activation)
     dout_strides = _vector_strides(dout) if not reason and dout.dtype == x.dtype and dout.shape == x.shape else None
     if dout_strides is None:
         return None
@@ -136,13 +179,98 @@ def conv_bwd_bdt(x: Tensor, weight: Tensor, bias: Tensor | None, dout: Tensor, a
     chunks = min(passes, max(1, -(-_TARGET_BLOCKS // (B * D))), _MAX_GRID_YZ)
     chunk8 = -(-passes // chunks) * THREADS
     chunks = -(-n8 // chunk8)
+    conv = fn.prepare((D, B, chunks), (THREADS, 1, 1), 6,
+                      (n8, chunk8, B, D, *x_strides, *dout_strides, *_new_like_strides(x),
+                       *_weight_strides(weight, bias)))
+    reduce = reduce.prepare((-(-D * (W + 1) // 256), 1, 1), (256, 1, 1), 3, (chunks * B, D))
+    return _BackwardPlan(conv, reduce, chunks * B * D * (W + 1), (D, W))
+
+
+def conv_fwd_bdt(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int,
+                 allow_cpu: bool = False, where_faster: bool = False) -> Tensor | None:
+    """`act(bias + conv(x))` `[B, D, T]` (zeros before t = 0), or None where the kernels do not apply (and,
+    with `where_faster`, where `preferred_for_forward` leaves the call to Triton)."""
+    if x.is_cuda:
+        device = x.get_device()
+        if not _runtime.available("cuda"):
+            return None
+    elif allow_cpu and x.is_cpu:
+        device = -1
+        if not _runtime.available("cpu"):
+            return None
+    else:
+        return None
+    if bias is None:
+        key = (x.shape, x.stride(), x.dtype, weight.shape, weight.stride(), weight.dtype, activation, device)
+    else:
+        key = (x.shape, x.stride(), x.dtype, weight.shape, weight.stride(), weight.dtype, activation, device,
+               bias.stride(), bias.dtype)
+    plan = _forward_plans.get(key, _UNSEEN)
+    if plan is _UNSEEN:
+        plan = _remember(_forward_plans, key, _plan_forward(x, weight, bias, activation))
+    if plan is None or (where_faster and not plan.faster):
+        return None
+    xp = x.data_ptr()
+    if xp & 15:
+        return None
+    out = torch.empty_like(x)
+    out_p = out.data_ptr()
+    if out_p & 15:  # the allocators' blocks are aligned far beyond 16 bytes; checked all the same
+        return None
+    b = weight if bias is None else bias  # no kernel argument is ever a nil pointer
+    if plan.pointers:
+        plan.launch(xp, weight.data_ptr(), b.data_ptr(), out_p)
+    else:
+        plan.launch(x, weight, b, out)
+    return out
+
+
+def conv_bwd_bdt(x: Tensor, weight: Tensor, bias: Tensor | None, dout: Tensor, activation: int,
+                 allow_cpu: bool = False) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(dx `[B, D, T]`, dweight `[D, W]`, dbias `[D]` or empty) of `conv_fwd_bdt`, or None where the
+    kernels do not apply (dout must have x's dtype and a vector layout too)."""
+    if x.is_cuda:
+        device = x.get_device()
+        if not _runtime.available("cuda"):
+            return None
+    elif allow_cpu and x.is_cpu:
+        device = -1
+        if not _runtime.available("cpu"):
+            return None
+    else:
+        return None
+    if bias is None:
+        key = (x.shape, x.stride(), x.dtype, weight.shape, weight.stride(), weight.dtype, activation, device,
+               dout.shape, dout.stride(), dout.dtype)
+    else:
+        key = (x.shape, x.stride(), x.dtype, weight.shape, weight.stride(), weight.dtype, activation, device,
+               dout.shape, dout.stride(), dout.dtype, bias.stride(), bias.dtype)
+    plan = _backward_plans.get(key, _UNSEEN)
+    if plan is _UNSEEN:
+        plan = _remember(_backward_plans, key, _plan_backward(x, weight, bias, dout, activation))
+    if plan is None:
+        return None
+    xp, dout_p = x.data_ptr(), dout.data_ptr()
+    if (xp | dout_p) & 15:
+        return None
     dx = torch.empty_like(x)
-    partials = torch.empty(chunks * B, D, W + 1, dtype=torch.float32, device=x.device)
-    fn(grid=(D, B, chunks), block=(THREADS, 1, 1),
-       args=[x, weight, bias if bias is not None else weight, dout, dx, partials, n8, chunk8, B, D,
-             *x_strides, *dout_strides, *_new_like_strides(dx), *_weight_strides(weight, bias)])
-    dweight = torch.empty(D, W, dtype=weight.dtype, device=x.device)
-    dbias = torch.empty(D, dtype=bias.dtype, device=x.device) if bias is not None else x.new_empty(0)
-    reduce(grid=(-(-D * (W + 1) // 256), 1, 1), block=(256, 1, 1),
-           args=[partials, dweight, dbias if bias is not None else dweight, chunks * B, D])
+    dx_p = dx.data_ptr()
+    if dx_p & 15:
+        return None
+    # (`new_empty` with sizes as separate ints is the cheapest allocation from Python: about 0.9 us)
+    partials = x.new_empty(plan.partials, dtype=torch.float32)  # flat: the kernels index it so
+    D, W = plan.dweight
+    dweight = weight.new_empty(D, W)  # contiguous, weight's dtype (the reduction writes it so)
+    if bias is None:
+        b, dbias, db = weight, x.new_empty(0), dweight  # stand-ins: never a nil pointer
+    else:
+        dbias = weight.new_empty(D)  # bias has weight's dtype
+        b, db = bias, dbias
+    if plan.pointers:
+        partials_p = partials.data_ptr()
+        plan.conv(xp, weight.data_ptr(), b.data_ptr(), dout_p, dx_p, partials_p)
+        plan.reduce(partials_p, dweight.data_ptr(), db.data_ptr())
+    else:
+        plan.conv(x, weight, b, dout, dx, partials)
+        plan.reduce(partials, dweight, db)
     return dx, dweight, dbias

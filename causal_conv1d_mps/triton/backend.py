@@ -25,15 +25,14 @@ def _btd_strides(t: Tensor) -> tuple[int, int, int]:
 
 
 def causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation: int, return_final_states: bool):
-    B, D, T = x.shape
-    W = weight.shape[1]
     plain = seq_idx is None and initial_states is None
-    strides = _btd_strides(x)
-    channel_last = strides[1] != 1  # T not contiguous
-    out = None
-    if plain and not channel_last and cuda_launch.preferred_for_forward(T, W):
-        out = cuda_launch.conv_fwd_bdt(x, weight, bias, activation)
+    out = cuda_launch.conv_fwd_bdt(x, weight, bias, activation, where_faster=True) if plain else None
+    if out is None or return_final_states:
+        B, D, T = x.shape
+        W = weight.shape[1]
+        strides = _btd_strides(x)
     if out is None:
+        channel_last = strides[1] != 1  # T not contiguous
         out = torch.empty_like(x)
         if not (plain and channel_last and launch_btd.preferred(False, W) and launch_btd.conv_fwd_btd(
                 x.transpose(1, 2), weight, bias, None, activation, False, out.transpose(1, 2))):
@@ -48,7 +47,7 @@ def causal_conv1d_bwd(x, weight, bias, seq_idx, initial_states, dout, dfinal_sta
     if seq_idx is None and initial_states is None and dfinal_states is None:
         grads = cuda_launch.conv_bwd_bdt(x, weight, bias, dout, activation)
         if grads is not None:
-            return (*grads, x.new_empty(0))
+            return grads + (x.new_empty(0),)
     B, D, T = x.shape
     dx = torch.empty_like(x)
     strides = _btd_strides(x)
