@@ -179,3 +179,87 @@ def test_backend_asks_the_kernel_only_where_measured(btd, triton_backend, device
     assert_close_rel(conv.transpose(1, 2), ref_conv, torch.bfloat16, "channel-last conv")
     assert conv.transpose(1, 2).is_contiguous(), "channel-last output keeps x's layout"
     assert calls == ([True, False] if measured else []), calls
+
+
+def test_plans_follow_the_signature(btd, device, monkeypatch):
+    """A launch plan is kept per call signature: calls that differ from a planned one in one field (strides,
+    residual, mask, bias, weight dtype, activation, out's strides) each get their own result, an address that
+    breaks the alignment is refused on a planned signature, and the table stays bounded."""
+    monkeypatch.setattr(btd, "_plans", {})
+    gen = seeded(54)
+    base = randn(2, 26, 16, dtype=torch.bfloat16, device=device, generator=gen)
+    w, b = make_params(16, 3, torch.bfloat16, device, gen)
+    mask = _mask(2, 26, device, "fractional", gen)
+    variants = [
+        ("plain", base, w, b, None, "silu", True),
+        ("T stride", base[:, ::2], w, b, None, "silu", True),
+        ("no residual", base, w, b, None, "silu", False),
+        ("mask", base, w, b, mask, "silu", True),
+        ("no bias", base, w, None, None, "silu", True),
+        ("float32 weight", base, w.float(), b.float(), None, "silu", True),
+        ("identity", base, w, b, None, None, True),
+        ("plain again", base, w, b, None, "silu", True),
+    ]
+    for name, x, wi, bi, mi, act, res in variants:
+        _check(btd, x, wi, bi, mi, act, res, name)
+    strided_out = torch.empty(2, 26, 20, dtype=torch.bfloat16, device=device)[:, :, 4:]
+    assert btd.conv_fwd_btd(base, w, b, None, 1, True, strided_out, allow_cpu=True)
+    ref, _ = oracle.short_conv_fused(base, w, b, None, True, True)
+    assert_close_rel(strided_out, ref, torch.bfloat16, "out strides")
+    misaligned = torch.empty(2 * 26 * 16 + 1, dtype=torch.bfloat16, device=device)[1:].view(2, 26, 16)
+    misaligned.copy_(base)
+    assert btd.conv_fwd_btd(misaligned, w, b, None, 1, True, torch.empty_like(base), allow_cpu=True) is False
+    assert len(btd._plans) == 8  # seven distinct signatures above, and the strided out
+    monkeypatch.setattr(btd, "_MAX_PLANS", 4)
+    for t in range(5, 12):
+        _check(btd, base[:, :t], w, b, None, "silu", True, f"T {t}")
+    assert len(btd._plans) <= 4
+
+
+def test_the_launcher_hands_the_driver_what_it_hands_the_harness(btd, device, monkeypatch):
+    """On a GPU the launcher passes pointers to a prepared driver launch; here (the harness takes tensors) the
+    driver is stood in: the launch must carry the grid, block and integers of the harness launch that the
+    oracle tests verify, and the pointers of the right tensors in the right slots."""
+    import ctypes
+
+    from causal_conv1d_mps import _activation
+    from causal_conv1d_mps.cuda import _runtime
+
+    if device.type != "cpu":
+        pytest.skip("the stand-in driver takes CPU tensors")
+    gen = seeded(55)
+    wide = randn(3, 40, 24, dtype=torch.float16, device=device, generator=gen)
+    x = wide[:, ::2, 4:]  # strides over B and T that differ from out's
+    weight, bias = make_params(20, 6, torch.float32, device, gen)
+    mask = _mask(3, 20, device, "binary", gen)
+    silu = _activation.SILU
+
+    monkeypatch.setattr(btd, "_plans", {})
+    assert btd.conv_fwd_btd(x, weight, bias, mask, silu, True, torch.empty_like(x), allow_cpu=True)
+    (harness,) = btd._plans.values()
+    expected = (harness._grid, harness._block, harness._ints)
+
+    recorded = []
+
+    def driver(func, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        pointers = [ctypes.c_void_p.from_address(params[i]).value or 0 for i in range(5)]
+        ints = [ctypes.c_int.from_address(params[5 + i]).value for i in range(6)]
+        recorded.append(((gx, gy, gz), (bx, by, bz), ints, pointers, stream.value))
+        return 0
+
+    class Compiled:
+        func = ctypes.c_void_p(0x4560)
+
+    monkeypatch.setattr(btd, "_plans", {})
+    monkeypatch.setattr(_runtime, "_kernels", {})
+    monkeypatch.setattr(_runtime, "_compile", lambda name, defines, dev, index: _runtime._DriverKernel(
+        Compiled(), index))
+    monkeypatch.setattr(_runtime, "_libcuda", object())
+    monkeypatch.setattr(_runtime, "_launch_kernel", driver)
+    monkeypatch.setattr(_runtime, "_current_device", lambda: -1)
+    monkeypatch.setattr(_runtime, "_current_stream", lambda index: 0x88)
+    out = torch.empty_like(x)
+    assert btd.conv_fwd_btd(x, weight, bias, mask, silu, True, out, allow_cpu=True)
+    ((grid, block, ints, pointers, stream),) = recorded
+    assert (grid, block, ints, stream) == (*expected, 0x88)
+    assert pointers == [t.data_ptr() for t in (x, weight, bias, mask, out)]

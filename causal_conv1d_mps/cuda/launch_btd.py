@@ -37,6 +37,22 @@ MEASURED_FASTER: frozenset[tuple[bool, int]] = frozenset(
 
 def why_not(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None, activation: int) -> str | None:
     """Why the kernel does not apply to `x` `[B, T, D]` and these arguments (None: it does); metadata only."""
+    reason = _check_signature(x, weight, bias, mask, activation)
+    if reason is None and not _aligned(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr()):
+        return _ALIGNMENT
+    return reason
+
+
+_ALIGNMENT = "x 8-byte aligned, weight and bias 16-byte aligned"
+
+
+def _aligned(x_p: int, weight_p: int, bias_p: int | None) -> bool:
+    return not (x_p & 7 or weight_p & 15 or (bias_p is not None and bias_p & 15))
+
+
+def _check_signature(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None,
+                     activation: int) -> str | None:
+    """`why_not` without the addresses: what a launch plan caches."""
     if x.dim() != 3 or x.dtype not in _X_BF16:
         return f"x: float16 or bfloat16 [B, T, D] only, got {x.dtype} with {x.dim()} dims"
     if weight.dtype not in (x.dtype, torch.float32) or (bias is not None and bias.dtype != weight.dtype):
@@ -52,22 +68,21 @@ def why_not(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None,
     if B > _MAX_GRID_YZ or -(-D // (VEC * THREADS)) > _MAX_GRID_YZ or -(-T // RUN) >= 2**31:
         return f"B = {B}, D = {D}, T = {T}: beyond the grid's limits"
     if _vector_strides(x) is None:
-        return "x: D contiguous, 8-byte aligned, strides over B and T multiples of 4"
-    if not weight.is_contiguous() or weight.data_ptr() % 16 != 0 or (
-            bias is not None and (not bias.is_contiguous() or bias.data_ptr() % 16 != 0)):
-        return "weight and bias: contiguous and 16-byte aligned"
-    if mask is not None and (mask.dtype != torch.float32 or not mask.is_contiguous()):
+        return "x: D contiguous, strides over B and T multiples of 4"
+    if not weight.is_contiguous() or (bias is not None and not bias.is_contiguous()):
+        return "weight and bias: contiguous"
+    if mask is not None and (mask.dtype != torch.float32 or not mask.is_contiguous() or mask.shape != (B, T)):
         return "mask: float32 [B, T] contiguous"
     return None
 
 
 def _vector_strides(t: Tensor) -> tuple[int, int] | None:
     """`t`'s strides over B and T in units of VEC elements (0 for a dimension of size 1), or None if D is not
-    contiguous in 8-byte vectors."""
+    contiguous in whole vectors. The address itself is each call's to check."""
     B, T, D = t.shape
     sb, st, sd = t.stride()
     sb, st = (0 if B == 1 else sb), (0 if T == 1 else st)
-    if (sd != 1 and D > 1) or t.data_ptr() % 8 != 0 or sb % VEC != 0 or st % VEC != 0 or max(sb, st) // VEC >= 2**31:
+    if (sd != 1 and D > 1) or sb % VEC != 0 or st % VEC != 0 or max(sb, st) // VEC >= 2**31:
         return None
     return sb // VEC, st // VEC
 
@@ -77,28 +92,61 @@ def preferred(has_mask: bool, W: int) -> bool:
     return (has_mask, W) in MEASURED_FASTER
 
 
-def _usable(x: Tensor, allow_cpu: bool) -> bool:
-    return x.device.type == "cuda" or (allow_cpu and x.device.type == "cpu")
+_MAX_PLANS = 512  # signatures hold shapes: a model with ever-changing lengths must not grow the table
+_UNSEEN = object()
+_plans: dict[tuple, object] = {}  # signature -> prepared launch, or None where the kernel does not apply
 
 
-def conv_fwd_btd(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None, activation: int,
-                 residual: bool, out: Tensor, allow_cpu: bool = False) -> bool:
-    """Write `(x if residual) + act(bias + conv(x masked))` into `out` `[B, T, D]` (D contiguous, the layout
-    rules of x); True, or False (nothing written) where the kernel does not apply."""
-    if not _usable(x, allow_cpu) or why_not(x, weight, bias, mask, activation) is not None:
-        return False
-    out_strides = _vector_strides(out)
-    if out_strides is None:
-        return False
+def _plan(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None, activation: int, residual: bool,
+          out: Tensor):
+    """The prepared launch for this call signature (grid, block, integers fixed), or None."""
+    out_strides = _vector_strides(out) if out.shape == x.shape else None
+    if out_strides is None or _check_signature(x, weight, bias, mask, activation) is not None:
+        return None
     defines = dict(CC_W=weight.shape[1], CC_X_BF16=_X_BF16[x.dtype], CC_WT=_WT[weight.dtype],
                    CC_HAS_BIAS=int(bias is not None), CC_ACTIVATION=activation, CC_HAS_MASK=int(mask is not None),
                    CC_RESIDUAL=int(bool(residual)))
     fn = _runtime.kernel("cc_conv_fwd_btd", defines, x.device)
     if fn is None:
-        return False
+        return None
     B, T, D = x.shape
     d4 = D // VEC
-    fn(grid=(-(-T // RUN), -(-d4 // THREADS), B), block=(THREADS, 1, 1),
-       args=[x, weight, bias if bias is not None else weight, mask if mask is not None else x, out, T, d4,
-             *_vector_strides(x), *out_strides])
+    return fn.prepare((-(-T // RUN), -(-d4 // THREADS), B), (THREADS, 1, 1), 5,
+                      (T, d4, *_vector_strides(x), *out_strides))
+
+
+def conv_fwd_btd(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None, activation: int,
+                 residual: bool, out: Tensor, allow_cpu: bool = False) -> bool:
+    """Write `(x if residual) + act(bias + conv(x masked))` into `out` `[B, T, D]` (D contiguous, the layout
+    rules of x); True, or False (nothing written) where the kernel does not apply. A launch plan is kept per
+    call signature; each call checks only the addresses."""
+    if x.is_cuda:
+        device = x.get_device()
+        if not _runtime.available("cuda"):
+            return False
+    elif allow_cpu and x.is_cpu:
+        device = -1
+        if not _runtime.available("cpu"):
+            return False
+    else:
+        return False
+    key = (x.shape, x.stride(), x.dtype, weight.shape, weight.stride(), weight.dtype, activation, bool(residual),
+           device, out.shape, out.stride(), None if bias is None else (bias.shape, bias.stride(), bias.dtype),
+           None if mask is None else (mask.shape, mask.stride(), mask.dtype))
+    launch = _plans.get(key, _UNSEEN)
+    if launch is _UNSEEN:
+        if len(_plans) >= _MAX_PLANS:
+            _plans.clear()
+        launch = _plans[key] = _plan(x, weight, bias, mask, activation, residual, out)
+    if launch is None:
+        return False
+    b = weight if bias is None else bias  # no kernel argument is ever a nil pointer
+    m = x if mask is None else mask
+    x_p, w_p, b_p, o_p = x.data_ptr(), weight.data_ptr(), b.data_ptr(), out.data_ptr()
+    if not _aligned(x_p | o_p, w_p, b_p):
+        return False
+    if launch.takes_pointers:
+        launch.launch(x_p, w_p, b_p, m.data_ptr(), o_p)
+    else:
+        launch.launch(x, weight, b, m, out)
     return True
