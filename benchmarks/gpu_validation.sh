@@ -34,11 +34,12 @@ environment() {
 # The op suite through the backend of cuda tensors (Triton kernels, and the CUDA C++ kernels where they
 # serve), split by file over the GPUs (test_causal_conv1d.py alone compiles many W = 16 kernels);
 # -v so that a failure is named in the log even when the time limit cuts the run.
-FIRST="tests/test_causal_conv1d.py tests/test_module.py tests/test_triton_v5.py"
+FIRST="tests/test_causal_conv1d.py tests/test_module.py tests/test_triton_v5.py tests/test_triton_v6.py"
 SECOND="tests/test_short_conv_fused.py tests/test_update.py tests/test_validation.py tests/test_library.py
   tests/test_activation.py tests/test_varlen_states.py tests/test_fuzz.py tests/test_nan_stream_starts.py"
-GPU_ONLY="tests/test_triton_gpu.py tests/test_cuda_kernels.py tests/test_cuda_harness.py tests/test_check.py
-  tests/test_transformers_models.py tests/test_transformers_functions.py"
+GPU_ONLY="tests/test_triton_gpu.py tests/test_cuda_kernels.py tests/test_cuda_btd.py tests/test_cuda_harness.py
+  tests/test_wide_filters.py tests/test_host_path.py tests/test_check.py tests/test_transformers_models.py
+  tests/test_transformers_functions.py"
 
 op_suite() {  # time limit in seconds
   CUDA_VISIBLE_DEVICES=0 timeout "$1" python -m pytest -v -p no:cacheprovider -n 16 -m triton --device cuda \
@@ -61,6 +62,8 @@ timings() {  # the timed runs: bench.py alone on the first GPU, the rest one aft
     --json "$OUT/bench-bf16.json" > "$OUT/bench-bf16.log" 2>&1 &
   { CUDA_VISIBLE_DEVICES=$LAST timeout 90 python benchmarks/prototypes/cuda_vs_triton.py \
       --json "$OUT/cuda-vs-triton.json" > "$OUT/cuda-vs-triton.log" 2>&1
+    CUDA_VISIBLE_DEVICES=$LAST timeout 90 python benchmarks/prototypes/cuda_vs_triton.py --channel-last \
+      --json "$OUT/cuda-vs-triton-channel-last.json" > "$OUT/cuda-vs-triton-channel-last.log" 2>&1
     CUDA_VISIBLE_DEVICES=$LAST timeout 140 python examples/transformers_lfm2.py --device cuda --dtype bf16 \
       --diagnose --out "$OUT/lfm2-bf16.json" > "$OUT/lfm2-bf16.log" 2>&1
     CUDA_VISIBLE_DEVICES=$LAST timeout 40 python benchmarks/host_overhead.py --device cuda --dtype bf16 \
@@ -71,6 +74,7 @@ timings() {  # the timed runs: bench.py alone on the first GPU, the rest one aft
 timings_summary() {
   summary "bench.py bf16" "$OUT/bench-bf16.log"
   summary "CUDA C++ against Triton" "$OUT/cuda-vs-triton.log"
+  summary "channel-last CUDA C++" "$OUT/cuda-vs-triton-channel-last.log"
   summary "transformers LFM2 bf16" "$OUT/lfm2-bf16.log"
   summary "host overhead" "$OUT/host-overhead.log"
 }
