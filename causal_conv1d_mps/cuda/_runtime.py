@@ -61,6 +61,17 @@ def available(device_type: str) -> bool:
     return enabled() and device_type not in _failed
 
 
+def launch_device(x: torch.Tensor, allow_cpu: bool) -> int | None:
+    """The device index the launchers' plans are keyed by: x's CUDA device, -1 for CPU tensors through
+    `cuda_harness` (tests pass `allow_cpu`), or None where the kernels cannot run the call (another device,
+    turned off, a failed compile)."""
+    if x.is_cuda:
+        return x.get_device() if available("cuda") else None
+    if allow_cpu and x.is_cpu and available("cpu"):
+        return -1
+    return None
+
+
 def unavailable_reason(device: torch.device) -> str | None:
     """Why the kernels cannot run on `device` (None: they can, or have not been tried yet)."""
     if not enabled():

@@ -190,15 +190,8 @@ def conv_fwd_bdt(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int
                  allow_cpu: bool = False, where_faster: bool = False) -> Tensor | None:
     """`act(bias + conv(x))` `[B, D, T]` (zeros before t = 0), or None where the kernels do not apply (and,
     with `where_faster`, where `preferred_for_forward` leaves the call to Triton)."""
-    if x.is_cuda:
-        device = x.get_device()
-        if not _runtime.available("cuda"):
-            return None
-    elif allow_cpu and x.is_cpu:
-        device = -1
-        if not _runtime.available("cpu"):
-            return None
-    else:
+    device = _runtime.launch_device(x, allow_cpu)
+    if device is None:
         return None
     if bias is None:
         key = (x.shape, x.stride(), x.dtype, weight.shape, weight.stride(), weight.dtype, activation, device)
@@ -229,15 +222,8 @@ def conv_bwd_bdt(x: Tensor, weight: Tensor, bias: Tensor | None, dout: Tensor, a
                  allow_cpu: bool = False) -> tuple[Tensor, Tensor, Tensor] | None:
     """(dx `[B, D, T]`, dweight `[D, W]`, dbias `[D]` or empty) of `conv_fwd_bdt`, or None where the
     kernels do not apply (dout must have x's dtype and a vector layout too)."""
-    if x.is_cuda:
-        device = x.get_device()
-        if not _runtime.available("cuda"):
-            return None
-    elif allow_cpu and x.is_cpu:
-        device = -1
-        if not _runtime.available("cpu"):
-            return None
-    else:
+    device = _runtime.launch_device(x, allow_cpu)
+    if device is None:
         return None
     if bias is None:
         key = (x.shape, x.stride(), x.dtype, weight.shape, weight.stride(), weight.dtype, activation, device,

@@ -120,15 +120,8 @@ def conv_fwd_btd(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | 
     """Write `(x if residual) + act(bias + conv(x masked))` into `out` `[B, T, D]` (D contiguous, the layout
     rules of x); True, or False (nothing written) where the kernel does not apply. A launch plan is kept per
     call signature; each call checks only the addresses."""
-    if x.is_cuda:
-        device = x.get_device()
-        if not _runtime.available("cuda"):
-            return False
-    elif allow_cpu and x.is_cpu:
-        device = -1
-        if not _runtime.available("cpu"):
-            return False
-    else:
+    device = _runtime.launch_device(x, allow_cpu)
+    if device is None:
         return False
     key = (x.shape, x.stride(), x.dtype, weight.shape, weight.stride(), weight.dtype, activation, bool(residual),
            device, out.shape, out.stride(), None if bias is None else (bias.shape, bias.stride(), bias.dtype),
