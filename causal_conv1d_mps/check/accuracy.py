@@ -73,7 +73,7 @@ def run_trial(case: Case, dtype: torch.dtype, width: int, target: Target, seed: 
     trial = case.build(draw, width)
     record["shape"] = trial.shape
     got = None
-    with serving.watch(target.backend) as served:
+    with serving.watch(target.backend, width) as served:
         try:
             got = trial.run()
             synchronize(target.device)

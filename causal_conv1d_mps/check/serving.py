@@ -32,17 +32,31 @@ class Served:
     requested: str  # the backend asked for
     reference_calls: list[str] = field(default_factory=list)  # reference functions run (kernel backends only)
     warnings: list[str] = field(default_factory=list)  # warnings the package raised
+    by_design: bool = False  # the requested backend hands this call to the reference path on purpose
 
     @property
     def fell_back(self) -> bool:
-        """A kernel backend was asked for, and the reference path ran (or the package said it would)."""
-        if self.requested == "reference":
+        """A kernel backend was asked for, and the reference path ran (or the package said it would) where
+        the backend was meant to serve the call."""
+        if self.requested == "reference" or self.by_design:
             return False
         return bool(self.reference_calls) or any(FALLBACK_WORDS in w for w in self.warnings)
 
     @property
     def served_by(self) -> str:
+        if self.by_design and self.reference_calls:
+            return "reference"
         return "reference" if self.fell_back else self.requested
+
+
+def reference_by_design(backend: str, width: int | None) -> bool:
+    """Whether `backend` hands a filter of `width` taps to the reference path on purpose: the Triton backend
+    does above its `MAX_WIDTH` (its kernels' compile time grows with the width; docs/TRITON.md)."""
+    if backend != "triton" or width is None:
+        return False
+    from .. import triton as triton_backend  # does not import triton itself
+
+    return not triton_backend.serves_width(width)
 
 
 def _counting(name: str, fn, calls: list[str]):
@@ -55,12 +69,13 @@ def _counting(name: str, fn, calls: list[str]):
 
 
 @contextmanager
-def watch(requested: str) -> Iterator[Served]:
-    """Records fallbacks and warnings of the package calls made inside the block.
+def watch(requested: str, width: int | None = None) -> Iterator[Served]:
+    """Records fallbacks and warnings of the package calls made inside the block (of filters of `width`
+    taps, where known: a width the backend hands to the reference path by design is no fallback).
 
     The dispatcher's cache is cleared first so that a fallback warns again for this call.
     """
-    served = Served(requested)
+    served = Served(requested, by_design=reference_by_design(requested, width))
     originals = {}
     if requested != "reference":
         originals = {name: getattr(reference, name) for name in BACKEND_FUNCTIONS}

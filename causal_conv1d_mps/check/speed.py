@@ -65,7 +65,7 @@ def time_all(target: Target, dtype: torch.dtype, quick: bool, progress=None) -> 
     for spec in specs(target, quick):
         if progress is not None:
             progress(f"timing {spec.name}")
-        with serving.watch(target.backend) as served:
+        with serving.watch(target.backend, spec.width) as served:
             try:
                 row = run_case(build_case(spec, dtype, target.device, ccmps, []), plan, rotate, 0.0, False)
                 error = None

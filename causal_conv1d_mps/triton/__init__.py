@@ -44,10 +44,20 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-def _width_guarded(kernels, reference, weight_arg: int):
-    """`kernels(*args)`, or `reference(*args)` for a weight wider than `MAX_WIDTH`."""
+def serves_width(width: int) -> bool:
+    """Whether the Triton kernels serve a filter of `width` taps (wider ones: the reference path, by design)."""
+    return width <= MAX_WIDTH
+
+
+def _width_guarded(kernels, name: str, weight_arg: int):
+    """`kernels(*args)`, or the reference path's function `name` for a weight wider than `MAX_WIDTH` (looked up
+    at the call, so that whoever watches the reference module, like the self-check, sees the call)."""
+    from .. import reference
+
     def run(*args):
-        return (kernels if args[weight_arg].shape[1] <= MAX_WIDTH else reference)(*args)
+        if args[weight_arg].shape[1] <= MAX_WIDTH:
+            return kernels(*args)
+        return getattr(reference, name)(*args)
 
     run.__name__ = run.__qualname__ = kernels.__name__
     run.__doc__ = kernels.__doc__
@@ -57,16 +67,15 @@ def _width_guarded(kernels, reference, weight_arg: int):
 def __getattr__(name: str):
     # first use of a backend function imports triton and the launchers, then binds them here
     if name in _FUNCTIONS:
-        from .. import reference
         from . import backend
 
         for fn_name in _FUNCTIONS:
             fn = getattr(backend, fn_name)
             if fn_name in _WEIGHT_ARG:
-                fn = _width_guarded(fn, getattr(reference, fn_name), _WEIGHT_ARG[fn_name])
+                fn = _width_guarded(fn, fn_name, _WEIGHT_ARG[fn_name])
             globals()[fn_name] = fn
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["unsupported_reason", *_FUNCTIONS]
+__all__ = ["unsupported_reason", "serves_width", "MAX_WIDTH", *_FUNCTIONS]
