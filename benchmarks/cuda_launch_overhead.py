@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from host_timing import per_call_us  # this folder: the script's own, whichever checkout is timed
+
 ROOT = Path(__file__).resolve().parent.parent
 NOOP_SOURCE = """
 int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
@@ -71,20 +73,6 @@ def install_stand_ins(runtime, workdir: str) -> None:
     for name, stand_in in (("_current_device", device_query), ("_current_stream", stream_query)):
         if hasattr(runtime, name):
             setattr(runtime, name, stand_in)
-
-
-def per_call_us(fn, calls: int, repeats: int, sync, clock) -> float:
-    for _ in range(min(calls, 50)):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        sync()
-        start = clock()
-        for _ in range(calls):
-            fn()
-        sync()
-        best = min(best, clock() - start)
-    return best / calls * 1e6
 
 
 def layers(args, device):

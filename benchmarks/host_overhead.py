@@ -17,9 +17,11 @@ PyTorch call of the same size as the yardstick (PyTorch's own dispatch cost on t
 microseconds per call: the best of `--repeats` timings of `--calls` back-to-back calls. Compare rows within
 one run only: the machine's load moves every figure.
 
-Workloads: `causal_conv1d` forward `[B, D, T]`, its forward + backward, `short_conv_fused` forward +
-backward `[B, T, D]`, and the decode steps `causal_conv1d_update`, `short_conv_update` and the transformers
-integration's `causal_conv1d_update` (`[B, D, 1]`, what LFM2 passes), on a `[B, D, W]` state.
+Workloads: `causal_conv1d` forward `[B, D, T]`, its forward + backward, the autograd engine's share of one
+(an identity `Function`, and the engine on the calling thread), `short_conv_fused` forward + backward
+`[B, T, D]`, and the decode steps `causal_conv1d_update`, `short_conv_update` and the transformers
+integration's `causal_conv1d_update` (`[B, D, 1]`, what LFM2 passes), on a `[B, D, W]` state. The CUDA C++
+kernels' own launch path, layer by layer: `benchmarks/cuda_launch_overhead.py`.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ from causal_conv1d_mps import _activation, ops  # noqa: E402
 from causal_conv1d_mps.integrations import transformers as cc_hf  # noqa: E402
 from causal_conv1d_mps.triton import _launch, launch_conv, launch_update  # noqa: E402
 from causal_conv1d_mps.triton import backend as triton_backend  # noqa: E402
+from host_timing import per_call_us  # noqa: E402  (this folder: the script's own)
 
 SILU = _activation.SILU
 # checkouts before `_launch.cache_key` existed built the same key inline (before/after comparisons)
@@ -83,20 +86,6 @@ def install_stub() -> StubLaunch:
     launch_conv.launch = stub
     launch_update.launch = stub
     return stub
-
-
-def per_call_us(fn, calls: int, repeats: int, sync, clock) -> float:
-    for _ in range(min(calls, 50)):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        sync()
-        start = clock()
-        for _ in range(calls):
-            fn()
-        sync()
-        best = min(best, clock() - start)
-    return best / calls * 1e6
 
 
 def requiring_grad(*tensors):
@@ -140,8 +129,6 @@ def workloads(args, device, dtype, stub):
         ("eager F.conv1d", lambda: F.conv1d(x_bdt, w3, b, padding=W - 1, groups=D)),
     ]
     result[f"causal_conv1d forward, no grad, [B, D, T] = [{B}, {D}, {T}], W {W}"] = layers
-    if device.type == "cuda":
-        result[f"CUDA C++ forward launch path, [B, D, T] = [{B}, {D}, {T}], W {W}"] = cuda_layers(x_bdt, w, b, dout_bdt)
 
     # causal_conv1d forward + backward --------------------------------------------------------------------
     xg, wg, bg = requiring_grad(x_bdt, w, b)
@@ -224,38 +211,6 @@ class _Identity(torch.autograd.Function):
 def _single_thread(step):
     with torch.autograd.set_multithreading_enabled(False):
         step()
-
-
-def cuda_layers(x, w, b, dout):
-    """The pieces of `cuda.launch.conv_fwd_bdt` one by one (real launches: a GPU only)."""
-    from causal_conv1d_mps.cuda import _runtime
-    from causal_conv1d_mps.cuda import launch as cuda_launch
-
-    defines = cuda_launch._defines(x, w, b, SILU)
-    fn = _runtime.kernel("cc_conv_fwd_bdt", defines, x.device)
-    if fn is None:
-        return [(f"CUDA C++ kernels unavailable: {_runtime.unavailable_reason(x.device)}", lambda: None)]
-    _, strides = cuda_launch._check(x, w, b, SILU)
-    out = torch.empty_like(x)
-    n8 = x.shape[2] // 8
-    grid, block = (-(-n8 // cuda_launch.THREADS), x.shape[1], x.shape[0]), (cuda_launch.THREADS, 1, 1)
-    args = [x, w, b, out, n8, *strides, *strides, *cuda_launch._weight_strides(w, b)]
-    fn(grid=grid, block=block, args=args)
-    layout = next(iter(fn._layouts.values()))
-    stream = torch._C._cuda_getCurrentRawStream(x.device.index or 0)
-    lib = _runtime._libcuda
-    return [
-        ("cuLaunchKernel alone (ctypes, packed arguments)", lambda: lib.cuLaunchKernel(
-            fn._func, *grid, *block, 0, stream, layout.params, None)),
-        ("torch.cuda.current_device()", torch.cuda.current_device),
-        ("_cuda_getCurrentRawStream", lambda: torch._C._cuda_getCurrentRawStream(0)),
-        ("_DriverKernel call, arguments ready", lambda: fn(grid=grid, block=block, args=args)),
-        ("_check (why_not and vector strides)", lambda: cuda_launch._check(x, w, b, SILU)),
-        ("_defines + _runtime.kernel (variant lookup)", lambda: _runtime.kernel(
-            "cc_conv_fwd_bdt", cuda_launch._defines(x, w, b, SILU), x.device)),
-        ("launch.conv_fwd_bdt (all of the above + empty_like)", lambda: cuda_launch.conv_fwd_bdt(x, w, b, SILU)),
-        ("launch.conv_bwd_bdt (2 launches, 4 allocations)", lambda: cuda_launch.conv_bwd_bdt(x, w, b, dout, SILU)),
-    ]
 
 
 def _transformers_update(x, state, weight):
