@@ -37,7 +37,7 @@ MEASURED_FASTER: frozenset[tuple[bool, int]] = frozenset(
 
 def why_not(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None, activation: int) -> str | None:
     """Why the kernel does not apply to `x` `[B, T, D]` and these arguments (None: it does); metadata only."""
-    reason = _check_signature(x, weight, bias, mask, activation)
+    reason = _check_signature(x, weight, bias, mask, activation)[0]
     if reason is None and not _aligned(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr()):
         return _ALIGNMENT
     return reason
@@ -50,30 +50,31 @@ def _aligned(x_p: int, weight_p: int, bias_p: int | None) -> bool:
     return not (x_p & 7 or weight_p & 15 or (bias_p is not None and bias_p & 15))
 
 
-def _check_signature(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None,
-                     activation: int) -> str | None:
-    """`why_not` without the addresses: what a launch plan caches."""
+def _check_signature(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None, activation: int):
+    """`why_not` without the addresses (what a launch plan caches): (the reason or None, x's vector strides
+    where the kernel applies)."""
     if x.dim() != 3 or x.dtype not in _X_BF16:
-        return f"x: float16 or bfloat16 [B, T, D] only, got {x.dtype} with {x.dim()} dims"
+        return f"x: float16 or bfloat16 [B, T, D] only, got {x.dtype} with {x.dim()} dims", None
     if weight.dtype not in (x.dtype, torch.float32) or (bias is not None and bias.dtype != weight.dtype):
-        return "weight and bias: x's dtype or float32, both the same"
+        return "weight and bias: x's dtype or float32, both the same", None
     B, T, D = x.shape
     W = weight.shape[1]
     if not 1 <= W <= MAX_WIDTH:
-        return f"W = {W}: 1..{MAX_WIDTH} only"
+        return f"W = {W}: 1..{MAX_WIDTH} only", None
     if activation not in (_activation.IDENTITY, _activation.SILU):
-        return f"activation code {activation}"
+        return f"activation code {activation}", None
     if B == 0 or T == 0 or D == 0 or D % VEC != 0:
-        return f"D = {D}: a positive multiple of {VEC} only (B = {B}, T = {T} non-zero)"
+        return f"D = {D}: a positive multiple of {VEC} only (B = {B}, T = {T} non-zero)", None
     if B > _MAX_GRID_YZ or -(-D // (VEC * THREADS)) > _MAX_GRID_YZ or -(-T // RUN) >= 2**31:
-        return f"B = {B}, D = {D}, T = {T}: beyond the grid's limits"
-    if _vector_strides(x) is None:
-        return "x: D contiguous, strides over B and T multiples of 4"
+        return f"B = {B}, D = {D}, T = {T}: beyond the grid's limits", None
+    strides = _vector_strides(x)
+    if strides is None:
+        return "x: D contiguous, strides over B and T multiples of 4", None
     if not weight.is_contiguous() or (bias is not None and not bias.is_contiguous()):
-        return "weight and bias: contiguous"
+        return "weight and bias: contiguous", None
     if mask is not None and (mask.dtype != torch.float32 or not mask.is_contiguous() or mask.shape != (B, T)):
-        return "mask: float32 [B, T] contiguous"
-    return None
+        return "mask: float32 [B, T] contiguous", None
+    return None, strides
 
 
 def _vector_strides(t: Tensor) -> tuple[int, int] | None:
@@ -101,7 +102,8 @@ def _plan(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None, a
           out: Tensor):
     """The prepared launch for this call signature (grid, block, integers fixed), or None."""
     out_strides = _vector_strides(out) if out.shape == x.shape else None
-    if out_strides is None or _check_signature(x, weight, bias, mask, activation) is not None:
+    reason, x_strides = _check_signature(x, weight, bias, mask, activation)
+    if out_strides is None or reason is not None:
         return None
     defines = dict(CC_W=weight.shape[1], CC_X_BF16=_X_BF16[x.dtype], CC_WT=_WT[weight.dtype],
                    CC_HAS_BIAS=int(bias is not None), CC_ACTIVATION=activation, CC_HAS_MASK=int(mask is not None),
@@ -112,7 +114,7 @@ def _plan(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None, a
     B, T, D = x.shape
     d4 = D // VEC
     return fn.prepare((-(-T // RUN), -(-d4 // THREADS), B), (THREADS, 1, 1), 5,
-                      (T, d4, *_vector_strides(x), *out_strides))
+                      (T, d4, *x_strides, *out_strides))
 
 
 def conv_fwd_btd(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None, activation: int,
