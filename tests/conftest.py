@@ -248,3 +248,43 @@ def spy(monkeypatch):
 
         monkeypatch.setattr(api, name, counting)
     return calls
+
+
+class RecordingDriver:
+    """Stands in for `cuLaunchKernel`: decodes each launch (pointers, then 32-bit ints) and returns the
+    next of `results` (0: success)."""
+
+    def __init__(self, pointers: int, ints: int, results=()):
+        self.pointers, self.ints, self.results, self.launches = pointers, ints, list(results), []
+
+    def __call__(self, func, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        import ctypes
+
+        values = [ctypes.c_void_p.from_address(params[i]).value or 0 for i in range(self.pointers)]
+        values += [ctypes.c_int.from_address(params[self.pointers + i]).value for i in range(self.ints)]
+        self.launches.append(dict(func=func.value, grid=(gx, gy, gz), block=(bx, by, bz), shared=shared,
+                                  stream=stream.value or 0, args=values, extra=extra))
+        return self.results.pop(0) if self.results else 0
+
+
+def stand_in_cuda_driver(monkeypatch, launch_kernel, handles: dict[str, int] | None = None,
+                         stream: int = 0x77) -> None:
+    """The GPU parts of `causal_conv1d_mps.cuda._runtime` stood in, so that the launchers' pointer branch (the
+    GPU's) runs on CPU tensors: each kernel "compiles" to a `_DriverKernel` whose handle is `handles[name]`
+    (0x1000 for every kernel when None), `cuLaunchKernel` is `launch_kernel`, the current device -1 (what the
+    launchers key CPU tensors by) and the current stream `stream`."""
+    import ctypes
+
+    from causal_conv1d_mps.cuda import _runtime
+
+    class Compiled:
+        def __init__(self, name):
+            self.func = ctypes.c_void_p(0x1000 if handles is None else handles[name])
+
+    monkeypatch.setattr(_runtime, "_kernels", {})
+    monkeypatch.setattr(_runtime, "_compile", lambda name, defines, device, index: _runtime._DriverKernel(
+        Compiled(name), index))
+    monkeypatch.setattr(_runtime, "_libcuda", object())
+    monkeypatch.setattr(_runtime, "_launch_kernel", launch_kernel)
+    monkeypatch.setattr(_runtime, "_current_device", lambda: -1)
+    monkeypatch.setattr(_runtime, "_current_stream", lambda index: stream)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import oracle
-from conftest import assert_close_rel, make_params, randn, seeded
+from conftest import RecordingDriver, assert_close_rel, make_params, randn, seeded, stand_in_cuda_driver
 
 
 @pytest.fixture
@@ -220,10 +220,7 @@ def test_the_launcher_hands_the_driver_what_it_hands_the_harness(btd, device, mo
     """On a GPU the launcher passes pointers to a prepared driver launch; here (the harness takes tensors) the
     driver is stood in: the launch must carry the grid, block and integers of the harness launch that the
     oracle tests verify, and the pointers of the right tensors in the right slots."""
-    import ctypes
-
     from causal_conv1d_mps import _activation
-    from causal_conv1d_mps.cuda import _runtime
 
     if device.type != "cpu":
         pytest.skip("the stand-in driver takes CPU tensors")
@@ -239,27 +236,11 @@ def test_the_launcher_hands_the_driver_what_it_hands_the_harness(btd, device, mo
     (harness,) = btd._plans.values()
     expected = (harness._grid, harness._block, harness._ints)
 
-    recorded = []
-
-    def driver(func, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
-        pointers = [ctypes.c_void_p.from_address(params[i]).value or 0 for i in range(5)]
-        ints = [ctypes.c_int.from_address(params[5 + i]).value for i in range(6)]
-        recorded.append(((gx, gy, gz), (bx, by, bz), ints, pointers, stream.value))
-        return 0
-
-    class Compiled:
-        func = ctypes.c_void_p(0x4560)
-
+    driver = RecordingDriver(pointers=5, ints=6)
     monkeypatch.setattr(btd, "_plans", {})
-    monkeypatch.setattr(_runtime, "_kernels", {})
-    monkeypatch.setattr(_runtime, "_compile", lambda name, defines, dev, index: _runtime._DriverKernel(
-        Compiled(), index))
-    monkeypatch.setattr(_runtime, "_libcuda", object())
-    monkeypatch.setattr(_runtime, "_launch_kernel", driver)
-    monkeypatch.setattr(_runtime, "_current_device", lambda: -1)
-    monkeypatch.setattr(_runtime, "_current_stream", lambda index: 0x88)
+    stand_in_cuda_driver(monkeypatch, driver, stream=0x88)
     out = torch.empty_like(x)
     assert btd.conv_fwd_btd(x, weight, bias, mask, silu, True, out, allow_cpu=True)
-    ((grid, block, ints, pointers, stream),) = recorded
-    assert (grid, block, ints, stream) == (*expected, 0x88)
-    assert pointers == [t.data_ptr() for t in (x, weight, bias, mask, out)]
+    (launch,) = driver.launches
+    assert (launch["grid"], launch["block"], launch["args"][5:], launch["stream"]) == (*expected, 0x88)
+    assert launch["args"][:5] == [t.data_ptr() for t in (x, weight, bias, mask, out)]

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import oracle
-from conftest import assert_close_rel, leaf, leaf64, make_params, randn, seeded
+from conftest import RecordingDriver, assert_close_rel, leaf, leaf64, make_params, randn, seeded, stand_in_cuda_driver
 
 
 @pytest.fixture
@@ -391,21 +391,6 @@ def test_turning_the_kernels_off_takes_effect_on_a_planned_signature(kernels, de
 # What `_runtime` hands to `cuLaunchKernel`, checked on the CPU: the driver call replaced by a recorder
 # that reads the arguments back through `kernelParams` as the driver would.
 
-class _RecordingDriver:
-    """Stands in for `cuLaunchKernel`: decodes each launch (pointers, then 32-bit ints) and returns the
-    next of `results` (0: success)."""
-
-    def __init__(self, pointers: int, ints: int, results=()):
-        self.pointers, self.ints, self.results, self.launches = pointers, ints, list(results), []
-
-    def __call__(self, func, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
-        values = [ctypes.c_void_p.from_address(params[i]).value or 0 for i in range(self.pointers)]
-        values += [ctypes.c_int.from_address(params[self.pointers + i]).value for i in range(self.ints)]
-        self.launches.append(dict(func=func.value, grid=(gx, gy, gz), block=(bx, by, bz), shared=shared,
-                                  stream=stream.value or 0, args=values, extra=extra))
-        return self.results.pop(0) if self.results else 0
-
-
 @pytest.fixture
 def driver(monkeypatch):
     """A `_DriverKernel` on device 0 of a stand-in driver: the current device and stream are settable."""
@@ -426,7 +411,7 @@ def test_a_prepared_launch_passes_pointers_then_its_ints(driver, monkeypatch):
     from causal_conv1d_mps.cuda import _runtime
 
     kernel, state = driver
-    recorder = _RecordingDriver(pointers=3, ints=4)
+    recorder = RecordingDriver(pointers=3, ints=4)
     monkeypatch.setattr(_runtime, "_launch_kernel", recorder)
     launch = kernel.prepare((5, 6, 7), (128, 1, 1), 3, (11, -2, 2**31 - 1, 0)).launch
     launch(0x7F0000001000, 0x10, 2**48 + 16)
@@ -444,7 +429,7 @@ def test_a_prepared_launch_retries_once_in_the_primary_context_and_raises_other_
     kernel, _ = driver
     made_current = []
     monkeypatch.setattr(_runtime, "_make_primary_context_current", made_current.append)
-    recorder = _RecordingDriver(pointers=1, ints=1, results=[201, 0])
+    recorder = RecordingDriver(pointers=1, ints=1, results=[201, 0])
     monkeypatch.setattr(_runtime, "_launch_kernel", recorder)
     launch = kernel.prepare((1, 1, 1), (32, 1, 1), 1, (4,)).launch
     launch(0x100)  # CUDA_ERROR_INVALID_CONTEXT (an autograd device thread), then success
@@ -477,7 +462,7 @@ def test_a_prepared_launch_switches_to_its_device(driver, monkeypatch):
             state["device"] = previous
 
     monkeypatch.setattr(torch.cuda, "device", device_guard)
-    recorder = _RecordingDriver(pointers=1, ints=0)
+    recorder = RecordingDriver(pointers=1, ints=0)
     monkeypatch.setattr(_runtime, "_launch_kernel", recorder)
     kernel.prepare((1, 1, 1), (32, 1, 1), 1, ()).launch(0x100)
     assert switched == [0] and state["device"] == 1
@@ -490,7 +475,7 @@ def test_threads_sharing_a_prepared_launch_each_launch_their_own_pointers(driver
     from causal_conv1d_mps.cuda import _runtime
 
     kernel, _ = driver
-    recorder = _RecordingDriver(pointers=1, ints=1)
+    recorder = RecordingDriver(pointers=1, ints=1)
     monkeypatch.setattr(_runtime, "_launch_kernel", recorder)
     prepared = kernel.prepare((1, 1, 1), (32, 1, 1), 1, (9,))
     pack = prepared._pack
@@ -516,7 +501,6 @@ def test_the_launchers_hand_the_driver_what_they_hand_the_harness(kernels, devic
     the driver is stood in: each launch must carry the grid, block and integers of the harness launch that
     the oracle tests verify, and the pointers of the right tensors in the right slots."""
     from causal_conv1d_mps import _activation
-    from causal_conv1d_mps.cuda import _runtime
 
     if device.type != "cpu":
         pytest.skip("the stand-in driver takes CPU tensors")
@@ -539,21 +523,12 @@ def test_the_launchers_hand_the_driver_what_they_hand_the_harness(kernels, devic
 
     counts = {"cc_conv_fwd_bdt": (4, 8), "cc_conv_bwd_bdt": (6, 13), "cc_reduce_partials": (3, 2)}
     handles = {name: 0x100 * (i + 1) for i, name in enumerate(counts)}
-    recorders = {handles[name]: _RecordingDriver(*n) for name, n in counts.items()}
-
-    class Compiled:
-        def __init__(self, name):
-            self.func = ctypes.c_void_p(handles[name])
+    recorders = {handles[name]: RecordingDriver(*n) for name, n in counts.items()}
 
     launches = []
-    monkeypatch.setattr(_runtime, "_kernels", {})
-    monkeypatch.setattr(_runtime, "_compile", lambda name, defines, dev, index: _runtime._DriverKernel(
-        Compiled(name), index))
-    monkeypatch.setattr(_runtime, "_libcuda", object())
-    monkeypatch.setattr(_runtime, "_launch_kernel", lambda *args: (
-        recorders[args[0].value](*args), launches.append(recorders[args[0].value].launches[-1]))[0])
-    monkeypatch.setattr(_runtime, "_current_device", lambda: -1)
-    monkeypatch.setattr(_runtime, "_current_stream", lambda index: 0x77)
+    stand_in_cuda_driver(monkeypatch, lambda *args: (
+        recorders[args[0].value](*args), launches.append(recorders[args[0].value].launches[-1]))[0],
+        handles=handles, stream=0x77)
     monkeypatch.setattr(kernels, "_forward_plans", {})
     monkeypatch.setattr(kernels, "_backward_plans", {})
     out = kernels.conv_fwd_bdt(x, weight, bias, silu, allow_cpu=True)
