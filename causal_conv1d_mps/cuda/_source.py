@@ -30,7 +30,6 @@ FILE_DEFINES = {
     FILE_NAME: {"CC_W": range(1, 18), **_SHARED_DEFINES},
     "conv_btd.cu": {"CC_W": range(1, 17), **_SHARED_DEFINES, "CC_HAS_MASK": (0, 1), "CC_RESIDUAL": (0, 1)},
 }
-DEFINES = FILE_DEFINES[FILE_NAME]
 
 
 @functools.lru_cache(maxsize=8)
