@@ -252,16 +252,19 @@ def spy(monkeypatch):
 
 class RecordingDriver:
     """Stands in for `cuLaunchKernel`: decodes each launch (pointers, then 32-bit ints) and returns the
-    next of `results` (0: success)."""
+    next of `results` (0: success). `layouts` maps a kernel handle to its own (pointers, ints) where kernels
+    of different signatures are launched."""
 
-    def __init__(self, pointers: int, ints: int, results=()):
+    def __init__(self, pointers: int, ints: int, results=(), layouts: dict[int, tuple[int, int]] | None = None):
         self.pointers, self.ints, self.results, self.launches = pointers, ints, list(results), []
+        self.layouts = layouts or {}
 
     def __call__(self, func, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
         import ctypes
 
-        values = [ctypes.c_void_p.from_address(params[i]).value or 0 for i in range(self.pointers)]
-        values += [ctypes.c_int.from_address(params[self.pointers + i]).value for i in range(self.ints)]
+        pointers, ints = self.layouts.get(func.value, (self.pointers, self.ints))
+        values = [ctypes.c_void_p.from_address(params[i]).value or 0 for i in range(pointers)]
+        values += [ctypes.c_int.from_address(params[pointers + i]).value for i in range(ints)]
         self.launches.append(dict(func=func.value, grid=(gx, gy, gz), block=(bx, by, bz), shared=shared,
                                   stream=stream.value or 0, args=values, extra=extra))
         return self.results.pop(0) if self.results else 0

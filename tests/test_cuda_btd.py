@@ -1,10 +1,13 @@
-"""The channel-last CUDA C++ forward (`causal_conv1d_mps/cuda/kernels/conv_btd.cu`) against the float64 oracle.
+"""The channel-last CUDA C++ forward and backward (`causal_conv1d_mps/cuda/kernels/conv_btd.cu`) against the
+float64 oracle.
 
 On `--device cpu` the shipped source runs through `cuda_harness` (compiled as C++, run on the CPU); on
 `--device cuda` through NVRTC. Covered: every width 1..16, both 16-bit dtypes, float32 and 16-bit weights,
 bias or none, identity and SiLU, masks (0/1, fractional, NaN inputs at masked positions), the residual,
 T < W, T not a multiple of the run, D not a multiple of a block's channels, B = 1, strided views, where the
-kernel does not apply, and the dispatch of the Triton backend (measured pairs only).
+kernel does not apply, and the dispatch of the Triton backend (measured pairs only). The backward: the same
+cases for dx, dweight and dbias, several chunks of T, masked NaN inputs, the NaN pattern of the weight
+gradient, strided x / dout / dx, determinism, and its dispatch.
 """
 
 from __future__ import annotations
@@ -244,3 +247,265 @@ def test_the_launcher_hands_the_driver_what_it_hands_the_harness(btd, device, mo
     (launch,) = driver.launches
     assert (launch["grid"], launch["block"], launch["args"][5:], launch["stream"]) == (*expected, 0x88)
     assert launch["args"][:5] == [t.data_ptr() for t in (x, weight, bias, mask, out)]
+
+
+# ------------------------------------------------------------------ backward
+
+
+def _check_backward(btd, x, weight, bias, mask, activation, residual, name, dout=None, dx=None, gen=None):
+    """Run the backward launcher and compare dx, dweight, dbias with autograd through the float64 oracle."""
+    from causal_conv1d_mps import _activation
+
+    if dout is None:
+        dout = randn(*x.shape, dtype=x.dtype, device=x.device, generator=gen)
+    if dx is None:
+        dx = torch.full_like(x, float("nan")).contiguous()
+    grads = btd.conv_bwd_btd(x, weight, bias, mask, dout, _activation.code(activation), residual, dx,
+                             allow_cpu=True)
+    assert grads is not None, btd.why_not(x, weight, bias, mask, _activation.code(activation))
+    dweight, dbias = grads
+    x64 = x.detach().cpu().double().requires_grad_()
+    w64 = weight.detach().cpu().double().requires_grad_()
+    b64 = None if bias is None else bias.detach().cpu().double().requires_grad_()
+    ref, _ = oracle.short_conv_fused(x64, w64, b64, None if mask is None else mask.cpu(),
+                                     activation is not None, residual)
+    ref.backward(dout.detach().cpu().double())
+    assert dweight.dtype == weight.dtype and dweight.shape == weight.shape, (dweight.dtype, dweight.shape)
+    assert_close_rel(dx, x64.grad, x.dtype, f"{name} dx")
+    assert_close_rel(dweight, w64.grad, x.dtype, f"{name} dweight")
+    if bias is None:
+        assert dbias.numel() == 0
+    else:
+        assert dbias.dtype == bias.dtype
+        assert_close_rel(dbias, b64.grad, x.dtype, f"{name} dbias")
+    return dx, dweight, dbias
+
+
+@pytest.mark.parametrize("width,dtype,wdtype,with_bias,activation,mask_kind,residual", CASES,
+                         ids=[f"W{c[0]}-{str(c[1])[6:]}-w{str(c[2])[6:]}-{'b' if c[3] else 'nob'}-{c[4]}-{c[5]}"
+                              for c in CASES])
+def test_backward_matches_oracle(btd, device, width, dtype, wdtype, with_bias, activation, mask_kind, residual):
+    gen = seeded(60 + width)
+    # T = 21: one chunk, T not a multiple of the batch; T = 3 < W; T = 200 with B = 1: several chunks
+    for B, T, D in ((2, 21, 12), (1, 3, 264), (1, 200, 8)):
+        x = randn(B, T, D, dtype=dtype, device=device, generator=gen)
+        weight, bias = make_params(D, width, wdtype, device, gen, with_bias=with_bias)
+        mask = _mask(B, T, device, mask_kind, gen)
+        _check_backward(btd, x, weight, bias, mask, activation, residual, f"W{width} B{B} T{T} D{D}", gen=gen)
+
+
+def test_backward_uses_several_chunks(btd):
+    """The T = 200, B = 1 case above spans several chunks (their ends are where the rows are read twice)."""
+    assert btd._chunking(200, 1)[1] > 1
+    chunk, chunks = btd._chunking(200, 1)
+    assert chunk % btd.BWD_RUN == 0 and (chunks - 1) * chunk < 200 <= chunks * chunk
+
+
+def test_backward_masked_nan_contributes_nothing(btd, device):
+    """A NaN or Inf input where the mask is 0 reaches no gradient: dx there is the residual's dout only (or 0),
+    and dweight / dbias stay finite (docs/CONTRACT.md, the NaN containment rules)."""
+    gen = seeded(61)
+    B, T, D, W = 2, 19, 8, 4
+    x = randn(B, T, D, dtype=torch.bfloat16, device=device, generator=gen)
+    weight, bias = make_params(D, W, torch.float32, device, gen)
+    mask = torch.ones(B, T, device=device)
+    mask[0, :5] = 0
+    x[0, 2, 3] = float("nan")
+    x[0, 4, 0] = float("inf")
+    for residual in (False, True):
+        dout = randn(B, T, D, dtype=torch.bfloat16, device=device, generator=gen)
+        dx = torch.empty_like(x)
+        dweight, dbias = btd.conv_bwd_btd(x, weight, bias, mask, dout, 1, residual, dx, allow_cpu=True)
+        assert torch.isfinite(dx).all() and torch.isfinite(dweight).all() and torch.isfinite(dbias).all()
+        masked = dx[0, :5].float()
+        want = dout[0, :5].float() if residual else torch.zeros_like(masked)
+        assert torch.equal(masked.cpu(), want.cpu()), "dx at masked positions: the residual's dout only"
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
+def test_backward_nan_pattern_follows_the_oracle(btd, device, masked):
+    """NaN gradients spread as in the reference: one at t = 0 reaches the weight taps that read the zeros
+    before the start (0 * NaN is NaN: the kernel must not skip those products); one just after a masked
+    stretch reaches the masked positions' dx in none of its channels (the mask selects, it does not
+    multiply)."""
+    gen = seeded(62)
+    B, T, D, W = 1, 12, 4, 3
+    x = randn(B, T, D, dtype=torch.bfloat16, device=device, generator=gen)
+    weight, bias = make_params(D, W, torch.bfloat16, device, gen)
+    dout = randn(B, T, D, dtype=torch.bfloat16, device=device, generator=gen)
+    dout[0, 0, 1] = float("nan")
+    mask = None
+    if masked:
+        mask = torch.ones(B, T, device=device)
+        mask[0, 3:6] = 0
+        dout[0, 6, 2] = float("nan")
+    for residual in (False, True):
+        dx = torch.empty_like(x)
+        dweight, dbias = btd.conv_bwd_btd(x, weight, bias, mask, dout, 1, residual, dx, allow_cpu=True)
+        x64, w64, b64 = (t.detach().cpu().double().requires_grad_() for t in (x, weight, bias))
+        ref, _ = oracle.short_conv_fused(x64, w64, b64, None if mask is None else mask.cpu(), True, residual)
+        ref.backward(dout.cpu().double())
+        for got, want, name in ((dx, x64.grad, "dx"), (dweight, w64.grad, "dweight"), (dbias, b64.grad, "dbias")):
+            assert torch.equal(torch.isnan(got).cpu(), torch.isnan(want)), f"{name}, residual {residual}"
+        if masked:
+            assert not torch.isnan(dx[0, 3:6, 2]).any(), "a NaN reached a masked position's dx"
+
+
+def test_backward_strided_views(btd, device):
+    """x, dout and dx read and written in place whatever their B/T strides (multiples of 4 elements)."""
+    gen = seeded(63)
+    x = randn(3, 40, 24, dtype=torch.float16, device=device, generator=gen)[::2, 3:30, 8:20]
+    dout = randn(2, 60, 16, dtype=torch.float16, device=device, generator=gen)[:, ::2][:, :27, 4:]
+    weight, bias = make_params(12, 5, torch.float16, device, gen)
+    mask = _mask(2, 27, device, "fractional", gen)
+    canvas = torch.full((2, 30, 16), float("nan"), dtype=torch.float16, device=device)
+    dx = canvas[:, 1:28, 4:16]
+    _check_backward(btd, x, weight, bias, mask, "silu", True, "strided", dout=dout, dx=dx)
+    untouched = canvas.clone()
+    untouched[:, 1:28, 4:16] = 0
+    assert torch.isnan(untouched[:, 0]).all() and torch.isnan(untouched[:, 28:]).all()
+    assert torch.isnan(untouched[:, :, :4]).all(), "wrote outside dx"
+
+
+def test_backward_is_deterministic(btd, device):
+    """The weight gradient is summed in a fixed order: two calls give the same bits."""
+    gen = seeded(64)
+    x = randn(2, 300, 16, dtype=torch.bfloat16, device=device, generator=gen)
+    weight, bias = make_params(16, 4, torch.float32, device, gen)
+    dout = randn(2, 300, 16, dtype=torch.bfloat16, device=device, generator=gen)
+    first = btd.conv_bwd_btd(x, weight, bias, None, dout, 1, True, torch.empty_like(x), allow_cpu=True)
+    second = btd.conv_bwd_btd(x, weight, bias, None, dout, 1, True, torch.empty_like(x), allow_cpu=True)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_backward_where_it_does_not_apply(btd, device):
+    """None, and dx untouched, where the kernels cannot take the call: what the forward refuses, and a dout
+    or dx of another dtype, shape or layout."""
+    gen = seeded(65)
+    x = randn(2, 9, 8, dtype=torch.bfloat16, device=device, generator=gen)
+    w, b = make_params(8, 4, torch.bfloat16, device, gen)
+    dout = randn(2, 9, 8, dtype=torch.bfloat16, device=device, generator=gen)
+    cases = {
+        "float32 x": (x.float(), w.float(), b.float(), dout.float()),
+        "D not a multiple of 4": (x[:, :, :6], w[:6], b[:6], dout[:, :, :6]),
+        "W = 17": (x, make_params(8, 17, torch.bfloat16, device, gen)[0], b, dout),
+        "float16 dout": (x, w, b, dout.half()),
+        "dout of another shape": (x, w, b, dout[:, :8]),
+        "dout T-contiguous": (x, w, b, dout.transpose(1, 2).contiguous().transpose(1, 2)),
+        "misaligned dout": (x[:, :, :4], w[:4], b[:4], dout[:, :, 1:5]),
+        "empty": (x[:, :0], w, b, dout[:, :0]),
+    }
+    for name, (xi, wi, bi, gi) in cases.items():
+        dx = torch.full(xi.shape, 7.0, dtype=xi.dtype, device=device)
+        assert btd.conv_bwd_btd(xi, wi, bi, None, gi, 1, True, dx, allow_cpu=True) is None, name
+        assert (dx == 7).all(), f"{name}: dx written"
+    dx = torch.full_like(x, 7.0).transpose(1, 2).contiguous().transpose(1, 2)  # T-contiguous dx
+    assert btd.conv_bwd_btd(x, w, b, None, dout, 1, True, dx, allow_cpu=True) is None
+
+
+@pytest.mark.parametrize("measured", [True, False], ids=["measured", "unmeasured"])
+def test_backend_backward_asks_the_kernel_only_where_measured(btd, triton_backend, device, monkeypatch, measured):
+    """The Triton backend's fused backward and channel-last backward ask this kernel for the pairs of
+    `BACKWARD_MEASURED_FASTER` only, and never with initial states or packed sequences; the gradients match
+    the oracle either way."""
+    import causal_conv1d_mps as ccmps
+
+    calls = []
+    real = btd.conv_bwd_btd
+
+    def spy(*args, **kwargs):  # CPU tensors are let through to the harness, so the kernel serves the call
+        result = real(*args, **kwargs, allow_cpu=True)
+        calls.append((args[3] is not None, result is not None))
+        return result
+
+    monkeypatch.setattr(btd, "conv_bwd_btd", spy)
+    monkeypatch.setattr(btd, "BACKWARD_MEASURED_FASTER",
+                        frozenset({(True, 4), (False, 4)}) if measured else frozenset())
+    gen = seeded(66)
+    x = randn(2, 24, 16, dtype=torch.bfloat16, device=device, generator=gen)
+    w, b = make_params(16, 4, torch.bfloat16, device, gen)
+    am = torch.ones(2, 24, dtype=torch.int64, device=device)
+    am[1, :7] = 0
+    dout = randn(2, 24, 16, dtype=torch.bfloat16, device=device, generator=gen)
+    xl, wl, bl = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    ccmps.short_conv_fused(xl, wl, bl, am).backward(dout)
+    xc, wc, bc = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    ccmps.causal_conv1d(xc.transpose(1, 2), wc, bc, "silu").backward(dout.transpose(1, 2))
+    h0 = randn(2, 16, 3, dtype=torch.bfloat16, device=device, generator=gen)
+    ccmps.short_conv_fused(x.detach().requires_grad_(), w, b, am, initial_states=h0).sum().backward()
+    assert calls == ([(True, True), (False, True)] if measured else []), calls
+    for mask, residual, (xg, wg, bg), name in ((am, True, (xl, wl, bl), "fused"),
+                                                (None, False, (xc, wc, bc), "channel-last conv")):
+        x64, w64, b64 = (t.detach().cpu().double().requires_grad_() for t in (x, w, b))
+        ref, _ = oracle.short_conv_fused(x64, w64, b64, None if mask is None else mask.cpu(), True, residual)
+        ref.backward(dout.cpu().double())
+        assert_close_rel(xg.grad, x64.grad, torch.bfloat16, f"{name} dx")
+        assert_close_rel(wg.grad, w64.grad, torch.bfloat16, f"{name} dweight")
+        assert_close_rel(bg.grad, b64.grad, torch.bfloat16, f"{name} dbias")
+
+
+def test_backward_plans_follow_the_signature(btd, device, monkeypatch):
+    """One backward plan per signature: calls that differ in one field (x's strides, dout's, residual, mask,
+    bias, weight dtype, activation) each get their own plan and a correct result; the table stays bounded."""
+    monkeypatch.setattr(btd, "_backward_plans", {})
+    gen = seeded(67)
+    base = randn(2, 26, 16, dtype=torch.bfloat16, device=device, generator=gen)
+    w, b = make_params(16, 3, torch.bfloat16, device, gen)
+    mask = _mask(2, 26, device, "fractional", gen)
+    dout = randn(2, 26, 16, dtype=torch.bfloat16, device=device, generator=gen)
+    variants = [
+        ("plain", base, w, b, None, "silu", True, dout),
+        ("T stride", base[:, ::2], w, b, None, "silu", True, dout[:, :13]),
+        ("dout T stride", base[:, :13], w, b, None, "silu", True, dout[:, ::2]),
+        ("no residual", base, w, b, None, "silu", False, dout),
+        ("mask", base, w, b, mask, "silu", True, dout),
+        ("no bias", base, w, None, None, "silu", True, dout),
+        ("float32 weight", base, w.float(), b.float(), None, "silu", True, dout),
+        ("identity", base, w, b, None, None, True, dout),
+        ("plain again", base, w, b, None, "silu", True, dout),
+    ]
+    for name, x, wi, bi, mi, act, res, gi in variants:
+        _check_backward(btd, x, wi, bi, mi, act, res, name, dout=gi)
+    assert len(btd._backward_plans) == 8
+    monkeypatch.setattr(btd, "_MAX_PLANS", 4)
+    for t in range(5, 12):
+        _check_backward(btd, base[:, :t], w, b, None, "silu", True, f"T {t}", dout=dout[:, :t])
+    assert len(btd._backward_plans) <= 4
+
+
+def test_the_backward_launcher_hands_the_driver_what_it_hands_the_harness(btd, device, monkeypatch):
+    """The backward's two driver launches (conv, then the fixed-order reduction) carry the grids, blocks and
+    integers of the harness launches the oracle tests verify, and the right pointers in the right slots."""
+    from causal_conv1d_mps import _activation
+
+    if device.type != "cpu":
+        pytest.skip("the stand-in driver takes CPU tensors")
+    gen = seeded(68)
+    x = randn(3, 40, 24, dtype=torch.float16, device=device, generator=gen)[:, ::2, 4:]
+    dout = randn(3, 20, 20, dtype=torch.float16, device=device, generator=gen)
+    weight, bias = make_params(20, 6, torch.float32, device, gen)
+    mask = _mask(3, 20, device, "binary", gen)
+    silu = _activation.SILU
+
+    monkeypatch.setattr(btd, "_backward_plans", {})
+    assert btd.conv_bwd_btd(x, weight, bias, mask, dout, silu, True, torch.empty_like(dout), allow_cpu=True)
+    (plan,) = btd._backward_plans.values()
+    conv, reduce = plan.conv.__self__, plan.reduce.__self__
+    expected = [(conv._grid, conv._block, conv._ints), (reduce._grid, reduce._block, reduce._ints)]
+
+    driver = RecordingDriver(pointers=7, ints=10, layouts={0x3000: (3, 2)})
+    monkeypatch.setattr(btd, "_backward_plans", {})
+    stand_in_cuda_driver(monkeypatch, driver, {"cc_conv_bwd_btd": 0x2000, "cc_reduce_partials": 0x3000}, 0x99)
+    dx = torch.empty_like(dout)
+    dweight, dbias = btd.conv_bwd_btd(x, weight, bias, mask, dout, silu, True, dx, allow_cpu=True)
+    conv_launch, reduce_launch = driver.launches
+    assert (conv_launch["func"], reduce_launch["func"]) == (0x2000, 0x3000)
+    assert (conv_launch["grid"], conv_launch["block"], conv_launch["args"][7:]) == expected[0]
+    assert conv_launch["args"][:5] == [t.data_ptr() for t in (x, weight, bias, mask, dout)]
+    assert conv_launch["args"][5] == dx.data_ptr()
+    partials = conv_launch["args"][6]
+    assert (reduce_launch["grid"], reduce_launch["block"]) == expected[1][:2]
+    # the reduction reads what the conv wrote, and writes the gradients returned
+    assert reduce_launch["args"][:3] == [partials, dweight.data_ptr(), dbias.data_ptr()]
+    assert reduce_launch["args"][3:5] == list(expected[1][2])
+    assert {conv_launch["stream"], reduce_launch["stream"]} == {0x99}

@@ -17,7 +17,7 @@ FILE_NAME = "conv_bdt.cu"  # the (B, D, T) kernels
 
 # which file holds each kernel
 KERNEL_FILES = {"cc_conv_fwd_bdt": FILE_NAME, "cc_conv_bwd_bdt": FILE_NAME, "cc_reduce_partials": FILE_NAME,
-                "cc_conv_fwd_btd": "conv_btd.cu"}
+                "cc_conv_fwd_btd": "conv_btd.cu", "cc_conv_bwd_btd": "conv_btd.cu"}
 
 _SHARED_DEFINES = {
     "CC_X_BF16": (0, 1),

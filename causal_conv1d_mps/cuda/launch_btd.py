@@ -1,14 +1,17 @@
-"""Launcher of the channel-last CUDA C++ forward (`kernels/conv_btd.cu`), and where it applies.
+"""Launchers of the channel-last CUDA C++ kernels (`kernels/conv_btd.cu`), and where they apply.
 
-The Triton backend asks it first for the forward of `short_conv_fused` and of `causal_conv1d` on a
-channel-last x; it returns False where the kernel does not apply (then the Triton kernels serve the call):
+The Triton backend asks them first for the forward and the backward of `short_conv_fused` and of
+`causal_conv1d` on a channel-last x; they return False / None where the kernels do not apply (then the Triton
+kernels serve the call):
 - `x` `[B, T, D]` with D contiguous, float16 or bfloat16, 8-byte aligned, strides over B and T multiples of 4
   elements, D a multiple of 4; `weight` `[D, W]` contiguous with 1 <= W <= 16, of x's dtype or float32, and
   `bias` contiguous of the weight's dtype or None, both 16-byte aligned; activation identity or SiLU;
 - `mask` `[B, T]` float32 contiguous or None; no packed sequences, no `seq_idx`, no initial states (the caller
   checks those);
-- `(mask is not None, W)` in `MEASURED_FASTER`: the pairs an H200 run measured faster than the Triton
-  kernels (docs/PERF_NOTES.md, v8); elsewhere the Triton kernels stay;
+- `(mask is not None, W)` in `MEASURED_FASTER` (forward) or `BACKWARD_MEASURED_FASTER`: the pairs an H200
+  run measured faster than the Triton kernels (docs/PERF_NOTES.md, v8 and v9); elsewhere Triton stays;
+- in the backward: `dout` of x's dtype and shape with the layout rules of x, and no gradient of final states
+  (the caller checks that);
 - a CUDA device whose NVRTC compile succeeded, or, for tests only, CPU tensors through `cuda_harness`.
 """
 from __future__ import annotations
@@ -26,6 +29,9 @@ MAX_WIDTH = 16
 _X_BF16 = {torch.bfloat16: 1, torch.float16: 0}
 _WT = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _MAX_GRID_YZ = 65535
+BWD_RUN = 8  # CC_BWD_RUN: rows per batch of the backward
+_BWD_MIN_CHUNK = 64  # steps: the W-1 rows read twice at each end of a chunk stay a small share
+_BWD_TARGET_BLOCKS = 1024  # the backward splits T into chunks until about this many blocks run
 
 # (has mask, W) where the kernel beat the Triton kernels on an H200 through the public API (bf16, B4 T8192 D4096
 # and B8 T2048 D4096, `python benchmarks/prototypes/cuda_vs_triton.py --channel-last`, docs/PERF_NOTES.md v8):
@@ -33,6 +39,11 @@ _MAX_GRID_YZ = 65535
 # W 4 81.8 against 65.3%, W 7 61.1 against 34.8%. W = 1 ties or loses (0.93-1.01x): Triton keeps it.
 MEASURED_FASTER: frozenset[tuple[bool, int]] = frozenset(
     (has_mask, W) for has_mask in (False, True) for W in range(2, MAX_WIDTH + 1))
+
+
+# (has mask, W) where the backward beat the Triton kernels on an H200 (docs/PERF_NOTES.md v9).
+BACKWARD_MEASURED_FASTER: frozenset[tuple[bool, int]] = frozenset(
+    (has_mask, W) for has_mask in (False, True) for W in range(1, MAX_WIDTH + 1))
 
 
 def why_not(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None, activation: int) -> str | None:
@@ -93,6 +104,11 @@ def preferred(has_mask: bool, W: int) -> bool:
     return (has_mask, W) in MEASURED_FASTER
 
 
+def preferred_for_backward(has_mask: bool, W: int) -> bool:
+    """Whether an H200 run measured the backward faster than Triton's (`BACKWARD_MEASURED_FASTER`)."""
+    return (has_mask, W) in BACKWARD_MEASURED_FASTER
+
+
 _MAX_PLANS = 512  # signatures hold shapes: a model with ever-changing lengths must not grow the table
 _UNSEEN = object()
 _plans: dict[tuple, object] = {}  # signature -> prepared launch, or None where the kernel does not apply
@@ -145,3 +161,96 @@ def conv_fwd_btd(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | 
     else:
         launch.launch(x, weight, b, m, out)
     return True
+
+
+class _BackwardPlan:
+    """What a backward call of one signature needs beyond its pointers: both launches and the sizes of the
+    buffers it allocates (float32 partial rows `[chunks * B, D, W + 1]`, flat; dweight `[D, W]`)."""
+
+    __slots__ = ("conv", "reduce", "pointers", "partials", "dweight")
+
+    def __init__(self, conv, reduce, partials: int, dweight: tuple[int, int]):
+        self.conv = conv.launch  # (x, weight, bias or weight, mask or x, dout, dx, partials)
+        self.reduce = reduce.launch  # (partials, dweight, dbias or dweight)
+        self.pointers = conv.takes_pointers
+        self.partials, self.dweight = partials, dweight
+
+
+_backward_plans: dict[tuple, _BackwardPlan | None] = {}
+
+
+def _chunking(T: int, blocks_per_chunk_row: int) -> tuple[int, int]:
+    """(chunk length in steps, number of chunks): enough blocks to fill the GPU, chunks of at least
+    `_BWD_MIN_CHUNK` steps (or all of T)."""
+    chunks = max(1, min(-(-_BWD_TARGET_BLOCKS // blocks_per_chunk_row), -(-T // _BWD_MIN_CHUNK)))
+    chunk = -(-T // chunks)
+    chunk = -(-chunk // BWD_RUN) * BWD_RUN  # whole batches
+    return chunk, -(-T // chunk)
+
+
+def _plan_backward(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None, dout: Tensor,
+                   activation: int, residual: bool, dx: Tensor) -> _BackwardPlan | None:
+    reason, x_strides = _check_signature(x, weight, bias, mask, activation)
+    if reason is not None or dout.dtype != x.dtype or dout.shape != x.shape or dx.shape != x.shape:
+        return None
+    dout_strides, dx_strides = _vector_strides(dout), _vector_strides(dx)
+    if dout_strides is None or dx_strides is None or dx.dtype != x.dtype:
+        return None
+    W = weight.shape[1]
+    defines = dict(CC_W=W, CC_X_BF16=_X_BF16[x.dtype], CC_WT=_WT[weight.dtype], CC_HAS_BIAS=int(bias is not None),
+                   CC_ACTIVATION=activation)
+    fn = _runtime.kernel("cc_conv_bwd_btd", dict(defines, CC_HAS_MASK=int(mask is not None),
+                                                 CC_RESIDUAL=int(bool(residual))), x.device)
+    reduce = _runtime.kernel("cc_reduce_partials", defines, x.device) if fn is not None else None
+    if reduce is None:
+        return None
+    B, T, D = x.shape
+    d4 = D // VEC
+    blocks_y = -(-d4 // THREADS)
+    chunk, chunks = _chunking(T, blocks_y * B)
+    conv = fn.prepare((chunks, blocks_y, B), (THREADS, 1, 1), 7,
+                      (T, d4, chunk, B, *x_strides, *dout_strides, *dx_strides))
+    reduce = reduce.prepare((-(-D * (W + 1) // 256), 1, 1), (256, 1, 1), 3, (chunks * B, D))
+    return _BackwardPlan(conv, reduce, chunks * B * D * (W + 1), (D, W))
+
+
+def conv_bwd_btd(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None, dout: Tensor,
+                 activation: int, residual: bool, dx: Tensor,
+                 allow_cpu: bool = False) -> tuple[Tensor, Tensor] | None:
+    """Write the gradient of `conv_fwd_btd`'s input into `dx` `[B, T, D]` (the layout rules of x) and return
+    (dweight `[D, W]` of weight's dtype, dbias `[D]` or empty), or None (nothing written) where the kernels
+    do not apply. `dout` `[B, T, D]`: x's dtype, the layout rules of x. A plan is kept per call signature."""
+    device = _runtime.launch_device(x, allow_cpu)
+    if device is None:
+        return None
+    key = (x.shape, x.stride(), x.dtype, weight.shape, weight.stride(), weight.dtype, activation, bool(residual),
+           device, dout.shape, dout.stride(), dout.dtype, dx.shape, dx.stride(), dx.dtype,
+           None if bias is None else (bias.shape, bias.stride(), bias.dtype),
+           None if mask is None else (mask.shape, mask.stride(), mask.dtype))
+    plan = _backward_plans.get(key, _UNSEEN)
+    if plan is _UNSEEN:
+        if len(_backward_plans) >= _MAX_PLANS:
+            _backward_plans.clear()
+        plan = _backward_plans[key] = _plan_backward(x, weight, bias, mask, dout, activation, residual, dx)
+    if plan is None:
+        return None
+    x_p, w_p, dout_p, dx_p = x.data_ptr(), weight.data_ptr(), dout.data_ptr(), dx.data_ptr()
+    if not _aligned(x_p | dout_p | dx_p, w_p, None if bias is None else bias.data_ptr()):
+        return None
+    partials = x.new_empty(plan.partials, dtype=torch.float32)  # flat: the kernels index it so
+    D, W = plan.dweight
+    dweight = weight.new_empty(D, W)  # contiguous, weight's dtype (the reduction writes it so)
+    if bias is None:
+        b, dbias, db = weight, x.new_empty(0), dweight  # stand-ins: never a nil pointer
+    else:
+        dbias = weight.new_empty(D)
+        b, db = bias, dbias
+    m = x if mask is None else mask
+    if plan.pointers:
+        partials_p = partials.data_ptr()
+        plan.conv(x_p, w_p, b.data_ptr(), m.data_ptr(), dout_p, dx_p, partials_p)
+        plan.reduce(partials_p, dweight.data_ptr(), db.data_ptr())
+    else:
+        plan.conv(x, weight, b, m, dout, dx, partials)
+        plan.reduce(partials, dweight, db)
+    return dweight, dbias

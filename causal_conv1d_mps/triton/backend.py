@@ -3,9 +3,10 @@
 Both convolution families reach the same kernels with `x` described as `[B, T, D]` by strides:
 `causal_conv1d`'s `(B, D, T)` tensor passes `(stride(0), stride(2), stride(1))`.
 `causal_conv1d` in the `(B, D, T)` layout without packed sequences or initial states asks the CUDA C++
-kernels first (`causal_conv1d_mps.cuda`); they return None where they do not apply. The forward of
-`short_conv_fused` and of a channel-last `causal_conv1d` (no packed sequences, no initial states) asks the
-channel-last CUDA C++ kernel where it was measured faster (`cuda.launch_btd.preferred`).
+kernels first (`causal_conv1d_mps.cuda`); they return None where they do not apply. The forward and backward
+of `short_conv_fused` and of a channel-last `causal_conv1d` (no packed sequences, no initial states, no
+final-state gradient) ask the channel-last CUDA C++ kernels where they were measured faster
+(`cuda.launch_btd.preferred`, `preferred_for_backward`).
 """
 from __future__ import annotations
 
@@ -51,6 +52,12 @@ def causal_conv1d_bwd(x, weight, bias, seq_idx, initial_states, dout, dfinal_sta
     B, D, T = x.shape
     dx = torch.empty_like(x)
     strides = _btd_strides(x)
+    if (strides[1] != 1 and seq_idx is None and initial_states is None and dfinal_states is None
+            and launch_btd.preferred_for_backward(False, weight.shape[1])):
+        grads = launch_btd.conv_bwd_btd(x.transpose(1, 2), weight, bias, None, dout.transpose(1, 2), activation,
+                                        False, dx.transpose(1, 2))
+        if grads is not None:
+            return dx, *grads, x.new_empty(0)
     dweight, dbias, dh0 = launch_backward(
         x, strides, dout, _btd_strides(dout), dx, _btd_strides(dx), B, T, D, weight, bias, None,
         seq_idx, None, initial_states, dfinal_states, activation, False, strides[1] != 1)
@@ -76,6 +83,11 @@ def short_conv_fused_bwd(x, weight, bias, mask, initial_states, cu_seqlens, dout
                          activation: int, residual: bool):
     B, T, D = x.shape
     dx = x.new_empty(B, T, D)
+    if (cu_seqlens is None and initial_states is None and dfinal_states is None
+            and launch_btd.preferred_for_backward(mask is not None, weight.shape[1])):
+        grads = launch_btd.conv_bwd_btd(x, weight, bias, mask, dout, activation, residual, dx)
+        if grads is not None:
+            return dx, *grads, x.new_empty(0)
     dweight, dbias, dh0 = launch_backward(
         x, x.stride(), dout, dout.stride(), dx, dx.stride(), B, T, D, weight, bias, mask, None, cu_seqlens,
         initial_states, dfinal_states, activation, residual, True)
