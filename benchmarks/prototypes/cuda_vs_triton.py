@@ -99,18 +99,138 @@ def channel_last_rows(copy: float) -> None:
                 _row(kind, f"B{B} T{T} D{D}", W, ms_t, ms_c, 2 * x.numel() * 2, copy, err)
 
 
+def _bwd_variant(run: int, target_blocks: int, vec: int) -> None:
+    """Rebuild the channel-last backward with `run` rows per batch (CC_BWD_RUN), `vec` channels per thread
+    (CC_BWD_VEC) and chunks for about `target_blocks` blocks: the sweeps of the backward."""
+    from causal_conv1d_mps.cuda import _runtime, _source, launch_btd
+
+    plain = getattr(_source, "_plain_text", _source._text)
+    _source._plain_text = plain
+    head = f"#define CC_BWD_RUN {run}\n#define CC_BWD_VEC {vec}\n"
+    _source._text = lambda name: (head if name == "conv_btd.cu" else "") + plain(name)
+    launch_btd.BWD_RUN, launch_btd._BWD_TARGET_BLOCKS, launch_btd.BWD_VEC = run, target_blocks, vec
+    for key in [k for k in _runtime._kernels if k[0] == "cc_conv_bwd_btd"]:
+        del _runtime._kernels[key]
+    launch_btd._backward_plans.clear()
+
+
+def _bwd_inputs(B, T, D, W, seed):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    x = torch.randn(B, T, D, device=DEV, generator=g).to(BF16)
+    w = (torch.randn(D, W, device=DEV, generator=g) * W ** -0.5).to(BF16)
+    b = (torch.randn(D, device=DEV, generator=g) * 0.5).to(BF16)
+    mask = torch.ones(B, T, device=DEV)
+    mask[0, : T // 8] = 0
+    dout = torch.randn(B, T, D, device=DEV, generator=g).to(BF16)
+    return x, w, b, mask, dout
+
+
+def backward_sweep(copy: float) -> None:
+    """The channel-last backward's variants (rows per batch x channels per thread x target blocks), CUDA C++
+    only, through the backend: the full grid at W = 4, the batch and vector choices at other widths."""
+    from causal_conv1d_mps import _activation
+    from causal_conv1d_mps.cuda import launch_btd
+    from causal_conv1d_mps.triton import backend
+
+    silu = _activation.SILU
+    saved = launch_btd.BACKWARD_MEASURED_FASTER, launch_btd.BWD_RUN, launch_btd._BWD_TARGET_BLOCKS, launch_btd.BWD_VEC
+    launch_btd.BACKWARD_MEASURED_FASTER = frozenset((m, W) for m in (False, True) for W in range(1, 17))
+    _use(True)
+    B, T, D = 8, 2048, 4096
+    grid = [(4, vec, run, target) for vec in (2, 4) for run in (4, 8, 16) for target in (1024, 2048, 4096)]
+    grid += [(W, vec, run, 1024) for W in (2, 3, 7, 8, 12, 16) for vec in (2, 4) for run in (4, 8)]
+    for W, vec, run, target in grid:
+        _bwd_variant(run, target, vec)
+        x, w, b, mask, dout = _bwd_inputs(B, T, D, W, W)
+        xt, doutt = x.transpose(1, 2), dout.transpose(1, 2)
+        for kind, fn in (
+                ("fused", lambda: backend.short_conv_fused_bwd(x, w, b, mask, None, None, dout, None, silu, True)),
+                ("ch-last", lambda: backend.causal_conv1d_bwd(xt, w, b, None, None, doutt, None, silu))):
+            ms = _bench(fn)
+            _row(f"{kind} V{vec} R{run} b{target}", f"B{B} T{T} D{D}", W, ms, ms, 3 * x.numel() * 2, copy, 0.0)
+    _bwd_variant(saved[1], saved[2], saved[3])
+    launch_btd.BACKWARD_MEASURED_FASTER = saved[0]
+
+
+def channel_last_backward_rows(copy: float) -> None:
+    """The channel-last CUDA C++ backward (`launch_btd.conv_bwd_btd`) against the Triton backward, each through
+    the backend's `short_conv_fused_bwd` / `causal_conv1d_bwd` (the forward is the same for both), as % of its
+    3N-byte floor (read x and dout, write dx); then forward + backward from eager Python and in a CUDA graph,
+    as % of the 5N-byte floor (issue 12's P3 shape first)."""
+    from causal_conv1d_mps import _activation
+    from causal_conv1d_mps.cuda import launch_btd
+    from causal_conv1d_mps.triton import backend
+
+    every = frozenset((m, W) for m in (False, True) for W in range(1, launch_btd.MAX_WIDTH + 1))
+    saved = launch_btd.BACKWARD_MEASURED_FASTER
+    silu = _activation.SILU
+    _use(True)
+
+    def both(fn):
+        launch_btd.BACKWARD_MEASURED_FASTER = frozenset()
+        ref = fn()
+        ms_t = _bench(fn)
+        launch_btd.BACKWARD_MEASURED_FASTER = every
+        got = fn()
+        ms_c = _bench(fn)
+        launch_btd.BACKWARD_MEASURED_FASTER = saved
+        err = max(((a.float() - r.float()).abs().max() / r.float().abs().max()).item()
+                  for a, r in zip(got[:3], ref[:3]) if r.numel())
+        return ms_t, ms_c, err
+
+    for (B, T, D) in ((8, 2048, 4096), (4, 8192, 4096)):
+        for W in (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16):
+            x, w, b, mask, dout = _bwd_inputs(B, T, D, W, W)
+            xt, doutt = x.transpose(1, 2), dout.transpose(1, 2)
+            for kind, fn in (
+                    ("bwd fused", lambda: backend.short_conv_fused_bwd(x, w, b, mask, None, None, dout, None, silu,
+                                                                      True)),
+                    ("bwd ch-last", lambda: backend.causal_conv1d_bwd(xt, w, b, None, None, doutt, None, silu))):
+                ms_t, ms_c, err = both(fn)
+                _row(kind, f"B{B} T{T} D{D}", W, ms_t, ms_c, 3 * x.numel() * 2, copy, err)
+
+    for (B, T, D) in ((8, 2048, 4096), (2, 512, 2048), (4, 8192, 4096)):
+        for W in (4, 7, 8):
+            x, w, b, mask, dout = _bwd_inputs(B, T, D, W, W + 1)
+            am = mask.to(torch.int64)
+            xg, wg, bg = (t.clone().requires_grad_(True) for t in (x, w, b))
+
+            def step():
+                xg.grad = wg.grad = bg.grad = None
+                ccmps.short_conv_fused(xg, wg, bg, am).backward(dout)
+
+            launch_btd.BACKWARD_MEASURED_FASTER = frozenset()
+            step()
+            ref = [t.grad.float().clone() for t in (xg, wg, bg)]
+            ms_t, graph_t = _bench(step), _bench(cuda_fwd.graphed(step))
+            launch_btd.BACKWARD_MEASURED_FASTER = every
+            step()
+            got = [t.grad.float() for t in (xg, wg, bg)]
+            ms_c, graph_c = _bench(step), _bench(cuda_fwd.graphed(step))
+            launch_btd.BACKWARD_MEASURED_FASTER = saved
+            err = max(((g_ - r).abs().max() / r.abs().max()).item() for g_, r in zip(got, ref))
+            _row("fused fwd+bwd", f"B{B} T{T} D{D}", W, ms_t, ms_c, 5 * x.numel() * 2, copy, err)
+            _row("  in a graph", f"B{B} T{T} D{D}", W, graph_t, graph_c, 5 * x.numel() * 2, copy, err)
+
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", type=Path)
     p.add_argument("--profile", action="store_true", help="cProfile of the small forward+backward calls")
     p.add_argument("--channel-last", action="store_true",
                    help="only the channel-last kernel (fused and channel-last forward, every width 1..16)")
+    p.add_argument("--channel-last-backward", action="store_true",
+                   help="only the channel-last backward (fused and channel-last) and fused forward + backward")
+    p.add_argument("--backward-sweep", action="store_true",
+                   help="only the channel-last backward's variants (CUDA C++ only)")
     args = p.parse_args(argv)
     copy = _copy_gbs()
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  copy {copy:.0f} GB/s")
     print("(% of copy: forward 2N bytes, forward + backward 5N bytes)")
-    if args.channel_last:
-        channel_last_rows(copy)
+    if args.channel_last or args.channel_last_backward or args.backward_sweep:
+        (channel_last_rows if args.channel_last else
+         channel_last_backward_rows if args.channel_last_backward else backward_sweep)(copy)
         if args.json:
             args.json.write_text(json.dumps(dict(copy_gbs=copy, rows=ROWS), indent=1))
         return 0

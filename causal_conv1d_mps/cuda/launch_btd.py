@@ -30,6 +30,7 @@ _X_BF16 = {torch.bfloat16: 1, torch.float16: 0}
 _WT = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _MAX_GRID_YZ = 65535
 BWD_RUN = 8  # CC_BWD_RUN: rows per batch of the backward
+BWD_VEC = 2  # CC_BWD_VEC: channels per thread of the backward (its strides are in these units)
 _BWD_MIN_CHUNK = 64  # steps: the W-1 rows read twice at each end of a chunk stay a small share
 _BWD_TARGET_BLOCKS = 1024  # the backward splits T into chunks until about this many blocks run
 
@@ -205,11 +206,12 @@ def _plan_backward(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor 
     if reduce is None:
         return None
     B, T, D = x.shape
-    d4 = D // VEC
-    blocks_y = -(-d4 // THREADS)
+    dv = D // BWD_VEC
+    blocks_y = -(-dv // THREADS)
     chunk, chunks = _chunking(T, blocks_y * B)
-    conv = fn.prepare((chunks, blocks_y, B), (THREADS, 1, 1), 7,
-                      (T, d4, chunk, B, *x_strides, *dout_strides, *dx_strides))
+    in_words = VEC // BWD_VEC  # the checks' strides are in units of VEC elements
+    strides = [s * in_words for s in (*x_strides, *dout_strides, *dx_strides)]
+    conv = fn.prepare((chunks, blocks_y, B), (THREADS, 1, 1), 7, (T, dv, chunk, B, *strides))
     reduce = reduce.prepare((-(-D * (W + 1) // 256), 1, 1), (256, 1, 1), 3, (chunks * B, D))
     return _BackwardPlan(conv, reduce, chunks * B * D * (W + 1), (D, W))
 

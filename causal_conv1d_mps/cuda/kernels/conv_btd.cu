@@ -124,84 +124,99 @@ extern "C" __global__ void __launch_bounds__(CC_BTD_THREADS) cc_conv_fwd_btd(
 //   dx[s]  = (mask[s] != 0 ? mask[s] * sum_k w[k] * g[s + W-1-k] : 0) + (dout[s] if residual);
 //   dweight[k] = sum_t g[t] * xm[t - (W-1) + k] (the zeros before t = 0 included: 0 * NaN is NaN, as in
 //   the reference);  dbias = sum_t g[t].
-// A thread owns CC_VEC channels of one chunk of `chunk` steps [t0, t1) and streams rows t0 .. t1 + W-2
+// A thread owns CC_BWD_VEC channels of one chunk of `chunk` steps [t0, t1) and streams rows t0 .. t1 + W-2
 // (the W-1 after the chunk give the g that dx of its last rows reads) in batches of CC_BWD_RUN rows: each
 // batch issues its row loads first (x, dout, mask: predicated, no branch), then forms g of its rows, the
 // dweight terms of those inside the chunk, and dx of the rows W-1 behind. Windows of W-1 rows (masked x,
-// g, dout, mask) carry over from batch to batch in registers; only the W-1 rows before and after a chunk
-// are read twice. Each thread writes its own float32 partial row, dw_part[(chunk index * B + b) * D + d]
-// [0..W] (W: bias), which cc_reduce_partials (conv_bdt.cu) sums in a fixed order.
-// grid (chunks, ceil(D4 / CC_BTD_THREADS), B), block CC_BTD_THREADS; strides in units of 4 elements.
+// g, raw dout for the residual, mask) carry over from batch to batch in registers; only the W-1 rows before
+// and after a chunk are read twice. Fewer channels per thread than the forward's: the backward holds three
+// windows, and at 4 channels they spilled (H200, docs/PERF_NOTES.md v9). Each thread writes its own
+// float32 partial rows, dw_part[(chunk index * B + b) * D + d][0..W] (W: bias), which cc_reduce_partials
+// (conv_bdt.cu) sums in a fixed order.
+// grid (chunks, ceil(Dv / CC_BTD_THREADS), B), block CC_BTD_THREADS; Dv = D / CC_BWD_VEC; strides in units
+// of CC_BWD_VEC elements.
 #ifndef CC_BWD_RUN
 #define CC_BWD_RUN 8   // rows per batch
 #endif
+#ifndef CC_BWD_VEC
+#define CC_BWD_VEC 2   // channels per thread: 2 (one 4-byte word per row) or 4 (8 bytes)
+#endif
+
+#if CC_BWD_VEC == 4
+typedef uint2 cc_bvec;
+__device__ __forceinline__ cc_bvec cc_bzero() { return make_uint2(0u, 0u); }
+__device__ __forceinline__ void cc_bunpack(cc_bvec v, float* f) { cc_unpack4(v, f); }
+__device__ __forceinline__ cc_bvec cc_bpack(const float* f) { return cc_pack4(f); }
+#elif CC_BWD_VEC == 2
+typedef unsigned int cc_bvec;
+__device__ __forceinline__ cc_bvec cc_bzero() { return 0u; }
+__device__ __forceinline__ void cc_bunpack(cc_bvec v, float* f) {
+    f[0] = CC_X_TO_FLOAT(v & 0xFFFFu);
+    f[1] = CC_X_TO_FLOAT(v >> 16);
+}
+__device__ __forceinline__ cc_bvec cc_bpack(const float* f) { return cc_pack2(f[0], f[1]); }
+#else
+#error "CC_BWD_VEC: 2 or 4"
+#endif
 
 extern "C" __global__ void __launch_bounds__(CC_BTD_THREADS) cc_conv_bwd_btd(
-        const uint2* __restrict__ x, const cc_wt* __restrict__ weight, const cc_wt* __restrict__ bias,
-        const float* __restrict__ mask, const uint2* __restrict__ dout, uint2* __restrict__ dx,
-        float* __restrict__ dw_part, int T, int D4, int chunk, int B, int x_stride_b, int x_stride_t,
+        const cc_bvec* __restrict__ x, const cc_wt* __restrict__ weight, const cc_wt* __restrict__ bias,
+        const float* __restrict__ mask, const cc_bvec* __restrict__ dout, cc_bvec* __restrict__ dx,
+        float* __restrict__ dw_part, int T, int Dv, int chunk, int B, int x_stride_b, int x_stride_t,
         int dout_stride_b, int dout_stride_t, int dx_stride_b, int dx_stride_t) {
-    constexpr int H = CC_W - 1, R = CC_BWD_RUN, N = H + R;
+    constexpr int H = CC_W - 1, R = CC_BWD_RUN, N = H + R, V = CC_BWD_VEC;
     const int c = blockIdx.y * CC_BTD_THREADS + threadIdx.x, b = blockIdx.z;
-    if (c >= D4) return;
+    if (c >= Dv) return;
     const int t0 = blockIdx.x * chunk, t1 = min(t0 + chunk, T);
-    const uint2* xb = x + (long long)b * x_stride_b + c;
-    const uint2* gb = dout + (long long)b * dout_stride_b + c;
-    uint2* dxb = dx + (long long)b * dx_stride_b + c;
+    const cc_bvec* xb = x + (long long)b * x_stride_b + c;
+    const cc_bvec* gb = dout + (long long)b * dout_stride_b + c;
+    cc_bvec* dxb = dx + (long long)b * dx_stride_b + c;
     const float* mb = mask + (long long)b * T;
-    float wk[CC_W][CC_VEC], bs[CC_VEC];
-    {
-        float flat[CC_VEC * CC_W];
+    float wk[CC_W][V], bs[V];
 #pragma unroll
-        for (int i = 0; i < CC_W; ++i) cc_load_w4(weight + ((long long)c * CC_W + i) * CC_VEC, flat + CC_VEC * i);
+    for (int j = 0; j < V; ++j) {  // once per chunk: scalar loads (2W values need not be vector-aligned)
 #pragma unroll
-        for (int j = 0; j < CC_VEC; ++j)
-#pragma unroll
-            for (int k = 0; k < CC_W; ++k) wk[k][j] = flat[j * CC_W + k];
-#if CC_HAS_BIAS
-        cc_load_w4(bias + (long long)c * CC_VEC, bs);
-#else
-#pragma unroll
-        for (int j = 0; j < CC_VEC; ++j) bs[j] = 0.f;
-#endif
+        for (int k = 0; k < CC_W; ++k) wk[k][j] = cc_w_to_float(weight[((long long)c * V + j) * CC_W + k]);
+        bs[j] = CC_HAS_BIAS ? cc_w_to_float(bias[(long long)c * V + j]) : 0.f;
     }
     // windows over rows [u - H, u + R) of the batch starting at row u: the first H carry over
-    float xm[N][CC_VEC], gw[N][CC_VEC], go[N][CC_VEC], mw[N];  // masked x, g, dout (residual), mask
-    float adw[CC_W + 1][CC_VEC];
+    float xm[N][V], gw[N][V], mw[N];  // masked x, g, mask
+    cc_bvec go[N];                     // raw dout, for the residual
+    float adw[CC_W + 1][V];
 #pragma unroll
     for (int k = 0; k <= CC_W; ++k)
 #pragma unroll
-        for (int j = 0; j < CC_VEC; ++j) adw[k][j] = 0.f;
+        for (int j = 0; j < V; ++j) adw[k][j] = 0.f;
 #pragma unroll
     for (int i = 0; i < H; ++i) {  // the H rows before the chunk: masked x only (their g is never read)
         const int t = t0 - H + i;
         const bool inside = t >= 0;
-        const uint2 raw = inside ? xb[(long long)t * x_stride_t] : make_uint2(0u, 0u);
+        const cc_bvec raw = inside ? xb[(long long)t * x_stride_t] : cc_bzero();
 #if CC_HAS_MASK
         const float m = inside ? mb[t] : 0.f;
 #else
         const float m = 1.f;
 #endif
-        float f[CC_VEC];
-        cc_unpack4(raw, f);
+        float f[V];
+        cc_bunpack(raw, f);
 #pragma unroll
-        for (int j = 0; j < CC_VEC; ++j) {
+        for (int j = 0; j < V; ++j) {
             xm[i][j] = CC_HAS_MASK ? (m != 0.f ? f[j] * m : 0.f) : f[j];
             gw[i][j] = 0.f;
-            go[i][j] = 0.f;
         }
+        go[i] = cc_bzero();
         mw[i] = 0.f;
     }
     const int end = min(t1 + H, T);  // rows past T have g = 0 and no dx: not streamed
     for (int u = t0; u < t1 + H; u += R) {
-        uint2 rx[R], rg[R];
+        cc_bvec rx[R];
         float rm[R];
 #pragma unroll
         for (int i = 0; i < R; ++i) {  // every load of the batch first
             const int t = u + i;
             const bool inside = t < end;
-            rx[i] = inside ? xb[(long long)t * x_stride_t] : make_uint2(0u, 0u);
-            rg[i] = inside ? gb[(long long)t * dout_stride_t] : make_uint2(0u, 0u);
+            rx[i] = inside ? xb[(long long)t * x_stride_t] : cc_bzero();
+            go[H + i] = inside ? gb[(long long)t * dout_stride_t] : cc_bzero();
 #if CC_HAS_MASK
             rm[i] = inside ? mb[t] : 0.f;
 #else
@@ -211,17 +226,14 @@ extern "C" __global__ void __launch_bounds__(CC_BTD_THREADS) cc_conv_bwd_btd(
 #pragma unroll
         for (int i = 0; i < R; ++i) {
             const int t = u + i;
-            float f[CC_VEC], gf[CC_VEC];
-            cc_unpack4(rx[i], f);
-            cc_unpack4(rg[i], gf);
+            float f[V], gf[V];
+            cc_bunpack(rx[i], f);
+            cc_bunpack(go[H + i], gf);
             mw[H + i] = rm[i];
 #pragma unroll
-            for (int j = 0; j < CC_VEC; ++j) {
-                xm[H + i][j] = CC_HAS_MASK ? (rm[i] != 0.f ? f[j] * rm[i] : 0.f) : f[j];
-                go[H + i][j] = gf[j];
-            }
+            for (int j = 0; j < V; ++j) xm[H + i][j] = CC_HAS_MASK ? (rm[i] != 0.f ? f[j] * rm[i] : 0.f) : f[j];
 #pragma unroll
-            for (int j = 0; j < CC_VEC; ++j) {
+            for (int j = 0; j < V; ++j) {
                 float pre = bs[j];
 #pragma unroll
                 for (int k = 0; k < CC_W; ++k) pre = fmaf(wk[k][j], xm[i + k][j], pre);
@@ -229,7 +241,7 @@ extern "C" __global__ void __launch_bounds__(CC_BTD_THREADS) cc_conv_bwd_btd(
             }
             if (t < t1) {  // an output row of this chunk: its share of dweight and dbias
 #pragma unroll
-                for (int j = 0; j < CC_VEC; ++j) {
+                for (int j = 0; j < V; ++j) {
 #pragma unroll
                     for (int k = 0; k < CC_W; ++k) adw[k][j] = fmaf(gw[H + i][j], xm[i + k][j], adw[k][j]);
                     adw[CC_W][j] += gw[H + i][j];
@@ -237,9 +249,13 @@ extern "C" __global__ void __launch_bounds__(CC_BTD_THREADS) cc_conv_bwd_btd(
             }
             const int s = t - H;  // every g that reads x[s] is known now
             if (s >= t0 && s < t1) {
-                float o[CC_VEC];
+                float o[V];
+#if CC_RESIDUAL
+                float res[V];
+                cc_bunpack(go[i], res);
+#endif
 #pragma unroll
-                for (int j = 0; j < CC_VEC; ++j) {
+                for (int j = 0; j < V; ++j) {
                     float acc = 0.f;
 #pragma unroll
                     for (int k = 0; k < CC_W; ++k) acc = fmaf(wk[k][j], gw[i + H - k][j], acc);
@@ -247,27 +263,27 @@ extern "C" __global__ void __launch_bounds__(CC_BTD_THREADS) cc_conv_bwd_btd(
                     acc = mw[i] != 0.f ? acc * mw[i] : 0.f;
 #endif
 #if CC_RESIDUAL
-                    acc += go[i][j];
+                    acc += res[j];
 #endif
                     o[j] = acc;
                 }
-                dxb[(long long)s * dx_stride_t] = cc_pack4(o);
+                dxb[(long long)s * dx_stride_t] = cc_bpack(o);
             }
         }
 #pragma unroll
         for (int i = 0; i < H; ++i) {  // the last H rows become the next batch's first
             mw[i] = mw[R + i];
+            go[i] = go[R + i];
 #pragma unroll
-            for (int j = 0; j < CC_VEC; ++j) {
+            for (int j = 0; j < V; ++j) {
                 xm[i][j] = xm[R + i][j];
                 gw[i][j] = gw[R + i][j];
-                go[i][j] = go[R + i][j];
             }
         }
     }
-    float* p = dw_part + (((long long)blockIdx.x * B + b) * D4 + c) * CC_VEC * (CC_W + 1);
+    float* p = dw_part + (((long long)blockIdx.x * B + b) * Dv + c) * V * (CC_W + 1);
 #pragma unroll
-    for (int j = 0; j < CC_VEC; ++j)
+    for (int j = 0; j < V; ++j)
 #pragma unroll
         for (int k = 0; k <= CC_W; ++k) p[j * (CC_W + 1) + k] = adw[k][j];
 }
