@@ -294,11 +294,14 @@ def test_backward_matches_oracle(btd, device, width, dtype, wdtype, with_bias, a
         _check_backward(btd, x, weight, bias, mask, activation, residual, f"W{width} B{B} T{T} D{D}", gen=gen)
 
 
-def test_backward_uses_several_chunks(btd):
-    """The T = 200, B = 1 case above spans several chunks (their ends are where the rows are read twice)."""
-    assert btd._chunking(200, 1)[1] > 1
-    chunk, chunks = btd._chunking(200, 1)
-    assert chunk % btd.BWD_RUN == 0 and (chunks - 1) * chunk < 200 <= chunks * chunk
+def test_backward_cases_cover_every_variant_and_several_chunks(btd):
+    """The cases above reach every (channels per thread, rows per batch) variant the launcher picks, and the
+    T = 200, B = 1 shape spans several chunks (their ends are where rows are read twice)."""
+    picked = {btd.backward_variant(mask is not None, W) for W, *_, mask, _ in CASES}
+    assert picked == {btd.backward_variant(m, W) for m in (False, True) for W in range(1, btd.MAX_WIDTH + 1)}
+    for vec, run in picked:
+        chunk, chunks = btd._chunking(200, -(-8 // (vec * btd.THREADS)), run)
+        assert chunks > 1 and chunk % run == 0 and (chunks - 1) * chunk < 200 <= chunks * chunk
 
 
 def test_backward_masked_nan_contributes_nothing(btd, device):

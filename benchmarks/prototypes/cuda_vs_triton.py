@@ -100,17 +100,12 @@ def channel_last_rows(copy: float) -> None:
 
 
 def _bwd_variant(run: int, target_blocks: int, vec: int) -> None:
-    """Rebuild the channel-last backward with `run` rows per batch (CC_BWD_RUN), `vec` channels per thread
+    """Launch the channel-last backward with `run` rows per batch (CC_BWD_RUN), `vec` channels per thread
     (CC_BWD_VEC) and chunks for about `target_blocks` blocks: the sweeps of the backward."""
-    from causal_conv1d_mps.cuda import _runtime, _source, launch_btd
+    from causal_conv1d_mps.cuda import launch_btd
 
-    plain = getattr(_source, "_plain_text", _source._text)
-    _source._plain_text = plain
-    head = f"#define CC_BWD_RUN {run}\n#define CC_BWD_VEC {vec}\n"
-    _source._text = lambda name: (head if name == "conv_btd.cu" else "") + plain(name)
-    launch_btd.BWD_RUN, launch_btd._BWD_TARGET_BLOCKS, launch_btd.BWD_VEC = run, target_blocks, vec
-    for key in [k for k in _runtime._kernels if k[0] == "cc_conv_bwd_btd"]:
-        del _runtime._kernels[key]
+    launch_btd.backward_variant = lambda has_mask, W: (vec, run)
+    launch_btd._BWD_TARGET_BLOCKS = target_blocks
     launch_btd._backward_plans.clear()
 
 
@@ -133,7 +128,7 @@ def backward_sweep(copy: float) -> None:
     from causal_conv1d_mps.triton import backend
 
     silu = _activation.SILU
-    saved = launch_btd.BACKWARD_MEASURED_FASTER, launch_btd.BWD_RUN, launch_btd._BWD_TARGET_BLOCKS, launch_btd.BWD_VEC
+    saved = launch_btd.BACKWARD_MEASURED_FASTER, launch_btd.backward_variant, launch_btd._BWD_TARGET_BLOCKS
     launch_btd.BACKWARD_MEASURED_FASTER = frozenset((m, W) for m in (False, True) for W in range(1, 17))
     _use(True)
     B, T, D = 8, 2048, 4096
@@ -148,8 +143,8 @@ def backward_sweep(copy: float) -> None:
                 ("ch-last", lambda: backend.causal_conv1d_bwd(xt, w, b, None, None, doutt, None, silu))):
             ms = _bench(fn)
             _row(f"{kind} V{vec} R{run} b{target}", f"B{B} T{T} D{D}", W, ms, ms, 3 * x.numel() * 2, copy, 0.0)
-    _bwd_variant(saved[1], saved[2], saved[3])
-    launch_btd.BACKWARD_MEASURED_FASTER = saved[0]
+    launch_btd.BACKWARD_MEASURED_FASTER, launch_btd.backward_variant, launch_btd._BWD_TARGET_BLOCKS = saved
+    launch_btd._backward_plans.clear()
 
 
 def channel_last_backward_rows(copy: float) -> None:

@@ -3,7 +3,8 @@
 The contract is written once here and in the activation registry (`causal_conv1d_mps._activation`):
 the activation codes (`CC_ACTIVATION_<NAME>`) and the variant's defines (`CC_W`, `CC_X_BF16`, `CC_WT`,
 `CC_HAS_BIAS`, `CC_ACTIVATION`, and for the channel-last file `CC_HAS_MASK`, `CC_RESIDUAL`) are generated into
-the text the compiler sees, never copied by hand.
+the text the compiler sees, never copied by hand. A kernel with defines of its own (`KERNEL_DEFINES`) is
+compiled alone from its file: the file keeps it behind `#ifdef` of one of them.
 """
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ FILE_DEFINES = {
     FILE_NAME: {"CC_W": range(1, 18), **_SHARED_DEFINES},
     "conv_btd.cu": {"CC_W": range(1, 17), **_SHARED_DEFINES, "CC_HAS_MASK": (0, 1), "CC_RESIDUAL": (0, 1)},
 }
+# defines that one kernel of a file takes beyond the file's (the file compiles that kernel where they are set)
+KERNEL_DEFINES = {
+    "cc_conv_bwd_btd": {"CC_BWD_VEC": (2, 4), "CC_BWD_RUN": (4, 8, 16)},
+}
 
 
 @functools.lru_cache(maxsize=8)
@@ -44,12 +49,13 @@ def file_for(kernel_name: str) -> str:
         raise ValueError(f"CUDA kernel name: expected one of {sorted(KERNEL_FILES)}, got {kernel_name!r}") from None
 
 
-def header(defines: dict[str, int], file_name: str = FILE_NAME) -> str:
+def header(defines: dict[str, int], file_name: str = FILE_NAME, kernel_name: str | None = None) -> str:
     """The generated lines: the registry's activation codes and the variant's defines (checked against
-    `file_name`'s)."""
-    allowed = FILE_DEFINES[file_name]
+    `file_name`'s and, for `kernel_name`, that kernel's own)."""
+    allowed = {**FILE_DEFINES[file_name], **KERNEL_DEFINES.get(kernel_name, {})}
     if set(defines) != set(allowed):
-        raise ValueError(f"CUDA kernel defines of {file_name}: expected {sorted(allowed)}, got {sorted(defines)}")
+        what = file_name if kernel_name is None else f"{kernel_name} ({file_name})"
+        raise ValueError(f"CUDA kernel defines of {what}: expected {sorted(allowed)}, got {sorted(defines)}")
     for name, value in defines.items():
         if value not in allowed[name]:
             raise ValueError(f"CUDA kernel define {name}: expected one of {list(allowed[name])}, got {value}")
@@ -62,5 +68,5 @@ def header(defines: dict[str, int], file_name: str = FILE_NAME) -> str:
 def source(kernel_name: str, defines: dict[str, int]) -> str:
     """The full text that compiles `kernel_name`; `#line` makes compiler messages name the shipped files."""
     file_name = file_for(kernel_name)
-    return (header(defines, file_name) + f'#line 1 "{COMMON_FILE}"\n' + _text(COMMON_FILE)
+    return (header(defines, file_name, kernel_name) + f'#line 1 "{COMMON_FILE}"\n' + _text(COMMON_FILE)
             + f'#line 1 "{file_name}"\n' + _text(file_name))

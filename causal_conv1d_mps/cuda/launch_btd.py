@@ -29,8 +29,6 @@ MAX_WIDTH = 16
 _X_BF16 = {torch.bfloat16: 1, torch.float16: 0}
 _WT = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _MAX_GRID_YZ = 65535
-BWD_RUN = 8  # CC_BWD_RUN: rows per batch of the backward
-BWD_VEC = 2  # CC_BWD_VEC: channels per thread of the backward (its strides are in these units)
 _BWD_MIN_CHUNK = 64  # steps: the W-1 rows read twice at each end of a chunk stay a small share
 _BWD_TARGET_BLOCKS = 1024  # the backward splits T into chunks until about this many blocks run
 
@@ -180,12 +178,23 @@ class _BackwardPlan:
 _backward_plans: dict[tuple, _BackwardPlan | None] = {}
 
 
-def _chunking(T: int, blocks_per_chunk_row: int) -> tuple[int, int]:
+def backward_variant(has_mask: bool, W: int) -> tuple[int, int]:
+    """(channels per thread, rows per batch) of the backward (CC_BWD_VEC, CC_BWD_RUN). Measured on an H200
+    (bf16, B8 T2048 D4096, `python benchmarks/prototypes/cuda_vs_triton.py --backward-sweep`, docs/PERF_NOTES.md
+    v9): at W <= 4, 4 channels (8-byte rows) were fastest, with 4 rows per batch where the mask's window
+    adds registers; from W = 5 on, the windows of 4 channels spill and 2 channels by 8 rows won (W 7: 0.230
+    against 0.291 ms)."""
+    if W <= 4:
+        return 4, 4 if has_mask else 8
+    return 2, 8
+
+
+def _chunking(T: int, blocks_per_chunk_row: int, run: int) -> tuple[int, int]:
     """(chunk length in steps, number of chunks): enough blocks to fill the GPU, chunks of at least
-    `_BWD_MIN_CHUNK` steps (or all of T)."""
+    `_BWD_MIN_CHUNK` steps (or all of T), in whole batches of `run` rows."""
     chunks = max(1, min(-(-_BWD_TARGET_BLOCKS // blocks_per_chunk_row), -(-T // _BWD_MIN_CHUNK)))
     chunk = -(-T // chunks)
-    chunk = -(-chunk // BWD_RUN) * BWD_RUN  # whole batches
+    chunk = -(-chunk // run) * run
     return chunk, -(-T // chunk)
 
 
@@ -198,18 +207,20 @@ def _plan_backward(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor 
     if dout_strides is None or dx_strides is None or dx.dtype != x.dtype:
         return None
     W = weight.shape[1]
+    vec, run = backward_variant(mask is not None, W)
     defines = dict(CC_W=W, CC_X_BF16=_X_BF16[x.dtype], CC_WT=_WT[weight.dtype], CC_HAS_BIAS=int(bias is not None),
                    CC_ACTIVATION=activation)
     fn = _runtime.kernel("cc_conv_bwd_btd", dict(defines, CC_HAS_MASK=int(mask is not None),
-                                                 CC_RESIDUAL=int(bool(residual))), x.device)
+                                                 CC_RESIDUAL=int(bool(residual)), CC_BWD_VEC=vec, CC_BWD_RUN=run),
+                         x.device)
     reduce = _runtime.kernel("cc_reduce_partials", defines, x.device) if fn is not None else None
     if reduce is None:
         return None
     B, T, D = x.shape
-    dv = D // BWD_VEC
+    dv = D // vec
     blocks_y = -(-dv // THREADS)
-    chunk, chunks = _chunking(T, blocks_y * B)
-    in_words = VEC // BWD_VEC  # the checks' strides are in units of VEC elements
+    chunk, chunks = _chunking(T, blocks_y * B, run)
+    in_words = VEC // vec  # the checks' strides are in units of VEC elements
     strides = [s * in_words for s in (*x_strides, *dout_strides, *dx_strides)]
     conv = fn.prepare((chunks, blocks_y, B), (THREADS, 1, 1), 7, (T, dv, chunk, B, *strides))
     reduce = reduce.prepare((-(-D * (W + 1) // 256), 1, 1), (256, 1, 1), 3, (chunks * B, D))

@@ -47,6 +47,8 @@ __device__ __forceinline__ void cc_load_w4(const cc_wt* __restrict__ p, float* f
 #endif
 }
 
+#ifndef CC_BWD_VEC  // the forward: every variant without the backward's own defines
+
 // out[b, t, c] = (x[b, t, c] if residual) + act(bias[c] + sum_k w[c, k] * xm[b, t - (W-1) + k, c]), where
 // xm = x (times the mask where it is non-zero, 0 where it is 0), zeros before t = 0.
 // grid (ceil(T / CC_RUN), ceil(D4 / CC_BTD_THREADS), B), block CC_BTD_THREADS. D4 = D / 4; x and out strides
@@ -118,6 +120,8 @@ extern "C" __global__ void __launch_bounds__(CC_BTD_THREADS) cc_conv_fwd_btd(
     }
 }
 
+#else  // CC_BWD_VEC: the backward
+
 // ------------------------------------------------------------------ backward
 // The gradients of the forward above, recomputing pre from x (nothing saved by the forward):
 //   g[t]   = act'(pre[t]) * dout[t] for t < T, 0 from T on;
@@ -129,18 +133,16 @@ extern "C" __global__ void __launch_bounds__(CC_BTD_THREADS) cc_conv_fwd_btd(
 // batch issues its row loads first (x, dout, mask: predicated, no branch), then forms g of its rows, the
 // dweight terms of those inside the chunk, and dx of the rows W-1 behind. Windows of W-1 rows (masked x,
 // g, raw dout for the residual, mask) carry over from batch to batch in registers; only the W-1 rows before
-// and after a chunk are read twice. Fewer channels per thread than the forward's: the backward holds three
-// windows, and at 4 channels they spilled (H200, docs/PERF_NOTES.md v9). Each thread writes its own
+// and after a chunk are read twice. The backward holds three windows, so the launcher picks channels per
+// thread and rows per batch by width and mask as measured (H200, docs/PERF_NOTES.md v9). Each thread writes
+// its own
 // float32 partial rows, dw_part[(chunk index * B + b) * D + d][0..W] (W: bias), which cc_reduce_partials
 // (conv_bdt.cu) sums in a fixed order.
 // grid (chunks, ceil(Dv / CC_BTD_THREADS), B), block CC_BTD_THREADS; Dv = D / CC_BWD_VEC; strides in units
 // of CC_BWD_VEC elements.
-#ifndef CC_BWD_RUN
-#define CC_BWD_RUN 8   // rows per batch
-#endif
-#ifndef CC_BWD_VEC
-#define CC_BWD_VEC 2   // channels per thread: 2 (one 4-byte word per row) or 4 (8 bytes)
-#endif
+// The launcher's defines of this kernel alone (causal_conv1d_mps/cuda/_source.py, KERNEL_DEFINES):
+//   CC_BWD_VEC    channels per thread: 2 (one 4-byte word per row) or 4 (8 bytes)
+//   CC_BWD_RUN    rows per batch
 
 #if CC_BWD_VEC == 4
 typedef uint2 cc_bvec;
@@ -287,3 +289,5 @@ extern "C" __global__ void __launch_bounds__(CC_BTD_THREADS) cc_conv_bwd_btd(
 #pragma unroll
         for (int k = 0; k <= CC_W; ++k) p[j * (CC_W + 1) + k] = adw[k][j];
 }
+
+#endif  // CC_BWD_VEC
