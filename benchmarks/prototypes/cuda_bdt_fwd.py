@@ -34,6 +34,7 @@ import argparse
 import json
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,19 +68,28 @@ class Variant:
         return "pv_fwd_" + self.name.replace("-", "_")
 
 
-VARIANTS = (
+VARIANTS = (  # the default sweep
     Variant("s1t128", 1, 128, True),  # the shipped design, rebuilt here: the control
     Variant("c2t128", 2, 128, False),
     Variant("c4t128", 4, 128, False),
+    Variant("c8t64", 8, 64, False),
     Variant("s2t128", 2, 128, True),
     Variant("s4t128", 4, 128, True),
+    Variant("c4t256", 4, 256, False),
+    Variant("c4t128-wsmem", 4, 128, False, wsmem=True),
+    Variant("c4t128-ef", 4, 128, False, cache=1),
+    Variant("s4t128-ef", 4, 128, True, cache=1),
+    Variant("c4t128-tanh", 4, 128, False, tanh=True),
+    Variant("c4t128-tanh-ef", 4, 128, False, cache=1, tanh=True),
+)
+EXTRA = (  # checked too; timed only when named in --variants
     Variant("s4t256", 4, 256, True),
     Variant("s4t128-wsmem", 4, 128, True, wsmem=True),
-    Variant("s4t128-ef", 4, 128, True, cache=1),
-    Variant("s4t128-efst", 4, 128, True, cache=2),
     Variant("s4t128-tanh", 4, 128, True, tanh=True),
+    Variant("c4t128-efst", 4, 128, False, cache=2),
+    Variant("c8t64-tanh-ef", 8, 64, False, cache=1, tanh=True),
 )
-BY_NAME = {v.name: v for v in VARIANTS}
+BY_NAME = {v.name: v for v in VARIANTS + EXTRA}
 
 KERNEL = r"""
 // ------------------------------------------------------------------ prototype: cuda_bdt_fwd.py
@@ -283,17 +293,22 @@ def _vector_strides(t: torch.Tensor) -> tuple[int, int]:
     return t.stride(0) // 8, t.stride(1) // 8
 
 
-def launch(kernel, variant: Variant, x, weight, bias, out) -> None:
-    """out `[B, D, T]` = the variant's forward of x `[B, D, T]` bf16, weight `[D, W]` bf16, bias `[D]` or None."""
+def prepared(kernel, variant: Variant, x, weight, bias, out):
+    """A call that launches the variant: out `[B, D, T]` = forward of x `[B, D, T]` bf16, weight `[D, W]` bf16,
+    bias `[D]` or None (arguments checked and built once)."""
     B, D, T = x.shape
     assert T % 8 == 0, f"T: a multiple of 8, got {T}"
     n8 = T // 8
     xs, os_ = _vector_strides(x), _vector_strides(out)
     b = bias if bias is not None else weight  # never a nil pointer
-    grid = (-(-n8 // (variant.tpb * variant.vpt)), D, B)
-    kernel(grid=grid, block=(variant.tpb, 1, 1),
-           args=[x, weight, b, out, n8, *xs, *os_, weight.stride(0), weight.stride(1),
-                 bias.stride(0) if bias is not None else 0])
+    grid, block = (-(-n8 // (variant.tpb * variant.vpt)), D, B), (variant.tpb, 1, 1)
+    args = [x, weight, b, out, n8, *xs, *os_, weight.stride(0), weight.stride(1),
+            bias.stride(0) if bias is not None else 0]
+    return lambda: kernel(grid=grid, block=block, args=args)
+
+
+def launch(kernel, variant: Variant, x, weight, bias, out) -> None:
+    prepared(kernel, variant, x, weight, bias, out)()
 
 
 def reference(x, weight, bias, silu: bool = True) -> torch.Tensor:
@@ -374,27 +389,93 @@ SHAPES = ((4, 4096, 8192), (8, 2048, 4096))
 WIDTHS = (4, 16, 12, 9, 7, 10, 8, 2, 3, 5)
 
 
-def sweep(variants, widths, shapes, json_path: Path | None, budget_s: float) -> int:
-    import triton.testing
+class _Compiler:
+    """Every (variant, W) compiled by NVRTC on worker threads started at once, in the order the sweep uses them,
+    so that compiling overlaps the timing; a worker makes the device current first (the module lives in its
+    primary context). A failed background compile is retried on the calling thread, which then raises."""
 
+    OPTIONS = ["--use_fast_math", "-std=c++17"]  # the shipped launcher's (causal_conv1d_mps/cuda/_runtime.py)
+
+    def __init__(self, jobs: dict, workers: int):
+        self.device = torch.cuda.current_device()
+        self.jobs = jobs  # key -> (source, kernel name)
+        self.pool = ThreadPoolExecutor(workers) if workers > 0 else None
+        self.futures = {k: self.pool.submit(self._compile, *job) for k, job in jobs.items()} if self.pool else {}
+
+    def _compile(self, text: str, name: str):
+        torch.cuda.set_device(self.device)
+        t0 = time.perf_counter()
+        kernel = torch.cuda._compile_kernel(text, name, nvcc_options=self.OPTIONS)
+        return kernel, time.perf_counter() - t0
+
+    def get(self, key):
+        future = self.futures.get(key)
+        if future is not None:
+            try:
+                return future.result()
+            except Exception as exc:  # noqa: BLE001 - reported, then compiled again here
+                print(f"background compile of {key} failed ({exc!r}); compiling on the main thread", flush=True)
+        return self._compile(*self.jobs[key])
+
+    def close(self):
+        if self.pool:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _HarnessCompiler:
+    """`_Compiler`'s interface on the CPU (`--dry-run`): cuda_harness, in line."""
+
+    def __init__(self, jobs: dict):
+        import cuda_harness
+
+        self.jobs, self.compile = jobs, cuda_harness.compile_kernel
+
+    def get(self, key):
+        t0 = time.perf_counter()
+        return self.compile(*self.jobs[key]), time.perf_counter() - t0
+
+    def close(self):
+        pass
+
+
+def sweep(variants, widths, shapes, json_path: Path | None, budget_s: float, workers: int,
+          dry_run: bool = False) -> int:
+    """Time the shipped forward and every variant at each (shape, W) as % of a device copy; rows to `json_path`
+    after each measurement. `dry_run`: the same code on CPU tensors through cuda_harness (wall-clock times,
+    meaningless figures), to check this script before spending GPU time."""
     import causal_conv1d_mps as ccmps
-    import cuda_fwd
     from causal_conv1d_mps.cuda import launch as shipped_launch
 
     start = time.perf_counter()
-    copy_gbs = cuda_fwd.copy_bandwidth()
-    print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  copy {copy_gbs:.0f} GB/s", flush=True)
-    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, copy_gbs=copy_gbs,
+    jobs = {(v.name, W): (source(v, W), v.kernel_name) for W in widths for v in variants}
+    if dry_run:
+        device, device_name, copy_gbs = "cpu", "cpu (dry run through cuda_harness)", 1.0
+        compiler = _HarnessCompiler(jobs)
+
+        def bench(fn) -> float:
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+    else:
+        import triton.testing
+
+        import cuda_fwd
+
+        device, device_name = "cuda", torch.cuda.get_device_name()
+        compiler = _Compiler(jobs, workers)
+        copy_gbs = cuda_fwd.copy_bandwidth()
+
+        def bench(fn) -> float:
+            return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+    print(f"device {device_name}  torch {torch.__version__}  copy {copy_gbs:.0f} GB/s", flush=True)
+    result = dict(device=device_name, torch=torch.__version__, copy_gbs=copy_gbs,
                   variants=[v.__dict__ for v in variants], rows=[], compile_s={}, skipped=[])
-    kernels: dict = {}
 
     def save():
         result["elapsed_s"] = time.perf_counter() - start
         if json_path:
             json_path.write_text(json.dumps(result, indent=1))
-
-    def bench(fn) -> float:
-        return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
 
     for W in widths:
         for (B, D, T) in shapes:
@@ -402,10 +483,10 @@ def sweep(variants, widths, shapes, json_path: Path | None, budget_s: float) -> 
                 result["skipped"].append(dict(B=B, D=D, T=T, W=W))
                 print(f"skipped B{B} D{D} T{T} W{W}: past the {budget_s:.0f} s budget", flush=True)
                 continue
-            g = torch.Generator(device="cuda").manual_seed(W)
-            x = torch.randn(B, D, T, device="cuda", generator=g).to(torch.bfloat16)
-            w = (torch.randn(D, W, device="cuda", generator=g) * W ** -0.5).to(torch.bfloat16)
-            bias = (torch.randn(D, device="cuda", generator=g) * 0.5).to(torch.bfloat16)
+            g = torch.Generator(device=device).manual_seed(W)
+            x = torch.randn(B, D, T, device=device, generator=g).to(torch.bfloat16)
+            w = (torch.randn(D, W, device=device, generator=g) * W ** -0.5).to(torch.bfloat16)
+            bias = (torch.randn(D, device=device, generator=g) * 0.5).to(torch.bfloat16)
             pre = F.conv1d(F.pad(x.float(), (W - 1, 0)), w.float()[:, None, :], bias.float(), groups=D)
             want = pre * torch.sigmoid(pre)  # float32 reference: enough to judge bf16 outputs
             del pre
@@ -427,22 +508,19 @@ def sweep(variants, widths, shapes, json_path: Path | None, budget_s: float) -> 
                 fn = lambda: ccmps.causal_conv1d(x, w, bias, "silu")  # noqa: E731
                 record("shipped", bench(fn), shipped_out)
                 if not shipped_launch.preferred_for_forward(T, W):  # the api sends this W to Triton
-                    fn = lambda: shipped_launch.conv_fwd_bdt(x, w, bias, _activation.SILU)  # noqa: E731
+                    fn = lambda: shipped_launch.conv_fwd_bdt(x, w, bias, _activation.SILU,  # noqa: E731
+                                                             allow_cpu=dry_run)
                     record("shipped-cuda", bench(fn), fn())
             out = torch.empty_like(x)
             for variant in variants:
-                key = (variant.name, W)
-                if key not in kernels:
-                    t0 = time.perf_counter()
-                    kernels[key] = torch.cuda._compile_kernel(source(variant, W), variant.kernel_name,
-                                                              nvcc_options=["--use_fast_math", "-std=c++17"])
-                    result["compile_s"][f"{variant.name} W{W}"] = time.perf_counter() - t0
-                kernel = kernels[key]
-                run = lambda: launch(kernel, variant, x, w, bias, out)  # noqa: E731
+                kernel, seconds = compiler.get((variant.name, W))
+                result["compile_s"][f"{variant.name} W{W}"] = seconds
+                run = prepared(kernel, variant, x, w, bias, out)
                 out.zero_()
                 run()
                 record(variant.name, bench(run), out)
             del x, out, want, shipped_out
+    compiler.close()
     _table(result)
     save()
     return 0
@@ -450,7 +528,8 @@ def sweep(variants, widths, shapes, json_path: Path | None, budget_s: float) -> 
 
 def _table(result: dict) -> None:
     """% of copy: one line per (shape, W), one column per kernel."""
-    names = list(dict.fromkeys(r["name"] for r in result["rows"]))
+    seen = {r["name"] for r in result["rows"]}
+    names = [n for n in ("shipped", "shipped-cuda", *(v["name"] for v in result["variants"])) if n in seen]
     cells = {(r["B"], r["D"], r["T"], r["W"], r["name"]): r["pct_copy"] for r in result["rows"]}
     keys = list(dict.fromkeys((r["B"], r["D"], r["T"], r["W"]) for r in result["rows"]))
     print("\n% of copy (" + f"{result['copy_gbs']:.0f} GB/s)")
@@ -468,9 +547,15 @@ def main(argv=None) -> int:
     p.add_argument("--variants", help=f"comma-separated subset of {','.join(BY_NAME)}")
     p.add_argument("--widths", help="comma-separated filter widths")
     p.add_argument("--budget", type=float, default=105.0, help="GPU sweep: start no new shape after these seconds")
+    p.add_argument("--compile-workers", type=int, default=6, help="GPU sweep: NVRTC threads (0: compile in line)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="the sweep's code on CPU tensors through cuda_harness at tiny shapes (figures meaningless)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
-    variants = tuple(BY_NAME[n] for n in args.variants.split(",")) if args.variants else VARIANTS
+    if args.variants:
+        variants = tuple(BY_NAME[n] for n in args.variants.split(","))
+    else:  # every variant is checked; the default sweep times VARIANTS
+        variants = VARIANTS if not (args.check or args.ptx) else VARIANTS + EXTRA
     if args.check:
         widths = tuple(int(w) for w in args.widths.split(",")) if args.widths else CHECK_WIDTHS
         failures = check(variants, widths, bug=args.plant_bug)
@@ -478,7 +563,9 @@ def main(argv=None) -> int:
     if args.ptx:
         return ptx_only(args.ptx, variants)
     widths = tuple(int(w) for w in args.widths.split(",")) if args.widths else WIDTHS
-    return sweep(variants, widths, SHAPES, args.json, args.budget)
+    if args.dry_run:
+        return sweep(variants, widths, ((2, 3, 2128), (1, 5, 64)), args.json, args.budget, 0, dry_run=True)
+    return sweep(variants, widths, SHAPES, args.json, args.budget, args.compile_workers)
 
 
 if __name__ == "__main__":
