@@ -8,9 +8,14 @@ the shipped kernel (through the public `causal_conv1d_mps.causal_conv1d`) in one
 
 Why: the shipped kernel gives each thread one 16-byte vector (8 steps) of one (b, d) row, 128 threads a
 block, and loads W + 1 scalars (weights, bias) per thread for those 8 outputs. It reaches 92.0-92.8% of copy
-at W = 4 (target 93%) and falls with W (67% at W = 11-12; target: within 15% of W = 4). With one load in
-flight per thread the bytes in flight per SM are bounded by occupancy, which falls as W's registers grow,
-and the per-thread fixed cost (weights, halo, index arithmetic) is paid per 8 outputs.
+at W = 4 (target 93%) and falls with W (67% at W = 11-12; target: within 15% of W = 4). It uses 32 registers
+at every W (full occupancy), so the fall is not occupancy. Offline SASS counts (NVRTC 13.5 PTX, ptxas 13.0
+sm_90, nvdisasm; no GPU) give the shipped kernel 20.6 / 25.4 / 29.2 / 35.8 / 43.1 instructions per output
+at W = 4 / 7 / 9 / 12 / 16, against the 28-31 an H200 can issue per element at copy speed (132 SMs x 4
+warp instructions a clock x 32 lanes at 1.75-1.98 GHz, over 4246 GB/s / 4 bytes): issue-bound from W of
+about 9. Of those, W are FMAs and 5 SiLU; the rest is a per-thread fixed cost (the W + 1 weight loads with
+their address arithmetic, the halo, indices) paid per 8 outputs. Four vectors per thread (`c4t128`) count
+15.0 / 18.5 / 20.8 / 24.7 / 29.6, and one `tanh.approx` for SiLU saves 2 more per output.
 
 The variants (one templated body, `VARIANTS` below; every one computes the shipped contract: bias, SiLU,
 zeros before t = 0, bf16 in/out, float32 arithmetic, T a multiple of 8, strided B/D rows of x and out):
@@ -38,8 +43,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+_T0 = time.perf_counter()  # --budget counts from here: importing torch and starting CUDA are part of a run
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -293,22 +300,22 @@ def _vector_strides(t: torch.Tensor) -> tuple[int, int]:
     return t.stride(0) // 8, t.stride(1) // 8
 
 
-def prepared(kernel, variant: Variant, x, weight, bias, out):
-    """A call that launches the variant: out `[B, D, T]` = forward of x `[B, D, T]` bf16, weight `[D, W]` bf16,
-    bias `[D]` or None (arguments checked and built once)."""
+def launch_args(variant: Variant, x, weight, bias, out) -> tuple[tuple, tuple, tuple]:
+    """(grid, block, the integer arguments) of a launch on x `[B, D, T]` bf16, weight `[D, W]`, bias `[D]` or
+    None, out `[B, D, T]`; the pointer arguments are x, weight, bias (weight when None), out."""
     B, D, T = x.shape
     assert T % 8 == 0, f"T: a multiple of 8, got {T}"
     n8 = T // 8
-    xs, os_ = _vector_strides(x), _vector_strides(out)
-    b = bias if bias is not None else weight  # never a nil pointer
     grid, block = (-(-n8 // (variant.tpb * variant.vpt)), D, B), (variant.tpb, 1, 1)
-    args = [x, weight, b, out, n8, *xs, *os_, weight.stride(0), weight.stride(1),
-            bias.stride(0) if bias is not None else 0]
-    return lambda: kernel(grid=grid, block=block, args=args)
+    ints = (n8, *_vector_strides(x), *_vector_strides(out), weight.stride(0), weight.stride(1),
+            bias.stride(0) if bias is not None else 0)
+    return grid, block, ints
 
 
 def launch(kernel, variant: Variant, x, weight, bias, out) -> None:
-    prepared(kernel, variant, x, weight, bias, out)()
+    """out = the variant's forward (see `launch_args`); `kernel` as `torch.cuda._compile_kernel` returns it."""
+    grid, block, ints = launch_args(variant, x, weight, bias, out)
+    kernel(grid=grid, block=block, args=[x, weight, bias if bias is not None else weight, out, *ints])
 
 
 def reference(x, weight, bias, silu: bool = True) -> torch.Tensor:
@@ -444,9 +451,10 @@ def sweep(variants, widths, shapes, json_path: Path | None, budget_s: float, wor
     after each measurement. `dry_run`: the same code on CPU tensors through cuda_harness (wall-clock times,
     meaningless figures), to check this script before spending GPU time."""
     import causal_conv1d_mps as ccmps
+    from causal_conv1d_mps.cuda import _runtime
     from causal_conv1d_mps.cuda import launch as shipped_launch
 
-    start = time.perf_counter()
+    start = _T0
     jobs = {(v.name, W): (source(v, W), v.kernel_name) for W in widths for v in variants}
     if dry_run:
         device, device_name, copy_gbs = "cpu", "cpu (dry run through cuda_harness)", 1.0
@@ -515,7 +523,14 @@ def sweep(variants, widths, shapes, json_path: Path | None, budget_s: float, wor
             for variant in variants:
                 kernel, seconds = compiler.get((variant.name, W))
                 result["compile_s"][f"{variant.name} W{W}"] = seconds
-                run = prepared(kernel, variant, x, w, bias, out)
+                # launched as the shipped launcher launches (`_runtime`'s prepared launch: integers packed once,
+                # one driver call with the pointers), so that host time per call matches the shipped path's
+                grid, block, ints = launch_args(variant, x, w, bias, out)
+                plan = (_runtime._HarnessKernel(kernel) if dry_run
+                        else _runtime._DriverKernel(kernel, torch.cuda.current_device())).prepare(grid, block, 4, ints)
+                tensors = (x, w, bias, out)
+                args = tuple(t.data_ptr() for t in tensors) if plan.takes_pointers else tensors
+                run = lambda: plan.launch(*args)  # noqa: E731
                 out.zero_()
                 run()
                 record(variant.name, bench(run), out)
@@ -533,10 +548,10 @@ def _table(result: dict) -> None:
     cells = {(r["B"], r["D"], r["T"], r["W"], r["name"]): r["pct_copy"] for r in result["rows"]}
     keys = list(dict.fromkeys((r["B"], r["D"], r["T"], r["W"]) for r in result["rows"]))
     print("\n% of copy (" + f"{result['copy_gbs']:.0f} GB/s)")
-    print(f"{'shape':22s}" + "".join(f"{n:>14s}" for n in names))
+    print(f"{'shape':22s}" + "".join(f"{n:>16s}" for n in names))
     for k in sorted(keys, key=lambda k: (k[:3], k[3])):
         print(f"B{k[0]} D{k[1]} T{k[2]} W{k[3]:<2d}".ljust(22)
-              + "".join(f"{cells[(*k, n)]:14.1f}" if (*k, n) in cells else f"{'':14s}" for n in names))
+              + "".join(f"{cells[(*k, n)]:16.1f}" if (*k, n) in cells else f"{'':16s}" for n in names))
 
 
 def main(argv=None) -> int:
@@ -546,7 +561,7 @@ def main(argv=None) -> int:
     p.add_argument("--ptx", type=Path, help="compile every variant to PTX via $NVRTC_LIB into this folder (no GPU)")
     p.add_argument("--variants", help=f"comma-separated subset of {','.join(BY_NAME)}")
     p.add_argument("--widths", help="comma-separated filter widths")
-    p.add_argument("--budget", type=float, default=105.0, help="GPU sweep: start no new shape after these seconds")
+    p.add_argument("--budget", type=float, default=105.0, help="GPU sweep: start no new (shape, W) after these seconds from start-up")
     p.add_argument("--compile-workers", type=int, default=6, help="GPU sweep: NVRTC threads (0: compile in line)")
     p.add_argument("--dry-run", action="store_true",
                    help="the sweep's code on CPU tensors through cuda_harness at tiny shapes (figures meaningless)")
