@@ -15,7 +15,9 @@ at W = 4 / 7 / 9 / 12 / 16, against the 28-31 an H200 can issue per element at c
 warp instructions a clock x 32 lanes at 1.75-1.98 GHz, over 4246 GB/s / 4 bytes): issue-bound from W of
 about 9. Of those, W are FMAs and 5 SiLU; the rest is a per-thread fixed cost (the W + 1 weight loads with
 their address arithmetic, the halo, indices) paid per 8 outputs. Four vectors per thread (`c4t128`) count
-15.0 / 18.5 / 20.8 / 24.7 / 29.6, and one `tanh.approx` for SiLU saves 2 more per output.
+15.0 / 18.5 / 20.8 / 24.7 / 29.6 at W = 4 / 7 / 9 / 12 / 16; `lean` (the path of a block inside the row)
+13.4 / - / 19.1 / 22.8 / 27.1; one `tanh.approx` for SiLU saves 2 more per output (`c4t128-lean-tanh`
+11.4 / - / 17.1 / 20.8 / 25.1).
 
 The variants (one templated body, `VARIANTS` below; every one computes the shipped contract: bias, SiLU,
 zeros before t = 0, bf16 in/out, float32 arithmetic, T a multiple of 8, strided B/D rows of x and out):
@@ -29,6 +31,8 @@ zeros before t = 0, bf16 in/out, float32 arithmetic, T a multiple of 8, strided 
   block instead of per thread), read back as broadcast LDS.
 - `ef`: x loaded by `ld.global.nc.L1::no_allocate.L2::cache_hint` with an L2 evict_first policy (and, with
   `efst`, stores with the same hint): the stream should not displace the halo lines other blocks re-read.
+- `lean`: the taps' addresses as immediate offsets (weight [D, W] with tap stride 1, checked by the
+  launcher) and, in blocks that lie wholly inside the row, loads without per-vector bounds predicates.
 - `tanh`: SiLU as h + h tanh(h), h = pre / 2 (one `tanh.approx.f32`, one MUFU op instead of ex2 + rcp).
 Inline PTX only where a GPU compiler reads the source (CC_PTX of common.cuh); cuda_harness takes the
 portable branches. Nothing here is shipped.
@@ -65,10 +69,12 @@ class Variant:
     cache: int = 0  # 0 plain loads/stores, 1 loads nc + L1::no_allocate + L2 evict_first, 2 stores too
     wsmem: bool = False
     tanh: bool = False
+    lean: bool = False  # weights with tap stride 1 (compile-time offsets); unpredicated loads in full blocks
 
     def defines(self) -> dict[str, int]:
         return dict(PV_VPT=self.vpt, PV_TPB=self.tpb, PV_STRIDED=int(self.strided), PV_CACHE=self.cache,
-                    PV_WSMEM=int(self.wsmem), PV_TANH=int(self.tanh))
+                    PV_WSMEM=int(self.wsmem), PV_TANH=int(self.tanh),
+                    PV_LEAN=int(self.lean))
 
     @property
     def kernel_name(self) -> str:
@@ -88,6 +94,8 @@ VARIANTS = (  # the default sweep
     Variant("s4t128-ef", 4, 128, True, cache=1),
     Variant("c4t128-tanh", 4, 128, False, tanh=True),
     Variant("c4t128-tanh-ef", 4, 128, False, cache=1, tanh=True),
+    Variant("c4t128-lean", 4, 128, False, lean=True),
+    Variant("c4t128-lean-tanh", 4, 128, False, tanh=True, lean=True),
 )
 EXTRA = (  # checked too; timed only when named in --variants
     Variant("s4t256", 4, 256, True),
@@ -95,12 +103,24 @@ EXTRA = (  # checked too; timed only when named in --variants
     Variant("s4t128-tanh", 4, 128, True, tanh=True),
     Variant("c4t128-efst", 4, 128, False, cache=2),
     Variant("c8t64-tanh-ef", 8, 64, False, cache=1, tanh=True),
+    Variant("s4t128-lean", 4, 128, True, lean=True),
+    Variant("c8t64-lean-tanh", 8, 64, False, tanh=True, lean=True),
 )
 BY_NAME = {v.name: v for v in VARIANTS + EXTRA}
 
 KERNEL = r"""
 // ------------------------------------------------------------------ prototype: cuda_bdt_fwd.py
 #define PV_HALO ((CC_W - 1 + 7) / 8)  // vectors of history a vector's outputs need (0 at W = 1)
+#if PV_LEAN
+#define PV_W_STRIDE_K 1  // the launcher checks weight.stride(1) == 1: the taps' addresses are immediate offsets
+#else
+#define PV_W_STRIDE_K w_stride_k
+#endif
+#if PV_LEAN
+#define PV_FULL_OR(inside) (full || (inside))
+#else
+#define PV_FULL_OR(inside) (inside)
+#endif
 
 struct PvCache {
 #if CC_PTX && PV_CACHE >= 1
@@ -179,10 +199,16 @@ __device__ __forceinline__ void pv_fwd_body(
 #else
     const int v0 = blockIdx.x * (PV_TPB * PV_VPT) + threadIdx.x * PV_VPT, vstep = 1;
 #endif
+#if PV_LEAN
+    const bool full = (blockIdx.x + 1) * (PV_TPB * PV_VPT) <= n8;  // every vector of the block inside the row
+#endif
     uint4 raw[PV_VPT];
 #pragma unroll
     for (int j = 0; j < PV_VPT; ++j) {  // every load first
         const int v = v0 + j * vstep;
+#if PV_LEAN
+        if (full) raw[j] = pv_load_stream(xr + v, cache); else  // block-uniform: no divergence
+#endif
         raw[j] = v < n8 ? pv_load_stream(xr + v, cache) : zero;
     }
 
@@ -190,7 +216,7 @@ __device__ __forceinline__ void pv_fwd_body(
 #if PV_WSMEM
     __shared__ __align__(16) float wsh[(CC_W + 1 + 3) / 4 * 4];  // taps, then the bias
     if (threadIdx.x < CC_W) {
-        wsh[threadIdx.x] = cc_w_to_float(weight[(long long)d * w_stride_d + (long long)threadIdx.x * w_stride_k]);
+        wsh[threadIdx.x] = cc_w_to_float(weight[(long long)d * w_stride_d + (long long)threadIdx.x * PV_W_STRIDE_K]);
     } else if (threadIdx.x == CC_W) {
 #if CC_HAS_BIAS
         wsh[CC_W] = cc_w_to_float(bias[(long long)d * bias_stride]);
@@ -204,7 +230,7 @@ __device__ __forceinline__ void pv_fwd_body(
     bs = wsh[CC_W];
 #else
 #pragma unroll
-    for (int k = 0; k < CC_W; ++k) wk[k] = cc_w_to_float(weight[(long long)d * w_stride_d + (long long)k * w_stride_k]);
+    for (int k = 0; k < CC_W; ++k) wk[k] = cc_w_to_float(weight[(long long)d * w_stride_d + (long long)k * PV_W_STRIDE_K]);
 #if CC_HAS_BIAS
     bs = cc_w_to_float(bias[(long long)d * bias_stride]);
 #else
@@ -241,7 +267,7 @@ __device__ __forceinline__ void pv_fwd_body(
             o[i] = pv_activation(acc);
         }
         const int v = v0 + 32 * j;
-        if (v < n8) pv_store(orow + v, cc_pack8(o), cache);
+        if (PV_FULL_OR(v < n8)) pv_store(orow + v, cc_pack8(o), cache);
     }
 #else
     // before[m-1]: vector v0 - m, m = 1..PV_HALO: the lane ceil(m / VPT) below holds it at index
@@ -267,7 +293,7 @@ __device__ __forceinline__ void pv_fwd_body(
             o[i] = pv_activation(acc);
         }
         const int v = v0 + j;
-        if (v < n8) pv_store(orow + v, cc_pack8(o), cache);
+        if (PV_FULL_OR(v < n8)) pv_store(orow + v, cc_pack8(o), cache);
     }
 #endif
 }
@@ -306,6 +332,7 @@ def launch_args(variant: Variant, x, weight, bias, out) -> tuple[tuple, tuple, t
     B, D, T = x.shape
     assert T % 8 == 0, f"T: a multiple of 8, got {T}"
     n8 = T // 8
+    assert not variant.lean or weight.stride(1) == 1, f"{variant.name}: weight [D, W] with tap stride 1"
     grid, block = (-(-n8 // (variant.tpb * variant.vpt)), D, B), (variant.tpb, 1, 1)
     ints = (n8, *_vector_strides(x), *_vector_strides(out), weight.stride(0), weight.stride(1),
             bias.stride(0) if bias is not None else 0)
@@ -357,6 +384,8 @@ def check(variants=VARIANTS, widths=CHECK_WIDTHS, shapes=CHECK_SHAPES, bug: bool
                     g = torch.Generator().manual_seed(1000 * W + T + n)
                     x = _strided(B, D, T, g) if n % 2 else torch.randn(B, D, T, generator=g).to(torch.bfloat16)
                     w = (torch.randn(W, D, generator=g) * W ** -0.5).to(torch.bfloat16).t()  # strided [D, W]
+                    if variant.lean:  # its taps must be contiguous; D still strided (w[::2] of a [2D, W])
+                        w = torch.repeat_interleave(w, 2, dim=0)[::2]
                     bias = (torch.randn(D, generator=g) * 0.5).to(torch.bfloat16) if has_bias else None
                     out = _strided(B, D, T, g) if n % 2 == 0 else torch.empty_like(x)
                     launch(kernel, variant, x, w, bias, out)
