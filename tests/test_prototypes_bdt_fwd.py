@@ -1,6 +1,7 @@
 """The (B,D,T) forward prototype `benchmarks/prototypes/cuda_bdt_fwd.py` through cuda_harness: its two halo
-schemes (a contiguous run per thread, warp-interleaved vectors) match the float64 reference at awkward sizes,
-and its check catches a planted bug (the edge lanes' halo dropped), so a pass means something."""
+schemes (a contiguous run per thread, warp-interleaved vectors) and its lean path match the float64
+reference at awkward sizes, and its check catches a planted bug (the edge lanes' halo dropped), so a pass
+means something."""
 from __future__ import annotations
 
 import importlib.util
@@ -21,8 +22,9 @@ pytestmark = pytest.mark.skipif(cuda_harness.unavailable_reason() is not None,
 
 import cuda_bdt_fwd  # noqa: E402
 
-# W = 12: two halo vectors; the shapes include a row that spans several warps (T = 2128)
-VARIANTS = (cuda_bdt_fwd.BY_NAME["c4t128"], cuda_bdt_fwd.BY_NAME["s4t128"])
+# W = 12: two halo vectors; the shapes include a row that spans several warps (T = 2128). The lean variant
+# takes the other code path (immediate tap offsets, unpredicated loads in full blocks).
+VARIANTS = tuple(cuda_bdt_fwd.BY_NAME[n] for n in ("c4t128", "s4t128", "c4t128-lean-tanh"))
 
 
 def test_variants_match_the_float64_reference():

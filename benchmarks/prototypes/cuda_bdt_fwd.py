@@ -577,10 +577,10 @@ def _table(result: dict) -> None:
     cells = {(r["B"], r["D"], r["T"], r["W"], r["name"]): r["pct_copy"] for r in result["rows"]}
     keys = list(dict.fromkeys((r["B"], r["D"], r["T"], r["W"]) for r in result["rows"]))
     print("\n% of copy (" + f"{result['copy_gbs']:.0f} GB/s)")
-    print(f"{'shape':22s}" + "".join(f"{n:>16s}" for n in names))
+    print(f"{'shape':22s}" + "".join(f"{n:>18s}" for n in names))
     for k in sorted(keys, key=lambda k: (k[:3], k[3])):
         print(f"B{k[0]} D{k[1]} T{k[2]} W{k[3]:<2d}".ljust(22)
-              + "".join(f"{cells[(*k, n)]:16.1f}" if (*k, n) in cells else f"{'':16s}" for n in names))
+              + "".join(f"{cells[(*k, n)]:18.1f}" if (*k, n) in cells else f"{'':18s}" for n in names))
 
 
 def main(argv=None) -> int:
