@@ -5,6 +5,7 @@ the shipped kernel (through the public `causal_conv1d_mps.causal_conv1d`) in one
     PYTHONPATH=$PWD python benchmarks/prototypes/cuda_bdt_fwd.py --check           # no GPU: cuda_harness
     PYTHONPATH=$PWD python benchmarks/prototypes/cuda_bdt_fwd.py --check --plant-bug   # must FAIL
     NVRTC_LIB=.../libnvrtc.so PYTHONPATH=$PWD python benchmarks/prototypes/cuda_bdt_fwd.py --ptx DIR  # no GPU
+    PYTHONPATH=$PWD python benchmarks/prototypes/cuda_bdt_fwd.py --dry-run   # the sweep's code on the CPU
 
 Why: the shipped kernel gives each thread one 16-byte vector (8 steps) of one (b, d) row, 128 threads a
 block, and loads W + 1 scalars (weights, bias) per thread for those 8 outputs. It reaches 92.0-92.8% of copy
