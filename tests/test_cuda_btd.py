@@ -512,3 +512,24 @@ def test_the_backward_launcher_hands_the_driver_what_it_hands_the_harness(btd, d
     assert reduce_launch["args"][:3] == [partials, dweight.data_ptr(), dbias.data_ptr()]
     assert reduce_launch["args"][3:5] == list(expected[1][2])
     assert {conv_launch["stream"], reduce_launch["stream"]} == {0x99}
+
+
+def test_each_variant_compiles_one_kernel_and_checks_its_own_defines():
+    """The backward's own defines (CC_BWD_VEC, CC_BWD_RUN) are required for it and refused for the forward;
+    with them the file's text holds the backward kernel only, without them the forward only."""
+    from causal_conv1d_mps import _activation
+    from causal_conv1d_mps.cuda import _source
+
+    shared = dict(CC_W=4, CC_X_BF16=1, CC_WT=0, CC_HAS_BIAS=1, CC_ACTIVATION=_activation.SILU, CC_HAS_MASK=1,
+                  CC_RESIDUAL=1)
+    own = dict(CC_BWD_VEC=4, CC_BWD_RUN=8)
+    backward = _source.source("cc_conv_bwd_btd", {**shared, **own})
+    assert "#define CC_BWD_VEC 4\n" in backward and "#define CC_BWD_RUN 8\n" in backward
+    with pytest.raises(ValueError, match="cc_conv_bwd_btd"):
+        _source.source("cc_conv_bwd_btd", shared)
+    with pytest.raises(ValueError, match="CC_BWD_VEC"):
+        _source.source("cc_conv_bwd_btd", {**shared, **own, "CC_BWD_VEC": 8})
+    with pytest.raises(ValueError, match="expected"):
+        _source.source("cc_conv_fwd_btd", {**shared, **own})
+    forward = _source.source("cc_conv_fwd_btd", shared)
+    assert "#ifndef CC_BWD_VEC" in forward and "#define CC_BWD_VEC" not in forward
