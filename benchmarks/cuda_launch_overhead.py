@@ -111,13 +111,14 @@ def layers(args, device):
     backend.causal_conv1d_fwd(x, w, b, None, None, SILU, False)
     cuda_launch.conv_fwd_bdt = launcher
     if len(served) != 1 or served[0] is None:
-        raise SystemExit("the backend did not take the CUDA C++ forward for this call (W < 4 at T >= 1024?)")
+        raise SystemExit("the backend did not take the CUDA C++ forward for this call")
 
     # the forward kernel and the argument buffer of one general call, for the bare driver-call layers
-    fn = _runtime.kernel("cc_conv_fwd_bdt", cuda_launch._defines(x, w, b, SILU), x.device)
+    vectors = cuda_launch.forward_vectors(w.shape[1])
+    fn = _runtime.kernel("cc_conv_fwd_bdt", dict(cuda_launch._defines(x, w, b, SILU), CC_VPT=vectors), x.device)
     out = torch.empty_like(x)
     n8 = T // 8
-    grid, block = (-(-n8 // cuda_launch.THREADS), D, B), (cuda_launch.THREADS, 1, 1)
+    grid, block = (-(-n8 // (cuda_launch.THREADS * vectors)), D, B), (cuda_launch.THREADS, 1, 1)
     x_strides = cuda_launch._check(x, w, b, SILU)[1]
     general_args = [x, w, b, out, n8, *x_strides, *x_strides, *cuda_launch._weight_strides(w, b)]
     fn(grid=grid, block=block, args=general_args)

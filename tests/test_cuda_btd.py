@@ -297,8 +297,9 @@ def test_backward_matches_oracle(btd, device, width, dtype, wdtype, with_bias, a
 def test_backward_cases_cover_every_variant_and_several_chunks(btd):
     """The cases above reach every (channels per thread, rows per batch) variant the launcher picks, and the
     T = 200, B = 1 shape spans several chunks (their ends are where rows are read twice)."""
-    picked = {btd.backward_variant(mask is not None, W) for W, *_, mask, _ in CASES}
-    assert picked == {btd.backward_variant(m, W) for m in (False, True) for W in range(1, btd.MAX_WIDTH + 1)}
+    picked = {btd.backward_variant(mask is not None, residual, W) for W, *_, mask, residual in CASES}
+    assert picked == {btd.backward_variant(m, r, W) for m in (False, True) for r in (False, True)
+                      for W in range(1, btd.MAX_WIDTH + 1)}
     for vec, run in picked:
         chunk, chunks = btd._chunking(200, -(-8 // (vec * btd.THREADS)), run)
         assert chunks > 1 and chunk % run == 0 and (chunks - 1) * chunk < 200 <= chunks * chunk

@@ -34,7 +34,7 @@ def kernels(device):
         pytest.skip("CUDA C++ kernels: not on mps")
     from causal_conv1d_mps import _activation
 
-    probe = dict(CC_W=4, CC_X_BF16=1, CC_WT=0, CC_HAS_BIAS=1, CC_ACTIVATION=_activation.SILU)
+    probe = dict(CC_W=4, CC_X_BF16=1, CC_WT=0, CC_HAS_BIAS=1, CC_ACTIVATION=_activation.SILU, CC_VPT=2)
     if _runtime.kernel("cc_conv_fwd_bdt", probe, device) is None:
         pytest.skip(f"CUDA C++ kernels on {device}: {_runtime.unavailable_reason(device)}")
     return launch
@@ -88,8 +88,9 @@ CASES = [
                               for c in CASES])
 def test_forward_backward_match_oracle(kernels, device, width, dtype, wdtype, with_bias, activation):
     gen = seeded(width)
-    # T = 1040: two passes of 1024 steps in the forward, and several chunks in the backward (B * D small)
-    for B, D, T in ((2, 3, 1040), (1, 5, 8), (3, 1, 24)):
+    # T = 4176: several blocks of the forward (2048 or 4096 steps each), a last one partly past T, and several
+    # chunks in the backward (B * D small)
+    for B, D, T in ((2, 3, 4176), (1, 5, 8), (3, 1, 24)):
         weight, bias = make_params(D, width, wdtype, device, gen, with_bias)
         x = randn(B, D, T, dtype=dtype, device=device, generator=gen)
         dout = randn(B, D, T, dtype=dtype, device=device, generator=gen)
@@ -592,22 +593,19 @@ def test_a_prepared_launch_reaches_a_c_function_of_the_drivers_signature_intact(
         launch.launch(0x10, 0x20)
 
 
-def test_the_backend_leaves_narrow_long_forwards_to_triton(served, device):
-    """At W < 4 and T >= 1024 Triton's forward is as fast (`preferred_for_forward`): the backend's call
-    asks for the faster kernels only, and the plan of that signature (which the launcher itself serves)
-    says no; the backward still takes the CUDA C++ kernels."""
+def test_the_backend_takes_the_cuda_forward_at_every_width(served, device):
+    """Since v9 the CUDA C++ forward is the faster one at every width, narrow and long rows included
+    (Triton's run kernel had tied it at W < 4, T >= 1024): the backend's forward and backward both take it."""
     import causal_conv1d_mps as ccmps
-    from causal_conv1d_mps import _activation
-    from causal_conv1d_mps.cuda import launch
 
     gen = seeded(43)
-    weight, bias = make_params(2, 3, torch.bfloat16, device, gen)
-    x = randn(1, 2, 1024, dtype=torch.bfloat16, device=device, generator=gen)
-    assert launch.conv_fwd_bdt(x, weight, bias, _activation.SILU, allow_cpu=True) is not None  # planned
-    served.clear()
-    xl = leaf(x)
-    out = ccmps.causal_conv1d(xl, weight, bias, "silu")
-    out.backward(torch.ones_like(out))
-    assert served == [("fwd", False), ("bwd", True)]
-    ref, _ = oracle.causal_conv1d(leaf64(x), leaf64(weight), leaf64(bias), "silu")
-    assert_close_rel(out, ref, torch.bfloat16, "out")
+    for W in (2, 3):
+        weight, bias = make_params(2, W, torch.bfloat16, device, gen)
+        x = randn(1, 2, 1024, dtype=torch.bfloat16, device=device, generator=gen)
+        served.clear()
+        xl = leaf(x)
+        out = ccmps.causal_conv1d(xl, weight, bias, "silu")
+        out.backward(torch.ones_like(out))
+        assert served == [("fwd", True), ("bwd", True)], (W, served)
+        ref, _ = oracle.causal_conv1d(leaf64(x), leaf64(weight), leaf64(bias), "silu")
+        assert_close_rel(out, ref, torch.bfloat16, f"W{W} out")

@@ -544,11 +544,7 @@ def sweep(variants, widths, shapes, json_path: Path | None, budget_s: float, wor
 
             with torch.no_grad():
                 fn = lambda: ccmps.causal_conv1d(x, w, bias, "silu")  # noqa: E731
-                record("shipped", bench(fn), shipped_out)
-                if not shipped_launch.preferred_for_forward(T, W):  # the api sends this W to Triton
-                    fn = lambda: shipped_launch.conv_fwd_bdt(x, w, bias, _activation.SILU,  # noqa: E731
-                                                             allow_cpu=dry_run)
-                    record("shipped-cuda", bench(fn), fn())
+                record("shipped", bench(fn), shipped_out)  # (since v9 the shipped kernel is s2t128 / s4t128)
             out = torch.empty_like(x)
             for variant in variants:
                 kernel, seconds = compiler.get((variant.name, W))

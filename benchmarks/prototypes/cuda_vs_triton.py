@@ -104,7 +104,7 @@ def _bwd_variant(run: int, target_blocks: int, vec: int) -> None:
     (CC_BWD_VEC) and chunks for about `target_blocks` blocks: the sweeps of the backward."""
     from causal_conv1d_mps.cuda import launch_btd
 
-    launch_btd.backward_variant = lambda has_mask, W: (vec, run)
+    launch_btd.backward_variant = lambda has_mask, residual, W: (vec, run)
     launch_btd._BWD_TARGET_BLOCKS = target_blocks
     launch_btd._backward_plans.clear()
 

@@ -33,6 +33,7 @@ FILE_DEFINES = {
 }
 # defines that one kernel of a file takes beyond the file's (the file compiles that kernel where they are set)
 KERNEL_DEFINES = {
+    "cc_conv_fwd_bdt": {"CC_VPT": (1, 2, 4)},
     "cc_conv_bwd_btd": {"CC_BWD_VEC": (2, 4), "CC_BWD_RUN": (4, 8, 16)},
 }
 

@@ -9,7 +9,7 @@ the kernels do not apply (then the Triton kernels serve the call):
   themselves are gathered by the caller, as for the Triton kernels);
 - B, D and the T chunks within CUDA's grid limits; a CUDA device whose NVRTC compile succeeded
   (`_runtime.unavailable_reason`), or, for tests only, CPU tensors through `cuda_harness`.
-Figures and the measurement that chose these kernels: docs/PERF_NOTES.md, v6 (CUDA C++).
+Figures and the measurements that chose these kernels: docs/PERF_NOTES.md, v7 and v9.
 
 Small calls are host-bound, so each launcher keeps a launch plan per call signature (shapes, strides and
 dtypes of every tensor, bias presence, activation, device): the answer of the applicability check, the
@@ -27,7 +27,7 @@ from torch import Tensor
 from .. import _activation
 from . import _runtime
 
-THREADS = 128  # CC_THREADS of the kernels: a block's threads, 8 steps each per pass
+THREADS = 128  # CC_THREADS of the kernels: a block's threads, 8 steps per vector
 MAX_WIDTH = 17  # the W-1 steps before (and after) a thread's 8 come from at most two neighbouring vectors
 _X_BF16 = {torch.bfloat16: 1, torch.float16: 0}
 _WT = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
@@ -93,10 +93,12 @@ def _check_signature(x: Tensor, weight: Tensor, bias: Tensor | None, activation:
     return None, strides
 
 
-def preferred_for_forward(T: int, W: int) -> bool:
-    """Where the CUDA C++ forward is the faster one (measured on an H200, docs/PERF_NOTES.md v6): everywhere
-    from W = 4 up; at W = 2 and 3 Triton's run kernel (which serves T >= 1024) is as fast or faster."""
-    return W >= 4 or T < 1024
+def forward_vectors(W: int) -> int:
+    """16-byte vectors per thread of the forward (CC_VPT). Measured on an H200 (bf16, B4 D4096 T8192 and
+    B8 D2048 T4096, `python benchmarks/prototypes/cuda_bdt_fwd.py`, docs/PERF_NOTES.md v9): 2 vectors were
+    fastest up to W = 8 (W = 4: 96.2 / 91.2% of copy against 90.1 / 87.0% for one), 4 from W = 9 on, where
+    they held 93.6% at W = 12 and 82% at W = 16 (2 vectors: 82 and 70%)."""
+    return 2 if W <= 8 else 4
 
 
 def _defines(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int) -> dict[str, int]:
@@ -107,12 +109,11 @@ def _defines(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int) ->
 class _ForwardPlan:
     """What a forward call of one signature needs beyond its pointers."""
 
-    __slots__ = ("launch", "pointers", "faster")
+    __slots__ = ("launch", "pointers")
 
-    def __init__(self, prepared, faster: bool):
+    def __init__(self, prepared):
         self.launch = prepared.launch  # (x, weight, bias or weight, out): pointers, or tensors (the harness)
         self.pointers = prepared.takes_pointers
-        self.faster = faster  # `preferred_for_forward`
 
 
 class _BackwardPlan:
@@ -141,15 +142,17 @@ _backward_plans: dict[tuple, _BackwardPlan | None] = {}
 
 def _plan_forward(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int) -> _ForwardPlan | None:
     reason, x_strides = _check_signature(x, weight, bias, activation)
-    fn = _runtime.kernel("cc_conv_fwd_bdt", _defines(x, weight, bias, activation), x.device) if not reason else None
+    vectors = forward_vectors(weight.shape[1])
+    fn = _runtime.kernel("cc_conv_fwd_bdt", dict(_defines(x, weight, bias, activation), CC_VPT=vectors),
+                         x.device) if not reason else None
     if fn is None:
         return None
     B, D, T = x.shape
     n8 = T // 8
     out_strides = _new_like_strides(x)
-    launch = fn.prepare((-(-n8 // THREADS), D, B), (THREADS, 1, 1), 4,
+    launch = fn.prepare((-(-n8 // (THREADS * vectors)), D, B), (THREADS, 1, 1), 4,
                         (n8, *x_strides, *out_strides, *_weight_strides(weight, bias)))
-    return _ForwardPlan(launch, preferred_for_forward(T, weight.shape[1]))
+    return _ForwardPlan(launch)
 
 
 def _new_like_strides(x: Tensor) -> tuple[int, int]:
@@ -187,9 +190,8 @@ def _plan_backward(x: Tensor, weight: Tensor, bias: Tensor | None, dout: Tensor,
 
 
 def conv_fwd_bdt(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int,
-                 allow_cpu: bool = False, where_faster: bool = False) -> Tensor | None:
-    """`act(bias + conv(x))` `[B, D, T]` (zeros before t = 0), or None where the kernels do not apply (and,
-    with `where_faster`, where `preferred_for_forward` leaves the call to Triton)."""
+                 allow_cpu: bool = False) -> Tensor | None:
+    """`act(bias + conv(x))` `[B, D, T]` (zeros before t = 0), or None where the kernels do not apply."""
     device = _runtime.launch_device(x, allow_cpu)
     if device is None:
         return None
@@ -201,7 +203,7 @@ def conv_fwd_bdt(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int
     plan = _forward_plans.get(key, _UNSEEN)
     if plan is _UNSEEN:
         plan = _remember(_forward_plans, key, _plan_forward(x, weight, bias, activation))
-    if plan is None or (where_faster and not plan.faster):
+    if plan is None:
         return None
     xp = x.data_ptr()
     if xp & 15:

@@ -178,14 +178,15 @@ class _BackwardPlan:
 _backward_plans: dict[tuple, _BackwardPlan | None] = {}
 
 
-def backward_variant(has_mask: bool, W: int) -> tuple[int, int]:
+def backward_variant(has_mask: bool, residual: bool, W: int) -> tuple[int, int]:
     """(channels per thread, rows per batch) of the backward (CC_BWD_VEC, CC_BWD_RUN). Measured on an H200
-    (bf16, B8 T2048 D4096, `python benchmarks/prototypes/cuda_vs_triton.py --backward-sweep`, docs/PERF_NOTES.md
-    v9): at W <= 4, 4 channels (8-byte rows) were fastest, with 4 rows per batch where the mask's window
-    adds registers; from W = 5 on, the windows of 4 channels spill and 2 channels by 8 rows won (W 7: 0.230
-    against 0.291 ms)."""
+    (bf16, B8 T2048 D4096, `python benchmarks/prototypes/cuda_vs_triton.py --backward-sweep` and
+    `--channel-last-backward`, docs/PERF_NOTES.md v9): at W <= 4, 4 channels (8-byte rows) were fastest, by 8
+    rows for the plain conv and by 4 where the mask's or the residual's window adds registers (W = 4 fused
+    with a mask: 0.177 against 0.250 ms; without a mask, 8 rows took 0.231 ms against Triton's 0.192); from
+    W = 5 on the windows of 4 channels spill, and 2 channels by 8 rows won (W = 7: 0.230 against 0.291 ms)."""
     if W <= 4:
-        return 4, 4 if has_mask else 8
+        return 4, 4 if has_mask or residual else 8
     return 2, 8
 
 
@@ -207,7 +208,7 @@ def _plan_backward(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor 
     if dout_strides is None or dx_strides is None or dx.dtype != x.dtype:
         return None
     W = weight.shape[1]
-    vec, run = backward_variant(mask is not None, W)
+    vec, run = backward_variant(mask is not None, bool(residual), W)
     defines = dict(CC_W=W, CC_X_BF16=_X_BF16[x.dtype], CC_WT=_WT[weight.dtype], CC_HAS_BIAS=int(bias is not None),
                    CC_ACTIVATION=activation)
     fn = _runtime.kernel("cc_conv_bwd_btd", dict(defines, CC_HAS_MASK=int(mask is not None),

@@ -27,7 +27,7 @@ def _btd_strides(t: Tensor) -> tuple[int, int, int]:
 
 def causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation: int, return_final_states: bool):
     plain = seq_idx is None and initial_states is None
-    out = cuda_launch.conv_fwd_bdt(x, weight, bias, activation, where_faster=True) if plain else None
+    out = cuda_launch.conv_fwd_bdt(x, weight, bias, activation) if plain else None
     if out is None or return_final_states:
         B, D, T = x.shape
         W = weight.shape[1]

@@ -70,33 +70,71 @@ __device__ __forceinline__ void cc_load_filter(const cc_wt* __restrict__ weight,
 #define CC_THREADS 128
 
 // ------------------------------------------------------------------ forward
+#ifdef CC_VPT  // the forward: the variants with its own define (the backward and the reduction below otherwise)
+// CC_VPT: 16-byte vectors per thread (1, 2 or 4), chosen by width by the launcher.
+// A thread owns CC_VPT vectors of one row, 32 vectors apart: vector j of a lane is its warp's base + 32 j +
+// lane, so each load instruction of a warp reads 512 contiguous bytes, and all CC_VPT loads are in flight
+// before any arithmetic. The halo of vector j (the CC_HALO vectors before it) comes from lane - h's vector j,
+// or, for lanes < h, from lane 32 + lane - h's vector j - 1 (one rotation of each vector by shuffles); only
+// vector 0 of the lowest lanes loads its halo. Measured on an H200 against one vector per thread
+// (benchmarks/prototypes/cuda_bdt_fwd.py, docs/PERF_NOTES.md v9).
 // out[b, d, t] = act(bias[d] + sum_k w[d, k] * x[b, d, t - (W-1) + k]), zeros before t = 0.
-// grid (ceil(T/8 / 128), D, B), block 128. n8 = T / 8; strides in units of 8 elements.
+// grid (ceil(T/8 / (128 * CC_VPT)), D, B), block 128. n8 = T / 8; strides in units of 8 elements.
+__device__ __forceinline__ uint4 cc_from_lane(uint4 v, int src) {
+    return make_uint4(__shfl_sync(0xFFFFFFFFu, v.x, src), __shfl_sync(0xFFFFFFFFu, v.y, src),
+                      __shfl_sync(0xFFFFFFFFu, v.z, src), __shfl_sync(0xFFFFFFFFu, v.w, src));
+}
+
 extern "C" __global__ void __launch_bounds__(CC_THREADS) cc_conv_fwd_bdt(
         const uint4* __restrict__ x, const cc_wt* __restrict__ weight, const cc_wt* __restrict__ bias,
         uint4* __restrict__ out, int n8, int x_stride_b, int x_stride_d, int out_stride_b, int out_stride_d,
         int w_stride_d, int w_stride_k, int bias_stride) {
     const int d = blockIdx.y, b = blockIdx.z, lane = threadIdx.x & 31;
-    const int v = blockIdx.x * CC_THREADS + threadIdx.x;
+    const int v0 = blockIdx.x * (CC_THREADS * CC_VPT) + (threadIdx.x >> 5) * (32 * CC_VPT) + lane;
     const uint4* xr = x + (long long)b * x_stride_b + (long long)d * x_stride_d;
+    uint4* orow = out + (long long)b * out_stride_b + (long long)d * out_stride_d;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    uint4 raw[CC_VPT];
+#pragma unroll
+    for (int j = 0; j < CC_VPT; ++j) {  // every load first
+        const int v = v0 + 32 * j;
+        raw[j] = v < n8 ? xr[v] : zero;
+    }
     float wk[CC_W], bs;
     cc_load_filter(weight, bias, d, w_stride_d, w_stride_k, bias_stride, wk, &bs);
-    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-    const uint4 cur = v < n8 ? xr[v] : zero;
-    float xs[8 * CC_HALO + 8];  // the halo before, then the own 8 steps
-    cc_halo_before(xr, cur, v, n8, lane, xs);  // every lane takes part: no lane has returned yet
-    if (v >= n8) return;
-    cc_unpack8(cur, xs + 8 * CC_HALO);
-    float o[8];
+    // halo[h-1][j]: vector (v0 + 32 j) - h. Every lane shuffles (no lane has returned).
+    uint4 halo[CC_HALO > 0 ? CC_HALO : 1][CC_VPT];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        float acc = bs;
+    for (int h = 1; h <= CC_HALO; ++h) {
+        uint4 prev = zero;  // for lanes < h: lane 32 + lane - h's previous vector; before vector 0, loaded
+        if (lane < h && v0 - h >= 0 && v0 - h < n8) prev = xr[v0 - h];
 #pragma unroll
-        for (int k = 0; k < CC_W; ++k) acc = fmaf(wk[k], xs[8 * CC_HALO + i - (CC_W - 1) + k], acc);
-        o[i] = cc_activation(acc);
+        for (int j = 0; j < CC_VPT; ++j) {
+            const uint4 rotated = cc_from_lane(raw[j], (lane - h) & 31);
+            halo[h - 1][j] = lane >= h ? rotated : prev;
+            prev = rotated;
+        }
     }
-    out[(long long)b * out_stride_b + (long long)d * out_stride_d + v] = cc_pack8(o);
+#pragma unroll
+    for (int j = 0; j < CC_VPT; ++j) {
+        float xs[8 * CC_HALO + 8];  // the halo (oldest first), then vector j's own 8 steps
+#pragma unroll
+        for (int h = 1; h <= CC_HALO; ++h) cc_unpack8(halo[h - 1][j], xs + 8 * (CC_HALO - h));
+        cc_unpack8(raw[j], xs + 8 * CC_HALO);
+        float o[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            float acc = bs;
+#pragma unroll
+            for (int k = 0; k < CC_W; ++k) acc = fmaf(wk[k], xs[8 * CC_HALO + i - (CC_W - 1) + k], acc);
+            o[i] = cc_activation(acc);
+        }
+        const int v = v0 + 32 * j;
+        if (v < n8) orow[v] = cc_pack8(o);
+    }
 }
+
+#else  // CC_VPT: the backward and the reduction of the weight gradient
 
 // ------------------------------------------------------------------ backward
 // dpre[t] = dout[t] * act'(pre[t]) (pre recomputed from x);  dx[s] = sum_k w[k] * dpre[s + W-1-k];
@@ -194,3 +232,5 @@ extern "C" __global__ void __launch_bounds__(256) cc_reduce_partials(
     else dbias[d] = cc_float_to_w(s);
 #endif
 }
+
+#endif  // CC_VPT
