@@ -1,0 +1,652 @@
+"""Prototype for issue #12 (P6, P2): variants of the channel-last CUDA C++ forward `[B, T, D]` that keep their
+%copy as the filter widens, timed beside the shipped kernel (`cuda/kernels/conv_btd.cu`) in one run.
+
+    PYTHONPATH=$PWD python benchmarks/prototypes/cuda_btd_wide.py --json wide.json  # on an NVIDIA GPU
+    PYTHONPATH=$PWD python benchmarks/prototypes/cuda_btd_wide.py --check           # no GPU: every variant
+                                                                                     # through cuda_harness
+
+Why: the shipped kernel gives each thread 4 channels x 8 steps, converts all 8 + W-1 rows to float32 before
+the taps and holds 4 * W float weights, so from W ~ 8 the registers overflow and %copy falls with W (fused:
+W 4 87%, W 8 64%, W 16 ~23%; docs/PERF_NOTES.md, v8). Each variant here changes one of those choices
+(the `Variant` fields), on top of the shipped helpers (`common.cuh`: conversions, `cvt.rn.bf16x2` packing,
+SiLU), so that only the scheme differs from the shipped kernel:
+- `run`: steps per thread (the W-1 halo rows are loaded and converted again per run: (W-1)/run extra work);
+- `vec`: channels per thread, 4 (8-byte rows) or 2 (4-byte rows: half the registers per row and per tap);
+- `eager`: convert every row before the taps (the shipped scheme), or lazily as the window slides, so that
+  only about W converted rows are live; `ahead` rows of loads are kept in flight ahead of the conversion
+  (0: every load of the run issued first, as shipped);
+- `wmode`: weights as float registers (shipped), as packed bf16 pairs in registers (unpacked per tap), or
+  as float32 in shared memory read per tap (each thread reads only its own slots: no barrier);
+- `mask` (fused op): 0 the shipped per-element `m != 0 ? x * m : 0`; 1 the row's words selected by
+  `m != 0` then multiplied; 2 the mask values loaded once per warp (one per lane) and broadcast by shuffle,
+  with a warp vote: where every mask value of the run is 0 or 1 (an HF padding mask), the multiply is
+  skipped and only the select remains (uniform branch, no divergence);
+- `act`: SiLU as shipped (`x / (1 + exp(-x))`, two MUFU operations) or `h + h * tanh.approx(h)`, h = x / 2
+  (one; less accurate far in the negative tail: the GPU run prints each variant's error).
+Masking is by selection everywhere (a masked-out NaN/Inf contributes nothing); the residual adds the unmasked
+x; zeros before t = 0; bf16 x, weights and bias, float32 arithmetic. Nothing here is shipped.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import cuda_fwd  # noqa: E402
+
+from causal_conv1d_mps import _activation  # noqa: E402
+from causal_conv1d_mps.cuda import _source  # noqa: E402
+
+KERNEL_NAME = "wide_fwd_btd"
+
+# The kernel text; the shipped contract (CC_*) and common.cuh come before it, then the variant's WV_* defines.
+KERNEL = r"""
+#define WV_N (WV_RUN + CC_W - 1)                                   // rows a run reads: its halo and its steps
+#define WV_A ((WV_AHEAD == 0 || WV_AHEAD > WV_N) ? WV_N : WV_AHEAD)  // rows of loads issued ahead
+#define WV_SLOTS ((WV_N + 31) / 32)                                 // mask values per lane (mask mode 2)
+#define WV_FULL 0xFFFFFFFFu
+
+#if WV_VEC == 4
+typedef uint2 wv_row;  // one step of the thread's 4 channels
+__device__ __forceinline__ wv_row wv_zero() { return make_uint2(0u, 0u); }
+__device__ __forceinline__ unsigned int wv_word(wv_row v, int i) { return i == 0 ? v.x : v.y; }
+__device__ __forceinline__ wv_row wv_keep(bool keep, wv_row v) {
+    return make_uint2(keep ? v.x : 0u, keep ? v.y : 0u);
+}
+__device__ __forceinline__ wv_row wv_pack(const float* f) {
+    return make_uint2(cc_pack2(f[0], f[1]), cc_pack2(f[2], f[3]));
+}
+#else
+typedef unsigned int wv_row;  // one step of the thread's 2 channels
+__device__ __forceinline__ wv_row wv_zero() { return 0u; }
+__device__ __forceinline__ unsigned int wv_word(wv_row v, int) { return v; }
+__device__ __forceinline__ wv_row wv_keep(bool keep, wv_row v) { return keep ? v : 0u; }
+__device__ __forceinline__ wv_row wv_pack(const float* f) { return cc_pack2(f[0], f[1]); }
+#endif
+
+// the 16 bits of element e (0 <= e < WV_VEC) of a row
+__device__ __forceinline__ unsigned int wv_bits(wv_row v, int e) {
+    const unsigned int word = wv_word(v, e >> 1);
+    return (e & 1) ? word >> 16 : word & 0xFFFFu;
+}
+
+__device__ __forceinline__ void wv_unpack(wv_row v, float* f) {
+#pragma unroll
+    for (int e = 0; e < WV_VEC; ++e) f[e] = CC_X_TO_FLOAT(wv_bits(v, e));
+}
+
+__device__ __forceinline__ float wv_act(float pre) {
+#if WV_ACT == 1
+    const float h = 0.5f * pre;
+#if CC_PTX
+    float t;
+    asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(h));
+#else
+    const float t = tanhf(h);
+#endif
+    return fmaf(h, t, h);  // silu(x) = x/2 * (1 + tanh(x/2))
+#else
+    return cc_activation(pre);
+#endif
+}
+
+// ------------------------------------------------------------------ weights
+struct WvWeights {
+#if WV_WMODE == 0
+    float w[CC_W][WV_VEC];            // float registers (shipped)
+#elif WV_WMODE == 1
+    unsigned int p[CC_W][WV_VEC / 2]; // bf16 pairs (channels 2q, 2q+1) per tap, unpacked per use
+#else
+    const float* s;                   // this thread's first slot in shared memory; tap k at s + k * TPB * VEC
+#endif
+    float bias[WV_VEC];
+};
+
+// the taps' weights of the thread's channels at tap k
+__device__ __forceinline__ void wv_tap(const WvWeights& wt, int k, float* f) {
+#if WV_WMODE == 0
+#pragma unroll
+    for (int j = 0; j < WV_VEC; ++j) f[j] = wt.w[k][j];
+#elif WV_WMODE == 1
+#pragma unroll
+    for (int q = 0; q < WV_VEC / 2; ++q) {
+        f[2 * q] = __uint_as_float(wt.p[k][q] << 16);
+        f[2 * q + 1] = __uint_as_float(wt.p[k][q] & 0xFFFF0000u);
+    }
+#else
+    const float* p = wt.s + k * (WV_TPB * WV_VEC);
+#if WV_VEC == 4
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    f[0] = v.x; f[1] = v.y; f[2] = v.z; f[3] = v.w;
+#else
+    const float2 v = *reinterpret_cast<const float2*>(p);
+    f[0] = v.x; f[1] = v.y;
+#endif
+#endif
+}
+
+// ------------------------------------------------------------------ one run
+struct WvRun {
+    const wv_row* xb;  // x at (b, 0, the thread's channels)
+    const float* mb;   // mask at (b, 0)
+    wv_row* ob;        // out at (b, 0, the thread's channels)
+    int t0, T, DV;
+    bool active;       // the thread's channels exist (threads past D still take part in warp calls)
+};
+
+__device__ __forceinline__ wv_row wv_load(const WvRun& a, int i) {  // row i of the run: step t0 - (W-1) + i
+    const int t = a.t0 - (CC_W - 1) + i;
+    return (a.active && t >= 0 && t < a.T) ? a.xb[(long long)t * a.DV] : wv_zero();
+}
+
+__device__ __forceinline__ float wv_load_mask(const WvRun& a, int i) {
+    const int t = a.t0 - (CC_W - 1) + i;
+    return (t >= 0 && t < a.T) ? a.mb[t] : 0.f;
+}
+
+// row i's mask value: loaded with the row (modes 0, 1) or broadcast from the lane that loaded it (mode 2)
+__device__ __forceinline__ float wv_mask_of(const float (&m)[WV_N], const float (&mv)[WV_SLOTS], int i) {
+#if WV_MASK == 2
+    return __shfl_sync(WV_FULL, mv[i / 32], i % 32);
+#else
+    return m[i];
+#endif
+}
+
+// row bits -> the conv input in float32, masked by selection
+template <bool BINARY>
+__device__ __forceinline__ void wv_convert(wv_row v, float m, float* f) {
+#if CC_HAS_MASK && WV_MASK == 1
+    wv_unpack(wv_keep(m != 0.f, v), f);
+#pragma unroll
+    for (int j = 0; j < WV_VEC; ++j) f[j] *= m;
+#elif CC_HAS_MASK
+    float g[WV_VEC];
+    wv_unpack(v, g);
+#pragma unroll
+    for (int j = 0; j < WV_VEC; ++j) f[j] = m != 0.f ? (BINARY ? g[j] : g[j] * m) : 0.f;
+#else
+    wv_unpack(v, f);
+#endif
+}
+
+// output step r of the run from the converted rows r .. r + W-1
+__device__ __forceinline__ void wv_output(const WvRun& a, const WvWeights& wt, const float (&xf)[WV_N][WV_VEC],
+                                          const wv_row (&raw)[WV_N], int r) {
+    float acc[WV_VEC];
+#pragma unroll
+    for (int j = 0; j < WV_VEC; ++j) acc[j] = wt.bias[j];
+#pragma unroll
+    for (int k = 0; k < CC_W; ++k) {
+        float w[WV_VEC];
+        wv_tap(wt, k, w);
+#pragma unroll
+        for (int j = 0; j < WV_VEC; ++j) acc[j] = fmaf(w[j], xf[r + k][j], acc[j]);
+    }
+    float o[WV_VEC];
+#pragma unroll
+    for (int j = 0; j < WV_VEC; ++j) o[j] = wv_act(acc[j]);
+#if CC_RESIDUAL
+    float res[WV_VEC];
+    wv_unpack(raw[r + CC_W - 1], res);  // the unmasked x
+#pragma unroll
+    for (int j = 0; j < WV_VEC; ++j) o[j] += res[j];
+#endif
+    if (a.active && a.t0 + r < a.T) a.ob[(long long)(a.t0 + r) * a.DV] = wv_pack(o);
+}
+
+// rows 0 .. WV_A-1 are loaded (and their mask values, modes 0 and 1); the rest of the run
+template <bool BINARY>
+__device__ __forceinline__ void wv_body(const WvRun& a, const WvWeights& wt, wv_row (&raw)[WV_N],
+                                        float (&m)[WV_N], const float (&mv)[WV_SLOTS]) {
+    constexpr int H = CC_W - 1;
+    float xf[WV_N][WV_VEC];
+#if WV_EAGER  // the shipped scheme: every row converted, then the taps
+#pragma unroll
+    for (int i = 0; i < WV_N; ++i) wv_convert<BINARY>(raw[i], wv_mask_of(m, mv, i), xf[i]);
+#pragma unroll
+    for (int r = 0; r < WV_RUN; ++r) wv_output(a, wt, xf, raw, r);
+#else  // lazily: row i converted when the window reaches it, output i - (W-1) formed at once
+#pragma unroll
+    for (int i = 0; i < WV_N; ++i) {
+        if (i + WV_A < WV_N) {
+            raw[i + WV_A] = wv_load(a, i + WV_A);
+#if CC_HAS_MASK && WV_MASK != 2
+            m[i + WV_A] = wv_load_mask(a, i + WV_A);
+#endif
+        }
+        wv_convert<BINARY>(raw[i], wv_mask_of(m, mv, i), xf[i]);
+        if (i >= H) wv_output(a, wt, xf, raw, i - H);
+    }
+#endif
+}
+
+// grid (ceil(T / RUN), ceil(DV / TPB), B), block TPB (a multiple of 32); DV = D / VEC; x, out [B, T, D]
+// contiguous; weight [D, W], bias [D] contiguous; mask [B, T] float32 contiguous (a stand-in without a mask)
+extern "C" __global__ void __launch_bounds__(WV_TPB WV_MINB_ARG) wide_fwd_btd(
+        const wv_row* __restrict__ x, const cc_wt* __restrict__ weight, const cc_wt* __restrict__ bias,
+        const float* __restrict__ mask, wv_row* __restrict__ out, int T, int DV) {
+    const int c = blockIdx.y * WV_TPB + threadIdx.x, b = blockIdx.z;
+    WvRun a;
+    a.t0 = blockIdx.x * WV_RUN;
+    a.T = T;
+    a.DV = DV;
+    a.active = c < DV;
+    a.xb = x + (long long)b * T * DV + c;
+    a.ob = out + (long long)b * T * DV + c;
+    a.mb = mask + (long long)b * T;
+#if !CC_HAS_MASK || WV_MASK != 2
+    if (!a.active) return;  // no warp-level calls follow
+#endif
+    wv_row raw[WV_N];
+    float m[WV_N];
+#pragma unroll
+    for (int i = 0; i < WV_N; ++i) {  // loads first: predicated, no branch between them
+        if (i < WV_A) raw[i] = wv_load(a, i);
+#if CC_HAS_MASK && WV_MASK != 2
+        if (i < WV_A) m[i] = wv_load_mask(a, i);
+#else
+        m[i] = 1.f;  // unused
+#endif
+    }
+    float mv[WV_SLOTS];
+    bool binary = false;
+#if CC_HAS_MASK && WV_MASK == 2
+    {   // lane l holds the mask value of rows l, l + 32, ...; one vote: all of the run's values are 0 or 1
+        const int lane = threadIdx.x & 31;
+        bool plain = true;
+#pragma unroll
+        for (int s = 0; s < WV_SLOTS; ++s) {
+            mv[s] = 32 * s + lane < WV_N ? wv_load_mask(a, 32 * s + lane) : 0.f;
+            plain = plain && (mv[s] == 0.f || mv[s] == 1.f);
+        }
+        binary = __all_sync(WV_FULL, plain);
+    }
+#else
+#pragma unroll
+    for (int s = 0; s < WV_SLOTS; ++s) mv[s] = 0.f;
+#endif
+
+    WvWeights wt;
+#if WV_WMODE == 2
+    __shared__ __align__(16) float ws[CC_W * WV_TPB * WV_VEC];
+#endif
+    {   // the thread's VEC channels' weights are VEC * W contiguous values: W row-sized loads
+        const wv_row* wr = reinterpret_cast<const wv_row*>(weight + (long long)(a.active ? c : 0) * WV_VEC * CC_W);
+        wv_row flat[CC_W];
+#pragma unroll
+        for (int i = 0; i < CC_W; ++i) flat[i] = wr[i];
+#if WV_WMODE == 2
+        wt.s = ws + threadIdx.x * WV_VEC;
+#endif
+#pragma unroll
+        for (int k = 0; k < CC_W; ++k) {
+#pragma unroll
+            for (int j = 0; j < WV_VEC; ++j) {
+                const int e = j * CC_W + k;  // channel j, tap k
+                const unsigned int bits = wv_bits(flat[e / WV_VEC], e % WV_VEC);
+#if WV_WMODE == 0
+                wt.w[k][j] = cc_bf16_to_float(bits);
+#elif WV_WMODE == 1
+                if (j & 1) wt.p[k][j / 2] |= bits << 16; else wt.p[k][j / 2] = bits;
+#else
+                ws[(k * WV_TPB + threadIdx.x) * WV_VEC + j] = cc_bf16_to_float(bits);  // own slots only
+#endif
+            }
+        }
+        const wv_row bv = reinterpret_cast<const wv_row*>(bias)[a.active ? c : 0];
+        wv_unpack(bv, wt.bias);
+    }
+    if (binary)
+        wv_body<true>(a, wt, raw, m, mv);
+    else
+        wv_body<false>(a, wt, raw, m, mv);
+}
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One kernel variant (see the module docstring for what each field changes)."""
+    name: str
+    vec: int = 4      # channels per thread: 4 or 2
+    run: int = 8      # steps per thread
+    tpb: int = 64     # threads per block, a multiple of 32
+    ahead: int = 0    # rows of loads in flight ahead of the conversion; 0: every load first
+    eager: bool = False  # every row converted before the taps (the shipped scheme; needs ahead 0)
+    wmode: int = 0    # weights: 0 float registers, 1 packed bf16 pairs, 2 shared memory
+    mask: int = 0     # 0 shipped select(x * m), 1 words selected then multiplied, 2 warp vote, binary fast path
+    act: int = 0      # 0 shipped SiLU, 1 tanh.approx SiLU
+    minb: int = 0     # __launch_bounds__ minimum blocks per SM (0: none)
+
+    def __post_init__(self):
+        if self.vec not in (2, 4) or self.tpb % 32 or (self.eager and self.ahead):
+            raise ValueError(f"variant {self.name}: vec 2 or 4, tpb a multiple of 32, eager only with ahead 0")
+
+
+def _v(name, **kw):
+    return Variant(name, **kw)
+
+
+VARIANTS = {v.name: v for v in (
+    _v("eager-v4r8", eager=True),                 # the shipped scheme, rebuilt here (control)
+    _v("eager-v4r4", run=4, eager=True),          # (a) run chosen per W
+    _v("eager-v4r16", run=16, eager=True),
+    _v("lazy-v4r8"),                              # (c) rows converted as the window slides, loads first
+    _v("lazy-v4r16", run=16),
+    _v("stream-v4r16a8", run=16, ahead=8),        # (c) with 8 rows of loads in flight ahead
+    _v("lazy-v2r16", vec=2, run=16, tpb=128),     # (b) 2 channels per thread, 4-byte rows
+    _v("lazy-v2r32", vec=2, run=32, tpb=128),
+    _v("stream-v2r32a16", vec=2, run=32, tpb=128, ahead=16),
+    _v("pack-v4r8", wmode=1),                     # (d) weights as packed bf16 pairs
+    _v("smem-v4r8", wmode=2),                     # (d) weights in shared memory, read per tap
+    _v("smem-v2r32a16", vec=2, run=32, tpb=128, ahead=16, wmode=2),
+    # (e) the mask, fused op only
+    _v("lazy-v4r8-m1", mask=1),
+    _v("lazy-v4r8-m2", mask=2),
+    _v("eager-v4r8-m2", eager=True, mask=2),
+    _v("lazy-v2r32-m2", vec=2, run=32, tpb=128, mask=2),
+    _v("lazy-v4r8-m2-tanh", mask=2, act=1),
+)}
+
+MASK_ONLY = {name for name, v in VARIANTS.items() if v.mask}
+
+# Which variants the GPU sweep times at each width (plus the shipped kernel, always); mask variants only for
+# the fused op. Kept modest: every (variant, W, op) is one NVRTC compile.
+SMALL = ("eager-v4r8", "eager-v4r16", "lazy-v4r8", "lazy-v4r16", "lazy-v2r16",
+         "lazy-v4r8-m1", "lazy-v4r8-m2", "eager-v4r8-m2", "lazy-v4r8-m2-tanh")
+MID = ("eager-v4r8", "lazy-v4r8", "lazy-v4r16", "stream-v4r16a8", "lazy-v2r16", "lazy-v2r32",
+       "lazy-v4r8-m1", "lazy-v4r8-m2", "lazy-v2r32-m2")
+LARGE = ("eager-v4r4", "eager-v4r8", "lazy-v4r8", "stream-v4r16a8", "lazy-v2r16", "lazy-v2r32",
+         "stream-v2r32a16", "pack-v4r8", "smem-v4r8", "smem-v2r32a16", "lazy-v4r8-m2", "lazy-v2r32-m2")
+WIDTHS = (2, 3, 4, 5, 6, 7, 8, 10, 12, 16)
+PLAN = {W: SMALL if W <= 4 else MID if W <= 8 else LARGE for W in WIDTHS}
+SHAPES = ((4, 8192, 4096), (4, 2048, 4096))  # (B, T, D)
+
+
+def source(v: Variant, W: int, has_mask: bool, residual: bool) -> str:
+    """The full text: the shipped contract and helpers (bf16 x, weight, bias; SiLU), then the variant."""
+    contract = dict(CC_W=W, CC_X_BF16=1, CC_WT=0, CC_HAS_BIAS=1, CC_ACTIVATION=_activation.SILU,
+                    CC_HAS_MASK=int(has_mask), CC_RESIDUAL=int(residual))
+    defines = dict(WV_VEC=v.vec, WV_RUN=v.run, WV_TPB=v.tpb, WV_AHEAD=v.ahead, WV_EAGER=int(v.eager),
+                   WV_WMODE=v.wmode, WV_MASK=v.mask if has_mask else 0, WV_ACT=v.act)
+    lines = [f"#define {k} {val}" for k, val in defines.items()]
+    lines.append(f"#define WV_MINB_ARG {', ' + str(v.minb) if v.minb else ''}")
+    return (_source.header(contract, "conv_btd.cu") + _source._text(_source.COMMON_FILE) + "\n".join(lines)
+            + "\n" + KERNEL)
+
+
+def launch(kernel, v: Variant, x, w, bias, mask, out):
+    """x, out `[B, T, D]` bf16 contiguous (D a multiple of v.vec); w `[D, W]`, bias `[D]` bf16; mask `[B, T]`
+    float32 or None."""
+    B, T, D = x.shape
+    dv = D // v.vec
+    kernel(grid=(-(-T // v.run), -(-dv // v.tpb), B), block=(v.tpb, 1, 1),
+           args=[x, w, bias, mask if mask is not None else x, out, T, dv])
+
+
+def reference(x, w, bias, mask, residual):
+    """float64 `[B, T, D]`: (x if residual) + silu(bias + conv(x masked by selection, times the mask))."""
+    xd = x.double()
+    xm = xd if mask is None else torch.where(mask[:, :, None] != 0, xd * mask.double()[:, :, None], 0)
+    W = w.shape[1]
+    pre = F.conv1d(F.pad(xm.transpose(1, 2), (W - 1, 0)), w.double()[:, None, :], bias.double(),
+                   groups=x.shape[2]).transpose(1, 2)
+    y = pre * torch.sigmoid(pre)
+    return y + xd if residual else y
+
+
+def _inputs(B, T, D, W, device, seed, soft_mask=False):
+    """x, weight, bias and a float32 mask: row 0 left-padded (0 over its first max(1, T // 4) steps) and a
+    0 inside row B-1; NaN and Inf at masked positions. `soft_mask`: values other than 0 and 1 in the last
+    row (the non-binary path of mask mode 2)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(B, T, D, device=device, generator=g).to(torch.bfloat16)
+    w = (torch.randn(D, W, device=device, generator=g) * W ** -0.5).to(torch.bfloat16)
+    bias = (torch.randn(D, device=device, generator=g) * 0.5).to(torch.bfloat16)
+    mask = torch.ones(B, T, device=device)
+    pad = max(1, T // 4)
+    mask[0, :pad] = 0
+    x[0, :pad, : D // 2] = float("nan")  # masked out: only their own outputs' residual may show them
+    x[0, 0, -1] = float("inf")
+    if T >= 3:
+        mask[B - 1, T // 2] = 0  # inside a sequence: its neighbours' windows must skip it
+        x[B - 1, T // 2, :] = float("nan")
+    if soft_mask:
+        mask[B - 1] *= 0.25 + 1.5 * torch.rand(T, device=device, generator=g)
+    return x, w, bias, mask
+
+
+def _compare(out, want):
+    """(relative error over finite reference values, NaN/Inf pattern equal)."""
+    got = out.double()
+    finite = torch.isfinite(want)
+    same = torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
+    den = want[finite].norm().item()
+    err = (got - want)[finite].norm().item() / den if den else (got - want)[finite].norm().item()
+    return err, same
+
+
+CHECK_WIDTHS = (2, 4, 7, 8, 12, 16)
+CHECK_SHAPES = ((2, 13, 64), (1, 3, 40), (2, 37, 8), (1, 70, 260))  # T % run != 0, T < W, B = 1, D % 256
+
+
+def check(names=None, widths=CHECK_WIDTHS, shapes=CHECK_SHAPES, verbose=True) -> int:
+    """Every variant on the CPU through cuda_harness at awkward sizes against float64; 0 when all pass."""
+    import cuda_harness
+
+    reason = cuda_harness.unavailable_reason()
+    if reason:
+        print(f"cuda_harness unavailable: {reason}")
+        return 1
+    failures = runs = 0
+    for name in names or VARIANTS:
+        v = VARIANTS[name]
+        for W in widths:
+            for has_mask in ((True,) if v.mask else (False, True)):
+                kernel = cuda_harness.compile_kernel(source(v, W, has_mask, has_mask), KERNEL_NAME)
+                for B, T, D in shapes:
+                    if D % v.vec:
+                        continue
+                    for soft in ((False, True) if has_mask else (False,)):
+                        x, w, bias, mask = _inputs(B, T, D, W, "cpu", W + T + soft, soft)
+                        m = mask if has_mask else None
+                        if not has_mask:
+                            x = torch.nan_to_num(x, nan=0.5, posinf=0.5)
+                        out = torch.full_like(x, float("nan"))  # a step never written stays NaN
+                        launch(kernel, v, x, w, bias, m, out)
+                        err, same = _compare(out, reference(x, w, bias, m, has_mask))
+                        ok = err < 1e-2 and same
+                        failures += not ok
+                        runs += 1
+                        if verbose or not ok:
+                            print(f"{name:20s} W{W:<2d} mask={int(has_mask)}{' soft' if soft else '     '} "
+                                  f"B{B} T{T} D{D}: rel err {err:.1e}{'' if same else ' NaN/Inf pattern differs'}"
+                                  f" {'ok' if ok else 'FAIL'}", flush=True)
+    print(f"{runs - failures} of {runs} runs pass")
+    return int(failures > 0)
+
+
+# ------------------------------------------------------------------ the GPU sweep
+def _compile_all(jobs):
+    """{job: kernel} for jobs (variant name, W, has_mask), compiled by NVRTC on a thread pool (NVRTC releases
+    the GIL), loaded on this thread; plus each kernel's registers and local (spill) bytes."""
+    from torch.cuda import _utils
+
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    cc = f"{props.major}{props.minor}"
+    opts = ["--use_fast_math", "-std=c++17"]  # as the shipped runtime
+
+    def compile_one(job):
+        name, W, has_mask = job
+        return _utils._nvrtc_compile(source(VARIANTS[name], W, has_mask, has_mask), KERNEL_NAME, cc, None, list(opts))
+
+    kernels = {}
+    try:
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            binaries = dict(zip(jobs, pool.map(compile_one, jobs)))
+        for job, (binary, mangled) in binaries.items():
+            kernels[job] = _utils._cuda_load_module(binary, [mangled])[mangled]
+    except (AttributeError, TypeError) as exc:  # another torch's private API: one at a time, the public way
+        print(f"parallel compile unavailable ({exc!r}); compiling serially")
+        for job in jobs:
+            name, W, has_mask = job
+            kernels[job] = torch.cuda._compile_kernel(source(VARIANTS[name], W, has_mask, has_mask), KERNEL_NAME,
+                                                      nvcc_options=list(opts))
+    libcuda = _utils._get_gpu_runtime_library()
+    attrs = {}
+    for job, k in kernels.items():
+        vals = []
+        for attr in (4, 3):  # CU_FUNC_ATTRIBUTE_NUM_REGS, CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES
+            out = ctypes.c_int(-1)
+            libcuda.cuFuncGetAttribute(ctypes.byref(out), attr, k.func)
+            vals.append(out.value)
+        attrs[job] = dict(regs=vals[0], local_bytes=vals[1])
+    return kernels, attrs
+
+
+def _timer(reps_per_graph: int = 10):
+    """ms per call of `fn`: `reps_per_graph` calls captured in one CUDA graph (no host launch cost in the
+    figure), median of `triton.testing.do_bench` over replays; plain calls if capture fails."""
+    import triton.testing
+
+    def timed(fn):
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(reps_per_graph):
+                    fn()
+            ms = triton.testing.do_bench(graph.replay, warmup=5, rep=30, return_mode="median")
+            return ms / reps_per_graph, "graph"
+        except RuntimeError as exc:
+            print(f"  (graph capture failed: {str(exc).splitlines()[0]}; timing plain calls)")
+            torch.cuda.synchronize()
+            return triton.testing.do_bench(fn, warmup=5, rep=30, return_mode="median"), "plain"
+
+    return timed
+
+
+def sweep(json_path: Path | None, budget_s: float, widths=WIDTHS, shapes=SHAPES) -> int:
+    import causal_conv1d_mps as ccmps
+    from causal_conv1d_mps.cuda import launch_btd
+
+    start = time.monotonic()
+    copy_gbs = cuda_fwd.copy_bandwidth()
+    print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  copy {copy_gbs:.0f} GB/s")
+    jobs = [(name, W, has_mask) for W in widths for has_mask in (False, True) for name in PLAN[W]
+            if has_mask or name not in MASK_ONLY]
+    kernels, attrs = _compile_all(jobs)
+    print(f"{len(jobs)} variants compiled in {time.monotonic() - start:.1f} s (with the copy)", flush=True)
+    timed = _timer()
+    rows: list[dict] = []
+    result = dict(copy_gbs=copy_gbs, device=torch.cuda.get_device_name(), torch=torch.__version__,
+                  variants={n: dataclasses.asdict(v) for n, v in VARIANTS.items()}, rows=rows, complete=False)
+
+    def save():
+        if json_path:
+            json_path.write_text(json.dumps(result, indent=1))
+
+    def record(op, shape, W, name, fn, out_of, want, nbytes, extra=None):
+        ms, how = timed(fn)
+        err, same = _compare(out_of(), want)
+        pct = nbytes / (ms * 1e-3) / 1e9 / copy_gbs * 100
+        rows.append(dict(op=op, B=shape[0], T=shape[1], D=shape[2], W=W, variant=name, ms=ms, pct_copy=pct,
+                         rel_err=err, nan_inf_pattern_ok=same, timing=how, **(extra or {})))
+        regs = f"{extra['regs']:3d} regs {extra['local_bytes']:4d} B local" if extra else " " * 20
+        print(f"{op:6s} B{shape[0]} T{shape[1]} D{shape[2]} W{W:<2d} {name:20s} {ms:8.4f} ms {pct:6.1f}% "
+              f"{regs}  err {err:.1e}{'' if same else ' NaN/Inf PATTERN DIFFERS'}", flush=True)
+
+    for shape in shapes:
+        B, T, D = shape
+        for W in widths:
+            for has_mask in (True, False):
+                if time.monotonic() - start > budget_s:
+                    print(f"time budget of {budget_s:.0f} s spent: stopping here (JSON has the rows so far)")
+                    save()
+                    return 0
+                op = "fused" if has_mask else "plain"
+                x, w, bias, mask = _inputs(B, T, D, W, "cuda", W)
+                if not has_mask:
+                    x = torch.nan_to_num(x, nan=0.5, posinf=0.5)
+                m = mask if has_mask else None
+                want = reference_fast(x, w, bias, m, has_mask)
+                nbytes = 2 * x.numel() * x.element_size()
+                out = torch.empty_like(x)
+                # the shipped kernel, through its launcher (float32 mask, as the variants) and the public API
+                ok = launch_btd.conv_fwd_btd(x, w, bias, m, _activation.SILU, has_mask, out)
+                if ok:
+                    record(op, shape, W, "shipped-kernel",
+                           lambda: launch_btd.conv_fwd_btd(x, w, bias, m, _activation.SILU, has_mask, out),
+                           lambda: out, want, nbytes)
+                if has_mask:
+                    am = mask.to(torch.int64)
+                    api = lambda: ccmps.short_conv_fused(x, w, bias, am, activation=True)  # noqa: E731
+                    api_out = lambda: ccmps.short_conv_fused(x, w, bias, am, activation=True)  # noqa: E731
+                else:
+                    xt = x.transpose(1, 2)
+                    api = lambda: ccmps.causal_conv1d(xt, w, bias, "silu")  # noqa: E731
+                    api_out = lambda: ccmps.causal_conv1d(xt, w, bias, "silu").transpose(1, 2)  # noqa: E731
+                with torch.no_grad():
+                    record(op, shape, W, "shipped-api", api, api_out, want, nbytes)
+                for name in PLAN[W]:
+                    if name in MASK_ONLY and not has_mask:
+                        continue
+                    v, k = VARIANTS[name], kernels[(name, W, has_mask)]
+                    out_v = torch.empty_like(x)
+                    record(op, shape, W, name, lambda: launch(k, v, x, w, bias, m, out_v), lambda: out_v, want,
+                           nbytes, attrs[(name, W, has_mask)])
+                del want
+                save()
+    result["complete"] = True
+    result["seconds"] = time.monotonic() - start
+    save()
+    print(f"done in {result['seconds']:.1f} s")
+    return 0
+
+
+def reference_fast(x, w, bias, mask, residual):
+    """`reference` by W shifted multiply-adds in float64 (no float64 conv on the GPU), `[B, T, D]`."""
+    xd = x.double()
+    xm = xd if mask is None else torch.where(mask[:, :, None] != 0, xd * mask.double()[:, :, None], 0)
+    W, T = w.shape[1], x.shape[1]
+    xp = F.pad(xm, (0, 0, W - 1, 0))
+    del xm
+    pre = bias.double().expand_as(xd).clone()
+    wd = w.double()
+    for k in range(W):
+        pre.add_(xp[:, k:k + T, :] * wd[:, k])
+    del xp
+    y = pre * torch.sigmoid(pre)
+    return y.add_(xd) if residual else y
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true", help="correctness on the CPU through cuda_harness, no GPU")
+    p.add_argument("--variants", nargs="*", help="--check: only these variants")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--budget", type=float, default=115.0, help="GPU sweep: stop starting cases after this many s")
+    args = p.parse_args(argv)
+    if args.check:
+        return check(args.variants)
+    return sweep(args.json, args.budget)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
