@@ -4,6 +4,15 @@
     PYTHONPATH=$PWD python benchmarks/prototypes/cuda_btd_wide.py --json wide.json  # on an NVIDIA GPU
     PYTHONPATH=$PWD python benchmarks/prototypes/cuda_btd_wide.py --check           # no GPU: every variant
                                                                                      # through cuda_harness
+    NVRTC_LIB=.../libnvrtc.so PYTHONPATH=$PWD python benchmarks/prototypes/cuda_btd_wide.py --ptx DIR
+                                                                  # no GPU: every kernel of the sweep to PTX
+
+The GPU sweep (W 2..16, fused with an HF mask and plain channel-last, B4 T8192 D4096 and B4 T2048 D4096
+bf16) times each variant beside the shipped kernel, both through its launcher with the float32 mask the
+variants take (`shipped-kernel`) and through the public functions (`shipped-api`, which converts the int64
+mask first), as % of a device copy of the same run; each figure is ten launches in one CUDA graph, so host
+time is out of it. It prints each kernel's registers and local (spill) bytes, a table per shape and op, and
+stops starting new cases after `--budget` seconds (the JSON keeps what was measured).
 
 Why: the shipped kernel gives each thread 4 channels x 8 steps, converts all 8 + W-1 rows to float32 before
 the taps and holds 4 * W float weights, so from W ~ 8 the registers overflow and %copy falls with W (fused:
@@ -334,29 +343,29 @@ class Variant:
             raise ValueError(f"variant {self.name}: vec 2 or 4, tpb a multiple of 32, eager only with ahead 0")
 
 
-def _v(name, **kw):
-    return Variant(name, **kw)
-
-
 VARIANTS = {v.name: v for v in (
-    _v("eager-v4r8", eager=True),                 # the shipped scheme, rebuilt here (control)
-    _v("eager-v4r4", run=4, eager=True),          # (a) run chosen per W
-    _v("eager-v4r16", run=16, eager=True),
-    _v("lazy-v4r8"),                              # (c) rows converted as the window slides, loads first
-    _v("lazy-v4r16", run=16),
-    _v("stream-v4r16a8", run=16, ahead=8),        # (c) with 8 rows of loads in flight ahead
-    _v("lazy-v2r16", vec=2, run=16, tpb=128),     # (b) 2 channels per thread, 4-byte rows
-    _v("lazy-v2r32", vec=2, run=32, tpb=128),
-    _v("stream-v2r32a16", vec=2, run=32, tpb=128, ahead=16),
-    _v("pack-v4r8", wmode=1),                     # (d) weights as packed bf16 pairs
-    _v("smem-v4r8", wmode=2),                     # (d) weights in shared memory, read per tap
-    _v("smem-v2r32a16", vec=2, run=32, tpb=128, ahead=16, wmode=2),
+    Variant("eager-v4r8", eager=True),                 # the shipped scheme, rebuilt here (control)
+    Variant("eager-v4r4", run=4, eager=True),          # (a) run chosen per W
+    Variant("eager-v4r16", run=16, eager=True),
+    Variant("lazy-v4r8"),                              # (c) rows converted as the window slides, loads first
+    Variant("lazy-v4r16", run=16),
+    Variant("stream-v4r16a8", run=16, ahead=8),        # (c) with 8 rows of loads in flight ahead
+    Variant("lazy-v2r16", vec=2, run=16, tpb=128),     # (b) 2 channels per thread, 4-byte rows
+    Variant("lazy-v2r32", vec=2, run=32, tpb=128),
+    Variant("stream-v2r32a16", vec=2, run=32, tpb=128, ahead=16),
+    Variant("pack-v4r8", wmode=1),                     # (d) weights as packed bf16 pairs
+    Variant("smem-v4r8", wmode=2),                     # (d) weights in shared memory, read per tap
+    Variant("smem-v2r32a16", vec=2, run=32, tpb=128, ahead=16, wmode=2),
+    Variant("lazy-v2r32-tanh", vec=2, run=32, tpb=128, act=1),  # one MUFU per output instead of two
     # (e) the mask, fused op only
-    _v("lazy-v4r8-m1", mask=1),
-    _v("lazy-v4r8-m2", mask=2),
-    _v("eager-v4r8-m2", eager=True, mask=2),
-    _v("lazy-v2r32-m2", vec=2, run=32, tpb=128, mask=2),
-    _v("lazy-v4r8-m2-tanh", mask=2, act=1),
+    Variant("lazy-v4r8-m1", mask=1),
+    Variant("lazy-v4r8-m2", mask=2),
+    Variant("eager-v4r8-m2", eager=True, mask=2),
+    Variant("eager-v4r16-m2", run=16, eager=True, mask=2),
+    Variant("lazy-v2r16-m2", vec=2, run=16, tpb=128, mask=2),
+    Variant("lazy-v2r32-m2", vec=2, run=32, tpb=128, mask=2),
+    Variant("lazy-v4r8-m2-tanh", mask=2, act=1),
+    Variant("lazy-v2r32-m2-tanh", vec=2, run=32, tpb=128, mask=2, act=1),
 )}
 
 MASK_ONLY = {name for name, v in VARIANTS.items() if v.mask}
@@ -364,13 +373,20 @@ MASK_ONLY = {name for name, v in VARIANTS.items() if v.mask}
 # Which variants the GPU sweep times at each width (plus the shipped kernel, always); mask variants only for
 # the fused op. Kept modest: every (variant, W, op) is one NVRTC compile.
 SMALL = ("eager-v4r8", "eager-v4r16", "lazy-v4r8", "lazy-v4r16", "lazy-v2r16",
-         "lazy-v4r8-m1", "lazy-v4r8-m2", "eager-v4r8-m2", "lazy-v4r8-m2-tanh")
+         "lazy-v4r8-m1", "lazy-v4r8-m2", "eager-v4r8-m2", "eager-v4r16-m2", "lazy-v4r8-m2-tanh")
 MID = ("eager-v4r8", "lazy-v4r8", "lazy-v4r16", "stream-v4r16a8", "lazy-v2r16", "lazy-v2r32",
-       "lazy-v4r8-m1", "lazy-v4r8-m2", "lazy-v2r32-m2")
+       "lazy-v4r8-m1", "lazy-v4r8-m2", "lazy-v2r16-m2", "lazy-v2r32-m2")
 LARGE = ("eager-v4r4", "eager-v4r8", "lazy-v4r8", "stream-v4r16a8", "lazy-v2r16", "lazy-v2r32",
-         "stream-v2r32a16", "pack-v4r8", "smem-v4r8", "smem-v2r32a16", "lazy-v4r8-m2", "lazy-v2r32-m2")
+         "stream-v2r32a16", "pack-v4r8", "smem-v4r8", "smem-v2r32a16", "lazy-v2r32-tanh",
+         "lazy-v4r8-m2", "lazy-v2r32-m2", "lazy-v2r32-m2-tanh")
 WIDTHS = (2, 3, 4, 5, 6, 7, 8, 10, 12, 16)
-PLAN = {W: SMALL if W <= 4 else MID if W <= 8 else LARGE for W in WIDTHS}
+
+
+def plan(W: int) -> tuple[str, ...]:
+    """The variants the sweep times at width W."""
+    return SMALL if W <= 4 else MID if W <= 8 else LARGE
+
+
 SHAPES = ((4, 8192, 4096), (4, 2048, 4096))  # (B, T, D)
 
 
@@ -396,14 +412,20 @@ def launch(kernel, v: Variant, x, w, bias, mask, out):
 
 
 def reference(x, w, bias, mask, residual):
-    """float64 `[B, T, D]`: (x if residual) + silu(bias + conv(x masked by selection, times the mask))."""
+    """float64 `[B, T, D]`: (x if residual) + silu(bias + conv(x masked by selection, times the mask)), by W
+    shifted multiply-adds (on the CPU and on the GPU, where a float64 conv would be slow)."""
     xd = x.double()
     xm = xd if mask is None else torch.where(mask[:, :, None] != 0, xd * mask.double()[:, :, None], 0)
-    W = w.shape[1]
-    pre = F.conv1d(F.pad(xm.transpose(1, 2), (W - 1, 0)), w.double()[:, None, :], bias.double(),
-                   groups=x.shape[2]).transpose(1, 2)
+    W, T = w.shape[1], x.shape[1]
+    xp = F.pad(xm, (0, 0, W - 1, 0))  # zeros before t = 0
+    del xm
+    pre = bias.double().expand_as(xd).clone()
+    wd = w.double()
+    for k in range(W):
+        pre.add_(xp[:, k:k + T, :] * wd[:, k])
+    del xp
     y = pre * torch.sigmoid(pre)
-    return y + xd if residual else y
+    return y.add_(xd) if residual else y
 
 
 def _inputs(B, T, D, W, device, seed, soft_mask=False):
@@ -428,21 +450,28 @@ def _inputs(B, T, D, W, device, seed, soft_mask=False):
 
 
 def _compare(out, want):
-    """(relative error over finite reference values, NaN/Inf pattern equal)."""
+    """(relative Frobenius error over the finite reference values, the worst error in bf16 units in the last
+    place of the reference (values below 2**-10 count as 2**-10), NaN/Inf pattern equal)."""
     got = out.double()
     finite = torch.isfinite(want)
     same = torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
-    den = want[finite].norm().item()
-    err = (got - want)[finite].norm().item() / den if den else (got - want)[finite].norm().item()
-    return err, same
+    g, w = got[finite], want[finite]
+    den = w.norm().item()
+    err = (g - w).norm().item() / (den or 1.0)
+    ulp = torch.exp2(torch.floor(torch.log2(w.abs().clamp_min(2.0 ** -10))) - 7)
+    worst = ((g - w).abs() / ulp).max().item() if w.numel() else 0.0
+    return err, worst, same
 
 
+MAX_ULPS = 2.0  # --check: every finite output within 2 bf16 ulps of float64 (the harness's exp is libm's)
 CHECK_WIDTHS = (2, 4, 7, 8, 12, 16)
 CHECK_SHAPES = ((2, 13, 64), (1, 3, 40), (2, 37, 8), (1, 70, 260))  # T % run != 0, T < W, B = 1, D % 256
 
 
-def check(names=None, widths=CHECK_WIDTHS, shapes=CHECK_SHAPES, verbose=True) -> int:
-    """Every variant on the CPU through cuda_harness at awkward sizes against float64; 0 when all pass."""
+def check(names=None, widths=CHECK_WIDTHS, shapes=CHECK_SHAPES, masks=(False, True), verbose=True) -> int:
+    """Every variant (or those `names`) on the CPU through cuda_harness at awkward sizes against float64, the
+    fused op (mask, residual; binary and soft masks) and, where `masks` holds False and the variant is not a
+    mask variant, the plain channel-last forward; 0 when all pass."""
     import cuda_harness
 
     reason = cuda_harness.unavailable_reason()
@@ -453,7 +482,7 @@ def check(names=None, widths=CHECK_WIDTHS, shapes=CHECK_SHAPES, verbose=True) ->
     for name in names or VARIANTS:
         v = VARIANTS[name]
         for W in widths:
-            for has_mask in ((True,) if v.mask else (False, True)):
+            for has_mask in (m for m in masks if m or not v.mask):
                 kernel = cuda_harness.compile_kernel(source(v, W, has_mask, has_mask), KERNEL_NAME)
                 for B, T, D in shapes:
                     if D % v.vec:
@@ -465,44 +494,66 @@ def check(names=None, widths=CHECK_WIDTHS, shapes=CHECK_SHAPES, verbose=True) ->
                             x = torch.nan_to_num(x, nan=0.5, posinf=0.5)
                         out = torch.full_like(x, float("nan"))  # a step never written stays NaN
                         launch(kernel, v, x, w, bias, m, out)
-                        err, same = _compare(out, reference(x, w, bias, m, has_mask))
-                        ok = err < 1e-2 and same
+                        err, worst, same = _compare(out, reference(x, w, bias, m, has_mask))
+                        ok = worst <= MAX_ULPS and same  # float32 sums rounded once to bf16: within 1 ulp
                         failures += not ok
                         runs += 1
                         if verbose or not ok:
                             print(f"{name:20s} W{W:<2d} mask={int(has_mask)}{' soft' if soft else '     '} "
-                                  f"B{B} T{T} D{D}: rel err {err:.1e}{'' if same else ' NaN/Inf pattern differs'}"
+                                  f"B{B} T{T} D{D}: rel err {err:.1e}, worst {worst:.2f} ulp"
+                                  f"{'' if same else ', NaN/Inf pattern differs'}"
                                   f" {'ok' if ok else 'FAIL'}", flush=True)
     print(f"{runs - failures} of {runs} runs pass")
     return int(failures > 0)
 
 
 # ------------------------------------------------------------------ the GPU sweep
+def _jobs(widths=WIDTHS):
+    """(variant name, W, has_mask) of every kernel the sweep times."""
+    return [(name, W, has_mask) for W in widths for has_mask in (False, True) for name in plan(W)
+            if has_mask or name not in MASK_ONLY]
+
+
 def _compile_all(jobs):
-    """{job: kernel} for jobs (variant name, W, has_mask), compiled by NVRTC on a thread pool (NVRTC releases
-    the GIL), loaded on this thread; plus each kernel's registers and local (spill) bytes."""
+    """({job: kernel}, {job: registers and local (spill) bytes}) for jobs (variant name, W, has_mask),
+    compiled by NVRTC on a thread pool (NVRTC releases the GIL) and loaded on this thread. A job whose
+    compile fails is reported and left out."""
     from torch.cuda import _utils
 
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     cc = f"{props.major}{props.minor}"
     opts = ["--use_fast_math", "-std=c++17"]  # as the shipped runtime
 
-    def compile_one(job):
+    def text(job):
         name, W, has_mask = job
-        return _utils._nvrtc_compile(source(VARIANTS[name], W, has_mask, has_mask), KERNEL_NAME, cc, None, list(opts))
+        return source(VARIANTS[name], W, has_mask, has_mask)
+
+    def compile_one(job):
+        try:
+            got = _utils._nvrtc_compile(text(job), KERNEL_NAME, compute_capability=cc, nvcc_options=list(opts))
+            return got if isinstance(got, tuple) else (got, KERNEL_NAME)  # older torch: the image alone
+        except Exception as exc:  # noqa: BLE001 - reported per job below
+            return exc
 
     kernels = {}
     try:
         with ThreadPoolExecutor(max_workers=16) as pool:
-            binaries = dict(zip(jobs, pool.map(compile_one, jobs)))
-        for job, (binary, mangled) in binaries.items():
+            compiled = dict(zip(jobs, pool.map(compile_one, jobs)))
+        for job, got in compiled.items():
+            if isinstance(got, Exception):
+                print(f"compile of {job} failed: {str(got).strip()[:2000]}")
+                continue
+            binary, mangled = got
             kernels[job] = _utils._cuda_load_module(binary, [mangled])[mangled]
-    except (AttributeError, TypeError) as exc:  # another torch's private API: one at a time, the public way
-        print(f"parallel compile unavailable ({exc!r}); compiling serially")
+    except (AttributeError, TypeError, ImportError) as exc:  # another torch's private API: the public way
+        print(f"parallel compile unavailable ({exc!r}); compiling one at a time")
         for job in jobs:
-            name, W, has_mask = job
-            kernels[job] = torch.cuda._compile_kernel(source(VARIANTS[name], W, has_mask, has_mask), KERNEL_NAME,
-                                                      nvcc_options=list(opts))
+            if job in kernels:
+                continue
+            try:
+                kernels[job] = torch.cuda._compile_kernel(text(job), KERNEL_NAME, nvcc_options=list(opts))
+            except RuntimeError as err:
+                print(f"compile of {job} failed: {str(err).strip()[:2000]}")
     libcuda = _utils._get_gpu_runtime_library()
     attrs = {}
     for job, k in kernels.items():
@@ -513,6 +564,23 @@ def _compile_all(jobs):
             vals.append(out.value)
         attrs[job] = dict(regs=vals[0], local_bytes=vals[1])
     return kernels, attrs
+
+
+def ptx_only(out_dir: Path) -> int:
+    """Every kernel of the sweep through NVRTC to PTX for sm_90 (no GPU: $NVRTC_LIB names the library, as
+    cuda_fwd.py --ptx); 1 if any compile fails."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for name, W, has_mask in _jobs():
+        try:
+            ptx = cuda_fwd.nvrtc_ptx(source(VARIANTS[name], W, has_mask, has_mask))
+        except RuntimeError as exc:
+            print(f"{name} W{W} mask={int(has_mask)}: compile failed\n{exc}")
+            failed += 1
+            continue
+        (out_dir / f"{name}_W{W}_{'fused' if has_mask else 'plain'}.ptx").write_bytes(ptx)
+    print(f"{len(_jobs()) - failed} of {len(_jobs())} kernels compiled to PTX in {out_dir}")
+    return int(failed > 0)
 
 
 def _timer(reps_per_graph: int = 10):
@@ -542,15 +610,14 @@ def _timer(reps_per_graph: int = 10):
     return timed
 
 
-def sweep(json_path: Path | None, budget_s: float, widths=WIDTHS, shapes=SHAPES) -> int:
+def sweep(json_path: Path | None, budget_s: float, widths=WIDTHS, shapes=SHAPES, names=None) -> int:
     import causal_conv1d_mps as ccmps
     from causal_conv1d_mps.cuda import launch_btd
 
     start = time.monotonic()
     copy_gbs = cuda_fwd.copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  copy {copy_gbs:.0f} GB/s")
-    jobs = [(name, W, has_mask) for W in widths for has_mask in (False, True) for name in PLAN[W]
-            if has_mask or name not in MASK_ONLY]
+    jobs = [job for job in _jobs(widths) if names is None or job[0] in names]
     kernels, attrs = _compile_all(jobs)
     print(f"{len(jobs)} variants compiled in {time.monotonic() - start:.1f} s (with the copy)", flush=True)
     timed = _timer()
@@ -564,13 +631,13 @@ def sweep(json_path: Path | None, budget_s: float, widths=WIDTHS, shapes=SHAPES)
 
     def record(op, shape, W, name, fn, out_of, want, nbytes, extra=None):
         ms, how = timed(fn)
-        err, same = _compare(out_of(), want)
+        err, worst, same = _compare(out_of(), want)
         pct = nbytes / (ms * 1e-3) / 1e9 / copy_gbs * 100
         rows.append(dict(op=op, B=shape[0], T=shape[1], D=shape[2], W=W, variant=name, ms=ms, pct_copy=pct,
-                         rel_err=err, nan_inf_pattern_ok=same, timing=how, **(extra or {})))
+                         rel_err=err, worst_ulps=worst, nan_inf_pattern_ok=same, timing=how, **(extra or {})))
         regs = f"{extra['regs']:3d} regs {extra['local_bytes']:4d} B local" if extra else " " * 20
         print(f"{op:6s} B{shape[0]} T{shape[1]} D{shape[2]} W{W:<2d} {name:20s} {ms:8.4f} ms {pct:6.1f}% "
-              f"{regs}  err {err:.1e}{'' if same else ' NaN/Inf PATTERN DIFFERS'}", flush=True)
+              f"{regs}  err {err:.1e} {worst:5.1f} ulp{'' if same else ' NaN/Inf PATTERN DIFFERS'}", flush=True)
 
     for shape in shapes:
         B, T, D = shape
@@ -585,7 +652,7 @@ def sweep(json_path: Path | None, budget_s: float, widths=WIDTHS, shapes=SHAPES)
                 if not has_mask:
                     x = torch.nan_to_num(x, nan=0.5, posinf=0.5)
                 m = mask if has_mask else None
-                want = reference_fast(x, w, bias, m, has_mask)
+                want = reference(x, w, bias, m, has_mask)
                 nbytes = 2 * x.numel() * x.element_size()
                 out = torch.empty_like(x)
                 # the shipped kernel, through its launcher (float32 mask, as the variants) and the public API
@@ -604,8 +671,10 @@ def sweep(json_path: Path | None, budget_s: float, widths=WIDTHS, shapes=SHAPES)
                     api_out = lambda: ccmps.causal_conv1d(xt, w, bias, "silu").transpose(1, 2)  # noqa: E731
                 with torch.no_grad():
                     record(op, shape, W, "shipped-api", api, api_out, want, nbytes)
-                for name in PLAN[W]:
+                for name in plan(W):
                     if name in MASK_ONLY and not has_mask:
+                        continue
+                    if (name, W, has_mask) not in kernels:
                         continue
                     v, k = VARIANTS[name], kernels[(name, W, has_mask)]
                     out_v = torch.empty_like(x)
@@ -616,36 +685,55 @@ def sweep(json_path: Path | None, budget_s: float, widths=WIDTHS, shapes=SHAPES)
     result["complete"] = True
     result["seconds"] = time.monotonic() - start
     save()
+    summary(rows)
     print(f"done in {result['seconds']:.1f} s")
     return 0
 
 
-def reference_fast(x, w, bias, mask, residual):
-    """`reference` by W shifted multiply-adds in float64 (no float64 conv on the GPU), `[B, T, D]`."""
-    xd = x.double()
-    xm = xd if mask is None else torch.where(mask[:, :, None] != 0, xd * mask.double()[:, :, None], 0)
-    W, T = w.shape[1], x.shape[1]
-    xp = F.pad(xm, (0, 0, W - 1, 0))
-    del xm
-    pre = bias.double().expand_as(xd).clone()
-    wd = w.double()
-    for k in range(W):
-        pre.add_(xp[:, k:k + T, :] * wd[:, k])
-    del xp
-    y = pre * torch.sigmoid(pre)
-    return y.add_(xd) if residual else y
+def summary(rows: list[dict]) -> None:
+    """Per shape and op: %copy of every variant at every W (a column per variant, '-' where not timed),
+    then the best variant per W and its ratio to the shipped kernel's W = 4 figure (P6: at least 0.85)."""
+    for shape in dict.fromkeys((r["B"], r["T"], r["D"]) for r in rows):
+        for op in ("fused", "plain"):
+            sel = [r for r in rows if (r["B"], r["T"], r["D"]) == shape and r["op"] == op]
+            if not sel:
+                continue
+            names = list(dict.fromkeys(r["variant"] for r in sel))
+            widths = sorted({r["W"] for r in sel})
+            pct = {(r["variant"], r["W"]): r["pct_copy"] for r in sel}
+            base = pct.get(("shipped-kernel", 4))
+            print(f"\n{op} B{shape[0]} T{shape[1]} D{shape[2]}: % of copy (rows: variants; ratio: best / shipped W4)")
+            print(f"{'':20s}" + "".join(f"{'W' + str(W):>7s}" for W in widths))
+            for name in names:
+                print(f"{name:20s}" + "".join(f"{pct[(name, W)]:7.1f}" if (name, W) in pct else f"{'-':>7s}"
+                                             for W in widths))
+            best = {W: max((p, n) for (n, w), p in pct.items() if w == W and not n.startswith("shipped"))
+                    for W in widths if any(w == W and not n.startswith("shipped") for n, w in pct)}
+            print(f"{'best variant':20s}" + "".join(f"{best[W][0]:7.1f}" if W in best else f"{'-':>7s}"
+                                                   for W in widths))
+            if base:
+                print(f"{'ratio to shipped W4':20s}" + "".join(f"{best[W][0] / base:7.2f}" if W in best
+                                                              else f"{'-':>7s}" for W in widths))
+            for W in widths:
+                if W in best:
+                    print(f"  W{W}: best {best[W][1]}")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="correctness on the CPU through cuda_harness, no GPU")
-    p.add_argument("--variants", nargs="*", help="--check: only these variants")
+    p.add_argument("--variants", nargs="*", help="only these variants (default: all)")
+    p.add_argument("--widths", nargs="*", type=int, help="only these widths (default: --check 2 4 7 8 12 16, "
+                   "the sweep 2 3 4 5 6 7 8 10 12 16)")
+    p.add_argument("--ptx", type=Path, help="compile every kernel of the sweep to PTX into this folder (no GPU)")
     p.add_argument("--json", type=Path)
-    p.add_argument("--budget", type=float, default=115.0, help="GPU sweep: stop starting cases after this many s")
+    p.add_argument("--budget", type=float, default=110.0, help="GPU sweep: stop starting cases after this many s")
     args = p.parse_args(argv)
     if args.check:
-        return check(args.variants)
-    return sweep(args.json, args.budget)
+        return check(args.variants, tuple(args.widths or CHECK_WIDTHS))
+    if args.ptx:
+        return ptx_only(args.ptx)
+    return sweep(args.json, args.budget, tuple(args.widths or WIDTHS), names=args.variants)
 
 
 if __name__ == "__main__":
