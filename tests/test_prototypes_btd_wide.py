@@ -28,9 +28,11 @@ def wide():
     return cuda_btd_wide
 
 
-def test_warp_vote_mask_variant_matches_float64(wide):
-    # mask mode 2: shuffled mask values, the vote, the binary and the soft-mask paths; NaN/Inf where masked
-    assert wide.check(["lazy-v4r8-m2"], widths=(7,), shapes=SHAPES, verbose=False) == 0
+@pytest.mark.parametrize("name", ["lazy-v4r8-m2", "eager-v4r16-m3"])
+def test_warp_vote_mask_variants_match_float64(wide, name):
+    # shuffled mask values, the vote, the fast (binary / all-ones) and the general paths, soft masks included;
+    # NaN and Inf at masked positions
+    assert wide.check([name], widths=(7,), shapes=SHAPES, verbose=False) == 0
 
 
 def test_streaming_two_channel_variant_matches_float64(wide):
@@ -39,7 +41,7 @@ def test_streaming_two_channel_variant_matches_float64(wide):
 
 
 def test_check_fails_when_a_masked_nan_is_multiplied_instead_of_selected(wide, monkeypatch):
-    selected = "f[j] = m != 0.f ? (BINARY ? g[j] : g[j] * m) : 0.f;"
+    selected = "m != 0.f ? (PATH == WV_BINARY ? g[j] : g[j] * m) : 0.f;"
     assert selected in wide.KERNEL
-    monkeypatch.setattr(wide, "KERNEL", wide.KERNEL.replace(selected, "f[j] = BINARY ? g[j] * m : g[j] * m;"))
-    assert wide.check(["lazy-v4r8-m2"], widths=(4,), shapes=SHAPES[:1], verbose=False) == 1
+    monkeypatch.setattr(wide, "KERNEL", wide.KERNEL.replace(selected, "g[j] * m;"))
+    assert wide.check(["lazy-v4r8-m3"], widths=(4,), shapes=SHAPES[:1], verbose=False) == 1

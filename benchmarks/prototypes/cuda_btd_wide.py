@@ -27,9 +27,10 @@ SiLU), so that only the scheme differs from the shipped kernel:
 - `wmode`: weights as float registers (shipped), as packed bf16 pairs in registers (unpacked per tap), or
   as float32 in shared memory read per tap (each thread reads only its own slots: no barrier);
 - `mask` (fused op): 0 the shipped per-element `m != 0 ? x * m : 0`; 1 the row's words selected by
-  `m != 0` then multiplied; 2 the mask values loaded once per warp (one per lane) and broadcast by shuffle,
-  with a warp vote: where every mask value of the run is 0 or 1 (an HF padding mask), the multiply is
-  skipped and only the select remains (uniform branch, no divergence);
+  `m != 0` then multiplied; 2 and 3 the mask values loaded once per warp (one per lane) and broadcast by
+  shuffle, with one warp vote per run choosing a uniform branch (no divergence): where every mask value the
+  run reads is 0 or 1 (an HF padding mask) mode 2 keeps the select and skips the multiply; where every one
+  is 1 (all of an HF mask but the padded runs) mode 3 runs the plain conv; elsewhere both run mode 0;
 - `act`: SiLU as shipped (`x / (1 + exp(-x))`, two MUFU operations) or `h + h * tanh.approx(h)`, h = x / 2
   (one; less accurate far in the negative tail: the GPU run prints each variant's error).
 Masking is by selection everywhere (a masked-out NaN/Inf contributes nothing); the residual adds the unmasked
@@ -64,6 +65,9 @@ KERNEL = r"""
 #define WV_A ((WV_AHEAD == 0 || WV_AHEAD > WV_N) ? WV_N : WV_AHEAD)  // rows of loads issued ahead
 #define WV_SLOTS ((WV_N + 31) / 32)                                 // mask values per lane (mask mode 2)
 #define WV_FULL 0xFFFFFFFFu
+#define WV_GENERAL 0  // paths of the body: any mask values
+#define WV_BINARY 1   // every mask value of the run is 0 or 1: select, no multiply
+#define WV_ONES 2     // every mask value of the run is 1: no select, no multiply
 
 #if WV_VEC == 4
 typedef uint2 wv_row;  // one step of the thread's 4 channels
@@ -163,9 +167,9 @@ __device__ __forceinline__ float wv_load_mask(const WvRun& a, int i) {
     return (t >= 0 && t < a.T) ? a.mb[t] : 0.f;
 }
 
-// row i's mask value: loaded with the row (modes 0, 1) or broadcast from the lane that loaded it (mode 2)
+// row i's mask value: loaded with the row (modes 0, 1) or broadcast from the lane that loaded it (2, 3)
 __device__ __forceinline__ float wv_mask_of(const float (&m)[WV_N], const float (&mv)[WV_SLOTS], int i) {
-#if WV_MASK == 2
+#if WV_MASK >= 2
     return __shfl_sync(WV_FULL, mv[i / 32], i % 32);
 #else
     return m[i];
@@ -173,7 +177,7 @@ __device__ __forceinline__ float wv_mask_of(const float (&m)[WV_N], const float 
 }
 
 // row bits -> the conv input in float32, masked by selection
-template <bool BINARY>
+template <int PATH>
 __device__ __forceinline__ void wv_convert(wv_row v, float m, float* f) {
 #if CC_HAS_MASK && WV_MASK == 1
     wv_unpack(wv_keep(m != 0.f, v), f);
@@ -183,7 +187,8 @@ __device__ __forceinline__ void wv_convert(wv_row v, float m, float* f) {
     float g[WV_VEC];
     wv_unpack(v, g);
 #pragma unroll
-    for (int j = 0; j < WV_VEC; ++j) f[j] = m != 0.f ? (BINARY ? g[j] : g[j] * m) : 0.f;
+    for (int j = 0; j < WV_VEC; ++j)
+        f[j] = PATH == WV_ONES ? g[j] : m != 0.f ? (PATH == WV_BINARY ? g[j] : g[j] * m) : 0.f;
 #else
     wv_unpack(v, f);
 #endif
@@ -215,14 +220,14 @@ __device__ __forceinline__ void wv_output(const WvRun& a, const WvWeights& wt, c
 }
 
 // rows 0 .. WV_A-1 are loaded (and their mask values, modes 0 and 1); the rest of the run
-template <bool BINARY>
+template <int PATH>
 __device__ __forceinline__ void wv_body(const WvRun& a, const WvWeights& wt, wv_row (&raw)[WV_N],
                                         float (&m)[WV_N], const float (&mv)[WV_SLOTS]) {
     constexpr int H = CC_W - 1;
     float xf[WV_N][WV_VEC];
 #if WV_EAGER  // the shipped scheme: every row converted, then the taps
 #pragma unroll
-    for (int i = 0; i < WV_N; ++i) wv_convert<BINARY>(raw[i], wv_mask_of(m, mv, i), xf[i]);
+    for (int i = 0; i < WV_N; ++i) wv_convert<PATH>(raw[i], PATH == WV_ONES ? 1.f : wv_mask_of(m, mv, i), xf[i]);
 #pragma unroll
     for (int r = 0; r < WV_RUN; ++r) wv_output(a, wt, xf, raw, r);
 #else  // lazily: row i converted when the window reaches it, output i - (W-1) formed at once
@@ -234,7 +239,7 @@ __device__ __forceinline__ void wv_body(const WvRun& a, const WvWeights& wt, wv_
             m[i + WV_A] = wv_load_mask(a, i + WV_A);
 #endif
         }
-        wv_convert<BINARY>(raw[i], wv_mask_of(m, mv, i), xf[i]);
+        wv_convert<PATH>(raw[i], PATH == WV_ONES ? 1.f : wv_mask_of(m, mv, i), xf[i]);
         if (i >= H) wv_output(a, wt, xf, raw, i - H);
     }
 #endif
@@ -269,17 +274,18 @@ extern "C" __global__ void __launch_bounds__(WV_TPB WV_MINB_ARG) wide_fwd_btd(
 #endif
     }
     float mv[WV_SLOTS];
-    bool binary = false;
-#if CC_HAS_MASK && WV_MASK == 2
-    {   // lane l holds the mask value of rows l, l + 32, ...; one vote: all of the run's values are 0 or 1
+#if CC_HAS_MASK && WV_MASK >= 2
+    bool fast;  // the whole warp takes the fast path (every thread of a block reads the same mask values)
+    {   // lane l holds the mask value of rows l, l + 32, ...; rows outside [0, T) read x as 0 and count as 1
         const int lane = threadIdx.x & 31;
-        bool plain = true;
+        bool ok = true;
 #pragma unroll
         for (int s = 0; s < WV_SLOTS; ++s) {
-            mv[s] = 32 * s + lane < WV_N ? wv_load_mask(a, 32 * s + lane) : 0.f;
-            plain = plain && (mv[s] == 0.f || mv[s] == 1.f);
+            const int i = 32 * s + lane, t = a.t0 - (CC_W - 1) + i;
+            mv[s] = (i < WV_N && t >= 0 && t < T) ? a.mb[t] : 1.f;
+            ok = ok && (WV_MASK == 2 ? (mv[s] == 0.f || mv[s] == 1.f) : mv[s] == 1.f);
         }
-        binary = __all_sync(WV_FULL, plain);
+        fast = __all_sync(WV_FULL, ok);
     }
 #else
 #pragma unroll
@@ -316,10 +322,12 @@ extern "C" __global__ void __launch_bounds__(WV_TPB WV_MINB_ARG) wide_fwd_btd(
         const wv_row bv = reinterpret_cast<const wv_row*>(bias)[a.active ? c : 0];
         wv_unpack(bv, wt.bias);
     }
-    if (binary)
-        wv_body<true>(a, wt, raw, m, mv);
+#if CC_HAS_MASK && WV_MASK >= 2
+    if (fast)
+        wv_body<WV_MASK == 2 ? WV_BINARY : WV_ONES>(a, wt, raw, m, mv);
     else
-        wv_body<false>(a, wt, raw, m, mv);
+#endif
+        wv_body<WV_GENERAL>(a, wt, raw, m, mv);
 }
 """
 
@@ -334,7 +342,8 @@ class Variant:
     ahead: int = 0    # rows of loads in flight ahead of the conversion; 0: every load first
     eager: bool = False  # every row converted before the taps (the shipped scheme; needs ahead 0)
     wmode: int = 0    # weights: 0 float registers, 1 packed bf16 pairs, 2 shared memory
-    mask: int = 0     # 0 shipped select(x * m), 1 words selected then multiplied, 2 warp vote, binary fast path
+    mask: int = 0     # 0 shipped select(x * m), 1 words selected then multiplied, 2 / 3: warp vote, a fast
+    #                   path where every mask value of the run is 0 or 1 (2: select only) or 1 (3: plain conv)
     act: int = 0      # 0 shipped SiLU, 1 tanh.approx SiLU
     minb: int = 0     # __launch_bounds__ minimum blocks per SM (0: none)
 
@@ -360,12 +369,13 @@ VARIANTS = {v.name: v for v in (
     # (e) the mask, fused op only
     Variant("lazy-v4r8-m1", mask=1),
     Variant("lazy-v4r8-m2", mask=2),
-    Variant("eager-v4r8-m2", eager=True, mask=2),
-    Variant("eager-v4r16-m2", run=16, eager=True, mask=2),
-    Variant("lazy-v2r16-m2", vec=2, run=16, tpb=128, mask=2),
-    Variant("lazy-v2r32-m2", vec=2, run=32, tpb=128, mask=2),
-    Variant("lazy-v4r8-m2-tanh", mask=2, act=1),
-    Variant("lazy-v2r32-m2-tanh", vec=2, run=32, tpb=128, mask=2, act=1),
+    Variant("lazy-v4r8-m3", mask=3),
+    Variant("eager-v4r8-m3", eager=True, mask=3),
+    Variant("eager-v4r16-m3", run=16, eager=True, mask=3),
+    Variant("lazy-v2r16-m3", vec=2, run=16, tpb=128, mask=3),
+    Variant("lazy-v2r32-m3", vec=2, run=32, tpb=128, mask=3),
+    Variant("lazy-v4r8-m3-tanh", mask=3, act=1),
+    Variant("lazy-v2r32-m3-tanh", vec=2, run=32, tpb=128, mask=3, act=1),
 )}
 
 MASK_ONLY = {name for name, v in VARIANTS.items() if v.mask}
@@ -373,12 +383,12 @@ MASK_ONLY = {name for name, v in VARIANTS.items() if v.mask}
 # Which variants the GPU sweep times at each width (plus the shipped kernel, always); mask variants only for
 # the fused op. Kept modest: every (variant, W, op) is one NVRTC compile.
 SMALL = ("eager-v4r8", "eager-v4r16", "lazy-v4r8", "lazy-v4r16", "lazy-v2r16",
-         "lazy-v4r8-m1", "lazy-v4r8-m2", "eager-v4r8-m2", "eager-v4r16-m2", "lazy-v4r8-m2-tanh")
+         "lazy-v4r8-m1", "lazy-v4r8-m2", "lazy-v4r8-m3", "eager-v4r8-m3", "eager-v4r16-m3", "lazy-v4r8-m3-tanh")
 MID = ("eager-v4r8", "lazy-v4r8", "lazy-v4r16", "stream-v4r16a8", "lazy-v2r16", "lazy-v2r32",
-       "lazy-v4r8-m1", "lazy-v4r8-m2", "lazy-v2r16-m2", "lazy-v2r32-m2")
+       "lazy-v4r8-m2", "lazy-v4r8-m3", "lazy-v2r16-m3", "lazy-v2r32-m3")
 LARGE = ("eager-v4r4", "eager-v4r8", "lazy-v4r8", "stream-v4r16a8", "lazy-v2r16", "lazy-v2r32",
          "stream-v2r32a16", "pack-v4r8", "smem-v4r8", "smem-v2r32a16", "lazy-v2r32-tanh",
-         "lazy-v4r8-m2", "lazy-v2r32-m2", "lazy-v2r32-m2-tanh")
+         "lazy-v4r8-m3", "lazy-v2r32-m3", "lazy-v2r32-m3-tanh")
 WIDTHS = (2, 3, 4, 5, 6, 7, 8, 10, 12, 16)
 
 
@@ -431,7 +441,7 @@ def reference(x, w, bias, mask, residual):
 def _inputs(B, T, D, W, device, seed, soft_mask=False):
     """x, weight, bias and a float32 mask: row 0 left-padded (0 over its first max(1, T // 4) steps) and a
     0 inside row B-1; NaN and Inf at masked positions. `soft_mask`: values other than 0 and 1 in the last
-    row (the non-binary path of mask mode 2)."""
+    row (the general path of mask modes 2 and 3)."""
     g = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(B, T, D, device=device, generator=g).to(torch.bfloat16)
     w = (torch.randn(D, W, device=device, generator=g) * W ** -0.5).to(torch.bfloat16)
