@@ -6,6 +6,9 @@
                                                                                      # through cuda_harness
     NVRTC_LIB=.../libnvrtc.so PYTHONPATH=$PWD python benchmarks/prototypes/cuda_btd_wide.py --ptx DIR
                                                                   # no GPU: every kernel of the sweep to PTX
+    NVRTC_LIB=.../libnvrtc.so CUDA_BIN=.../bin PYTHONPATH=$PWD python benchmarks/prototypes/cuda_btd_wide.py \
+        --sass --widths 4 16       # no GPU: sm_90 SASS instructions per element (CUDA_BIN: cuobjdump, nvdisasm)
+    PYTHONPATH=$PWD python benchmarks/prototypes/cuda_btd_wide.py --rehearse  # no GPU: the sweep's code
 
 The GPU sweep (W 2..16, fused with an HF mask and plain channel-last, B4 T8192 D4096 and B4 T2048 D4096
 bf16) times each variant beside the shipped kernel, both through its launcher with the float32 mask the
@@ -15,10 +18,13 @@ time is out of it. It prints each kernel's registers and local (spill) bytes, a 
 stops starting new cases after `--budget` seconds (the JSON keeps what was measured).
 
 Why: the shipped kernel gives each thread 4 channels x 8 steps, converts all 8 + W-1 rows to float32 before
-the taps and holds 4 * W float weights, so from W ~ 8 the registers overflow and %copy falls with W (fused:
-W 4 87%, W 8 64%, W 16 ~23%; docs/PERF_NOTES.md, v8). Each variant here changes one of those choices
-(the `Variant` fields), on top of the shipped helpers (`common.cuh`: conversions, `cvt.rn.bf16x2` packing,
-SiLU), so that only the scheme differs from the shipped kernel:
+the taps and holds 4 * W float weights; its %copy falls with W (fused: W 4 87%, W 8 64%, W 16 ~23%;
+docs/PERF_NOTES.md, v8), which v8 put down to registers. Its sm_90 SASS (NVRTC 13, `--sass`) shows no spill
+(126 registers at W 16) but 63 instructions per element at W 16 against 16 FMAs: NVVM keeps the weights
+and rows packed as bf16 and converts them again at each tap (the `cvt` field below); at copy speed an H200
+issues about 32 per element. Each variant here changes one of the shipped choices (the `Variant` fields),
+on top of the shipped helpers (`common.cuh`: conversions, `cvt.rn.bf16x2` packing, SiLU), so that only
+the scheme differs from the shipped kernel:
 - `run`: steps per thread (the W-1 halo rows are loaded and converted again per run: (W-1)/run extra work);
 - `vec`: channels per thread, 4 (8-byte rows) or 2 (4-byte rows: half the registers per row and per tap);
 - `eager`: convert every row before the taps (the shipped scheme), or lazily as the window slides, so that
@@ -32,7 +38,9 @@ SiLU), so that only the scheme differs from the shipped kernel:
   run reads is 0 or 1 (an HF padding mask) mode 2 keeps the select and skips the multiply; where every one
   is 1 (all of an HF mask but the padded runs) mode 3 runs the plain conv; elsewhere both run mode 0;
 - `act`: SiLU as shipped (`x / (1 + exp(-x))`, two MUFU operations) or `h + h * tanh.approx(h)`, h = x / 2
-  (one; less accurate far in the negative tail: the GPU run prints each variant's error).
+  (one; less accurate far in the negative tail: the GPU run prints each variant's error);
+- `cvt`: bf16 -> float32 as plain C (shipped: the compiler may convert a value again at each use) or
+  through asm statements it cannot duplicate (each weight and row element converted once).
 Masking is by selection everywhere (a masked-out NaN/Inf contributes nothing); the residual adds the unmasked
 x; zeros before t = 0; bf16 x, weights and bias, float32 arithmetic. Nothing here is shipped.
 """
@@ -93,9 +101,26 @@ __device__ __forceinline__ unsigned int wv_bits(wv_row v, int e) {
     return (e & 1) ? word >> 16 : word & 0xFFFFu;
 }
 
+// bf16 element e of a row to float32. With WV_CVT 1 the shift or mask is an asm statement: the compiler
+// cannot derive the value again from the packed bits at each use (NVVM otherwise keeps weights and rows
+// packed and converts them once per tap, about one extra instruction per FMA), so each is converted once.
+__device__ __forceinline__ float wv_cvt(wv_row v, int e) {
+#if CC_PTX && WV_CVT
+    const unsigned int word = wv_word(v, e >> 1);
+    float f;
+    if (e & 1)
+        asm("and.b32 %0, %1, 0xFFFF0000;" : "=f"(f) : "r"(word));
+    else
+        asm("shl.b32 %0, %1, 16;" : "=f"(f) : "r"(word));
+    return f;
+#else
+    return cc_bf16_to_float(wv_bits(v, e));
+#endif
+}
+
 __device__ __forceinline__ void wv_unpack(wv_row v, float* f) {
 #pragma unroll
-    for (int e = 0; e < WV_VEC; ++e) f[e] = CC_X_TO_FLOAT(wv_bits(v, e));
+    for (int e = 0; e < WV_VEC; ++e) f[e] = wv_cvt(v, e);
 }
 
 __device__ __forceinline__ float wv_act(float pre) {
@@ -309,13 +334,13 @@ extern "C" __global__ void __launch_bounds__(WV_TPB WV_MINB_ARG) wide_fwd_btd(
 #pragma unroll
             for (int j = 0; j < WV_VEC; ++j) {
                 const int e = j * CC_W + k;  // channel j, tap k
-                const unsigned int bits = wv_bits(flat[e / WV_VEC], e % WV_VEC);
 #if WV_WMODE == 0
-                wt.w[k][j] = cc_bf16_to_float(bits);
+                wt.w[k][j] = wv_cvt(flat[e / WV_VEC], e % WV_VEC);
 #elif WV_WMODE == 1
+                const unsigned int bits = wv_bits(flat[e / WV_VEC], e % WV_VEC);
                 if (j & 1) wt.p[k][j / 2] |= bits << 16; else wt.p[k][j / 2] = bits;
 #else
-                ws[(k * WV_TPB + threadIdx.x) * WV_VEC + j] = cc_bf16_to_float(bits);  // own slots only
+                ws[(k * WV_TPB + threadIdx.x) * WV_VEC + j] = wv_cvt(flat[e / WV_VEC], e % WV_VEC);  // own slots
 #endif
             }
         }
@@ -345,6 +370,7 @@ class Variant:
     mask: int = 0     # 0 shipped select(x * m), 1 words selected then multiplied, 2 / 3: warp vote, a fast
     #                   path where every mask value of the run is 0 or 1 (2: select only) or 1 (3: plain conv)
     act: int = 0      # 0 shipped SiLU, 1 tanh.approx SiLU
+    cvt: int = 1      # bf16 -> float32: 0 plain C (shipped), 1 asm statements (each value converted once)
     minb: int = 0     # __launch_bounds__ minimum blocks per SM (0: none)
 
     def __post_init__(self):
@@ -353,9 +379,10 @@ class Variant:
 
 
 VARIANTS = {v.name: v for v in (
-    Variant("eager-v4r8", eager=True),                 # the shipped scheme, rebuilt here (control)
-    Variant("eager-v4r4", run=4, eager=True),          # (a) run chosen per W
-    Variant("eager-v4r16", run=16, eager=True),
+    Variant("eager-v4r8", eager=True, cvt=0),          # the shipped scheme, rebuilt here (control)
+    Variant("eager-v4r4", run=4, eager=True, cvt=0),   # (a) run chosen per W
+    Variant("eager-v4r16", run=16, eager=True, cvt=0),
+    Variant("eager-v4r8-cvt", eager=True),             # the shipped scheme, each value converted once
     Variant("lazy-v4r8"),                              # (c) rows converted as the window slides, loads first
     Variant("lazy-v4r16", run=16),
     Variant("stream-v4r16a8", run=16, ahead=8),        # (c) with 8 rows of loads in flight ahead
@@ -382,11 +409,11 @@ MASK_ONLY = {name for name, v in VARIANTS.items() if v.mask}
 
 # Which variants the GPU sweep times at each width (plus the shipped kernel, always); mask variants only for
 # the fused op. Kept modest: every (variant, W, op) is one NVRTC compile.
-SMALL = ("eager-v4r8", "eager-v4r16", "lazy-v4r8", "lazy-v4r16", "lazy-v2r16",
+SMALL = ("eager-v4r8", "eager-v4r16", "eager-v4r8-cvt", "lazy-v4r8", "lazy-v4r16", "lazy-v2r16",
          "lazy-v4r8-m1", "lazy-v4r8-m2", "lazy-v4r8-m3", "eager-v4r8-m3", "eager-v4r16-m3", "lazy-v4r8-m3-tanh")
-MID = ("eager-v4r8", "lazy-v4r8", "lazy-v4r16", "stream-v4r16a8", "lazy-v2r16", "lazy-v2r32",
+MID = ("eager-v4r8", "eager-v4r8-cvt", "lazy-v4r8", "lazy-v4r16", "stream-v4r16a8", "lazy-v2r16", "lazy-v2r32",
        "lazy-v4r8-m2", "lazy-v4r8-m3", "lazy-v2r16-m3", "lazy-v2r32-m3")
-LARGE = ("eager-v4r4", "eager-v4r8", "lazy-v4r8", "stream-v4r16a8", "lazy-v2r16", "lazy-v2r32",
+LARGE = ("eager-v4r4", "eager-v4r8", "eager-v4r8-cvt", "lazy-v4r8", "stream-v4r16a8", "lazy-v2r16", "lazy-v2r32",
          "stream-v2r32a16", "pack-v4r8", "smem-v4r8", "smem-v2r32a16", "lazy-v2r32-tanh",
          "lazy-v4r8-m3", "lazy-v2r32-m3", "lazy-v2r32-m3-tanh")
 WIDTHS = (2, 3, 4, 5, 6, 7, 8, 10, 12, 16)
@@ -405,7 +432,7 @@ def source(v: Variant, W: int, has_mask: bool, residual: bool) -> str:
     contract = dict(CC_W=W, CC_X_BF16=1, CC_WT=0, CC_HAS_BIAS=1, CC_ACTIVATION=_activation.SILU,
                     CC_HAS_MASK=int(has_mask), CC_RESIDUAL=int(residual))
     defines = dict(WV_VEC=v.vec, WV_RUN=v.run, WV_TPB=v.tpb, WV_AHEAD=v.ahead, WV_EAGER=int(v.eager),
-                   WV_WMODE=v.wmode, WV_MASK=v.mask if has_mask else 0, WV_ACT=v.act)
+                   WV_WMODE=v.wmode, WV_MASK=v.mask if has_mask else 0, WV_ACT=v.act, WV_CVT=v.cvt)
     lines = [f"#define {k} {val}" for k, val in defines.items()]
     lines.append(f"#define WV_MINB_ARG {', ' + str(v.minb) if v.minb else ''}")
     return (_source.header(contract, "conv_btd.cu") + _source._text(_source.COMMON_FILE) + "\n".join(lines)
@@ -593,6 +620,49 @@ def ptx_only(out_dir: Path) -> int:
     return int(failed > 0)
 
 
+def sass_stats(names=None, widths=WIDTHS) -> int:
+    """Per kernel of the sweep: sm_90 registers, local bytes, SASS instructions and FFMAs per output element
+    (static counts: a mask-mode 2/3 kernel holds two bodies). Needs $NVRTC_LIB and $CUDA_BIN (a folder with
+    cuobjdump and nvdisasm, e.g. from the nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm wheels); no GPU."""
+    import collections
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    lib = ctypes.CDLL(os.environ.get("NVRTC_LIB", "libnvrtc.so"))
+    tools = Path(os.environ.get("CUDA_BIN", "."))
+    opts = [b"--gpu-architecture=sm_90", b"--use_fast_math", b"-std=c++17"]  # as the shipped runtime, sm_90
+    for name, W, has_mask in [job for job in _jobs(widths) if names is None or job[0] in names]:
+        prog, size = ctypes.c_void_p(), ctypes.c_size_t()
+        text = source(VARIANTS[name], W, has_mask, has_mask).encode()
+        assert lib.nvrtcCreateProgram(ctypes.byref(prog), text, b"wide.cu", 0, None, None) == 0
+        if lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts)) != 0:
+            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(prog, log)
+            print(f"{name} W{W}: compile failed\n{log.value.decode()}")
+            return 1
+        lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+        cubin = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetCUBIN(prog, cubin)
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cubin.raw)
+            f.flush()
+            usage = subprocess.run([tools / "cuobjdump", "--dump-resource-usage", f.name], capture_output=True,
+                                   text=True, check=True).stdout
+            sass = subprocess.run([tools / "nvdisasm", "-c", f.name], capture_output=True, text=True,
+                                  check=True).stdout
+        ops = collections.Counter(m.group(2).split(".")[0] for m in re.finditer(
+            r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass))
+        regs, local = (re.search(rf"{key}:(\d+)", usage).group(1) for key in ("REG", "LOCAL"))
+        per = VARIANTS[name].vec * VARIANTS[name].run
+        print(f"{'fused' if has_mask else 'plain'} W{W:<2d} {name:20s} {regs:>3s} regs {local:>4s} B local "
+              f"{sum(ops.values()) / per:5.1f} SASS/elem {ops['FFMA'] / per:5.1f} FFMA/elem", flush=True)
+    return 0
+
+
 def _timer(reps_per_graph: int = 10):
     """ms per call of `fn`: `reps_per_graph` calls captured in one CUDA graph (no host launch cost in the
     figure), median of `triton.testing.do_bench` over replays; plain calls if capture fails."""
@@ -767,6 +837,7 @@ def main(argv=None) -> int:
     p.add_argument("--widths", nargs="*", type=int, help="only these widths (default: --check 2 4 7 8 12 16, "
                    "the sweep 2 3 4 5 6 7 8 10 12 16)")
     p.add_argument("--ptx", type=Path, help="compile every kernel of the sweep to PTX into this folder (no GPU)")
+    p.add_argument("--sass", action="store_true", help="sm_90 SASS statistics per kernel (no GPU; see sass_stats)")
     p.add_argument("--json", type=Path)
     p.add_argument("--rehearse", action="store_true",
                    help="the sweep's code on the CPU through cuda_harness, tiny shape (no GPU; figures mean nothing)")
@@ -776,6 +847,8 @@ def main(argv=None) -> int:
         return check(args.variants, tuple(args.widths or CHECK_WIDTHS))
     if args.ptx:
         return ptx_only(args.ptx)
+    if args.sass:
+        return sass_stats(args.variants, tuple(args.widths or WIDTHS))
     if args.rehearse:
         return sweep(args.json, args.budget, tuple(args.widths or (4, 16)), ((2, 40, 256),), args.variants, True)
     return sweep(args.json, args.budget, tuple(args.widths or WIDTHS), names=args.variants)
