@@ -260,7 +260,7 @@ __device__ __forceinline__ void wv_body(const WvRun& a, const WvWeights& wt, wv_
     for (int i = 0; i < WV_N; ++i) {
         if (i + WV_A < WV_N) {
             raw[i + WV_A] = wv_load(a, i + WV_A);
-#if CC_HAS_MASK && WV_MASK != 2
+#if CC_HAS_MASK && WV_MASK < 2
             m[i + WV_A] = wv_load_mask(a, i + WV_A);
 #endif
         }
@@ -284,7 +284,7 @@ extern "C" __global__ void __launch_bounds__(WV_TPB WV_MINB_ARG) wide_fwd_btd(
     a.xb = x + (long long)b * T * DV + c;
     a.ob = out + (long long)b * T * DV + c;
     a.mb = mask + (long long)b * T;
-#if !CC_HAS_MASK || WV_MASK != 2
+#if !CC_HAS_MASK || WV_MASK < 2
     if (!a.active) return;  // no warp-level calls follow
 #endif
     wv_row raw[WV_N];
@@ -292,7 +292,7 @@ extern "C" __global__ void __launch_bounds__(WV_TPB WV_MINB_ARG) wide_fwd_btd(
 #pragma unroll
     for (int i = 0; i < WV_N; ++i) {  // loads first: predicated, no branch between them
         if (i < WV_A) raw[i] = wv_load(a, i);
-#if CC_HAS_MASK && WV_MASK != 2
+#if CC_HAS_MASK && WV_MASK < 2
         if (i < WV_A) m[i] = wv_load_mask(a, i);
 #else
         m[i] = 1.f;  // unused
