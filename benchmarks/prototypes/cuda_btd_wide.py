@@ -311,6 +311,9 @@ extern "C" __global__ void __launch_bounds__(WV_TPB WV_MINB_ARG) wide_fwd_btd(
             ok = ok && (WV_MASK == 2 ? (mv[s] == 0.f || mv[s] == 1.f) : mv[s] == 1.f);
         }
         fast = __all_sync(WV_FULL, ok);
+#ifdef WV_SASS_FAST_ONLY
+        fast = true;  // --sass: the fast path alone, to count its instructions
+#endif
     }
 #else
 #pragma unroll
@@ -427,7 +430,7 @@ def plan(W: int) -> tuple[str, ...]:
 SHAPES = ((4, 8192, 4096), (4, 2048, 4096))  # (B, T, D)
 
 
-def source(v: Variant, W: int, has_mask: bool, residual: bool) -> str:
+def source(v: Variant, W: int, has_mask: bool, residual: bool, fast_only: bool = False) -> str:
     """The full text: the shipped contract and helpers (bf16 x, weight, bias; SiLU), then the variant."""
     contract = dict(CC_W=W, CC_X_BF16=1, CC_WT=0, CC_HAS_BIAS=1, CC_ACTIVATION=_activation.SILU,
                     CC_HAS_MASK=int(has_mask), CC_RESIDUAL=int(residual))
@@ -435,6 +438,8 @@ def source(v: Variant, W: int, has_mask: bool, residual: bool) -> str:
                    WV_WMODE=v.wmode, WV_MASK=v.mask if has_mask else 0, WV_ACT=v.act, WV_CVT=v.cvt)
     lines = [f"#define {k} {val}" for k, val in defines.items()]
     lines.append(f"#define WV_MINB_ARG {', ' + str(v.minb) if v.minb else ''}")
+    if fast_only:
+        lines.append("#define WV_SASS_FAST_ONLY 1")
     return (_source.header(contract, "conv_btd.cu") + _source._text(_source.COMMON_FILE) + "\n".join(lines)
             + "\n" + KERNEL)
 
@@ -622,8 +627,9 @@ def ptx_only(out_dir: Path) -> int:
 
 def sass_stats(names=None, widths=WIDTHS) -> int:
     """Per kernel of the sweep: sm_90 registers, local bytes, SASS instructions and FFMAs per output element
-    (static counts: a mask-mode 2/3 kernel holds two bodies). Needs $NVRTC_LIB and $CUDA_BIN (a folder with
-    cuobjdump and nvdisasm, e.g. from the nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm wheels); no GPU."""
+    (static counts; a mask-mode 2/3 kernel holds two bodies: its fast path is also compiled alone). Needs
+    $NVRTC_LIB and $CUDA_BIN (a folder with cuobjdump and nvdisasm, e.g. from the nvidia-cuda-cuobjdump and
+    nvidia-cuda-nvdisasm wheels); no GPU."""
     import collections
     import os
     import re
@@ -633,22 +639,23 @@ def sass_stats(names=None, widths=WIDTHS) -> int:
     lib = ctypes.CDLL(os.environ.get("NVRTC_LIB", "libnvrtc.so"))
     tools = Path(os.environ.get("CUDA_BIN", "."))
     opts = [b"--gpu-architecture=sm_90", b"--use_fast_math", b"-std=c++17"]  # as the shipped runtime, sm_90
-    for name, W, has_mask in [job for job in _jobs(widths) if names is None or job[0] in names]:
+    def compiled(text: bytes) -> bytes:
         prog, size = ctypes.c_void_p(), ctypes.c_size_t()
-        text = source(VARIANTS[name], W, has_mask, has_mask).encode()
         assert lib.nvrtcCreateProgram(ctypes.byref(prog), text, b"wide.cu", 0, None, None) == 0
         if lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts)) != 0:
             lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
             log = ctypes.create_string_buffer(size.value)
             lib.nvrtcGetProgramLog(prog, log)
-            print(f"{name} W{W}: compile failed\n{log.value.decode()}")
-            return 1
+            raise RuntimeError(log.value.decode())
         lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
         cubin = ctypes.create_string_buffer(size.value)
         lib.nvrtcGetCUBIN(prog, cubin)
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
+        return cubin.raw
+
+    def stats(cubin: bytes):
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(cubin.raw)
+            f.write(cubin)
             f.flush()
             usage = subprocess.run([tools / "cuobjdump", "--dump-resource-usage", f.name], capture_output=True,
                                    text=True, check=True).stdout
@@ -657,9 +664,18 @@ def sass_stats(names=None, widths=WIDTHS) -> int:
         ops = collections.Counter(m.group(2).split(".")[0] for m in re.finditer(
             r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass))
         regs, local = (re.search(rf"{key}:(\d+)", usage).group(1) for key in ("REG", "LOCAL"))
-        per = VARIANTS[name].vec * VARIANTS[name].run
-        print(f"{'fused' if has_mask else 'plain'} W{W:<2d} {name:20s} {regs:>3s} regs {local:>4s} B local "
-              f"{sum(ops.values()) / per:5.1f} SASS/elem {ops['FFMA'] / per:5.1f} FFMA/elem", flush=True)
+        return regs, local, sum(ops.values()), ops["FFMA"]
+
+    for name, W, has_mask in [job for job in _jobs(widths) if names is None or job[0] in names]:
+        v = VARIANTS[name]
+        per = v.vec * v.run
+        regs, local, total, ffma = stats(compiled(source(v, W, has_mask, has_mask).encode()))
+        line = (f"{'fused' if has_mask else 'plain'} W{W:<2d} {name:20s} {regs:>3s} regs {local:>4s} B local "
+                f"{total / per:5.1f} SASS/elem {ffma / per:5.1f} FFMA/elem")
+        if has_mask and v.mask >= 2:
+            total_fast = stats(compiled(source(v, W, True, True, fast_only=True).encode()))[2]
+            line += f"   fast path alone {total_fast / per:5.1f} SASS/elem"
+        print(line, flush=True)
     return 0
 
 
