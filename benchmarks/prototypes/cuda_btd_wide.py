@@ -279,7 +279,11 @@ extern "C" __global__ void __launch_bounds__(WV_TPB WV_MINB_ARG) wide_fwd_btd(
     WvRun a;
     a.t0 = blockIdx.x * WV_RUN;
     a.T = T;
+#if WV_DCONST
+    a.DV = WV_DCONST;  // D / VEC known to the compiler: every row's address is the run's base plus a constant
+#else
     a.DV = DV;
+#endif
     a.active = c < DV;
     a.xb = x + (long long)b * T * DV + c;
     a.ob = out + (long long)b * T * DV + c;
@@ -374,6 +378,7 @@ class Variant:
     #                   path where every mask value of the run is 0 or 1 (2: select only) or 1 (3: plain conv)
     act: int = 0      # 0 shipped SiLU, 1 tanh.approx SiLU
     cvt: int = 1      # bf16 -> float32: 0 plain C (shipped), 1 asm statements (each value converted once)
+    dconst: bool = False  # D compiled in (one kernel per D): row addresses are constant offsets of one base
     minb: int = 0     # __launch_bounds__ minimum blocks per SM (0: none)
 
     def __post_init__(self):
@@ -396,6 +401,8 @@ VARIANTS = {v.name: v for v in (
     Variant("smem-v4r8", wmode=2),                     # (d) weights in shared memory, read per tap
     Variant("smem-v2r32a16", vec=2, run=32, tpb=128, ahead=16, wmode=2),
     Variant("lazy-v2r32-tanh", vec=2, run=32, tpb=128, act=1),  # one MUFU per output instead of two
+    Variant("lazy-v4r8-dc", dconst=True),         # D compiled in: no address arithmetic per row
+    Variant("lazy-v2r32-dc", vec=2, run=32, tpb=128, dconst=True),
     # (e) the mask, fused op only
     Variant("lazy-v4r8-m1", mask=1),
     Variant("lazy-v4r8-m2", mask=2),
@@ -406,19 +413,22 @@ VARIANTS = {v.name: v for v in (
     Variant("lazy-v2r32-m3", vec=2, run=32, tpb=128, mask=3),
     Variant("lazy-v4r8-m3-tanh", mask=3, act=1),
     Variant("lazy-v2r32-m3-tanh", vec=2, run=32, tpb=128, mask=3, act=1),
+    Variant("lazy-v4r8-m3-dc", mask=3, dconst=True),
+    Variant("lazy-v2r32-m3-dc", vec=2, run=32, tpb=128, mask=3, dconst=True),
 )}
 
 MASK_ONLY = {name for name, v in VARIANTS.items() if v.mask}
 
 # Which variants the GPU sweep times at each width (plus the shipped kernel, always); mask variants only for
 # the fused op. Kept modest: every (variant, W, op) is one NVRTC compile.
-SMALL = ("eager-v4r8", "eager-v4r16", "eager-v4r8-cvt", "lazy-v4r8", "lazy-v4r16", "lazy-v2r16",
-         "lazy-v4r8-m1", "lazy-v4r8-m2", "lazy-v4r8-m3", "eager-v4r8-m3", "eager-v4r16-m3", "lazy-v4r8-m3-tanh")
-MID = ("eager-v4r8", "eager-v4r8-cvt", "lazy-v4r8", "lazy-v4r16", "stream-v4r16a8", "lazy-v2r16", "lazy-v2r32",
-       "lazy-v4r8-m2", "lazy-v4r8-m3", "lazy-v2r16-m3", "lazy-v2r32-m3")
+SMALL = ("eager-v4r8", "eager-v4r16", "eager-v4r8-cvt", "lazy-v4r8", "lazy-v4r16", "lazy-v2r16", "lazy-v4r8-dc",
+         "lazy-v4r8-m1", "lazy-v4r8-m2", "lazy-v4r8-m3", "eager-v4r8-m3", "eager-v4r16-m3", "lazy-v4r8-m3-tanh",
+         "lazy-v4r8-m3-dc")
+MID = ("eager-v4r8", "eager-v4r8-cvt", "lazy-v4r8", "stream-v4r16a8", "lazy-v2r16", "lazy-v2r32", "lazy-v4r8-dc",
+       "lazy-v2r32-dc", "lazy-v4r8-m2", "lazy-v4r8-m3", "lazy-v2r32-m3", "lazy-v4r8-m3-dc", "lazy-v2r32-m3-dc")
 LARGE = ("eager-v4r4", "eager-v4r8", "eager-v4r8-cvt", "lazy-v4r8", "stream-v4r16a8", "lazy-v2r16", "lazy-v2r32",
-         "stream-v2r32a16", "pack-v4r8", "smem-v4r8", "smem-v2r32a16", "lazy-v2r32-tanh",
-         "lazy-v4r8-m3", "lazy-v2r32-m3", "lazy-v2r32-m3-tanh")
+         "stream-v2r32a16", "smem-v4r8", "lazy-v2r32-tanh", "lazy-v4r8-dc", "lazy-v2r32-dc",
+         "lazy-v4r8-m3", "lazy-v2r32-m3", "lazy-v2r32-m3-tanh", "lazy-v2r32-m3-dc")
 WIDTHS = (2, 3, 4, 5, 6, 7, 8, 10, 12, 16)
 
 
@@ -430,12 +440,14 @@ def plan(W: int) -> tuple[str, ...]:
 SHAPES = ((4, 8192, 4096), (4, 2048, 4096))  # (B, T, D)
 
 
-def source(v: Variant, W: int, has_mask: bool, residual: bool, fast_only: bool = False) -> str:
-    """The full text: the shipped contract and helpers (bf16 x, weight, bias; SiLU), then the variant."""
+def source(v: Variant, W: int, has_mask: bool, residual: bool, D: int, fast_only: bool = False) -> str:
+    """The full text: the shipped contract and helpers (bf16 x, weight, bias; SiLU), then the variant
+    (compiled for this D where `v.dconst`, for any D otherwise)."""
     contract = dict(CC_W=W, CC_X_BF16=1, CC_WT=0, CC_HAS_BIAS=1, CC_ACTIVATION=_activation.SILU,
                     CC_HAS_MASK=int(has_mask), CC_RESIDUAL=int(residual))
     defines = dict(WV_VEC=v.vec, WV_RUN=v.run, WV_TPB=v.tpb, WV_AHEAD=v.ahead, WV_EAGER=int(v.eager),
-                   WV_WMODE=v.wmode, WV_MASK=v.mask if has_mask else 0, WV_ACT=v.act, WV_CVT=v.cvt)
+                   WV_WMODE=v.wmode, WV_MASK=v.mask if has_mask else 0, WV_ACT=v.act, WV_CVT=v.cvt,
+                   WV_DCONST=D // v.vec if v.dconst else 0)
     lines = [f"#define {k} {val}" for k, val in defines.items()]
     lines.append(f"#define WV_MINB_ARG {', ' + str(v.minb) if v.minb else ''}")
     if fast_only:
@@ -525,10 +537,10 @@ def check(names=None, widths=CHECK_WIDTHS, shapes=CHECK_SHAPES, masks=(False, Tr
         v = VARIANTS[name]
         for W in widths:
             for has_mask in (m for m in masks if m or not v.mask):
-                kernel = cuda_harness.compile_kernel(source(v, W, has_mask, has_mask), KERNEL_NAME)
                 for B, T, D in shapes:
                     if D % v.vec:
                         continue
+                    kernel = cuda_harness.compile_kernel(source(v, W, has_mask, has_mask, D), KERNEL_NAME)
                     for soft in ((False, True) if has_mask else (False,)):
                         x, w, bias, mask = _inputs(B, T, D, W, "cpu", W + T + soft, soft)
                         m = mask if has_mask else None
@@ -550,14 +562,20 @@ def check(names=None, widths=CHECK_WIDTHS, shapes=CHECK_SHAPES, masks=(False, Tr
 
 
 # ------------------------------------------------------------------ the GPU sweep
-def _jobs(widths=WIDTHS):
-    """(variant name, W, has_mask) of every kernel the sweep times."""
-    return [(name, W, has_mask) for W in widths for has_mask in (False, True) for name in plan(W)
+def _jobs(widths=WIDTHS, D=SHAPES[0][2], names=None):
+    """(variant name, W, has_mask, D) of every kernel the sweep times (D matters to `dconst` variants): the
+    plan's variants at each W, or those `names` at every W."""
+    return [(name, W, has_mask, D) for W in widths for has_mask in (False, True) for name in (names or plan(W))
             if has_mask or name not in MASK_ONLY]
 
 
+def _text(job) -> str:
+    name, W, has_mask, D = job
+    return source(VARIANTS[name], W, has_mask, has_mask, D)
+
+
 def _compile_all(jobs):
-    """({job: kernel}, {job: registers and local (spill) bytes}) for jobs (variant name, W, has_mask),
+    """({job: kernel}, {job: registers and local (spill) bytes}) for jobs (variant name, W, has_mask, D),
     compiled by NVRTC on a thread pool (NVRTC releases the GIL) and loaded on this thread. A job whose
     compile fails is reported and left out."""
     from torch.cuda import _utils
@@ -566,13 +584,9 @@ def _compile_all(jobs):
     cc = f"{props.major}{props.minor}"
     opts = ["--use_fast_math", "-std=c++17"]  # as the shipped runtime
 
-    def text(job):
-        name, W, has_mask = job
-        return source(VARIANTS[name], W, has_mask, has_mask)
-
     def compile_one(job):
         try:
-            got = _utils._nvrtc_compile(text(job), KERNEL_NAME, compute_capability=cc, nvcc_options=list(opts))
+            got = _utils._nvrtc_compile(_text(job), KERNEL_NAME, compute_capability=cc, nvcc_options=list(opts))
             return got if isinstance(got, tuple) else (got, KERNEL_NAME)  # older torch: the image alone
         except Exception as exc:  # noqa: BLE001 - reported per job below
             return exc
@@ -593,7 +607,7 @@ def _compile_all(jobs):
             if job in kernels:
                 continue
             try:
-                kernels[job] = torch.cuda._compile_kernel(text(job), KERNEL_NAME, nvcc_options=list(opts))
+                kernels[job] = torch.cuda._compile_kernel(_text(job), KERNEL_NAME, nvcc_options=list(opts))
             except RuntimeError as err:
                 print(f"compile of {job} failed: {str(err).strip()[:2000]}")
     libcuda = _utils._get_gpu_runtime_library()
@@ -613,9 +627,10 @@ def ptx_only(out_dir: Path) -> int:
     cuda_fwd.py --ptx); 1 if any compile fails."""
     out_dir.mkdir(parents=True, exist_ok=True)
     failed = 0
-    for name, W, has_mask in _jobs():
+    for job in _jobs():
+        name, W, has_mask, _ = job
         try:
-            ptx = cuda_fwd.nvrtc_ptx(source(VARIANTS[name], W, has_mask, has_mask))
+            ptx = cuda_fwd.nvrtc_ptx(_text(job))
         except RuntimeError as exc:
             print(f"{name} W{W} mask={int(has_mask)}: compile failed\n{exc}")
             failed += 1
@@ -666,14 +681,14 @@ def sass_stats(names=None, widths=WIDTHS) -> int:
         regs, local = (re.search(rf"{key}:(\d+)", usage).group(1) for key in ("REG", "LOCAL"))
         return regs, local, sum(ops.values()), ops["FFMA"]
 
-    for name, W, has_mask in [job for job in _jobs(widths) if names is None or job[0] in names]:
+    for name, W, has_mask, D in _jobs(widths, names=names):
         v = VARIANTS[name]
         per = v.vec * v.run
-        regs, local, total, ffma = stats(compiled(source(v, W, has_mask, has_mask).encode()))
+        regs, local, total, ffma = stats(compiled(source(v, W, has_mask, has_mask, D).encode()))
         line = (f"{'fused' if has_mask else 'plain'} W{W:<2d} {name:20s} {regs:>3s} regs {local:>4s} B local "
                 f"{total / per:5.1f} SASS/elem {ffma / per:5.1f} FFMA/elem")
         if has_mask and v.mask >= 2:
-            total_fast = stats(compiled(source(v, W, True, True, fast_only=True).encode()))[2]
+            total_fast = stats(compiled(source(v, W, True, True, D, fast_only=True).encode()))[2]
             line += f"   fast path alone {total_fast / per:5.1f} SASS/elem"
         print(line, flush=True)
     return 0
@@ -696,12 +711,12 @@ def _timer(reps_per_graph: int = 10):
             with torch.cuda.graph(graph):
                 for _ in range(reps_per_graph):
                     fn()
-            ms = triton.testing.do_bench(graph.replay, warmup=5, rep=30, return_mode="median")
+            ms = triton.testing.do_bench(graph.replay, warmup=3, rep=20, return_mode="median")
             return ms / reps_per_graph, "graph"
         except RuntimeError as exc:
             print(f"  (graph capture failed: {str(exc).splitlines()[0]}; timing plain calls)")
             torch.cuda.synchronize()
-            return triton.testing.do_bench(fn, warmup=5, rep=30, return_mode="median"), "plain"
+            return triton.testing.do_bench(fn, warmup=3, rep=20, return_mode="median"), "plain"
 
     return timed
 
@@ -716,8 +731,7 @@ def _rehearsal_parts(jobs):
     t = time.perf_counter()
     b.copy_(a)
     copy_gbs = 2 * a.numel() * 2 / (time.perf_counter() - t) / 1e9
-    kernels = {job: cuda_harness.compile_kernel(source(VARIANTS[job[0]], job[1], job[2], job[2]), KERNEL_NAME)
-               for job in jobs}
+    kernels = {job: cuda_harness.compile_kernel(_text(job), KERNEL_NAME) for job in jobs}
     attrs = {job: dict(regs=-1, local_bytes=-1) for job in jobs}
 
     def timed(fn):
@@ -736,7 +750,9 @@ def sweep(json_path: Path | None, budget_s: float, widths=WIDTHS, shapes=SHAPES,
     from causal_conv1d_mps.cuda import launch_btd
 
     start = time.monotonic()
-    jobs = [job for job in _jobs(widths) if names is None or job[0] in names]
+    if len({D for _, _, D in shapes}) != 1:
+        raise ValueError(f"shapes: one D for all (the dconst variants compile it in), got {shapes}")
+    jobs = _jobs(widths, shapes[0][2], names)
     if rehearse:
         device, device_name = "cpu", "CPU rehearsal through cuda_harness"
         copy_gbs, kernels, attrs, timed = _rehearsal_parts(jobs)
@@ -798,15 +814,14 @@ def sweep(json_path: Path | None, budget_s: float, widths=WIDTHS, shapes=SHAPES,
                     api_out = lambda: ccmps.causal_conv1d(xt, w, bias, "silu").transpose(1, 2)  # noqa: E731
                 with torch.no_grad():
                     record(op, shape, W, "shipped-api", api, api_out, want, nbytes)
-                for name in plan(W):
-                    if name in MASK_ONLY and not has_mask:
+                for name in names or plan(W):
+                    job = (name, W, has_mask, D)
+                    if job not in kernels:
                         continue
-                    if (name, W, has_mask) not in kernels:
-                        continue
-                    v, k = VARIANTS[name], kernels[(name, W, has_mask)]
+                    v, k = VARIANTS[name], kernels[job]
                     out_v = torch.empty_like(x)
                     record(op, shape, W, name, lambda: launch(k, v, x, w, bias, m, out_v), lambda: out_v, want,
-                           nbytes, attrs[(name, W, has_mask)])
+                           nbytes, attrs[job])
                 del want
                 save()
     result["complete"] = True
@@ -849,7 +864,8 @@ def summary(rows: list[dict]) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="correctness on the CPU through cuda_harness, no GPU")
-    p.add_argument("--variants", nargs="*", help="only these variants (default: all)")
+    p.add_argument("--variants", nargs="*", help="only these variants, at every width (default: --check all, "
+                   "the sweep and --sass a plan per width)")
     p.add_argument("--widths", nargs="*", type=int, help="only these widths (default: --check 2 4 7 8 12 16, "
                    "the sweep 2 3 4 5 6 7 8 10 12 16)")
     p.add_argument("--ptx", type=Path, help="compile every kernel of the sweep to PTX into this folder (no GPU)")
@@ -857,7 +873,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path)
     p.add_argument("--rehearse", action="store_true",
                    help="the sweep's code on the CPU through cuda_harness, tiny shape (no GPU; figures mean nothing)")
-    p.add_argument("--budget", type=float, default=110.0, help="GPU sweep: stop starting cases after this many s")
+    p.add_argument("--budget", type=float, default=105.0, help="GPU sweep: stop starting cases after this many s")
     args = p.parse_args(argv)
     if args.check:
         return check(args.variants, tuple(args.widths or CHECK_WIDTHS))
