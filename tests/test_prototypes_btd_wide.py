@@ -28,7 +28,7 @@ def wide():
     return cuda_btd_wide
 
 
-@pytest.mark.parametrize("name", ["lazy-v4r8-m2", "eager-v4r16-m3"])
+@pytest.mark.parametrize("name", ["lazy-v4r8-m2", "lazy-v4r8-m3-dc"])
 def test_warp_vote_mask_variants_match_float64(wide, name):
     # shuffled mask values, the vote, the fast (binary / all-ones) and the general paths, soft masks included;
     # NaN and Inf at masked positions
