@@ -547,7 +547,11 @@ def check(names=None, widths=CHECK_WIDTHS, shapes=CHECK_SHAPES, masks=(False, Tr
                         if not has_mask:
                             x = torch.nan_to_num(x, nan=0.5, posinf=0.5)
                         out = torch.full_like(x, float("nan"))  # a step never written stays NaN
-                        launch(kernel, v, x, w, bias, m, out)
+                        try:
+                            launch(kernel, v, x, w, bias, m, out)
+                        except RuntimeError as exc:  # the harness found a fault: out of bounds, a race, ...
+                            print(f"{name} W{W} mask={int(has_mask)} B{B} T{T} D{D}: {exc}")
+                            out.fill_(float("nan"))
                         err, worst, same = _compare(out, reference(x, w, bias, m, has_mask))
                         ok = worst <= MAX_ULPS and same  # float32 sums rounded once to bf16: within 1 ulp
                         failures += not ok
