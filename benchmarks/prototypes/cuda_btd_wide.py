@@ -45,8 +45,9 @@ the scheme differs from the shipped kernel:
 - `dconst`: D compiled in (one kernel per D, as the plans are per shape already), so that every row of a
   run is one base address plus a constant offset: no address arithmetic per row (at W 16 the variant with
   cvt and dconst has 31 SASS instructions per element against the shipped scheme's 63);
-- `inside`: a run whose steps and halo all lie in [0, T) (every run of a row but the first and the last;
-  block-uniform) takes a copy of the code with no bounds checks (25.8 per element at W 16).
+- `inside`: a run whose steps and halo all lie in [0, T) (t0 >= W-1 and t0 + run <= T: all runs of a row
+  but a few at its ends; block-uniform) takes a copy of the code with no bounds checks (25.8 per element at
+  W 16).
 Masking is by selection everywhere (a masked-out NaN/Inf contributes nothing); the residual adds the unmasked
 x; zeros before t = 0; bf16 x, weights and bias, float32 arithmetic. Nothing here is shipped.
 """
