@@ -408,6 +408,35 @@ def driver(monkeypatch):
     return _runtime._DriverKernel(Compiled(), 0), state
 
 
+def test_a_compile_makes_the_devices_primary_context_current_first(monkeypatch):
+    """The first call of a kernel may be a backward, on autograd's device thread, which has no current driver
+    context: loading the compiled module there failed ("invalid device context", found on an H200) and turned
+    the kernels off for the process. The compile makes the device's primary context current before loading."""
+    import contextlib
+
+    from causal_conv1d_mps import _activation
+    from causal_conv1d_mps.cuda import _runtime
+
+    events = []
+
+    class Compiled:
+        func = ctypes.c_void_p(0x1230)
+
+    def compile_kernel(text, name, nvcc_options):
+        events.append(("compile", name))
+        return Compiled()
+
+    monkeypatch.setattr(_runtime, "_libcuda", object())
+    monkeypatch.setattr(_runtime, "_launch_kernel", object())
+    monkeypatch.setattr(_runtime, "_make_primary_context_current", lambda index: events.append(("context", index)))
+    monkeypatch.setattr(torch.cuda, "_compile_kernel", compile_kernel)
+    monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
+    defines = dict(CC_W=4, CC_X_BF16=1, CC_WT=0, CC_HAS_BIAS=1, CC_ACTIVATION=_activation.SILU)
+    kernel = _runtime._compile("cc_conv_bwd_bdt", defines, torch.device("cuda", 3), 3)
+    assert isinstance(kernel, _runtime._DriverKernel)
+    assert events == [("context", 3), ("compile", "cc_conv_bwd_bdt")]
+
+
 def test_a_prepared_launch_passes_pointers_then_its_ints(driver, monkeypatch):
     from causal_conv1d_mps.cuda import _runtime
 

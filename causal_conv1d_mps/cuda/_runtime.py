@@ -105,6 +105,11 @@ def _compile(name: str, defines: dict[str, int], device: torch.device, index: in
     try:
         if device.type == "cuda":
             with torch.cuda.device(index):
+                # The first call of a kernel may come from autograd's device thread (a backward), which has no
+                # current driver context: loading the module would fail with "invalid device context" and
+                # turn the kernels off for the process. The device's primary context is PyTorch's own.
+                _load_driver()
+                _make_primary_context_current(index)
                 compiled = torch.cuda._compile_kernel(text, name, nvcc_options=["--use_fast_math", "-std=c++17"])
             return _DriverKernel(compiled, index)
         cuda_harness = _checkout.load_harness("cuda_harness")  # test-only, at the repository root
