@@ -291,3 +291,12 @@ def stand_in_cuda_driver(monkeypatch, launch_kernel, handles: dict[str, int] | N
     monkeypatch.setattr(_runtime, "_launch_kernel", launch_kernel)
     monkeypatch.setattr(_runtime, "_current_device", lambda: -1)
     monkeypatch.setattr(_runtime, "_current_stream", lambda index: stream)
+
+
+def skip_without_lfm3() -> None:
+    """Skip where the installed transformers has no LFM3 (W = 7): it came after the oldest supported (5.15)."""
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("transformers.models.lfm3") is None:
+        pytest.skip(f"transformers {importlib.metadata.version('transformers')} has no LFM3")

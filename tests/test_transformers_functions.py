@@ -16,7 +16,8 @@ import torch
 import causal_conv1d_mps as ccmps
 import oracle
 from causal_conv1d_mps.integrations import transformers as cc_hf
-from conftest import assert_close_rel, assert_equal_exact, leaf, leaf64, make_params, oracle_grads, randn, seeded
+from conftest import (assert_close_rel, assert_equal_exact, leaf, leaf64, make_params, oracle_grads, randn, seeded,
+                      skip_without_lfm3)
 
 HF_BACKENDS = ("reference", "triton")
 
@@ -36,6 +37,7 @@ def hf_backend(request, device, monkeypatch) -> str:
 def torch_functions():
     """transformers' own PyTorch `causal_conv1d_fn` / `causal_conv1d_update` (LFM3's, undecorated)."""
     pytest.importorskip("transformers")
+    skip_without_lfm3()
     from transformers.models.lfm3 import modeling_lfm3
 
     was_enabled = cc_hf.is_enabled()

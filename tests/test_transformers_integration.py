@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from causal_conv1d_mps.integrations import transformers as cc_hf
+from conftest import skip_without_lfm3
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NAMES = ("causal_conv1d_fn", "causal_conv1d_update")
@@ -167,6 +168,7 @@ def test_every_modeling_module_that_defines_them_is_replaced_and_restored():
 
 def test_a_model_built_before_enable_follows_enable_and_disable(spy):
     transformers = pytest.importorskip("transformers")
+    skip_without_lfm3()
     namespace: dict = {}
     exec(TINY_LFM, namespace)
     torch.manual_seed(0)
@@ -236,6 +238,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
 
 def test_dao_causal_conv1d_is_kept_unless_forced(tmp_path):
     pytest.importorskip("transformers")
+    skip_without_lfm3()
     package = tmp_path / "fake_site" / "causal_conv1d"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text(FAKE_DAO, encoding="utf-8")
