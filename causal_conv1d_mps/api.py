@@ -78,9 +78,12 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activat
         check.not_sharing_memory("final_states_out", final_states_out, x=x, weight=weight, bias=bias,
                                  seq_idx=seq_idx, initial_states=initial_states)
     want_final = return_final_states or final_states_out is not None
-    seq = None if seq_idx is None else check.seq_idx_int32(seq_idx)
-    out, final = ops.causal_conv1d(_bdt_layout(x), weight.contiguous(), _contig(bias), seq,
-                                   _contig(initial_states), act, want_final)
+    if seq_idx is not None:
+        seq_idx = check.seq_idx_int32(seq_idx)
+    # the helpers `_bdt_layout` and `_contig` written out: a frame each, on every call
+    out, final = ops.causal_conv1d(x if x.is_contiguous() else _bdt_layout(x), weight.contiguous(),
+                                   None if bias is None else bias.contiguous(), seq_idx,
+                                   None if initial_states is None else initial_states.contiguous(), act, want_final)
     if not want_final:
         return out
     if final_states_out is not None:
