@@ -247,7 +247,8 @@ def _fused_setup_context(ctx, inputs, output):
 def _fused_gradients(ctx, dout, dfinal, bwd):
     x, weight, bias, mask, initial_states, cu_seqlens = ctx.saved_tensors
     dout = x.new_zeros(x.shape) if dout is None else dout.contiguous()
-    dfinal = _final_states_grad(ctx, dfinal)
+    if dfinal is not None:
+        dfinal = _final_states_grad(ctx, dfinal)
     dx, dweight, dbias, dinit = bwd(x, weight, bias, mask, initial_states, cu_seqlens, dout, dfinal,
                                     ctx.activation, ctx.residual)
     return (dx, dweight, dbias if bias is not None else None, None,
@@ -261,7 +262,7 @@ torch.library.register_autograd(
 
 
 def _fused_backend_bwd(x, *args):
-    return _impl(x).short_conv_fused_bwd(x, *args)
+    return _backend.select(x.device, x.dtype).short_conv_fused_bwd(x, *args)
 
 
 @once_differentiable
@@ -270,16 +271,19 @@ def _fused_eager_backward_twice(ctx, dout, dfinal):
 
 
 class _ShortConvFusedEager(torch.autograd.Function):
+    """The op's eager autograd road; `out` alone without final states (see `_CausalConv1dEager`)."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, mask, initial_states, cu_seqlens, activation, residual,
                 return_final_states):
         ctx.set_materialize_grads(False)
         args = (x, weight, bias, mask, initial_states, cu_seqlens, activation, residual, return_final_states)
         _fused_setup_context(ctx, args, None)
-        return _impl(x).short_conv_fused_fwd(*args)
+        out, final = _backend.select(x.device, x.dtype).short_conv_fused_fwd(*args)
+        return (out, final) if return_final_states else out
 
     @staticmethod
-    def backward(ctx, dout, dfinal):
+    def backward(ctx, dout, dfinal=None):
         if torch.is_grad_enabled():  # create_graph=True (see _CausalConv1dEager.backward)
             return _fused_eager_backward_twice(ctx, dout, dfinal)
         return _fused_gradients(ctx, dout, dfinal, _fused_backend_bwd)
@@ -290,13 +294,19 @@ _FUSED_APPLY = _c_apply(_ShortConvFusedEager)
 
 def short_conv_fused(x, weight, bias, mask, initial_states, cu_seqlens, activation: int, residual: bool,
                      return_final_states: bool):
-    """Runs the op on validated arguments; returns `(out, final_states)` (final empty when not asked)."""
+    """Runs the op on validated arguments; returns `(out, final_states)`, `final_states` a placeholder when
+    not asked for (as for `causal_conv1d`)."""
     args = (x, weight, bias, mask, initial_states, cu_seqlens, activation, residual, return_final_states)
-    if not _direct(x):
+    if (type(x) not in _PLAIN_TYPES or _is_compiling() or _dispatch_stack_depth()
+            or _is_functorch_wrapped(x)):  # not `_direct`
         return short_conv_fused_fwd(*args)
-    if _wants_grad(x, weight, bias, initial_states):
-        return _apply_eager(_ShortConvFusedEager, _FUSED_APPLY, args, (weight, bias, mask, initial_states, cu_seqlens))
-    return _impl(x).short_conv_fused_fwd(*args)
+    if _grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+                            or (initial_states is not None and initial_states.requires_grad)):
+        tensors = (weight, bias, mask, initial_states, cu_seqlens)
+        if return_final_states:
+            return _apply_eager(_ShortConvFusedEager, _FUSED_APPLY, args, tensors)
+        return _apply_eager(_ShortConvFusedEager, _FUSED_APPLY, args, tensors), None
+    return _backend.select(x.device, x.dtype).short_conv_fused_fwd(*args)
 
 
 # ---------------------------------------------------------------------------------------------------------
