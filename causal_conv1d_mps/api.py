@@ -36,6 +36,24 @@ def _bdt_layout(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
+_set_grad_enabled = torch._C._set_grad_enabled
+
+
+def _without_grad(fn, args: tuple, kwargs: dict):
+    """`fn(*args, **kwargs)` with grad mode off, as under `torch.no_grad()`, whose object and two Python frames
+    cost about 2 us per call: an eager call sets the grad-mode flag and puts it back however `fn` ends.
+    Under torch.compile it is the context manager, which dynamo knows."""
+    if torch.compiler.is_compiling():
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+    enabled = torch.is_grad_enabled()
+    _set_grad_enabled(False)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _set_grad_enabled(enabled)
+
+
 # The verdicts of the metadata-only checks of `causal_conv1d` and `short_conv_fused`, per call signature
 # (`_validate.Verdicts`; the decode step's are below): a repeated call skips them. Without a signature
 # (torch.compile among others) the tables are not touched: dynamo would guard on their length.
@@ -124,8 +142,7 @@ def causal_conv1d_fn(x: Tensor, weight: Tensor, bias: Tensor | None = None, seq_
 
 def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None = None, silu_activation: bool = False) -> Tensor:
     """Forward only (records no autograd graph): `[B, D, T]` result."""
-    with torch.no_grad():
-        return causal_conv1d(x, weight, bias, "silu" if silu_activation else None)
+    return _without_grad(causal_conv1d, (x, weight, bias, "silu" if silu_activation else None), {})
 
 
 def short_conv_fused(x: Tensor, weight: Tensor, bias: Tensor | None = None, attention_mask: Tensor | None = None,
@@ -174,8 +191,7 @@ def _short_conv_fused(x, weight, bias, attention_mask, activation: int, residual
 
 def short_conv_fused_fwd_only(*args, **kwargs):
     """`short_conv_fused` without recording an autograd graph."""
-    with torch.no_grad():
-        return short_conv_fused(*args, **kwargs)
+    return _without_grad(short_conv_fused, args, kwargs)
 
 
 # Decode steps check one signature per layer and token: the verdict of the metadata-only checks is kept per
@@ -287,8 +303,7 @@ def _short_conv_update(x, conv_state, weight, bias, cache_seqlens, activation: i
 
 def short_conv_update_fwd_only(*args, **kwargs) -> Tensor:
     """`short_conv_update` without recording an autograd graph."""
-    with torch.no_grad():
-        return short_conv_update(*args, **kwargs)
+    return _without_grad(short_conv_update, args, kwargs)
 
 
 def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None = None,

@@ -376,6 +376,30 @@ def test_the_eager_autograd_road_wraps_final_states_only_when_asked(monkeypatch,
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+_FORWARD_ONLY = {
+    "causal_conv1d_fwd": lambda x, w: ccmps.causal_conv1d_fwd(x.transpose(1, 2), w, silu_activation=True),
+    "short_conv_fused_fwd_only": lambda x, w: ccmps.short_conv_fused_fwd_only(x, w),
+    "short_conv_update_fwd_only": lambda x, w: ccmps.short_conv_update_fwd_only(
+        x[:, -1], torch.zeros(x.shape[0], x.shape[2], w.shape[1]), w),
+}
+
+
+@pytest.mark.parametrize("fn", list(_FORWARD_ONLY))
+def test_forward_only_functions_restore_the_grad_mode_however_they_end(fn):
+    """The forward-only functions set the grad-mode flag themselves (cheaper than `torch.no_grad()`): they
+    record no graph, and leave the mode as they found it after a result and after an error."""
+    call = _FORWARD_ONLY[fn]
+    x, w = torch.randn(2, 6, 4), torch.randn(4, 3, requires_grad=True)
+    for enabled in (True, False):
+        with torch.set_grad_enabled(enabled):
+            out = call(x, w)
+            assert out.grad_fn is None and not out.requires_grad
+            assert torch.is_grad_enabled() is enabled
+            with pytest.raises(ValueError, match="^weight: expected shape"):
+                call(x, torch.randn(5, 3, requires_grad=True))
+            assert torch.is_grad_enabled() is enabled
+
+
 # ------------------------------------------------------------------------ the example's in-model diagnosis
 
 
