@@ -168,24 +168,29 @@ def _short_conv_fused(x, weight, bias, attention_mask, activation: int, residual
     name them `states_name` (the module's `cache`)."""
     signature = check.call_signature("short_conv_fused", x, weight, bias, attention_mask, initial_states, cu_seqlens)
     if signature is not None and signature in _conv_verdicts:  # what remains to check reads values
-        b, t, d = x.shape
-        mask = None if attention_mask is None else check.normalize_mask(
-            attention_mask, b, t, torch.float64 if x.dtype == torch.float64 else torch.float32)
-        if cu_seqlens is not None:
-            check.cu_seqlens(cu_seqlens, t)
+        mask = None
+        if attention_mask is not None or cu_seqlens is not None:
+            b, t, _ = x.shape
+            if attention_mask is not None:
+                mask = check.normalize_mask(attention_mask, b, t,
+                                            torch.float64 if x.dtype == torch.float64 else torch.float32)
+            if cu_seqlens is not None:
+                check.cu_seqlens(cu_seqlens, t)
     else:
         _, mask, _ = check.short_conv_fused_inputs(x, weight, bias, attention_mask, initial_states, cu_seqlens,
                                                    offsets_end_at_t=True, states_name=states_name)
-        d = x.shape[2]
         if not check.on_one_device(x, weight, bias, attention_mask, initial_states, cu_seqlens):
             check.same_device(x=x, weight=weight, bias=bias, attention_mask=attention_mask,
                               **{states_name: initial_states}, cu_seqlens=cu_seqlens)
         if signature is not None:
             _conv_verdicts.remember(signature, True)
-    if x.stride()[2] != 1 and d > 1:
+    if x.stride(2) != 1 and x.shape[2] > 1:
         x = x.contiguous()
-    out, final = ops.short_conv_fused(x, weight.contiguous(), _contig(bias), mask, _contig(initial_states),
-                                      _int32(cu_seqlens), activation, bool(residual), return_final_states)
+    # `_contig` and `_int32` written out for absent arguments: a frame each, on every call
+    out, final = ops.short_conv_fused(x, weight.contiguous(), None if bias is None else bias.contiguous(), mask,
+                                      None if initial_states is None else initial_states.contiguous(),
+                                      None if cu_seqlens is None else _int32(cu_seqlens), activation,
+                                      bool(residual), return_final_states)
     return (out, final) if return_final_states else out
 
 
