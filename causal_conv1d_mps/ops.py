@@ -24,8 +24,7 @@ _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 # what torch.utils._python_dispatch._get_current_dispatch_mode() tests, without its Python frame
 _dispatch_stack_depth = torch._C._len_torch_dispatch_stack
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-
-
+# module globals: the eager roads below read them on every call (dynamo knows these functions by identity)
 _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
 
@@ -165,8 +164,8 @@ class _CausalConv1dEager(torch.autograd.Function):
     def forward(ctx, x, weight, bias, seq_idx, initial_states, activation, return_final_states):
         ctx.set_materialize_grads(False)
         _cc_setup_context(ctx, (x, weight, bias, seq_idx, initial_states, activation, return_final_states), None)
-        out, final = _backend.select(x.device, x.dtype).causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states,
-                                                                   activation, return_final_states)
+        out, final = _backend.select(x.device, x.dtype).causal_conv1d_fwd(
+            x, weight, bias, seq_idx, initial_states, activation, return_final_states)
         return (out, final) if return_final_states else out
 
     @staticmethod
@@ -195,8 +194,8 @@ def causal_conv1d(x, weight, bias, seq_idx, initial_states, activation: int, ret
         if return_final_states:
             return _apply_eager(_CausalConv1dEager, _CC_APPLY, args, (weight, bias, seq_idx, initial_states))
         return _apply_eager(_CausalConv1dEager, _CC_APPLY, args, (weight, bias, seq_idx, initial_states)), None
-    return _backend.select(x.device, x.dtype).causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation,
-                                                         return_final_states)
+    return _backend.select(x.device, x.dtype).causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states,
+                                                                activation, return_final_states)
 
 
 # ---------------------------------------------------------------------------------------------------------
