@@ -126,6 +126,7 @@ def workloads(args, device, dtype, stub):
         ("ops.causal_conv1d (eager road)", lambda: ops.causal_conv1d(x_bdt, w, b, None, None, SILU, False)),
         ("custom op torch.ops (dispatcher)", lambda: ops.causal_conv1d_fwd(x_bdt, w, b, None, None, SILU, False)),
         ("api causal_conv1d", lambda: ccmps.causal_conv1d(x_bdt, w, b, "silu")),
+        ("api causal_conv1d_fwd (forward only)", lambda: ccmps.causal_conv1d_fwd(x_bdt, w, b, True)),
         ("eager F.conv1d", lambda: F.conv1d(x_bdt, w3, b, padding=W - 1, groups=D)),
     ]
     result[f"causal_conv1d forward, no grad, [B, D, T] = [{B}, {D}, {T}], W {W}"] = layers

@@ -67,7 +67,8 @@ def backend_unavailable_reason(name: str, device: torch.device, dtype: torch.dty
 
 def select(device: torch.device, dtype: torch.dtype) -> ModuleType:
     """The backend module that runs an op on `device` for an `x` of `dtype` (cached: this is on every call)."""
-    key = (_forced_value(), device, dtype)
+    # `_forced_value()` written out: this runs on every call
+    key = (_ENV_BYTES.get(_ENV_KEY) if _ENV_BYTES is not None else os.environ.get(ENV_VAR), device, dtype)
     module = _selected.get(key)
     if module is None:
         module = _selected[key] = _resolve(requested_backend(device), device, dtype)

@@ -412,13 +412,6 @@ def _slot(t):
     return t.shape, t.stride(), t.dtype, t.device
 
 
-def _read_slot(t):
-    """`_slot` of an argument that is only read (its strides concern no check)."""
-    if type(t) not in _PLAIN_TENSORS:
-        raise TypeError("not a plain tensor")
-    return t.shape, t.dtype, t.device
-
-
 def decode_signature(layout: int, x, conv_state, weight, bias, cache_seqlens, conv_state_indices) -> tuple | None:
     """The signature of a decode step's arguments (`layout` tells the public functions apart), or None where
     the call must take every check: symbolic sizes and fake tensors under torch.compile, tensor subclasses,
@@ -447,10 +440,17 @@ def call_signature(tag, x, weight, first, second, third, fourth) -> tuple | None
     self-overlap). `tag` tells the public functions apart. None where the call must take every check (as for
     `decode_signature`)."""
     try:
-        if type(x) not in _PLAIN_TENSORS or type(weight) not in _PLAIN_TENSORS or torch.compiler.is_compiling():
+        if (type(x) not in _PLAIN_TENSORS or type(weight) not in _PLAIN_TENSORS
+                or not (first is None or type(first) in _PLAIN_TENSORS)
+                or not (second is None or type(second) in _PLAIN_TENSORS)
+                or not (third is None or type(third) in _PLAIN_TENSORS)
+                or not (fourth is None or type(fourth) in _PLAIN_TENSORS) or torch.compiler.is_compiling()):
             return None
+        # each slot written out (`_slot` without the strides for the read-only ones): a frame fewer each
         return (tag, x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device,
-                None if first is None else _read_slot(first), None if second is None else _read_slot(second),
-                None if third is None else _read_slot(third), None if fourth is None else _slot(fourth))
+                None if first is None else (first.shape, first.dtype, first.device),
+                None if second is None else (second.shape, second.dtype, second.device),
+                None if third is None else (third.shape, third.dtype, third.device),
+                None if fourth is None else (fourth.shape, fourth.stride(), fourth.dtype, fourth.device))
     except Exception:  # whatever cannot be read here is for the full checks to report
         return None

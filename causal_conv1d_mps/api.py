@@ -36,6 +36,24 @@ def _bdt_layout(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
+_set_grad_enabled = torch._C._set_grad_enabled
+
+
+def _without_grad(fn, args: tuple, kwargs: dict):
+    """`fn(*args, **kwargs)` with grad mode off, as under `torch.no_grad()`, whose object and two Python frames
+    cost about 2 us per call: an eager call sets the grad-mode flag and puts it back however `fn` ends.
+    Under torch.compile it is the context manager, which dynamo knows."""
+    if torch.compiler.is_compiling():
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+    enabled = torch.is_grad_enabled()
+    _set_grad_enabled(False)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _set_grad_enabled(enabled)
+
+
 # The verdicts of the metadata-only checks of `causal_conv1d` and `short_conv_fused`, per call signature
 # (`_validate.Verdicts`; the decode step's are below): a repeated call skips them. Without a signature
 # (torch.compile among others) the tables are not touched: dynamo would guard on their length.
@@ -78,9 +96,12 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activat
         check.not_sharing_memory("final_states_out", final_states_out, x=x, weight=weight, bias=bias,
                                  seq_idx=seq_idx, initial_states=initial_states)
     want_final = return_final_states or final_states_out is not None
-    seq = None if seq_idx is None else check.seq_idx_int32(seq_idx)
-    out, final = ops.causal_conv1d(_bdt_layout(x), weight.contiguous(), _contig(bias), seq,
-                                   _contig(initial_states), act, want_final)
+    if seq_idx is not None:
+        seq_idx = check.seq_idx_int32(seq_idx)
+    # the helpers `_bdt_layout` and `_contig` written out: a frame each, on every call
+    out, final = ops.causal_conv1d(x if x.is_contiguous() else _bdt_layout(x), weight.contiguous(),
+                                   None if bias is None else bias.contiguous(), seq_idx,
+                                   None if initial_states is None else initial_states.contiguous(), act, want_final)
     if not want_final:
         return out
     if final_states_out is not None:
@@ -121,8 +142,7 @@ def causal_conv1d_fn(x: Tensor, weight: Tensor, bias: Tensor | None = None, seq_
 
 def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None = None, silu_activation: bool = False) -> Tensor:
     """Forward only (records no autograd graph): `[B, D, T]` result."""
-    with torch.no_grad():
-        return causal_conv1d(x, weight, bias, "silu" if silu_activation else None)
+    return _without_grad(causal_conv1d, (x, weight, bias, "silu" if silu_activation else None), {})
 
 
 def short_conv_fused(x: Tensor, weight: Tensor, bias: Tensor | None = None, attention_mask: Tensor | None = None,
@@ -148,31 +168,35 @@ def _short_conv_fused(x, weight, bias, attention_mask, activation: int, residual
     name them `states_name` (the module's `cache`)."""
     signature = check.call_signature("short_conv_fused", x, weight, bias, attention_mask, initial_states, cu_seqlens)
     if signature is not None and signature in _conv_verdicts:  # what remains to check reads values
-        b, t, d = x.shape
-        mask = None if attention_mask is None else check.normalize_mask(
-            attention_mask, b, t, torch.float64 if x.dtype == torch.float64 else torch.float32)
-        if cu_seqlens is not None:
-            check.cu_seqlens(cu_seqlens, t)
+        mask = None
+        if attention_mask is not None or cu_seqlens is not None:
+            b, t, _ = x.shape
+            if attention_mask is not None:
+                mask = check.normalize_mask(attention_mask, b, t,
+                                            torch.float64 if x.dtype == torch.float64 else torch.float32)
+            if cu_seqlens is not None:
+                check.cu_seqlens(cu_seqlens, t)
     else:
         _, mask, _ = check.short_conv_fused_inputs(x, weight, bias, attention_mask, initial_states, cu_seqlens,
                                                    offsets_end_at_t=True, states_name=states_name)
-        d = x.shape[2]
         if not check.on_one_device(x, weight, bias, attention_mask, initial_states, cu_seqlens):
             check.same_device(x=x, weight=weight, bias=bias, attention_mask=attention_mask,
                               **{states_name: initial_states}, cu_seqlens=cu_seqlens)
         if signature is not None:
             _conv_verdicts.remember(signature, True)
-    if x.stride()[2] != 1 and d > 1:
+    if x.stride(2) != 1 and x.shape[2] > 1:
         x = x.contiguous()
-    out, final = ops.short_conv_fused(x, weight.contiguous(), _contig(bias), mask, _contig(initial_states),
-                                      _int32(cu_seqlens), activation, bool(residual), return_final_states)
+    # `_contig` and `_int32` written out for absent arguments: a frame each, on every call
+    out, final = ops.short_conv_fused(x, weight.contiguous(), None if bias is None else bias.contiguous(), mask,
+                                      None if initial_states is None else initial_states.contiguous(),
+                                      None if cu_seqlens is None else _int32(cu_seqlens), activation,
+                                      bool(residual), return_final_states)
     return (out, final) if return_final_states else out
 
 
 def short_conv_fused_fwd_only(*args, **kwargs):
     """`short_conv_fused` without recording an autograd graph."""
-    with torch.no_grad():
-        return short_conv_fused(*args, **kwargs)
+    return _without_grad(short_conv_fused, args, kwargs)
 
 
 # Decode steps check one signature per layer and token: the verdict of the metadata-only checks is kept per
@@ -284,8 +308,7 @@ def _short_conv_update(x, conv_state, weight, bias, cache_seqlens, activation: i
 
 def short_conv_update_fwd_only(*args, **kwargs) -> Tensor:
     """`short_conv_update` without recording an autograd graph."""
-    with torch.no_grad():
-        return short_conv_update(*args, **kwargs)
+    return _without_grad(short_conv_update, args, kwargs)
 
 
 def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None = None,

@@ -24,6 +24,9 @@ _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 # what torch.utils._python_dispatch._get_current_dispatch_mode() tests, without its Python frame
 _dispatch_stack_depth = torch._C._len_torch_dispatch_stack
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+# module globals: the eager roads below read them on every call (dynamo knows these functions by identity)
+_is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
 
 
 def _impl(x: Tensor):
@@ -32,7 +35,7 @@ def _impl(x: Tensor):
 
 def _direct(x: Tensor) -> bool:
     """True for an ordinary eager call (no tracing, no fake tensors, no functorch wrapper)."""
-    return (type(x) in _PLAIN_TYPES and not torch.compiler.is_compiling()
+    return (type(x) in _PLAIN_TYPES and not _is_compiling()
             and not _dispatch_stack_depth() and not _is_functorch_wrapped(x))
 
 
@@ -131,7 +134,8 @@ def _cc_setup_context(ctx, inputs, output):
 def _cc_gradients(ctx, dout, dfinal, bwd):
     x, weight, bias, seq_idx, initial_states = ctx.saved_tensors
     dout = torch.zeros_like(x) if dout is None else in_layout_of(dout, x)
-    dfinal = _final_states_grad(ctx, dfinal)
+    if dfinal is not None:
+        dfinal = _final_states_grad(ctx, dfinal)
     dx, dweight, dbias, dinit = bwd(x, weight, bias, seq_idx, initial_states, dout, dfinal, ctx.activation)
     return (dx, dweight, dbias if bias is not None else None, None,
             dinit if initial_states is not None else None, None, None)
@@ -144,7 +148,7 @@ torch.library.register_autograd(
 
 
 def _cc_backend_bwd(x, *args):
-    return _impl(x).causal_conv1d_bwd(x, *args)
+    return _backend.select(x.device, x.dtype).causal_conv1d_bwd(x, *args)
 
 
 @once_differentiable
@@ -153,15 +157,19 @@ def _cc_eager_backward_twice(ctx, dout, dfinal):
 
 
 class _CausalConv1dEager(torch.autograd.Function):
+    """The op's eager autograd road. Without final states it returns `out` alone: an output fewer for
+    autograd to wrap (about 1 us per call), and `backward` then receives `dout` alone."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, seq_idx, initial_states, activation, return_final_states):
         ctx.set_materialize_grads(False)
-        args = (x, weight, bias, seq_idx, initial_states, activation, return_final_states)
-        _cc_setup_context(ctx, args, None)
-        return _impl(x).causal_conv1d_fwd(*args)
+        _cc_setup_context(ctx, (x, weight, bias, seq_idx, initial_states, activation, return_final_states), None)
+        out, final = _backend.select(x.device, x.dtype).causal_conv1d_fwd(
+            x, weight, bias, seq_idx, initial_states, activation, return_final_states)
+        return (out, final) if return_final_states else out
 
     @staticmethod
-    def backward(ctx, dout, dfinal):
+    def backward(ctx, dout, dfinal=None):
         # the engine runs this with grad mode off unless create_graph=True; only then does
         # once_differentiable's no_grad block and double-backward guard have work to do
         if torch.is_grad_enabled():
@@ -173,14 +181,21 @@ _CC_APPLY = _c_apply(_CausalConv1dEager)
 
 
 def causal_conv1d(x, weight, bias, seq_idx, initial_states, activation: int, return_final_states: bool):
-    """Runs the op on validated arguments; returns `(out, final_states)` (final empty when not asked)."""
-    if not _direct(x):
+    """Runs the op on validated arguments; returns `(out, final_states)`. When they are not asked for,
+    `final_states` is a placeholder (an empty tensor, or None on the autograd road) that callers must not use.
+
+    The eager roads are written out inline (`_direct`, `_wants_grad`): this runs on every call."""
+    if (type(x) not in _PLAIN_TYPES or _is_compiling() or _dispatch_stack_depth()
+            or _is_functorch_wrapped(x)):  # not `_direct`: the custom op, which tracing and modes see
         return causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation, return_final_states)
-    if _wants_grad(x, weight, bias, initial_states):
-        return _apply_eager(_CausalConv1dEager, _CC_APPLY,
-                            (x, weight, bias, seq_idx, initial_states, activation, return_final_states),
-                            (weight, bias, seq_idx, initial_states))
-    return _impl(x).causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation, return_final_states)
+    if _grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+                            or (initial_states is not None and initial_states.requires_grad)):
+        args = (x, weight, bias, seq_idx, initial_states, activation, return_final_states)
+        if return_final_states:
+            return _apply_eager(_CausalConv1dEager, _CC_APPLY, args, (weight, bias, seq_idx, initial_states))
+        return _apply_eager(_CausalConv1dEager, _CC_APPLY, args, (weight, bias, seq_idx, initial_states)), None
+    return _backend.select(x.device, x.dtype).causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states,
+                                                                activation, return_final_states)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -231,7 +246,8 @@ def _fused_setup_context(ctx, inputs, output):
 def _fused_gradients(ctx, dout, dfinal, bwd):
     x, weight, bias, mask, initial_states, cu_seqlens = ctx.saved_tensors
     dout = x.new_zeros(x.shape) if dout is None else dout.contiguous()
-    dfinal = _final_states_grad(ctx, dfinal)
+    if dfinal is not None:
+        dfinal = _final_states_grad(ctx, dfinal)
     dx, dweight, dbias, dinit = bwd(x, weight, bias, mask, initial_states, cu_seqlens, dout, dfinal,
                                     ctx.activation, ctx.residual)
     return (dx, dweight, dbias if bias is not None else None, None,
@@ -245,7 +261,7 @@ torch.library.register_autograd(
 
 
 def _fused_backend_bwd(x, *args):
-    return _impl(x).short_conv_fused_bwd(x, *args)
+    return _backend.select(x.device, x.dtype).short_conv_fused_bwd(x, *args)
 
 
 @once_differentiable
@@ -254,16 +270,19 @@ def _fused_eager_backward_twice(ctx, dout, dfinal):
 
 
 class _ShortConvFusedEager(torch.autograd.Function):
+    """The op's eager autograd road; `out` alone without final states (see `_CausalConv1dEager`)."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, mask, initial_states, cu_seqlens, activation, residual,
                 return_final_states):
         ctx.set_materialize_grads(False)
         args = (x, weight, bias, mask, initial_states, cu_seqlens, activation, residual, return_final_states)
         _fused_setup_context(ctx, args, None)
-        return _impl(x).short_conv_fused_fwd(*args)
+        out, final = _backend.select(x.device, x.dtype).short_conv_fused_fwd(*args)
+        return (out, final) if return_final_states else out
 
     @staticmethod
-    def backward(ctx, dout, dfinal):
+    def backward(ctx, dout, dfinal=None):
         if torch.is_grad_enabled():  # create_graph=True (see _CausalConv1dEager.backward)
             return _fused_eager_backward_twice(ctx, dout, dfinal)
         return _fused_gradients(ctx, dout, dfinal, _fused_backend_bwd)
@@ -274,13 +293,19 @@ _FUSED_APPLY = _c_apply(_ShortConvFusedEager)
 
 def short_conv_fused(x, weight, bias, mask, initial_states, cu_seqlens, activation: int, residual: bool,
                      return_final_states: bool):
-    """Runs the op on validated arguments; returns `(out, final_states)` (final empty when not asked)."""
+    """Runs the op on validated arguments; returns `(out, final_states)`, `final_states` a placeholder when
+    not asked for (as for `causal_conv1d`)."""
     args = (x, weight, bias, mask, initial_states, cu_seqlens, activation, residual, return_final_states)
-    if not _direct(x):
+    if (type(x) not in _PLAIN_TYPES or _is_compiling() or _dispatch_stack_depth()
+            or _is_functorch_wrapped(x)):  # not `_direct`
         return short_conv_fused_fwd(*args)
-    if _wants_grad(x, weight, bias, initial_states):
-        return _apply_eager(_ShortConvFusedEager, _FUSED_APPLY, args, (weight, bias, mask, initial_states, cu_seqlens))
-    return _impl(x).short_conv_fused_fwd(*args)
+    if _grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+                            or (initial_states is not None and initial_states.requires_grad)):
+        tensors = (weight, bias, mask, initial_states, cu_seqlens)
+        if return_final_states:
+            return _apply_eager(_ShortConvFusedEager, _FUSED_APPLY, args, tensors)
+        return _apply_eager(_ShortConvFusedEager, _FUSED_APPLY, args, tensors), None
+    return _backend.select(x.device, x.dtype).short_conv_fused_fwd(*args)
 
 
 # ---------------------------------------------------------------------------------------------------------

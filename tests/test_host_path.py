@@ -352,6 +352,54 @@ def test_eager_backward_with_create_graph_keeps_the_double_backward_guard(monkey
         twice[0].sum().backward()
 
 
+@pytest.mark.parametrize("op", ["causal_conv1d", "short_conv_fused"])
+def test_the_eager_autograd_road_wraps_final_states_only_when_asked(monkeypatch, op):
+    """Without final states the eager Function has one output (`out`): autograd wraps nothing else, and the
+    backward gets `dout` alone. With them, two; the gradients of `out` are the same either way."""
+    monkeypatch.setenv("CAUSAL_CONV1D_BACKEND", "reference")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6 if op == "short_conv_fused" else 5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    call = (lambda **k: ccmps.short_conv_fused(x, w, **k)) if op == "short_conv_fused" else (
+        lambda **k: ccmps.causal_conv1d(x, w, activation="silu", **k))
+    out = call()
+    if not hasattr(out.grad_fn, "_input_metadata"):
+        pytest.skip("this PyTorch does not expose a node's outputs (Node._input_metadata)")
+    assert type(out.grad_fn).__name__.endswith("EagerBackward")
+    assert len(out.grad_fn._input_metadata) == 1
+    with_final, final = call(return_final_states=True)
+    assert with_final.grad_fn is final.grad_fn and len(with_final.grad_fn._input_metadata) == 2
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    alone = torch.autograd.grad(out, (x, w), dout)
+    both = torch.autograd.grad(with_final, (x, w), dout)
+    for a, b in zip(alone, both):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+_FORWARD_ONLY = {
+    "causal_conv1d_fwd": lambda x, w: ccmps.causal_conv1d_fwd(x.transpose(1, 2), w, silu_activation=True),
+    "short_conv_fused_fwd_only": lambda x, w: ccmps.short_conv_fused_fwd_only(x, w),
+    "short_conv_update_fwd_only": lambda x, w: ccmps.short_conv_update_fwd_only(
+        x[:, -1], torch.zeros(x.shape[0], x.shape[2], w.shape[1]), w),
+}
+
+
+@pytest.mark.parametrize("fn", list(_FORWARD_ONLY))
+def test_forward_only_functions_restore_the_grad_mode_however_they_end(fn):
+    """The forward-only functions set the grad-mode flag themselves (cheaper than `torch.no_grad()`): they
+    record no graph, and leave the mode as they found it after a result and after an error."""
+    call = _FORWARD_ONLY[fn]
+    x, w = torch.randn(2, 6, 4), torch.randn(4, 3, requires_grad=True)
+    for enabled in (True, False):
+        with torch.set_grad_enabled(enabled):
+            out = call(x, w)
+            assert out.grad_fn is None and not out.requires_grad
+            assert torch.is_grad_enabled() is enabled
+            with pytest.raises(ValueError, match="^weight: expected shape"):
+                call(x, torch.randn(5, 3, requires_grad=True))
+            assert torch.is_grad_enabled() is enabled
+
+
 # ------------------------------------------------------------------------ the example's in-model diagnosis
 
 
