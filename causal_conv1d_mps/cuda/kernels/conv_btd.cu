@@ -14,9 +14,10 @@
 //
 // A thread owns CC_VEC channels (one 8-byte vector per step) and CC_RUN consecutive steps. It issues every
 // load first (its CC_RUN + W-1 rows and their mask values: predicated loads, no branch between them, so all
-// are in flight together), converts each row once, then forms the W taps from registers. The W-1 rows
-// before a run are loaded again by the thread of the run before (L1/L2 hits). Arithmetic in float32.
-// Measured on an H200 against the shipped Triton kernels: docs/PERF_NOTES.md, v8.
+// are in flight together), then converts each row once as the window reaches it and forms the W taps from
+// registers; where every mask value of the run is 1 (most runs of a padded batch) it skips the mask's select
+// and multiply. The W-1 rows before a run are loaded again by the thread of the run before (L1/L2 hits).
+// Arithmetic in float32. Measured on an H200 against the shipped Triton kernels: docs/PERF_NOTES.md, v8, v9.
 
 #define CC_VEC 4       // channels per thread: 8 bytes of 16-bit values
 #define CC_RUN 8       // steps per thread
@@ -49,6 +50,40 @@ __device__ __forceinline__ void cc_load_w4(const cc_wt* __restrict__ p, float* f
 
 #ifndef CC_BWD_VEC  // the forward: every variant without the backward's own defines
 
+// The run's outputs from its loaded rows: row i converted when the window reaches it, output i - (W-1)
+// formed at once (converting every row first kept them all live; H200, docs/PERF_NOTES.md v9). ONES: every
+// mask value of the run is 1 (or there is no mask): no select, no multiply.
+template <bool ONES>
+__device__ __forceinline__ void cc_btd_outputs(const uint2 (&raw)[CC_RUN + CC_W - 1],
+                                               const float (&m)[CC_RUN + CC_W - 1], const float (&wk)[CC_W][CC_VEC],
+                                               const float (&bs)[CC_VEC], uint2* __restrict__ ob, int t0, int T,
+                                               int out_stride_t) {
+    constexpr int H = CC_W - 1, N = CC_RUN + H;
+    float xf[N][CC_VEC];
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        float f[CC_VEC];
+        cc_unpack4(raw[i], f);
+#pragma unroll
+        for (int j = 0; j < CC_VEC; ++j) xf[i][j] = (CC_HAS_MASK && !ONES) ? (m[i] != 0.f ? f[j] * m[i] : 0.f) : f[j];
+        if (i < H) continue;
+        const int r = i - H;
+        float o[CC_VEC];
+#pragma unroll
+        for (int j = 0; j < CC_VEC; ++j) {
+            float acc = bs[j];
+#pragma unroll
+            for (int k = 0; k < CC_W; ++k) acc = fmaf(wk[k][j], xf[r + k][j], acc);
+            o[j] = cc_activation(acc);
+        }
+#if CC_RESIDUAL
+#pragma unroll
+        for (int j = 0; j < CC_VEC; ++j) o[j] += f[j];  // row i is step t0 + r: the unmasked x
+#endif
+        if (t0 + r < T) ob[(long long)(t0 + r) * out_stride_t] = cc_pack4(o);
+    }
+}
+
 // out[b, t, c] = (x[b, t, c] if residual) + act(bias[c] + sum_k w[c, k] * xm[b, t - (W-1) + k, c]), where
 // xm = x (times the mask where it is non-zero, 0 where it is 0), zeros before t = 0.
 // grid (ceil(T / CC_RUN), ceil(D4 / CC_BTD_THREADS), B), block CC_BTD_THREADS. D4 = D / 4; x and out strides
@@ -64,13 +99,15 @@ extern "C" __global__ void __launch_bounds__(CC_BTD_THREADS) cc_conv_fwd_btd(
     const uint2* xb = x + (long long)b * x_stride_b + c;
     uint2 raw[N];
     float m[N];
+    bool ones = true;  // every mask value of the run's rows is 1 (the same for every thread of the block)
 #pragma unroll
     for (int i = 0; i < N; ++i) {
         const int t = t0 - H + i;
         const bool inside = t >= 0 && t < T;
         raw[i] = inside ? xb[(long long)t * x_stride_t] : make_uint2(0u, 0u);
 #if CC_HAS_MASK
-        m[i] = inside ? mask[(long long)b * T + t] : 0.f;
+        m[i] = inside ? mask[(long long)b * T + t] : 1.f;  // outside, x reads as 0 whatever the mask
+        ones = ones && m[i] == 1.f;
 #else
         m[i] = 1.f;
 #endif
@@ -91,33 +128,11 @@ extern "C" __global__ void __launch_bounds__(CC_BTD_THREADS) cc_conv_fwd_btd(
         for (int j = 0; j < CC_VEC; ++j) bs[j] = 0.f;
 #endif
     }
-    float xf[N][CC_VEC];
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-        float f[CC_VEC];
-        cc_unpack4(raw[i], f);
-#pragma unroll
-        for (int j = 0; j < CC_VEC; ++j) xf[i][j] = CC_HAS_MASK ? (m[i] != 0.f ? f[j] * m[i] : 0.f) : f[j];
-    }
     uint2* ob = out + (long long)b * out_stride_b + c;
-#pragma unroll
-    for (int r = 0; r < CC_RUN; ++r) {
-        float o[CC_VEC];
-#pragma unroll
-        for (int j = 0; j < CC_VEC; ++j) {
-            float acc = bs[j];
-#pragma unroll
-            for (int k = 0; k < CC_W; ++k) acc = fmaf(wk[k][j], xf[r + k][j], acc);
-            o[j] = cc_activation(acc);
-        }
-#if CC_RESIDUAL
-        float res[CC_VEC];
-        cc_unpack4(raw[r + H], res);
-#pragma unroll
-        for (int j = 0; j < CC_VEC; ++j) o[j] += res[j];
-#endif
-        if (t0 + r < T) ob[(long long)(t0 + r) * out_stride_t] = cc_pack4(o);
-    }
+    if (ones)  // block-uniform: no divergence
+        cc_btd_outputs<true>(raw, m, wk, bs, ob, t0, T, out_stride_t);
+    else
+        cc_btd_outputs<false>(raw, m, wk, bs, ob, t0, T, out_stride_t);
 }
 
 #else  // CC_BWD_VEC: the backward
