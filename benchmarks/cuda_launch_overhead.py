@@ -114,7 +114,7 @@ def layers(args, device):
         raise SystemExit("the backend did not take the CUDA C++ forward for this call")
 
     # the forward kernel and the argument buffer of one general call, for the bare driver-call layers
-    vectors = cuda_launch.forward_vectors(w.shape[1])
+    vectors = cuda_launch.forward_vectors(T, w.shape[1])
     fn = _runtime.kernel("cc_conv_fwd_bdt", dict(cuda_launch._defines(x, w, b, SILU), CC_VPT=vectors), x.device)
     out = torch.empty_like(x)
     n8 = T // 8

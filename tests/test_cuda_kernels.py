@@ -88,13 +88,20 @@ CASES = [
                               for c in CASES])
 def test_forward_backward_match_oracle(kernels, device, width, dtype, wdtype, with_bias, activation):
     gen = seeded(width)
-    # T = 4176: several blocks of the forward (2048 or 4096 steps each), a last one partly past T, and several
-    # chunks in the backward (B * D small)
-    for B, D, T in ((2, 3, 4176), (1, 5, 8), (3, 1, 24)):
+    # T = 4176: several blocks of the forward (2048 or, from W = 9, 4096 steps each), a last one partly past T,
+    # and several chunks in the backward (B * D small); T = 2064: 2 vectors per thread at every width
+    for B, D, T in ((2, 3, 4176), (1, 2, 2064), (1, 5, 8), (3, 1, 24)):
         weight, bias = make_params(D, width, wdtype, device, gen, with_bias)
         x = randn(B, D, T, dtype=dtype, device=device, generator=gen)
         dout = randn(B, D, T, dtype=dtype, device=device, generator=gen)
         _check_against_oracle(kernels, x, weight, bias, activation, dout, f"B{B} D{D} T{T}")
+
+
+def test_the_oracle_cases_reach_both_vector_counts_of_the_forward(kernels):
+    """The T = 4176 and T = 2064 shapes above run the forward with 4 and with 2 vectors per thread from W = 9
+    on (the launcher keeps 2 for rows shorter than a 4-vector block), and 2 below W = 9."""
+    assert [kernels.forward_vectors(4176, W) for W in (8, 9, 17)] == [2, 4, 4]
+    assert [kernels.forward_vectors(2064, W) for W in (8, 9, 17)] == [2, 2, 2]
 
 
 def test_strided_views(kernels, device):

@@ -93,12 +93,14 @@ def _check_signature(x: Tensor, weight: Tensor, bias: Tensor | None, activation:
     return None, strides
 
 
-def forward_vectors(W: int) -> int:
+def forward_vectors(T: int, W: int) -> int:
     """16-byte vectors per thread of the forward (CC_VPT). Measured on an H200 (bf16, B4 D4096 T8192 and
     B8 D2048 T4096, `python benchmarks/prototypes/cuda_bdt_fwd.py`, docs/PERF_NOTES.md v9): 2 vectors were
     fastest up to W = 8 (W = 4: 96.2 / 91.2% of copy against 90.1 / 87.0% for one), 4 from W = 9 on, where
-    they held 93.6% at W = 12 and 82% at W = 16 (2 vectors: 82 and 70%)."""
-    return 2 if W <= 8 else 4
+    they held 93.6% at W = 12 and 82% at W = 16 (2 vectors: 82 and 70%). A block of 4 vectors per thread
+    spans 4096 steps: on shorter rows half of it idled (bench.py, B4 D4096 T2048: W = 10 at 73%), so rows
+    shorter than that keep 2."""
+    return 4 if W >= 9 and T >= 4096 else 2
 
 
 def _defines(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int) -> dict[str, int]:
@@ -142,7 +144,7 @@ _backward_plans: dict[tuple, _BackwardPlan | None] = {}
 
 def _plan_forward(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int) -> _ForwardPlan | None:
     reason, x_strides = _check_signature(x, weight, bias, activation)
-    vectors = forward_vectors(weight.shape[1])
+    vectors = forward_vectors(x.shape[2], weight.shape[1])
     fn = _runtime.kernel("cc_conv_fwd_bdt", dict(_defines(x, weight, bias, activation), CC_VPT=vectors),
                          x.device) if not reason else None
     if fn is None:
