@@ -40,7 +40,9 @@ MEASURED_FASTER: frozenset[tuple[bool, int]] = frozenset(
     (has_mask, W) for has_mask in (False, True) for W in range(2, MAX_WIDTH + 1))
 
 
-# (has mask, W) where the backward beat the Triton kernels on an H200 (docs/PERF_NOTES.md v9).
+# (has mask, W) where the backward beat the Triton kernels on an H200 (bf16, B8 T2048 D4096 and B4 T8192 D4096,
+# `python benchmarks/prototypes/cuda_vs_triton.py --channel-last-backward`, docs/PERF_NOTES.md v9): 1.1-3.5x at
+# every width timed (1-8, 10, 12, 16, with and without a mask); the widths between were not timed one by one.
 BACKWARD_MEASURED_FASTER: frozenset[tuple[bool, int]] = frozenset(
     (has_mask, W) for has_mask in (False, True) for W in range(1, MAX_WIDTH + 1))
 
