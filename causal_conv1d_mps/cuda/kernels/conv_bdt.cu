@@ -6,11 +6,14 @@
 //   CC_WT              0: weight and bias are bfloat16, 1: float16, 2: float32
 //   CC_HAS_BIAS        0 or 1
 //   CC_ACTIVATION      an activation code; CC_ACTIVATION_<NAME> the codes of the registry
+//   CC_VPT             the forward's alone: 16-byte vectors per thread; set, the file compiles the forward,
+//                      unset, the backward and the reduction
 //
-// A thread owns 8 consecutive steps of one (b, d) row: one 16-byte load. The W-1 steps before them (and,
-// in the backward, the W-1 after them) are the CC_HALO neighbouring lanes' vectors on each side, exchanged
-// by warp shuffles; the lanes at the warp's edges load theirs. Windows are in registers: no shared memory, no scratch. Arithmetic in
-// float32. Strides are in units of 8 elements (the launcher checks 16-byte alignment).
+// The backward: a thread owns 8 consecutive steps of one (b, d) row: one 16-byte load. The W-1 steps before
+// and after them are the CC_HALO neighbouring lanes' vectors on each side, exchanged by warp shuffles; the
+// lanes at the warp's edges load theirs. The forward keeps CC_VPT vectors per thread (see there). Windows are
+// in registers: no shared memory, no scratch. Arithmetic in float32. Strides are in units of 8 elements (the
+// launcher checks 16-byte alignment).
 
 // The shared helpers (conversions, weight type, packing, activations) are common.cuh, placed before this
 // file by the loader.

@@ -11,6 +11,8 @@
 //   CC_HAS_MASK        1: a float32 mask [B, T] contiguous multiplies the conv input (by selection: where it is
 //                      0 the input counts as 0, NaN included); 0: none
 //   CC_RESIDUAL        1: out adds the unmasked x
+//   CC_BWD_VEC, CC_BWD_RUN   the backward's alone (see there); set, the file compiles the backward, unset,
+//                      the forward
 //
 // A thread owns CC_VEC channels (one 8-byte vector per step) and CC_RUN consecutive steps. It issues every
 // load first (its CC_RUN + W-1 rows and their mask values: predicated loads, no branch between them, so all
