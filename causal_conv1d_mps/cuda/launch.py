@@ -118,14 +118,15 @@ class _ForwardPlan:
         self.pointers = prepared.takes_pointers
 
 
-class _BackwardPlan:
-    """What a backward call of one signature needs beyond its pointers: both launches and the sizes of
-    the buffers it allocates (the float32 partial sums `[chunks * B, D, W + 1]`, flat; dweight `[D, W]`)."""
+class BackwardPlan:
+    """What a backward call of one signature needs beyond its pointers (both launchers' backwards): the conv
+    launch, the fixed-order reduction of the weight gradient, and the sizes of the buffers it allocates (the
+    float32 partial sums `[chunks * B, D, W + 1]`, flat; dweight `[D, W]`)."""
 
     __slots__ = ("conv", "reduce", "pointers", "partials", "dweight")
 
     def __init__(self, conv, reduce, partials: int, dweight: tuple[int, int]):
-        self.conv = conv.launch  # (x, weight, bias or weight, dout, dx, partials)
+        self.conv = conv.launch  # (x, weight, bias or weight, [mask or x: channel-last], dout, dx, partials)
         self.reduce = reduce.launch  # (partials, dweight, dbias or dweight)
         self.pointers = conv.takes_pointers
         self.partials, self.dweight = partials, dweight
@@ -139,7 +140,7 @@ def _remember(plans: dict, key: tuple, plan):
 
 
 _forward_plans: dict[tuple, _ForwardPlan | None] = {}  # None: the kernels do not apply to that signature
-_backward_plans: dict[tuple, _BackwardPlan | None] = {}
+_backward_plans: dict[tuple, BackwardPlan | None] = {}
 
 
 def _plan_forward(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int) -> _ForwardPlan | None:
@@ -166,7 +167,7 @@ def _new_like_strides(x: Tensor) -> tuple[int, int]:
 
 
 def _plan_backward(x: Tensor, weight: Tensor, bias: Tensor | None, dout: Tensor,
-                   activation: int) -> _BackwardPlan | None:
+                   activation: int) -> BackwardPlan | None:
     reason, x_strides = _check_signature(x, weight, bias, activation)
     dout_strides = _vector_strides(dout) if not reason and dout.dtype == x.dtype and dout.shape == x.shape else None
     if dout_strides is None:
@@ -188,7 +189,22 @@ def _plan_backward(x: Tensor, weight: Tensor, bias: Tensor | None, dout: Tensor,
                       (n8, chunk8, B, D, *x_strides, *dout_strides, *_new_like_strides(x),
                        *_weight_strides(weight, bias)))
     reduce = reduce.prepare((-(-D * (W + 1) // 256), 1, 1), (256, 1, 1), 3, (chunks * B, D))
-    return _BackwardPlan(conv, reduce, chunks * B * D * (W + 1), (D, W))
+    return BackwardPlan(conv, reduce, chunks * B * D * (W + 1), (D, W))
+
+
+def gradient_buffers(plan: BackwardPlan, x: Tensor, weight: Tensor, bias: Tensor | None):
+    """(partials, dweight, dbias, the bias or its stand-in, dbias or its stand-in) of a backward call: the
+    flat float32 partial sums, dweight `[D, W]` contiguous in the weight's dtype (the reduction writes it so),
+    dbias `[D]` or empty; no kernel argument is ever a nil pointer, so an absent bias passes the weight and
+    its gradient dweight."""
+    # (`new_empty` with sizes as separate ints is the cheapest allocation from Python: about 0.9 us)
+    partials = x.new_empty(plan.partials, dtype=torch.float32)
+    D, W = plan.dweight
+    dweight = weight.new_empty(D, W)
+    if bias is None:
+        return partials, dweight, x.new_empty(0), weight, dweight
+    dbias = weight.new_empty(D)  # bias has weight's dtype
+    return partials, dweight, dbias, bias, dbias
 
 
 def conv_fwd_bdt(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int,
@@ -247,15 +263,7 @@ def conv_bwd_bdt(x: Tensor, weight: Tensor, bias: Tensor | None, dout: Tensor, a
     dx_p = dx.data_ptr()
     if dx_p & 15:
         return None
-    # (`new_empty` with sizes as separate ints is the cheapest allocation from Python: about 0.9 us)
-    partials = x.new_empty(plan.partials, dtype=torch.float32)  # flat: the kernels index it so
-    D, W = plan.dweight
-    dweight = weight.new_empty(D, W)  # contiguous, weight's dtype (the reduction writes it so)
-    if bias is None:
-        b, dbias, db = weight, x.new_empty(0), dweight  # stand-ins: never a nil pointer
-    else:
-        dbias = weight.new_empty(D)  # bias has weight's dtype
-        b, db = bias, dbias
+    partials, dweight, dbias, b, db = gradient_buffers(plan, x, weight, bias)
     if plan.pointers:
         partials_p = partials.data_ptr()
         plan.conv(xp, weight.data_ptr(), b.data_ptr(), dout_p, dx_p, partials_p)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .. import _activation
 from . import _runtime
+from .launch import BackwardPlan, gradient_buffers
 
 VEC = 4  # CC_VEC: channels per thread
 RUN = 8  # CC_RUN: steps per thread
@@ -164,20 +165,7 @@ def conv_fwd_btd(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | 
     return True
 
 
-class _BackwardPlan:
-    """What a backward call of one signature needs beyond its pointers: both launches and the sizes of the
-    buffers it allocates (float32 partial rows `[chunks * B, D, W + 1]`, flat; dweight `[D, W]`)."""
-
-    __slots__ = ("conv", "reduce", "pointers", "partials", "dweight")
-
-    def __init__(self, conv, reduce, partials: int, dweight: tuple[int, int]):
-        self.conv = conv.launch  # (x, weight, bias or weight, mask or x, dout, dx, partials)
-        self.reduce = reduce.launch  # (partials, dweight, dbias or dweight)
-        self.pointers = conv.takes_pointers
-        self.partials, self.dweight = partials, dweight
-
-
-_backward_plans: dict[tuple, _BackwardPlan | None] = {}
+_backward_plans: dict[tuple, BackwardPlan | None] = {}
 
 
 def backward_variant(has_mask: bool, residual: bool, W: int) -> tuple[int, int]:
@@ -202,7 +190,7 @@ def _chunking(T: int, blocks_per_chunk_row: int, run: int) -> tuple[int, int]:
 
 
 def _plan_backward(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None, dout: Tensor,
-                   activation: int, residual: bool, dx: Tensor) -> _BackwardPlan | None:
+                   activation: int, residual: bool, dx: Tensor) -> BackwardPlan | None:
     reason, x_strides = _check_signature(x, weight, bias, mask, activation)
     if reason is not None or dout.dtype != x.dtype or dout.shape != x.shape or dx.shape != x.shape:
         return None
@@ -227,7 +215,7 @@ def _plan_backward(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor 
     strides = [s * in_words for s in (*x_strides, *dout_strides, *dx_strides)]
     conv = fn.prepare((chunks, blocks_y, B), (THREADS, 1, 1), 7, (T, dv, chunk, B, *strides))
     reduce = reduce.prepare((-(-D * (W + 1) // 256), 1, 1), (256, 1, 1), 3, (chunks * B, D))
-    return _BackwardPlan(conv, reduce, chunks * B * D * (W + 1), (D, W))
+    return BackwardPlan(conv, reduce, chunks * B * D * (W + 1), (D, W))
 
 
 def conv_bwd_btd(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None, dout: Tensor,
@@ -253,14 +241,7 @@ def conv_bwd_btd(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | 
     x_p, w_p, dout_p, dx_p = x.data_ptr(), weight.data_ptr(), dout.data_ptr(), dx.data_ptr()
     if not _aligned(x_p | dout_p | dx_p, w_p, None if bias is None else bias.data_ptr()):
         return None
-    partials = x.new_empty(plan.partials, dtype=torch.float32)  # flat: the kernels index it so
-    D, W = plan.dweight
-    dweight = weight.new_empty(D, W)  # contiguous, weight's dtype (the reduction writes it so)
-    if bias is None:
-        b, dbias, db = weight, x.new_empty(0), dweight  # stand-ins: never a nil pointer
-    else:
-        dbias = weight.new_empty(D)
-        b, db = bias, dbias
+    partials, dweight, dbias, b, db = gradient_buffers(plan, x, weight, bias)
     m = x if mask is None else mask
     if plan.pointers:
         partials_p = partials.data_ptr()
