@@ -120,14 +120,25 @@ def test_strided_views(btd, device):
     weight, bias = make_params(12, 5, torch.bfloat16, device, gen)
     mask = _mask(2, 27, device, "binary", gen)
     ref, _ = oracle.short_conv_fused(x, weight, bias, mask, True, True)
-    canvas = torch.full((2, 30, 16), float("nan"), dtype=torch.bfloat16, device=device)
-    out = canvas[:, 1:28, 4:16]
+    canvas, out = _strided_canvas(torch.bfloat16, device)
     assert btd.conv_fwd_btd(x, weight, bias, mask, 1, True, out, allow_cpu=True)
     assert_close_rel(out, ref, torch.bfloat16, "strided")
+    _assert_written_inside(canvas, "out")
+
+
+def _strided_canvas(dtype, device):
+    """A NaN-filled `[2, 30, 16]` tensor and its `[2, 27, 12]` view at offset (1, 4): an output with B and T
+    strides of its own."""
+    canvas = torch.full((2, 30, 16), float("nan"), dtype=dtype, device=device)
+    return canvas, canvas[:, 1:28, 4:16]
+
+
+def _assert_written_inside(canvas, name):
+    """Nothing outside `_strided_canvas`'s view was written (it is still NaN)."""
     untouched = canvas.clone()
     untouched[:, 1:28, 4:16] = 0
     assert torch.isnan(untouched[:, 0]).all() and torch.isnan(untouched[:, 28:]).all()
-    assert torch.isnan(untouched[:, :, :4]).all(), "wrote outside out"
+    assert torch.isnan(untouched[:, :, :4]).all(), f"wrote outside {name}"
 
 
 def test_where_it_does_not_apply(btd, device):
@@ -362,13 +373,9 @@ def test_backward_strided_views(btd, device):
     dout = randn(2, 60, 16, dtype=torch.float16, device=device, generator=gen)[:, ::2][:, :27, 4:]
     weight, bias = make_params(12, 5, torch.float16, device, gen)
     mask = _mask(2, 27, device, "fractional", gen)
-    canvas = torch.full((2, 30, 16), float("nan"), dtype=torch.float16, device=device)
-    dx = canvas[:, 1:28, 4:16]
+    canvas, dx = _strided_canvas(torch.float16, device)
     _check_backward(btd, x, weight, bias, mask, "silu", True, "strided", dout=dout, dx=dx)
-    untouched = canvas.clone()
-    untouched[:, 1:28, 4:16] = 0
-    assert torch.isnan(untouched[:, 0]).all() and torch.isnan(untouched[:, 28:]).all()
-    assert torch.isnan(untouched[:, :, :4]).all(), "wrote outside dx"
+    _assert_written_inside(canvas, "dx")
 
 
 def test_backward_is_deterministic(btd, device):
