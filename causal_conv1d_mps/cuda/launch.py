@@ -71,18 +71,28 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int):
 _X_LAYOUT = "x: T contiguous, 16-byte aligned, strides over B and D multiples of 8"
 
 
+def dtypes_width_activation_reason(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int,
+                                   max_width: int, layout: str) -> str | None:
+    """The checks both CUDA C++ launchers make first (x `layout`, e.g. "(B, D, T)"): 16-bit x of 3 dims,
+    weight and bias of x's dtype or float32, 1 <= W <= `max_width`, identity or SiLU. None: they pass."""
+    if x.dim() != 3 or x.dtype not in _X_BF16:
+        return f"x: float16 or bfloat16 {layout} only, got {x.dtype} with {x.dim()} dims"
+    if weight.dtype not in (x.dtype, torch.float32) or (bias is not None and bias.dtype != weight.dtype):
+        return "weight and bias: x's dtype or float32, both the same"
+    W = weight.shape[1]
+    if not 1 <= W <= max_width:
+        return f"W = {W}: 1..{max_width} only"
+    if activation not in (_activation.IDENTITY, _activation.SILU):
+        return f"activation code {activation}"
+    return None
+
+
 def _check_signature(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int):
     """`_check` without x's address: what a launch plan caches."""
-    if x.dim() != 3 or x.dtype not in _X_BF16:
-        return f"x: float16 or bfloat16 (B, D, T) only, got {x.dtype} with {x.dim()} dims", None
-    if weight.dtype not in (x.dtype, torch.float32) or (bias is not None and bias.dtype != weight.dtype):
-        return "weight and bias: x's dtype or float32, both the same", None
+    reason = dtypes_width_activation_reason(x, weight, bias, activation, MAX_WIDTH, "(B, D, T)")
+    if reason is not None:
+        return reason, None
     B, D, T = x.shape
-    W = weight.shape[1]
-    if not 1 <= W <= MAX_WIDTH:
-        return f"W = {W}: 1..{MAX_WIDTH} only", None
-    if activation not in (_activation.IDENTITY, _activation.SILU):
-        return f"activation code {activation}", None
     if B == 0 or D == 0 or T == 0 or T % 8 != 0 or T // 8 >= 2**31:
         return f"T = {T}: a positive multiple of 8 only (B = {B}, D = {D} non-zero)", None
     if B > _MAX_GRID_YZ or D > _MAX_GRID_YZ:

@@ -19,17 +19,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _activation
 from . import _runtime
-from .launch import BackwardPlan, gradient_buffers
+from .launch import (_MAX_GRID_YZ, _WT, _X_BF16, BackwardPlan, dtypes_width_activation_reason,
+                     gradient_buffers)
 
 VEC = 4  # CC_VEC: channels per thread
 RUN = 8  # CC_RUN: steps per thread
 THREADS = 64  # CC_BTD_THREADS
 MAX_WIDTH = 16
-_X_BF16 = {torch.bfloat16: 1, torch.float16: 0}
-_WT = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
-_MAX_GRID_YZ = 65535
 _BWD_MIN_CHUNK = 64  # steps: the W-1 rows read twice at each end of a chunk stay a small share
 _BWD_TARGET_BLOCKS = 1024  # the backward splits T into chunks until about this many blocks run
 
@@ -66,16 +63,10 @@ def _aligned(x_p: int, weight_p: int, bias_p: int | None) -> bool:
 def _check_signature(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None, activation: int):
     """`why_not` without the addresses (what a launch plan caches): (the reason or None, x's vector strides
     where the kernel applies)."""
-    if x.dim() != 3 or x.dtype not in _X_BF16:
-        return f"x: float16 or bfloat16 [B, T, D] only, got {x.dtype} with {x.dim()} dims", None
-    if weight.dtype not in (x.dtype, torch.float32) or (bias is not None and bias.dtype != weight.dtype):
-        return "weight and bias: x's dtype or float32, both the same", None
+    reason = dtypes_width_activation_reason(x, weight, bias, activation, MAX_WIDTH, "[B, T, D]")
+    if reason is not None:
+        return reason, None
     B, T, D = x.shape
-    W = weight.shape[1]
-    if not 1 <= W <= MAX_WIDTH:
-        return f"W = {W}: 1..{MAX_WIDTH} only", None
-    if activation not in (_activation.IDENTITY, _activation.SILU):
-        return f"activation code {activation}", None
     if B == 0 or T == 0 or D == 0 or D % VEC != 0:
         return f"D = {D}: a positive multiple of {VEC} only (B = {B}, T = {T} non-zero)", None
     if B > _MAX_GRID_YZ or -(-D // (VEC * THREADS)) > _MAX_GRID_YZ or -(-T // RUN) >= 2**31:
