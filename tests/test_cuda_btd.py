@@ -91,17 +91,23 @@ def test_matches_oracle(btd, device, width, dtype, wdtype, with_bias, activation
         _check(btd, x, weight, bias, mask, activation, residual, f"W{width} B{B} T{T} D{D}")
 
 
+def _masked_nan_inputs(device, gen):
+    """x `[2, 19, 8]` bf16 with a NaN and an Inf inside the masked stretch (mask[0, :5] = 0), W = 4 float32
+    weights and bias, and the float32 mask."""
+    x = randn(2, 19, 8, dtype=torch.bfloat16, device=device, generator=gen)
+    weight, bias = make_params(8, 4, torch.float32, device, gen)
+    mask = torch.ones(2, 19, device=device)
+    mask[0, :5] = 0
+    x[0, 2, 3] = float("nan")
+    x[0, 4, 0] = float("inf")
+    return x, weight, bias, mask
+
+
 def test_masked_nan_reaches_only_its_own_residual(btd, device):
     """A NaN input where the mask is 0 contributes nothing to the conv; the residual adds it back at its own
     position only (docs/CONTRACT.md, the NaN containment rules)."""
     gen = seeded(50)
-    B, T, D, W = 2, 19, 8, 4
-    x = randn(B, T, D, dtype=torch.bfloat16, device=device, generator=gen)
-    weight, bias = make_params(D, W, torch.float32, device, gen)
-    mask = torch.ones(B, T, device=device)
-    mask[0, :5] = 0
-    x[0, 2, 3] = float("nan")
-    x[0, 4, 0] = float("inf")
+    x, weight, bias, mask = _masked_nan_inputs(device, gen)
     for residual in (False, True):
         out = torch.empty_like(x)
         assert btd.conv_fwd_btd(x, weight, bias, mask, 1, residual, out, allow_cpu=True)
@@ -320,15 +326,9 @@ def test_backward_masked_nan_contributes_nothing(btd, device):
     """A NaN or Inf input where the mask is 0 reaches no gradient: dx there is the residual's dout only (or 0),
     and dweight / dbias stay finite (docs/CONTRACT.md, the NaN containment rules)."""
     gen = seeded(61)
-    B, T, D, W = 2, 19, 8, 4
-    x = randn(B, T, D, dtype=torch.bfloat16, device=device, generator=gen)
-    weight, bias = make_params(D, W, torch.float32, device, gen)
-    mask = torch.ones(B, T, device=device)
-    mask[0, :5] = 0
-    x[0, 2, 3] = float("nan")
-    x[0, 4, 0] = float("inf")
+    x, weight, bias, mask = _masked_nan_inputs(device, gen)
     for residual in (False, True):
-        dout = randn(B, T, D, dtype=torch.bfloat16, device=device, generator=gen)
+        dout = randn(*x.shape, dtype=torch.bfloat16, device=device, generator=gen)
         dx = torch.empty_like(x)
         dweight, dbias = btd.conv_bwd_btd(x, weight, bias, mask, dout, 1, residual, dx, allow_cpu=True)
         assert torch.isfinite(dx).all() and torch.isfinite(dweight).all() and torch.isfinite(dbias).all()
