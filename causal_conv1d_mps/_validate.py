@@ -97,18 +97,19 @@ def causal_conv1d_inputs(x, weight, bias, seq_idx, initial_states) -> int:
 
 
 def short_conv_fused_inputs(x, weight, bias, attention_mask, initial_states, offsets, *, offsets_end_at_t: bool,
-                            states_name: str = "initial_states"):
+                            states_name: str = "initial_states", native_mask: bool = False):
     """The shape and dtype checks of `short_conv_fused`'s inputs (`x` `[B, T, D]`, `weight` `[D, W]`, `bias`,
     `attention_mask`, `offsets` the `cu_seqlens` `[N+1]` with B == 1, `initial_states` `[N|B, D, W-1]` named
     `states_name`), shared by the plain and the context-parallel function. `offsets_end_at_t`: the values of
     `cu_seqlens` are checked to run from 0 to x's T (False: its form only). Returns (W, the mask normalised to
-    `[B, T]` float or None, N or B). The same-device check stays with the caller."""
+    `[B, T]` (`mask_dtype`, `native_mask` passed on) or None, N or B). The same-device check stays with the
+    caller."""
     tensor("x", x, ndim=3)
     floating("x", x)
     b, t, d = x.shape
     width = weight_and_bias(weight, bias, d)
     mask = None if attention_mask is None else normalize_mask(
-        attention_mask, b, t, torch.float64 if x.dtype == torch.float64 else torch.float32)
+        attention_mask, b, t, mask_dtype(x, attention_mask, native_mask))
     rows = b
     if offsets is not None:
         if b != 1:
@@ -344,10 +345,24 @@ def not_leaf_requiring_grad(name: str, value: Tensor) -> None:
 
 
 _MASK_FORMS = "(B, T), (1, T), (B, 1), (T, B), or 1-D of length T, B or B*T"
+# the mask dtypes the CUDA backend's channel-last kernels read as they come (docs/BACKENDS.md); the Triton
+# kernels and the other backends get float32 (float64 for float64 x)
+NATIVE_MASK_DTYPES = (torch.float32, torch.int64, torch.int32, torch.bool)
+
+
+def mask_dtype(x: Tensor, attention_mask: Tensor, native: bool) -> torch.dtype:
+    """The dtype `short_conv_fused`'s normalised mask takes: the mask's own where `native` (the api's call),
+    x is a 16-bit CUDA tensor and the CUDA kernels read that dtype (an HF int64 mask then costs no conversion
+    kernel per call); else float32, float64 for float64 x."""
+    if x.dtype == torch.float64:
+        return torch.float64
+    if native and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and attention_mask.dtype in NATIVE_MASK_DTYPES:
+        return attention_mask.dtype
+    return torch.float32
 
 
 def normalize_mask(mask, batch: int, length: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Any accepted attention-mask form -> `[B, T]` contiguous in `dtype` (float32; float64 for float64 x).
+    """Any accepted attention-mask form -> `[B, T]` contiguous in `dtype` (see `mask_dtype`).
 
     A 1-D mask of length T == B is read as per-time (length T), like a square 2-D mask is read as (B, T).
     """

@@ -172,13 +172,13 @@ def _short_conv_fused(x, weight, bias, attention_mask, activation: int, residual
         if attention_mask is not None or cu_seqlens is not None:
             b, t, _ = x.shape
             if attention_mask is not None:
-                mask = check.normalize_mask(attention_mask, b, t,
-                                            torch.float64 if x.dtype == torch.float64 else torch.float32)
+                mask = check.normalize_mask(attention_mask, b, t, check.mask_dtype(x, attention_mask, True))
             if cu_seqlens is not None:
                 check.cu_seqlens(cu_seqlens, t)
     else:
         _, mask, _ = check.short_conv_fused_inputs(x, weight, bias, attention_mask, initial_states, cu_seqlens,
-                                                   offsets_end_at_t=True, states_name=states_name)
+                                                   offsets_end_at_t=True, states_name=states_name,
+                                                   native_mask=True)
         if not check.on_one_device(x, weight, bias, attention_mask, initial_states, cu_seqlens):
             check.same_device(x=x, weight=weight, bias=bias, attention_mask=attention_mask,
                               **{states_name: initial_states}, cu_seqlens=cu_seqlens)

@@ -28,7 +28,7 @@ def btd(device):
     if device.type == "mps":
         pytest.skip("CUDA C++ kernels: not on mps")
     probe = dict(CC_W=4, CC_X_BF16=1, CC_WT=0, CC_HAS_BIAS=1, CC_ACTIVATION=_activation.SILU, CC_HAS_MASK=1,
-                 CC_RESIDUAL=1)
+                 CC_MASK_T=0, CC_RESIDUAL=1)
     if _runtime.kernel("cc_conv_fwd_btd", probe, device) is None:
         pytest.skip(f"CUDA C++ kernels on {device}: {_runtime.unavailable_reason(device)}")
     return launch_btd
@@ -160,7 +160,8 @@ def test_where_it_does_not_apply(btd, device):
         "misaligned x": (x[:, :, 1:5], w[:4], b[:4], None),
         "W = 17": (x, make_params(8, 17, torch.bfloat16, device, gen)[0], b, None),
         "non-contiguous weight": (x, w.t().contiguous().t(), b, None),
-        "integer mask": (x, w, b, torch.ones(2, 9, dtype=torch.int64, device=device)),
+        "uint8 mask": (x, w, b, torch.ones(2, 9, dtype=torch.uint8, device=device)),
+        "float16 mask": (x, w, b, torch.ones(2, 9, dtype=torch.float16, device=device)),
         "empty": (x[:, :0], w, b, None),
     }
     for name, (xi, wi, bi, mi) in cases.items():
@@ -529,7 +530,7 @@ def test_each_variant_compiles_one_kernel_and_checks_its_own_defines():
     from causal_conv1d_mps.cuda import _source
 
     shared = dict(CC_W=4, CC_X_BF16=1, CC_WT=0, CC_HAS_BIAS=1, CC_ACTIVATION=_activation.SILU, CC_HAS_MASK=1,
-                  CC_RESIDUAL=1)
+                  CC_MASK_T=0, CC_RESIDUAL=1)
     own = dict(CC_BWD_VEC=4, CC_BWD_RUN=8)
     backward = _source.source("cc_conv_bwd_btd", {**shared, **own})
     assert "#define CC_BWD_VEC 4\n" in backward and "#define CC_BWD_RUN 8\n" in backward

@@ -34,7 +34,8 @@ def kernels(device):
         pytest.skip("CUDA C++ kernels: not on mps")
     from causal_conv1d_mps import _activation
 
-    probe = dict(CC_W=4, CC_X_BF16=1, CC_WT=0, CC_HAS_BIAS=1, CC_ACTIVATION=_activation.SILU, CC_VPT=2)
+    probe = dict(CC_W=4, CC_X_BF16=1, CC_WT=0, CC_HAS_BIAS=1, CC_ACTIVATION=_activation.SILU, CC_VPT=2,
+                 CC_FWD_THREADS=128)
     if _runtime.kernel("cc_conv_fwd_bdt", probe, device) is None:
         pytest.skip(f"CUDA C++ kernels on {device}: {_runtime.unavailable_reason(device)}")
     return launch
@@ -89,7 +90,7 @@ CASES = [
 def test_forward_backward_match_oracle(kernels, device, width, dtype, wdtype, with_bias, activation):
     gen = seeded(width)
     # T = 4176: several blocks of the forward (2048 or, from W = 9, 4096 steps each), a last one partly past T,
-    # and several chunks in the backward (B * D small); T = 2064: 2 vectors per thread at every width
+    # and several chunks in the backward (B * D small); T = 2064: 64-thread blocks of 4 vectors from W = 9
     for B, D, T in ((2, 3, 4176), (1, 2, 2064), (1, 5, 8), (3, 1, 24)):
         weight, bias = make_params(D, width, wdtype, device, gen, with_bias)
         x = randn(B, D, T, dtype=dtype, device=device, generator=gen)
@@ -97,11 +98,15 @@ def test_forward_backward_match_oracle(kernels, device, width, dtype, wdtype, wi
         _check_against_oracle(kernels, x, weight, bias, activation, dout, f"B{B} D{D} T{T}")
 
 
-def test_the_oracle_cases_reach_both_vector_counts_of_the_forward(kernels):
-    """The T = 4176 and T = 2064 shapes above run the forward with 4 and with 2 vectors per thread from W = 9
-    on (the launcher keeps 2 for rows shorter than a 4-vector block), and 2 below W = 9."""
-    assert [kernels.forward_vectors(4176, W) for W in (8, 9, 17)] == [2, 4, 4]
-    assert [kernels.forward_vectors(2064, W) for W in (8, 9, 17)] == [2, 2, 2]
+def test_the_oracle_cases_reach_every_layout_of_the_forward(kernels):
+    """The shapes above run the forward with each (vectors per thread, threads per block) the launcher picks:
+    T = 4176 128-thread blocks of 2 (W < 9) and 4 vectors; T = 2064 64-thread blocks of 4 vectors from W = 9
+    (a 128-thread block of 4 would span 4096 steps); T = 8 and 24 64-thread blocks of 2."""
+    assert [kernels.forward_layout(4176, W) for W in (8, 9, 17)] == [(2, 128), (4, 128), (4, 128)]
+    assert [kernels.forward_layout(2064, W) for W in (8, 9, 17)] == [(2, 128), (4, 64), (4, 64)]
+    assert [kernels.forward_layout(T, W) for T in (8, 24) for W in (4, 9)] == [(2, 64)] * 4
+    layouts = {kernels.forward_layout(T, W) for T in (4176, 2064, 8, 24) for W in range(1, 18)}
+    assert layouts == {kernels.forward_layout(T, W) for T in range(8, 20000, 8) for W in range(1, 18)}
 
 
 def test_strided_views(kernels, device):

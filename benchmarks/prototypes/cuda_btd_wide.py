@@ -483,7 +483,7 @@ def source(v: Variant, W: int, has_mask: bool, residual: bool, D: int, fast_only
     """The full text: the shipped contract and helpers (bf16 x, weight, bias; SiLU), then the variant
     (compiled for this D where `v.dconst`, for any D otherwise)."""
     contract = dict(CC_W=W, CC_X_BF16=1, CC_WT=0, CC_HAS_BIAS=1, CC_ACTIVATION=_activation.SILU,
-                    CC_HAS_MASK=int(has_mask), CC_RESIDUAL=int(residual))
+                    CC_HAS_MASK=int(has_mask), CC_MASK_T=0, CC_RESIDUAL=int(residual))
     defines = dict(WV_VEC=v.vec, WV_RUN=v.run, WV_TPB=v.tpb, WV_AHEAD=v.ahead, WV_EAGER=int(v.eager),
                    WV_WMODE=v.wmode, WV_MASK=v.mask if has_mask else 0, WV_ACT=v.act, WV_CVT=v.cvt,
                    WV_DCONST=D // v.vec if v.dconst else 0, WV_INSIDE=int(v.inside))

@@ -27,7 +27,7 @@ from torch import Tensor
 from .. import _activation
 from . import _runtime
 
-THREADS = 128  # CC_THREADS of the kernels: a block's threads, 8 steps per vector
+THREADS = 128  # CC_THREADS of the backward: a block's threads, 8 steps per vector (the forward's: forward_layout)
 MAX_WIDTH = 17  # the W-1 steps before (and after) a thread's 8 come from at most two neighbouring vectors
 _X_BF16 = {torch.bfloat16: 1, torch.float16: 0}
 _WT = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
@@ -103,14 +103,21 @@ def _check_signature(x: Tensor, weight: Tensor, bias: Tensor | None, activation:
     return None, strides
 
 
-def forward_vectors(T: int, W: int) -> int:
-    """16-byte vectors per thread of the forward (CC_VPT). Measured on an H200 (bf16, B4 D4096 T8192 and
-    B8 D2048 T4096, `python benchmarks/prototypes/cuda_bdt_fwd.py`, docs/PERF_NOTES.md v9): 2 vectors were
-    fastest up to W = 8 (W = 4: 96.2 / 91.2% of copy against 90.1 / 87.0% for one), 4 from W = 9 on, where
-    they held 93.6% at W = 12 and 82% at W = 16 (2 vectors: 82 and 70%). A block of 4 vectors per thread
-    spans 4096 steps: on shorter rows half of it idled (bench.py, B4 D4096 T2048: W = 10 at 73%), so rows
-    shorter than that keep 2."""
-    return 4 if W >= 9 and T >= 4096 else 2
+def forward_layout(T: int, W: int) -> tuple[int, int]:
+    """(16-byte vectors per thread, threads per block) of the forward (CC_VPT, CC_FWD_THREADS). Measured on an
+    H200 (bf16, B4 D4096 T8192 and B8 D2048 T4096, `python benchmarks/prototypes/cuda_bdt_fwd.py`,
+    docs/PERF_NOTES.md v9): 2 vectors were fastest up to W = 8 (W = 4: 96.2 / 91.2% of copy against 90.1 /
+    87.0% for one), 4 from W = 9 on, where they held 93.6% at W = 12 and 82% at W = 16 (2 vectors: 82 and
+    70%). A block of 128 threads with 4 vectors each spans 4096 steps: on shorter rows half of it idled
+    (bench.py, B4 D4096 T2048: W = 10 at 73%), so rows shorter than a 128-thread block take 64-thread
+    blocks, and rows shorter than a 64-thread block of 4 vectors take 2."""
+    vectors = 4 if W >= 9 else 2
+    n8 = T // 8
+    if vectors * 128 <= n8:
+        return vectors, 128
+    if vectors == 4 and vectors * 64 > n8:
+        vectors = 2
+    return vectors, 64
 
 
 def _defines(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int) -> dict[str, int]:
@@ -155,15 +162,15 @@ _backward_plans: dict[tuple, BackwardPlan | None] = {}
 
 def _plan_forward(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int) -> _ForwardPlan | None:
     reason, x_strides = _check_signature(x, weight, bias, activation)
-    vectors = forward_vectors(x.shape[2], weight.shape[1])
-    fn = _runtime.kernel("cc_conv_fwd_bdt", dict(_defines(x, weight, bias, activation), CC_VPT=vectors),
-                         x.device) if not reason else None
+    vectors, threads = forward_layout(x.shape[2], weight.shape[1])
+    fn = _runtime.kernel("cc_conv_fwd_bdt", dict(_defines(x, weight, bias, activation), CC_VPT=vectors,
+                                                 CC_FWD_THREADS=threads), x.device) if not reason else None
     if fn is None:
         return None
     B, D, T = x.shape
     n8 = T // 8
     out_strides = _new_like_strides(x)
-    launch = fn.prepare((-(-n8 // (THREADS * vectors)), D, B), (THREADS, 1, 1), 4,
+    launch = fn.prepare((-(-n8 // (threads * vectors)), D, B), (threads, 1, 1), 4,
                         (n8, *x_strides, *out_strides, *_weight_strides(weight, bias)))
     return _ForwardPlan(launch)
 

@@ -6,7 +6,8 @@ kernels serve the call):
 - `x` `[B, T, D]` with D contiguous, float16 or bfloat16, 8-byte aligned, strides over B and T multiples of 4
   elements, D a multiple of 4; `weight` `[D, W]` contiguous with 1 <= W <= 16, of x's dtype or float32, and
   `bias` contiguous of the weight's dtype or None, both 16-byte aligned; activation identity or SiLU;
-- `mask` `[B, T]` float32 contiguous or None; no packed sequences, no `seq_idx`, no initial states (the caller
+- `mask` `[B, T]` contiguous, float32, int64, int32 or bool (read as it comes: an HF int64 mask needs no
+  conversion kernel), or None; no packed sequences, no `seq_idx`, no initial states (the caller
   checks those);
 - `(mask is not None, W)` in `MEASURED_FASTER` (forward) or `BACKWARD_MEASURED_FASTER`: the pairs an H200
   run measured faster than the Triton kernels (docs/PERF_NOTES.md, v8 and v9); elsewhere Triton stays;
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _runtime
+from . import _runtime, _source
 from .launch import (_MAX_GRID_YZ, _WT, _X_BF16, BackwardPlan, dtypes_width_activation_reason,
                      gradient_buffers)
 
@@ -27,6 +28,8 @@ VEC = 4  # CC_VEC: channels per thread
 RUN = 8  # CC_RUN: steps per thread
 THREADS = 64  # CC_BTD_THREADS
 MAX_WIDTH = 16
+# mask dtype -> CC_MASK_T (the generated codes of `_source.MASK_TYPES`)
+MASK_DTYPES: dict[torch.dtype, int] = {getattr(torch, name): code for code, name in enumerate(_source.MASK_TYPES)}
 _BWD_MIN_CHUNK = 64  # steps: the W-1 rows read twice at each end of a chunk stay a small share
 _BWD_TARGET_BLOCKS = 1024  # the backward splits T into chunks until about this many blocks run
 
@@ -76,8 +79,8 @@ def _check_signature(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tenso
         return "x: D contiguous, strides over B and T multiples of 4", None
     if not weight.is_contiguous() or (bias is not None and not bias.is_contiguous()):
         return "weight and bias: contiguous", None
-    if mask is not None and (mask.dtype != torch.float32 or not mask.is_contiguous() or mask.shape != (B, T)):
-        return "mask: float32 [B, T] contiguous", None
+    if mask is not None and (mask.dtype not in MASK_DTYPES or not mask.is_contiguous() or mask.shape != (B, T)):
+        return "mask: [B, T] contiguous, float32, int64, int32 or bool", None
     return None, strides
 
 
@@ -90,6 +93,11 @@ def _vector_strides(t: Tensor) -> tuple[int, int] | None:
     if (sd != 1 and D > 1) or sb % VEC != 0 or st % VEC != 0 or max(sb, st) // VEC >= 2**31:
         return None
     return sb // VEC, st // VEC
+
+
+def _mask_code(mask: Tensor | None) -> int:
+    """CC_MASK_T of `mask` (float32's code where there is none: the kernel never reads it)."""
+    return 0 if mask is None else MASK_DTYPES[mask.dtype]
 
 
 def preferred(has_mask: bool, W: int) -> bool:
@@ -116,7 +124,7 @@ def _plan(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None, a
         return None
     defines = dict(CC_W=weight.shape[1], CC_X_BF16=_X_BF16[x.dtype], CC_WT=_WT[weight.dtype],
                    CC_HAS_BIAS=int(bias is not None), CC_ACTIVATION=activation, CC_HAS_MASK=int(mask is not None),
-                   CC_RESIDUAL=int(bool(residual)))
+                   CC_MASK_T=_mask_code(mask), CC_RESIDUAL=int(bool(residual)))
     fn = _runtime.kernel("cc_conv_fwd_btd", defines, x.device)
     if fn is None:
         return None
@@ -193,7 +201,7 @@ def _plan_backward(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor 
     defines = dict(CC_W=W, CC_X_BF16=_X_BF16[x.dtype], CC_WT=_WT[weight.dtype], CC_HAS_BIAS=int(bias is not None),
                    CC_ACTIVATION=activation)
     fn = _runtime.kernel("cc_conv_bwd_btd", dict(defines, CC_HAS_MASK=int(mask is not None),
-                                                 CC_RESIDUAL=int(bool(residual)), CC_BWD_VEC=vec, CC_BWD_RUN=run),
+                                                 CC_MASK_T=_mask_code(mask), CC_RESIDUAL=int(bool(residual)), CC_BWD_VEC=vec, CC_BWD_RUN=run),
                          x.device)
     reduce = _runtime.kernel("cc_reduce_partials", defines, x.device) if fn is not None else None
     if reduce is None:

@@ -64,19 +64,26 @@ def causal_conv1d_bwd(x, weight, bias, seq_idx, initial_states, dout, dfinal_sta
     return dx, dweight, dbias, dh0
 
 
+def _float_mask(mask):
+    """The mask as the Triton kernels read it (float32): the api hands the CUDA C++ kernels' own dtypes on
+    (`_validate.mask_dtype`), converted here only where those kernels do not serve the call."""
+    return mask if mask is None or mask.dtype == torch.float32 else mask.to(torch.float32)
+
+
 def short_conv_fused_fwd(x, weight, bias, mask, initial_states, cu_seqlens,
                          activation: int, residual: bool, return_final_states: bool):
     B, T, D = x.shape
     out = x.new_empty(B, T, D)
     if not (cu_seqlens is None and initial_states is None and launch_btd.preferred(mask is not None, weight.shape[1])
             and launch_btd.conv_fwd_btd(x, weight, bias, mask, activation, residual, out)):
-        launch_forward(x, x.stride(), out, out.stride(), B, T, D, weight, bias, mask, None, cu_seqlens,
+        launch_forward(x, x.stride(), out, out.stride(), B, T, D, weight, bias, _float_mask(mask), None, cu_seqlens,
                        initial_states, activation, residual, True)
     if not return_final_states:
         return out, x.new_empty(0)
     W = weight.shape[1]
     rows = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    return out, gather_states(x, x.stride(), rows, T, D, W - 1, W, mask, initial_states, cu_seqlens)
+    return out, gather_states(x, x.stride(), rows, T, D, W - 1, W, _float_mask(mask), initial_states,
+                              cu_seqlens)
 
 
 def short_conv_fused_bwd(x, weight, bias, mask, initial_states, cu_seqlens, dout, dfinal_states,
@@ -89,7 +96,8 @@ def short_conv_fused_bwd(x, weight, bias, mask, initial_states, cu_seqlens, dout
         if grads is not None:
             return dx, *grads, x.new_empty(0)
     dweight, dbias, dh0 = launch_backward(
-        x, x.stride(), dout, dout.stride(), dx, dx.stride(), B, T, D, weight, bias, mask, None, cu_seqlens,
+        x, x.stride(), dout, dout.stride(), dx, dx.stride(), B, T, D, weight, bias, _float_mask(mask), None,
+        cu_seqlens,
         initial_states, dfinal_states, activation, residual, True)
     return dx, dweight, dbias, dh0
 

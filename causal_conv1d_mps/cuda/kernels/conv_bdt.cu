@@ -6,8 +6,8 @@
 //   CC_WT              0: weight and bias are bfloat16, 1: float16, 2: float32
 //   CC_HAS_BIAS        0 or 1
 //   CC_ACTIVATION      an activation code; CC_ACTIVATION_<NAME> the codes of the registry
-//   CC_VPT             the forward's alone: 16-byte vectors per thread; set, the file compiles the forward,
-//                      unset, the backward and the reduction
+//   CC_VPT, CC_FWD_THREADS   the forward's alone: 16-byte vectors per thread, threads per block; set, the file
+//                      compiles the forward, unset, the backward and the reduction
 //
 // The backward: a thread owns 8 consecutive steps of one (b, d) row: one 16-byte load. The W-1 steps before
 // and after them are the CC_HALO neighbouring lanes' vectors on each side, exchanged by warp shuffles; the
@@ -74,7 +74,8 @@ __device__ __forceinline__ void cc_load_filter(const cc_wt* __restrict__ weight,
 
 // ------------------------------------------------------------------ forward
 #ifdef CC_VPT  // the forward: the variants with its own define (the backward and the reduction below otherwise)
-// CC_VPT: 16-byte vectors per thread (1, 2 or 4), chosen by width by the launcher.
+// CC_VPT: 16-byte vectors per thread (1, 2 or 4), chosen by width by the launcher; CC_FWD_THREADS: threads per
+// block (64 or 128), chosen so that a block spans no more of a row than it holds where that is possible.
 // A thread owns CC_VPT vectors of one row, 32 vectors apart: vector j of a lane is its warp's base + 32 j +
 // lane, so each load instruction of a warp reads 512 contiguous bytes, and all CC_VPT loads are in flight
 // before any arithmetic. The halo of vector j (the CC_HALO vectors before it) comes from lane - h's vector j,
@@ -82,18 +83,19 @@ __device__ __forceinline__ void cc_load_filter(const cc_wt* __restrict__ weight,
 // vector 0 of the lowest lanes loads its halo. Measured on an H200 against one vector per thread
 // (benchmarks/prototypes/cuda_bdt_fwd.py, docs/PERF_NOTES.md v9).
 // out[b, d, t] = act(bias[d] + sum_k w[d, k] * x[b, d, t - (W-1) + k]), zeros before t = 0.
-// grid (ceil(T/8 / (128 * CC_VPT)), D, B), block 128. n8 = T / 8; strides in units of 8 elements.
+// grid (ceil(T/8 / (CC_FWD_THREADS * CC_VPT)), D, B), block CC_FWD_THREADS. n8 = T / 8; strides in units of 8
+// elements.
 __device__ __forceinline__ uint4 cc_from_lane(uint4 v, int src) {
     return make_uint4(__shfl_sync(0xFFFFFFFFu, v.x, src), __shfl_sync(0xFFFFFFFFu, v.y, src),
                       __shfl_sync(0xFFFFFFFFu, v.z, src), __shfl_sync(0xFFFFFFFFu, v.w, src));
 }
 
-extern "C" __global__ void __launch_bounds__(CC_THREADS) cc_conv_fwd_bdt(
+extern "C" __global__ void __launch_bounds__(CC_FWD_THREADS) cc_conv_fwd_bdt(
         const uint4* __restrict__ x, const cc_wt* __restrict__ weight, const cc_wt* __restrict__ bias,
         uint4* __restrict__ out, int n8, int x_stride_b, int x_stride_d, int out_stride_b, int out_stride_d,
         int w_stride_d, int w_stride_k, int bias_stride) {
     const int d = blockIdx.y, b = blockIdx.z, lane = threadIdx.x & 31;
-    const int v0 = blockIdx.x * (CC_THREADS * CC_VPT) + (threadIdx.x >> 5) * (32 * CC_VPT) + lane;
+    const int v0 = blockIdx.x * (CC_FWD_THREADS * CC_VPT) + (threadIdx.x >> 5) * (32 * CC_VPT) + lane;
     const uint4* xr = x + (long long)b * x_stride_b + (long long)d * x_stride_d;
     uint4* orow = out + (long long)b * out_stride_b + (long long)d * out_stride_d;
     const uint4 zero = make_uint4(0u, 0u, 0u, 0u);

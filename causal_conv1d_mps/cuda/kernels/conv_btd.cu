@@ -8,8 +8,10 @@
 //   CC_WT              0: weight and bias are bfloat16, 1: float16, 2: float32
 //   CC_HAS_BIAS        0 or 1
 //   CC_ACTIVATION      an activation code; CC_ACTIVATION_<NAME> the codes of the registry
-//   CC_HAS_MASK        1: a float32 mask [B, T] contiguous multiplies the conv input (by selection: where it is
-//                      0 the input counts as 0, NaN included); 0: none
+//   CC_HAS_MASK        1: a mask [B, T] contiguous multiplies the conv input (by selection: where it is 0 the
+//                      input counts as 0, NaN included); 0: none
+//   CC_MASK_T          the mask's element type, one of the generated codes CC_MASK_<TYPE> (float32, int64,
+//                      int32, bool): an HF attention mask is read as it comes, with no conversion kernel
 //   CC_RESIDUAL        1: out adds the unmasked x
 //   CC_BWD_VEC, CC_BWD_RUN   the backward's alone (see there); set, the file compiles the backward, unset,
 //                      the forward
@@ -48,6 +50,23 @@ __device__ __forceinline__ void cc_load_w4(const cc_wt* __restrict__ p, float* f
     f[2] = cc_w_to_float((cc_u16)(v.y & 0xFFFFu));
     f[3] = cc_w_to_float((cc_u16)(v.y >> 16));
 #endif
+}
+
+#if CC_MASK_T == CC_MASK_FLOAT32
+typedef float cc_mask_t;
+#elif CC_MASK_T == CC_MASK_INT64
+typedef long long cc_mask_t;
+#elif CC_MASK_T == CC_MASK_INT32
+typedef int cc_mask_t;
+#elif CC_MASK_T == CC_MASK_BOOL
+typedef unsigned char cc_mask_t;  // torch.bool: one byte holding 0 or 1
+#else
+#error "CC_MASK_T: one of the CC_MASK_<TYPE> codes"
+#endif
+
+// mask value i as float32 (as `mask.to(torch.float32)` gives it)
+__device__ __forceinline__ float cc_mask_at(const cc_mask_t* __restrict__ mask, long long i) {
+    return (float)mask[i];
 }
 
 #ifndef CC_BWD_VEC  // the forward: every variant without the backward's own defines
@@ -90,10 +109,10 @@ __device__ __forceinline__ void cc_btd_outputs(const uint2 (&raw)[CC_RUN + CC_W 
 // xm = x (times the mask where it is non-zero, 0 where it is 0), zeros before t = 0.
 // grid (ceil(T / CC_RUN), ceil(D4 / CC_BTD_THREADS), B), block CC_BTD_THREADS. D4 = D / 4; x and out strides
 // over B and T in units of 4 elements; weight [D, W] contiguous; mask [B, T] contiguous (a stand-in pointer
-// when CC_HAS_MASK is 0).
+// when CC_HAS_MASK is 0), of CC_MASK_T's type.
 extern "C" __global__ void __launch_bounds__(CC_BTD_THREADS) cc_conv_fwd_btd(
         const uint2* __restrict__ x, const cc_wt* __restrict__ weight, const cc_wt* __restrict__ bias,
-        const float* __restrict__ mask, uint2* __restrict__ out, int T, int D4, int x_stride_b, int x_stride_t,
+        const cc_mask_t* __restrict__ mask, uint2* __restrict__ out, int T, int D4, int x_stride_b, int x_stride_t,
         int out_stride_b, int out_stride_t) {
     constexpr int H = CC_W - 1, N = CC_RUN + H;
     const int c = blockIdx.y * CC_BTD_THREADS + threadIdx.x, b = blockIdx.z, t0 = blockIdx.x * CC_RUN;
@@ -108,7 +127,7 @@ extern "C" __global__ void __launch_bounds__(CC_BTD_THREADS) cc_conv_fwd_btd(
         const bool inside = t >= 0 && t < T;
         raw[i] = inside ? xb[(long long)t * x_stride_t] : make_uint2(0u, 0u);
 #if CC_HAS_MASK
-        m[i] = inside ? mask[(long long)b * T + t] : 1.f;  // outside, x reads as 0 whatever the mask
+        m[i] = inside ? cc_mask_at(mask, (long long)b * T + t) : 1.f;  // outside, x reads as 0 whatever the mask
         ones = ones && m[i] == 1.f;
 #else
         m[i] = 1.f;
@@ -180,7 +199,7 @@ __device__ __forceinline__ cc_bvec cc_bpack(const float* f) { return cc_pack2(f[
 
 extern "C" __global__ void __launch_bounds__(CC_BTD_THREADS) cc_conv_bwd_btd(
         const cc_bvec* __restrict__ x, const cc_wt* __restrict__ weight, const cc_wt* __restrict__ bias,
-        const float* __restrict__ mask, const cc_bvec* __restrict__ dout, cc_bvec* __restrict__ dx,
+        const cc_mask_t* __restrict__ mask, const cc_bvec* __restrict__ dout, cc_bvec* __restrict__ dx,
         float* __restrict__ dw_part, int T, int Dv, int chunk, int B, int x_stride_b, int x_stride_t,
         int dout_stride_b, int dout_stride_t, int dx_stride_b, int dx_stride_t) {
     constexpr int H = CC_W - 1, R = CC_BWD_RUN, N = H + R, V = CC_BWD_VEC;
@@ -190,7 +209,7 @@ extern "C" __global__ void __launch_bounds__(CC_BTD_THREADS) cc_conv_bwd_btd(
     const cc_bvec* xb = x + (long long)b * x_stride_b + c;
     const cc_bvec* gb = dout + (long long)b * dout_stride_b + c;
     cc_bvec* dxb = dx + (long long)b * dx_stride_b + c;
-    const float* mb = mask + (long long)b * T;
+    const cc_mask_t* mb = mask + (long long)b * T;
     float wk[CC_W][V], bs[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) {  // once per chunk: scalar loads (2W values need not be vector-aligned)
@@ -212,7 +231,7 @@ extern "C" __global__ void __launch_bounds__(CC_BTD_THREADS) cc_conv_bwd_btd(
         const bool inside = t >= 0;
         const cc_bvec raw = inside ? xb[(long long)t * x_stride_t] : cc_bzero();
 #if CC_HAS_MASK
-        const float m = inside ? mb[t] : 0.f;
+        const float m = inside ? cc_mask_at(mb, t) : 0.f;
 #else
         const float m = 1.f;
 #endif
@@ -237,7 +256,7 @@ extern "C" __global__ void __launch_bounds__(CC_BTD_THREADS) cc_conv_bwd_btd(
             rx[i] = inside ? xb[(long long)t * x_stride_t] : cc_bzero();
             go[H + i] = inside ? gb[(long long)t * dout_stride_t] : cc_bzero();
 #if CC_HAS_MASK
-            rm[i] = inside ? mb[t] : 0.f;
+            rm[i] = inside ? cc_mask_at(mb, t) : 0.f;
 #else
             rm[i] = 1.f;
 #endif
