@@ -64,19 +64,24 @@ typedef unsigned char cc_mask_t;  // torch.bool: one byte holding 0 or 1
 #error "CC_MASK_T: one of the CC_MASK_<TYPE> codes"
 #endif
 
-// mask value i as float32 (as `mask.to(torch.float32)` gives it)
+// a mask value as float32 (as `mask.to(torch.float32)` gives it); for int64 a slow conversion (H200: the
+// forward lost 4-5 points of copy converting every value), so the forward converts only where it must
+__device__ __forceinline__ float cc_mask_float(cc_mask_t v) { return (float)v; }
+
 __device__ __forceinline__ float cc_mask_at(const cc_mask_t* __restrict__ mask, long long i) {
-    return (float)mask[i];
+    return cc_mask_float(mask[i]);
 }
 
 #ifndef CC_BWD_VEC  // the forward: every variant without the backward's own defines
 
 // The run's outputs from its loaded rows: row i converted when the window reaches it, output i - (W-1)
 // formed at once (converting every row first kept them all live; H200, docs/PERF_NOTES.md v9). ONES: every
-// mask value of the run is 1 (or there is no mask): no select, no multiply.
+// mask value of the run is 1 (or there is no mask): no select, no multiply, no conversion of the mask values
+// (`m` holds them as loaded).
 template <bool ONES>
 __device__ __forceinline__ void cc_btd_outputs(const uint2 (&raw)[CC_RUN + CC_W - 1],
-                                               const float (&m)[CC_RUN + CC_W - 1], const float (&wk)[CC_W][CC_VEC],
+                                               const cc_mask_t (&m)[CC_RUN + CC_W - 1],
+                                               const float (&wk)[CC_W][CC_VEC],
                                                const float (&bs)[CC_VEC], uint2* __restrict__ ob, int t0, int T,
                                                int out_stride_t) {
     constexpr int H = CC_W - 1, N = CC_RUN + H;
@@ -85,8 +90,14 @@ __device__ __forceinline__ void cc_btd_outputs(const uint2 (&raw)[CC_RUN + CC_W 
     for (int i = 0; i < N; ++i) {
         float f[CC_VEC];
         cc_unpack4(raw[i], f);
+        if (CC_HAS_MASK && !ONES) {
+            const float mi = cc_mask_float(m[i]);
 #pragma unroll
-        for (int j = 0; j < CC_VEC; ++j) xf[i][j] = (CC_HAS_MASK && !ONES) ? (m[i] != 0.f ? f[j] * m[i] : 0.f) : f[j];
+            for (int j = 0; j < CC_VEC; ++j) xf[i][j] = mi != 0.f ? f[j] * mi : 0.f;
+        } else {
+#pragma unroll
+            for (int j = 0; j < CC_VEC; ++j) xf[i][j] = f[j];
+        }
         if (i < H) continue;
         const int r = i - H;
         float o[CC_VEC];
@@ -119,7 +130,7 @@ extern "C" __global__ void __launch_bounds__(CC_BTD_THREADS) cc_conv_fwd_btd(
     if (c >= D4) return;
     const uint2* xb = x + (long long)b * x_stride_b + c;
     uint2 raw[N];
-    float m[N];
+    cc_mask_t m[N];
     bool ones = true;  // every mask value of the run's rows is 1 (the same for every thread of the block)
 #pragma unroll
     for (int i = 0; i < N; ++i) {
@@ -127,10 +138,10 @@ extern "C" __global__ void __launch_bounds__(CC_BTD_THREADS) cc_conv_fwd_btd(
         const bool inside = t >= 0 && t < T;
         raw[i] = inside ? xb[(long long)t * x_stride_t] : make_uint2(0u, 0u);
 #if CC_HAS_MASK
-        m[i] = inside ? cc_mask_at(mask, (long long)b * T + t) : 1.f;  // outside, x reads as 0 whatever the mask
-        ones = ones && m[i] == 1.f;
+        m[i] = inside ? mask[(long long)b * T + t] : (cc_mask_t)1;  // outside, x reads as 0 whatever the mask
+        ones = ones && m[i] == (cc_mask_t)1;
 #else
-        m[i] = 1.f;
+        m[i] = (cc_mask_t)1;
 #endif
     }
     float wk[CC_W][CC_VEC], bs[CC_VEC];
