@@ -8,6 +8,8 @@
 #   bash benchmarks/gpu_validation.sh all     # both in one call (about 10 minutes on 2 GPUs; no NCCL parts)
 #   bash benchmarks/gpu_validation.sh suite   # the op suite and GPU-only tests alone (about 6 minutes)
 #   bash benchmarks/gpu_validation.sh timings # the timed runs alone (about 4 minutes)
+#   bash benchmarks/gpu_validation.sh full    # every test file with --device cuda, all backends, the xdist
+#                                             # workers spread over the GPUs (tests/conftest.py)
 #
 # Logs and JSON go to $OUT (default ./gpu-results); a short summary is printed last. Each part has its own
 # time limit so that a call fits a 10-minute slot. Run from the repository root; nothing is installed.
@@ -38,6 +40,7 @@ FIRST="tests/test_causal_conv1d.py tests/test_module.py tests/test_triton_v5.py 
 SECOND="tests/test_short_conv_fused.py tests/test_update.py tests/test_validation.py tests/test_library.py
   tests/test_activation.py tests/test_varlen_states.py tests/test_fuzz.py tests/test_nan_stream_starts.py"
 GPU_ONLY="tests/test_triton_gpu.py tests/test_cuda_kernels.py tests/test_cuda_btd.py tests/test_cuda_harness.py
+  tests/test_cuda_mask_dtypes.py
   tests/test_wide_filters.py tests/test_host_path.py tests/test_check.py tests/test_transformers_models.py
   tests/test_transformers_functions.py"
 
@@ -108,11 +111,20 @@ bench() {
   [ "$GPUS" -gt 1 ] && summary "context-parallel cost" "$OUT/cp-bench.log"
 }
 
+full() {  # every test file, every backend the device runs, one pytest run spread over the GPUs
+  environment
+  local workers=$(( $(nproc) > 4 ? $(nproc) - 2 : 2 ))
+  timeout "${FULL_LIMIT:-560}" python -m pytest -v -p no:cacheprovider -n "$workers" --device cuda \
+    --durations=25 tests > "$OUT/full.log" 2>&1
+  summary "whole suite" "$OUT/full.log"
+}
+
 case "${1:-}" in
+  full) full ;;
   suite) suite ;;
   timings) timed ;;
   tests) tests ;;
   bench) bench ;;
   all) all ;;
-  *) echo "usage: $0 tests|bench|all|suite|timings" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|bench|all|suite|timings|full" >&2; exit 2 ;;
 esac

@@ -64,12 +64,24 @@ def _device_skip_reason(device: torch.device) -> str | None:
     return None
 
 
+def spread_worker(worker: str | None, devices: int) -> int | None:
+    """The CUDA device index a pytest-xdist worker (`gw<N>`) takes when the machine has several: N modulo
+    their count, so `-n` workers spread over every GPU; None for one GPU or outside xdist."""
+    if not worker or not worker.startswith("gw") or not worker[2:].isdigit() or devices < 2:
+        return None
+    return int(worker[2:]) % devices
+
+
 @pytest.fixture(scope="session")
 def device(request) -> torch.device:
     dev = torch.device(request.config.getoption("--device"))
     reason = _device_skip_reason(dev)
     if reason:
         pytest.skip(reason)
+    if dev.type == "cuda":
+        index = spread_worker(os.environ.get("PYTEST_XDIST_WORKER"), torch.cuda.device_count())
+        if index is not None:  # `torch.device("cuda")` tensors go to the worker's current device
+            torch.cuda.set_device(index)
     return dev
 
 
