@@ -64,9 +64,16 @@ typedef unsigned char cc_mask_t;  // torch.bool: one byte holding 0 or 1
 #error "CC_MASK_T: one of the CC_MASK_<TYPE> codes"
 #endif
 
-// a mask value as float32 (as `mask.to(torch.float32)` gives it); for int64 a slow conversion (H200: the
-// forward lost 4-5 points of copy converting every value), so the forward converts only where it must
-__device__ __forceinline__ float cc_mask_float(cc_mask_t v) { return (float)v; }
+// a mask value as float32 (as `mask.to(torch.float32)` gives it). Converting a 64-bit integer is a slow
+// instruction (H200: the forward lost 4-5 points of copy converting every int64 value), so an integer 0 or 1,
+// all an HF mask holds, is selected instead, and the forward converts only off its all-ones path.
+__device__ __forceinline__ float cc_mask_float(cc_mask_t v) {
+#if CC_MASK_T == CC_MASK_FLOAT32
+    return v;
+#else
+    return v == (cc_mask_t)1 ? 1.f : (v == (cc_mask_t)0 ? 0.f : (float)v);
+#endif
+}
 
 __device__ __forceinline__ float cc_mask_at(const cc_mask_t* __restrict__ mask, long long i) {
     return cc_mask_float(mask[i]);
