@@ -34,6 +34,9 @@ FILE_DEFINES = {
 # defines that one kernel of a file takes beyond the file's (the file compiles that kernel where they are set)
 KERNEL_DEFINES = {
     "cc_conv_fwd_bdt": {"CC_VPT": (1, 2, 4)},
+    # CC_D: D compiled in (a positive multiple of 4 within the grid's limit of 65535 * 256 channels), 0: none
+    "cc_conv_fwd_btd": {"CC_FWD_VEC": (2, 4), "CC_FWD_RUN": (8, 32), "CC_FWD_INSIDE": (0, 1),
+                        "CC_D": range(0, 1 << 24, 4)},
     "cc_conv_bwd_btd": {"CC_BWD_VEC": (2, 4), "CC_BWD_RUN": (4, 8, 16)},
 }
 
