@@ -39,7 +39,7 @@ __device__ __forceinline__ uint2 cc_pack4(const float* f) {
 // same ones) and the rows take theirs by shuffle; one warp vote sends runs whose mask values are all 1 (all
 // but the padded runs of an HF mask) down a path without the mask's select and multiply. Arithmetic in
 // float32. The launcher picks the scheme per width and mask as measured on an H200
-// (launch_btd.forward_variant; docs/PERF_NOTES.md v9, v10). Its defines of this kernel alone
+// (launch_btd.forward_variant; docs/PERF_NOTES.md v9). Its defines of this kernel alone
 // (causal_conv1d_mps/cuda/_source.py, KERNEL_DEFINES):
 //   CC_FWD_VEC     channels per thread: 4 or 2
 //   CC_FWD_RUN     steps per thread: 8 or 32
@@ -68,8 +68,9 @@ __device__ __forceinline__ cc_frow cc_frow_pack(const float* f) { return cc_pack
 #endif
 
 // The bfloat16 in half `h` (0: the low 16 bits) of `word`, as float32. On the GPU the shift or mask is an asm
-// statement: NVVM otherwise keeps weights and rows packed and converts them again at each tap (sm_90 SASS:
-// 63 instructions per element at W = 16 against 31; docs/PERF_NOTES.md v9), so each value is converted once.
+// statement: NVVM otherwise keeps weights and rows packed and converts them again at each tap (sm_90 SASS at
+// W = 16: 63 instructions per element, 31 with this and CC_D; benchmarks/prototypes/cuda_btd_wide.py), so each
+// value is converted once.
 __device__ __forceinline__ float cc_fwd_bf16(unsigned int word, int h) {
 #if CC_PTX
     float f;
@@ -158,15 +159,19 @@ __device__ __forceinline__ void cc_fwd_outputs(const CcFwdRun& a, const cc_frow 
         const int r = i - H;  // row i is step t0 + r
         float o[V];
 #pragma unroll
-        for (int j = 0; j < V; ++j) {
-            float acc = bs[j];
+        for (int j = 0; j < V; ++j) o[j] = bs[j];
 #pragma unroll
-            for (int k = 0; k < CC_W; ++k) acc = fmaf(wk[k][j], xf[r + k][j], acc);
-            o[j] = cc_activation(acc);
+        for (int k = 0; k < CC_W; ++k)
+#pragma unroll
+            for (int j = 0; j < V; ++j) o[j] = fmaf(wk[k][j], xf[r + k][j], o[j]);
+#pragma unroll
+        for (int j = 0; j < V; ++j) o[j] = cc_activation(o[j]);
 #if CC_RESIDUAL
-            o[j] += f[j];  // the unmasked x
+        cc_fwd_unpack(raw[i], f);  // the unmasked x, converted again: fewer registers than keeping f live
+                                   // through the taps (sm_90, fused W = 4: 64 against 70)
+#pragma unroll
+        for (int j = 0; j < V; ++j) o[j] += f[j];
 #endif
-        }
         if (a.active && (INSIDE || a.t0 + r < a.T)) a.ob[(long long)(a.t0 + r) * a.os] = cc_frow_pack(o);
     }
 }
@@ -184,19 +189,21 @@ __device__ __forceinline__ void cc_fwd_run(const CcFwdRun& a, const cc_wt* __res
     }
     float mv[CC_FWD_SLOTS];  // lane l: the mask values of rows l, l + 32
     bool ones = true;        // the same for every warp of the block (they read the same mask values)
-#pragma unroll
-    for (int s = 0; s < CC_FWD_SLOTS; ++s) mv[s] = 1.f;
 #if CC_HAS_MASK
     {
         const int lane = threadIdx.x & 31;
 #pragma unroll
         for (int s = 0; s < CC_FWD_SLOTS; ++s) {  // rows outside [0, T) read x as 0: their value counts as 1
             const int i = 32 * s + lane, t = a.t0 - H + i;
-            if (i < CC_FWD_ROWS && (INSIDE || (t >= 0 && t < a.T))) mv[s] = cc_fwd_mask(a.mask, a.b, a.T, t);
+            const bool read = i < CC_FWD_ROWS && (INSIDE || (t >= 0 && t < a.T));
+            mv[s] = read ? cc_fwd_mask(a.mask, a.b, a.T, t) : 1.f;
             ones = ones && mv[s] == 1.f;
         }
         ones = __all_sync(CC_FWD_WARP, ones);
     }
+#else
+#pragma unroll
+    for (int s = 0; s < CC_FWD_SLOTS; ++s) mv[s] = 1.f;
 #endif
     float wk[CC_W][V], bs[V];
     {
@@ -216,7 +223,7 @@ __device__ __forceinline__ void cc_fwd_run(const CcFwdRun& a, const cc_wt* __res
 #endif
     }
 #if CC_HAS_MASK
-    if (!ones) {  // warp-uniform: no divergence
+    if (!ones) {  // block-uniform (every warp voted on the same values): no divergence
         cc_fwd_outputs<false, INSIDE>(a, raw, mv, wk, bs);
         return;
     }
