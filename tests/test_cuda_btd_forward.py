@@ -105,7 +105,7 @@ def _assert_matches(out, x, weight, bias, mask, activation, residual, name):
     """Element by element against the float64 oracle: the same non-finite entries (a masked NaN or Inf
     reaches only its own position, through the residual), the finite ones within one rounding."""
     ref, _ = oracle.short_conv_fused(x, weight, bias, mask, activation is not None, residual)
-    got = out.detach().cpu().double()
+    ref, got = ref.cpu(), out.detach().cpu().double()
     finite = torch.isfinite(ref)
     assert torch.equal(torch.isfinite(got), finite), \
         f"{name}: non-finite at {torch.nonzero(~torch.isfinite(got)).tolist()[:8]}, " \

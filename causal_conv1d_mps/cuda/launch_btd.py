@@ -13,6 +13,9 @@ kernels serve the call):
 - in the backward: `dout` of x's dtype and shape with the layout rules of x, and no gradient of final states
   (the caller checks that);
 - a CUDA device whose NVRTC compile succeeded, or, for tests only, CPU tensors through `cuda_harness`.
+The forward's scheme (channels and steps per thread, runs without bounds checks) is chosen per mask and width
+as measured (`forward_variant`); where x and out are contiguous its variant has D compiled in (one compile per
+model width).
 """
 from __future__ import annotations
 
