@@ -48,9 +48,9 @@ __device__ __forceinline__ uint2 cc_pack4(const float* f) {
 //   CC_D           D itself where x and out are contiguous [B, T, D]: a run's rows are then one base address
 //                  plus constant offsets (no address arithmetic per row); 0: the strides are arguments
 
-#define CC_FWD_THREADS (256 / CC_FWD_VEC)      // threads per block: 256 channels per block in every scheme
-#define CC_FWD_ROWS (CC_FWD_RUN + CC_W - 1)    // rows a run reads: the W-1 halo rows, then its steps
-#define CC_FWD_SLOTS ((CC_FWD_ROWS + 31) / 32) // mask values per lane
+#define CC_BTD_FWD_THREADS (256 / CC_FWD_VEC)  // threads per block: 256 channels per block in every scheme
+#define CC_FWD_ROWS (CC_FWD_RUN + CC_W - 1)      // rows a run reads: the W-1 halo rows, then its steps
+#define CC_FWD_SLOTS ((CC_FWD_ROWS + 31) / 32)   // mask values per lane
 #define CC_FWD_WARP 0xFFFFFFFFu
 
 #if CC_FWD_VEC == 4
@@ -119,8 +119,11 @@ __device__ __forceinline__ void cc_fwd_load_w(const cc_wt* __restrict__ p, float
 #endif
 }
 
-// The mask value of step t (0 <= t < T) of row b, as float32: the forward's only read of the mask.
-__device__ __forceinline__ float cc_fwd_mask(const float* __restrict__ mask, int b, int T, int t) {
+// The mask's element type, and the forward's only read of the mask: the value of step t (0 <= t < T) of row b
+// as float32. A lane reads one mask value per 32 rows of its run (not one per row), so converting it here,
+// before the vote, costs one conversion per lane and run whatever the type.
+typedef float cc_fwd_mask_t;
+__device__ __forceinline__ float cc_fwd_mask(const cc_fwd_mask_t* __restrict__ mask, int b, int T, int t) {
     return mask[(long long)b * T + t];
 }
 
@@ -128,7 +131,7 @@ __device__ __forceinline__ float cc_fwd_mask(const float* __restrict__ mask, int
 struct CcFwdRun {
     const cc_frow* xb;  // x at (b, t = 0, the thread's channels)
     cc_frow* ob;        // out at (b, t = 0, the thread's channels)
-    const float* mask;
+    const cc_fwd_mask_t* mask;
     int xs, os;         // x's and out's strides over T in rows (compile-time constants where CC_D is set)
     int b, t0, T;
     bool active;        // the thread's channels exist (threads past D still take part in the warp's calls)
@@ -233,15 +236,15 @@ __device__ __forceinline__ void cc_fwd_run(const CcFwdRun& a, const cc_wt* __res
 
 // out[b, t, c] = (x[b, t, c] if residual) + act(bias[c] + sum_k w[c, k] * xm[b, t - (W-1) + k, c]), where
 // xm = x (times the mask where it is non-zero, 0 where it is 0), zeros before t = 0.
-// grid (ceil(T / CC_FWD_RUN), ceil(Dv / CC_FWD_THREADS), B), block CC_FWD_THREADS. Dv = D / CC_FWD_VEC; x and
-// out strides over B and T in units of CC_FWD_VEC elements (unused where CC_D is set: then x and out are
+// grid (ceil(T / CC_FWD_RUN), ceil(Dv / CC_BTD_FWD_THREADS), B), block CC_BTD_FWD_THREADS. Dv = D / CC_FWD_VEC;
+// x and out strides over B and T in units of CC_FWD_VEC elements (unused where CC_D is set: then x and out are
 // contiguous [B, T, CC_D]); weight [D, W] contiguous; mask [B, T] contiguous (a stand-in pointer when
 // CC_HAS_MASK is 0).
-extern "C" __global__ void __launch_bounds__(CC_FWD_THREADS) cc_conv_fwd_btd(
+extern "C" __global__ void __launch_bounds__(CC_BTD_FWD_THREADS) cc_conv_fwd_btd(
         const cc_frow* __restrict__ x, const cc_wt* __restrict__ weight, const cc_wt* __restrict__ bias,
-        const float* __restrict__ mask, cc_frow* __restrict__ out, int T, int Dv, int x_stride_b, int x_stride_t,
-        int out_stride_b, int out_stride_t) {
-    const int c = blockIdx.y * CC_FWD_THREADS + threadIdx.x, b = blockIdx.z;
+        const cc_fwd_mask_t* __restrict__ mask, cc_frow* __restrict__ out, int T, int Dv, int x_stride_b,
+        int x_stride_t, int out_stride_b, int out_stride_t) {
+    const int c = blockIdx.y * CC_BTD_FWD_THREADS + threadIdx.x, b = blockIdx.z;
     CcFwdRun a;
 #if CC_D
     a.xs = a.os = CC_D / CC_FWD_VEC;
