@@ -170,9 +170,12 @@ def _plan(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None, a
     W = weight.shape[1]
     d_const = x.is_contiguous() and out.is_contiguous()
     variant = forward_variant(mask is not None, W, d_const)
-    strides = [s * (VEC // variant.vec) for s in (*x_strides, *out_strides)]  # in units of the variant's rows
-    if max(strides) >= 2**31:
-        return None
+    if d_const:
+        strides = [0, 0, 0, 0]  # the kernel has them compiled in
+    else:
+        strides = [s * (VEC // variant.vec) for s in (*x_strides, *out_strides)]  # in the variant's rows
+        if max(strides) >= 2**31:
+            return None
     defines = dict(CC_W=W, CC_X_BF16=_X_BF16[x.dtype], CC_WT=_WT[weight.dtype], CC_HAS_BIAS=int(bias is not None),
                    CC_ACTIVATION=activation, CC_HAS_MASK=int(mask is not None), CC_RESIDUAL=int(bool(residual)),
                    CC_FWD_VEC=variant.vec, CC_FWD_RUN=variant.run, CC_FWD_INSIDE=int(variant.inside),
