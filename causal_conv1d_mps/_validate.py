@@ -356,7 +356,8 @@ def mask_dtype(x: Tensor, attention_mask: Tensor, native: bool) -> torch.dtype:
     kernel per call); else float32, float64 for float64 x."""
     if x.dtype == torch.float64:
         return torch.float64
-    if native and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and attention_mask.dtype in NATIVE_MASK_DTYPES:
+    if (native and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+            and attention_mask.dtype in NATIVE_MASK_DTYPES):
         return attention_mask.dtype
     return torch.float32
 

@@ -28,7 +28,7 @@ def btd(device):
     if device.type == "mps":
         pytest.skip("CUDA C++ kernels: not on mps")
     probe = dict(CC_W=4, CC_X_BF16=1, CC_WT=0, CC_HAS_BIAS=1, CC_ACTIVATION=_activation.SILU, CC_HAS_MASK=1,
-                 CC_MASK_T=0, CC_RESIDUAL=1)
+                 CC_MASK_T=0, CC_RESIDUAL=1, CC_FWD_VEC=4, CC_FWD_RUN=8, CC_FWD_INSIDE=0, CC_D=0)
     if _runtime.kernel("cc_conv_fwd_btd", probe, device) is None:
         pytest.skip(f"CUDA C++ kernels on {device}: {_runtime.unavailable_reason(device)}")
     return launch_btd
@@ -524,14 +524,16 @@ def test_the_backward_launcher_hands_the_driver_what_it_hands_the_harness(btd, d
 
 
 def test_each_variant_compiles_one_kernel_and_checks_its_own_defines():
-    """The backward's own defines (CC_BWD_VEC, CC_BWD_RUN) are required for it and refused for the forward;
-    with them the file's text holds the backward kernel only, without them the forward only."""
+    """Each kernel's own defines are required for it and refused for the other (backward: CC_BWD_VEC,
+    CC_BWD_RUN; forward: CC_FWD_VEC, CC_FWD_RUN, CC_FWD_INSIDE, CC_D); with the backward's the file's text holds
+    the backward kernel only, with the forward's the forward only. CC_D takes 0 or a multiple of 4."""
     from causal_conv1d_mps import _activation
     from causal_conv1d_mps.cuda import _source
 
     shared = dict(CC_W=4, CC_X_BF16=1, CC_WT=0, CC_HAS_BIAS=1, CC_ACTIVATION=_activation.SILU, CC_HAS_MASK=1,
                   CC_MASK_T=0, CC_RESIDUAL=1)
     own = dict(CC_BWD_VEC=4, CC_BWD_RUN=8)
+    forward_own = dict(CC_FWD_VEC=2, CC_FWD_RUN=32, CC_FWD_INSIDE=1, CC_D=4096)
     backward = _source.source("cc_conv_bwd_btd", {**shared, **own})
     assert "#define CC_BWD_VEC 4\n" in backward and "#define CC_BWD_RUN 8\n" in backward
     with pytest.raises(ValueError, match="cc_conv_bwd_btd"):
@@ -539,6 +541,14 @@ def test_each_variant_compiles_one_kernel_and_checks_its_own_defines():
     with pytest.raises(ValueError, match="CC_BWD_VEC"):
         _source.source("cc_conv_bwd_btd", {**shared, **own, "CC_BWD_VEC": 8})
     with pytest.raises(ValueError, match="expected"):
-        _source.source("cc_conv_fwd_btd", {**shared, **own})
-    forward = _source.source("cc_conv_fwd_btd", shared)
+        _source.source("cc_conv_bwd_btd", {**shared, **own, **forward_own})
+    with pytest.raises(ValueError, match="expected"):
+        _source.source("cc_conv_fwd_btd", {**shared, **own, **forward_own})
+    with pytest.raises(ValueError, match="cc_conv_fwd_btd"):
+        _source.source("cc_conv_fwd_btd", shared)
+    for name, value in (("CC_D", 6), ("CC_D", -4), ("CC_D", 1 << 24), ("CC_FWD_VEC", 8), ("CC_FWD_RUN", 16)):
+        with pytest.raises(ValueError, match=name):
+            _source.header({**shared, **forward_own, name: value}, "conv_btd.cu", "cc_conv_fwd_btd")
+    forward = _source.source("cc_conv_fwd_btd", {**shared, **forward_own})
     assert "#ifndef CC_BWD_VEC" in forward and "#define CC_BWD_VEC" not in forward
+    assert "#define CC_D 4096\n" in forward and "#define CC_FWD_INSIDE 1\n" in forward

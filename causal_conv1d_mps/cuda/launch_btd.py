@@ -14,8 +14,13 @@ kernels serve the call):
 - in the backward: `dout` of x's dtype and shape with the layout rules of x, and no gradient of final states
   (the caller checks that);
 - a CUDA device whose NVRTC compile succeeded, or, for tests only, CPU tensors through `cuda_harness`.
+The forward's scheme (channels and steps per thread, runs without bounds checks) is chosen per mask and width
+as measured (`forward_variant`); where x and out are contiguous its variant has D compiled in (one compile per
+model width).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -24,12 +29,13 @@ from . import _runtime, _source
 from .launch import (_MAX_GRID_YZ, _WT, _X_BF16, BackwardPlan, dtypes_width_activation_reason,
                      gradient_buffers)
 
-VEC = 4  # CC_VEC: channels per thread
-RUN = 8  # CC_RUN: steps per thread
-THREADS = 64  # CC_BTD_THREADS
+VEC = 4  # x's layout unit: D and x's strides over B and T are multiples of VEC elements
+THREADS = 64  # CC_BTD_THREADS: the backward's threads per block
+FWD_CHANNELS_PER_BLOCK = 256  # the forward's block: 256 // CC_FWD_VEC threads
 MAX_WIDTH = 16
 # mask dtype -> CC_MASK_T (the generated codes of `_source.MASK_TYPES`)
 MASK_DTYPES: dict[torch.dtype, int] = {getattr(torch, name): code for code, name in enumerate(_source.MASK_TYPES)}
+_MAX_T = 2**31 - 1 - 64  # the kernels' step indices (t0 + run + W-1, and the mask lanes past it) stay in int
 _BWD_MIN_CHUNK = 64  # steps: the W-1 rows read twice at each end of a chunk stay a small share
 _BWD_TARGET_BLOCKS = 1024  # the backward splits T into chunks until about this many blocks run
 
@@ -72,7 +78,7 @@ def _check_signature(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tenso
     B, T, D = x.shape
     if B == 0 or T == 0 or D == 0 or D % VEC != 0:
         return f"D = {D}: a positive multiple of {VEC} only (B = {B}, T = {T} non-zero)", None
-    if B > _MAX_GRID_YZ or -(-D // (VEC * THREADS)) > _MAX_GRID_YZ or -(-T // RUN) >= 2**31:
+    if B > _MAX_GRID_YZ or -(-D // (VEC * THREADS)) > _MAX_GRID_YZ or T > _MAX_T:
         return f"B = {B}, D = {D}, T = {T}: beyond the grid's limits", None
     strides = _vector_strides(x)
     if strides is None:
@@ -110,6 +116,51 @@ def preferred_for_backward(has_mask: bool, W: int) -> bool:
     return (has_mask, W) in BACKWARD_MEASURED_FASTER
 
 
+class ForwardVariant(NamedTuple):
+    """The forward's scheme (`kernels/conv_btd.cu`, its defines)."""
+    vec: int      # CC_FWD_VEC: channels per thread
+    run: int      # CC_FWD_RUN: steps per thread
+    inside: bool  # CC_FWD_INSIDE: runs inside [0, T) take a copy of the code without bounds checks
+
+
+def forward_variant(has_mask: bool, W: int, d_const: bool) -> ForwardVariant:
+    """The forward's scheme for this mask and width; `d_const`: D is compiled in (CC_D; x and out contiguous).
+
+    Measured on an H200 (`benchmarks/prototypes/cuda_btd_wide.py`, `docs/results/h200-bf16-btd-wide-prototype.log`,
+    docs/PERF_NOTES.md v9): bf16, bias, SiLU; fused = HF mask and residual; % of copy at B4 T8192 D4096, (B4
+    T2048 D4096) in parentheses. The prototype's names: `lazy-v4r8` = 4 channels x 8 steps, `v2r32` = 2 x 32,
+    `-m3` the mask's warp vote, `-dc` D compiled in, `-in` runs without bounds checks; the kernel before them
+    (4 x 8, plain conversions, mask loaded per thread) is "shipped".
+    - D compiled in, fused with a mask:
+      - 4 x 8 up to W = 6: W 4 94.0 (90.5) against shipped 86.7 (81.0); W 5 94.3 (89.3) against 72.4 (67.8);
+        W 6 91.6 (85.8) against 65.7 (59.1) (2 x 32 tied there: 91.5 (85.8)).
+      - 2 x 32 from W = 7: W 7 92.1 (85.0) against 4 x 8's 84.3 (79.1); W 8 87.4 (80.2) against 77.8 (73.8);
+        W 10 84.7 (78.2); W 12 81.3 (74.4); W 16 67.0 (62.6) against shipped 23.2 (22.5).
+      - without bounds checks inside [0, T) from W = 5: W 4 93.8 (90.1) with, 94.0 (90.5) without; W 5 94.3
+        (89.3) and 94.3 (89.2); W 6 91.6 (85.8) and 90.4 (84.0); W 12 81.3 (74.4) and 78.9 (72.4); W 16 67.0
+        (62.6) and 58.0 (54.3).
+    - D compiled in, no mask:
+      - 4 x 8 up to W = 6: W 5 94.2 (89.2), W 6 93.1 (87.9) against 2 x 32's 91.0 (84.4).
+      - 2 x 32 from W = 7: W 7 90.6 (83.5), a tie with 4 x 8's 90.1 (84.0); W 8 91.0 (83.4) against 80.1 (76.5);
+        W 10 88.8 (79.3); W 12 80.8 (73.0); W 16 57.8 (54.0) against shipped 31.4 (31.9).
+      - without bounds checks only from W = 13: it lost below (W 5 93.5 (86.1) against 94.2 (89.2); W 8 89.2
+        (83.8) against 91.0 (83.4); W 12 78.8 (73.0) against 80.8 (73.0)) and won at W 16 (57.8 (54.0)
+        against 54.1 (51.3)); W 13-15 were not timed.
+    - Runtime strides (views), without bounds-check-free runs (not timed), B4 T8192 only:
+      - fused: 4 x 8 up to W = 5 (85.1 against 2 x 32's 80.3), 2 x 32 from W = 6 (W 6 78.5 against 75.2, W 8
+        76.8 against 62.4);
+      - no mask: 4 x 8 up to W = 9 (W 8 75.7 against 71.7), 2 x 32 from W = 10 (W 10 61.6 against 61.3, W 12
+        62.0 against 61.5, W 16 50.4 against 30.1).
+    W 9, 11 and 13-15 were not timed; they take the scheme of the nearest rule above."""
+    if d_const:
+        vec = 4 if W <= 6 else 2
+        inside = W >= 5 if has_mask else W >= 13
+    else:
+        vec = 4 if W <= (5 if has_mask else 9) else 2
+        inside = False
+    return ForwardVariant(vec, 8 if vec == 4 else 32, inside)
+
+
 _MAX_PLANS = 512  # signatures hold shapes: a model with ever-changing lengths must not grow the table
 _UNSEEN = object()
 _plans: dict[tuple, object] = {}  # signature -> prepared launch, or None where the kernel does not apply
@@ -117,21 +168,33 @@ _plans: dict[tuple, object] = {}  # signature -> prepared launch, or None where 
 
 def _plan(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None, activation: int, residual: bool,
           out: Tensor):
-    """The prepared launch for this call signature (grid, block, integers fixed), or None."""
+    """The prepared launch for this call signature (grid, block, integers fixed), or None. Where x and out
+    are contiguous the variant has D compiled in (one compile per model width: plans are per shape anyway)."""
     out_strides = _vector_strides(out) if out.shape == x.shape else None
     reason, x_strides = _check_signature(x, weight, bias, mask, activation)
     if out_strides is None or reason is not None:
         return None
-    defines = dict(CC_W=weight.shape[1], CC_X_BF16=_X_BF16[x.dtype], CC_WT=_WT[weight.dtype],
-                   CC_HAS_BIAS=int(bias is not None), CC_ACTIVATION=activation, CC_HAS_MASK=int(mask is not None),
-                   CC_MASK_T=_mask_code(mask), CC_RESIDUAL=int(bool(residual)))
+    B, T, D = x.shape
+    W = weight.shape[1]
+    d_const = x.is_contiguous() and out.is_contiguous()
+    variant = forward_variant(mask is not None, W, d_const)
+    if d_const:
+        strides = [0, 0, 0, 0]  # the kernel has them compiled in
+    else:
+        strides = [s * (VEC // variant.vec) for s in (*x_strides, *out_strides)]  # in the variant's rows
+        if max(strides) >= 2**31:
+            return None
+    defines = dict(CC_W=W, CC_X_BF16=_X_BF16[x.dtype], CC_WT=_WT[weight.dtype], CC_HAS_BIAS=int(bias is not None),
+                   CC_ACTIVATION=activation, CC_HAS_MASK=int(mask is not None), CC_MASK_T=_mask_code(mask),
+                   CC_RESIDUAL=int(bool(residual)),
+                   CC_FWD_VEC=variant.vec, CC_FWD_RUN=variant.run, CC_FWD_INSIDE=int(variant.inside),
+                   CC_D=D if d_const else 0)
     fn = _runtime.kernel("cc_conv_fwd_btd", defines, x.device)
     if fn is None:
         return None
-    B, T, D = x.shape
-    d4 = D // VEC
-    return fn.prepare((-(-T // RUN), -(-d4 // THREADS), B), (THREADS, 1, 1), 5,
-                      (T, d4, *x_strides, *out_strides))
+    dv = D // variant.vec
+    threads = FWD_CHANNELS_PER_BLOCK // variant.vec
+    return fn.prepare((-(-T // variant.run), -(-dv // threads), B), (threads, 1, 1), 5, (T, dv, *strides))
 
 
 def conv_fwd_btd(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None, activation: int,
@@ -201,7 +264,8 @@ def _plan_backward(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor 
     defines = dict(CC_W=W, CC_X_BF16=_X_BF16[x.dtype], CC_WT=_WT[weight.dtype], CC_HAS_BIAS=int(bias is not None),
                    CC_ACTIVATION=activation)
     fn = _runtime.kernel("cc_conv_bwd_btd", dict(defines, CC_HAS_MASK=int(mask is not None),
-                                                 CC_MASK_T=_mask_code(mask), CC_RESIDUAL=int(bool(residual)), CC_BWD_VEC=vec, CC_BWD_RUN=run),
+                                                 CC_MASK_T=_mask_code(mask), CC_RESIDUAL=int(bool(residual)),
+                                                 CC_BWD_VEC=vec, CC_BWD_RUN=run),
                          x.device)
     reduce = _runtime.kernel("cc_reduce_partials", defines, x.device) if fn is not None else None
     if reduce is None:

@@ -13,19 +13,11 @@
 //   CC_MASK_T          the mask's element type, one of the generated codes CC_MASK_<TYPE> (float32, int64,
 //                      int32, bool): an HF attention mask is read as it comes, with no conversion kernel
 //   CC_RESIDUAL        1: out adds the unmasked x
+//   CC_FWD_VEC, CC_FWD_RUN, CC_FWD_INSIDE, CC_D   the forward's alone (see there)
 //   CC_BWD_VEC, CC_BWD_RUN   the backward's alone (see there); set, the file compiles the backward, unset,
 //                      the forward
-//
-// A thread owns CC_VEC channels (one 8-byte vector per step) and CC_RUN consecutive steps. It issues every
-// load first (its CC_RUN + W-1 rows and their mask values: predicated loads, no branch between them, so all
-// are in flight together), then converts each row once as the window reaches it and forms the W taps from
-// registers; where every mask value of the run is 1 (most runs of a padded batch) it skips the mask's select
-// and multiply. The W-1 rows before a run are loaded again by the thread of the run before (L1/L2 hits).
-// Arithmetic in float32. Measured on an H200 against the shipped Triton kernels: docs/PERF_NOTES.md, v8, v9.
 
-#define CC_VEC 4       // channels per thread: 8 bytes of 16-bit values
-#define CC_RUN 8       // steps per thread
-#define CC_BTD_THREADS 64
+#define CC_BTD_THREADS 64  // the backward's threads per block
 
 __device__ __forceinline__ void cc_unpack4(uint2 v, float* f) {
     f[0] = CC_X_TO_FLOAT(v.x & 0xFFFFu);
@@ -36,20 +28,6 @@ __device__ __forceinline__ void cc_unpack4(uint2 v, float* f) {
 
 __device__ __forceinline__ uint2 cc_pack4(const float* f) {
     return make_uint2(cc_pack2(f[0], f[1]), cc_pack2(f[2], f[3]));
-}
-
-// CC_VEC consecutive weight-typed values starting at `p` (aligned to their vector: the launcher checks)
-__device__ __forceinline__ void cc_load_w4(const cc_wt* __restrict__ p, float* f) {
-#if CC_WT == 2
-    const float4 v = *reinterpret_cast<const float4*>(p);
-    f[0] = v.x; f[1] = v.y; f[2] = v.z; f[3] = v.w;
-#else
-    const uint2 v = *reinterpret_cast<const uint2*>(p);
-    f[0] = cc_w_to_float((cc_u16)(v.x & 0xFFFFu));
-    f[1] = cc_w_to_float((cc_u16)(v.x >> 16));
-    f[2] = cc_w_to_float((cc_u16)(v.y & 0xFFFFu));
-    f[3] = cc_w_to_float((cc_u16)(v.y >> 16));
-#endif
 }
 
 #if CC_MASK_T == CC_MASK_FLOAT32
@@ -66,7 +44,8 @@ typedef unsigned char cc_mask_t;  // torch.bool: one byte holding 0 or 1
 
 // a mask value as float32 (as `mask.to(torch.float32)` gives it). Converting a 64-bit integer is a slow
 // instruction (H200: the forward lost 4-5 points of copy converting every int64 value), so an integer 0 or 1,
-// all an HF mask holds, is selected instead, and the forward converts only off its all-ones path.
+// all an HF mask holds, is selected instead (the forward converts one value per lane and run, the backward
+// one per row).
 __device__ __forceinline__ float cc_mask_float(cc_mask_t v) {
 #if CC_MASK_T == CC_MASK_FLOAT32
     return v;
@@ -81,97 +60,248 @@ __device__ __forceinline__ float cc_mask_at(const cc_mask_t* __restrict__ mask, 
 
 #ifndef CC_BWD_VEC  // the forward: every variant without the backward's own defines
 
-// The run's outputs from its loaded rows: row i converted when the window reaches it, output i - (W-1)
-// formed at once (converting every row first kept them all live; H200, docs/PERF_NOTES.md v9). ONES: every
-// mask value of the run is 1 (or there is no mask): no select, no multiply, no conversion of the mask values
-// (`m` holds them as loaded).
-template <bool ONES>
-__device__ __forceinline__ void cc_btd_outputs(const uint2 (&raw)[CC_RUN + CC_W - 1],
-                                               const cc_mask_t (&m)[CC_RUN + CC_W - 1],
-                                               const float (&wk)[CC_W][CC_VEC],
-                                               const float (&bs)[CC_VEC], uint2* __restrict__ ob, int t0, int T,
-                                               int out_stride_t) {
-    constexpr int H = CC_W - 1, N = CC_RUN + H;
-    float xf[N][CC_VEC];
+// ------------------------------------------------------------------ forward
+// A thread owns CC_FWD_VEC channels (one 8- or 4-byte vector per step) and CC_FWD_RUN consecutive steps. It
+// issues every load of its run first (its CC_FWD_RUN + W-1 rows: predicated, no branch between them, so all
+// are in flight together), then converts each row once as the window reaches it and forms the W taps from
+// registers. The W-1 rows before a run are loaded again by the thread of the run before (L1/L2 hits).
+// The mask: each lane of a warp loads one mask value of the run's rows (every thread of a block reads the
+// same ones) and the rows take theirs by shuffle; one warp vote sends runs whose mask values are all 1 (all
+// but the padded runs of an HF mask) down a path without the mask's select and multiply. Arithmetic in
+// float32. The launcher picks the scheme per width and mask as measured on an H200
+// (launch_btd.forward_variant; docs/PERF_NOTES.md v9). Its defines of this kernel alone
+// (causal_conv1d_mps/cuda/_source.py, KERNEL_DEFINES):
+//   CC_FWD_VEC     channels per thread: 4 or 2
+//   CC_FWD_RUN     steps per thread: 8 or 32
+//   CC_FWD_INSIDE  1: a run whose steps and halo all lie in [0, T) (all but the first and last runs of a row;
+//                  block-uniform) takes a copy of the code without bounds checks
+//   CC_D           D itself where x and out are contiguous [B, T, D]: a run's rows are then one base address
+//                  plus constant offsets (no address arithmetic per row); 0: the strides are arguments
+
+#define CC_BTD_FWD_THREADS (256 / CC_FWD_VEC)  // threads per block: 256 channels per block in every scheme
+#define CC_FWD_ROWS (CC_FWD_RUN + CC_W - 1)      // rows a run reads: the W-1 halo rows, then its steps
+#define CC_FWD_SLOTS ((CC_FWD_ROWS + 31) / 32)   // mask values per lane
+#define CC_FWD_WARP 0xFFFFFFFFu
+
+#if CC_FWD_VEC == 4
+typedef uint2 cc_frow;  // one step of the thread's channels
+__device__ __forceinline__ cc_frow cc_frow_zero() { return make_uint2(0u, 0u); }
+__device__ __forceinline__ unsigned int cc_frow_word(cc_frow v, int q) { return q == 0 ? v.x : v.y; }
+__device__ __forceinline__ cc_frow cc_frow_pack(const float* f) { return cc_pack4(f); }
+#elif CC_FWD_VEC == 2
+typedef unsigned int cc_frow;
+__device__ __forceinline__ cc_frow cc_frow_zero() { return 0u; }
+__device__ __forceinline__ unsigned int cc_frow_word(cc_frow v, int) { return v; }
+__device__ __forceinline__ cc_frow cc_frow_pack(const float* f) { return cc_pack2(f[0], f[1]); }
+#else
+#error "CC_FWD_VEC: 2 or 4"
+#endif
+
+// The bfloat16 in half `h` (0: the low 16 bits) of `word`, as float32. On the GPU the shift or mask is an asm
+// statement: NVVM otherwise keeps weights and rows packed and converts them again at each tap (sm_90 SASS at
+// W = 16: 63 instructions per element, 31 with this and CC_D; benchmarks/prototypes/cuda_btd_wide.py), so each
+// value is converted once.
+__device__ __forceinline__ float cc_fwd_bf16(unsigned int word, int h) {
+#if CC_PTX
+    float f;
+    if (h)
+        asm("and.b32 %0, %1, 0xFFFF0000;" : "=f"(f) : "r"(word));
+    else
+        asm("shl.b32 %0, %1, 16;" : "=f"(f) : "r"(word));
+    return f;
+#else
+    return cc_bf16_to_float(h ? word >> 16 : word & 0xFFFFu);
+#endif
+}
+
+// a row of x (or out) to float32: element j is channel j of the thread's
+__device__ __forceinline__ void cc_fwd_unpack(cc_frow v, float* f) {
 #pragma unroll
-    for (int i = 0; i < N; ++i) {
-        float f[CC_VEC];
-        cc_unpack4(raw[i], f);
-        if (CC_HAS_MASK && !ONES) {
-            const float mi = cc_mask_float(m[i]);
+    for (int j = 0; j < CC_FWD_VEC; ++j) {
+        const unsigned int word = cc_frow_word(v, j >> 1);
+#if CC_X_BF16
+        f[j] = cc_fwd_bf16(word, j & 1);
+#else
+        f[j] = cc_half_to_float(j & 1 ? word >> 16 : word & 0xFFFFu);
+#endif
+    }
+}
+
+// CC_FWD_VEC consecutive weight-typed values from `p` (aligned to their vector: the launcher checks), as float32
+__device__ __forceinline__ void cc_fwd_load_w(const cc_wt* __restrict__ p, float* f) {
+#if CC_WT == 2 && CC_FWD_VEC == 4
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    f[0] = v.x; f[1] = v.y; f[2] = v.z; f[3] = v.w;
+#elif CC_WT == 2
+    const float2 v = *reinterpret_cast<const float2*>(p);
+    f[0] = v.x; f[1] = v.y;
+#else
+    const cc_frow v = *reinterpret_cast<const cc_frow*>(p);
 #pragma unroll
-            for (int j = 0; j < CC_VEC; ++j) xf[i][j] = mi != 0.f ? f[j] * mi : 0.f;
-        } else {
+    for (int j = 0; j < CC_FWD_VEC; ++j) {
+        const unsigned int word = cc_frow_word(v, j >> 1);
+#if CC_WT == 0
+        f[j] = cc_fwd_bf16(word, j & 1);
+#else
+        f[j] = cc_half_to_float(j & 1 ? word >> 16 : word & 0xFFFFu);
+#endif
+    }
+#endif
+}
+
+// The forward's only read of the mask: the value of step t (0 <= t < T) of row b as float32. A lane reads one
+// mask value per 32 rows of its run (not one per row), so converting it here, before the vote, costs one
+// conversion per lane and run whatever the type.
+typedef cc_mask_t cc_fwd_mask_t;
+__device__ __forceinline__ float cc_fwd_mask(const cc_fwd_mask_t* __restrict__ mask, int b, int T, int t) {
+    return cc_mask_at(mask, (long long)b * T + t);
+}
+
+// one thread's run: where it reads and writes
+struct CcFwdRun {
+    const cc_frow* xb;  // x at (b, t = 0, the thread's channels)
+    cc_frow* ob;        // out at (b, t = 0, the thread's channels)
+    const cc_fwd_mask_t* mask;
+    int xs, os;         // x's and out's strides over T in rows (compile-time constants where CC_D is set)
+    int b, t0, T;
+    bool active;        // the thread's channels exist (threads past D still take part in the warp's calls)
+};
+
+// The run's outputs from its loaded rows: row i converted when the window reaches it (so that only about W
+// converted rows are live), output i - (W-1) formed at once. ONES: every mask value of the run is 1 (or there
+// is no mask): no select, no multiply. INSIDE: the run and its halo lie in [0, T).
+template <bool ONES, bool INSIDE>
+__device__ __forceinline__ void cc_fwd_outputs(const CcFwdRun& a, const cc_frow (&raw)[CC_FWD_ROWS],
+                                               const float (&mv)[CC_FWD_SLOTS],
+                                               const float (&wk)[CC_W][CC_FWD_VEC], const float (&bs)[CC_FWD_VEC]) {
+    constexpr int H = CC_W - 1, V = CC_FWD_VEC;
+    float xf[CC_FWD_ROWS][V];
 #pragma unroll
-            for (int j = 0; j < CC_VEC; ++j) xf[i][j] = f[j];
+    for (int i = 0; i < CC_FWD_ROWS; ++i) {
+        float f[V];
+        cc_fwd_unpack(raw[i], f);
+        if (ONES) {
+#pragma unroll
+            for (int j = 0; j < V; ++j) xf[i][j] = f[j];
+        } else {  // by selection: a masked NaN or Inf contributes nothing
+            const float m = __shfl_sync(CC_FWD_WARP, mv[i / 32], i % 32);
+#pragma unroll
+            for (int j = 0; j < V; ++j) xf[i][j] = m != 0.f ? f[j] * m : 0.f;
         }
         if (i < H) continue;
-        const int r = i - H;
-        float o[CC_VEC];
+        const int r = i - H;  // row i is step t0 + r
+        float o[V];
 #pragma unroll
-        for (int j = 0; j < CC_VEC; ++j) {
-            float acc = bs[j];
+        for (int j = 0; j < V; ++j) o[j] = bs[j];
 #pragma unroll
-            for (int k = 0; k < CC_W; ++k) acc = fmaf(wk[k][j], xf[r + k][j], acc);
-            o[j] = cc_activation(acc);
-        }
+        for (int k = 0; k < CC_W; ++k)
+#pragma unroll
+            for (int j = 0; j < V; ++j) o[j] = fmaf(wk[k][j], xf[r + k][j], o[j]);
+#pragma unroll
+        for (int j = 0; j < V; ++j) o[j] = cc_activation(o[j]);
 #if CC_RESIDUAL
+        cc_fwd_unpack(raw[i], f);  // the unmasked x, converted again: fewer registers than keeping f live
+                                   // through the taps (sm_90, fused W = 4: 64 against 70)
 #pragma unroll
-        for (int j = 0; j < CC_VEC; ++j) o[j] += f[j];  // row i is step t0 + r: the unmasked x
+        for (int j = 0; j < V; ++j) o[j] += f[j];
 #endif
-        if (t0 + r < T) ob[(long long)(t0 + r) * out_stride_t] = cc_pack4(o);
+        if (a.active && (INSIDE || a.t0 + r < a.T)) a.ob[(long long)(a.t0 + r) * a.os] = cc_frow_pack(o);
     }
+}
+
+// a run: its loads, the mask vote, the weights, then the outputs of the path the vote chose
+template <bool INSIDE>
+__device__ __forceinline__ void cc_fwd_run(const CcFwdRun& a, const cc_wt* __restrict__ weight,
+                                           const cc_wt* __restrict__ bias, int c) {
+    constexpr int H = CC_W - 1, V = CC_FWD_VEC;
+    cc_frow raw[CC_FWD_ROWS];
+#pragma unroll
+    for (int i = 0; i < CC_FWD_ROWS; ++i) {  // zeros before t = 0 (and past T: never stored)
+        const int t = a.t0 - H + i;
+        raw[i] = (a.active && (INSIDE || (t >= 0 && t < a.T))) ? a.xb[(long long)t * a.xs] : cc_frow_zero();
+    }
+    float mv[CC_FWD_SLOTS];  // lane l: the mask values of rows l, l + 32
+    bool ones = true;        // the same for every warp of the block (they read the same mask values)
+#if CC_HAS_MASK
+    {
+        const int lane = threadIdx.x & 31;
+#pragma unroll
+        for (int s = 0; s < CC_FWD_SLOTS; ++s) {  // rows outside [0, T) read x as 0: their value counts as 1
+            const int i = 32 * s + lane, t = a.t0 - H + i;
+            const bool read = i < CC_FWD_ROWS && (INSIDE || (t >= 0 && t < a.T));
+            mv[s] = read ? cc_fwd_mask(a.mask, a.b, a.T, t) : 1.f;
+            ones = ones && mv[s] == 1.f;
+        }
+        ones = __all_sync(CC_FWD_WARP, ones);
+    }
+#else
+#pragma unroll
+    for (int s = 0; s < CC_FWD_SLOTS; ++s) mv[s] = 1.f;
+#endif
+    float wk[CC_W][V], bs[V];
+    {
+        const long long cw = a.active ? c : 0;  // threads past D read channel 0's weights and store nothing
+        float flat[V * CC_W];  // the thread's V channels' weights are V * W contiguous values
+#pragma unroll
+        for (int i = 0; i < CC_W; ++i) cc_fwd_load_w(weight + (cw * CC_W + i) * V, flat + V * i);
+#pragma unroll
+        for (int j = 0; j < V; ++j)
+#pragma unroll
+            for (int k = 0; k < CC_W; ++k) wk[k][j] = flat[j * CC_W + k];
+#if CC_HAS_BIAS
+        cc_fwd_load_w(bias + cw * V, bs);
+#else
+#pragma unroll
+        for (int j = 0; j < V; ++j) bs[j] = 0.f;
+#endif
+    }
+#if CC_HAS_MASK
+    if (!ones) {  // block-uniform (every warp voted on the same values): no divergence
+        cc_fwd_outputs<false, INSIDE>(a, raw, mv, wk, bs);
+        return;
+    }
+#endif
+    cc_fwd_outputs<true, INSIDE>(a, raw, mv, wk, bs);
 }
 
 // out[b, t, c] = (x[b, t, c] if residual) + act(bias[c] + sum_k w[c, k] * xm[b, t - (W-1) + k, c]), where
 // xm = x (times the mask where it is non-zero, 0 where it is 0), zeros before t = 0.
-// grid (ceil(T / CC_RUN), ceil(D4 / CC_BTD_THREADS), B), block CC_BTD_THREADS. D4 = D / 4; x and out strides
-// over B and T in units of 4 elements; weight [D, W] contiguous; mask [B, T] contiguous (a stand-in pointer
-// when CC_HAS_MASK is 0), of CC_MASK_T's type.
-extern "C" __global__ void __launch_bounds__(CC_BTD_THREADS) cc_conv_fwd_btd(
-        const uint2* __restrict__ x, const cc_wt* __restrict__ weight, const cc_wt* __restrict__ bias,
-        const cc_mask_t* __restrict__ mask, uint2* __restrict__ out, int T, int D4, int x_stride_b, int x_stride_t,
-        int out_stride_b, int out_stride_t) {
-    constexpr int H = CC_W - 1, N = CC_RUN + H;
-    const int c = blockIdx.y * CC_BTD_THREADS + threadIdx.x, b = blockIdx.z, t0 = blockIdx.x * CC_RUN;
-    if (c >= D4) return;
-    const uint2* xb = x + (long long)b * x_stride_b + c;
-    uint2 raw[N];
-    cc_mask_t m[N];
-    bool ones = true;  // every mask value of the run's rows is 1 (the same for every thread of the block)
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-        const int t = t0 - H + i;
-        const bool inside = t >= 0 && t < T;
-        raw[i] = inside ? xb[(long long)t * x_stride_t] : make_uint2(0u, 0u);
-#if CC_HAS_MASK
-        m[i] = inside ? mask[(long long)b * T + t] : (cc_mask_t)1;  // outside, x reads as 0 whatever the mask
-        ones = ones && m[i] == (cc_mask_t)1;
+// grid (ceil(T / CC_FWD_RUN), ceil(Dv / CC_BTD_FWD_THREADS), B), block CC_BTD_FWD_THREADS. Dv = D / CC_FWD_VEC;
+// x and out strides over B and T in units of CC_FWD_VEC elements (unused where CC_D is set: then x and out are
+// contiguous [B, T, CC_D]); weight [D, W] contiguous; mask [B, T] contiguous, of CC_MASK_T's type (a stand-in
+// pointer when CC_HAS_MASK is 0).
+extern "C" __global__ void __launch_bounds__(CC_BTD_FWD_THREADS) cc_conv_fwd_btd(
+        const cc_frow* __restrict__ x, const cc_wt* __restrict__ weight, const cc_wt* __restrict__ bias,
+        const cc_fwd_mask_t* __restrict__ mask, cc_frow* __restrict__ out, int T, int Dv, int x_stride_b,
+        int x_stride_t, int out_stride_b, int out_stride_t) {
+    const int c = blockIdx.y * CC_BTD_FWD_THREADS + threadIdx.x, b = blockIdx.z;
+    CcFwdRun a;
+#if CC_D
+    a.xs = a.os = CC_D / CC_FWD_VEC;
+    const long long row = (long long)b * T * (CC_D / CC_FWD_VEC);
+    a.xb = x + row + c;
+    a.ob = out + row + c;
 #else
-        m[i] = (cc_mask_t)1;
+    a.xs = x_stride_t;
+    a.os = out_stride_t;
+    a.xb = x + (long long)b * x_stride_b + c;
+    a.ob = out + (long long)b * out_stride_b + c;
 #endif
-    }
-    float wk[CC_W][CC_VEC], bs[CC_VEC];
-    {
-        float flat[CC_VEC * CC_W];  // the thread's CC_VEC channels' weights are CC_VEC * W contiguous values
-#pragma unroll
-        for (int i = 0; i < CC_W; ++i) cc_load_w4(weight + ((long long)c * CC_W + i) * CC_VEC, flat + CC_VEC * i);
-#pragma unroll
-        for (int j = 0; j < CC_VEC; ++j)
-#pragma unroll
-            for (int k = 0; k < CC_W; ++k) wk[k][j] = flat[j * CC_W + k];
-#if CC_HAS_BIAS
-        cc_load_w4(bias + (long long)c * CC_VEC, bs);
-#else
-#pragma unroll
-        for (int j = 0; j < CC_VEC; ++j) bs[j] = 0.f;
+    a.mask = mask;
+    a.b = b;
+    a.t0 = blockIdx.x * CC_FWD_RUN;
+    a.T = T;
+    a.active = c < Dv;
+#if !CC_HAS_MASK
+    if (!a.active) return;  // no warp-wide calls follow
 #endif
+#if CC_FWD_INSIDE
+    if (a.t0 >= CC_W - 1 && a.t0 + CC_FWD_RUN <= T) {  // block-uniform
+        cc_fwd_run<true>(a, weight, bias, c);
+        return;
     }
-    uint2* ob = out + (long long)b * out_stride_b + c;
-    if (ones)  // block-uniform: no divergence
-        cc_btd_outputs<true>(raw, m, wk, bs, ob, t0, T, out_stride_t);
-    else
-        cc_btd_outputs<false>(raw, m, wk, bs, ob, t0, T, out_stride_t);
+#endif
+    cc_fwd_run<false>(a, weight, bias, c);
 }
 
 #else  // CC_BWD_VEC: the backward
