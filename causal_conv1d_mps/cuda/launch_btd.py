@@ -276,6 +276,8 @@ def _plan_backward(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor 
     chunk, chunks = _chunking(T, blocks_y * B, run)
     in_words = VEC // vec  # the checks' strides are in units of VEC elements
     strides = [s * in_words for s in (*x_strides, *dout_strides, *dx_strides)]
+    if max(strides) >= 2**31:  # in 2-channel words they may pass the kernel's int
+        return None
     conv = fn.prepare((chunks, blocks_y, B), (THREADS, 1, 1), 7, (T, dv, chunk, B, *strides))
     reduce = reduce.prepare((-(-D * (W + 1) // 256), 1, 1), (256, 1, 1), 3, (chunks * B, D))
     return BackwardPlan(conv, reduce, chunks * B * D * (W + 1), (D, W))
