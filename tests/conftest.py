@@ -85,6 +85,22 @@ def device(request) -> torch.device:
     return dev
 
 
+@pytest.fixture
+def btd(device):
+    """The channel-last CUDA C++ launcher module (`cuda.launch_btd`), on a device where its kernels compile
+    (skips with the reason otherwise): NVRTC on a GPU, `cuda_harness` on CPU."""
+    from causal_conv1d_mps import _activation
+    from causal_conv1d_mps.cuda import _runtime, launch_btd
+
+    if device.type == "mps":
+        pytest.skip("CUDA C++ kernels: not on mps")
+    probe = dict(CC_W=4, CC_X_BF16=1, CC_WT=0, CC_HAS_BIAS=1, CC_ACTIVATION=_activation.SILU, CC_HAS_MASK=1,
+                 CC_MASK_T=0, CC_RESIDUAL=1, CC_FWD_VEC=4, CC_FWD_RUN=8, CC_FWD_INSIDE=0, CC_D=0)
+    if _runtime.kernel("cc_conv_fwd_btd", probe, device) is None:
+        pytest.skip(f"CUDA C++ kernels on {device}: {_runtime.unavailable_reason(device)}")
+    return launch_btd
+
+
 @pytest.fixture(params=[pytest.param(name, marks=getattr(pytest.mark, name)) for name in BACKENDS])
 def backend(request, device, monkeypatch) -> str:
     """Forces one backend for the test; skips where `_backend` says it cannot run on `device`."""

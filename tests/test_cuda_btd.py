@@ -19,21 +19,6 @@ import oracle
 from conftest import RecordingDriver, assert_close_rel, make_params, randn, seeded, stand_in_cuda_driver
 
 
-@pytest.fixture
-def btd(device):
-    """The launcher module, on a device where the kernel can run (skips with the reason otherwise)."""
-    from causal_conv1d_mps import _activation
-    from causal_conv1d_mps.cuda import _runtime, launch_btd
-
-    if device.type == "mps":
-        pytest.skip("CUDA C++ kernels: not on mps")
-    probe = dict(CC_W=4, CC_X_BF16=1, CC_WT=0, CC_HAS_BIAS=1, CC_ACTIVATION=_activation.SILU, CC_HAS_MASK=1,
-                 CC_MASK_T=0, CC_RESIDUAL=1, CC_FWD_VEC=4, CC_FWD_RUN=8, CC_FWD_INSIDE=0, CC_D=0)
-    if _runtime.kernel("cc_conv_fwd_btd", probe, device) is None:
-        pytest.skip(f"CUDA C++ kernels on {device}: {_runtime.unavailable_reason(device)}")
-    return launch_btd
-
-
 def _mask(B, T, device, kind, gen):
     """None, a 0/1 left-padding mask, or fractional values with zeros (float32 [B, T])."""
     if kind is None:

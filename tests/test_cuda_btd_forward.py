@@ -23,20 +23,12 @@ RTOL = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}  # one rounding of a f
 ATOL = 1e-3
 
 
-@pytest.fixture
-def btd(device, monkeypatch):
-    """The launcher module with an empty plan table, on a device where the kernel can run (skips otherwise)."""
-    from causal_conv1d_mps import _activation
-    from causal_conv1d_mps.cuda import _runtime, launch_btd
+@pytest.fixture(autouse=True)
+def _fresh_plans(monkeypatch):
+    """An empty plan table per test (the spies below see each plan built)."""
+    from causal_conv1d_mps.cuda import launch_btd
 
-    if device.type == "mps":
-        pytest.skip("CUDA C++ kernels: not on mps")
-    probe = dict(CC_W=4, CC_X_BF16=1, CC_WT=0, CC_HAS_BIAS=1, CC_ACTIVATION=_activation.SILU, CC_HAS_MASK=1,
-                 CC_MASK_T=0, CC_RESIDUAL=1, CC_FWD_VEC=4, CC_FWD_RUN=8, CC_FWD_INSIDE=0, CC_D=0)
-    if _runtime.kernel("cc_conv_fwd_btd", probe, device) is None:
-        pytest.skip(f"CUDA C++ kernels on {device}: {_runtime.unavailable_reason(device)}")
     monkeypatch.setattr(launch_btd, "_plans", {})
-    return launch_btd
 
 
 @pytest.fixture

@@ -19,18 +19,6 @@ from conftest import assert_close_rel, make_params, randn, seeded
 NATIVE = (torch.int64, torch.int32, torch.bool)
 
 
-@pytest.fixture
-def btd(device):
-    """The channel-last launcher, where its kernels run (skips with the reason otherwise)."""
-    from causal_conv1d_mps.cuda import _runtime, launch_btd
-
-    if device.type == "mps":
-        pytest.skip("CUDA C++ kernels: not on mps")
-    if _runtime.unavailable_reason(device) is not None:
-        pytest.skip(f"CUDA C++ kernels on {device}: {_runtime.unavailable_reason(device)}")
-    return launch_btd
-
-
 def _native_mask(B, T, dtype, device):
     """A `[B, T]` mask of `dtype`: a zero stretch in row 0, and for integers values 2 and -3 elsewhere (a
     non-zero mask value multiplies x as its float32 value does)."""
