@@ -83,7 +83,14 @@ def layers(args, device):
     from causal_conv1d_mps import _activation
     from causal_conv1d_mps.cuda import _runtime
     from causal_conv1d_mps.cuda import launch as cuda_launch
+    from causal_conv1d_mps import ops
+    from causal_conv1d_mps import triton as triton_package
     from causal_conv1d_mps.triton import backend
+
+    try:  # the channel-last launcher (checkouts before it lack the fused rows)
+        from causal_conv1d_mps.cuda import launch_btd
+    except ImportError:
+        launch_btd = None
 
     SILU = _activation.SILU
     on_cpu = device.type == "cpu"
@@ -97,9 +104,12 @@ def layers(args, device):
         raise SystemExit(f"the CUDA C++ kernels do not take this call: {cuda_launch.why_not(x, w, b, SILU)}")
 
     fwd, bwd = cuda_launch.conv_fwd_bdt, cuda_launch.conv_bwd_bdt
+    fwd_btd = getattr(launch_btd, "conv_fwd_btd", None) if launch_btd is not None else None
     if on_cpu:  # the backend asks the launchers without allow_cpu: let cpu tensors through
         cuda_launch.conv_fwd_bdt = functools.partial(fwd, allow_cpu=True)
         cuda_launch.conv_bwd_bdt = functools.partial(bwd, allow_cpu=True)
+        if fwd_btd is not None:
+            launch_btd.conv_fwd_btd = functools.partial(fwd_btd, allow_cpu=True)
     if fwd(x, w, b, SILU, allow_cpu=on_cpu) is None or bwd(x, w, b, dout, SILU, allow_cpu=on_cpu) is None:
         raise SystemExit(f"the CUDA C++ launchers declined: {_runtime.unavailable_reason(device)}")
     served, launcher = [], cuda_launch.conv_fwd_bdt
@@ -152,12 +162,41 @@ def layers(args, device):
         ("launch.why_not (the applicability check)", lambda: cuda_launch.why_not(x, w, b, SILU)),
         ("launch.conv_fwd_bdt", lambda: fwd(x, w, b, SILU, allow_cpu=on_cpu)),
         ("backend causal_conv1d_fwd", lambda: backend.causal_conv1d_fwd(x, w, b, None, None, SILU, False)),
+        ("triton package's causal_conv1d_fwd (what ops calls)",
+         lambda: triton_package.causal_conv1d_fwd(x, w, b, None, None, SILU, False)),
+        ("ops.causal_conv1d, no grad", lambda: ops.causal_conv1d(x, w, b, None, None, SILU, False)),
         ("api causal_conv1d, no grad", lambda: ccmps.causal_conv1d(x, w, b, "silu")),
         ("launch.conv_bwd_bdt (2 launches)", lambda: bwd(x, w, b, dout, SILU, allow_cpu=on_cpu)),
         ("backend causal_conv1d_bwd", lambda: backend.causal_conv1d_bwd(x, w, b, None, None, dout, None, SILU)),
         ("api forward + .backward()", lambda: ccmps.causal_conv1d(xg, wg, bg, "silu").backward(dout)),
     ]
+    result += _fused_layers(args, ccmps, ops, backend, triton_package, launch_btd, fwd_btd, x, w, b, SILU, on_cpu)
     return result
+
+
+def _fused_layers(args, ccmps, ops, backend, triton_package, launch_btd, fwd_btd, x, w, b, SILU, on_cpu):
+    """The forward of `short_conv_fused` `[B, T, D]` (bias, SiLU, residual, no mask) through the channel-last
+    CUDA C++ kernel, layer by layer; none where this checkout or the call does not take that kernel."""
+    import torch
+
+    if fwd_btd is None:
+        return []
+    x_btd = x.transpose(1, 2).contiguous()
+    out = torch.empty_like(x_btd)
+    if not (launch_btd.preferred(False, w.shape[1]) and launch_btd.why_not(x_btd, w, b, None, SILU) is None
+            and fwd_btd(x_btd, w, b, None, SILU, True, out, allow_cpu=on_cpu)):
+        return []
+    return [
+        ("launch_btd.conv_fwd_btd (fused, channel-last)",
+         lambda: fwd_btd(x_btd, w, b, None, SILU, True, out, allow_cpu=on_cpu)),
+        ("backend short_conv_fused_fwd", lambda: backend.short_conv_fused_fwd(
+            x_btd, w, b, None, None, None, SILU, True, False)),
+        ("triton package's short_conv_fused_fwd", lambda: triton_package.short_conv_fused_fwd(
+            x_btd, w, b, None, None, None, SILU, True, False)),
+        ("ops.short_conv_fused, no grad", lambda: ops.short_conv_fused(x_btd, w, b, None, None, None, SILU, True,
+                                                                       False)),
+        ("api short_conv_fused, no grad", lambda: ccmps.short_conv_fused(x_btd, w, b)),
+    ]
 
 
 def measure(args) -> dict[str, float]:
