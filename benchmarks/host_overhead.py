@@ -163,6 +163,9 @@ def workloads(args, device, dtype, stub):
             x_btd, w, b, None, None, None, SILU, True, False)),
         ("backend short_conv_fused_bwd", lambda: triton_backend.short_conv_fused_bwd(
             x_btd, w, b, None, None, None, dout_btd, None, SILU, True)),
+        ("ops.short_conv_fused (eager road)", lambda: ops.short_conv_fused(
+            x_btd, w, b, None, None, None, SILU, True, False)),
+        ("api short_conv_fused, inputs not requiring grad", lambda: ccmps.short_conv_fused(x_btd, w, b)),
         ("api forward, no grad", lambda: ccmps.short_conv_fused_fwd_only(x_btd, w, b)),
         ("api forward, inputs requiring grad", lambda: ccmps.short_conv_fused(xf, wf, bf)),
         ("api forward + .backward()", lambda: ccmps.short_conv_fused(xf, wf, bf).backward(dout_btd)),
