@@ -75,6 +75,16 @@ def install_stand_ins(runtime, workdir: str) -> None:
             setattr(runtime, name, stand_in)
 
 
+def _forward_variant(cuda_launch, T: int, W: int):
+    """(the forward kernel's layout defines, vectors per thread, threads per block) as this checkout's launcher
+    chooses them (checkouts before `forward_layout` had `forward_vectors` and a fixed block)."""
+    if hasattr(cuda_launch, "forward_layout"):
+        vectors, threads = cuda_launch.forward_layout(T, W)
+        return dict(CC_VPT=vectors, CC_FWD_THREADS=threads), vectors, threads
+    vectors = cuda_launch.forward_vectors(T, W)
+    return dict(CC_VPT=vectors), vectors, cuda_launch.THREADS
+
+
 def layers(args, device):
     """(layer, zero-argument callable) from the driver call up to the public function."""
     import torch
@@ -124,11 +134,11 @@ def layers(args, device):
         raise SystemExit("the backend did not take the CUDA C++ forward for this call")
 
     # the forward kernel and the argument buffer of one general call, for the bare driver-call layers
-    vectors = cuda_launch.forward_vectors(T, w.shape[1])
-    fn = _runtime.kernel("cc_conv_fwd_bdt", dict(cuda_launch._defines(x, w, b, SILU), CC_VPT=vectors), x.device)
+    layout, vectors, threads = _forward_variant(cuda_launch, T, w.shape[1])
+    fn = _runtime.kernel("cc_conv_fwd_bdt", dict(cuda_launch._defines(x, w, b, SILU), **layout), x.device)
     out = torch.empty_like(x)
     n8 = T // 8
-    grid, block = (-(-n8 // (cuda_launch.THREADS * vectors)), D, B), (cuda_launch.THREADS, 1, 1)
+    grid, block = (-(-n8 // (threads * vectors)), D, B), (threads, 1, 1)
     x_strides = cuda_launch._check(x, w, b, SILU)[1]
     general_args = [x, w, b, out, n8, *x_strides, *x_strides, *cuda_launch._weight_strides(w, b)]
     fn(grid=grid, block=block, args=general_args)
