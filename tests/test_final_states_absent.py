@@ -85,35 +85,35 @@ def test_every_backend_returns_none_for_final_states_not_asked_for(backend, devi
 
 
 @pytest.fixture
-def cuda_kernels_on_cpu(device, monkeypatch):
-    """The Triton backend with the CUDA C++ launchers let through to CPU tensors (their test harness);
-    returns the list of whether each launcher call served."""
+def cuda_kernels(device, monkeypatch):
+    """The Triton backend, whose CUDA C++ launchers serve bf16 calls on a GPU, and here on cpu tensors through
+    their test harness; returns the list of whether each launcher call served."""
     from causal_conv1d_mps import _activation
     from causal_conv1d_mps.cuda import _runtime, launch, launch_btd
 
-    if device.type != "cpu":
-        pytest.skip("lets the CUDA C++ launchers through to cpu tensors")
-    reason = _backend.backend_unavailable_reason("triton", device)
+    if device.type not in ("cpu", "cuda"):
+        pytest.skip(f"CUDA C++ kernels: not on {device.type}")
+    reason = _backend.backend_unavailable_reason("triton", device, torch.bfloat16)
     if reason is not None:
-        pytest.skip(f"backend triton on cpu: {reason}")
+        pytest.skip(f"backend triton on {device}: {reason}")
     probe = dict(CC_W=4, CC_X_BF16=1, CC_WT=0, CC_HAS_BIAS=1, CC_ACTIVATION=_activation.SILU, CC_VPT=2)
     if _runtime.kernel("cc_conv_fwd_bdt", probe, device) is None:
-        pytest.skip(f"CUDA C++ kernels on cpu tensors: {_runtime.unavailable_reason(device)}")
+        pytest.skip(f"CUDA C++ kernels on {device}: {_runtime.unavailable_reason(device)}")
     monkeypatch.setenv("CAUSAL_CONV1D_BACKEND", "triton")
     served = []
 
-    def let_through(fn, *args, **kwargs):
-        result = fn(*args, **kwargs, allow_cpu=True)
+    def spy(fn, *args, **kwargs):
+        result = fn(*args, **kwargs, allow_cpu=device.type == "cpu")
         served.append(result is not None and result is not False)
         return result
 
-    monkeypatch.setattr(launch, "conv_fwd_bdt", functools.partial(let_through, launch.conv_fwd_bdt))
-    monkeypatch.setattr(launch_btd, "conv_fwd_btd", functools.partial(let_through, launch_btd.conv_fwd_btd))
+    monkeypatch.setattr(launch, "conv_fwd_bdt", functools.partial(spy, launch.conv_fwd_bdt))
+    monkeypatch.setattr(launch_btd, "conv_fwd_btd", functools.partial(spy, launch_btd.conv_fwd_btd))
     return served
 
 
 @pytest.mark.parametrize("op", ["causal_conv1d_fwd", "short_conv_fused_fwd"])
-def test_the_cuda_kernels_road_returns_none_too(cuda_kernels_on_cpu, device, op):
+def test_the_cuda_kernels_road_returns_none_too(cuda_kernels, device, op):
     """The Triton backend's early return after a CUDA C++ launch (the road of small calls on a GPU)."""
     from causal_conv1d_mps import triton as triton_backend
 
@@ -125,7 +125,7 @@ def test_the_cuda_kernels_road_returns_none_too(cuda_kernels_on_cpu, device, op)
         args = (_rand(2, 32, 8, gen=gen, device=device, dtype=torch.bfloat16), weight, bias, None, None, None,
                 SILU, True)
     _check_forward(getattr(triton_backend, op), args, 2, 4, op)
-    assert cuda_kernels_on_cpu and all(cuda_kernels_on_cpu), f"the CUDA C++ launchers declined: {cuda_kernels_on_cpu}"
+    assert cuda_kernels and all(cuda_kernels), f"the CUDA C++ launchers declined: {cuda_kernels}"
 
 
 def _op_args(name: str, device):
