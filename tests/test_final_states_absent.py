@@ -96,8 +96,8 @@ def cuda_kernels(device, monkeypatch):
     reason = _backend.backend_unavailable_reason("triton", device, torch.bfloat16)
     if reason is not None:
         pytest.skip(f"backend triton on {device}: {reason}")
-    probe = dict(CC_W=4, CC_X_BF16=1, CC_WT=0, CC_HAS_BIAS=1, CC_ACTIVATION=_activation.SILU, CC_VPT=2)
-    if _runtime.kernel("cc_conv_fwd_bdt", probe, device) is None:
+    probe = torch.zeros(1, 8, 16, dtype=torch.bfloat16, device=device), torch.ones(8, 4, device=device)
+    if launch.conv_fwd_bdt(*probe, None, _activation.SILU, allow_cpu=device.type == "cpu") is None:
         pytest.skip(f"CUDA C++ kernels on {device}: {_runtime.unavailable_reason(device)}")
     monkeypatch.setenv("CAUSAL_CONV1D_BACKEND", "triton")
     served = []
