@@ -121,7 +121,7 @@ def workloads(args, device, dtype, stub):
         layers.append(("launch (cache key + lookup + no-op run)", last_launch(launcher)))
     layers += [
         ("torch.empty_like(x)", lambda: torch.empty_like(x_bdt)),
-        ("x.new_empty(0) (the placeholder backends no longer make)", lambda: x_bdt.new_empty(0)),
+        ("x.new_empty(0) (a placeholder, no longer made)", lambda: x_bdt.new_empty(0)),
         ("launcher launch_forward", launcher),
         ("backend causal_conv1d_fwd", lambda: triton_backend.causal_conv1d_fwd(x_bdt, w, b, None, None, SILU, False)),
         ("ops.causal_conv1d (eager road)", lambda: ops.causal_conv1d(x_bdt, w, b, None, None, SILU, False)),
