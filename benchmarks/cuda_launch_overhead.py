@@ -75,6 +75,16 @@ def install_stand_ins(runtime, workdir: str) -> None:
             setattr(runtime, name, stand_in)
 
 
+def _forward_variant(cuda_launch, T: int, W: int):
+    """(the forward kernel's layout defines, vectors per thread, threads per block) as this checkout's launcher
+    chooses them (checkouts before `forward_layout` had `forward_vectors` and a fixed block)."""
+    if hasattr(cuda_launch, "forward_layout"):
+        vectors, threads = cuda_launch.forward_layout(T, W)
+        return dict(CC_VPT=vectors, CC_FWD_THREADS=threads), vectors, threads
+    vectors = cuda_launch.forward_vectors(T, W)
+    return dict(CC_VPT=vectors), vectors, cuda_launch.THREADS
+
+
 def layers(args, device):
     """(layer, zero-argument callable) from the driver call up to the public function."""
     import torch
@@ -83,7 +93,14 @@ def layers(args, device):
     from causal_conv1d_mps import _activation
     from causal_conv1d_mps.cuda import _runtime
     from causal_conv1d_mps.cuda import launch as cuda_launch
+    from causal_conv1d_mps import ops
+    from causal_conv1d_mps import triton as triton_package
     from causal_conv1d_mps.triton import backend
+
+    try:  # the channel-last launcher (checkouts before it lack the fused rows)
+        from causal_conv1d_mps.cuda import launch_btd
+    except ImportError:
+        launch_btd = None
 
     SILU = _activation.SILU
     on_cpu = device.type == "cpu"
@@ -97,9 +114,12 @@ def layers(args, device):
         raise SystemExit(f"the CUDA C++ kernels do not take this call: {cuda_launch.why_not(x, w, b, SILU)}")
 
     fwd, bwd = cuda_launch.conv_fwd_bdt, cuda_launch.conv_bwd_bdt
+    fwd_btd = getattr(launch_btd, "conv_fwd_btd", None) if launch_btd is not None else None
     if on_cpu:  # the backend asks the launchers without allow_cpu: let cpu tensors through
         cuda_launch.conv_fwd_bdt = functools.partial(fwd, allow_cpu=True)
         cuda_launch.conv_bwd_bdt = functools.partial(bwd, allow_cpu=True)
+        if fwd_btd is not None:
+            launch_btd.conv_fwd_btd = functools.partial(fwd_btd, allow_cpu=True)
     if fwd(x, w, b, SILU, allow_cpu=on_cpu) is None or bwd(x, w, b, dout, SILU, allow_cpu=on_cpu) is None:
         raise SystemExit(f"the CUDA C++ launchers declined: {_runtime.unavailable_reason(device)}")
     served, launcher = [], cuda_launch.conv_fwd_bdt
@@ -114,11 +134,11 @@ def layers(args, device):
         raise SystemExit("the backend did not take the CUDA C++ forward for this call")
 
     # the forward kernel and the argument buffer of one general call, for the bare driver-call layers
-    vectors = cuda_launch.forward_vectors(T, w.shape[1])
-    fn = _runtime.kernel("cc_conv_fwd_bdt", dict(cuda_launch._defines(x, w, b, SILU), CC_VPT=vectors), x.device)
+    layout, vectors, threads = _forward_variant(cuda_launch, T, w.shape[1])
+    fn = _runtime.kernel("cc_conv_fwd_bdt", dict(cuda_launch._defines(x, w, b, SILU), **layout), x.device)
     out = torch.empty_like(x)
     n8 = T // 8
-    grid, block = (-(-n8 // (cuda_launch.THREADS * vectors)), D, B), (cuda_launch.THREADS, 1, 1)
+    grid, block = (-(-n8 // (threads * vectors)), D, B), (threads, 1, 1)
     x_strides = cuda_launch._check(x, w, b, SILU)[1]
     general_args = [x, w, b, out, n8, *x_strides, *x_strides, *cuda_launch._weight_strides(w, b)]
     fn(grid=grid, block=block, args=general_args)
@@ -152,12 +172,41 @@ def layers(args, device):
         ("launch.why_not (the applicability check)", lambda: cuda_launch.why_not(x, w, b, SILU)),
         ("launch.conv_fwd_bdt", lambda: fwd(x, w, b, SILU, allow_cpu=on_cpu)),
         ("backend causal_conv1d_fwd", lambda: backend.causal_conv1d_fwd(x, w, b, None, None, SILU, False)),
+        ("triton package's causal_conv1d_fwd (what ops calls)",
+         lambda: triton_package.causal_conv1d_fwd(x, w, b, None, None, SILU, False)),
+        ("ops.causal_conv1d, no grad", lambda: ops.causal_conv1d(x, w, b, None, None, SILU, False)),
         ("api causal_conv1d, no grad", lambda: ccmps.causal_conv1d(x, w, b, "silu")),
         ("launch.conv_bwd_bdt (2 launches)", lambda: bwd(x, w, b, dout, SILU, allow_cpu=on_cpu)),
         ("backend causal_conv1d_bwd", lambda: backend.causal_conv1d_bwd(x, w, b, None, None, dout, None, SILU)),
         ("api forward + .backward()", lambda: ccmps.causal_conv1d(xg, wg, bg, "silu").backward(dout)),
     ]
+    result += _fused_layers(args, ccmps, ops, backend, triton_package, launch_btd, fwd_btd, x, w, b, SILU, on_cpu)
     return result
+
+
+def _fused_layers(args, ccmps, ops, backend, triton_package, launch_btd, fwd_btd, x, w, b, SILU, on_cpu):
+    """The forward of `short_conv_fused` `[B, T, D]` (bias, SiLU, residual, no mask) through the channel-last
+    CUDA C++ kernel, layer by layer; none where this checkout or the call does not take that kernel."""
+    import torch
+
+    if fwd_btd is None:
+        return []
+    x_btd = x.transpose(1, 2).contiguous()
+    out = torch.empty_like(x_btd)
+    if not (launch_btd.preferred(False, w.shape[1]) and launch_btd.why_not(x_btd, w, b, None, SILU) is None
+            and fwd_btd(x_btd, w, b, None, SILU, True, out, allow_cpu=on_cpu)):
+        return []
+    return [
+        ("launch_btd.conv_fwd_btd (fused, channel-last)",
+         lambda: fwd_btd(x_btd, w, b, None, SILU, True, out, allow_cpu=on_cpu)),
+        ("backend short_conv_fused_fwd", lambda: backend.short_conv_fused_fwd(
+            x_btd, w, b, None, None, None, SILU, True, False)),
+        ("triton package's short_conv_fused_fwd", lambda: triton_package.short_conv_fused_fwd(
+            x_btd, w, b, None, None, None, SILU, True, False)),
+        ("ops.short_conv_fused, no grad", lambda: ops.short_conv_fused(x_btd, w, b, None, None, None, SILU, True,
+                                                                       False)),
+        ("api short_conv_fused, no grad", lambda: ccmps.short_conv_fused(x_btd, w, b)),
+    ]
 
 
 def measure(args) -> dict[str, float]:

@@ -121,6 +121,7 @@ def workloads(args, device, dtype, stub):
         layers.append(("launch (cache key + lookup + no-op run)", last_launch(launcher)))
     layers += [
         ("torch.empty_like(x)", lambda: torch.empty_like(x_bdt)),
+        ("x.new_empty(0) (a placeholder, no longer made)", lambda: x_bdt.new_empty(0)),
         ("launcher launch_forward", launcher),
         ("backend causal_conv1d_fwd", lambda: triton_backend.causal_conv1d_fwd(x_bdt, w, b, None, None, SILU, False)),
         ("ops.causal_conv1d (eager road)", lambda: ops.causal_conv1d(x_bdt, w, b, None, None, SILU, False)),
@@ -163,6 +164,9 @@ def workloads(args, device, dtype, stub):
             x_btd, w, b, None, None, None, SILU, True, False)),
         ("backend short_conv_fused_bwd", lambda: triton_backend.short_conv_fused_bwd(
             x_btd, w, b, None, None, None, dout_btd, None, SILU, True)),
+        ("ops.short_conv_fused (eager road)", lambda: ops.short_conv_fused(
+            x_btd, w, b, None, None, None, SILU, True, False)),
+        ("api short_conv_fused, inputs not requiring grad", lambda: ccmps.short_conv_fused(x_btd, w, b)),
         ("api forward, no grad", lambda: ccmps.short_conv_fused_fwd_only(x_btd, w, b)),
         ("api forward, inputs requiring grad", lambda: ccmps.short_conv_fused(xf, wf, bf)),
         ("api forward + .backward()", lambda: ccmps.short_conv_fused(xf, wf, bf).backward(dout_btd)),

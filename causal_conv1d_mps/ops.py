@@ -7,6 +7,10 @@ Eager calls take a shorter road to the same backend functions (an `autograd.Func
 directly when no gradient is needed): the custom-op dispatcher costs tens of microseconds per call, which
 dominates small shapes. Both roads share the autograd formulas below, so they cannot drift apart.
 
+A backend's forward returns None for final states that were not asked for (docs/BACKENDS.md). The custom
+ops' schemas return tensors, so there the op puts a new empty tensor in its place, one per call: a shared one
+would carry each call's autograd graph where a Function returns it as an output (context parallel does).
+
 `activation` is an activation code of the registry `_activation` (the api resolves the user's spelling).
 """
 from __future__ import annotations
@@ -71,6 +75,11 @@ def _absent(x: Tensor) -> Tensor:
     return x.new_empty(0)
 
 
+def _states_or_absent(final: Optional[Tensor], x: Tensor) -> Tensor:
+    """A backend's final states for the custom ops' schemas: a new empty tensor in place of None."""
+    return x.new_empty(0) if final is None else final
+
+
 def _like_or_absent(t: Optional[Tensor], x: Tensor) -> Tensor:
     return torch.empty_like(t) if t is not None else _absent(x)
 
@@ -96,7 +105,9 @@ def in_layout_of(t: Tensor, ref: Tensor) -> Tensor:
 def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], seq_idx: Optional[Tensor],
                       initial_states: Optional[Tensor], activation: int,
                       return_final_states: bool) -> tuple[Tensor, Tensor]:
-    return _impl(x).causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation, return_final_states)
+    out, final = _impl(x).causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation,
+                                            return_final_states)
+    return out, _states_or_absent(final, x)
 
 
 @causal_conv1d_fwd.register_fake
@@ -182,7 +193,7 @@ _CC_APPLY = _c_apply(_CausalConv1dEager)
 
 def causal_conv1d(x, weight, bias, seq_idx, initial_states, activation: int, return_final_states: bool):
     """Runs the op on validated arguments; returns `(out, final_states)`. When they are not asked for,
-    `final_states` is a placeholder (an empty tensor, or None on the autograd road) that callers must not use.
+    `final_states` is None on the eager roads and an empty tensor through the custom op (tracing, modes).
 
     The eager roads are written out inline (`_direct`, `_wants_grad`): this runs on every call."""
     if (type(x) not in _PLAIN_TYPES or _is_compiling() or _dispatch_stack_depth()
@@ -206,8 +217,9 @@ def causal_conv1d(x, weight, bias, seq_idx, initial_states, activation: int, ret
 def short_conv_fused_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
                          initial_states: Optional[Tensor], cu_seqlens: Optional[Tensor], activation: int,
                          residual: bool, return_final_states: bool) -> tuple[Tensor, Tensor]:
-    return _impl(x).short_conv_fused_fwd(x, weight, bias, mask, initial_states, cu_seqlens, activation,
-                                         residual, return_final_states)
+    out, final = _impl(x).short_conv_fused_fwd(x, weight, bias, mask, initial_states, cu_seqlens, activation,
+                                               residual, return_final_states)
+    return out, _states_or_absent(final, x)
 
 
 def _fused_rows(x: Tensor, cu_seqlens: Optional[Tensor]) -> int:
@@ -293,8 +305,8 @@ _FUSED_APPLY = _c_apply(_ShortConvFusedEager)
 
 def short_conv_fused(x, weight, bias, mask, initial_states, cu_seqlens, activation: int, residual: bool,
                      return_final_states: bool):
-    """Runs the op on validated arguments; returns `(out, final_states)`, `final_states` a placeholder when
-    not asked for (as for `causal_conv1d`)."""
+    """Runs the op on validated arguments; returns `(out, final_states)`, `final_states` None or an empty
+    tensor when not asked for (as for `causal_conv1d`)."""
     args = (x, weight, bias, mask, initial_states, cu_seqlens, activation, residual, return_final_states)
     if (type(x) not in _PLAIN_TYPES or _is_compiling() or _dispatch_stack_depth()
             or _is_functorch_wrapped(x)):  # not `_direct`

@@ -232,7 +232,7 @@ def causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation: int,
     y = _activation.forward(activation, pre)
     if valid is not None:
         y = torch.where(valid, y, 0)
-    final = _final_states(ext, weight.shape[1]).to(x.dtype).contiguous() if return_final_states else _empty(x)
+    final = _final_states(ext, weight.shape[1]).to(x.dtype).contiguous() if return_final_states else None
     return _store_like(x, ext, y), final
 
 
@@ -278,14 +278,14 @@ def _no_sequences(cu_seqlens) -> bool:
 def short_conv_fused_fwd(x, weight, bias, mask, initial_states, cu_seqlens,
                          activation: int, residual: bool, return_final_states: bool):
     if _no_sequences(cu_seqlens):
-        final = x.new_empty(0, x.shape[2], weight.shape[1] - 1) if return_final_states else _empty(x)
+        final = x.new_empty(0, x.shape[2], weight.shape[1] - 1) if return_final_states else None
         return x.new_empty(x.shape), final
     ext, _, _, pre = _fused_forward(x, weight, bias, mask, initial_states, cu_seqlens)
     y = _activation.forward(activation, pre, inplace=True)  # pre is not needed again
     if residual:
         y.add_(x)
     out = y.to(x.dtype).contiguous()
-    final = _final_states(ext, weight.shape[1]).to(x.dtype).contiguous() if return_final_states else _empty(x)
+    final = _final_states(ext, weight.shape[1]).to(x.dtype).contiguous() if return_final_states else None
     return out, final
 
 

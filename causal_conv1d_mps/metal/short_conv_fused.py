@@ -36,12 +36,12 @@ def _flags(bias, mask, init, cu_seqlens, residual: bool) -> int:
 
 def short_conv_fused_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None,
                          initial_states: Tensor | None, cu_seqlens: Tensor | None, activation: int,
-                         residual: bool, return_final_states: bool) -> tuple[Tensor, Tensor]:
+                         residual: bool, return_final_states: bool) -> tuple[Tensor, Tensor | None]:
     batch, length, dim = x.shape
     width = weight.shape[1]
     n_states = _n_states(x, cu_seqlens)
     init = as_float32(initial_states)
-    final = x.new_empty(0)
+    final = None  # not asked for (docs/BACKENDS.md)
     if return_final_states:
         final = gather_states(x, dim, (x.stride(0), x.stride(1), 1), length, n_states, width - 1, init, mask,
                               cu_seqlens)

@@ -17,11 +17,9 @@ _FUNCTIONS = ("causal_conv1d_fwd", "causal_conv1d_bwd", "short_conv_fused_fwd", 
 # The kernels unroll their tap loops: compile time grows faster than W. On an H200's host the first forward +
 # backward with initial states took 18.5 s to compile at W = 16, 35 s at W = 24, more than 90 s at W = 32,
 # and a W = 257 specialisation had not finished after 400 s. Filters wider than this are served by the
-# reference path (PyTorch's convolution) on the same device; the position of `weight` in each backend
-# function's arguments:
+# reference path (PyTorch's convolution) on the same device: each function of `backend.py` that takes a
+# filter tests its width (a wrapper's frame here cost about 0.3 us per call).
 MAX_WIDTH = 24
-_WEIGHT_ARG = {"causal_conv1d_fwd": 1, "causal_conv1d_bwd": 1, "short_conv_fused_fwd": 1,
-               "short_conv_fused_bwd": 1, "short_conv_update": 2}
 
 
 def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -49,31 +47,13 @@ def serves_width(width: int) -> bool:
     return width <= MAX_WIDTH
 
 
-def _width_guarded(kernels, name: str, weight_arg: int):
-    """`kernels(*args)`, or the reference path's function `name` for a weight wider than `MAX_WIDTH` (looked up
-    at the call, so that whoever watches the reference module, like the self-check, sees the call)."""
-    from .. import reference
-
-    def run(*args):
-        if args[weight_arg].shape[1] <= MAX_WIDTH:
-            return kernels(*args)
-        return getattr(reference, name)(*args)
-
-    run.__name__ = run.__qualname__ = kernels.__name__
-    run.__doc__ = kernels.__doc__
-    return run
-
-
 def __getattr__(name: str):
     # first use of a backend function imports triton and the launchers, then binds them here
     if name in _FUNCTIONS:
         from . import backend
 
         for fn_name in _FUNCTIONS:
-            fn = getattr(backend, fn_name)
-            if fn_name in _WEIGHT_ARG:
-                fn = _width_guarded(fn, fn_name, _WEIGHT_ARG[fn_name])
-            globals()[fn_name] = fn
+            globals()[fn_name] = getattr(backend, fn_name)
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -7,6 +7,10 @@ kernels first (`causal_conv1d_mps.cuda`); they return None where they do not app
 of `short_conv_fused` and of a channel-last `causal_conv1d` (no packed sequences, no initial states, no
 final-state gradient) ask the channel-last CUDA C++ kernels where they were measured faster
 (`cuda.launch_btd.preferred`, `preferred_for_backward`).
+
+A forward returns None for final states that were not asked for (docs/BACKENDS.md). Filters wider than
+`MAX_WIDTH` go to the reference path's function of the same name, looked up at the call (the self-check
+watches that module); each function tests the width itself, where it costs least (no wrapper's frame).
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from torch import Tensor
 
 from ..cuda import launch as cuda_launch
 from ..cuda import launch_btd
+from . import MAX_WIDTH
 from .launch_conv import gather_states, launch_backward, launch_forward
 from .launch_update import launch_update
 
@@ -25,13 +30,26 @@ def _btd_strides(t: Tensor) -> tuple[int, int, int]:
     return sb, st, sd
 
 
+def _wide(name: str):
+    """The reference path's function `name`, which serves filters wider than `MAX_WIDTH` by design (imported
+    only then: the kernels' path never depends on it)."""
+    from .. import reference
+
+    return getattr(reference, name)
+
+
 def causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation: int, return_final_states: bool):
     plain = seq_idx is None and initial_states is None
-    out = cuda_launch.conv_fwd_bdt(x, weight, bias, activation) if plain else None
-    if out is None or return_final_states:
-        B, D, T = x.shape
-        W = weight.shape[1]
-        strides = _btd_strides(x)
+    out = None
+    if plain:
+        out = cuda_launch.conv_fwd_bdt(x, weight, bias, activation)  # declines W > 17, so no width test first
+        if out is not None and not return_final_states:
+            return out, None
+    W = weight.shape[1]
+    if W > MAX_WIDTH:
+        return _wide("causal_conv1d_fwd")(x, weight, bias, seq_idx, initial_states, activation, return_final_states)
+    B, D, T = x.shape
+    strides = _btd_strides(x)
     if out is None:
         channel_last = strides[1] != 1  # T not contiguous
         out = torch.empty_like(x)
@@ -40,11 +58,13 @@ def causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation: int,
             launch_forward(x, strides, out, _btd_strides(out), B, T, D, weight, bias, None, seq_idx, None,
                            initial_states, activation, False, channel_last)
     if not return_final_states:
-        return out, x.new_empty(0)
+        return out, None
     return out, gather_states(x, strides, B, T, D, W - 1, W, None, initial_states, None)
 
 
 def causal_conv1d_bwd(x, weight, bias, seq_idx, initial_states, dout, dfinal_states, activation: int):
+    if weight.shape[1] > MAX_WIDTH:
+        return _wide("causal_conv1d_bwd")(x, weight, bias, seq_idx, initial_states, dout, dfinal_states, activation)
     if seq_idx is None and initial_states is None and dfinal_states is None:
         grads = cuda_launch.conv_bwd_bdt(x, weight, bias, dout, activation)
         if grads is not None:
@@ -72,6 +92,9 @@ def _float_mask(mask):
 
 def short_conv_fused_fwd(x, weight, bias, mask, initial_states, cu_seqlens,
                          activation: int, residual: bool, return_final_states: bool):
+    if weight.shape[1] > MAX_WIDTH:
+        return _wide("short_conv_fused_fwd")(x, weight, bias, mask, initial_states, cu_seqlens, activation,
+                                             residual, return_final_states)
     B, T, D = x.shape
     out = x.new_empty(B, T, D)
     if not (cu_seqlens is None and initial_states is None and launch_btd.preferred(mask is not None, weight.shape[1])
@@ -79,7 +102,7 @@ def short_conv_fused_fwd(x, weight, bias, mask, initial_states, cu_seqlens,
         launch_forward(x, x.stride(), out, out.stride(), B, T, D, weight, bias, _float_mask(mask), None, cu_seqlens,
                        initial_states, activation, residual, True)
     if not return_final_states:
-        return out, x.new_empty(0)
+        return out, None
     W = weight.shape[1]
     rows = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     return out, gather_states(x, x.stride(), rows, T, D, W - 1, W, _float_mask(mask), initial_states,
@@ -88,6 +111,9 @@ def short_conv_fused_fwd(x, weight, bias, mask, initial_states, cu_seqlens,
 
 def short_conv_fused_bwd(x, weight, bias, mask, initial_states, cu_seqlens, dout, dfinal_states,
                          activation: int, residual: bool):
+    if weight.shape[1] > MAX_WIDTH:
+        return _wide("short_conv_fused_bwd")(x, weight, bias, mask, initial_states, cu_seqlens, dout,
+                                             dfinal_states, activation, residual)
     B, T, D = x.shape
     dx = x.new_empty(B, T, D)
     if (cu_seqlens is None and initial_states is None and dfinal_states is None
@@ -104,6 +130,9 @@ def short_conv_fused_bwd(x, weight, bias, mask, initial_states, cu_seqlens, dout
 
 def short_conv_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indices,
                       activation: int, residual: bool) -> Tensor:
+    if weight.shape[1] > MAX_WIDTH:
+        return _wide("short_conv_update")(x, conv_state, weight, bias, cache_seqlens, conv_state_indices,
+                                          activation, residual)
     return launch_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation, residual)
 
 
