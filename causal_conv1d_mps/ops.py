@@ -7,9 +7,10 @@ Eager calls take a shorter road to the same backend functions (an `autograd.Func
 directly when no gradient is needed): the custom-op dispatcher costs tens of microseconds per call, which
 dominates small shapes. Both roads share the autograd formulas below, so they cannot drift apart.
 
-A backend's forward returns None for final states that were not asked for (docs/BACKENDS.md). The custom
-ops' schemas return tensors, so there the op puts a new empty tensor in its place, one per call: a shared one
-would carry each call's autograd graph where a Function returns it as an output (context parallel does).
+A backend's forward returns None for final states that were not asked for, and its backward None for the
+gradients of an absent bias or absent initial states (docs/BACKENDS.md). The custom ops' schemas return
+tensors, so there the op puts a new empty tensor in their place, one per call: a shared one would carry each
+call's autograd graph where a Function returns it as an output (context parallel does).
 
 `activation` is an activation code of the registry `_activation` (the api resolves the user's spelling).
 """
@@ -80,6 +81,13 @@ def _states_or_absent(final: Optional[Tensor], x: Tensor) -> Tensor:
     return x.new_empty(0) if final is None else final
 
 
+def _grads_or_absent(grads: tuple, x: Tensor) -> tuple:
+    """A backend's `(dx, dweight, dbias, dinitial_states)` for the custom ops' schemas: a new empty tensor
+    in place of each None (an absent bias or absent initial states)."""
+    dx, dweight, dbias, dinit = grads
+    return (dx, dweight, x.new_empty(0) if dbias is None else dbias, x.new_empty(0) if dinit is None else dinit)
+
+
 def _like_or_absent(t: Optional[Tensor], x: Tensor) -> Tensor:
     return torch.empty_like(t) if t is not None else _absent(x)
 
@@ -119,7 +127,8 @@ def _(x, weight, bias, seq_idx, initial_states, activation, return_final_states)
 def causal_conv1d_bwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], seq_idx: Optional[Tensor],
                       initial_states: Optional[Tensor], dout: Tensor, dfinal_states: Optional[Tensor],
                       activation: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _impl(x).causal_conv1d_bwd(x, weight, bias, seq_idx, initial_states, dout, dfinal_states, activation)
+    return _grads_or_absent(_impl(x).causal_conv1d_bwd(x, weight, bias, seq_idx, initial_states, dout,
+                                                        dfinal_states, activation), x)
 
 
 @causal_conv1d_bwd.register_fake
@@ -237,8 +246,8 @@ def short_conv_fused_bwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask
                          initial_states: Optional[Tensor], cu_seqlens: Optional[Tensor], dout: Tensor,
                          dfinal_states: Optional[Tensor], activation: int,
                          residual: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _impl(x).short_conv_fused_bwd(x, weight, bias, mask, initial_states, cu_seqlens, dout,
-                                         dfinal_states, activation, residual)
+    return _grads_or_absent(_impl(x).short_conv_fused_bwd(x, weight, bias, mask, initial_states, cu_seqlens, dout,
+                                                           dfinal_states, activation, residual), x)
 
 
 @short_conv_fused_bwd.register_fake
