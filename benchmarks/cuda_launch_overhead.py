@@ -178,7 +178,11 @@ def layers(args, device):
         ("api causal_conv1d, no grad", lambda: ccmps.causal_conv1d(x, w, b, "silu")),
         ("launch.conv_bwd_bdt (2 launches)", lambda: bwd(x, w, b, dout, SILU, allow_cpu=on_cpu)),
         ("backend causal_conv1d_bwd", lambda: backend.causal_conv1d_bwd(x, w, b, None, None, dout, None, SILU)),
+        ("launch.conv_bwd_bdt, no bias", lambda: bwd(x, w, None, dout, SILU, allow_cpu=on_cpu)),
+        ("backend causal_conv1d_bwd, no bias",
+         lambda: backend.causal_conv1d_bwd(x, w, None, None, None, dout, None, SILU)),
         ("api forward + .backward()", lambda: ccmps.causal_conv1d(xg, wg, bg, "silu").backward(dout)),
+        ("api forward + .backward(), no bias", lambda: ccmps.causal_conv1d(xg, wg, None, "silu").backward(dout)),
     ]
     result += _fused_layers(args, ccmps, ops, backend, triton_package, launch_btd, fwd_btd, x, w, b, SILU, on_cpu)
     return result

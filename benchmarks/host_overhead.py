@@ -138,6 +138,8 @@ def workloads(args, device, dtype, stub):
     result[f"causal_conv1d forward + backward, [B, D, T] = [{B}, {D}, {T}]"] = [
         ("backend causal_conv1d_bwd", lambda: triton_backend.causal_conv1d_bwd(
             x_bdt, w, b, None, None, dout_bdt, None, SILU)),
+        ("backend causal_conv1d_bwd, no bias", lambda: triton_backend.causal_conv1d_bwd(
+            x_bdt, w, None, None, None, dout_bdt, None, SILU)),
         ("api forward, inputs requiring grad", lambda: ccmps.causal_conv1d(xg, wg, bg, "silu")),
         ("api forward + .backward()", lambda: ccmps.causal_conv1d(xg, wg, bg, "silu").backward(dout_bdt)),
         ("eager F.conv1d forward + .backward()",

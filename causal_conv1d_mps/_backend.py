@@ -5,6 +5,7 @@ reference path on the same device, with one warning per distinct reason.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import warnings
@@ -33,6 +34,11 @@ def _forced_value() -> str | bytes | None:
     if _ENV_BYTES is not None:
         return _ENV_BYTES.get(_ENV_KEY)
     return os.environ.get(ENV_VAR)
+
+
+# `_forced_value` as one C-level call (no Python frame) where the byte mapping exists: the raw value of the
+# variable now, compared by callers that keep a selected module (`Choice`) against the value it was chosen under
+forced_value = functools.partial(_ENV_BYTES.get, _ENV_KEY) if _ENV_BYTES is not None else _forced_value
 
 
 def requested_backend(device: torch.device) -> str:
@@ -75,6 +81,31 @@ def select(device: torch.device, dtype: torch.dtype) -> ModuleType:
     return module
 
 
+class Choice(tuple):
+    """`(the raw value of CAUSAL_CONV1D_BACKEND, the module `select` chose under it)` for one device and dtype,
+    kept by a caller per call signature: while `forced_value()` still equals the first field, the module is what
+    `select` would answer, so that call may skip `select`. `clear_cache` empties the caller's table too
+    (`on_clear`), since the module may then be chosen anew."""
+
+    __slots__ = ()
+
+    def __new__(cls, device: torch.device, dtype: torch.dtype):
+        forced = forced_value()
+        key = (forced, device, dtype)
+        module = _selected.get(key)
+        if module is None:
+            module = _selected[key] = _resolve(requested_backend(device), device, dtype)
+        return tuple.__new__(cls, (forced, module))
+
+
+_on_clear: list = []
+
+
+def on_clear(forget) -> None:
+    """Calls `forget()` from `clear_cache`: for a table of `Choice`s kept elsewhere."""
+    _on_clear.append(forget)
+
+
 def _resolve(name: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
     reference = importlib.import_module(_MODULES["reference"])
     if name == "reference":
@@ -94,3 +125,5 @@ def clear_cache() -> None:
     """Forget resolved backends and issued warnings (tests that change the environment use this)."""
     _selected.clear()
     _warned.clear()
+    for forget in _on_clear:
+        forget()

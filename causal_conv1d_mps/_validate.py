@@ -415,10 +415,12 @@ class Verdicts(dict):
         super().__init__()
         self.limit = limit
 
-    def remember(self, signature: tuple, verdict) -> None:
+    def remember(self, signature: tuple, verdict):
+        """Keeps `verdict` for `signature`; returns it."""
         if len(self) >= self.limit:
             self.clear()
         self[signature] = verdict
+        return verdict
 
 
 def _slot(t):
@@ -449,18 +451,33 @@ def decode_signature(layout: int, x, conv_state, weight, bias, cache_seqlens, co
         return None
 
 
+_is_compiling = torch.compiler.is_compiling  # a module global: read on every call
+
+
 def call_signature(tag, x, weight, first, second, third, fourth) -> tuple | None:
     """The signature of a convolution's tensor arguments: `x`, `weight` and the three optional `first`,
     `second`, `third` (shape, dtype, device: what the metadata checks read of them; None when absent), and
     the optional `fourth` with its strides too (`final_states_out`, written in place, is checked for
     self-overlap). `tag` tells the public functions apart. None where the call must take every check (as for
-    `decode_signature`)."""
+    `decode_signature`).
+
+    The common calls, with at most `first` (a bias), get a flat tuple of 7 or 10 fields; the others one of 11
+    with a slot per optional argument. The lengths differ, so no two forms can match."""
     try:
+        if second is None and third is None and fourth is None:  # fewer objects to build and to hash
+            if (type(x) not in _PLAIN_TENSORS or type(weight) not in _PLAIN_TENSORS or _is_compiling()):
+                return None
+            if first is None:
+                return (tag, x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device)
+            if type(first) not in _PLAIN_TENSORS:
+                return None
+            return (tag, x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device,
+                    first.shape, first.dtype, first.device)
         if (type(x) not in _PLAIN_TENSORS or type(weight) not in _PLAIN_TENSORS
                 or not (first is None or type(first) in _PLAIN_TENSORS)
                 or not (second is None or type(second) in _PLAIN_TENSORS)
                 or not (third is None or type(third) in _PLAIN_TENSORS)
-                or not (fourth is None or type(fourth) in _PLAIN_TENSORS) or torch.compiler.is_compiling()):
+                or not (fourth is None or type(fourth) in _PLAIN_TENSORS) or _is_compiling()):
             return None
         # each slot written out (`_slot` without the strides for the read-only ones): a frame fewer each
         return (tag, x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device,

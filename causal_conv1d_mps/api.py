@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _activation
+from . import _activation, _backend
 from . import _validate as check
 from . import ops
 
@@ -57,7 +57,12 @@ def _without_grad(fn, args: tuple, kwargs: dict):
 # The verdicts of the metadata-only checks of `causal_conv1d` and `short_conv_fused`, per call signature
 # (`_validate.Verdicts`; the decode step's are below): a repeated call skips them. Without a signature
 # (torch.compile among others) the tables are not touched: dynamo would guard on their length.
+# A verdict is the `_backend.Choice` for x's device and dtype (both in the signature): while the environment
+# variable holds the value it was chosen under, the call hands its module to `ops` and skips `select`.
 _conv_verdicts = check.Verdicts()
+_backend.on_clear(_conv_verdicts.clear)
+_forced_value = _backend.forced_value
+_Choice = _backend.Choice
 
 
 def _check_causal_conv1d(x, weight, bias, seq_idx, initial_states, final_states_out) -> None:
@@ -88,10 +93,11 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activat
     """
     act = _activation.code(activation)
     signature = check.call_signature("causal_conv1d", x, weight, bias, seq_idx, initial_states, final_states_out)
-    if signature is None or signature not in _conv_verdicts:
+    choice = None if signature is None else _conv_verdicts.get(signature)
+    if choice is None:
         _check_causal_conv1d(x, weight, bias, seq_idx, initial_states, final_states_out)
         if signature is not None:
-            _conv_verdicts.remember(signature, True)
+            choice = _conv_verdicts.remember(signature, _Choice(x.device, x.dtype))
     if final_states_out is not None:
         check.not_sharing_memory("final_states_out", final_states_out, x=x, weight=weight, bias=bias,
                                  seq_idx=seq_idx, initial_states=initial_states)
@@ -101,7 +107,8 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activat
     # the helpers `_bdt_layout` and `_contig` written out: a frame each, on every call
     out, final = ops.causal_conv1d(x if x.is_contiguous() else _bdt_layout(x), weight.contiguous(),
                                    None if bias is None else bias.contiguous(), seq_idx,
-                                   None if initial_states is None else initial_states.contiguous(), act, want_final)
+                                   None if initial_states is None else initial_states.contiguous(), act, want_final,
+                                   None if choice is None or choice[0] != _forced_value() else choice[1])
     if not want_final:
         return out
     if final_states_out is not None:
@@ -167,7 +174,8 @@ def _short_conv_fused(x, weight, bias, attention_mask, activation: int, residual
     """`short_conv_fused` with `activation` already a code of `_activation`; errors about the initial states
     name them `states_name` (the module's `cache`)."""
     signature = check.call_signature("short_conv_fused", x, weight, bias, attention_mask, initial_states, cu_seqlens)
-    if signature is not None and signature in _conv_verdicts:  # what remains to check reads values
+    choice = None if signature is None else _conv_verdicts.get(signature)
+    if choice is not None:  # what remains to check reads values
         mask = None
         if attention_mask is not None or cu_seqlens is not None:
             b, t, _ = x.shape
@@ -183,14 +191,15 @@ def _short_conv_fused(x, weight, bias, attention_mask, activation: int, residual
             check.same_device(x=x, weight=weight, bias=bias, attention_mask=attention_mask,
                               **{states_name: initial_states}, cu_seqlens=cu_seqlens)
         if signature is not None:
-            _conv_verdicts.remember(signature, True)
+            choice = _conv_verdicts.remember(signature, _Choice(x.device, x.dtype))
     if x.stride(2) != 1 and x.shape[2] > 1:
         x = x.contiguous()
     # `_contig` and `_int32` written out for absent arguments: a frame each, on every call
     out, final = ops.short_conv_fused(x, weight.contiguous(), None if bias is None else bias.contiguous(), mask,
                                       None if initial_states is None else initial_states.contiguous(),
                                       None if cu_seqlens is None else _int32(cu_seqlens), activation,
-                                      bool(residual), return_final_states)
+                                      bool(residual), return_final_states,
+                                      None if choice is None or choice[0] != _forced_value() else choice[1])
     return (out, final) if return_final_states else out
 
 

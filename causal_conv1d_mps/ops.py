@@ -7,9 +7,10 @@ Eager calls take a shorter road to the same backend functions (an `autograd.Func
 directly when no gradient is needed): the custom-op dispatcher costs tens of microseconds per call, which
 dominates small shapes. Both roads share the autograd formulas below, so they cannot drift apart.
 
-A backend's forward returns None for final states that were not asked for (docs/BACKENDS.md). The custom
-ops' schemas return tensors, so there the op puts a new empty tensor in its place, one per call: a shared one
-would carry each call's autograd graph where a Function returns it as an output (context parallel does).
+A backend's forward returns None for final states that were not asked for, and its backward None for the
+gradients of an absent bias or absent initial states (docs/BACKENDS.md). The custom ops' schemas return
+tensors, so there the op puts a new empty tensor in their place, one per call: a shared one would carry each
+call's autograd graph where a Function returns it as an output (context parallel does).
 
 `activation` is an activation code of the registry `_activation` (the api resolves the user's spelling).
 """
@@ -80,6 +81,13 @@ def _states_or_absent(final: Optional[Tensor], x: Tensor) -> Tensor:
     return x.new_empty(0) if final is None else final
 
 
+def _grads_or_absent(grads: tuple, x: Tensor) -> tuple:
+    """A backend's `(dx, dweight, dbias, dinitial_states)` for the custom ops' schemas: a new empty tensor
+    in place of each None (an absent bias or absent initial states)."""
+    dx, dweight, dbias, dinit = grads
+    return (dx, dweight, x.new_empty(0) if dbias is None else dbias, x.new_empty(0) if dinit is None else dinit)
+
+
 def _like_or_absent(t: Optional[Tensor], x: Tensor) -> Tensor:
     return torch.empty_like(t) if t is not None else _absent(x)
 
@@ -119,7 +127,8 @@ def _(x, weight, bias, seq_idx, initial_states, activation, return_final_states)
 def causal_conv1d_bwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], seq_idx: Optional[Tensor],
                       initial_states: Optional[Tensor], dout: Tensor, dfinal_states: Optional[Tensor],
                       activation: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _impl(x).causal_conv1d_bwd(x, weight, bias, seq_idx, initial_states, dout, dfinal_states, activation)
+    return _grads_or_absent(_impl(x).causal_conv1d_bwd(x, weight, bias, seq_idx, initial_states, dout,
+                                                        dfinal_states, activation), x)
 
 
 @causal_conv1d_bwd.register_fake
@@ -158,25 +167,25 @@ torch.library.register_autograd(
     setup_context=_cc_setup_context)
 
 
-def _cc_backend_bwd(x, *args):
-    return _backend.select(x.device, x.dtype).causal_conv1d_bwd(x, *args)
-
-
 @once_differentiable
 def _cc_eager_backward_twice(ctx, dout, dfinal):
-    return _cc_gradients(ctx, dout, dfinal, _cc_backend_bwd)
+    return _cc_gradients(ctx, dout, dfinal, ctx.impl.causal_conv1d_bwd)
 
 
 class _CausalConv1dEager(torch.autograd.Function):
     """The op's eager autograd road. Without final states it returns `out` alone: an output fewer for
-    autograd to wrap (about 1 us per call), and `backward` then receives `dout` alone."""
+    autograd to wrap (about 1 us per call), and `backward` then receives `dout` alone. `impl` is the backend
+    module (None: `_backend.select` chooses it); the backward runs the same module's `causal_conv1d_bwd`."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, seq_idx, initial_states, activation, return_final_states):
+    def forward(ctx, x, weight, bias, seq_idx, initial_states, activation, return_final_states, impl):
         ctx.set_materialize_grads(False)
         _cc_setup_context(ctx, (x, weight, bias, seq_idx, initial_states, activation, return_final_states), None)
-        out, final = _backend.select(x.device, x.dtype).causal_conv1d_fwd(
-            x, weight, bias, seq_idx, initial_states, activation, return_final_states)
+        if impl is None:
+            impl = _backend.select(x.device, x.dtype)
+        ctx.impl = impl
+        out, final = impl.causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation,
+                                            return_final_states)
         return (out, final) if return_final_states else out
 
     @staticmethod
@@ -184,16 +193,19 @@ class _CausalConv1dEager(torch.autograd.Function):
         # the engine runs this with grad mode off unless create_graph=True; only then does
         # once_differentiable's no_grad block and double-backward guard have work to do
         if torch.is_grad_enabled():
-            return _cc_eager_backward_twice(ctx, dout, dfinal)
-        return _cc_gradients(ctx, dout, dfinal, _cc_backend_bwd)
+            return *_cc_eager_backward_twice(ctx, dout, dfinal), None
+        return *_cc_gradients(ctx, dout, dfinal, ctx.impl.causal_conv1d_bwd), None
 
 
 _CC_APPLY = _c_apply(_CausalConv1dEager)
 
 
-def causal_conv1d(x, weight, bias, seq_idx, initial_states, activation: int, return_final_states: bool):
+def causal_conv1d(x, weight, bias, seq_idx, initial_states, activation: int, return_final_states: bool,
+                  impl=None):
     """Runs the op on validated arguments; returns `(out, final_states)`. When they are not asked for,
     `final_states` is None on the eager roads and an empty tensor through the custom op (tracing, modes).
+    `impl`: the backend module `_backend.select` would answer for x, where the caller knows it (eager roads
+    only; None: selected here).
 
     The eager roads are written out inline (`_direct`, `_wants_grad`): this runs on every call."""
     if (type(x) not in _PLAIN_TYPES or _is_compiling() or _dispatch_stack_depth()
@@ -201,12 +213,13 @@ def causal_conv1d(x, weight, bias, seq_idx, initial_states, activation: int, ret
         return causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation, return_final_states)
     if _grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
                             or (initial_states is not None and initial_states.requires_grad)):
-        args = (x, weight, bias, seq_idx, initial_states, activation, return_final_states)
+        args = (x, weight, bias, seq_idx, initial_states, activation, return_final_states, impl)
         if return_final_states:
             return _apply_eager(_CausalConv1dEager, _CC_APPLY, args, (weight, bias, seq_idx, initial_states))
         return _apply_eager(_CausalConv1dEager, _CC_APPLY, args, (weight, bias, seq_idx, initial_states)), None
-    return _backend.select(x.device, x.dtype).causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states,
-                                                                activation, return_final_states)
+    if impl is None:
+        impl = _backend.select(x.device, x.dtype)
+    return impl.causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, activation, return_final_states)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -237,8 +250,8 @@ def short_conv_fused_bwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask
                          initial_states: Optional[Tensor], cu_seqlens: Optional[Tensor], dout: Tensor,
                          dfinal_states: Optional[Tensor], activation: int,
                          residual: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _impl(x).short_conv_fused_bwd(x, weight, bias, mask, initial_states, cu_seqlens, dout,
-                                         dfinal_states, activation, residual)
+    return _grads_or_absent(_impl(x).short_conv_fused_bwd(x, weight, bias, mask, initial_states, cu_seqlens, dout,
+                                                           dfinal_states, activation, residual), x)
 
 
 @short_conv_fused_bwd.register_fake
@@ -272,41 +285,41 @@ torch.library.register_autograd(
     setup_context=_fused_setup_context)
 
 
-def _fused_backend_bwd(x, *args):
-    return _backend.select(x.device, x.dtype).short_conv_fused_bwd(x, *args)
-
-
 @once_differentiable
 def _fused_eager_backward_twice(ctx, dout, dfinal):
-    return _fused_gradients(ctx, dout, dfinal, _fused_backend_bwd)
+    return _fused_gradients(ctx, dout, dfinal, ctx.impl.short_conv_fused_bwd)
 
 
 class _ShortConvFusedEager(torch.autograd.Function):
-    """The op's eager autograd road; `out` alone without final states (see `_CausalConv1dEager`)."""
+    """The op's eager autograd road; `out` alone without final states, `impl` the backend module or None
+    (see `_CausalConv1dEager`)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mask, initial_states, cu_seqlens, activation, residual,
-                return_final_states):
+                return_final_states, impl):
         ctx.set_materialize_grads(False)
         args = (x, weight, bias, mask, initial_states, cu_seqlens, activation, residual, return_final_states)
         _fused_setup_context(ctx, args, None)
-        out, final = _backend.select(x.device, x.dtype).short_conv_fused_fwd(*args)
+        if impl is None:
+            impl = _backend.select(x.device, x.dtype)
+        ctx.impl = impl
+        out, final = impl.short_conv_fused_fwd(*args)
         return (out, final) if return_final_states else out
 
     @staticmethod
     def backward(ctx, dout, dfinal=None):
         if torch.is_grad_enabled():  # create_graph=True (see _CausalConv1dEager.backward)
-            return _fused_eager_backward_twice(ctx, dout, dfinal)
-        return _fused_gradients(ctx, dout, dfinal, _fused_backend_bwd)
+            return *_fused_eager_backward_twice(ctx, dout, dfinal), None
+        return *_fused_gradients(ctx, dout, dfinal, ctx.impl.short_conv_fused_bwd), None
 
 
 _FUSED_APPLY = _c_apply(_ShortConvFusedEager)
 
 
 def short_conv_fused(x, weight, bias, mask, initial_states, cu_seqlens, activation: int, residual: bool,
-                     return_final_states: bool):
+                     return_final_states: bool, impl=None):
     """Runs the op on validated arguments; returns `(out, final_states)`, `final_states` None or an empty
-    tensor when not asked for (as for `causal_conv1d`)."""
+    tensor when not asked for, `impl` the backend module or None (as for `causal_conv1d`)."""
     args = (x, weight, bias, mask, initial_states, cu_seqlens, activation, residual, return_final_states)
     if (type(x) not in _PLAIN_TYPES or _is_compiling() or _dispatch_stack_depth()
             or _is_functorch_wrapped(x)):  # not `_direct`
@@ -315,9 +328,11 @@ def short_conv_fused(x, weight, bias, mask, initial_states, cu_seqlens, activati
                             or (initial_states is not None and initial_states.requires_grad)):
         tensors = (weight, bias, mask, initial_states, cu_seqlens)
         if return_final_states:
-            return _apply_eager(_ShortConvFusedEager, _FUSED_APPLY, args, tensors)
-        return _apply_eager(_ShortConvFusedEager, _FUSED_APPLY, args, tensors), None
-    return _backend.select(x.device, x.dtype).short_conv_fused_fwd(*args)
+            return _apply_eager(_ShortConvFusedEager, _FUSED_APPLY, (*args, impl), tensors)
+        return _apply_eager(_ShortConvFusedEager, _FUSED_APPLY, (*args, impl), tensors), None
+    if impl is None:
+        impl = _backend.select(x.device, x.dtype)
+    return impl.short_conv_fused_fwd(*args)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -195,10 +195,6 @@ def _backward(ext: _Extended, weight: Tensor, masks: list, g: Tensor, dfinal: Te
     return dx, dweight, dbias, dstates
 
 
-def _empty(like: Tensor) -> Tensor:
-    return like.new_empty(0)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # causal_conv1d: (B, D, T), optional seq_idx
 
@@ -245,8 +241,8 @@ def causal_conv1d_bwd(x, weight, bias, seq_idx, initial_states, dout, dfinal_sta
         g = torch.where(valid, g, 0)  # padding outputs are constants: dout there never flows back
     dx_f, dweight, dbias, dstates = _backward(ext, w, masks, g, dfinal_states)
     return (_store_like(x, ext, dx_f), dweight.to(weight.dtype),
-            _empty(x) if bias is None else dbias.to(bias.dtype),
-            _empty(x) if initial_states is None else dstates.to(initial_states.dtype).contiguous())
+            None if bias is None else dbias.to(bias.dtype),
+            None if initial_states is None else dstates.to(initial_states.dtype).contiguous())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -293,8 +289,8 @@ def short_conv_fused_bwd(x, weight, bias, mask, initial_states, cu_seqlens, dout
                          activation: int, residual: bool):
     if _no_sequences(cu_seqlens):
         return (x.new_empty(x.shape), torch.zeros_like(weight),
-                _empty(x) if bias is None else torch.zeros_like(bias),
-                _empty(x) if initial_states is None else torch.zeros_like(initial_states))
+                None if bias is None else torch.zeros_like(bias),
+                None if initial_states is None else torch.zeros_like(initial_states))
     ext, masks, w, pre = _fused_forward(x, weight, bias, mask, initial_states, cu_seqlens)
     dout_f = dout.to(pre.dtype)
     g = dout_f if activation == _activation.IDENTITY else dout_f * _activation.derivative(activation, pre)
@@ -305,8 +301,8 @@ def short_conv_fused_bwd(x, weight, bias, mask, initial_states, cu_seqlens, dout
     if residual:
         dx = dx + dout_f
     return (dx.to(x.dtype).contiguous(), dweight.to(weight.dtype),
-            _empty(x) if bias is None else dbias.to(bias.dtype),
-            _empty(x) if initial_states is None else dstates.to(initial_states.dtype).contiguous())
+            None if bias is None else dbias.to(bias.dtype),
+            None if initial_states is None else dstates.to(initial_states.dtype).contiguous())
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -730,6 +730,9 @@ _CONV_ONE_FIELD = {
     "bias shape": (_conv_call, {}, dict(bias=torch.zeros(CD + 1))),
     "bias integer": (_conv_call, {}, dict(bias=torch.zeros(CD, dtype=torch.int64))),
     "bias given as seq_idx": (_conv_call, {}, dict(bias=None, seq_idx=torch.zeros(CD))),
+    "bias given as initial_states": (_conv_call, {}, dict(bias=None, initial_states=torch.zeros(CD))),
+    "no bias, then seq_idx float": (_conv_call, dict(bias=None), dict(bias=None, seq_idx=_SEQ.float())),
+    "bias device": (_conv_call, {}, dict(bias=torch.zeros(CD, device="meta"))),
     "seq_idx float": (_conv_call, dict(seq_idx=_SEQ), dict(seq_idx=_SEQ.float())),
     "seq_idx shape": (_conv_call, dict(seq_idx=_SEQ), dict(seq_idx=_SEQ[:, 1:])),
     "initial_states width": (_conv_call, dict(initial_states=torch.zeros(CB, CD, CW - 1)),
@@ -806,3 +809,78 @@ def test_compiled_calls_neither_read_nor_fill_the_verdicts(fresh_verdicts, fresh
         assert fresh_verdicts and fresh_conv_verdicts
         compiled(x, state, weight)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+# ------------------------------------------- the backend module kept with a signature's verdict (`_backend.Choice`)
+
+
+@pytest.fixture
+def counted_select(monkeypatch):
+    """`_backend.select`, counting its calls (the reference backend forced)."""
+    from causal_conv1d_mps import _backend
+
+    monkeypatch.setenv("CAUSAL_CONV1D_BACKEND", "reference")
+    calls = []
+    real = _backend.select
+
+    def select(device, dtype):
+        calls.append((device, dtype))
+        return real(device, dtype)
+
+    monkeypatch.setattr(_backend, "select", select)
+    return calls
+
+
+_ENTRY_CALLS = {"causal_conv1d": (_conv_call, _conv_args), "short_conv_fused": (_fused_call, _fused_args)}
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no grad", "forward + backward"])
+@pytest.mark.parametrize("entry", list(_ENTRY_CALLS))
+def test_a_known_signature_skips_backend_selection(fresh_conv_verdicts, counted_select, entry, grad):
+    """A repeated call hands the module chosen with its verdict to `ops`; its backward runs that module's."""
+    call, make = _ENTRY_CALLS[entry]
+    args = make()
+    if grad:
+        args = dict(args, x=args["x"].requires_grad_(), weight=args["weight"].requires_grad_())
+    call(args)
+    counted_select.clear()
+    out = call(args)
+    if grad:
+        out.sum().backward()
+        assert args["x"].grad is not None and args["weight"].grad is not None
+    assert counted_select == [], f"select was called {len(counted_select)} times for a known signature"
+
+
+@pytest.mark.parametrize("entry", list(_ENTRY_CALLS))
+def test_a_known_signature_still_reads_the_backend_variable_every_call(fresh_conv_verdicts, monkeypatch, entry):
+    """CAUSAL_CONV1D_BACKEND is read at call time: a changed value, valid or not, takes effect on the next
+    call of a known signature."""
+    from causal_conv1d_mps import reference
+
+    call, make = _ENTRY_CALLS[entry]
+    args = make()
+    monkeypatch.setenv("CAUSAL_CONV1D_BACKEND", "reference")
+    call(args)
+    call(args)
+    monkeypatch.setenv("CAUSAL_CONV1D_BACKEND", "no-such-backend")
+    with pytest.raises(ValueError, match="^CAUSAL_CONV1D_BACKEND: expected one of"):
+        call(args)
+    ran = []
+    name = "causal_conv1d_fwd" if entry == "causal_conv1d" else "short_conv_fused_fwd"
+    real = getattr(reference, name)
+    monkeypatch.setattr(reference, name, lambda *a: ran.append(name) or real(*a))
+    monkeypatch.setenv("CAUSAL_CONV1D_BACKEND", "reference")
+    call(args)
+    assert ran == [name]
+
+
+def test_clearing_the_backend_cache_forgets_the_modules_kept_with_verdicts(fresh_conv_verdicts, counted_select):
+    from causal_conv1d_mps import _backend
+
+    for _ in range(2):
+        _conv_call(_conv_args())
+    assert len(fresh_conv_verdicts) == 1
+    _backend.clear_cache()
+    assert not fresh_conv_verdicts
+    _conv_call(_conv_args())  # checked again, and its module chosen anew
+    assert len(fresh_conv_verdicts) == 1

@@ -212,14 +212,14 @@ def _plan_backward(x: Tensor, weight: Tensor, bias: Tensor | None, dout: Tensor,
 def gradient_buffers(plan: BackwardPlan, x: Tensor, weight: Tensor, bias: Tensor | None):
     """(partials, dweight, dbias, the bias or its stand-in, dbias or its stand-in) of a backward call: the
     flat float32 partial sums, dweight `[D, W]` contiguous in the weight's dtype (the reduction writes it so),
-    dbias `[D]` or empty; no kernel argument is ever a nil pointer, so an absent bias passes the weight and
-    its gradient dweight."""
+    dbias `[D]`, or None without a bias (no placeholder is allocated); no kernel argument is ever a nil
+    pointer, so an absent bias passes the weight and its gradient dweight."""
     # (`new_empty` with sizes as separate ints is the cheapest allocation from Python: about 0.9 us)
     partials = x.new_empty(plan.partials, dtype=torch.float32)
     D, W = plan.dweight
     dweight = weight.new_empty(D, W)
     if bias is None:
-        return partials, dweight, x.new_empty(0), weight, dweight
+        return partials, dweight, None, weight, dweight
     dbias = weight.new_empty(D)  # bias has weight's dtype
     return partials, dweight, dbias, bias, dbias
 
@@ -257,7 +257,7 @@ def conv_fwd_bdt(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int
 
 def conv_bwd_bdt(x: Tensor, weight: Tensor, bias: Tensor | None, dout: Tensor, activation: int,
                  allow_cpu: bool = False) -> tuple[Tensor, Tensor, Tensor] | None:
-    """(dx `[B, D, T]`, dweight `[D, W]`, dbias `[D]` or empty) of `conv_fwd_bdt`, or None where the
+    """(dx `[B, D, T]`, dweight `[D, W]`, dbias `[D]` or None without a bias) of `conv_fwd_bdt`, or None where the
     kernels do not apply (dout must have x's dtype and a vector layout too)."""
     device = _runtime.launch_device(x, allow_cpu)
     if device is None:

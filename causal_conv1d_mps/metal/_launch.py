@@ -99,7 +99,7 @@ def backward_launch(device: torch.device, family: str, table: str, dtype: torch.
     threadgroup tile's CHANNELS and RUN_GROUPS aside): `{family}_bwd` writes dx and, per threadgroup of GROUP
     threads (channels x runs), one float32 partial row of dweight/dbias in one pass; the rows are summed in a
     fixed order (deterministic); then `{family}_bwd_dinit` gives the initial-state gradient.
-    Returns (dweight, dbias, dinitial_states)."""
+    Returns (dweight, dbias, dinitial_states), None for an absent bias or absent initial states."""
     run_groups = -(-values["RUNS"] // (GROUP // channels))
     params = _contract.pack(table, **{**values, "CHANNELS": channels, "RUN_GROUPS": run_groups})
     part = torch.empty((batch * run_groups, dim, width + 1), dtype=torch.float32, device=device)
@@ -109,8 +109,8 @@ def backward_launch(device: torch.device, family: str, table: str, dtype: torch.
            GROUP)
     sums = reduce_rows(part.view(batch * run_groups, dim * (width + 1))).view(dim, width + 1)
     dweight = sums[:, :width].contiguous().to(weight.dtype)
-    dbias = sums[:, width].to(bias.dtype) if bias is not None else dx.new_empty(0)
-    dinit = dx.new_empty(0)
+    dbias = sums[:, width].to(bias.dtype) if bias is not None else None
+    dinit = None
     if initial_states is not None:
         dinit = torch.empty((state_rows, dim, width - 1), dtype=torch.float32, device=device)
         launch(device, family, kernel_name(f"{family}_bwd_dinit", dtype, "any"), [*inputs, dinit, params],
@@ -124,8 +124,8 @@ def grads_without_inputs(x: Tensor, weight: Tensor, bias: Tensor | None, initial
     """(dweight, dbias, dinitial_states) when B == 0 or T == 0: no output depends on the weights, and with
     T == 0 the final states are the initial states, so their gradient passes straight through."""
     dweight = torch.zeros_like(weight)
-    dbias = torch.zeros_like(bias) if bias is not None else x.new_empty(0)
-    dinit = x.new_empty(0)
+    dbias = torch.zeros_like(bias) if bias is not None else None
+    dinit = None
     if initial_states is not None:
         dinit = (dfinal_states.to(initial_states.dtype).clone() if dfinal_states is not None and length == 0
                  else torch.zeros_like(initial_states))

@@ -49,7 +49,7 @@ def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: T
 
 def causal_conv1d_bwd(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None,
                       initial_states: Tensor | None, dout: Tensor, dfinal_states: Tensor | None,
-                      activation: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                      activation: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     batch, dim, length = x.shape
     width = weight.shape[1]
     init = as_float32(initial_states)

@@ -60,7 +60,7 @@ def short_conv_fused_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, mask: T
 def short_conv_fused_bwd(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None,
                          initial_states: Tensor | None, cu_seqlens: Tensor | None, dout: Tensor,
                          dfinal_states: Tensor | None, activation: int,
-                         residual: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                         residual: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     batch, length, dim = x.shape
     width = weight.shape[1]
     n_states = _n_states(x, cu_seqlens)

@@ -68,7 +68,7 @@ def causal_conv1d_bwd(x, weight, bias, seq_idx, initial_states, dout, dfinal_sta
     if seq_idx is None and initial_states is None and dfinal_states is None:
         grads = cuda_launch.conv_bwd_bdt(x, weight, bias, dout, activation)
         if grads is not None:
-            return grads + (x.new_empty(0),)
+            return grads + (None,)
     B, D, T = x.shape
     dx = torch.empty_like(x)
     strides = _btd_strides(x)
@@ -77,7 +77,7 @@ def causal_conv1d_bwd(x, weight, bias, seq_idx, initial_states, dout, dfinal_sta
         grads = launch_btd.conv_bwd_btd(x.transpose(1, 2), weight, bias, None, dout.transpose(1, 2), activation,
                                         False, dx.transpose(1, 2))
         if grads is not None:
-            return dx, *grads, x.new_empty(0)
+            return dx, *grads, None
     dweight, dbias, dh0 = launch_backward(
         x, strides, dout, _btd_strides(dout), dx, _btd_strides(dx), B, T, D, weight, bias, None,
         seq_idx, None, initial_states, dfinal_states, activation, False, strides[1] != 1)
@@ -120,7 +120,7 @@ def short_conv_fused_bwd(x, weight, bias, mask, initial_states, cu_seqlens, dout
             and launch_btd.preferred_for_backward(mask is not None, weight.shape[1])):
         grads = launch_btd.conv_bwd_btd(x, weight, bias, mask, dout, activation, residual, dx)
         if grads is not None:
-            return dx, *grads, x.new_empty(0)
+            return dx, *grads, None
     dweight, dbias, dh0 = launch_backward(
         x, x.stride(), dout, dout.stride(), dx, dx.stride(), B, T, D, weight, bias, _float_mask(mask), None,
         cu_seqlens,

@@ -51,15 +51,15 @@ def launch_forward(x: Tensor, x_strides, out: Tensor, out_strides, B: int, T: in
 def launch_backward(x: Tensor, x_strides, dout: Tensor, dout_strides, dx: Tensor, dx_strides,
                     B: int, T: int, D: int, weight: Tensor, bias, mask, seq_idx, cu_seqlens, initial_states,
                     dfinal_states, activation: int, residual: bool, channel_last: bool):
-    """Fill `dx`; return (dweight, dbias or empty, dinitial_states or empty)."""
+    """Fill `dx`; return (dweight, dbias or None without a bias, dinitial_states or None without them)."""
     W = weight.shape[1]
     use_h0 = initial_states is not None and W > 1
     use_dht = dfinal_states is not None and W > 1
     rows = initial_states.shape[0] if initial_states is not None else (
         cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B)
-    dh0 = torch.empty_like(initial_states) if initial_states is not None else x.new_empty(0)
+    dh0 = None if initial_states is None else torch.empty_like(initial_states)
     dweight = torch.empty_like(weight)
-    dbias = torch.empty_like(bias) if bias is not None else x.new_empty(0)
+    dbias = None if bias is None else torch.empty_like(bias)
     if D == 0:
         return dweight, dbias, dh0
     kernels = kernels_for(x.device)
