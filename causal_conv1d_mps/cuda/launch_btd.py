@@ -285,10 +285,10 @@ def _plan_backward(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor 
 
 def conv_bwd_btd(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None, dout: Tensor,
                  activation: int, residual: bool, dx: Tensor,
-                 allow_cpu: bool = False) -> tuple[Tensor, Tensor] | None:
+                 allow_cpu: bool = False) -> tuple[Tensor, Tensor | None] | None:
     """Write the gradient of `conv_fwd_btd`'s input into `dx` `[B, T, D]` (the layout rules of x) and return
-    (dweight `[D, W]` of weight's dtype, dbias `[D]` or empty), or None (nothing written) where the kernels
-    do not apply. `dout` `[B, T, D]`: x's dtype, the layout rules of x. A plan is kept per call signature."""
+    (dweight `[D, W]` of weight's dtype, dbias `[D]` or None without a bias), or None (nothing written) where
+    the kernels do not apply. `dout` `[B, T, D]`: x's dtype, the layout rules of x. A plan is kept per call signature."""
     device = _runtime.launch_device(x, allow_cpu)
     if device is None:
         return None
