@@ -90,12 +90,8 @@ class Choice(tuple):
     __slots__ = ()
 
     def __new__(cls, device: torch.device, dtype: torch.dtype):
-        forced = forced_value()
-        key = (forced, device, dtype)
-        module = _selected.get(key)
-        if module is None:
-            module = _selected[key] = _resolve(requested_backend(device), device, dtype)
-        return tuple.__new__(cls, (forced, module))
+        # through `select` itself (a global looked up at call time): the one place that chooses a backend
+        return tuple.__new__(cls, (forced_value(), select(device, dtype)))
 
 
 _on_clear: list = []

@@ -202,9 +202,18 @@ class _Perturbing:
         return self._wrong(fn) if attr == self._name else fn
 
 
+@pytest.fixture(autouse=True)
+def _fresh_backend_choices():
+    """The api keeps the backend chosen for a known call signature: forget the ones made here (a perturbed
+    module among them) once the test and its monkeypatching are done."""
+    yield
+    _backend.clear_cache()
+
+
 def _inject(monkeypatch, name, wrong):
     real_select = _backend.select
     monkeypatch.setattr(_backend, "select", lambda device, dtype: _Perturbing(real_select(device, dtype), name, wrong))
+    _backend.clear_cache()  # signatures seen before would skip `select`: choose again, through the perturbation
 
 
 def _scaled_output(fn):
