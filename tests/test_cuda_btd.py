@@ -517,7 +517,7 @@ def test_each_variant_compiles_one_kernel_and_checks_its_own_defines():
 
     shared = dict(CC_W=4, CC_X_BF16=1, CC_WT=0, CC_HAS_BIAS=1, CC_ACTIVATION=_activation.SILU, CC_HAS_MASK=1,
                   CC_MASK_T=0, CC_RESIDUAL=1)
-    own = dict(CC_BWD_VEC=4, CC_BWD_RUN=8)
+    own = dict(CC_BWD_VEC=4, CC_BWD_RUN=8, CC_BWD_INSIDE=1, CC_BWD_D=4096)
     forward_own = dict(CC_FWD_VEC=2, CC_FWD_RUN=32, CC_FWD_INSIDE=1, CC_D=4096)
     backward = _source.source("cc_conv_bwd_btd", {**shared, **own})
     assert "#define CC_BWD_VEC 4\n" in backward and "#define CC_BWD_RUN 8\n" in backward
