@@ -352,6 +352,33 @@ def test_backward_cases_cover_every_variant_and_several_chunks(btd):
                 assert (chunks, inside) == (1, 0), (W, T, chunks, inside)
 
 
+def _reaching_t(btd, W, has_mask, residual):
+    """The first T whose chunks (B = 1, D = 8) include one inside [0, T) that ends less than a batch before T:
+    its last batch reaches T only in its rows past t1 + W - 2, which the kernel streams whole (it does not
+    check them), so that chunk must be left to the checked path."""
+    vec, run = btd.backward_variant(has_mask, residual, W)
+    for T in range(64, 2048):
+        chunk, chunks = btd._chunking(T, -(-(8 // vec) // btd.THREADS), run)
+        span = -(-(chunk + W - 1) // run) * run
+        if any(W - 1 <= i * chunk and i * chunk + chunk + W - 1 <= T < i * chunk + span for i in range(chunks)):
+            return T
+    raise AssertionError(f"no such T at W = {W}")
+
+
+@pytest.mark.parametrize("width,mask_kind,residual", [(4, "binary", True), (3, None, False), (7, "binary", True)],
+                         ids=["W4-mask-res", "W3-plain", "W7-mask-res"])
+def test_backward_chunk_whose_last_batch_passes_t(btd, device, bwd_compiled, width, mask_kind, residual):
+    """A chunk that lies inside [0, T) with its W-1 rows after, but whose last whole batch does not: it keeps
+    the bounds checks (read past T, the guard of the harness reports it, or the gradients go wrong)."""
+    T = _reaching_t(btd, width, mask_kind is not None, residual)
+    gen = seeded(71 + width)
+    x = randn(1, T, 8, dtype=torch.bfloat16, device=device, generator=gen)
+    weight, bias = make_params(8, width, torch.bfloat16, device, gen)
+    mask = _mask(1, T, device, mask_kind, gen)
+    _check_backward(btd, x, weight, bias, mask, "silu", residual, f"W{width} T{T}", gen=gen)
+    assert bwd_compiled[-1]["CC_BWD_INSIDE"] == 1
+
+
 @pytest.mark.parametrize("width,dtype,mask_kind,residual", [
     (1, torch.bfloat16, "binary", True), (3, torch.bfloat16, "binary", True), (4, torch.float16, None, False),
     (7, torch.bfloat16, "fractional", True), (16, torch.float16, None, True)], ids=lambda v: str(v))
