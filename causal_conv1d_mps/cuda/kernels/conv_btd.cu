@@ -350,6 +350,8 @@ __device__ __forceinline__ cc_bvec cc_bpack(const float* f) { return cc_pack2(f[
 #error "CC_BWD_VEC: 2 or 4"
 #endif
 
+#define CC_BWD_WIN (CC_W - 1 + CC_BWD_RUN)  // a window's rows: the W-1 carried over, then a batch
+
 // one thread's chunk: where it reads and writes
 struct CcBwdChunk {
     const cc_bvec* xb;  // x at (b, t = 0, the thread's channels)
@@ -359,15 +361,98 @@ struct CcBwdChunk {
     int xs, gs, ds;     // x's, dout's and dx's strides over T in vectors (compile-time constants where CC_BWD_D
                         // is set)
     int t0, t1, T;      // the chunk [t0, t1) of a row of T steps
+    int end;            // min(t1 + W-1, T): rows from there on have g = 0 and no dx (not streamed)
 };
+
+// One batch: rows [u, u + R). INSIDE: its rows lie in [0, T); CHECKS: some of its rows may lie outside the
+// chunk's dweight rows [t0, t1) or its dx rows lie outside [t0, t1) (a batch of the middle of a chunk inside
+// [0, T) has neither: u >= t0 + H and u + R <= t1).
+template <bool INSIDE, bool CHECKS>
+__device__ __forceinline__ void cc_bwd_batch(const CcBwdChunk& a, int u, const float (&wk)[CC_W][CC_BWD_VEC],
+                                             const float (&bs)[CC_BWD_VEC], float (&xm)[CC_BWD_WIN][CC_BWD_VEC],
+                                             float (&gw)[CC_BWD_WIN][CC_BWD_VEC], float (&mw)[CC_BWD_WIN],
+                                             cc_bvec (&go)[CC_BWD_WIN], float (&adw)[CC_W + 1][CC_BWD_VEC]) {
+    constexpr int H = CC_W - 1, R = CC_BWD_RUN, V = CC_BWD_VEC;
+    cc_bvec rx[R];
+    float rm[R];
+#pragma unroll
+    for (int i = 0; i < R; ++i) {  // every load of the batch first
+        const int t = u + i;
+        const bool inside = INSIDE || t < a.end;
+        rx[i] = inside ? a.xb[(long long)t * a.xs] : cc_bzero();
+        go[H + i] = inside ? a.gb[(long long)t * a.gs] : cc_bzero();
+#if CC_HAS_MASK
+        rm[i] = inside ? cc_mask_at(a.mb, t) : 0.f;
+#else
+        rm[i] = 1.f;
+#endif
+    }
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+        const int t = u + i;
+        float f[V], gf[V];
+        cc_bunpack(rx[i], f);
+        cc_bunpack(go[H + i], gf);
+        mw[H + i] = rm[i];
+#pragma unroll
+        for (int j = 0; j < V; ++j) xm[H + i][j] = CC_HAS_MASK ? (rm[i] != 0.f ? f[j] * rm[i] : 0.f) : f[j];
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+            float pre = bs[j];
+#pragma unroll
+            for (int k = 0; k < CC_W; ++k) pre = fmaf(wk[k][j], xm[i + k][j], pre);
+            gw[H + i][j] = (INSIDE || t < a.T) ? cc_activation_grad(pre, gf[j]) : 0.f;
+        }
+        if (!CHECKS || t < a.t1) {  // an output row of this chunk: its share of dweight and dbias
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+#pragma unroll
+                for (int k = 0; k < CC_W; ++k) adw[k][j] = fmaf(gw[H + i][j], xm[i + k][j], adw[k][j]);
+                adw[CC_W][j] += gw[H + i][j];
+            }
+        }
+        const int s = t - H;  // every g that reads x[s] is known now
+        if (!CHECKS || (s >= a.t0 && s < a.t1)) {
+            float o[V];
+#if CC_RESIDUAL
+            float res[V];
+            cc_bunpack(go[i], res);
+#endif
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                float acc = 0.f;
+#pragma unroll
+                for (int k = 0; k < CC_W; ++k) acc = fmaf(wk[k][j], gw[i + H - k][j], acc);
+#if CC_HAS_MASK
+                acc = mw[i] != 0.f ? acc * mw[i] : 0.f;
+#endif
+#if CC_RESIDUAL
+                acc += res[j];
+#endif
+                o[j] = acc;
+            }
+            a.dxb[(long long)s * a.ds] = cc_bpack(o);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < H; ++i) {  // the last H rows become the next batch's first
+        mw[i] = mw[R + i];
+        go[i] = go[R + i];
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+            xm[i][j] = xm[R + i][j];
+            gw[i][j] = gw[R + i][j];
+        }
+    }
+}
 
 // The chunk's gradients: dx of rows [t0, t1) written, the float32 dweight / dbias terms of g[t0, t1) returned in
 // adw. INSIDE: every row the chunk streams lies in [0, T) (the kernel checks): no bounds checks.
 template <bool INSIDE>
 __device__ __forceinline__ void cc_bwd_chunk(const CcBwdChunk& a, const float (&wk)[CC_W][CC_BWD_VEC],
                                              const float (&bs)[CC_BWD_VEC], float (&adw)[CC_W + 1][CC_BWD_VEC]) {
-    constexpr int H = CC_W - 1, R = CC_BWD_RUN, N = H + R, V = CC_BWD_VEC;
-    const int t0 = a.t0, t1 = a.t1, T = a.T;
+    constexpr int H = CC_W - 1, R = CC_BWD_RUN, N = CC_BWD_WIN, V = CC_BWD_VEC;
+    const int t0 = a.t0, t1 = a.t1;
     // windows over rows [u - H, u + R) of the batch starting at row u: the first H carry over
     float xm[N][V], gw[N][V], mw[N];  // masked x, g, mask
     cc_bvec go[N];                     // raw dout, for the residual
@@ -391,81 +476,13 @@ __device__ __forceinline__ void cc_bwd_chunk(const CcBwdChunk& a, const float (&
         go[i] = cc_bzero();
         mw[i] = 0.f;
     }
-    // rows past T have g = 0 and no dx: not streamed. INSIDE: the last batch's rows past t1 + H - 1 lie
-    // before T too and are read; they reach neither dweight (t >= t1) nor dx (s >= t1) nor an earlier row.
-    const int end = min(t1 + H, T);
+    // INSIDE: the last batch's rows past t1 + H - 1 lie before T too and are read; they reach neither dweight
+    // (t >= t1) nor dx (s >= t1) nor an earlier row.
     for (int u = t0; u < t1 + H; u += R) {
-        cc_bvec rx[R];
-        float rm[R];
-#pragma unroll
-        for (int i = 0; i < R; ++i) {  // every load of the batch first
-            const int t = u + i;
-            const bool inside = INSIDE || t < end;
-            rx[i] = inside ? a.xb[(long long)t * a.xs] : cc_bzero();
-            go[H + i] = inside ? a.gb[(long long)t * a.gs] : cc_bzero();
-#if CC_HAS_MASK
-            rm[i] = inside ? cc_mask_at(a.mb, t) : 0.f;
-#else
-            rm[i] = 1.f;
-#endif
-        }
-#pragma unroll
-        for (int i = 0; i < R; ++i) {
-            const int t = u + i;
-            float f[V], gf[V];
-            cc_bunpack(rx[i], f);
-            cc_bunpack(go[H + i], gf);
-            mw[H + i] = rm[i];
-#pragma unroll
-            for (int j = 0; j < V; ++j) xm[H + i][j] = CC_HAS_MASK ? (rm[i] != 0.f ? f[j] * rm[i] : 0.f) : f[j];
-#pragma unroll
-            for (int j = 0; j < V; ++j) {
-                float pre = bs[j];
-#pragma unroll
-                for (int k = 0; k < CC_W; ++k) pre = fmaf(wk[k][j], xm[i + k][j], pre);
-                gw[H + i][j] = (INSIDE || t < T) ? cc_activation_grad(pre, gf[j]) : 0.f;
-            }
-            if (t < t1) {  // an output row of this chunk: its share of dweight and dbias
-#pragma unroll
-                for (int j = 0; j < V; ++j) {
-#pragma unroll
-                    for (int k = 0; k < CC_W; ++k) adw[k][j] = fmaf(gw[H + i][j], xm[i + k][j], adw[k][j]);
-                    adw[CC_W][j] += gw[H + i][j];
-                }
-            }
-            const int s = t - H;  // every g that reads x[s] is known now
-            if (s >= t0 && s < t1) {
-                float o[V];
-#if CC_RESIDUAL
-                float res[V];
-                cc_bunpack(go[i], res);
-#endif
-#pragma unroll
-                for (int j = 0; j < V; ++j) {
-                    float acc = 0.f;
-#pragma unroll
-                    for (int k = 0; k < CC_W; ++k) acc = fmaf(wk[k][j], gw[i + H - k][j], acc);
-#if CC_HAS_MASK
-                    acc = mw[i] != 0.f ? acc * mw[i] : 0.f;
-#endif
-#if CC_RESIDUAL
-                    acc += res[j];
-#endif
-                    o[j] = acc;
-                }
-                a.dxb[(long long)s * a.ds] = cc_bpack(o);
-            }
-        }
-#pragma unroll
-        for (int i = 0; i < H; ++i) {  // the last H rows become the next batch's first
-            mw[i] = mw[R + i];
-            go[i] = go[R + i];
-#pragma unroll
-            for (int j = 0; j < V; ++j) {
-                xm[i][j] = xm[R + i][j];
-                gw[i][j] = gw[R + i][j];
-            }
-        }
+        if (INSIDE && u >= t0 + H && u + R <= t1)  // block-uniform
+            cc_bwd_batch<INSIDE, false>(a, u, wk, bs, xm, gw, mw, go, adw);
+        else
+            cc_bwd_batch<INSIDE, true>(a, u, wk, bs, xm, gw, mw, go, adw);
     }
 }
 
@@ -496,6 +513,7 @@ extern "C" __global__ void __launch_bounds__(CC_BTD_THREADS) cc_conv_bwd_btd(
     a.t0 = blockIdx.x * chunk;
     a.t1 = min(a.t0 + chunk, T);
     a.T = T;
+    a.end = min(a.t1 + H, T);
     float wk[CC_W][V], bs[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) {  // once per chunk: scalar loads (2W values need not be vector-aligned)
