@@ -323,7 +323,9 @@ extern "C" __global__ void __launch_bounds__(CC_BTD_FWD_THREADS) cc_conv_fwd_btd
 //   CC_BWD_RUN     rows per batch
 //   CC_BWD_INSIDE  1: a chunk whose streamed rows (its W-1 rows before, and every row of its batches, the
 //                  last batch whole) all lie in [0, T) takes a copy of the code without bounds checks
-//                  (block-uniform: every chunk but the first and the last of a row, where T is long enough)
+//                  (block-uniform: every chunk but the first and the last of a row, where T is long enough),
+//                  and its middle batches (all rows in the chunk's dweight rows and dx rows) a copy without
+//                  the row checks either
 //   CC_BWD_D       D itself where x, dout and dx are contiguous [B, T, D]: rows are one base address plus
 //                  constant offsets; 0: the strides are arguments
 // The arithmetic and its order are the same in every variant: they give the same bits.
