@@ -284,28 +284,127 @@ def _check_backward(btd, x, weight, bias, mask, activation, residual, name, dout
     return dx, dweight, dbias
 
 
+@pytest.fixture
+def bwd_compiled(btd, monkeypatch):
+    """The defines of each backward variant the launcher compiles, in order (from an empty plan table)."""
+    from causal_conv1d_mps.cuda import _runtime
+
+    monkeypatch.setattr(btd, "_backward_plans", {})
+    asked = []
+    real = _runtime.kernel
+
+    def spy(name, defines, device):
+        if name == "cc_conv_bwd_btd":
+            asked.append(dict(defines))
+        return real(name, defines, device)
+
+    monkeypatch.setattr(_runtime, "kernel", spy)
+    return asked
+
+
+# T = 21: one chunk, T not a multiple of the batch; T = 3 < W; T = 200 with B = 1: several chunks, the middle
+# ones inside [0, T) (no bounds checks), the first and last not
+BACKWARD_SHAPES = ((2, 21, 12), (1, 3, 264), (1, 200, 8))
+
+
 @pytest.mark.parametrize("width,dtype,wdtype,with_bias,activation,mask_kind,residual", CASES,
                          ids=[f"W{c[0]}-{str(c[1])[6:]}-w{str(c[2])[6:]}-{'b' if c[3] else 'nob'}-{c[4]}-{c[5]}"
                               for c in CASES])
-def test_backward_matches_oracle(btd, device, width, dtype, wdtype, with_bias, activation, mask_kind, residual):
+def test_backward_matches_oracle(btd, device, bwd_compiled, width, dtype, wdtype, with_bias, activation,
+                                 mask_kind, residual):
+    """Contiguous x, dout and dx: the variant with D compiled in and chunks without bounds checks."""
     gen = seeded(60 + width)
-    # T = 21: one chunk, T not a multiple of the batch; T = 3 < W; T = 200 with B = 1: several chunks
-    for B, T, D in ((2, 21, 12), (1, 3, 264), (1, 200, 8)):
+    for B, T, D in BACKWARD_SHAPES:
         x = randn(B, T, D, dtype=dtype, device=device, generator=gen)
         weight, bias = make_params(D, width, wdtype, device, gen, with_bias=with_bias)
         mask = _mask(B, T, device, mask_kind, gen)
         _check_backward(btd, x, weight, bias, mask, activation, residual, f"W{width} B{B} T{T} D{D}", gen=gen)
+        defines = bwd_compiled[-1]
+        assert (defines["CC_BWD_D"], defines["CC_BWD_INSIDE"]) == (D, 1), defines
+    assert len(bwd_compiled) == len(BACKWARD_SHAPES), "one plan per shape"
+
+
+def _interior_chunks(btd, B, T, D, W, has_mask, residual):
+    """(chunks, how many of them stream only rows inside [0, T)): the kernel's condition for its path without
+    bounds checks (its W-1 rows before, and its batches whole, the last one included)."""
+    vec, run = btd.backward_variant(has_mask, residual, W)
+    chunk, chunks = btd._chunking(T, -(-(D // vec) // btd.THREADS) * B, run)
+    span = -(-(chunk + W - 1) // run) * run
+    return chunks, sum(i * chunk >= W - 1 and i * chunk + span <= T for i in range(chunks))
 
 
 def test_backward_cases_cover_every_variant_and_several_chunks(btd):
-    """The cases above reach every (channels per thread, rows per batch) variant the launcher picks, and the
-    T = 200, B = 1 shape spans several chunks (their ends are where rows are read twice)."""
+    """The cases above reach every (channels per thread, rows per batch) variant the launcher picks; the
+    T = 200, B = 1 shape spans several chunks (their ends are where rows are read twice), some of them inside
+    [0, T) and some not, at every case; the other shapes have one chunk, never inside."""
     picked = {btd.backward_variant(mask is not None, residual, W) for W, *_, mask, residual in CASES}
     assert picked == {btd.backward_variant(m, r, W) for m in (False, True) for r in (False, True)
                       for W in range(1, btd.MAX_WIDTH + 1)}
     for vec, run in picked:
         chunk, chunks = btd._chunking(200, -(-8 // (vec * btd.THREADS)), run)
         assert chunks > 1 and chunk % run == 0 and (chunks - 1) * chunk < 200 <= chunks * chunk
+    for W, *_, mask, residual in CASES:
+        for B, T, D in BACKWARD_SHAPES:
+            chunks, inside = _interior_chunks(btd, B, T, D, W, mask is not None, residual)
+            if T == 200:
+                assert 0 < inside < chunks, (W, chunks, inside)
+            else:
+                assert (chunks, inside) == (1, 0), (W, T, chunks, inside)
+
+
+def _reaching_t(btd, W, has_mask, residual):
+    """The first T whose chunks (B = 1, D = 8) include one inside [0, T) that ends less than a batch before T:
+    its last batch reaches T only in its rows past t1 + W - 2, which the kernel streams whole (it does not
+    check them), so that chunk must be left to the checked path."""
+    vec, run = btd.backward_variant(has_mask, residual, W)
+    for T in range(64, 2048):
+        chunk, chunks = btd._chunking(T, -(-(8 // vec) // btd.THREADS), run)
+        span = -(-(chunk + W - 1) // run) * run
+        if any(W - 1 <= i * chunk and i * chunk + chunk + W - 1 <= T < i * chunk + span for i in range(chunks)):
+            return T
+    raise AssertionError(f"no such T at W = {W}")
+
+
+@pytest.mark.parametrize("width,mask_kind,residual", [(4, "binary", True), (3, None, False), (7, "binary", True)],
+                         ids=["W4-mask-res", "W3-plain", "W7-mask-res"])
+def test_backward_chunk_whose_last_batch_passes_t(btd, device, bwd_compiled, width, mask_kind, residual):
+    """A chunk that lies inside [0, T) with its W-1 rows after, but whose last whole batch does not: it keeps
+    the bounds checks (read past T, the guard of the harness reports it, or the gradients go wrong)."""
+    T = _reaching_t(btd, width, mask_kind is not None, residual)
+    gen = seeded(71 + width)
+    x = randn(1, T, 8, dtype=torch.bfloat16, device=device, generator=gen)
+    weight, bias = make_params(8, width, torch.bfloat16, device, gen)
+    mask = _mask(1, T, device, mask_kind, gen)
+    _check_backward(btd, x, weight, bias, mask, "silu", residual, f"W{width} T{T}", gen=gen)
+    assert bwd_compiled[-1]["CC_BWD_INSIDE"] == 1
+
+
+@pytest.mark.parametrize("width,dtype,mask_kind,residual", [
+    (1, torch.bfloat16, "binary", True), (3, torch.bfloat16, "binary", True), (4, torch.float16, None, False),
+    (7, torch.bfloat16, "fractional", True), (16, torch.float16, None, True)], ids=lambda v: str(v))
+def test_backward_variants_give_the_same_bits(btd, device, bwd_compiled, monkeypatch, width, dtype, mask_kind,
+                                              residual):
+    """D compiled in or not, chunks inside [0, T) without bounds checks or not: the same arithmetic in the same
+    order, so the same dx, dweight and dbias bits (the A/B switches of launch_btd change speed only)."""
+    gen = seeded(69 + width)
+    B, T, D = 2, 200, 8
+    x = randn(B, T, D, dtype=dtype, device=device, generator=gen)
+    weight, bias = make_params(D, width, torch.float32, device, gen)
+    mask = _mask(B, T, device, mask_kind, gen)
+    dout = randn(B, T, D, dtype=dtype, device=device, generator=gen)
+    assert _interior_chunks(btd, B, T, D, width, mask is not None, residual)[1] > 0
+    results = []
+    for compiled_d, inside in ((False, False), (True, False), (False, True), (True, True)):
+        monkeypatch.setattr(btd, "_BWD_COMPILED_D", compiled_d)
+        monkeypatch.setattr(btd, "_BWD_INSIDE", inside)
+        btd._backward_plans.clear()
+        dx = torch.full_like(x, float("nan"))
+        results.append((dx, *btd.conv_bwd_btd(x, weight, bias, mask, dout, 1, residual, dx, allow_cpu=True)))
+        assert (bwd_compiled[-1]["CC_BWD_D"], bwd_compiled[-1]["CC_BWD_INSIDE"]) == (D * compiled_d, int(inside))
+    for got in results[1:]:
+        for a, b, name in zip(results[0], got, ("dx", "dweight", "dbias")):
+            assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()), name
+    _check_backward(btd, x, weight, bias, mask, "silu", residual, f"W{width}", dout=dout)
 
 
 def test_backward_masked_nan_contributes_nothing(btd, device):
@@ -352,7 +451,7 @@ def test_backward_nan_pattern_follows_the_oracle(btd, device, masked):
             assert not torch.isnan(dx[0, 3:6, 2]).any(), "a NaN reached a masked position's dx"
 
 
-def test_backward_strided_views(btd, device):
+def test_backward_strided_views(btd, device, bwd_compiled):
     """x, dout and dx read and written in place whatever their B/T strides (multiples of 4 elements)."""
     gen = seeded(63)
     x = randn(3, 40, 24, dtype=torch.float16, device=device, generator=gen)[::2, 3:30, 8:20]
@@ -362,6 +461,31 @@ def test_backward_strided_views(btd, device):
     canvas, dx = _strided_canvas(torch.float16, device)
     _check_backward(btd, x, weight, bias, mask, "silu", True, "strided", dout=dout, dx=dx)
     _assert_written_inside(canvas, "dx")
+    assert [d["CC_BWD_D"] for d in bwd_compiled] == [0], "views: the strides are arguments"
+
+
+def test_backward_one_view_takes_the_runtime_strides(btd, device, bwd_compiled):
+    """D is compiled in only where x, dout and dx are all contiguous: one view among them (x, dout or dx, over
+    several chunks) sends the call to the variant with runtime strides, and its gradients are right."""
+    gen = seeded(70)
+    B, T, D = 2, 200, 8
+    x = randn(B, T, D, dtype=torch.bfloat16, device=device, generator=gen)
+    weight, bias = make_params(D, 4, torch.bfloat16, device, gen)
+    mask = _mask(B, T, device, "binary", gen)
+    dout = randn(B, T, D, dtype=torch.bfloat16, device=device, generator=gen)
+    wide = randn(B, T, 2 * D, dtype=torch.bfloat16, device=device, generator=gen)
+
+    def view(t):
+        canvas = wide.clone()
+        canvas[:, :, D:] = t
+        return canvas[:, :, D:]
+
+    for name, xi, gi, dxi in (("x", view(x), dout, None), ("dout", x, view(dout), None),
+                              ("dx", x, dout, torch.full_like(wide, float("nan"))[:, :, :D])):
+        _check_backward(btd, xi, weight, bias, mask, "silu", True, f"{name} a view", dout=gi, dx=dxi)
+        assert bwd_compiled[-1]["CC_BWD_D"] == 0, name
+    _check_backward(btd, x, weight, bias, mask, "silu", True, "contiguous", dout=dout)
+    assert bwd_compiled[-1]["CC_BWD_D"] == D
 
 
 def test_backward_is_deterministic(btd, device):
@@ -517,7 +641,7 @@ def test_each_variant_compiles_one_kernel_and_checks_its_own_defines():
 
     shared = dict(CC_W=4, CC_X_BF16=1, CC_WT=0, CC_HAS_BIAS=1, CC_ACTIVATION=_activation.SILU, CC_HAS_MASK=1,
                   CC_MASK_T=0, CC_RESIDUAL=1)
-    own = dict(CC_BWD_VEC=4, CC_BWD_RUN=8)
+    own = dict(CC_BWD_VEC=4, CC_BWD_RUN=8, CC_BWD_INSIDE=1, CC_BWD_D=4096)
     forward_own = dict(CC_FWD_VEC=2, CC_FWD_RUN=32, CC_FWD_INSIDE=1, CC_D=4096)
     backward = _source.source("cc_conv_bwd_btd", {**shared, **own})
     assert "#define CC_BWD_VEC 4\n" in backward and "#define CC_BWD_RUN 8\n" in backward

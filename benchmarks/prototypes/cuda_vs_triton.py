@@ -147,6 +147,59 @@ def backward_sweep(copy: float) -> None:
     launch_btd._backward_plans.clear()
 
 
+BWD_DC_SHAPES = ((8, 2048, 4096), (4, 8192, 4096))  # (B, T, D) of --backward-dc: issue 12's P3 shape first
+
+
+def backward_dc(copy: float, budget_s: float) -> None:
+    """The channel-last backward with the forward's techniques off and on (`launch_btd._BWD_COMPILED_D`: D
+    compiled in; `_BWD_INSIDE`: chunks inside [0, T) without bounds checks), CUDA C++ only, through the
+    backend (fused with a mask, fused without, plain channel-last), as % of the 3N-byte floor; each row also
+    says whether dx, dweight and dbias have the same bits as with both off. Stops starting new rows once
+    `budget_s` seconds have passed."""
+    from causal_conv1d_mps import _activation
+    from causal_conv1d_mps.cuda import launch_btd
+    from causal_conv1d_mps.triton import backend
+
+    silu = _activation.SILU
+    saved = (launch_btd.BACKWARD_MEASURED_FASTER, launch_btd._BWD_COMPILED_D, launch_btd._BWD_INSIDE)
+    launch_btd.BACKWARD_MEASURED_FASTER = frozenset((m, W) for m in (False, True) for W in range(1, 17))
+    _use(True)
+    start = time.perf_counter()
+    variants = (("off", False, False), ("dc", True, False), ("dc+in", True, True))
+    try:
+        for (B, T, D) in BWD_DC_SHAPES:
+            for W in (3, 4, 7, 8):
+                x, w, b, mask, dout = _bwd_inputs(B, T, D, W, W)
+                xt, doutt = x.transpose(1, 2), dout.transpose(1, 2)
+                for kind, fn in (
+                        ("fused mask", lambda: backend.short_conv_fused_bwd(x, w, b, mask, None, None, dout, None,
+                                                                            silu, True)),
+                        ("fused", lambda: backend.short_conv_fused_bwd(x, w, b, None, None, None, dout, None, silu,
+                                                                       True)),
+                        ("ch-last", lambda: backend.causal_conv1d_bwd(xt, w, b, None, None, doutt, None, silu))):
+                    if time.perf_counter() - start > budget_s:
+                        print(f"(budget of {budget_s:.0f} s spent: the remaining rows were not timed)")
+                        return
+                    base, line = None, f"{kind:10s} B{B} T{T} D{D} W{W:<2d}"
+                    for name, compiled_d, inside in variants:
+                        launch_btd._BWD_COMPILED_D, launch_btd._BWD_INSIDE = compiled_d, inside
+                        launch_btd._backward_plans.clear()
+                        got = [g.clone() for g in fn()[:3] if g is not None]
+                        ms = _bench(fn)
+                        pct = 100 * 3 * x.numel() * 2 / (copy * 1e9) * 1e3 / ms
+                        same = base is None or all(torch.equal(g.isnan(), r.isnan()) and
+                                                   torch.equal(g.nan_to_num(), r.nan_to_num())
+                                                   for g, r in zip(got, base))
+                        base = got if base is None else base
+                        ROWS.append(dict(kind=f"bwd-dc {kind} {name}", shape=f"B{B} T{T} D{D}", W=W, cuda_ms=ms,
+                                         cuda_pct=pct, same_bits=same))
+                        line += f"   {name} {ms:7.4f} ms ({pct:5.1f}%){'' if same else ' BITS DIFFER'}"
+                    print(line, flush=True)
+    finally:
+        launch_btd.BACKWARD_MEASURED_FASTER, launch_btd._BWD_COMPILED_D, launch_btd._BWD_INSIDE = saved
+        launch_btd._backward_plans.clear()
+
+
 def channel_last_backward_rows(copy: float) -> None:
     """The channel-last CUDA C++ backward (`launch_btd.conv_bwd_btd`) against the Triton backward, each through
     the backend's `short_conv_fused_bwd` / `causal_conv1d_bwd` (the forward is the same for both), as % of its
@@ -222,10 +275,19 @@ def main(argv=None) -> int:
                    help="only the channel-last backward (fused and channel-last) and fused forward + backward")
     p.add_argument("--backward-sweep", action="store_true",
                    help="only the channel-last backward's variants (CUDA C++ only)")
+    p.add_argument("--backward-dc", action="store_true",
+                   help="only the channel-last backward with D compiled in / inside chunks off and on (CUDA C++)")
+    p.add_argument("--budget-s", type=float, default=80.0, help="--backward-dc: seconds after which no new row starts")
     args = p.parse_args(argv)
     copy = _copy_gbs()
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  copy {copy:.0f} GB/s")
     print("(% of copy: forward 2N bytes, forward + backward 5N bytes)")
+    if args.backward_dc:
+        print("(--backward-dc: % of the backward's 3N-byte floor)")
+        backward_dc(copy, args.budget_s)
+        if args.json:
+            args.json.write_text(json.dumps(dict(copy_gbs=copy, rows=ROWS), indent=1))
+        return 0
     if args.channel_last or args.channel_last_backward or args.backward_sweep:
         (channel_last_rows if args.channel_last else
          channel_last_backward_rows if args.channel_last_backward else backward_sweep)(copy)

@@ -16,7 +16,8 @@ kernels serve the call):
 - a CUDA device whose NVRTC compile succeeded, or, for tests only, CPU tensors through `cuda_harness`.
 The forward's scheme (channels and steps per thread, runs without bounds checks) is chosen per mask and width
 as measured (`forward_variant`); where x and out are contiguous its variant has D compiled in (one compile per
-model width).
+model width). The backward's likewise has D compiled in where x, dout and dx are contiguous, and takes chunks
+inside [0, T) without bounds checks (`_BWD_COMPILED_D`, `_BWD_INSIDE`).
 """
 from __future__ import annotations
 
@@ -38,6 +39,10 @@ MASK_DTYPES: dict[torch.dtype, int] = {getattr(torch, name): code for code, name
 _MAX_T = 2**31 - 1 - 64  # the kernels' step indices (t0 + run + W-1, and the mask lanes past it) stay in int
 _BWD_MIN_CHUNK = 64  # steps: the W-1 rows read twice at each end of a chunk stay a small share
 _BWD_TARGET_BLOCKS = 1024  # the backward splits T into chunks until about this many blocks run
+# The backward's techniques taken from the forward, switchable for an A/B on a GPU (read when a plan is built:
+# clear `_backward_plans` after changing them; `benchmarks/prototypes/cuda_vs_triton.py --backward-dc`):
+_BWD_COMPILED_D = True  # CC_BWD_D: D compiled in where x, dout and dx are contiguous
+_BWD_INSIDE = True      # CC_BWD_INSIDE: chunks whose rows all lie in [0, T) run without bounds checks
 
 # (has mask, W) where the kernel beat the Triton kernels on an H200 through the public API (bf16, B4 T8192 D4096
 # and B8 T2048 D4096, `python benchmarks/prototypes/cuda_vs_triton.py --channel-last`, docs/PERF_NOTES.md v8):
@@ -253,31 +258,38 @@ def _chunking(T: int, blocks_per_chunk_row: int, run: int) -> tuple[int, int]:
 
 def _plan_backward(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None, dout: Tensor,
                    activation: int, residual: bool, dx: Tensor) -> BackwardPlan | None:
+    """The prepared launches of the backward for this call signature, or None. Where x, dout and dx are
+    contiguous (and `_BWD_COMPILED_D`) the variant has D compiled in (one compile per model width)."""
     reason, x_strides = _check_signature(x, weight, bias, mask, activation)
     if reason is not None or dout.dtype != x.dtype or dout.shape != x.shape or dx.shape != x.shape:
         return None
     dout_strides, dx_strides = _vector_strides(dout), _vector_strides(dx)
     if dout_strides is None or dx_strides is None or dx.dtype != x.dtype:
         return None
+    B, T, D = x.shape
     W = weight.shape[1]
     vec, run = backward_variant(mask is not None, bool(residual), W)
+    d_const = _BWD_COMPILED_D and x.is_contiguous() and dout.is_contiguous() and dx.is_contiguous()
+    if d_const:
+        strides = [0] * 6  # the kernel has them compiled in
+    else:
+        in_words = VEC // vec  # the checks' strides are in units of VEC elements
+        strides = [s * in_words for s in (*x_strides, *dout_strides, *dx_strides)]
+        if max(strides) >= 2**31:  # in 2-channel words they may pass the kernel's int
+            return None
     defines = dict(CC_W=W, CC_X_BF16=_X_BF16[x.dtype], CC_WT=_WT[weight.dtype], CC_HAS_BIAS=int(bias is not None),
                    CC_ACTIVATION=activation)
     fn = _runtime.kernel("cc_conv_bwd_btd", dict(defines, CC_HAS_MASK=int(mask is not None),
                                                  CC_MASK_T=_mask_code(mask), CC_RESIDUAL=int(bool(residual)),
-                                                 CC_BWD_VEC=vec, CC_BWD_RUN=run),
+                                                 CC_BWD_VEC=vec, CC_BWD_RUN=run, CC_BWD_INSIDE=int(_BWD_INSIDE),
+                                                 CC_BWD_D=D if d_const else 0),
                          x.device)
     reduce = _runtime.kernel("cc_reduce_partials", defines, x.device) if fn is not None else None
     if reduce is None:
         return None
-    B, T, D = x.shape
     dv = D // vec
     blocks_y = -(-dv // THREADS)
     chunk, chunks = _chunking(T, blocks_y * B, run)
-    in_words = VEC // vec  # the checks' strides are in units of VEC elements
-    strides = [s * in_words for s in (*x_strides, *dout_strides, *dx_strides)]
-    if max(strides) >= 2**31:  # in 2-channel words they may pass the kernel's int
-        return None
     conv = fn.prepare((chunks, blocks_y, B), (THREADS, 1, 1), 7, (T, dv, chunk, B, *strides))
     reduce = reduce.prepare((-(-D * (W + 1) // 256), 1, 1), (256, 1, 1), 3, (chunks * B, D))
     return BackwardPlan(conv, reduce, chunks * B * D * (W + 1), (D, W))

@@ -14,17 +14,10 @@
 //                      int32, bool): an HF attention mask is read as it comes, with no conversion kernel
 //   CC_RESIDUAL        1: out adds the unmasked x
 //   CC_FWD_VEC, CC_FWD_RUN, CC_FWD_INSIDE, CC_D   the forward's alone (see there)
-//   CC_BWD_VEC, CC_BWD_RUN   the backward's alone (see there); set, the file compiles the backward, unset,
-//                      the forward
+//   CC_BWD_VEC, CC_BWD_RUN, CC_BWD_INSIDE, CC_BWD_D   the backward's alone (see there); CC_BWD_VEC set, the
+//                      file compiles the backward, unset, the forward
 
 #define CC_BTD_THREADS 64  // the backward's threads per block
-
-__device__ __forceinline__ void cc_unpack4(uint2 v, float* f) {
-    f[0] = CC_X_TO_FLOAT(v.x & 0xFFFFu);
-    f[1] = CC_X_TO_FLOAT(v.x >> 16);
-    f[2] = CC_X_TO_FLOAT(v.y & 0xFFFFu);
-    f[3] = CC_X_TO_FLOAT(v.y >> 16);
-}
 
 __device__ __forceinline__ uint2 cc_pack4(const float* f) {
     return make_uint2(cc_pack2(f[0], f[1]), cc_pack2(f[2], f[3]));
@@ -56,6 +49,32 @@ __device__ __forceinline__ float cc_mask_float(cc_mask_t v) {
 
 __device__ __forceinline__ float cc_mask_at(const cc_mask_t* __restrict__ mask, long long i) {
     return cc_mask_float(mask[i]);
+}
+
+// The bfloat16 in half `h` (0: the low 16 bits) of `word`, as float32; the forward's and the backward's
+// conversion. On the GPU the shift or mask is an asm statement: NVVM otherwise keeps weights and rows packed and
+// converts them again at each use (sm_90 SASS of the forward at W = 16: 63 instructions per element, 31 with
+// this and CC_D; benchmarks/prototypes/cuda_btd_wide.py), so each value is converted once.
+__device__ __forceinline__ float cc_bf16_half(unsigned int word, int h) {
+#if CC_PTX
+    float f;
+    if (h)
+        asm("and.b32 %0, %1, 0xFFFF0000;" : "=f"(f) : "r"(word));
+    else
+        asm("shl.b32 %0, %1, 16;" : "=f"(f) : "r"(word));
+    return f;
+#else
+    return cc_bf16_to_float(h ? word >> 16 : word & 0xFFFFu);
+#endif
+}
+
+// the x-typed value in half `h` of `word` (x, dout and out share x's type), as float32
+__device__ __forceinline__ float cc_x_half(unsigned int word, int h) {
+#if CC_X_BF16
+    return cc_bf16_half(word, h);
+#else
+    return cc_half_to_float(h ? word >> 16 : word & 0xFFFFu);
+#endif
 }
 
 #ifndef CC_BWD_VEC  // the forward: every variant without the backward's own defines
@@ -97,34 +116,10 @@ __device__ __forceinline__ cc_frow cc_frow_pack(const float* f) { return cc_pack
 #error "CC_FWD_VEC: 2 or 4"
 #endif
 
-// The bfloat16 in half `h` (0: the low 16 bits) of `word`, as float32. On the GPU the shift or mask is an asm
-// statement: NVVM otherwise keeps weights and rows packed and converts them again at each tap (sm_90 SASS at
-// W = 16: 63 instructions per element, 31 with this and CC_D; benchmarks/prototypes/cuda_btd_wide.py), so each
-// value is converted once.
-__device__ __forceinline__ float cc_fwd_bf16(unsigned int word, int h) {
-#if CC_PTX
-    float f;
-    if (h)
-        asm("and.b32 %0, %1, 0xFFFF0000;" : "=f"(f) : "r"(word));
-    else
-        asm("shl.b32 %0, %1, 16;" : "=f"(f) : "r"(word));
-    return f;
-#else
-    return cc_bf16_to_float(h ? word >> 16 : word & 0xFFFFu);
-#endif
-}
-
 // a row of x (or out) to float32: element j is channel j of the thread's
 __device__ __forceinline__ void cc_fwd_unpack(cc_frow v, float* f) {
 #pragma unroll
-    for (int j = 0; j < CC_FWD_VEC; ++j) {
-        const unsigned int word = cc_frow_word(v, j >> 1);
-#if CC_X_BF16
-        f[j] = cc_fwd_bf16(word, j & 1);
-#else
-        f[j] = cc_half_to_float(j & 1 ? word >> 16 : word & 0xFFFFu);
-#endif
-    }
+    for (int j = 0; j < CC_FWD_VEC; ++j) f[j] = cc_x_half(cc_frow_word(v, j >> 1), j & 1);
 }
 
 // CC_FWD_VEC consecutive weight-typed values from `p` (aligned to their vector: the launcher checks), as float32
@@ -141,7 +136,7 @@ __device__ __forceinline__ void cc_fwd_load_w(const cc_wt* __restrict__ p, float
     for (int j = 0; j < CC_FWD_VEC; ++j) {
         const unsigned int word = cc_frow_word(v, j >> 1);
 #if CC_WT == 0
-        f[j] = cc_fwd_bf16(word, j & 1);
+        f[j] = cc_bf16_half(word, j & 1);
 #else
         f[j] = cc_half_to_float(j & 1 ? word >> 16 : word & 0xFFFFu);
 #endif
@@ -319,67 +314,157 @@ extern "C" __global__ void __launch_bounds__(CC_BTD_FWD_THREADS) cc_conv_fwd_btd
 // g, raw dout for the residual, mask) carry over from batch to batch in registers; only the W-1 rows before
 // and after a chunk are read twice. The backward holds three windows, so the launcher picks channels per
 // thread and rows per batch by width and mask as measured (H200, docs/PERF_NOTES.md v9). Each thread writes
-// its own
-// float32 partial rows, dw_part[(chunk index * B + b) * D + d][0..W] (W: bias), which cc_reduce_partials
-// (conv_bdt.cu) sums in a fixed order.
+// its own float32 partial rows, dw_part[(chunk index * B + b) * D + d][0..W] (W: bias), which
+// cc_reduce_partials (conv_bdt.cu) sums in a fixed order.
 // grid (chunks, ceil(Dv / CC_BTD_THREADS), B), block CC_BTD_THREADS; Dv = D / CC_BWD_VEC; strides in units
 // of CC_BWD_VEC elements.
 // The launcher's defines of this kernel alone (causal_conv1d_mps/cuda/_source.py, KERNEL_DEFINES):
-//   CC_BWD_VEC    channels per thread: 2 (one 4-byte word per row) or 4 (8 bytes)
-//   CC_BWD_RUN    rows per batch
+//   CC_BWD_VEC     channels per thread: 2 (one 4-byte word per row) or 4 (8 bytes)
+//   CC_BWD_RUN     rows per batch
+//   CC_BWD_INSIDE  1: a chunk whose streamed rows (its W-1 rows before, and every row of its batches, the
+//                  last batch whole) all lie in [0, T) takes a copy of the code without bounds checks
+//                  (block-uniform: every chunk but the first and the last of a row, where T is long enough),
+//                  and its middle batches (all rows in the chunk's dweight rows and dx rows) a copy without
+//                  the row checks either
+//   CC_BWD_D       D itself where x, dout and dx are contiguous [B, T, D]: rows are one base address plus
+//                  constant offsets; 0: the strides are arguments
+// The arithmetic and its order are the same in every variant: they give the same bits.
 
 #if CC_BWD_VEC == 4
 typedef uint2 cc_bvec;
 __device__ __forceinline__ cc_bvec cc_bzero() { return make_uint2(0u, 0u); }
-__device__ __forceinline__ void cc_bunpack(cc_bvec v, float* f) { cc_unpack4(v, f); }
+__device__ __forceinline__ void cc_bunpack(cc_bvec v, float* f) {
+    f[0] = cc_x_half(v.x, 0);
+    f[1] = cc_x_half(v.x, 1);
+    f[2] = cc_x_half(v.y, 0);
+    f[3] = cc_x_half(v.y, 1);
+}
 __device__ __forceinline__ cc_bvec cc_bpack(const float* f) { return cc_pack4(f); }
 #elif CC_BWD_VEC == 2
 typedef unsigned int cc_bvec;
 __device__ __forceinline__ cc_bvec cc_bzero() { return 0u; }
 __device__ __forceinline__ void cc_bunpack(cc_bvec v, float* f) {
-    f[0] = CC_X_TO_FLOAT(v & 0xFFFFu);
-    f[1] = CC_X_TO_FLOAT(v >> 16);
+    f[0] = cc_x_half(v, 0);
+    f[1] = cc_x_half(v, 1);
 }
 __device__ __forceinline__ cc_bvec cc_bpack(const float* f) { return cc_pack2(f[0], f[1]); }
 #else
 #error "CC_BWD_VEC: 2 or 4"
 #endif
 
-extern "C" __global__ void __launch_bounds__(CC_BTD_THREADS) cc_conv_bwd_btd(
-        const cc_bvec* __restrict__ x, const cc_wt* __restrict__ weight, const cc_wt* __restrict__ bias,
-        const cc_mask_t* __restrict__ mask, const cc_bvec* __restrict__ dout, cc_bvec* __restrict__ dx,
-        float* __restrict__ dw_part, int T, int Dv, int chunk, int B, int x_stride_b, int x_stride_t,
-        int dout_stride_b, int dout_stride_t, int dx_stride_b, int dx_stride_t) {
-    constexpr int H = CC_W - 1, R = CC_BWD_RUN, N = H + R, V = CC_BWD_VEC;
-    const int c = blockIdx.y * CC_BTD_THREADS + threadIdx.x, b = blockIdx.z;
-    if (c >= Dv) return;
-    const int t0 = blockIdx.x * chunk, t1 = min(t0 + chunk, T);
-    const cc_bvec* xb = x + (long long)b * x_stride_b + c;
-    const cc_bvec* gb = dout + (long long)b * dout_stride_b + c;
-    cc_bvec* dxb = dx + (long long)b * dx_stride_b + c;
-    const cc_mask_t* mb = mask + (long long)b * T;
-    float wk[CC_W][V], bs[V];
+#define CC_BWD_WIN (CC_W - 1 + CC_BWD_RUN)  // a window's rows: the W-1 carried over, then a batch
+
+// one thread's chunk: where it reads and writes
+struct CcBwdChunk {
+    const cc_bvec* xb;  // x at (b, t = 0, the thread's channels)
+    const cc_bvec* gb;  // dout at (b, t = 0, ...)
+    cc_bvec* dxb;       // dx at (b, t = 0, ...)
+    const cc_mask_t* mb;  // the mask's row b
+    int xs, gs, ds;     // x's, dout's and dx's strides over T in vectors (compile-time constants where CC_BWD_D
+                        // is set)
+    int t0, t1, T;      // the chunk [t0, t1) of a row of T steps
+    int end;            // min(t1 + W-1, T): rows from there on have g = 0 and no dx (not streamed)
+};
+
+// One batch: rows [u, u + R). INSIDE: its rows lie in [0, T); CHECKS: some of its rows may lie outside the
+// chunk's dweight rows [t0, t1) or its dx rows lie outside [t0, t1) (a batch of the middle of a chunk inside
+// [0, T) has neither: u >= t0 + H and u + R <= t1).
+template <bool INSIDE, bool CHECKS>
+__device__ __forceinline__ void cc_bwd_batch(const CcBwdChunk& a, int u, const float (&wk)[CC_W][CC_BWD_VEC],
+                                             const float (&bs)[CC_BWD_VEC], float (&xm)[CC_BWD_WIN][CC_BWD_VEC],
+                                             float (&gw)[CC_BWD_WIN][CC_BWD_VEC], float (&mw)[CC_BWD_WIN],
+                                             cc_bvec (&go)[CC_BWD_WIN], float (&adw)[CC_W + 1][CC_BWD_VEC]) {
+    constexpr int H = CC_W - 1, R = CC_BWD_RUN, V = CC_BWD_VEC;
+    cc_bvec rx[R];
+    float rm[R];
 #pragma unroll
-    for (int j = 0; j < V; ++j) {  // once per chunk: scalar loads (2W values need not be vector-aligned)
-#pragma unroll
-        for (int k = 0; k < CC_W; ++k) wk[k][j] = cc_w_to_float(weight[((long long)c * V + j) * CC_W + k]);
-        bs[j] = CC_HAS_BIAS ? cc_w_to_float(bias[(long long)c * V + j]) : 0.f;
+    for (int i = 0; i < R; ++i) {  // every load of the batch first
+        const int t = u + i;
+        const bool inside = INSIDE || t < a.end;
+        rx[i] = inside ? a.xb[(long long)t * a.xs] : cc_bzero();
+        go[H + i] = inside ? a.gb[(long long)t * a.gs] : cc_bzero();
+#if CC_HAS_MASK
+        rm[i] = inside ? cc_mask_at(a.mb, t) : 0.f;
+#else
+        rm[i] = 1.f;
+#endif
     }
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+        const int t = u + i;
+        float f[V], gf[V];
+        cc_bunpack(rx[i], f);
+        cc_bunpack(go[H + i], gf);
+        mw[H + i] = rm[i];
+#pragma unroll
+        for (int j = 0; j < V; ++j) xm[H + i][j] = CC_HAS_MASK ? (rm[i] != 0.f ? f[j] * rm[i] : 0.f) : f[j];
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+            float pre = bs[j];
+#pragma unroll
+            for (int k = 0; k < CC_W; ++k) pre = fmaf(wk[k][j], xm[i + k][j], pre);
+            gw[H + i][j] = (INSIDE || t < a.T) ? cc_activation_grad(pre, gf[j]) : 0.f;
+        }
+        if (!CHECKS || t < a.t1) {  // an output row of this chunk: its share of dweight and dbias
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+#pragma unroll
+                for (int k = 0; k < CC_W; ++k) adw[k][j] = fmaf(gw[H + i][j], xm[i + k][j], adw[k][j]);
+                adw[CC_W][j] += gw[H + i][j];
+            }
+        }
+        const int s = t - H;  // every g that reads x[s] is known now
+        if (!CHECKS || (s >= a.t0 && s < a.t1)) {
+            float o[V];
+#if CC_RESIDUAL
+            float res[V];
+            cc_bunpack(go[i], res);
+#endif
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                float acc = 0.f;
+#pragma unroll
+                for (int k = 0; k < CC_W; ++k) acc = fmaf(wk[k][j], gw[i + H - k][j], acc);
+#if CC_HAS_MASK
+                acc = mw[i] != 0.f ? acc * mw[i] : 0.f;
+#endif
+#if CC_RESIDUAL
+                acc += res[j];
+#endif
+                o[j] = acc;
+            }
+            a.dxb[(long long)s * a.ds] = cc_bpack(o);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < H; ++i) {  // the last H rows become the next batch's first
+        mw[i] = mw[R + i];
+        go[i] = go[R + i];
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+            xm[i][j] = xm[R + i][j];
+            gw[i][j] = gw[R + i][j];
+        }
+    }
+}
+
+// The chunk's gradients: dx of rows [t0, t1) written, the float32 dweight / dbias terms of g[t0, t1) returned in
+// adw. INSIDE: every row the chunk streams lies in [0, T) (the kernel checks): no bounds checks.
+template <bool INSIDE>
+__device__ __forceinline__ void cc_bwd_chunk(const CcBwdChunk& a, const float (&wk)[CC_W][CC_BWD_VEC],
+                                             const float (&bs)[CC_BWD_VEC], float (&adw)[CC_W + 1][CC_BWD_VEC]) {
+    constexpr int H = CC_W - 1, R = CC_BWD_RUN, N = CC_BWD_WIN, V = CC_BWD_VEC;
+    const int t0 = a.t0, t1 = a.t1;
     // windows over rows [u - H, u + R) of the batch starting at row u: the first H carry over
     float xm[N][V], gw[N][V], mw[N];  // masked x, g, mask
     cc_bvec go[N];                     // raw dout, for the residual
-    float adw[CC_W + 1][V];
-#pragma unroll
-    for (int k = 0; k <= CC_W; ++k)
-#pragma unroll
-        for (int j = 0; j < V; ++j) adw[k][j] = 0.f;
 #pragma unroll
     for (int i = 0; i < H; ++i) {  // the H rows before the chunk: masked x only (their g is never read)
         const int t = t0 - H + i;
-        const bool inside = t >= 0;
-        const cc_bvec raw = inside ? xb[(long long)t * x_stride_t] : cc_bzero();
+        const bool inside = INSIDE || t >= 0;
+        const cc_bvec raw = inside ? a.xb[(long long)t * a.xs] : cc_bzero();
 #if CC_HAS_MASK
-        const float m = inside ? cc_mask_at(mb, t) : 0.f;
+        const float m = inside ? cc_mask_at(a.mb, t) : 0.f;
 #else
         const float m = 1.f;
 #endif
@@ -393,80 +478,64 @@ extern "C" __global__ void __launch_bounds__(CC_BTD_THREADS) cc_conv_bwd_btd(
         go[i] = cc_bzero();
         mw[i] = 0.f;
     }
-    const int end = min(t1 + H, T);  // rows past T have g = 0 and no dx: not streamed
+    // INSIDE: the last batch's rows past t1 + H - 1 lie before T too and are read; they reach neither dweight
+    // (t >= t1) nor dx (s >= t1) nor an earlier row.
     for (int u = t0; u < t1 + H; u += R) {
-        cc_bvec rx[R];
-        float rm[R];
-#pragma unroll
-        for (int i = 0; i < R; ++i) {  // every load of the batch first
-            const int t = u + i;
-            const bool inside = t < end;
-            rx[i] = inside ? xb[(long long)t * x_stride_t] : cc_bzero();
-            go[H + i] = inside ? gb[(long long)t * dout_stride_t] : cc_bzero();
-#if CC_HAS_MASK
-            rm[i] = inside ? cc_mask_at(mb, t) : 0.f;
-#else
-            rm[i] = 1.f;
-#endif
-        }
-#pragma unroll
-        for (int i = 0; i < R; ++i) {
-            const int t = u + i;
-            float f[V], gf[V];
-            cc_bunpack(rx[i], f);
-            cc_bunpack(go[H + i], gf);
-            mw[H + i] = rm[i];
-#pragma unroll
-            for (int j = 0; j < V; ++j) xm[H + i][j] = CC_HAS_MASK ? (rm[i] != 0.f ? f[j] * rm[i] : 0.f) : f[j];
-#pragma unroll
-            for (int j = 0; j < V; ++j) {
-                float pre = bs[j];
-#pragma unroll
-                for (int k = 0; k < CC_W; ++k) pre = fmaf(wk[k][j], xm[i + k][j], pre);
-                gw[H + i][j] = t < T ? cc_activation_grad(pre, gf[j]) : 0.f;
-            }
-            if (t < t1) {  // an output row of this chunk: its share of dweight and dbias
-#pragma unroll
-                for (int j = 0; j < V; ++j) {
-#pragma unroll
-                    for (int k = 0; k < CC_W; ++k) adw[k][j] = fmaf(gw[H + i][j], xm[i + k][j], adw[k][j]);
-                    adw[CC_W][j] += gw[H + i][j];
-                }
-            }
-            const int s = t - H;  // every g that reads x[s] is known now
-            if (s >= t0 && s < t1) {
-                float o[V];
-#if CC_RESIDUAL
-                float res[V];
-                cc_bunpack(go[i], res);
-#endif
-#pragma unroll
-                for (int j = 0; j < V; ++j) {
-                    float acc = 0.f;
-#pragma unroll
-                    for (int k = 0; k < CC_W; ++k) acc = fmaf(wk[k][j], gw[i + H - k][j], acc);
-#if CC_HAS_MASK
-                    acc = mw[i] != 0.f ? acc * mw[i] : 0.f;
-#endif
-#if CC_RESIDUAL
-                    acc += res[j];
-#endif
-                    o[j] = acc;
-                }
-                dxb[(long long)s * dx_stride_t] = cc_bpack(o);
-            }
-        }
-#pragma unroll
-        for (int i = 0; i < H; ++i) {  // the last H rows become the next batch's first
-            mw[i] = mw[R + i];
-            go[i] = go[R + i];
-#pragma unroll
-            for (int j = 0; j < V; ++j) {
-                xm[i][j] = xm[R + i][j];
-                gw[i][j] = gw[R + i][j];
-            }
-        }
+        if (INSIDE && u >= t0 + H && u + R <= t1)  // block-uniform
+            cc_bwd_batch<INSIDE, false>(a, u, wk, bs, xm, gw, mw, go, adw);
+        else
+            cc_bwd_batch<INSIDE, true>(a, u, wk, bs, xm, gw, mw, go, adw);
     }
+}
+
+extern "C" __global__ void __launch_bounds__(CC_BTD_THREADS) cc_conv_bwd_btd(
+        const cc_bvec* __restrict__ x, const cc_wt* __restrict__ weight, const cc_wt* __restrict__ bias,
+        const cc_mask_t* __restrict__ mask, const cc_bvec* __restrict__ dout, cc_bvec* __restrict__ dx,
+        float* __restrict__ dw_part, int T, int Dv, int chunk, int B, int x_stride_b, int x_stride_t,
+        int dout_stride_b, int dout_stride_t, int dx_stride_b, int dx_stride_t) {
+    constexpr int H = CC_W - 1, R = CC_BWD_RUN, V = CC_BWD_VEC;
+    const int c = blockIdx.y * CC_BTD_THREADS + threadIdx.x, b = blockIdx.z;
+    if (c >= Dv) return;
+    CcBwdChunk a;
+#if CC_BWD_D
+    a.xs = a.gs = a.ds = CC_BWD_D / CC_BWD_VEC;
+    const long long row = (long long)b * T * (CC_BWD_D / CC_BWD_VEC) + c;
+    a.xb = x + row;
+    a.gb = dout + row;
+    a.dxb = dx + row;
+#else
+    a.xs = x_stride_t;
+    a.gs = dout_stride_t;
+    a.ds = dx_stride_t;
+    a.xb = x + (long long)b * x_stride_b + c;
+    a.gb = dout + (long long)b * dout_stride_b + c;
+    a.dxb = dx + (long long)b * dx_stride_b + c;
+#endif
+    a.mb = mask + (long long)b * T;
+    a.t0 = blockIdx.x * chunk;
+    a.t1 = min(a.t0 + chunk, T);
+    a.T = T;
+    a.end = min(a.t1 + H, T);
+    float wk[CC_W][V], bs[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) {  // once per chunk: scalar loads (2W values need not be vector-aligned)
+#pragma unroll
+        for (int k = 0; k < CC_W; ++k) wk[k][j] = cc_w_to_float(weight[((long long)c * V + j) * CC_W + k]);
+        bs[j] = CC_HAS_BIAS ? cc_w_to_float(bias[(long long)c * V + j]) : 0.f;
+    }
+    float adw[CC_W + 1][V];
+#pragma unroll
+    for (int k = 0; k <= CC_W; ++k)
+#pragma unroll
+        for (int j = 0; j < V; ++j) adw[k][j] = 0.f;
+#if CC_BWD_INSIDE
+    // the rows streamed: [t0 - H, t0 + span), span = the chunk and its H rows after, in whole batches
+    const long long span = ((long long)chunk + H + R - 1) / R * R;
+    if (a.t0 >= H && a.t0 + span <= T)  // block-uniform; then t1 = t0 + chunk
+        cc_bwd_chunk<true>(a, wk, bs, adw);
+    else
+#endif
+        cc_bwd_chunk<false>(a, wk, bs, adw);
     float* p = dw_part + (((long long)blockIdx.x * B + b) * Dv + c) * V * (CC_W + 1);
 #pragma unroll
     for (int j = 0; j < V; ++j)
