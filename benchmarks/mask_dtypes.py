@@ -1,5 +1,6 @@
 """`short_conv_fused` through the public api with the same padding mask as int64 (what Hugging Face models
-pass), float32 and bool: forward, and eager forward + backward (gradients cleared each step), bf16, W = 4.
+pass), float32 and bool: forward, the backward alone through the CUDA backend, and eager forward + backward
+(gradients cleared each step), bf16, W = 4.
 
     PYTHONPATH=$PWD python benchmarks/mask_dtypes.py            # on an NVIDIA GPU
 
@@ -56,10 +57,18 @@ def main(argv=None) -> int:
                 ccmps.short_conv_fused(xs[turn[0]], weight, bias, mask)
 
             print(f"fwd     B{B} T{T} D{D} {name:8s} {_median_us(forward, 50):8.1f} us", flush=True)
+        from causal_conv1d_mps import _activation
+        from causal_conv1d_mps.triton import backend
+
+        dout = torch.randn_like(xs[0])
+        for name, mask in masks.items():  # the backward alone, through the CUDA backend (no autograd, no api)
+            def backward(mask=mask):
+                backend.short_conv_fused_bwd(xs[0], weight, bias, mask, None, None, dout, None, _activation.SILU, True)
+
+            print(f"bwd     B{B} T{T} D{D} {name:8s} {_median_us(backward, 50):8.1f} us  (backend)", flush=True)
         x = xs[0].clone().requires_grad_()
         w = weight.clone().requires_grad_()
         b = bias.clone().requires_grad_()
-        dout = torch.randn_like(xs[0])
         for name, mask in masks.items():
             def step(mask=mask):
                 x.grad = w.grad = b.grad = None

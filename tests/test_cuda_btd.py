@@ -312,7 +312,8 @@ BACKWARD_SHAPES = ((2, 21, 12), (1, 3, 264), (1, 200, 8))
                               for c in CASES])
 def test_backward_matches_oracle(btd, device, bwd_compiled, width, dtype, wdtype, with_bias, activation,
                                  mask_kind, residual):
-    """Contiguous x, dout and dx: the variant with D compiled in and chunks without bounds checks."""
+    """Contiguous x, dout and dx: the variant with D compiled in, as shipped (chunks without bounds checks
+    where `_BWD_INSIDE`; the same-bits test below checks that path against this one)."""
     gen = seeded(60 + width)
     for B, T, D in BACKWARD_SHAPES:
         x = randn(B, T, D, dtype=dtype, device=device, generator=gen)
@@ -320,7 +321,7 @@ def test_backward_matches_oracle(btd, device, bwd_compiled, width, dtype, wdtype
         mask = _mask(B, T, device, mask_kind, gen)
         _check_backward(btd, x, weight, bias, mask, activation, residual, f"W{width} B{B} T{T} D{D}", gen=gen)
         defines = bwd_compiled[-1]
-        assert (defines["CC_BWD_D"], defines["CC_BWD_INSIDE"]) == (D, 1), defines
+        assert (defines["CC_BWD_D"], defines["CC_BWD_INSIDE"]) == (D, int(btd._BWD_INSIDE)), defines
     assert len(bwd_compiled) == len(BACKWARD_SHAPES), "one plan per shape"
 
 
@@ -367,9 +368,11 @@ def _reaching_t(btd, W, has_mask, residual):
 
 @pytest.mark.parametrize("width,mask_kind,residual", [(4, "binary", True), (3, None, False), (7, "binary", True)],
                          ids=["W4-mask-res", "W3-plain", "W7-mask-res"])
-def test_backward_chunk_whose_last_batch_passes_t(btd, device, bwd_compiled, width, mask_kind, residual):
+def test_backward_chunk_whose_last_batch_passes_t(btd, device, bwd_compiled, monkeypatch, width, mask_kind,
+                                                  residual):
     """A chunk that lies inside [0, T) with its W-1 rows after, but whose last whole batch does not: it keeps
     the bounds checks (read past T, the guard of the harness reports it, or the gradients go wrong)."""
+    monkeypatch.setattr(btd, "_BWD_INSIDE", True)
     T = _reaching_t(btd, width, mask_kind is not None, residual)
     gen = seeded(71 + width)
     x = randn(1, T, 8, dtype=torch.bfloat16, device=device, generator=gen)

@@ -42,7 +42,10 @@ _BWD_TARGET_BLOCKS = 1024  # the backward splits T into chunks until about this 
 # The backward's techniques taken from the forward, switchable for an A/B on a GPU (read when a plan is built:
 # clear `_backward_plans` after changing them; `benchmarks/prototypes/cuda_vs_triton.py --backward-dc`):
 _BWD_COMPILED_D = True  # CC_BWD_D: D compiled in where x, dout and dx are contiguous
-_BWD_INSIDE = True      # CC_BWD_INSIDE: chunks whose rows all lie in [0, T) run without bounds checks
+# CC_BWD_INSIDE: chunks whose rows all lie in [0, T) run without bounds checks. Off: on an H200 it lost to D
+# compiled in alone at every row timed (`cuda_vs_triton.py --backward-dc`, docs/PERF_NOTES.md v10; fused with a
+# mask at W = 4, B8 T2048: 0.165 against 0.154 ms), the two code copies costing registers; kept switchable
+_BWD_INSIDE = False
 
 # (has mask, W) where the kernel beat the Triton kernels on an H200 through the public API (bf16, B4 T8192 D4096
 # and B8 T2048 D4096, `python benchmarks/prototypes/cuda_vs_triton.py --channel-last`, docs/PERF_NOTES.md v8):
