@@ -16,8 +16,8 @@ kernels serve the call):
 - a CUDA device whose NVRTC compile succeeded, or, for tests only, CPU tensors through `cuda_harness`.
 The forward's scheme (channels and steps per thread, runs without bounds checks) is chosen per mask and width
 as measured (`forward_variant`); where x and out are contiguous its variant has D compiled in (one compile per
-model width). The backward's likewise has D compiled in where x, dout and dx are contiguous, and takes chunks
-inside [0, T) without bounds checks (`_BWD_COMPILED_D`, `_BWD_INSIDE`).
+model width). The backward's likewise has D compiled in where x, dout and dx are contiguous
+(`_BWD_COMPILED_D`); its chunks without bounds checks (`_BWD_INSIDE`) measured slower and are off.
 """
 from __future__ import annotations
 
