@@ -85,6 +85,52 @@ def device(request) -> torch.device:
     return dev
 
 
+def record_defines(monkeypatch, kernel_name: str) -> list[dict]:
+    """The defines of each variant of `kernel_name` the launchers ask `cuda._runtime.kernel` for, in order."""
+    from causal_conv1d_mps.cuda import _runtime
+
+    asked = []
+    real = _runtime.kernel
+
+    def spy(name, defines, device):
+        if name == kernel_name:
+            asked.append(dict(defines))
+        return real(name, defines, device)
+
+    monkeypatch.setattr(_runtime, "kernel", spy)
+    return asked
+
+
+def serve_through_cuda_launchers(device, monkeypatch, launchers: list[tuple[object, str]]) -> list[bool]:
+    """Forces the Triton backend, whose CUDA C++ launchers serve bf16 calls on a GPU (and here cpu tensors
+    through their test harness), and spies on `launchers` ((module, function name) pairs); returns the list
+    of whether each of their calls served. Skips where those kernels cannot run on `device`."""
+    import functools
+
+    from causal_conv1d_mps import _activation, _backend
+    from causal_conv1d_mps.cuda import _runtime, launch
+
+    if device.type not in ("cpu", "cuda"):
+        pytest.skip(f"CUDA C++ kernels: not on {device.type}")
+    reason = _backend.backend_unavailable_reason("triton", device, torch.bfloat16)
+    if reason is not None:
+        pytest.skip(f"backend triton on {device}: {reason}")
+    probe = torch.zeros(1, 8, 16, dtype=torch.bfloat16, device=device), torch.ones(8, 4, device=device)
+    if launch.conv_fwd_bdt(*probe, None, _activation.SILU, allow_cpu=device.type == "cpu") is None:
+        pytest.skip(f"CUDA C++ kernels on {device}: {_runtime.unavailable_reason(device)}")
+    monkeypatch.setenv("CAUSAL_CONV1D_BACKEND", "triton")
+    served = []
+
+    def spy(fn, *args, **kwargs):
+        result = fn(*args, **kwargs, allow_cpu=device.type == "cpu")
+        served.append(result is not None and result is not False)
+        return result
+
+    for module, name in launchers:
+        monkeypatch.setattr(module, name, functools.partial(spy, getattr(module, name)))
+    return served
+
+
 @pytest.fixture
 def btd(device):
     """The channel-last CUDA C++ launcher module (`cuda.launch_btd`), on a device where its kernels compile

@@ -15,7 +15,7 @@ import torch
 import causal_conv1d_mps as ccmps
 from causal_conv1d_mps import _backend, reference
 from causal_conv1d_mps._activation import SILU
-from conftest import seeded
+from conftest import seeded, serve_through_cuda_launchers
 
 B, D, T = 2, 3, 11
 
@@ -95,30 +95,10 @@ def test_every_backend_returns_none_for_gradients_of_absent_inputs(backend, devi
 
 @pytest.fixture
 def cuda_kernels(device, monkeypatch):
-    """The Triton backend, whose CUDA C++ launchers serve bf16 calls on a GPU, and here on cpu tensors through
-    their test harness; returns the list of whether each backward launcher call served."""
-    from causal_conv1d_mps import _activation
-    from causal_conv1d_mps.cuda import _runtime, launch, launch_btd
+    """Whether each call of the CUDA C++ backward launchers served (the Triton backend forced)."""
+    from causal_conv1d_mps.cuda import launch, launch_btd
 
-    if device.type not in ("cpu", "cuda"):
-        pytest.skip(f"CUDA C++ kernels: not on {device.type}")
-    reason = _backend.backend_unavailable_reason("triton", device, torch.bfloat16)
-    if reason is not None:
-        pytest.skip(f"backend triton on {device}: {reason}")
-    probe = torch.zeros(1, 8, 16, dtype=torch.bfloat16, device=device), torch.ones(8, 4, device=device)
-    if launch.conv_fwd_bdt(*probe, None, _activation.SILU, allow_cpu=device.type == "cpu") is None:
-        pytest.skip(f"CUDA C++ kernels on {device}: {_runtime.unavailable_reason(device)}")
-    monkeypatch.setenv("CAUSAL_CONV1D_BACKEND", "triton")
-    served = []
-
-    def spy(fn, *args, **kwargs):
-        result = fn(*args, **kwargs, allow_cpu=device.type == "cpu")
-        served.append(result is not None)
-        return result
-
-    monkeypatch.setattr(launch, "conv_bwd_bdt", functools.partial(spy, launch.conv_bwd_bdt))
-    monkeypatch.setattr(launch_btd, "conv_bwd_btd", functools.partial(spy, launch_btd.conv_bwd_btd))
-    return served
+    return serve_through_cuda_launchers(device, monkeypatch, [(launch, "conv_bwd_bdt"), (launch_btd, "conv_bwd_btd")])
 
 
 @pytest.mark.parametrize("bias", [False, True])

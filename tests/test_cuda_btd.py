@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import oracle
-from conftest import RecordingDriver, assert_close_rel, make_params, randn, seeded, stand_in_cuda_driver
+from conftest import (RecordingDriver, assert_close_rel, make_params, randn, record_defines, seeded,
+                      stand_in_cuda_driver)
 
 
 def _mask(B, T, device, kind, gen):
@@ -287,19 +288,8 @@ def _check_backward(btd, x, weight, bias, mask, activation, residual, name, dout
 @pytest.fixture
 def bwd_compiled(btd, monkeypatch):
     """The defines of each backward variant the launcher compiles, in order (from an empty plan table)."""
-    from causal_conv1d_mps.cuda import _runtime
-
     monkeypatch.setattr(btd, "_backward_plans", {})
-    asked = []
-    real = _runtime.kernel
-
-    def spy(name, defines, device):
-        if name == "cc_conv_bwd_btd":
-            asked.append(dict(defines))
-        return real(name, defines, device)
-
-    monkeypatch.setattr(_runtime, "kernel", spy)
-    return asked
+    return record_defines(monkeypatch, "cc_conv_bwd_btd")
 
 
 # T = 21: one chunk, T not a multiple of the batch; T = 3 < W; T = 200 with B = 1: several chunks, the middle

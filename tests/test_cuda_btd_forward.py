@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import oracle
-from conftest import make_params, randn, seeded
+from conftest import make_params, randn, record_defines, seeded
 
 RTOL = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}  # one rounding of a float32 result: half an ulp
 ATOL = 1e-3
@@ -34,18 +34,7 @@ def _fresh_plans(monkeypatch):
 @pytest.fixture
 def compiled(btd, monkeypatch):
     """The defines of each forward variant the launcher asks for, in order."""
-    from causal_conv1d_mps.cuda import _runtime
-
-    asked = []
-    real = _runtime.kernel
-
-    def spy(name, defines, device):
-        if name == "cc_conv_fwd_btd":
-            asked.append(dict(defines))
-        return real(name, defines, device)
-
-    monkeypatch.setattr(_runtime, "kernel", spy)
-    return asked
+    return record_defines(monkeypatch, "cc_conv_fwd_btd")
 
 
 # (W, mask kind, x dtype, weight dtype, bias, activation, residual): each width on one side of a switch of

@@ -8,7 +8,6 @@ no graph alive after its caller lets go of the result.
 """
 from __future__ import annotations
 
-import functools
 import gc
 import json
 import tempfile
@@ -22,7 +21,7 @@ import torch
 import causal_conv1d_mps as ccmps
 from causal_conv1d_mps import _backend
 from causal_conv1d_mps._activation import SILU
-from conftest import seeded
+from conftest import seeded, serve_through_cuda_launchers
 
 B, D, T = 2, 3, 11
 
@@ -86,30 +85,10 @@ def test_every_backend_returns_none_for_final_states_not_asked_for(backend, devi
 
 @pytest.fixture
 def cuda_kernels(device, monkeypatch):
-    """The Triton backend, whose CUDA C++ launchers serve bf16 calls on a GPU, and here on cpu tensors through
-    their test harness; returns the list of whether each launcher call served."""
-    from causal_conv1d_mps import _activation
-    from causal_conv1d_mps.cuda import _runtime, launch, launch_btd
+    """Whether each call of the CUDA C++ forward launchers served (the Triton backend forced)."""
+    from causal_conv1d_mps.cuda import launch, launch_btd
 
-    if device.type not in ("cpu", "cuda"):
-        pytest.skip(f"CUDA C++ kernels: not on {device.type}")
-    reason = _backend.backend_unavailable_reason("triton", device, torch.bfloat16)
-    if reason is not None:
-        pytest.skip(f"backend triton on {device}: {reason}")
-    probe = torch.zeros(1, 8, 16, dtype=torch.bfloat16, device=device), torch.ones(8, 4, device=device)
-    if launch.conv_fwd_bdt(*probe, None, _activation.SILU, allow_cpu=device.type == "cpu") is None:
-        pytest.skip(f"CUDA C++ kernels on {device}: {_runtime.unavailable_reason(device)}")
-    monkeypatch.setenv("CAUSAL_CONV1D_BACKEND", "triton")
-    served = []
-
-    def spy(fn, *args, **kwargs):
-        result = fn(*args, **kwargs, allow_cpu=device.type == "cpu")
-        served.append(result is not None and result is not False)
-        return result
-
-    monkeypatch.setattr(launch, "conv_fwd_bdt", functools.partial(spy, launch.conv_fwd_bdt))
-    monkeypatch.setattr(launch_btd, "conv_fwd_btd", functools.partial(spy, launch_btd.conv_fwd_btd))
-    return served
+    return serve_through_cuda_launchers(device, monkeypatch, [(launch, "conv_fwd_bdt"), (launch_btd, "conv_fwd_btd")])
 
 
 @pytest.mark.parametrize("op", ["causal_conv1d_fwd", "short_conv_fused_fwd"])
