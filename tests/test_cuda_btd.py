@@ -43,6 +43,12 @@ def _check(btd, x, weight, bias, mask, activation, residual, name):
     return out
 
 
+def case_channels(width: int) -> int:
+    """D of a case's shapes: one per case, so that each case compiles one variant (D is compiled in), and
+    across cases both a D within one block's channels (12) and one past it (264)."""
+    return 264 if width % 2 else 12
+
+
 # (W, x dtype, weight dtype, bias, activation, mask, residual): every width, each option at several widths
 CASES = [
     (1, torch.bfloat16, torch.bfloat16, True, "silu", "binary", True),
@@ -70,7 +76,8 @@ CASES = [
                               f"-{'res' if c[6] else 'nores'}" for c in CASES])
 def test_matches_oracle(btd, device, width, dtype, wdtype, with_bias, activation, mask_kind, residual):
     gen = seeded(40 + width)
-    for B, T, D in ((2, 21, 12), (1, 3, 264)):  # T not a multiple of the run, T < W; D past one block
+    D = case_channels(width)
+    for B, T in ((2, 21), (1, 3)):  # T not a multiple of the run, T < W
         x = randn(B, T, D, dtype=dtype, device=device, generator=gen)
         weight, bias = make_params(D, width, wdtype, device, gen, with_bias=with_bias)
         mask = _mask(B, T, device, mask_kind, gen)
@@ -292,9 +299,10 @@ def bwd_compiled(btd, monkeypatch):
     return record_defines(monkeypatch, "cc_conv_bwd_btd")
 
 
-# T = 21: one chunk, T not a multiple of the batch; T = 3 < W; T = 200 with B = 1: several chunks, the middle
-# ones inside [0, T) (no bounds checks), the first and last not
-BACKWARD_SHAPES = ((2, 21, 12), (1, 3, 264), (1, 200, 8))
+# (B, T) with D = case_channels(W): T = 21 one chunk, T not a multiple of the batch; T = 3 < W; T = 200 with
+# B = 1: several chunks, the middle ones inside [0, T) (no bounds checks where switched on), the first and
+# last not
+BACKWARD_SHAPES = ((2, 21), (1, 3), (1, 200))
 
 
 @pytest.mark.parametrize("width,dtype,wdtype,with_bias,activation,mask_kind,residual", CASES,
@@ -305,7 +313,8 @@ def test_backward_matches_oracle(btd, device, bwd_compiled, width, dtype, wdtype
     """Contiguous x, dout and dx: the variant with D compiled in, as shipped (chunks without bounds checks
     where `_BWD_INSIDE`; the same-bits test below checks that path against this one)."""
     gen = seeded(60 + width)
-    for B, T, D in BACKWARD_SHAPES:
+    D = case_channels(width)
+    for B, T in BACKWARD_SHAPES:
         x = randn(B, T, D, dtype=dtype, device=device, generator=gen)
         weight, bias = make_params(D, width, wdtype, device, gen, with_bias=with_bias)
         mask = _mask(B, T, device, mask_kind, gen)
@@ -313,6 +322,7 @@ def test_backward_matches_oracle(btd, device, bwd_compiled, width, dtype, wdtype
         defines = bwd_compiled[-1]
         assert (defines["CC_BWD_D"], defines["CC_BWD_INSIDE"]) == (D, int(btd._BWD_INSIDE)), defines
     assert len(bwd_compiled) == len(BACKWARD_SHAPES), "one plan per shape"
+    assert len({tuple(sorted(d.items())) for d in bwd_compiled}) == 1, "one compiled variant per case"
 
 
 def _interior_chunks(btd, B, T, D, W, has_mask, residual):
@@ -332,11 +342,12 @@ def test_backward_cases_cover_every_variant_and_several_chunks(btd):
     assert picked == {btd.backward_variant(m, r, W) for m in (False, True) for r in (False, True)
                       for W in range(1, btd.MAX_WIDTH + 1)}
     for vec, run in picked:
-        chunk, chunks = btd._chunking(200, -(-8 // (vec * btd.THREADS)), run)
-        assert chunks > 1 and chunk % run == 0 and (chunks - 1) * chunk < 200 <= chunks * chunk
+        for D in (case_channels(1), case_channels(2)):
+            chunk, chunks = btd._chunking(200, -(-(D // vec) // btd.THREADS), run)
+            assert chunks > 1 and chunk % run == 0 and (chunks - 1) * chunk < 200 <= chunks * chunk
     for W, *_, mask, residual in CASES:
-        for B, T, D in BACKWARD_SHAPES:
-            chunks, inside = _interior_chunks(btd, B, T, D, W, mask is not None, residual)
+        for B, T in BACKWARD_SHAPES:
+            chunks, inside = _interior_chunks(btd, B, T, case_channels(W), W, mask is not None, residual)
             if T == 200:
                 assert 0 < inside < chunks, (W, chunks, inside)
             else:
