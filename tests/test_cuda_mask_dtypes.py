@@ -145,3 +145,23 @@ def test_the_api_hands_an_int64_mask_to_the_kernel_unconverted(device, monkeypat
     ref, _ = oracle.short_conv_fused(x, weight, bias, mask.to(torch.float32), True, True)
     assert_close_rel(out, ref, torch.bfloat16, "api with an int64 mask")
     assert seen == [torch.int64], seen
+
+
+@pytest.mark.parametrize("dtype", NATIVE, ids=lambda d: str(d)[6:])
+def test_the_reference_path_reads_a_native_mask_as_its_float32_values(device, dtype):
+    """`CAUSAL_CONV1D_BACKEND=reference` on a GPU (or the reference fallback there) is handed the mask in its
+    own dtype too: forward, final states and gradients equal those of its float32 values."""
+    from causal_conv1d_mps import _activation, reference
+
+    gen = seeded(77)
+    x = randn(2, 30, 8, dtype=torch.bfloat16, device=device, generator=gen)
+    weight, bias = make_params(8, 4, torch.bfloat16, device, gen)
+    dout = randn(2, 30, 8, dtype=torch.bfloat16, device=device, generator=gen)
+    native = _native_mask(2, 30, dtype, device)
+    results = []
+    for mask in (native, native.to(torch.float32)):
+        out, final = reference.short_conv_fused_fwd(x, weight, bias, mask, None, None, _activation.SILU, True, True)
+        grads = reference.short_conv_fused_bwd(x, weight, bias, mask, None, None, dout, None, _activation.SILU, True)
+        results.append((out, final, *grads[:3]))
+    for label, a, b in zip(("out", "final states", "dx", "dweight", "dbias"), *results):
+        _same(a, b, f"{dtype} {label}")
