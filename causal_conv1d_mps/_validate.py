@@ -347,6 +347,7 @@ def not_leaf_requiring_grad(name: str, value: Tensor) -> None:
 _MASK_FORMS = "(B, T), (1, T), (B, 1), (T, B), or 1-D of length T, B or B*T"
 # the mask dtypes the CUDA backend's channel-last kernels read as they come (docs/BACKENDS.md); the Triton
 # kernels and the other backends get float32 (float64 for float64 x)
+# (the one list: `cuda._source.MASK_TYPES` generates the kernels' codes from it, float32 first)
 NATIVE_MASK_DTYPES = (torch.float32, torch.int64, torch.int32, torch.bool)
 
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 import functools
 from importlib import resources
 
-from .. import _activation
+from .. import _activation, _validate
 
 COMMON_FILE = "common.cuh"  # conversions, weight type, packing, activations: before every kernel file
 FILE_NAME = "conv_bdt.cu"  # the (B, D, T) kernels
 
-# the mask element types the channel-last kernels read (CC_MASK_T), by code: torch dtype names
-MASK_TYPES = ("float32", "int64", "int32", "bool")
+# the mask element types the channel-last kernels read (CC_MASK_T), by code: the torch dtype names of the
+# masks the api hands on as they come (code 0, float32, also stands for "no mask")
+MASK_TYPES = tuple(str(dtype).removeprefix("torch.") for dtype in _validate.NATIVE_MASK_DTYPES)
 
 # which file holds each kernel
 KERNEL_FILES = {"cc_conv_fwd_bdt": FILE_NAME, "cc_conv_bwd_bdt": FILE_NAME, "cc_reduce_partials": FILE_NAME,
