@@ -99,7 +99,8 @@ def short_conv_fused_fwd(x, weight, bias, mask, initial_states, cu_seqlens,
     out = x.new_empty(B, T, D)
     if not (cu_seqlens is None and initial_states is None and launch_btd.preferred(mask is not None, weight.shape[1])
             and launch_btd.conv_fwd_btd(x, weight, bias, mask, activation, residual, out)):
-        launch_forward(x, x.stride(), out, out.stride(), B, T, D, weight, bias, _float_mask(mask), None, cu_seqlens,
+        mask = _float_mask(mask)  # once: the final states below read it too
+        launch_forward(x, x.stride(), out, out.stride(), B, T, D, weight, bias, mask, None, cu_seqlens,
                        initial_states, activation, residual, True)
     if not return_final_states:
         return out, None
@@ -123,8 +124,7 @@ def short_conv_fused_bwd(x, weight, bias, mask, initial_states, cu_seqlens, dout
             return dx, *grads, None
     dweight, dbias, dh0 = launch_backward(
         x, x.stride(), dout, dout.stride(), dx, dx.stride(), B, T, D, weight, bias, _float_mask(mask), None,
-        cu_seqlens,
-        initial_states, dfinal_states, activation, residual, True)
+        cu_seqlens, initial_states, dfinal_states, activation, residual, True)
     return dx, dweight, dbias, dh0
 
 
