@@ -120,6 +120,21 @@ def _bwd_inputs(B, T, D, W, seed):
     return x, w, b, mask, dout
 
 
+def _bwd_ops(x, w, b, mask, dout, prefix: str = ""):
+    """(name, call) of the channel-last backward's three ops through the backend: fused with the mask,
+    fused without it, and `causal_conv1d` on the channel-last view."""
+    from causal_conv1d_mps import _activation
+    from causal_conv1d_mps.triton import backend
+
+    silu = _activation.SILU
+    xt, doutt = x.transpose(1, 2), dout.transpose(1, 2)
+    return (
+        (f"{prefix}fused mask",
+         lambda: backend.short_conv_fused_bwd(x, w, b, mask, None, None, dout, None, silu, True)),
+        (f"{prefix}fused", lambda: backend.short_conv_fused_bwd(x, w, b, None, None, None, dout, None, silu, True)),
+        (f"{prefix}ch-last", lambda: backend.causal_conv1d_bwd(xt, w, b, None, None, doutt, None, silu)))
+
+
 def backward_sweep(copy: float) -> None:
     """The channel-last backward's variants (rows per batch x channels per thread x target blocks), CUDA C++
     only, through the backend: the full grid at W = 4, the batch and vector choices at other widths."""
@@ -156,11 +171,8 @@ def backward_dc(copy: float, budget_s: float) -> None:
     backend (fused with a mask, fused without, plain channel-last), as % of the 3N-byte floor; each row also
     says whether dx, dweight and dbias have the same bits as with both off. Stops starting new rows once
     `budget_s` seconds have passed."""
-    from causal_conv1d_mps import _activation
     from causal_conv1d_mps.cuda import launch_btd
-    from causal_conv1d_mps.triton import backend
 
-    silu = _activation.SILU
     saved = (launch_btd.BACKWARD_MEASURED_FASTER, launch_btd._BWD_COMPILED_D, launch_btd._BWD_INSIDE)
     launch_btd.BACKWARD_MEASURED_FASTER = frozenset((m, W) for m in (False, True) for W in range(1, 17))
     _use(True)
@@ -170,13 +182,7 @@ def backward_dc(copy: float, budget_s: float) -> None:
         for (B, T, D) in BWD_DC_SHAPES:
             for W in (3, 4, 7, 8):
                 x, w, b, mask, dout = _bwd_inputs(B, T, D, W, W)
-                xt, doutt = x.transpose(1, 2), dout.transpose(1, 2)
-                for kind, fn in (
-                        ("fused mask", lambda: backend.short_conv_fused_bwd(x, w, b, mask, None, None, dout, None,
-                                                                            silu, True)),
-                        ("fused", lambda: backend.short_conv_fused_bwd(x, w, b, None, None, None, dout, None, silu,
-                                                                       True)),
-                        ("ch-last", lambda: backend.causal_conv1d_bwd(xt, w, b, None, None, doutt, None, silu))):
+                for kind, fn in _bwd_ops(x, w, b, mask, dout):
                     if time.perf_counter() - start > budget_s:
                         print(f"(budget of {budget_s:.0f} s spent: the remaining rows were not timed)")
                         return
@@ -205,13 +211,10 @@ def channel_last_backward_rows(copy: float) -> None:
     the backend's `short_conv_fused_bwd` / `causal_conv1d_bwd` (the forward is the same for both), as % of its
     3N-byte floor (read x and dout, write dx); then forward + backward from eager Python and in a CUDA graph,
     as % of the 5N-byte floor (issue 12's P3 shape first)."""
-    from causal_conv1d_mps import _activation
     from causal_conv1d_mps.cuda import launch_btd
-    from causal_conv1d_mps.triton import backend
 
     every = frozenset((m, W) for m in (False, True) for W in range(1, launch_btd.MAX_WIDTH + 1))
     saved = launch_btd.BACKWARD_MEASURED_FASTER
-    silu = _activation.SILU
     _use(True)
 
     def both(fn):
@@ -229,13 +232,7 @@ def channel_last_backward_rows(copy: float) -> None:
     for (B, T, D) in ((8, 2048, 4096),):
         for W in (1, 2, 3, 4, 5, 6, 7, 8):  # wider: Triton's compile times dominate the run (call 1: 1.6-3.5x)
             x, w, b, mask, dout = _bwd_inputs(B, T, D, W, W)
-            xt, doutt = x.transpose(1, 2), dout.transpose(1, 2)
-            for kind, fn in (
-                    ("bwd fused mask", lambda: backend.short_conv_fused_bwd(x, w, b, mask, None, None, dout, None,
-                                                                           silu, True)),
-                    ("bwd fused", lambda: backend.short_conv_fused_bwd(x, w, b, None, None, None, dout, None, silu,
-                                                                      True)),
-                    ("bwd ch-last", lambda: backend.causal_conv1d_bwd(xt, w, b, None, None, doutt, None, silu))):
+            for kind, fn in _bwd_ops(x, w, b, mask, dout, "bwd "):
                 ms_t, ms_c, err = both(fn)
                 _row(kind, f"B{B} T{T} D{D}", W, ms_t, ms_c, 3 * x.numel() * 2, copy, err)
 
