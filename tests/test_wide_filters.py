@@ -78,3 +78,66 @@ def test_fused_and_decode_width_limit(triton_backend, kernel_calls, wider):
     assert_close_rel(step, ref_step, torch.float32, "decode out")
     assert_close_rel(state, ref_state, torch.float32, "decode state")
     assert (len(kernel_calls) == 0) == wider, f"W = {width}: {len(kernel_calls)} kernel launches"
+
+
+def _unroll_limit():
+    from causal_conv1d_mps.triton.kernels.common import UNROLL_MAX_W
+
+    return int(UNROLL_MAX_W)
+
+
+@pytest.mark.parametrize("past", [False, True], ids=["unrolled", "loop"])
+def test_general_tap_loops_with_packed_sequences(triton_backend, past):
+    """The masked tiles' taps are unrolled up to `UNROLL_MAX_W` and a run-time loop past it: both sides,
+    with every per-tap check those tiles make (sequence ids, padding, initial states), forward and backward."""
+    device = triton_backend
+    width = _unroll_limit() + int(past)
+    gen = seeded(33 + width)
+    b, d, t = 2, 6, 29
+    x = randn(b, d, t, device=device, generator=gen)
+    weight, bias = make_params(d, width, torch.float32, device, gen)
+    seq_idx = torch.tensor([[0] * 11 + [1] * 14 + [-1] * 4, [2] * 6 + [3] * 23], dtype=torch.int32, device=device)
+    xg, wg, bg = leaf(x), leaf(weight), leaf(bias)
+    out = ccmps.causal_conv1d(xg, wg, bg, "silu", seq_idx=seq_idx)
+    dout = randn(*out.shape, device=device, generator=gen)
+    out.backward(dout)
+
+    x64, w64, b64 = leaf64(x), leaf64(weight), leaf64(bias)
+    ref_out, _ = oracle.causal_conv1d(x64, w64, b64, "silu", seq_idx=seq_idx)
+    ref_grads = oracle_grads([ref_out], [dout], [x64, w64, b64])
+    assert_close_rel(out, ref_out, torch.float32, "out")
+    for label, got, ref in zip(("dx", "dweight", "dbias"), (xg, wg, bg), ref_grads):
+        assert_close_rel(got.grad, ref, torch.float32, label)
+
+
+@pytest.mark.parametrize("past", [False, True], ids=["unrolled", "loop"])
+def test_general_tap_loops_with_mask_and_states(triton_backend, past):
+    """The same two sides for the fused op: packed sequences with initial states and a gradient on the final
+    states, and an attention mask (a masked-out NaN must reach no tap, forward or backward)."""
+    device = triton_backend
+    width = _unroll_limit() + int(past)
+    gen = seeded(43 + width)
+    t, d = 31, 5
+    cu_seqlens = torch.tensor([0, 4, 19, t], dtype=torch.int32, device=device)
+    x = randn(1, t, d, device=device, generator=gen)
+    x[0, 7, 2] = float("nan")
+    mask = (torch.rand(1, t, generator=gen) > 0.3).to(device)
+    mask[0, 7] = False
+    weight, bias = make_params(d, width, torch.float32, device, gen)
+    states = randn(3, d, width - 1, device=device, generator=gen)
+    xg, wg, bg, sg = leaf(x), leaf(weight), leaf(bias), leaf(states)
+    # no residual: it would carry the NaN to the output
+    out, final = ccmps.short_conv_fused(xg, wg, bg, mask, residual=False, initial_states=sg,
+                                        return_final_states=True, cu_seqlens=cu_seqlens)
+    dout = randn(*out.shape, device=device, generator=gen)
+    dfinal = randn(*final.shape, device=device, generator=gen)
+    torch.autograd.backward([out, final], [dout, dfinal])
+
+    x64, w64, b64, s64 = leaf64(x), leaf64(weight), leaf64(bias), leaf64(states)
+    ref_out, ref_final = oracle.short_conv_fused(x64, w64, b64, mask.cpu(), residual=False, initial_states=s64,
+                                                 cu_seqlens=cu_seqlens.cpu())
+    ref_grads = oracle_grads([ref_out, ref_final], [dout, dfinal], [x64, w64, b64, s64])
+    assert_close_rel(out, ref_out, torch.float32, "out")
+    assert_close_rel(final, ref_final, torch.float32, "final_states")
+    for label, got, ref in zip(("dx", "dweight", "dbias", "dinitial_states"), (xg, wg, bg, sg), ref_grads):
+        assert_close_rel(got.grad, ref, torch.float32, label)

@@ -64,6 +64,12 @@ def sigmoid(b_x):
 IDENTITY = tl.constexpr(_activation.IDENTITY)
 SILU = tl.constexpr(_activation.SILU)
 
+# The masked (general) paths unroll their taps up to this width and loop at run time past it: unrolled,
+# each masked tap is a block of loads and selects, and at W = 16 they took most of a kernel's compile time
+# (the fp32 fused backward with mask and states: 36 s for sm_90, 10 s with the loops). The unmasked interior
+# paths, which carry the bulk of the work, stay unrolled at every width.
+UNROLL_MAX_W = tl.constexpr(8)
+
 
 @triton.jit
 def activation(b_x, ACTIVATION: tl.constexpr):
@@ -187,17 +193,33 @@ def conv_pre(x, weight, bias, mask, seq_idx, h0, i_b, i_h, o_t, o_d, m_t, m_d, b
     b_pre = tl.full([BT, BD], 0., tl.float32)
     if HAS_BIAS:
         b_pre += tl.load(bias + o_d, mask=m_d, other=0.).to(tl.float32)[None, :]
-    for k in tl.static_range(W):
-        o_s = o_t - (W - 1) + k
-        ok_x = m_t
-        if HAS_SEQ_IDX:
-            b_seq_s = tl.load(seq_idx + i_b.to(tl.int64) * T + o_s, mask=m_t & (o_s >= 0), other=-2)
-            ok_x = ok_x & (b_seq_s == b_seq_t)
-        b_x = load_source(x, mask, h0, i_b, i_h, o_s, o_d, m_d, ok_x, ok_h, bos, T, D,
-                          stride_x_b, stride_x_t, stride_x_d, W, HAS_MASK, USE_INITIAL_STATE)
-        b_w = tl.load(weight + o_d * W + k, mask=m_d, other=0.).to(tl.float32)
-        b_pre += b_x * b_w[None, :]
+    if W <= UNROLL_MAX_W:
+        for k in tl.static_range(W):
+            b_pre = conv_pre_tap(b_pre, x, weight, mask, seq_idx, h0, i_b, i_h, o_t, o_d, m_t, m_d, bos, b_seq_t,
+                                 ok_h, T, D, stride_x_b, stride_x_t, stride_x_d, k, W,
+                                 HAS_MASK, HAS_SEQ_IDX, USE_INITIAL_STATE)
+    else:
+        for k in range(W):
+            b_pre = conv_pre_tap(b_pre, x, weight, mask, seq_idx, h0, i_b, i_h, o_t, o_d, m_t, m_d, bos, b_seq_t,
+                                 ok_h, T, D, stride_x_b, stride_x_t, stride_x_d, k, W,
+                                 HAS_MASK, HAS_SEQ_IDX, USE_INITIAL_STATE)
     return b_pre
+
+
+@triton.jit
+def conv_pre_tap(b_pre, x, weight, mask, seq_idx, h0, i_b, i_h, o_t, o_d, m_t, m_d, bos, b_seq_t, ok_h, T, D,
+                 stride_x_b, stride_x_t, stride_x_d, k, W: tl.constexpr,
+                 HAS_MASK: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, USE_INITIAL_STATE: tl.constexpr):
+    """`b_pre` plus tap `k` of `conv_pre` (`k` a constant when unrolled, a loop counter past UNROLL_MAX_W)."""
+    o_s = o_t - (W - 1) + k
+    ok_x = m_t
+    if HAS_SEQ_IDX:
+        b_seq_s = tl.load(seq_idx + i_b.to(tl.int64) * T + o_s, mask=m_t & (o_s >= 0), other=-2)
+        ok_x = ok_x & (b_seq_s == b_seq_t)
+    b_x = load_source(x, mask, h0, i_b, i_h, o_s, o_d, m_d, ok_x, ok_h, bos, T, D,
+                      stride_x_b, stride_x_t, stride_x_d, W, HAS_MASK, USE_INITIAL_STATE)
+    b_w = tl.load(weight + o_d * W + k, mask=m_d, other=0.).to(tl.float32)
+    return b_pre + b_x * b_w[None, :]
 
 
 @triton.jit

@@ -28,8 +28,8 @@ NaN (`dpre * 0`), as in the reference (docs/CONTRACT.md section 7, item 5).
 import triton
 import triton.language as tl
 
-from .common import (IDENTITY, activation_grad, add, conv_pre, conv_pre_interior, load_source, masked_input,
-                     row_sequences, stream_bounds)
+from .common import (IDENTITY, UNROLL_MAX_W, activation_grad, add, conv_pre, conv_pre_interior, load_source,
+                     masked_input, row_sequences, stream_bounds)
 
 
 @triton.jit
@@ -66,6 +66,23 @@ def tap_gradients(b_g, b_w, b_xs, b_dxe, b_dw, o_w, k: tl.constexpr, W: tl.const
         if k == W - 1:
             b_dw += tl.where(o_w[:, None] == W, tl.reduce(b_g, 0, add)[None, :], 0.)
     return b_dxe, b_dw
+
+
+@triton.jit
+def general_tap_gradients(weight, p_scr, p_seq, b_xs, b_dxe, b_dw, b_seq_s, o_s, o_r, o_d, o_w, m_s, m_d, eos, k,
+                          W: tl.constexpr, SCR_R: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ_IDX: tl.constexpr):
+    """`tap_gradients` of tap `k` on a general tile: only the outputs of each source row's own sequence
+    count (`k` a constant when unrolled, a loop counter past UNROLL_MAX_W)."""
+    o_tk = o_s + (W - 1 - k)
+    ok_t = m_s & (o_tk < eos)  # the output reading s through tap k is of the same sequence
+    if HAS_SEQ_IDX:
+        b_seq_tk = tl.load(p_seq + o_tk, mask=ok_t, other=-1)
+        ok_t = ok_t & (b_seq_tk == b_seq_s) & (b_seq_s >= 0)
+    b_g = tl.load(p_scr + (o_r + (W - 1 - k))[:, None] * SCR_R, mask=ok_t[:, None], other=0.)
+    b_w = tl.load(weight + o_d * W + k, mask=m_d, other=0.).to(tl.float32)
+    # a source outside the output's sequence adds nothing to dweight, even if it is NaN
+    b_xs_k = tl.where(ok_t[:, None], b_xs, 0.)
+    return tap_gradients(b_g, b_w, b_xs_k, b_dxe, b_dw, o_w, k, W, HAS_BIAS)
 
 
 @triton.jit
@@ -164,20 +181,19 @@ def bwd_tile_general(x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, dht, 
                                               HAS_SEQ_IDX, IS_VARLEN)
     if HAS_SEQ_IDX:
         p_seq = seq_idx + i_b.to(tl.int64) * T
+    else:
+        p_seq = seq_idx  # never read
     b_xs = load_source(x, mask, h0, i_b, i_h, o_s, o_d, m_d, m_s, m_s, bos, T, D,
                        stride_x_b, stride_x_t, stride_x_d, W, HAS_MASK, False)
     b_dxe = tl.full([BT, BD], 0., tl.float32)
-    for k in tl.static_range(W):
-        o_tk = o_s + (W - 1 - k)
-        ok_t = m_s & (o_tk < eos)  # the output reading s through tap k is of the same sequence
-        if HAS_SEQ_IDX:
-            b_seq_tk = tl.load(p_seq + o_tk, mask=ok_t, other=-1)
-            ok_t = ok_t & (b_seq_tk == b_seq_s) & (b_seq_s >= 0)
-        b_g = tl.load(p_scr + (o_r + (W - 1 - k))[:, None] * SCR_R, mask=ok_t[:, None], other=0.)
-        b_w = tl.load(weight + o_d * W + k, mask=m_d, other=0.).to(tl.float32)
-        # a source outside the output's sequence adds nothing to dweight, even if it is NaN
-        b_xs_k = tl.where(ok_t[:, None], b_xs, 0.)
-        b_dxe, b_dw = tap_gradients(b_g, b_w, b_xs_k, b_dxe, b_dw, o_w, k, W, HAS_BIAS)
+    if W <= UNROLL_MAX_W:
+        for k in tl.static_range(W):
+            b_dxe, b_dw = general_tap_gradients(weight, p_scr, p_seq, b_xs, b_dxe, b_dw, b_seq_s, o_s, o_r, o_d,
+                                                o_w, m_s, m_d, eos, k, W, SCR_R, HAS_BIAS, HAS_SEQ_IDX)
+    else:
+        for k in range(W):
+            b_dxe, b_dw = general_tap_gradients(weight, p_scr, p_seq, b_xs, b_dxe, b_dw, b_seq_s, o_s, o_r, o_d,
+                                                o_w, m_s, m_d, eos, k, W, SCR_R, HAS_BIAS, HAS_SEQ_IDX)
 
     if USE_FINAL_STATE_GRAD:
         # the final states are the last W-1 steps of xe: their gradient lands on those steps
