@@ -178,3 +178,18 @@ def test_all_ones_and_fractional_runs_in_one_call(btd, compiled, device):
         mask[2, 150:] = 0   # the last run: 0 and 1 only
         out = torch.full_like(x, float("nan"))
         _run(btd, compiled, x, weight, bias, mask.to(device), "silu", True, out, f"W{W}")
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["checked", "inside"])
+@pytest.mark.parametrize("mask_kind", [None, "fractional"], ids=["no_mask", "mask"])
+def test_sixteen_step_runs_match_oracle(btd, compiled, device, monkeypatch, mask_kind, inside):
+    """2 channels x 16 steps (CC_FWD_RUN = 16, a scheme the sweep times at wide filters), forced, at W = 11
+    (a halo of 10 rows: more than half a run) on the shapes of the cases above."""
+    gen = seeded(90)
+    width = 11
+    monkeypatch.setattr(btd, "forward_variant", lambda has_mask, W, d_const: btd.ForwardVariant(2, 16, inside))
+    for B, T, D in ((2, 100, 12), (2, 3, 12), (1, 70, 260)):
+        x, weight, bias, mask = _inputs(B, T, D, width, torch.bfloat16, torch.float32, True, mask_kind, device, gen)
+        out = torch.full_like(x, float("nan"))
+        defines = _run(btd, compiled, x, weight, bias, mask, "silu", True, out, f"W{width} B{B} T{T} D{D}")
+        assert (defines["CC_FWD_VEC"], defines["CC_FWD_RUN"], defines["CC_FWD_INSIDE"]) == (2, 16, int(inside))

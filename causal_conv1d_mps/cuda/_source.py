@@ -41,7 +41,7 @@ FILE_DEFINES = {
 KERNEL_DEFINES = {
     "cc_conv_fwd_bdt": {"CC_VPT": (1, 2, 4), "CC_FWD_THREADS": (64, 128)},
     # CC_D: D compiled in (a positive multiple of 4 within the grid's limit of 65535 * 256 channels), 0: none
-    "cc_conv_fwd_btd": {"CC_FWD_VEC": (2, 4), "CC_FWD_RUN": (8, 32), "CC_FWD_INSIDE": (0, 1),
+    "cc_conv_fwd_btd": {"CC_FWD_VEC": (2, 4), "CC_FWD_RUN": (8, 16, 32), "CC_FWD_INSIDE": (0, 1),
                         "CC_D": range(0, 1 << 24, 4)},
     # CC_BWD_D: as CC_D, for x, dout and dx contiguous
     "cc_conv_bwd_btd": {"CC_BWD_VEC": (2, 4), "CC_BWD_RUN": (4, 8, 16), "CC_BWD_INSIDE": (0, 1),

@@ -91,7 +91,7 @@ __device__ __forceinline__ float cc_x_half(unsigned int word, int h) {
 // (launch_btd.forward_variant; docs/PERF_NOTES.md v9). Its defines of this kernel alone
 // (causal_conv1d_mps/cuda/_source.py, KERNEL_DEFINES):
 //   CC_FWD_VEC     channels per thread: 4 or 2
-//   CC_FWD_RUN     steps per thread: 8 or 32
+//   CC_FWD_RUN     steps per thread: 8, 16 or 32
 //   CC_FWD_INSIDE  1: a run whose steps and halo all lie in [0, T) (all but the first and last runs of a row;
 //                  block-uniform) takes a copy of the code without bounds checks
 //   CC_D           D itself where x and out are contiguous [B, T, D]: a run's rows are then one base address
