@@ -1,8 +1,8 @@
 """The schemes of the channel-last CUDA C++ forward (`causal_conv1d_mps/cuda/kernels/conv_btd.cu`, chosen by
 `launch_btd.forward_variant`) against the float64 oracle, element by element.
 
-The schemes: 4 channels x 8 steps or 2 x 32 per thread, D compiled in (CC_D, x and out contiguous) or runtime
-strides (views), runs inside [0, T) without bounds checks or not, and the mask's warp vote (all-ones runs
+The schemes: 4 channels x 8 steps, 2 x 16 or 2 x 32 per thread, D compiled in (CC_D, x and out contiguous)
+or runtime strides (views), runs inside [0, T) without bounds checks or not, and the mask's warp vote (all-ones runs
 skip the mask; the others select). Each case runs a width on one side of a switch of `forward_variant`, at
 shapes where every part of a scheme is reached: T = 100 (interior runs for both run lengths, and edge runs at
 both ends), T = 3 < W, T = 70 (not a multiple of 8 or 32) with B = 1 and D = 260 (a block with a few channels
@@ -38,16 +38,22 @@ def compiled(btd, monkeypatch):
 
 
 # (W, mask kind, x dtype, weight dtype, bias, activation, residual): each width on one side of a switch of
-# forward_variant (D compiled in: 4 x 8 up to W 6, 2 x 32 from 7; no bounds checks from W 5 with a mask, from
-# 13 without; runtime strides: 2 x 32 from W 6 with a mask, from 10 without)
+# forward_variant (D compiled in: 4 x 8 up to W 6, 2 x 16 from 7, 2 x 32 from 12 with a mask and from 13
+# without; no bounds checks from W 5 with a mask at 4 x 8, from W 9 at 2 x 16, always at 2 x 32; runtime
+# strides: 2 x 32 from W 6 with a mask, from 10 without)
 CASES = [
     (4, "binary", torch.bfloat16, torch.bfloat16, True, "silu", True),
     (5, "fractional", torch.float16, torch.float32, False, "silu", True),
     (6, "binary", torch.bfloat16, torch.float32, True, None, False),
     (7, "fractional", torch.bfloat16, torch.bfloat16, True, "silu", True),
+    (8, "binary", torch.bfloat16, torch.bfloat16, True, "silu", True),
+    (9, "fractional", torch.float16, torch.float16, False, "silu", True),
+    (11, "binary", torch.bfloat16, torch.float32, True, None, True),
+    (12, "fractional", torch.bfloat16, torch.bfloat16, True, "silu", True),
     (16, "binary", torch.float16, torch.float16, True, "silu", True),
     (6, None, torch.float16, torch.float16, True, "silu", False),
     (7, None, torch.bfloat16, torch.float32, False, "silu", True),
+    (8, None, torch.float16, torch.float32, True, "silu", True),
     (9, None, torch.float16, torch.float16, True, None, False),
     (10, None, torch.bfloat16, torch.bfloat16, True, "silu", False),
     (12, None, torch.float16, torch.float32, True, None, True),
@@ -160,7 +166,7 @@ def test_the_cases_reach_every_scheme_on_both_sides_of_each_switch(btd):
     for has_mask in (False, True):
         for W in everything:
             vec, run, _ = btd.forward_variant(has_mask, W, True)
-            assert (vec, run) in {(4, 8), (2, 32)}
+            assert (vec, run) in {(4, 8), (2, 16), (2, 32)}
     assert btd.MEASURED_FASTER == {(m, W) for m in (False, True) for W in range(2, btd.MAX_WIDTH + 1)}
 
 
@@ -179,17 +185,3 @@ def test_all_ones_and_fractional_runs_in_one_call(btd, compiled, device):
         out = torch.full_like(x, float("nan"))
         _run(btd, compiled, x, weight, bias, mask.to(device), "silu", True, out, f"W{W}")
 
-
-@pytest.mark.parametrize("inside", [False, True], ids=["checked", "inside"])
-@pytest.mark.parametrize("mask_kind", [None, "fractional"], ids=["no_mask", "mask"])
-def test_sixteen_step_runs_match_oracle(btd, compiled, device, monkeypatch, mask_kind, inside):
-    """2 channels x 16 steps (CC_FWD_RUN = 16, a scheme the sweep times at wide filters), forced, at W = 11
-    (a halo of 10 rows: more than half a run) on the shapes of the cases above."""
-    gen = seeded(90)
-    width = 11
-    monkeypatch.setattr(btd, "forward_variant", lambda has_mask, W, d_const: btd.ForwardVariant(2, 16, inside))
-    for B, T, D in ((2, 100, 12), (2, 3, 12), (1, 70, 260)):
-        x, weight, bias, mask = _inputs(B, T, D, width, torch.bfloat16, torch.float32, True, mask_kind, device, gen)
-        out = torch.full_like(x, float("nan"))
-        defines = _run(btd, compiled, x, weight, bias, mask, "silu", True, out, f"W{width} B{B} T{T} D{D}")
-        assert (defines["CC_FWD_VEC"], defines["CC_FWD_RUN"], defines["CC_FWD_INSIDE"]) == (2, 16, int(inside))

@@ -159,14 +159,23 @@ def forward_variant(has_mask: bool, W: int, d_const: bool) -> ForwardVariant:
         76.8 against 62.4);
       - no mask: 4 x 8 up to W = 9 (W 8 75.7 against 71.7), 2 x 32 from W = 10 (W 10 61.6 against 61.3, W 12
         62.0 against 61.5, W 16 50.4 against 30.1).
-    W 9, 11 and 13-15 were not timed; they take the scheme of the nearest rule above."""
+    W 9, 11 and 13-15 were not timed there; they take the scheme of the nearest rule above.
+    - D compiled in, 2 x 16 (session 8, `benchmarks/prototypes/cuda_btd_forward_sweep.py`, B4 T2048 D4096,
+      `docs/results/h200-bf16-channel-last-forward-sweep-session8.log`; `do_bench` terms, lower than bench.py's):
+      fewer registers than 2 x 32 (sm_90 W = 16 fused: 95 against 136) for more halo rows per output. It won
+      from W = 7 to W = 11 in all three ops (fused: W 7 78.4 against 76.7, W 8 77.6 against 75.6, W 11 70.9
+      against 68.2; with a mask W 8 77.7 against the shipped 67.9, which the session 7 sweep had flagged too;
+      plain W 11 69.7 against 68.0), tied at W = 12 and lost from W = 14 (W 16 fused 49.8 against 52.8). Its
+      runs without bounds checks won from W = 9 (fused W 11 70.9 against 68.4, with a mask W 10 70.8 against
+      67.5) and tied or lost below."""
     if d_const:
-        vec = 4 if W <= 6 else 2
-        inside = W >= 5 if has_mask else W >= 13
-    else:
-        vec = 4 if W <= (5 if has_mask else 9) else 2
-        inside = False
-    return ForwardVariant(vec, 8 if vec == 4 else 32, inside)
+        if W <= 6:
+            return ForwardVariant(4, 8, has_mask and W >= 5)
+        if W <= (11 if has_mask else 12):
+            return ForwardVariant(2, 16, W >= 9)
+        return ForwardVariant(2, 32, True)
+    vec = 4 if W <= (5 if has_mask else 9) else 2
+    return ForwardVariant(vec, 8 if vec == 4 else 32, False)
 
 
 _MAX_PLANS = 512  # signatures hold shapes: a model with ever-changing lengths must not grow the table
