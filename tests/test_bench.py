@@ -29,7 +29,7 @@ from conftest import REPO_ROOT
 
 HEADER_FIELDS = {
     "device": str, "device_name": str, "dtype": str, "width": int, "suites": list, "quick": bool,
-    "torch": str, "causal_conv1d_mps": str, "copy_gbps": float, "time_utc": str, "compile": bool,
+    "torch": str, "causal_conv1d_mps": str, "copy_gbps": float, "time_utc": str, "compile": bool, "cuda_graphs": bool,
 }
 ROW_FIELDS = {
     "suite": str, "name": str, "op": str, "shape": dict, "width": int, "dtype": str, "flags": dict,
@@ -321,3 +321,38 @@ def test_a_row_that_cannot_allocate_is_reported_not_fatal(monkeypatch):
     record = run_case(case, timing.QUICK, 0, 1.0, compile_eager=False)
     assert not record["correct"] and record["ours_ms"] is None
     assert "inputs could not be allocated" in record["notes"][0]
+
+
+def test_cuda_graphs_need_a_cuda_device(capsys):
+    assert cli.main(["--quick", "--device", "cpu", "--cuda-graphs"]) == 2
+    err = capsys.readouterr().err
+    assert "--cuda-graphs" in err and "expected a CUDA device, got cpu" in err
+
+
+def test_a_failed_graph_capture_is_reported_not_fatal(monkeypatch, one_thread):
+    """An implementation that cannot be captured keeps its verdict and gets no time; the row goes on."""
+    case = build_case(Spec("t", "causal_conv1d", "t", 1, 4, 8), torch.float32, torch.device("cpu"), ccmps, [])
+    captured = []
+
+    def capture_fails(call, sets, device):
+        captured.append(len(sets))
+        raise RuntimeError("operation not permitted when stream is capturing (simulated)")
+
+    monkeypatch.setattr(timing, "graph_replays", capture_fails)
+    record = run_case(case, timing.QUICK, 0, 1.0, compile_eager=False, cuda_graphs=True)
+    assert captured, "the timing went through graph capture"
+    assert record["correct"] and record["ours_ms"] is None and record["eager_ms"] is None
+    assert any("ours: CUDA graph capture failed" in note for note in record["notes"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need an NVIDIA GPU")
+def test_cuda_graph_replays_time_every_suite_kind(tmp_path):
+    """Forward, forward + backward and decode rows (in-place state updates) are captured, verified and timed."""
+    path = tmp_path / "graphs.json"
+    code = cli.main(["--quick", "--device", "cuda", "--dtype", "bf16", "--suite", "large,backward,decode",
+                     "--cuda-graphs", "--json", str(path)])
+    run = json.loads(path.read_text())
+    assert code == 0 and run["header"]["cuda_graphs"] is True
+    for row in run["rows"]:
+        assert row["correct"] and row["ours_ms"] and row["eager_ms"], row["name"]
+        assert not any("capture failed" in note and note.startswith(("ours", "eager")) for note in row["notes"])

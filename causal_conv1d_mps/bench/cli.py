@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=_width, default=4, help="width W for every suite but 'width' (default 4)")
     p.add_argument("--quick", action="store_true", help="tiny shapes and few repetitions (seconds; for CI)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the eager PyTorch function")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="time every implementation by replaying CUDA graphs of its calls (CUDA only): the "
+                   "GPU-bound figure, without the host time of each call from Python")
     p.add_argument("--json", metavar="FILE", help="write the header and every row to FILE as JSON")
     p.add_argument("--plot", metavar="FILE", help="write a bar chart of speedup and %% of copy bandwidth (matplotlib)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the inputs (default 0)")
@@ -84,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.cuda_graphs and device.type != "cuda":
+        print(f"error: --cuda-graphs: expected a CUDA device, got {device.type}", file=sys.stderr)
+        return 2
     import causal_conv1d_mps as ccmps
 
     mode = "quick" if args.quick else "full"
@@ -93,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     copy_gbps = devices.copy_bandwidth(device, COPY_BYTES[mode], plan)
     header = devices.header(
         device, dtype=str(args.dtype).removeprefix("torch."), width=args.width, suites=args.suite, quick=args.quick,
-        compile=args.compile, seed=args.seed, copy_gbps=copy_gbps, rotate_bytes=ROTATE_BYTES[mode],
+        compile=args.compile, cuda_graphs=args.cuda_graphs, seed=args.seed, copy_gbps=copy_gbps, rotate_bytes=ROTATE_BYTES[mode],
         **{lib.name: lib.version for lib in libs}, **({"unusable": unusable_libs} if unusable_libs else {}),
     )
     specs = specs_for(args.suite, args.width, args.quick)
@@ -105,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         for spec in specs:
             progress.step(f"{spec.suite}: {spec.name}")
             case = build_case(spec, args.dtype, device, ccmps, libs)
-            records.append(run_case(case, plan, ROTATE_BYTES[mode], copy_gbps, args.compile))
+            records.append(run_case(case, plan, ROTATE_BYTES[mode], copy_gbps, args.compile, args.cuda_graphs))
             _release_memory(device)
             progress.advance()
             progress.clear()

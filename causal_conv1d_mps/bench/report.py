@@ -25,8 +25,8 @@ def header_lines(header: dict) -> list[str]:
         f"device: {header['device']} - {header['device_name']} - {header['os']}",
         f"torch {header['torch']}, triton {header['triton'] or 'not installed'}, python {header['python']}"
         + (f", {extra}" if extra else ""),
-        f"dtype {header['dtype']}, backend {backend}, {'quick' if header['quick'] else 'full'} run, "
-        f"{header['time_utc']}",
+        f"dtype {header['dtype']}, backend {backend}, {'quick' if header['quick'] else 'full'} run"
+        f"{', CUDA graph replays' if header.get('cuda_graphs') else ''}, {header['time_utc']}",
         f"copy bandwidth: {header['copy_gbps']:.1f} GB/s (device copy_, read + write)",
         *(f"{name} installed but not used: {why}" for name, why in header.get("unusable", {}).items()),
     ]

@@ -38,7 +38,8 @@ def implementations(case: Case, compile_eager: bool) -> list[tuple[str, Callable
     return impls
 
 
-def _run_impl(case: Case, name: str, fn: Callable, sets: list[Inputs], plan: timing.Plan) -> dict:
+def _run_impl(case: Case, name: str, fn: Callable, sets: list[Inputs], plan: timing.Plan,
+              cuda_graphs: bool = False) -> dict:
     call = case.wrap(fn)
     before = _snapshot(sets[0]) if case.mutates_inputs else sets[0]
     result: dict = {"ms": None, "stdev_pct": None, "gbps": None, "rel_err": None, "ok": None, "notes": []}
@@ -61,10 +62,17 @@ def _run_impl(case: Case, name: str, fn: Callable, sets: list[Inputs], plan: tim
         if name not in ("ours", "eager"):  # a wrong third-party result is not a speed worth reporting
             return result
     try:
-        t = timing.measure(call, sets, case.device, plan)
+        timed, timed_sets = timing.graph_replays(call, sets, case.device) if cuda_graphs else (call, sets)
+    except Exception as e:  # an implementation that cannot be captured: the row keeps its verdict
+        result["notes"].append(_error_note(f"{name}: CUDA graph capture failed", e))
+        return result
+    try:
+        t = timing.measure(timed, timed_sets, case.device, plan)
     except Exception as e:  # out of memory on a small device, for example: the row keeps its verdict
         result["notes"].append(_error_note(f"{name}: error while timing", e))
         return result
+    finally:
+        del timed, timed_sets  # a graph holds its outputs' memory
     result.update(ms=t.seconds * 1e3, stdev_pct=t.stdev_pct, reps=t.reps, calls_per_rep=t.calls_per_rep,
                   gbps=case.bytes / t.seconds / 1e9)
     return result
@@ -78,8 +86,10 @@ def _ratio(numerator, denominator):
     return numerator / denominator if numerator and denominator else None
 
 
-def run_case(case: Case, plan: timing.Plan, rotate_bytes: int, copy_gbps: float, compile_eager: bool) -> dict:
-    """One JSON record: shape and flags, per-implementation results, and the headline columns."""
+def run_case(case: Case, plan: timing.Plan, rotate_bytes: int, copy_gbps: float, compile_eager: bool,
+             cuda_graphs: bool = False) -> dict:
+    """One JSON record: shape and flags, per-implementation results, and the headline columns; with
+    `cuda_graphs` every implementation is timed by replaying CUDA graphs of its calls."""
     try:
         sets = input_sets(case, rotate_bytes)
     except Exception as e:  # too large for this device: the row is reported as not run (and not verified)
@@ -92,7 +102,7 @@ def run_case(case: Case, plan: timing.Plan, rotate_bytes: int, copy_gbps: float,
         if fn is None:
             impls[name] = {"ms": None, "ok": None, "notes": [why_not]}
         else:
-            impls[name] = _run_impl(case, name, fn, sets, plan)
+            impls[name] = _run_impl(case, name, fn, sets, plan, cuda_graphs)
         notes += impls[name].pop("notes")
     del sets
     return _record(case, impls, notes, copy_gbps)
