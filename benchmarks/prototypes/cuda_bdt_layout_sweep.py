@@ -1,0 +1,92 @@
+"""Every (vectors per thread, threads per block) layout of the shipped `(B, D, T)` CUDA C++ forward
+(`launch.forward_layout`: CC_VPT x CC_FWD_THREADS) at each width, through the launcher, in one run: what
+`forward_layout` should pick for wide filters on rows of a few thousand steps (bench.py's width suite is
+B4 D4096 T2048).
+
+    PYTHONPATH=$PWD python benchmarks/prototypes/cuda_bdt_layout_sweep.py --json sweep.json   # NVIDIA GPU
+
+Each time is the median of `triton.testing.do_bench` as % of a device copy measured in the same run (bf16,
+bias, SiLU); each layout's output is compared with the launcher's own choice (the same arithmetic: the
+difference must be 0). A layout a row length cannot hold (a block spanning more steps than the row) is
+still timed: its idle threads are part of what is measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cuda_vs_triton import _bench, _copy_gbps  # noqa: E402
+
+LAYOUTS = ((1, 128), (2, 64), (2, 128), (4, 64), (4, 128))
+
+
+def sweep(widths, shapes, budget: float) -> list[dict]:
+    from causal_conv1d_mps import _activation
+    from causal_conv1d_mps.cuda import launch
+
+    copy = _copy_gbps()
+    print(f"copy {copy:.0f} GB/s", flush=True)
+    chosen = launch.forward_layout
+    rows, start = [], time.perf_counter()
+    try:
+        for B, D, T in shapes:
+            for W in widths:
+                if time.perf_counter() - start > budget:
+                    print("budget spent: stopping", flush=True)
+                    return rows
+                g = torch.Generator(device="cuda").manual_seed(W)
+                x = torch.randn(B, D, T, device="cuda", generator=g).to(torch.bfloat16)
+                w = (torch.randn(D, W, device="cuda", generator=g) * W ** -0.5).to(torch.bfloat16)
+                b = (torch.randn(D, device="cuda", generator=g) * 0.5).to(torch.bfloat16)
+
+                def run():
+                    return launch.conv_fwd_bdt(x, w, b, _activation.SILU)
+
+                launch.forward_layout = chosen
+                launch._forward_plans.clear()
+                reference = run()
+                pick = chosen(T, W)
+                nbytes = 2 * x.numel() * 2
+                for layout in LAYOUTS:
+                    launch.forward_layout = lambda t, width, v=layout: v
+                    launch._forward_plans.clear()
+                    diff = (run().float() - reference.float()).abs().max().item()
+                    ms = _bench(run)
+                    pct = 100 * nbytes / (copy * 1e9) / (ms * 1e-3)
+                    mark = "*" if layout == pick else " "
+                    rows.append(dict(shape=f"B{B} D{D} T{T}", W=W, vectors=layout[0], threads=layout[1], ms=ms,
+                                     pct=pct, diff=diff, chosen=layout == pick))
+                    print(f"B{B} D{D} T{T} W{W:<2d} {layout[0]} x {layout[1]:<3d} {mark} {ms:8.4f} ms {pct:5.1f}%  "
+                          f"diff {diff:.1e}", flush=True)
+    finally:
+        launch.forward_layout = chosen
+        launch._forward_plans.clear()
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--widths", type=int, nargs="+", default=[4, 8, 9, 12, 13, 14, 15, 16])
+    parser.add_argument("--long", action="store_true", help="also B4 D4096 T8192 (default B4 D4096 T2048 only)")
+    parser.add_argument("--budget", type=float, default=100.0, help="seconds before no new case starts")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs an NVIDIA GPU", file=sys.stderr)
+        return 2
+    shapes = [(4, 4096, 2048)] + ([(4, 4096, 8192)] if args.long else [])
+    rows = sweep(args.widths, shapes, args.budget)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
