@@ -659,7 +659,7 @@ def test_each_variant_compiles_one_kernel_and_checks_its_own_defines():
         _source.source("cc_conv_fwd_btd", {**shared, **own, **forward_own})
     with pytest.raises(ValueError, match="cc_conv_fwd_btd"):
         _source.source("cc_conv_fwd_btd", shared)
-    for name, value in (("CC_D", 6), ("CC_D", -4), ("CC_D", 1 << 24), ("CC_FWD_VEC", 8), ("CC_FWD_RUN", 16)):
+    for name, value in (("CC_D", 6), ("CC_D", -4), ("CC_D", 1 << 24), ("CC_FWD_VEC", 8), ("CC_FWD_RUN", 64)):
         with pytest.raises(ValueError, match=name):
             _source.header({**shared, **forward_own, name: value}, "conv_btd.cu", "cc_conv_fwd_btd")
     forward = _source.source("cc_conv_fwd_btd", {**shared, **forward_own})

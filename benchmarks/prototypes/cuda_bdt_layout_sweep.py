@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cuda_vs_triton import _bench, _copy_gbps  # noqa: E402
+from cuda_vs_triton import _bench, _copy_gbs  # noqa: E402
 
 LAYOUTS = ((1, 128), (2, 64), (2, 128), (4, 64), (4, 128))
 
@@ -31,7 +31,7 @@ def sweep(widths, shapes, budget: float) -> list[dict]:
     from causal_conv1d_mps import _activation
     from causal_conv1d_mps.cuda import launch
 
-    copy = _copy_gbps()
+    copy = _copy_gbs()
     print(f"copy {copy:.0f} GB/s", flush=True)
     chosen = launch.forward_layout
     rows, start = [], time.perf_counter()
