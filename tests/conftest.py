@@ -292,6 +292,23 @@ def oracle_grads(outputs, cotangents, inputs) -> list[torch.Tensor | None]:
     return result
 
 
+def check_silu_conv_with_seq_idx(x, weight, bias, seq_idx, generator, name: str) -> None:
+    """`causal_conv1d(x, weight, bias, "silu", seq_idx=seq_idx)` and its gradients (dx, dweight, dbias) for a
+    random dout against the float64 oracle (`tests/oracle.py`), at float32's tolerance."""
+    import causal_conv1d_mps as ccmps
+    import oracle
+
+    xg, wg, bg = leaf(x), leaf(weight), leaf(bias)
+    out = ccmps.causal_conv1d(xg, wg, bg, "silu", seq_idx=seq_idx)
+    dout = randn(*out.shape, device=x.device, generator=generator)
+    out.backward(dout)
+    x64, w64, b64 = leaf64(x), leaf64(weight), leaf64(bias)
+    ref, _ = oracle.causal_conv1d(x64, w64, b64, "silu", seq_idx=seq_idx)
+    assert_close_rel(out, ref, torch.float32, f"{name} out")
+    for label, got, want in zip(("dx", "dweight", "dbias"), (xg, wg, bg), oracle_grads([ref], [dout], [x64, w64, b64])):
+        assert_close_rel(got.grad, want, torch.float32, f"{name} {label}")
+
+
 def assert_close_nonfinite(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, name: str) -> None:
     """Like `assert_close_rel`, for results that may hold NaN/Inf: the same entries must be NaN, +Inf and
     -Inf as in the float64 `ref`, and the finite entries must agree at the tolerance of `dtype`."""

@@ -13,7 +13,8 @@ import torch
 
 import causal_conv1d_mps as ccmps
 import oracle
-from conftest import assert_close_nonfinite, assert_close_rel, leaf, leaf64, make_params, oracle_grads, randn, seeded
+from conftest import (assert_close_nonfinite, assert_close_rel, check_silu_conv_with_seq_idx, leaf, leaf64, make_params,
+                      oracle_grads, randn, seeded)
 
 pytestmark = pytest.mark.triton
 
@@ -180,14 +181,7 @@ def test_packed_sequences_keep_the_old_kernel(triton_backend, tiles, launched):
     weight, bias = make_params(D, W, torch.float32, device, gen)
     x = randn(B, D, T, device=device, generator=gen)
     seq_idx = torch.tensor([[0] * 20 + [1] * 25 + [-1] * 3], dtype=torch.int32, device=device)
-    xg, wg, bg = leaf(x), leaf(weight), leaf(bias)
-    out = ccmps.causal_conv1d(xg, wg, bg, "silu", seq_idx=seq_idx)
-    dout = randn(*out.shape, device=device, generator=gen)
-    out.backward(dout)
-    x64, w64, b64 = leaf64(x), leaf64(weight), leaf64(bias)
-    ref, _ = oracle.causal_conv1d(x64, w64, b64, "silu", seq_idx=seq_idx)
-    for label, got, want in zip(("dx", "dweight", "dbias"), (xg, wg, bg), oracle_grads([ref], [dout], [x64, w64, b64])):
-        assert_close_rel(got.grad, want, torch.float32, f"seq_idx {label}")
+    check_silu_conv_with_seq_idx(x, weight, bias, seq_idx, gen, "seq_idx")
     assert OLD_BWD in launched and RUNS_BWD not in launched, launched
 
 

@@ -8,7 +8,8 @@ import torch
 
 import causal_conv1d_mps as ccmps
 import oracle
-from conftest import assert_close_rel, leaf, leaf64, make_params, oracle_grads, randn, seeded
+from conftest import (assert_close_rel, check_silu_conv_with_seq_idx, leaf, leaf64, make_params, oracle_grads, randn,
+                      seeded)
 
 
 @pytest.fixture
@@ -97,17 +98,7 @@ def test_general_tap_loops_with_packed_sequences(triton_backend, past):
     x = randn(b, d, t, device=device, generator=gen)
     weight, bias = make_params(d, width, torch.float32, device, gen)
     seq_idx = torch.tensor([[0] * 11 + [1] * 14 + [-1] * 4, [2] * 6 + [3] * 23], dtype=torch.int32, device=device)
-    xg, wg, bg = leaf(x), leaf(weight), leaf(bias)
-    out = ccmps.causal_conv1d(xg, wg, bg, "silu", seq_idx=seq_idx)
-    dout = randn(*out.shape, device=device, generator=gen)
-    out.backward(dout)
-
-    x64, w64, b64 = leaf64(x), leaf64(weight), leaf64(bias)
-    ref_out, _ = oracle.causal_conv1d(x64, w64, b64, "silu", seq_idx=seq_idx)
-    ref_grads = oracle_grads([ref_out], [dout], [x64, w64, b64])
-    assert_close_rel(out, ref_out, torch.float32, "out")
-    for label, got, ref in zip(("dx", "dweight", "dbias"), (xg, wg, bg), ref_grads):
-        assert_close_rel(got.grad, ref, torch.float32, label)
+    check_silu_conv_with_seq_idx(x, weight, bias, seq_idx, gen, f"W{width}")
 
 
 @pytest.mark.parametrize("past", [False, True], ids=["unrolled", "loop"])

@@ -12,8 +12,6 @@ still timed: its idle threads are part of what is measured.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cuda_btd_forward_sweep import sweep_main  # noqa: E402
 from cuda_vs_triton import _bench, _copy_gbs  # noqa: E402
 
 LAYOUTS = ((1, 128), (2, 64), (2, 128), (4, 64), (4, 128))
@@ -72,21 +71,10 @@ def sweep(widths, shapes, budget: float) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--widths", type=int, nargs="+", default=[4, 8, 9, 12, 13, 14, 15, 16])
-    parser.add_argument("--long", action="store_true", help="also B4 D4096 T8192 (default B4 D4096 T2048 only)")
-    parser.add_argument("--budget", type=float, default=100.0, help="seconds before no new case starts")
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("needs an NVIDIA GPU", file=sys.stderr)
-        return 2
-    shapes = [(4, 4096, 2048)] + ([(4, 4096, 8192)] if args.long else [])
-    rows = sweep(args.widths, shapes, args.budget)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
-    return 0
+    return sweep_main(argv, __doc__.splitlines()[0], [4, 8, 9, 12, 13, 14, 15, 16],
+                      lambda long: [(4, 4096, 2048)] + ([(4, 4096, 8192)] if long else []), sweep,
+                      "also B4 D4096 T8192 (default B4 D4096 T2048 only)")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -43,7 +43,6 @@ def _inputs(B, T, D, W, masked, seed):
 def sweep(widths, shapes, budget: float) -> list[dict]:
     from causal_conv1d_mps import _activation
     from causal_conv1d_mps.cuda import launch_btd
-    from causal_conv1d_mps.triton import backend
 
     copy = _copy_gbs()
     print(f"copy {copy:.0f} GB/s", flush=True)
@@ -90,21 +89,28 @@ def sweep(widths, shapes, budget: float) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--widths", type=int, nargs="+", default=[4, 5, 6, 7, 8, 10, 11, 12, 14, 16])
-    parser.add_argument("--long", action="store_true", help="also B4 T8192 D4096 (default B4 T2048 D4096 only)")
+def sweep_main(argv, description: str, widths: list[int], shapes, sweep_fn, long_help: str) -> int:
+    """The command line both forward sweeps share: `--widths`, `--long` (`shapes(long)` gives the shapes),
+    `--budget` and `--json`; `sweep_fn(widths, shapes, budget)` returns the rows."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--widths", type=int, nargs="+", default=widths)
+    parser.add_argument("--long", action="store_true", help=long_help)
     parser.add_argument("--budget", type=float, default=100.0, help="seconds before no new case starts")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("cuda_btd_forward_sweep: needs an NVIDIA GPU")
+        print(f"{Path(sys.argv[0]).stem}: needs an NVIDIA GPU", file=sys.stderr)
         return 1
-    shapes = [(4, 2048, 4096)] + ([(4, 8192, 4096)] if args.long else [])
-    rows = sweep(args.widths, shapes, args.budget)
+    rows = sweep_fn(args.widths, shapes(args.long), args.budget)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0
+
+
+def main(argv=None) -> int:
+    return sweep_main(argv, __doc__.splitlines()[0], [4, 5, 6, 7, 8, 10, 11, 12, 14, 16],
+                      lambda long: [(4, 2048, 4096)] + ([(4, 8192, 4096)] if long else []), sweep,
+                      "also B4 T8192 D4096 (default B4 T2048 D4096 only)")
 
 
 if __name__ == "__main__":
