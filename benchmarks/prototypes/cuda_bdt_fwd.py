@@ -407,17 +407,8 @@ def ptx_only(out_dir: Path, variants=VARIANTS, widths=(4, 16)) -> int:
     """Each variant through NVRTC ($NVRTC_LIB) to PTX for sm_90, as the GPU run will compile it."""
     import cuda_fwd
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for W in widths:
-        for variant in variants:
-            try:
-                ptx = cuda_fwd.nvrtc_ptx(source(variant, W))
-            except RuntimeError as exc:
-                print(f"{variant.name} W{W}: compile failed\n{exc}")
-                return 1
-            (out_dir / f"{variant.kernel_name}_W{W}.ptx").write_bytes(ptx)
-            print(f"{variant.name} W{W}: {len(ptx)} bytes of PTX")
-    return 0
+    return cuda_fwd.write_ptx(out_dir, ((f"{v.name} W{W}", f"{v.kernel_name}_W{W}", source(v, W))
+                                        for W in widths for v in variants))
 
 
 # ------------------------------------------------------------------ the GPU sweep

@@ -668,19 +668,10 @@ def _compile_all(jobs):
 def ptx_only(out_dir: Path) -> int:
     """Every kernel of the sweep through NVRTC to PTX for sm_90 (no GPU: $NVRTC_LIB names the library, as
     cuda_fwd.py --ptx); 1 if any compile fails."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    failed = 0
-    for job in _jobs():
-        name, W, has_mask, _ = job
-        try:
-            ptx = cuda_fwd.nvrtc_ptx(_text(job))
-        except RuntimeError as exc:
-            print(f"{name} W{W} mask={int(has_mask)}: compile failed\n{exc}")
-            failed += 1
-            continue
-        (out_dir / f"{name}_W{W}_{'fused' if has_mask else 'plain'}.ptx").write_bytes(ptx)
-    print(f"{len(_jobs()) - failed} of {len(_jobs())} kernels compiled to PTX in {out_dir}")
-    return int(failed > 0)
+    jobs = _jobs()
+    return cuda_fwd.write_ptx(out_dir, ((f"{name} W{W} mask={int(has_mask)}",
+                                         f"{name}_W{W}_{'fused' if has_mask else 'plain'}", _text(job))
+                                        for job in jobs for name, W, has_mask, _ in (job,)))
 
 
 def sass_stats(names=None, widths=WIDTHS) -> int:

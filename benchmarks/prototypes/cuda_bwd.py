@@ -212,16 +212,8 @@ def source(kind: str, W: int, L: int = 128, R: int = 8) -> str:
 
 
 def ptx_only(out_dir: Path) -> int:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for kind, W in (("bdt", 4), ("btd", 4), ("bdt", 8), ("btd", 8)):
-        try:
-            ptx = cuda_fwd.nvrtc_ptx(source(kind, W))
-        except RuntimeError as exc:
-            print(f"bwd {kind} W{W}: compile failed\n{exc}")
-            return 1
-        (out_dir / f"bwd_{kind}_W{W}.ptx").write_bytes(ptx)
-        print(f"bwd {kind} W{W}: {len(ptx)} bytes of PTX")
-    return 0
+    return cuda_fwd.write_ptx(out_dir, ((f"bwd {kind} W{W}", f"bwd_{kind}_W{W}", source(kind, W))
+                                        for kind, W in (("bdt", 4), ("btd", 4), ("bdt", 8), ("btd", 8))))
 
 
 def reference(x_bdt, w, bias, mask, residual, dout_bdt):

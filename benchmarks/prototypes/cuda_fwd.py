@@ -207,18 +207,29 @@ def graphed(step):
     return graph.replay
 
 
+def write_ptx(out_dir: Path, jobs) -> int:
+    """Each job `(label, file stem, source text)` through NVRTC to `out_dir/<stem>.ptx` for sm_90 (no GPU:
+    $NVRTC_LIB names the library); prints one line per job, and returns 1 if any compile failed (the others
+    are still written), else 0. The prototypes' `--ptx` options all come here."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for label, stem, text in jobs:
+        try:
+            ptx = nvrtc_ptx(text)
+        except RuntimeError as exc:
+            print(f"{label}: compile failed\n{exc}")
+            failed += 1
+            continue
+        (out_dir / f"{stem}.ptx").write_bytes(ptx)
+        print(f"{label}: {len(ptx)} bytes of PTX")
+    return int(failed > 0)
+
+
 def ptx_only(out_dir: Path) -> int:
     """Compile every variant to PTX (no GPU needed)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for kind, W, R in (("bdt", 4, 16), ("btd", 4, 16), ("btd", 4, 32), ("bdt", 8, 16), ("btd", 8, 16)):
-        try:
-            ptx = nvrtc_ptx(source(kind, W, R, kind == "btd"))
-        except RuntimeError as exc:
-            print(f"{kind} W{W} R{R}: compile failed\n{exc}")
-            return 1
-        (out_dir / f"{kind}_W{W}_R{R}.ptx").write_bytes(ptx)
-        print(f"{kind} W{W} R{R}: {len(ptx)} bytes of PTX")
-    return 0
+    variants = (("bdt", 4, 16), ("btd", 4, 16), ("btd", 4, 32), ("bdt", 8, 16), ("btd", 8, 16))
+    return write_ptx(out_dir, ((f"{kind} W{W} R{R}", f"{kind}_W{W}_R{R}", source(kind, W, R, kind == "btd"))
+                               for kind, W, R in variants))
 
 
 def main(argv=None) -> int:
