@@ -57,7 +57,7 @@ def dpre_rows(x, weight, bias, mask, seq_idx, cu_seqlens, h0, dout, i_b, o_t, o_
 
 
 @triton.jit
-def tap_gradients(b_g, b_w, b_xs, b_dxe, b_dw, o_w, k: tl.constexpr, W: tl.constexpr, HAS_BIAS: tl.constexpr):
+def tap_gradients(b_g, b_w, b_xs, b_dxe, b_dw, o_w, k, W: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Tap k's share: `dxe += dpre[t_k] * w[k]`, and into row k of the [BW, BD] weight-gradient tile the sum
     over the tile of `dpre[t_k] * xe[s]` (row W: the bias gradient, from the last tap)."""
     b_dxe += b_g * b_w[None, :]
