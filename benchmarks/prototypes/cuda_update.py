@@ -204,14 +204,16 @@ def main(argv=None) -> int:
     import causal_conv1d_mps as ccmps
     from causal_conv1d_mps.bench import traffic
 
-    W, S = args.width, args.width - 1
+    W = args.width
     copy = cuda_fwd.copy_bandwidth()
-    kernel = torch.cuda._compile_kernel(source(W, S), KERNEL_NAME, nvcc_options=["--use_fast_math", "-std=c++17"])
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  copy {copy:.0f} GB/s  W {W}  "
-          f"state [B, D, {S}]  (us per call: 20 calls per CUDA graph, and eager calls)")
-    for B, D in ((1, 4096), (8, 4096), (32, 4096), (64, 8192), (256, 8192)):
+          f"(us per call: 20 calls per CUDA graph, and eager calls)")
+    # S = W - 1: bench.py's decode rows; S = W: what transformers' caches keep
+    for S, (B, D) in ((S, shape) for S in (W - 1, W)
+                      for shape in ((1, 4096), (8, 4096), (32, 4096), (64, 8192), (256, 8192))):
+        kernel = torch.cuda._compile_kernel(source(W, S), KERNEL_NAME, nvcc_options=["--use_fast_math", "-std=c++17"])
         x, state, w, bias = _inputs(B, D, W, S, "cuda", B + D)
-        nbytes = traffic.decode_bytes(B, D, W, 2)
+        nbytes = traffic.decode_bytes(B, D, S + 1, 2)  # x, out, and the state read and written
         shipped_state, proto_state = state.clone(), state.clone()
         out = torch.empty_like(x)
         want = ccmps.short_conv_update(x, shipped_state, w, bias, activation=True, residual=True)
@@ -235,7 +237,7 @@ def main(argv=None) -> int:
             end.record()
             end.synchronize()
             eager_us = start.elapsed_time(end) * 1e3 / 200
-            print(f"B{B:<4d} D{D}  {name:17s} graph {us:7.2f} us ({100 * nbytes / (us * 1e-6) / 1e9 / copy:5.1f}% "
+            print(f"S{S} B{B:<4d} D{D}  {name:17s} graph {us:7.2f} us ({100 * nbytes / (us * 1e-6) / 1e9 / copy:5.1f}% "
                   f"of copy)  eager {eager_us:7.2f} us   vs shipped: out rel {rel:.1e}, state "
                   f"{'same' if same_state else 'DIFFERS'}", flush=True)
     return 0
