@@ -72,6 +72,26 @@ def spread_worker(worker: str | None, devices: int) -> int | None:
     return int(worker[2:]) % devices
 
 
+# The slowest tests of the whole suite on 2 H200s (`--durations`, docs/results/h200-gpu-suite-session8.log): NCCL
+# and gloo process groups, the self-check, the fuzzers, and the op oracle matrix through Triton (its compiles).
+# Under xdist a test that starts last and runs a minute is the run's tail, so on GPUs they start first.
+SLOW_ON_GPU = ("test_context_parallel.py::", "test_check.py::test_gpu_run", "test_fuzz.py::",
+               "::test_forward_backward_matches_oracle[triton-", "test_library.py::test_compile_fullgraph",
+               "test_canon_lm.py::test_context_parallel", "test_host_path.py::test_example_diagnosis",
+               "test_kernel_asm.py::test_sliding_window_prototypes")
+
+
+def slow_first(nodeids: list[str]) -> list[int]:
+    """Indices of `nodeids` in run order: those matching `SLOW_ON_GPU` first, each group in its own order."""
+    slow = [any(mark in nodeid for mark in SLOW_ON_GPU) for nodeid in nodeids]
+    return sorted(range(len(nodeids)), key=lambda i: not slow[i])
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--device") == "cuda":
+        items[:] = [items[i] for i in slow_first([item.nodeid for item in items])]
+
+
 @pytest.fixture(scope="session")
 def device(request) -> torch.device:
     dev = torch.device(request.config.getoption("--device"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import spread_worker
+from conftest import slow_first, spread_worker
 
 
 def test_xdist_workers_spread_over_every_gpu():
@@ -13,3 +13,11 @@ def test_xdist_workers_spread_over_every_gpu():
     assert spread_worker("gw7", 1) is None
     assert spread_worker(None, 2) is None
     assert spread_worker("master", 2) is None
+
+
+def test_slow_tests_start_first_on_gpus_in_their_own_order():
+    ids = ["tests/test_a.py::test_fast", "tests/test_fuzz.py::test_one",
+           "tests/test_short_conv_fused.py::test_forward_backward_matches_oracle[triton-torch.float16-w_fp32-7]",
+           "tests/test_b.py::test_fast", "tests/test_short_conv_fused.py::test_forward_backward_matches_oracle[reference-x]"]
+    assert slow_first(ids) == [1, 2, 0, 3, 4]
+    assert slow_first([]) == []
