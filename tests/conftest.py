@@ -64,6 +64,16 @@ def _device_skip_reason(device: torch.device) -> str | None:
     return None
 
 
+def load_prototype(name: str):
+    """The module `benchmarks/prototypes/<name>.py`, imported with its folder on `sys.path` (as when it runs
+    as a script: the prototypes import each other by name)."""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks" / "prototypes"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
 def spread_worker(worker: str | None, devices: int) -> int | None:
     """The CUDA device index a pytest-xdist worker (`gw<N>`) takes when the machine has several: N modulo
     their count, so `-n` workers spread over every GPU; None for one GPU or outside xdist."""

@@ -20,6 +20,7 @@ if importlib.util.find_spec("cuda_harness") is None:  # test-only package at the
     sys.path.insert(0, str(ROOT))
 
 import cuda_harness  # noqa: E402
+from conftest import load_prototype  # noqa: E402
 
 pytestmark = pytest.mark.skipif(cuda_harness.unavailable_reason() is not None,
                                 reason=str(cuda_harness.unavailable_reason()))
@@ -444,13 +445,7 @@ def test_source_without_kernels_is_refused():
 
 # ---------------------------------------------------------------- the prototype kernels
 def _prototypes():
-    sys.path.insert(0, str(ROOT / "benchmarks" / "prototypes"))
-    try:
-        import cuda_bwd
-        import cuda_fwd
-    finally:
-        sys.path.pop(0)
-    return cuda_fwd, cuda_bwd
+    return load_prototype("cuda_fwd"), load_prototype("cuda_bwd")
 
 
 def _inputs(B: int, D: int, T: int, W: int, seed: int):

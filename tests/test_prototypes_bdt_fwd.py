@@ -13,14 +13,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 if importlib.util.find_spec("cuda_harness") is None:  # test-only package at the repository root
     sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks" / "prototypes"))
 
 import cuda_harness  # noqa: E402
+from conftest import load_prototype  # noqa: E402
 
 pytestmark = pytest.mark.skipif(cuda_harness.unavailable_reason() is not None,
                                 reason=str(cuda_harness.unavailable_reason()))
 
-import cuda_bdt_fwd  # noqa: E402
+cuda_bdt_fwd = load_prototype("cuda_bdt_fwd")
 
 # W = 12: two halo vectors; the shapes include a row that spans several warps (T = 2128). The lean variant
 # takes the other code path (immediate tap offsets, unpredicated loads in full blocks).

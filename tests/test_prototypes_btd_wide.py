@@ -11,6 +11,7 @@ if importlib.util.find_spec("cuda_harness") is None:  # test-only package at the
     sys.path.insert(0, str(ROOT))
 
 import cuda_harness  # noqa: E402
+from conftest import load_prototype  # noqa: E402
 
 pytestmark = pytest.mark.skipif(cuda_harness.unavailable_reason() is not None,
                                 reason=str(cuda_harness.unavailable_reason()))
@@ -20,12 +21,7 @@ SHAPES = ((2, 13, 64), (1, 3, 40), (1, 70, 260))  # T % run != 0; T < W; B = 1 w
 
 @pytest.fixture(scope="module")
 def wide():
-    sys.path.insert(0, str(ROOT / "benchmarks" / "prototypes"))
-    try:
-        import cuda_btd_wide
-    finally:
-        sys.path.pop(0)
-    return cuda_btd_wide
+    return load_prototype("cuda_btd_wide")
 
 
 @pytest.mark.parametrize("name", ["lazy-v4r8-m2", "lazy-v4r8-m3-dc-in"])

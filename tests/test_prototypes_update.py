@@ -11,6 +11,7 @@ if importlib.util.find_spec("cuda_harness") is None:  # test-only package at the
     sys.path.insert(0, str(ROOT))
 
 import cuda_harness  # noqa: E402
+from conftest import load_prototype  # noqa: E402
 
 pytestmark = pytest.mark.skipif(cuda_harness.unavailable_reason() is not None,
                                 reason=str(cuda_harness.unavailable_reason()))
@@ -18,12 +19,7 @@ pytestmark = pytest.mark.skipif(cuda_harness.unavailable_reason() is not None,
 
 @pytest.fixture(scope="module")
 def update():
-    sys.path.insert(0, str(ROOT / "benchmarks" / "prototypes"))
-    try:
-        import cuda_update
-    finally:
-        sys.path.pop(0)
-    return cuda_update
+    return load_prototype("cuda_update")
 
 
 def test_cases_match_float64_and_shift_the_state_bit_for_bit(update):

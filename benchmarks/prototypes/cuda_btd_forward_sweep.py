@@ -1,9 +1,9 @@
 """Every scheme of the shipped channel-last CUDA C++ forward (`launch_btd.ForwardVariant`: channels x steps
 per thread, runs without bounds checks) at each width, through the CUDA backend, in one run: what
 `launch_btd.forward_variant` should pick. 2 x 16 (session 8) uses fewer registers than 2 x 32 at wide filters
-(sm_90, W = 16 fused: 95 against 136) for more halo rows per output. The `btd-wide` prototype timed its variants with an HF mask (fused)
-or with neither mask nor residual (plain); the width suite of bench.py times the fused op without a mask
-(residual, bias, SiLU), which this sweep adds.
+(sm_90, W = 16 fused: 95 against 136) for more halo rows per output. The `btd-wide` prototype timed its
+variants with an HF mask (fused) or with neither mask nor residual (plain); the width suite of bench.py times
+the fused op without a mask (residual, bias, SiLU), which this sweep adds.
 
     PYTHONPATH=$PWD python benchmarks/prototypes/cuda_btd_forward_sweep.py --json sweep.json   # NVIDIA GPU
 

@@ -668,10 +668,9 @@ def _compile_all(jobs):
 def ptx_only(out_dir: Path) -> int:
     """Every kernel of the sweep through NVRTC to PTX for sm_90 (no GPU: $NVRTC_LIB names the library, as
     cuda_fwd.py --ptx); 1 if any compile fails."""
-    jobs = _jobs()
-    return cuda_fwd.write_ptx(out_dir, ((f"{name} W{W} mask={int(has_mask)}",
-                                         f"{name}_W{W}_{'fused' if has_mask else 'plain'}", _text(job))
-                                        for job in jobs for name, W, has_mask, _ in (job,)))
+    return cuda_fwd.write_ptx(out_dir, ((f"{job[0]} W{job[1]} mask={int(job[2])}",
+                                         f"{job[0]}_W{job[1]}_{'fused' if job[2] else 'plain'}", _text(job))
+                                        for job in _jobs()))
 
 
 def sass_stats(names=None, widths=WIDTHS) -> int:

@@ -44,7 +44,9 @@ __device__ __forceinline__ unsigned int pack(float a, float b) { return round_bf
 
 // entry e of a thread's 2S state entries (channel 0's S, then channel 1's), from its S words: as float32, and
 // as its 16 bits (the state moves bit for bit, NaN payloads included)
-__device__ __forceinline__ float entry(const unsigned int (&s)[S], int e) { return e & 1 ? hi(s[e >> 1]) : lo(s[e >> 1]); }
+__device__ __forceinline__ float entry(const unsigned int (&s)[S], int e) {
+    return e & 1 ? hi(s[e >> 1]) : lo(s[e >> 1]);
+}
 __device__ __forceinline__ unsigned int entry_bits(const unsigned int (&s)[S], int e) {
     return e & 1 ? s[e >> 1] >> 16 : s[e >> 1] & 0xFFFFu;
 }
@@ -166,22 +168,13 @@ def ptx_only(out_dir: Path) -> int:
 
 def _graph_us(step, calls: int = 20) -> float:
     """us per call of `calls` back-to-back calls captured in one CUDA graph (the replay's own cost spread)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            step()
+    replay = cuda_fwd.graphed(lambda: [step() for _ in range(calls)])
     samples = []
     for _ in range(15):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(10):
-            graph.replay()
+            replay()
         end.record()
         end.synchronize()
         samples.append(start.elapsed_time(end) * 1e3 / (10 * calls))

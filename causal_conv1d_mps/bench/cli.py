@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     copy_gbps = devices.copy_bandwidth(device, COPY_BYTES[mode], plan)
     header = devices.header(
         device, dtype=str(args.dtype).removeprefix("torch."), width=args.width, suites=args.suite, quick=args.quick,
-        compile=args.compile, cuda_graphs=args.cuda_graphs, seed=args.seed, copy_gbps=copy_gbps, rotate_bytes=ROTATE_BYTES[mode],
+        compile=args.compile, cuda_graphs=args.cuda_graphs, seed=args.seed, copy_gbps=copy_gbps,
+        rotate_bytes=ROTATE_BYTES[mode],
         **{lib.name: lib.version for lib in libs}, **({"unusable": unusable_libs} if unusable_libs else {}),
     )
     specs = specs_for(args.suite, args.width, args.quick)
