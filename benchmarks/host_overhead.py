@@ -47,6 +47,11 @@ from causal_conv1d_mps.triton import _launch, launch_conv, launch_update  # noqa
 from causal_conv1d_mps.triton import backend as triton_backend  # noqa: E402
 from host_timing import per_call_us  # noqa: E402  (this folder: the script's own)
 
+try:  # checkouts before the CUDA C++ decode step (before/after comparisons)
+    from causal_conv1d_mps.cuda import launch_update as cuda_update  # noqa: E402
+except ImportError:
+    cuda_update = None
+
 SILU = _activation.SILU
 # checkouts before `_launch.cache_key` existed built the same key inline (before/after comparisons)
 _cache_key = getattr(_launch, "cache_key", None) or (
@@ -187,8 +192,11 @@ def workloads(args, device, dtype, stub):
     layers = []
     if stub is not None:
         layers.append(("launch (cache key + lookup + no-op run)", last_launch(update)))
+    layers.append(("launcher launch_update (Triton)", update))
+    if cuda_update is not None and cuda_update.why_not(x3, state_a, wd, bd, SILU) is None and device.type == "cuda":
+        layers.append(("CUDA C++ launcher conv_update", lambda: cuda_update.conv_update(
+            x3, state_a, wd, bd, SILU, False)))
     layers += [
-        ("launcher launch_update", update),
         ("backend short_conv_update", lambda: triton_backend.short_conv_update(
             x3, state_a, wd, bd, None, None, SILU, False)),
         ("ops.short_conv_update (eager road)", lambda: ops.short_conv_update(

@@ -16,11 +16,12 @@ from conftest import (assert_close_rel, check_silu_conv_with_seq_idx, leaf, leaf
 def kernel_calls(triton_backend, monkeypatch):
     """The number of Triton kernel launches and CUDA C++ launcher calls made during the test."""
     from causal_conv1d_mps.cuda import launch as cuda_launch
+    from causal_conv1d_mps.cuda import launch_update as cuda_update
     from causal_conv1d_mps.triton import launch_conv, launch_update
 
     calls = []
     for module, name in ((launch_conv, "launch"), (launch_update, "launch"), (cuda_launch, "conv_fwd_bdt"),
-                         (cuda_launch, "conv_bwd_bdt")):
+                         (cuda_launch, "conv_bwd_bdt"), (cuda_update, "conv_update")):
         real = getattr(module, name)
 
         def counting(*args, _real=real, **kwargs):

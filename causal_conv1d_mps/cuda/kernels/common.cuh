@@ -1,5 +1,5 @@
-// Device helpers shared by the CUDA C++ kernel files (conv_bdt.cu, conv_btd.cu): 16-bit <-> float32
-// conversions, the weight type, packing, the activations. The loader (causal_conv1d_mps/cuda/_source.py)
+// Device helpers shared by the CUDA C++ kernel files (conv_bdt.cu, conv_btd.cu, conv_update.cu): 16-bit <->
+// float32 conversions, the weight type, packing, the activations. The loader (causal_conv1d_mps/cuda/_source.py)
 // places this text after the generated contract (CC_X_BF16, CC_WT, CC_ACTIVATION, ...) and before the
 // kernel file; NVRTC and cuda_harness compile the three as one source.
 
