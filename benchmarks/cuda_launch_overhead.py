@@ -185,7 +185,36 @@ def layers(args, device):
         ("api forward + .backward(), no bias", lambda: ccmps.causal_conv1d(xg, wg, None, "silu").backward(dout)),
     ]
     result += _fused_layers(args, ccmps, ops, backend, triton_package, launch_btd, fwd_btd, x, w, b, SILU, on_cpu)
+    result += _decode_layers(ccmps, ops, backend, x, w, b, SILU, on_cpu)
     return result
+
+
+def _decode_layers(ccmps, ops, backend, x, w, b, SILU, on_cpu):
+    """One decode step `[B, 1, D]` on a `[B, D, W]` state (bias, SiLU, no residual) through the CUDA C++ decode
+    kernel, layer by layer, beside the Triton launcher; none where this checkout or the call does not take it."""
+    import torch
+
+    try:
+        from causal_conv1d_mps.cuda import launch_update as cuda_update
+    except ImportError:  # checkouts before the CUDA C++ decode step
+        return []
+    from causal_conv1d_mps.triton import launch_update as triton_update
+
+    token = x[:, :, 0].contiguous()
+    x3 = token.unsqueeze(1)
+    state = torch.zeros(x.shape[0], x.shape[1], w.shape[1], device=x.device, dtype=x.dtype)
+    if cuda_update.conv_update(x3, state, w, b, SILU, False, allow_cpu=on_cpu) is None:
+        return []
+    if on_cpu:  # the backend asks without allow_cpu
+        cuda_update.conv_update = functools.partial(cuda_update.conv_update, allow_cpu=True)
+    rows = [("launch_update.conv_update (decode)", lambda: cuda_update.conv_update(x3, state, w, b, SILU, False)),
+            ("backend short_conv_update", lambda: backend.short_conv_update(x3, state, w, b, None, None, SILU, False)),
+            ("ops.short_conv_update", lambda: ops.short_conv_update(x3, state, w, b, None, None, SILU, False)),
+            ("api causal_conv1d_update [B, D]", lambda: ccmps.causal_conv1d_update(token, state, w, b, "silu"))]
+    if not on_cpu:  # the Triton launcher runs its kernel only on a GPU (no stand-in for it here)
+        rows.insert(1, ("Triton launch_update (decode)", lambda: triton_update.launch_update(
+            x3, state, w, b, None, None, SILU, False)))
+    return rows
 
 
 def _fused_layers(args, ccmps, ops, backend, triton_package, launch_btd, fwd_btd, x, w, b, SILU, on_cpu):

@@ -99,7 +99,8 @@ def conv_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | No
     if device is None:
         return None
     key = (x.shape, x.stride(), x.dtype, conv_state.shape, conv_state.stride(), conv_state.dtype, weight.shape,
-           weight.stride(), weight.dtype, activation, residual, device, None if bias is None else (bias.stride(), bias.dtype))
+           weight.stride(), weight.dtype, activation, residual, device,
+           None if bias is None else (bias.stride(), bias.dtype))
     launch = _plans.get(key, _UNSEEN)
     if launch is _UNSEEN:
         if len(_plans) >= _MAX_PLANS:
