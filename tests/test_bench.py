@@ -345,6 +345,16 @@ def test_a_failed_graph_capture_is_reported_not_fatal(monkeypatch, one_thread):
     assert any("ours: CUDA graph capture failed" in note for note in record["notes"])
 
 
+def test_a_graph_replay_is_timed_per_call_it_holds(monkeypatch, one_thread):
+    """One replay of the graph makes one call per input set: its time is divided by those calls (the replay's
+    own launch cost spread over them, as over the layers of a model's captured step)."""
+    case = build_case(Spec("t", "causal_conv1d", "t", 1, 4, 8), torch.float32, torch.device("cpu"), ccmps, [])
+    monkeypatch.setattr(timing, "graph_replays", lambda call, sets, device: (lambda graph: None, ["graph"], 8))
+    monkeypatch.setattr(timing, "measure", lambda call, sets, device, plan: timing.Timing(4e-3, 1.0, 3, 2))
+    record = run_case(case, timing.QUICK, 0, 1.0, compile_eager=False, cuda_graphs=True)
+    assert record["ours_ms"] == pytest.approx(0.5) and record["eager_ms"] == pytest.approx(0.5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need an NVIDIA GPU")
 def test_cuda_graph_replays_time_every_suite_kind(tmp_path):
     """Forward, forward + backward and decode rows (in-place state updates) are captured, verified and timed."""

@@ -7,9 +7,9 @@ the device outruns the host. CUDA uses events around the batch; MPS synchronizes
 sets so that large shapes are read from memory, not from the L2/SLC cache. The result is the
 median over repetitions, with the standard deviation as a percentage of it.
 
-With `--cuda-graphs` each input set's call is captured once into a CUDA graph and the graphs are replayed
-instead (`graph_replays`): the figure of a program that runs the op under graphs, without Python's host
-time per call, which is what a GPU-bound training or decode loop sees.
+With `--cuda-graphs` one call per input set is captured into one CUDA graph, which is replayed instead
+(`graph_replays`), and its time divided by its calls: the figure of a program that runs the op under graphs,
+without Python's host time per call, which is what a GPU-bound training or decode loop sees.
 """
 
 from __future__ import annotations
@@ -93,9 +93,12 @@ def measure(call: Callable, sets: Sequence, device: torch.device, plan: Plan) ->
     return Timing(median, spread, reps, calls)
 
 
-def graph_replays(call: Callable, sets: Sequence, device: torch.device) -> tuple[Callable, list]:
-    """`(replay, graphs)`: one CUDA graph per input set holding `call(s)`, and the call that replays one; time
-    them with `measure(replay, graphs, ...)`. Raises whatever capture raises (an op that synchronises, say)."""
+def graph_replays(call: Callable, sets: Sequence, device: torch.device) -> tuple[Callable, list, int]:
+    """`(replay, [graph], calls)`: one CUDA graph holding `call(s)` for every input set in turn (the rotation
+    the eager timing makes), the call that replays it, and the number of calls one replay makes. Time them with
+    `measure(replay, [graph], ...)` and divide by `calls`: a replay's own launch cost (a few us) is spread over
+    its calls, as it is over the layers of a model's captured step. Raises whatever capture raises (an op
+    that synchronises, say)."""
     current = torch.cuda.current_stream(device)
     side = torch.cuda.Stream(device)
     side.wait_stream(current)
@@ -103,10 +106,8 @@ def graph_replays(call: Callable, sets: Sequence, device: torch.device) -> tuple
         for s in sets[:2]:
             call(s)
     current.wait_stream(side)
-    graphs = []
-    for s in sets:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for s in sets:
             call(s)
-        graphs.append(graph)
-    return (lambda graph: graph.replay()), graphs
+    return (lambda g: g.replay()), [graph], len(sets)
