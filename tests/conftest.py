@@ -161,19 +161,27 @@ def serve_through_cuda_launchers(device, monkeypatch, launchers: list[tuple[obje
     return served
 
 
-@pytest.fixture
-def btd(device):
-    """The channel-last CUDA C++ launcher module (`cuda.launch_btd`), on a device where its kernels compile
-    (skips with the reason otherwise): NVRTC on a GPU, `cuda_harness` on CPU."""
+def skip_unless_cuda_kernel(device: torch.device, kernel_name: str, **defines) -> None:
+    """Skips (with the reason) unless the CUDA C++ kernel `kernel_name` compiles on `device`: NVRTC on a GPU,
+    `cuda_harness` on CPU. The variant: a bf16 SiLU call with bias at W = 4, then the kernel's own `defines`."""
     from causal_conv1d_mps import _activation
-    from causal_conv1d_mps.cuda import _runtime, launch_btd
+    from causal_conv1d_mps.cuda import _runtime
 
     if device.type == "mps":
         pytest.skip("CUDA C++ kernels: not on mps")
-    probe = dict(CC_W=4, CC_X_BF16=1, CC_WT=0, CC_HAS_BIAS=1, CC_ACTIVATION=_activation.SILU, CC_HAS_MASK=1,
-                 CC_MASK_T=0, CC_RESIDUAL=1, CC_FWD_VEC=4, CC_FWD_RUN=8, CC_FWD_INSIDE=0, CC_D=0)
-    if _runtime.kernel("cc_conv_fwd_btd", probe, device) is None:
+    probe = dict(CC_W=4, CC_X_BF16=1, CC_WT=0, CC_HAS_BIAS=1, CC_ACTIVATION=_activation.SILU, **defines)
+    if _runtime.kernel(kernel_name, probe, device) is None:
         pytest.skip(f"CUDA C++ kernels on {device}: {_runtime.unavailable_reason(device)}")
+
+
+@pytest.fixture
+def btd(device):
+    """The channel-last CUDA C++ launcher module (`cuda.launch_btd`), on a device where its kernels compile
+    (skips with the reason otherwise)."""
+    from causal_conv1d_mps.cuda import launch_btd
+
+    skip_unless_cuda_kernel(device, "cc_conv_fwd_btd", CC_HAS_MASK=1, CC_MASK_T=0, CC_RESIDUAL=1, CC_FWD_VEC=4,
+                            CC_FWD_RUN=8, CC_FWD_INSIDE=0, CC_D=0)
     return launch_btd
 
 

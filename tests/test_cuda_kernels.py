@@ -22,22 +22,16 @@ import pytest
 import torch
 
 import oracle
-from conftest import RecordingDriver, assert_close_rel, leaf, leaf64, make_params, randn, seeded, stand_in_cuda_driver
+from conftest import (RecordingDriver, assert_close_rel, leaf, leaf64, make_params, randn, seeded,
+                      skip_unless_cuda_kernel, stand_in_cuda_driver)
 
 
 @pytest.fixture
 def kernels(device):
     """The launchers, on a device where the kernels can run (skips with the reason otherwise)."""
-    from causal_conv1d_mps.cuda import _runtime, launch
+    from causal_conv1d_mps.cuda import launch
 
-    if device.type == "mps":
-        pytest.skip("CUDA C++ kernels: not on mps")
-    from causal_conv1d_mps import _activation
-
-    probe = dict(CC_W=4, CC_X_BF16=1, CC_WT=0, CC_HAS_BIAS=1, CC_ACTIVATION=_activation.SILU, CC_VPT=2,
-                 CC_FWD_THREADS=128)
-    if _runtime.kernel("cc_conv_fwd_bdt", probe, device) is None:
-        pytest.skip(f"CUDA C++ kernels on {device}: {_runtime.unavailable_reason(device)}")
+    skip_unless_cuda_kernel(device, "cc_conv_fwd_bdt", CC_VPT=2, CC_FWD_THREADS=128)
     return launch
 
 

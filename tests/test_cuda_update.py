@@ -14,21 +14,16 @@ import pytest
 import torch
 
 import oracle
-from conftest import RecordingDriver, assert_close_rel, make_params, randn, seeded, stand_in_cuda_driver
+from conftest import (RecordingDriver, assert_close_rel, make_params, randn, seeded, skip_unless_cuda_kernel,
+                      stand_in_cuda_driver)
 
 
 @pytest.fixture
 def update(device):
     """The launcher, on a device where the kernel can run (skips with the reason otherwise)."""
-    from causal_conv1d_mps import _activation
-    from causal_conv1d_mps.cuda import _runtime, launch_update
+    from causal_conv1d_mps.cuda import launch_update
 
-    if device.type == "mps":
-        pytest.skip("CUDA C++ kernels: not on mps")
-    probe = dict(CC_W=4, CC_X_BF16=1, CC_WT=0, CC_HAS_BIAS=1, CC_ACTIVATION=_activation.SILU, CC_RESIDUAL=1,
-                 CC_S=3)
-    if _runtime.kernel("cc_conv_update", probe, device) is None:
-        pytest.skip(f"CUDA C++ kernels on {device}: {_runtime.unavailable_reason(device)}")
+    skip_unless_cuda_kernel(device, "cc_conv_update", CC_RESIDUAL=1, CC_S=3)
     return launch_update
 
 
