@@ -248,3 +248,12 @@ def test_public_api_takes_it_in_shift_mode_only(served, device):
     assert_close_rel(got, want, torch.bfloat16, "two tokens")
     assert torch.equal(state.cpu(), want_state)
     assert served == [True, True, False], "only the two-token call asks (and is declined)"
+
+
+def test_its_width_limit_is_the_triton_kernels():
+    """Filters wider than the Triton kernels' limit go to the reference path before any kernel is asked, so
+    the decode kernel's compiled widths (`_source`) stop at the same limit."""
+    from causal_conv1d_mps import triton as triton_backend
+    from causal_conv1d_mps.cuda import launch_update
+
+    assert launch_update.MAX_WIDTH == triton_backend.MAX_WIDTH

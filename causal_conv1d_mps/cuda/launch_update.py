@@ -22,12 +22,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _runtime
+from . import _runtime, _source
 from .launch import _MAX_GRID_YZ, _WT, _X_BF16, dtypes_width_activation_reason
 
 THREADS = 128  # threads per block, each owning 2 channels
-MAX_WIDTH = 24  # the Triton kernels' limit: wider filters go to the reference path before any kernel
-MAX_STATE = 32  # CC_S: the state's entries of a thread's two channels sit in S registers
+_DEFINES = _source.FILE_DEFINES[_source.file_for("cc_conv_update")]
+MAX_WIDTH = _DEFINES["CC_W"][-1]  # the Triton kernels' limit: wider filters go to the reference path first
+MAX_STATE = _DEFINES["CC_S"][-1]  # the state's entries of a thread's two channels sit in S registers
 _MAX_PLANS = 512  # signatures hold shapes: bound the table for ever-changing batch sizes
 _UNSEEN = object()
 
