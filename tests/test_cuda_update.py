@@ -4,7 +4,8 @@ On `--device cpu` the shipped source runs through `cuda_harness`, on `--device c
 launcher (`cuda.launch_update`) serves both (`allow_cpu=True` lets it take CPU tensors). Covered: widths 1 to
 24, state lengths W-1, W and longer, both 16-bit dtypes, float32 weights, bias or none, identity and SiLU,
 residual or not, D not a multiple of a block's channels, B = 1, strided x, a state that is a slice of a wider
-cache, NaN payloads moved bit for bit, every case where the kernel declines (and leaves the state alone), the
+cache, state slots (`conv_state_indices`: a permutation over more state rows, padding rows, a slot past the
+rows), NaN payloads moved bit for bit, every case where the kernel declines (and leaves the state alone), the
 public API's dispatch in shift mode only, the launch plans and the prepared driver launch.
 """
 
@@ -23,7 +24,7 @@ def update(device):
     """The launcher, on a device where the kernel can run (skips with the reason otherwise)."""
     from causal_conv1d_mps.cuda import launch_update
 
-    skip_unless_cuda_kernel(device, "cc_conv_update", CC_RESIDUAL=1, CC_S=3)
+    skip_unless_cuda_kernel(device, "cc_conv_update", CC_RESIDUAL=1, CC_S=3, CC_SLOTS=0)
     return launch_update
 
 
@@ -37,14 +38,15 @@ def _inputs(B, D, W, S, dtype, wdtype, with_bias, device, seed, x_row=None, stat
     return x, state, weight, bias
 
 
-def _check(update, x, state, weight, bias, activation, residual, name):
+def _check(update, x, state, weight, bias, activation, residual, name, slots=None):
     """One step through the launcher: out against the float64 oracle, the state bit for bit."""
     from causal_conv1d_mps import _activation
 
     want_out, want_state = oracle.short_conv_update(x, state, weight, bias, activation=activation == "silu",
-                                                    residual=residual)
-    out = update.conv_update(x, state, weight, bias, _activation.code(activation), residual, allow_cpu=True)
-    assert out is not None, (name, update.why_not(x, state, weight, bias, _activation.code(activation)))
+                                                    residual=residual, conv_state_indices=slots)
+    code = _activation.code(activation)
+    out = update.conv_update(x, state, weight, bias, code, residual, slots, allow_cpu=True)
+    assert out is not None, (name, update.why_not(x, state, weight, bias, code, slots))
     assert out.shape == x.shape and out.dtype == x.dtype
     assert_close_rel(out, want_out, x.dtype, f"{name} out")
     assert torch.equal(state.cpu(), want_state), f"{name}: state"
@@ -84,6 +86,30 @@ def test_strided_views(update, device):
     _check(update, x, state, weight.t().contiguous().t(), bias, "silu", True, "weight of strides (1, D)")
 
 
+def test_state_slots(update, device):
+    """With `conv_state_indices` each row reads and shifts the state slot it names among N > B rows; a
+    negative slot is a padding row (output 0, no state touched), and so is a slot past the rows (what a GPU
+    does with one: the api rejects it on CPU before any kernel)."""
+    from causal_conv1d_mps import _activation
+
+    x, _, weight, bias = _inputs(4, 10, 4, 3, torch.bfloat16, torch.bfloat16, True, device, 8)
+    state = randn(7, 10, 3, dtype=torch.bfloat16, device=device, generator=seeded(9))
+    slots = torch.tensor([5, 0, -1, 3], dtype=torch.int32, device=device)
+    _check(update, x, state, weight, bias, "silu", True, "slots", slots)
+    _check(update, x[:1], state, weight, bias, None, False, "one row, slot 6",
+           torch.tensor([6], dtype=torch.int32, device=device))
+
+    past = torch.tensor([2, 7, 4, 100], dtype=torch.int32, device=device)  # rows 1 and 3: past N = 7
+    before = state.clone()
+    out = update.conv_update(x, state, weight, bias, _activation.SILU, True, past, allow_cpu=True)
+    want, want_state = oracle.short_conv_update(x[[0, 2]], before[[2, 4]], weight, bias)
+    assert_close_rel(out[[0, 2]], want, torch.bfloat16, "live rows beside slots past N")
+    assert torch.equal(out[[1, 3]], torch.zeros_like(out[[1, 3]])), "a slot past N is padding: output 0"
+    expected = before.clone()
+    expected[[2, 4]] = want_state.to(device)
+    assert torch.equal(state, expected), "only the live rows' slots change"
+
+
 def test_nan_payloads_move_bit_for_bit(update, device):
     """A NaN with a payload in the state reaches the output of its own channel only, and moves one step
     with its bits unchanged (the state is copied, never converted)."""
@@ -110,6 +136,7 @@ def test_where_it_does_not_apply(update, device):
     assert update.why_not(x, state, w, b, silu) is None
     wide_state = randn(2, 8, 33, dtype=torch.bfloat16, device=device)
     storage = randn(2 * 8 + 1, dtype=torch.bfloat16, device=device)
+    slots = torch.tensor([1, 0], dtype=torch.int32, device=device)
     excluded = {
         "float32 x": (x.float(), state.float(), w.float(), b.float(), silu),
         "two tokens": (torch.cat([x, x], dim=1), state, w, b, silu),
@@ -125,11 +152,15 @@ def test_where_it_does_not_apply(update, device):
                                                                                    device=device), b, silu),
         "float16 weight for bfloat16 x": (x, state, w.half(), b.half(), silu),
         "activation code 2": (x, state, w, b, 2),
+        "int64 slots": (x, state, w, b, silu, slots.long()),
+        "slots not contiguous": (x, state, w, b, silu, torch.tensor([1, 9, 0], dtype=torch.int32, device=device)[::2]),
+        "one slot for two rows": (x, state, w, b, silu, slots[:1]),
+        "state of other rows than x's without slots": (x, state[:1], w, b, silu),
     }
-    for name, (xx, ss, ww, bb, act) in excluded.items():
+    for name, (xx, ss, ww, bb, act, *rest) in excluded.items():
         before = ss.clone()
-        assert update.why_not(xx, ss, ww, bb, act) is not None, name
-        assert update.conv_update(xx, ss, ww, bb, act, True, allow_cpu=True) is None, name
+        assert update.why_not(xx, ss, ww, bb, act, *rest) is not None, name
+        assert update.conv_update(xx, ss, ww, bb, act, True, *rest, allow_cpu=True) is None, name
         assert torch.equal(ss, before), f"{name}: the state changed"
     # CPU tensors only when a test asks for the harness (on a GPU run too: these are the CPU copies)
     assert update.conv_update(x.cpu(), state.cpu(), w.cpu(), b.cpu(), silu, True) is None
@@ -155,12 +186,13 @@ def test_plans_follow_every_part_of_the_signature(update, device, monkeypatch):
     monkeypatch.setattr(update, "_plans", {})
     base = dict(B=2, D=6, W=4, S=3, dtype=torch.bfloat16, wdtype=torch.bfloat16, with_bias=True)
     changes = [{}, dict(B=3), dict(D=8), dict(W=3), dict(S=4), dict(dtype=torch.float16, wdtype=torch.float16),
-               dict(wdtype=torch.float32), dict(with_bias=False), {}]
+               dict(wdtype=torch.float32), dict(with_bias=False), dict(slots=True), {}]
     for i, change in enumerate(changes):
         p = {**base, **change}
         x, state, w, b = _inputs(p["B"], p["D"], p["W"], p["S"], p["dtype"], p["wdtype"], p["with_bias"], device,
                                  20 + i)
-        _check(update, x, state, w, b, "silu", True, f"{change}")
+        slots = torch.tensor([1, 0], dtype=torch.int32, device=device) if p.get("slots") else None
+        _check(update, x, state, w, b, "silu", True, f"{change}", slots)
     x, state, w, b = _inputs(2, 6, 4, 3, torch.bfloat16, torch.bfloat16, True, device, 40)
     for activation, residual in ((None, True), ("silu", False), (None, False)):
         _check(update, x, state, w, b, activation, residual, f"activation {activation}, residual {residual}")
@@ -185,15 +217,15 @@ def test_the_launcher_hands_the_driver_what_it_hands_the_harness(update, device,
     assert update.conv_update(x, state, w, b, silu, True, allow_cpu=True) is not None
     (harness,) = update._plans.values()
     expected = (harness._grid, harness._block, harness._ints)
-    assert expected[0] == (2, 3, 1) and expected[2] == [150, 152, 604, 150, w.stride(0), w.stride(1), 1]
+    assert expected[0] == (2, 3, 1) and expected[2] == [150, 152, 604, 150, w.stride(0), w.stride(1), 1, 3]
 
-    driver = RecordingDriver(pointers=5, ints=7)
+    driver = RecordingDriver(pointers=6, ints=8)
     monkeypatch.setattr(update, "_plans", {})
     stand_in_cuda_driver(monkeypatch, driver, stream=0x99)
     out = update.conv_update(x, state, w, b, silu, True, allow_cpu=True)
     (launch,) = driver.launches
-    assert (launch["grid"], launch["block"], launch["args"][5:], launch["stream"]) == (*expected, 0x99)
-    assert launch["args"][:5] == [t.data_ptr() for t in (x, state, w, b, out)]
+    assert (launch["grid"], launch["block"], launch["args"][6:], launch["stream"]) == (*expected, 0x99)
+    assert launch["args"][:6] == [t.data_ptr() for t in (x, state, w, b, x, out)]  # x: the slots' stand-in
 
 
 @pytest.fixture
@@ -214,8 +246,9 @@ def served(update, monkeypatch):
 
 
 def test_public_api_takes_it_in_shift_mode_only(served, device):
-    """`short_conv_update` and `causal_conv1d_update` reach the kernel for one token in shift mode; circular
-    mode, state slots and two tokens per row go to the Triton kernel without asking. All match the oracle."""
+    """`short_conv_update` and `causal_conv1d_update` reach the kernel for one token in shift mode, with state
+    slots too; circular mode goes to the Triton kernel without asking, two tokens per row after it declines.
+    All match the oracle."""
     import causal_conv1d_mps as ccmps
 
     gen = seeded(70)
@@ -247,7 +280,7 @@ def test_public_api_takes_it_in_shift_mode_only(served, device):
     got = ccmps.short_conv_update(two, state, weight, bias)
     assert_close_rel(got, want, torch.bfloat16, "two tokens")
     assert torch.equal(state.cpu(), want_state)
-    assert served == [True, True, False], "only the two-token call asks (and is declined)"
+    assert served == [True, True, True, False], "circular mode does not ask; two tokens are declined"
 
 
 def test_its_width_limit_is_the_triton_kernels():

@@ -37,8 +37,10 @@ FILE_DEFINES = {
     "conv_btd.cu": {"CC_W": range(1, 17), **_SHARED_DEFINES, "CC_HAS_MASK": (0, 1),
                     "CC_MASK_T": range(len(MASK_TYPES)), "CC_RESIDUAL": (0, 1)},
     # the decode step (`launch_update` reads its limits here): W up to the Triton kernels' limit
-    # (`triton.MAX_WIDTH`), CC_S the state's length (its entries sit in registers)
-    "conv_update.cu": {"CC_W": range(1, 25), **_SHARED_DEFINES, "CC_RESIDUAL": (0, 1), "CC_S": range(1, 33)},
+    # (`triton.MAX_WIDTH`), CC_S the state's length (its entries sit in registers), CC_SLOTS: rows take their
+    # state slot from conv_state_indices
+    "conv_update.cu": {"CC_W": range(1, 25), **_SHARED_DEFINES, "CC_RESIDUAL": (0, 1), "CC_S": range(1, 33),
+                       "CC_SLOTS": (0, 1)},
 }
 # defines that one kernel of a file takes beyond the file's (the file compiles that kernel where they are set)
 KERNEL_DEFINES = {

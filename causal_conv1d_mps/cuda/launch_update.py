@@ -1,12 +1,14 @@
 """Launcher of the CUDA C++ decode step (`kernels/conv_update.cu`), and where it applies.
 
-The Triton backend asks it first for a decode step in shift mode (no `cache_seqlens`, no
-`conv_state_indices`: the caller checks those); it returns None where the kernel does not apply, and the
-Triton kernel serves the call:
+The Triton backend asks it first for a decode step in shift mode (no `cache_seqlens`: the caller checks
+that); it returns None where the kernel does not apply, and the Triton kernel serves the call:
 - `x` `[B, 1, D]` (one token per row), float16 or bfloat16, channels contiguous, 4-byte aligned, its row
   stride even; D even; B within CUDA's grid limit;
-- `conv_state` `[B, D, S]` of x's dtype with 1 <= S <= `MAX_STATE`, its steps contiguous and its channel
-  stride S (each thread's two channels are S consecutive 32-bit words), 4-byte aligned, its row stride even;
+- `conv_state` `[B, D, S]` (`[N, D, S]` with `conv_state_indices`) of x's dtype with 1 <= S <= `MAX_STATE`,
+  its steps contiguous and its channel stride S (each thread's two channels are S consecutive 32-bit words),
+  4-byte aligned, its row stride even;
+- `conv_state_indices` None, or int32 `[B]` contiguous (the api's form: negative for a padding row, whose
+  output is 0 and whose state is not touched; a slot past N is padding too);
 - `weight` `[D, W]` with 1 <= W <= `MAX_WIDTH`, of x's dtype or float32, `bias` of the weight's dtype or
   None, any strides; activation identity or SiLU;
 - a CUDA device whose NVRTC compile succeeded, or, for tests only, CPU tensors through `cuda_harness`.
@@ -36,9 +38,10 @@ _X_LAYOUT = "x: [B, 1, D] with channels contiguous, a row stride of an even numb
 _STATE_LAYOUT = "conv_state: [B, D, S] with steps contiguous, channel stride S and an even row stride"
 
 
-def why_not(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None, activation: int) -> str | None:
+def why_not(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None, activation: int,
+            conv_state_indices: Tensor | None = None) -> str | None:
     """Why the kernel does not apply to these arguments (None: it does), addresses included; metadata only."""
-    reason = _check_signature(x, conv_state, weight, bias, activation)
+    reason = _check_signature(x, conv_state, weight, bias, activation, conv_state_indices)
     if reason is None and (x.data_ptr() | conv_state.data_ptr()) & 3:
         return "x and conv_state: 4-byte aligned"
     return reason
@@ -48,7 +51,8 @@ def _row_stride(t: Tensor) -> int:
     return 0 if t.shape[0] == 1 else t.stride(0)
 
 
-def _check_signature(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None, activation: int):
+def _check_signature(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None, activation: int,
+                     slots: Tensor | None):
     """`why_not` without the addresses: what a launch plan caches."""
     reason = dtypes_width_activation_reason(x, weight, bias, activation, MAX_WIDTH, "[B, 1, D]")
     if reason is not None:
@@ -60,8 +64,11 @@ def _check_signature(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor
         return f"B = {B}, D = {D}: B in 1..{_MAX_GRID_YZ}, D non-zero"
     if D % 2 or x.stride(2) != 1 or _row_stride(x) % 2:
         return _X_LAYOUT
-    if conv_state.dtype != x.dtype or conv_state.dim() != 3 or conv_state.shape[:2] != (B, D):
-        return f"conv_state: [B, D, S] of x's dtype, got {tuple(conv_state.shape)} {conv_state.dtype}"
+    if slots is not None and (slots.dtype != torch.int32 or slots.shape != (B,) or (B > 1 and slots.stride(0) != 1)):
+        return f"conv_state_indices: int32 [B] contiguous, got {tuple(slots.shape)} {slots.dtype}"
+    rows = B if slots is None else conv_state.shape[0] if conv_state.dim() == 3 else 0
+    if conv_state.dtype != x.dtype or conv_state.dim() != 3 or conv_state.shape[:2] != (rows, D) or rows >= 2**31:
+        return f"conv_state: [B or N, D, S] of x's dtype, got {tuple(conv_state.shape)} {conv_state.dtype}"
     S = conv_state.shape[2]
     if not max(1, weight.shape[1] - 1) <= S <= MAX_STATE:
         return f"conv_state: S = {S}, expected W - 1 <= S <= {MAX_STATE} and S >= 1"
@@ -70,43 +77,46 @@ def _check_signature(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor
     return None
 
 
-def _plan(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None, activation: int, residual: bool):
+def _plan(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None, activation: int, residual: bool,
+          slots: Tensor | None):
     """The prepared launch of this signature, or None where the kernel does not apply."""
-    if _check_signature(x, conv_state, weight, bias, activation) is not None:
+    if _check_signature(x, conv_state, weight, bias, activation, slots) is not None:
         return None
     B, _, D = x.shape
     S, W = conv_state.shape[2], weight.shape[1]
     defines = dict(CC_W=W, CC_X_BF16=_X_BF16[x.dtype], CC_WT=_WT[weight.dtype], CC_HAS_BIAS=int(bias is not None),
-                   CC_ACTIVATION=activation, CC_RESIDUAL=int(residual), CC_S=S)
+                   CC_ACTIVATION=activation, CC_RESIDUAL=int(residual), CC_S=S, CC_SLOTS=int(slots is not None))
     fn = _runtime.kernel("cc_conv_update", defines, x.device)
     if fn is None:
         return None
     pairs = D // 2
     out_row = _row_stride(torch.empty_like(x))  # a function of x's shape and strides: even like x's, or D
     ints = (pairs, _row_stride(x) // 2, _row_stride(conv_state) // 2, out_row // 2, weight.stride(0),
-            weight.stride(1), 0 if bias is None else bias.stride(0))
-    return fn.prepare((-(-pairs // THREADS), B, 1), (THREADS, 1, 1), 5, ints)
+            weight.stride(1), 0 if bias is None else bias.stride(0), conv_state.shape[0])
+    return fn.prepare((-(-pairs // THREADS), B, 1), (THREADS, 1, 1), 6, ints)
 
 
 _plans: dict[tuple, object] = {}  # signature -> prepared launch, or None where the kernel does not apply
 
 
 def conv_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None, activation: int,
-                residual: bool, allow_cpu: bool = False) -> Tensor | None:
-    """`(x if residual) + act(bias + conv(state's last W-1 entries, x))` `[B, 1, D]`, with `conv_state`
-    shifted by one step in place (its newest entry x); or None, nothing written, where the kernel does not
-    apply."""
+                residual: bool, conv_state_indices: Tensor | None = None, allow_cpu: bool = False) -> Tensor | None:
+    """`(x if residual) + act(bias + conv(state's last W-1 entries, x))` `[B, 1, D]`, with the row's state
+    (row b, or slot `conv_state_indices[b]`) shifted by one step in place, its newest entry x; 0 for a padding
+    row. None, nothing written, where the kernel does not apply."""
     device = _runtime.launch_device(x, allow_cpu)
     if device is None:
         return None
     key = (x.shape, x.stride(), x.dtype, conv_state.shape, conv_state.stride(), conv_state.dtype, weight.shape,
            weight.stride(), weight.dtype, activation, residual, device,
-           None if bias is None else (bias.stride(), bias.dtype))
+           None if bias is None else (bias.stride(), bias.dtype),
+           None if conv_state_indices is None else (conv_state_indices.shape, conv_state_indices.stride(),
+                                                    conv_state_indices.dtype))
     launch = _plans.get(key, _UNSEEN)
     if launch is _UNSEEN:
         if len(_plans) >= _MAX_PLANS:
             _plans.clear()
-        launch = _plans[key] = _plan(x, conv_state, weight, bias, activation, residual)
+        launch = _plans[key] = _plan(x, conv_state, weight, bias, activation, residual, conv_state_indices)
     if launch is None:
         return None
     x_p, s_p = x.data_ptr(), conv_state.data_ptr()
@@ -114,8 +124,9 @@ def conv_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | No
         return None
     out = torch.empty_like(x)
     b = weight if bias is None else bias  # no kernel argument is ever a nil pointer
+    slots = x if conv_state_indices is None else conv_state_indices
     if launch.takes_pointers:
-        launch.launch(x_p, s_p, weight.data_ptr(), b.data_ptr(), out.data_ptr())
+        launch.launch(x_p, s_p, weight.data_ptr(), b.data_ptr(), slots.data_ptr(), out.data_ptr())
     else:
-        launch.launch(x, conv_state, weight, b, out)
+        launch.launch(x, conv_state, weight, b, slots, out)
     return out

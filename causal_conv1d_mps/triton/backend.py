@@ -6,8 +6,8 @@ Both convolution families reach the same kernels with `x` described as `[B, T, D
 kernels first (`causal_conv1d_mps.cuda`); they return None where they do not apply. The forward and backward
 of `short_conv_fused` and of a channel-last `causal_conv1d` (no packed sequences, no initial states, no
 final-state gradient) ask the channel-last CUDA C++ kernels where they were measured faster
-(`cuda.launch_btd.preferred`, `preferred_for_backward`). A decode step in shift mode asks the CUDA C++ decode
-kernel first (`cuda.launch_update`).
+(`cuda.launch_btd.preferred`, `preferred_for_backward`). A decode step in shift mode (state slots or not) asks the
+CUDA C++ decode kernel first (`cuda.launch_update`).
 
 A forward returns None for final states that were not asked for (docs/BACKENDS.md). Filters wider than
 `MAX_WIDTH` go to the reference path's function of the same name, looked up at the call (the self-check
@@ -135,8 +135,8 @@ def short_conv_update(x, conv_state, weight, bias, cache_seqlens, conv_state_ind
     if weight.shape[1] > MAX_WIDTH:
         return _wide("short_conv_update")(x, conv_state, weight, bias, cache_seqlens, conv_state_indices,
                                           activation, residual)
-    if cache_seqlens is None and conv_state_indices is None:
-        out = cuda_update.conv_update(x, conv_state, weight, bias, activation, residual)
+    if cache_seqlens is None:
+        out = cuda_update.conv_update(x, conv_state, weight, bias, activation, residual, conv_state_indices)
         if out is not None:
             return out
     return launch_update(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, activation, residual)

@@ -1,6 +1,7 @@
 // The decode step in its common case (docs/CUDA_KERNELS.md, "The decode step"): one token per row, the state
-// shifted in place (no cache_seqlens, no conv_state_indices), 16-bit x and state. Launched by
-// causal_conv1d_mps/cuda/launch_update.py; the Triton kernel serves every other case.
+// shifted in place (no cache_seqlens), 16-bit x and state, each row's state in its own row or, with CC_SLOTS,
+// in the slot conv_state_indices names. Launched by causal_conv1d_mps/cuda/launch_update.py; the Triton kernel
+// serves every other case.
 //
 // Thread p of row b (grid x: blocks of threads over the channel pairs, grid y: rows) owns channels 2p and
 // 2p + 1. Their 2 * CC_S state entries are consecutive in memory (the state's steps are contiguous and its
@@ -23,14 +24,26 @@ __device__ __forceinline__ unsigned int cc_shifted(const unsigned int (&s)[CC_S]
     return cc_entry(s, e + 1);
 }
 
+// slots: int32 [B], each row's state slot (CC_SLOTS; a stand-in pointer otherwise). A negative slot is a
+// padding row, and so is one past the state's `rows` (the api rejects those on CPU; a GPU cannot check them
+// without a sync): its output is 0 and no state is touched, as in the Triton kernel.
 extern "C" __global__ void cc_conv_update(
         const unsigned int* __restrict__ x, unsigned int* __restrict__ state, const cc_wt* __restrict__ weight,
-        const cc_wt* __restrict__ bias, unsigned int* __restrict__ out,
-        int pairs, int x_row, int state_row, int out_row, int w_d, int w_k, int b_d) {
+        const cc_wt* __restrict__ bias, const int* __restrict__ slots, unsigned int* __restrict__ out,
+        int pairs, int x_row, int state_row, int out_row, int w_d, int w_k, int b_d, int rows) {
     const int p = blockIdx.x * blockDim.x + threadIdx.x, b = blockIdx.y;
     if (p >= pairs) return;
+#if CC_SLOTS
+    const int n = slots[b];
+    if (n < 0 || n >= rows) {
+        out[(long long)b * out_row + p] = 0u;
+        return;
+    }
+#else
+    const int n = b;
+#endif
     const unsigned int token = x[(long long)b * x_row + p];
-    unsigned int* const sp = state + (long long)b * state_row + (long long)p * CC_S;
+    unsigned int* const sp = state + (long long)n * state_row + (long long)p * CC_S;
     unsigned int s[CC_S];
 #pragma unroll
     for (int j = 0; j < CC_S; ++j) s[j] = sp[j];
