@@ -26,7 +26,8 @@ __device__ __forceinline__ unsigned int cc_shifted(const unsigned int (&s)[CC_S]
 
 // slots: int32 [B], each row's state slot (CC_SLOTS; a stand-in pointer otherwise). A negative slot is a
 // padding row, and so is one past the state's `rows` (the api rejects those on CPU; a GPU cannot check them
-// without a sync): its output is 0 and no state is touched, as in the Triton kernel.
+// without a sync): its output is 0 and no state is touched, as in the Triton kernel. Two rows naming one slot
+// race on it: the caller's error, as in every decode cache.
 extern "C" __global__ void cc_conv_update(
         const unsigned int* __restrict__ x, unsigned int* __restrict__ state, const cc_wt* __restrict__ weight,
         const cc_wt* __restrict__ bias, const int* __restrict__ slots, unsigned int* __restrict__ out,
