@@ -5,12 +5,13 @@ decode step in CUDA C++ compiled through NVRTC, timed beside the shipped Triton 
     PYTHONPATH=$PWD python benchmarks/prototypes/cuda_update.py --check    # no GPU: through cuda_harness
     NVRTC_LIB=.../libnvrtc.so PYTHONPATH=$PWD python benchmarks/prototypes/cuda_update.py --ptx DIR
 
-The shipped kernel (`triton/kernels/update.py`) tiles 256 channels per program, reads each state entry with a
-load per tap, waits at a barrier, and re-reads the state to shift it: 17.8 us at B256 D8192 W4 (44.7% of
-copy, docs/PERF_NOTES.md). Here the common case of a decode step, one token per row with the state shifted
-in place (no `cache_seqlens`, no `conv_state_indices`), is one pass: a thread owns 2 channels, loads their 2S
-state entries as S 32-bit words (consecutive threads read consecutive words: every access is coalesced),
-forms the output from registers, and stores the shifted state and the output. No barrier, no re-read.
+The Triton kernel (`triton/kernels/update.py`, the only decode kernel before session 9) tiles 256 channels
+per program, reads each state entry with a load per tap, waits at a barrier, and re-reads the state to shift
+it: 17.8 us at B256 D8192 W4 (44.7% of copy, docs/PERF_NOTES.md). Here the common case of a decode step, one
+token per row with the state shifted in place (no `cache_seqlens`, no `conv_state_indices`), is one pass: a
+thread owns 2 channels, loads their 2S state entries as S 32-bit words (consecutive threads read consecutive
+words: every access is coalesced), forms the output from registers, and stores the shifted state and the
+output. No barrier, no re-read.
 
 Session 9 timed it on an H200 (docs/results/h200-bf16-decode-prototype-session9.log: 8.2 against 16.2 us at
 B256 D8192 W4 under CUDA graphs, faster at every size) and the package now ships the same scheme
