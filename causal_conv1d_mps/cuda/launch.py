@@ -149,8 +149,10 @@ class BackwardPlan:
         self.partials, self.dweight = partials, dweight
 
 
-def _remember(plans: dict, key: tuple, plan):
-    if len(plans) >= _MAX_PLANS:
+def _remember(plans: dict, key: tuple, plan, limit: int):
+    """Keeps `plan` (None included: the kernels do not apply) under `key` in a table of at most `limit`
+    signatures (the launchers' plan tables; full, it starts over); returns it."""
+    if len(plans) >= limit:
         plans.clear()
     plans[key] = plan
     return plan
@@ -237,7 +239,7 @@ def conv_fwd_bdt(x: Tensor, weight: Tensor, bias: Tensor | None, activation: int
                bias.stride(), bias.dtype)
     plan = _forward_plans.get(key, _UNSEEN)
     if plan is _UNSEEN:
-        plan = _remember(_forward_plans, key, _plan_forward(x, weight, bias, activation))
+        plan = _remember(_forward_plans, key, _plan_forward(x, weight, bias, activation), _MAX_PLANS)
     if plan is None:
         return None
     xp = x.data_ptr()
@@ -270,7 +272,7 @@ def conv_bwd_bdt(x: Tensor, weight: Tensor, bias: Tensor | None, dout: Tensor, a
                dout.shape, dout.stride(), dout.dtype, bias.stride(), bias.dtype)
     plan = _backward_plans.get(key, _UNSEEN)
     if plan is _UNSEEN:
-        plan = _remember(_backward_plans, key, _plan_backward(x, weight, bias, dout, activation))
+        plan = _remember(_backward_plans, key, _plan_backward(x, weight, bias, dout, activation), _MAX_PLANS)
     if plan is None:
         return None
     xp, dout_p = x.data_ptr(), dout.data_ptr()

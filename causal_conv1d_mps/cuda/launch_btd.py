@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from . import _runtime, _source
-from .launch import (_MAX_GRID_YZ, _WT, _X_BF16, BackwardPlan, dtypes_width_activation_reason,
-                     gradient_buffers)
+from .launch import (_MAX_GRID_YZ, _UNSEEN, _WT, _X_BF16, BackwardPlan, _remember,
+                     dtypes_width_activation_reason, gradient_buffers)
 
 VEC = 4  # x's layout unit: D and x's strides over B and T are multiples of VEC elements
 THREADS = 64  # CC_BTD_THREADS: the backward's threads per block
@@ -179,7 +179,6 @@ def forward_variant(has_mask: bool, W: int, d_const: bool) -> ForwardVariant:
 
 
 _MAX_PLANS = 512  # signatures hold shapes: a model with ever-changing lengths must not grow the table
-_UNSEEN = object()
 _plans: dict[tuple, object] = {}  # signature -> prepared launch, or None where the kernel does not apply
 
 
@@ -227,9 +226,7 @@ def conv_fwd_btd(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | 
            None if mask is None else (mask.shape, mask.stride(), mask.dtype))
     launch = _plans.get(key, _UNSEEN)
     if launch is _UNSEEN:
-        if len(_plans) >= _MAX_PLANS:
-            _plans.clear()
-        launch = _plans[key] = _plan(x, weight, bias, mask, activation, residual, out)
+        launch = _remember(_plans, key, _plan(x, weight, bias, mask, activation, residual, out), _MAX_PLANS)
     if launch is None:
         return False
     b = weight if bias is None else bias  # no kernel argument is ever a nil pointer
@@ -322,9 +319,8 @@ def conv_bwd_btd(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | 
            None if mask is None else (mask.shape, mask.stride(), mask.dtype))
     plan = _backward_plans.get(key, _UNSEEN)
     if plan is _UNSEEN:
-        if len(_backward_plans) >= _MAX_PLANS:
-            _backward_plans.clear()
-        plan = _backward_plans[key] = _plan_backward(x, weight, bias, mask, dout, activation, residual, dx)
+        plan = _remember(_backward_plans, key, _plan_backward(x, weight, bias, mask, dout, activation, residual, dx),
+                         _MAX_PLANS)
     if plan is None:
         return None
     x_p, w_p, dout_p, dx_p = x.data_ptr(), weight.data_ptr(), dout.data_ptr(), dx.data_ptr()

@@ -25,14 +25,13 @@ import torch
 from torch import Tensor
 
 from . import _runtime, _source
-from .launch import _MAX_GRID_YZ, _WT, _X_BF16, dtypes_width_activation_reason
+from .launch import _MAX_GRID_YZ, _UNSEEN, _WT, _X_BF16, _remember, dtypes_width_activation_reason
 
 THREADS = 128  # threads per block, each owning 2 channels
 _DEFINES = _source.FILE_DEFINES[_source.file_for("cc_conv_update")]
 MAX_WIDTH = _DEFINES["CC_W"][-1]  # the Triton kernels' limit: wider filters go to the reference path first
 MAX_STATE = _DEFINES["CC_S"][-1]  # the state's entries of a thread's two channels sit in S registers
 _MAX_PLANS = 512  # signatures hold shapes: bound the table for ever-changing batch sizes
-_UNSEEN = object()
 
 _X_LAYOUT = "x: [B, 1, D] with channels contiguous, a row stride of an even number of elements, D even"
 _STATE_LAYOUT = "conv_state: [B, D, S] with steps contiguous, channel stride S and an even row stride"
@@ -114,9 +113,8 @@ def conv_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | No
                                                     conv_state_indices.dtype))
     launch = _plans.get(key, _UNSEEN)
     if launch is _UNSEEN:
-        if len(_plans) >= _MAX_PLANS:
-            _plans.clear()
-        launch = _plans[key] = _plan(x, conv_state, weight, bias, activation, residual, conv_state_indices)
+        launch = _remember(_plans, key, _plan(x, conv_state, weight, bias, activation, residual, conv_state_indices),
+                           _MAX_PLANS)
     if launch is None:
         return None
     x_p, s_p = x.data_ptr(), conv_state.data_ptr()
