@@ -40,8 +40,8 @@ FIRST="tests/test_causal_conv1d.py tests/test_module.py tests/test_triton_v5.py 
 SECOND="tests/test_short_conv_fused.py tests/test_update.py tests/test_validation.py tests/test_library.py
   tests/test_activation.py tests/test_varlen_states.py tests/test_fuzz.py tests/test_nan_stream_starts.py"
 GPU_ONLY="tests/test_triton_gpu.py tests/test_cuda_kernels.py tests/test_cuda_btd.py tests/test_cuda_update.py
-  tests/test_cuda_harness.py tests/test_cuda_mask_dtypes.py tests/test_cuda_btd_forward.py tests/test_final_states_absent.py
-  tests/test_wide_filters.py tests/test_host_path.py tests/test_check.py tests/test_transformers_models.py
+  tests/test_cuda_harness.py tests/test_cuda_mask_dtypes.py tests/test_cuda_btd_forward.py
+  tests/test_final_states_absent.py tests/test_wide_filters.py tests/test_host_path.py tests/test_check.py tests/test_transformers_models.py
   tests/test_transformers_functions.py"
 
 op_suite() {  # time limit in seconds

@@ -172,19 +172,24 @@ def ptx_only(out_dir: Path) -> int:
                                         for W, S in ((4, 3), (4, 4), (2, 1), (7, 6))))
 
 
-def _graph_us(step, calls: int = 20) -> float:
-    """us per call of `calls` back-to-back calls captured in one CUDA graph (the replay's own cost spread)."""
-    replay = cuda_fwd.graphed(lambda: [step() for _ in range(calls)])
-    samples = []
-    for _ in range(15):
+def _us_per_call(fn, calls_per_fn: int, repeats: int, samples: int = 1) -> float:
+    """The median over `samples` of the us per call of `repeats` back-to-back `fn()`, each making
+    `calls_per_fn` calls (CUDA events around each sample)."""
+    found = []
+    for _ in range(samples):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(10):
-            replay()
+        for _ in range(repeats):
+            fn()
         end.record()
         end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / (10 * calls))
-    return statistics.median(samples)
+        found.append(start.elapsed_time(end) * 1e3 / (repeats * calls_per_fn))
+    return statistics.median(found)
+
+
+def _graph_us(step, calls: int = 20) -> float:
+    """us per call of `calls` back-to-back calls captured in one CUDA graph (the replay's own cost spread)."""
+    return _us_per_call(cuda_fwd.graphed(lambda: [step() for _ in range(calls)]), calls, repeats=10, samples=15)
 
 
 def main(argv=None) -> int:
@@ -232,13 +237,7 @@ def main(argv=None) -> int:
             for _ in range(20):
                 step()
             torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(200):
-                step()
-            end.record()
-            end.synchronize()
-            eager_us = start.elapsed_time(end) * 1e3 / 200
+            eager_us = _us_per_call(step, 1, repeats=200)
             print(f"S{S} B{B:<4d} D{D}  {name:17s} graph {us:7.2f} us ({100 * nbytes / (us * 1e-6) / 1e9 / copy:5.1f}% "
                   f"of copy)  eager {eager_us:7.2f} us   prototype vs Triton: out rel {rel:.1e}, state "
                   f"{'same' if same_state else 'DIFFERS'}", flush=True)

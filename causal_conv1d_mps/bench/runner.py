@@ -75,8 +75,8 @@ def _run_impl(case: Case, name: str, fn: Callable, sets: list[Inputs], plan: tim
     finally:
         del timed, timed_sets  # a graph holds its outputs' memory
     seconds = t.seconds / calls_per_item
-    result.update(ms=seconds * 1e3, stdev_pct=t.stdev_pct, reps=t.reps, calls_per_rep=t.calls_per_rep * calls_per_item,
-                  gbps=case.bytes / seconds / 1e9)
+    result.update(ms=seconds * 1e3, stdev_pct=t.stdev_pct, reps=t.reps,
+                  calls_per_rep=t.calls_per_rep * calls_per_item, gbps=case.bytes / seconds / 1e9)
     return result
 
 

@@ -2,10 +2,10 @@
 
 The contract is written once here and in the activation registry (`causal_conv1d_mps._activation`):
 the activation codes (`CC_ACTIVATION_<NAME>`) and the variant's defines (`CC_W`, `CC_X_BF16`, `CC_WT`,
-`CC_HAS_BIAS`, `CC_ACTIVATION`, and for the channel-last file `CC_HAS_MASK`, `CC_MASK_T`, `CC_RESIDUAL`) and
-the mask element type codes (`CC_MASK_<TYPE>`, `MASK_TYPES`), and the decode file's state length `CC_S` are generated into the text the compiler sees,
-never copied by hand. A kernel with defines of its own (`KERNEL_DEFINES`) is
-compiled alone from its file: the file keeps it behind `#ifdef` of one of them.
+`CC_HAS_BIAS`, `CC_ACTIVATION`, for the channel-last file `CC_HAS_MASK`, `CC_MASK_T`, `CC_RESIDUAL`, for the
+decode file `CC_RESIDUAL`, `CC_S`, `CC_SLOTS`) and the mask element type codes (`CC_MASK_<TYPE>`, `MASK_TYPES`)
+are generated into the text the compiler sees, never copied by hand. A kernel with defines of its own
+(`KERNEL_DEFINES`) is compiled alone from its file: the file keeps it behind `#ifdef` of one of them.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ MASK_TYPES = tuple(str(dtype).removeprefix("torch.") for dtype in _validate.NATI
 
 # which file holds each kernel
 KERNEL_FILES = {"cc_conv_fwd_bdt": FILE_NAME, "cc_conv_bwd_bdt": FILE_NAME, "cc_reduce_partials": FILE_NAME,
-                "cc_conv_fwd_btd": "conv_btd.cu", "cc_conv_bwd_btd": "conv_btd.cu", "cc_conv_update": "conv_update.cu"}
+                "cc_conv_fwd_btd": "conv_btd.cu", "cc_conv_bwd_btd": "conv_btd.cu",
+                "cc_conv_update": "conv_update.cu"}
 
 _SHARED_DEFINES = {
     "CC_X_BF16": (0, 1),
