@@ -1,6 +1,6 @@
 """Measure the performance targets P1..P6 of docs/PERFORMANCE.md (section 3) on one CUDA device, in one run.
 
-    PYTHONPATH=$PWD python benchmarks/perf_targets.py [--quick] [--sweep] [--json out.json]
+    PYTHONPATH=$PWD python benchmarks/perf_targets.py [--quick] [--sweep] [--targets P1,P5] [--json out.json]
 
 Every figure is a ratio taken in this run: achieved bandwidth over the bandwidth of a large device copy
 (bytes read + written), and speedups over PyTorch eager (`F.conv1d(groups=D)`, pad + slice, as users
@@ -381,12 +381,21 @@ def sweep(copy_bw):
     return best
 
 
+TARGETS = ("P1", "P2", "P3", "P4", "P5", "P6")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes, no torch.compile")
     parser.add_argument("--sweep", action="store_true", help="try tile variants first (prints them)")
     parser.add_argument("--json", help="write every row to this file")
+    parser.add_argument("--targets", default="P1,P2,P3,P4,P5,P6",
+                        help="comma-separated targets to measure (default all), e.g. P5 for the host times alone")
     args = parser.parse_args()
+    chosen = {name.strip().upper() for name in args.targets.split(",") if name.strip()}
+    unknown = chosen - set(TARGETS)
+    if unknown or not chosen:
+        parser.error(f"--targets: expected names among {', '.join(TARGETS)}, got {args.targets!r}")
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     print(f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}; "
@@ -395,16 +404,18 @@ def main():
     print(f"copy bandwidth: {copy_bw:.0f} GB/s (1 GiB device copy, read + write)", flush=True)
     use_compile = not args.quick
     stages = [
-        lambda: sweep(copy_bw) if args.sweep else None,
-        lambda: p1_forward(copy_bw, [(4, 4096, 8192), (8, 2048, 4096)], use_compile),
-        lambda: p2_fused(copy_bw, [(4, 8192, 4096), (8, 2048, 4096)], use_compile),
-        lambda: p3_fused_train(copy_bw, [(8, 2048, 4096), (2, 512, 2048)]),
-        lambda: p4_decode(copy_bw, [(1, 4096), (8, 4096), (64, 4096), (256, 8192)]),
-        p5_layers,
-        lambda: p5_small([(1, 64, 128), (1, 256, 512), (1, 512, 1024)], [(1, 512, 128), (2, 2048, 512)]),
-        lambda: p6_widths(copy_bw, (2, 3, 4, 7, 8, 16) if args.quick else tuple(range(2, 17))),
+        ("sweep", lambda: sweep(copy_bw) if args.sweep else None),
+        ("P1", lambda: p1_forward(copy_bw, [(4, 4096, 8192), (8, 2048, 4096)], use_compile)),
+        ("P2", lambda: p2_fused(copy_bw, [(4, 8192, 4096), (8, 2048, 4096)], use_compile)),
+        ("P3", lambda: p3_fused_train(copy_bw, [(8, 2048, 4096), (2, 512, 2048)])),
+        ("P4", lambda: p4_decode(copy_bw, [(1, 4096), (8, 4096), (64, 4096), (256, 8192)])),
+        ("P5", p5_layers),
+        ("P5", lambda: p5_small([(1, 64, 128), (1, 256, 512), (1, 512, 1024)], [(1, 512, 128), (2, 2048, 512)])),
+        ("P6", lambda: p6_widths(copy_bw, (2, 3, 4, 7, 8, 16) if args.quick else tuple(range(2, 17)))),
     ]
-    for stage in stages:
+    for name, stage in stages:
+        if name not in chosen and name != "sweep":
+            continue
         try:
             stage()
         except Exception:  # report and go on: one broken stage should not hide the others
