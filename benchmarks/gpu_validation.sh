@@ -9,7 +9,10 @@
 #   bash benchmarks/gpu_validation.sh suite   # the op suite and GPU-only tests alone (about 6 minutes)
 #   bash benchmarks/gpu_validation.sh timings # the timed runs alone (about 4 minutes)
 #   bash benchmarks/gpu_validation.sh full    # every test file with --device cuda, all backends, the xdist
-#                                             # workers spread over the GPUs (tests/conftest.py)
+#                                             # workers spread over the GPUs (tests/conftest.py); about 9
+#                                             # minutes on 2 H200s from a cold start, at the edge of a slot
+#   bash benchmarks/gpu_validation.sh full 1/2  # the same suite in two calls: `full 1/2`, then `full 2/2`
+#                                             # (pytest --shard: every other test of the run order)
 #
 # Logs and JSON go to $OUT (default ./gpu-results); a short summary is printed last. Each part has its own
 # time limit so that a call fits a 10-minute slot. Run from the repository root; nothing is installed.
@@ -111,20 +114,22 @@ bench() {
   [ "$GPUS" -gt 1 ] && summary "context-parallel cost" "$OUT/cp-bench.log"
 }
 
-full() {  # every test file, every backend the device runs, one pytest run spread over the GPUs
+full() {  # every test file, every backend the device runs, one pytest run spread over the GPUs; $1: a
+          # shard K/N of it (optional)
   environment
   local workers=$(( $(nproc) > 4 ? $(nproc) - 2 : 2 ))
+  local log="$OUT/full${1:+-${1/\//of}}.log"
   timeout "${FULL_LIMIT:-560}" python -m pytest -v -p no:cacheprovider -n "$workers" --device cuda \
-    --durations=25 tests > "$OUT/full.log" 2>&1
-  summary "whole suite" "$OUT/full.log"
+    --durations=25 ${1:+--shard "$1"} tests > "$log" 2>&1
+  summary "whole suite${1:+, part $1}" "$log"
 }
 
 case "${1:-}" in
-  full) full ;;
+  full) full "${2:-}" ;;
   suite) suite ;;
   timings) timed ;;
   tests) tests ;;
   bench) bench ;;
   all) all ;;
-  *) echo "usage: $0 tests|bench|all|suite|timings|full" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|bench|all|suite|timings|full [K/N]" >&2; exit 2 ;;
 esac

@@ -45,6 +45,28 @@ def pytest_addoption(parser):
         choices=("cpu", "cuda", "mps"),
         help="device of the test tensors (default cpu; cuda or mps on GPU machines)",
     )
+    parser.addoption(
+        "--shard",
+        default=None,
+        type=parse_shard,
+        metavar="K/N",
+        help="run only the K-th of N interleaved parts of the collected tests (a long GPU suite over N calls)",
+    )
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`--shard`'s `K/N` as (K, N), with 1 <= K <= N."""
+    part, _, parts = text.partition("/")
+    if not (part.isdigit() and parts.isdigit() and 1 <= int(part) <= int(parts)):
+        raise pytest.UsageError(f"--shard: expected K/N with 1 <= K <= N (e.g. 1/2), got {text!r}")
+    return int(part), int(parts)
+
+
+def in_shard(count: int, shard: tuple[int, int]) -> list[int]:
+    """Indices of `count` tests, in run order, that shard (K, N) keeps: every N-th from the (K-1)-th, so that
+    each part gets its share of the slow tests that `slow_first` puts at the front."""
+    part, parts = shard
+    return list(range(part - 1, count, parts))
 
 
 def pytest_configure(config):
@@ -100,6 +122,11 @@ def slow_first(nodeids: list[str]) -> list[int]:
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--device") == "cuda":
         items[:] = [items[i] for i in slow_first([item.nodeid for item in items])]
+    shard = config.getoption("--shard")
+    if shard is not None:
+        kept = set(in_shard(len(items), shard))
+        config.hook.pytest_deselected(items=[item for i, item in enumerate(items) if i not in kept])
+        items[:] = [item for i, item in enumerate(items) if i in kept]
 
 
 @pytest.fixture(scope="session")

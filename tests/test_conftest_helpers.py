@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from conftest import slow_first, spread_worker
+import pytest
+
+from conftest import in_shard, parse_shard, slow_first, spread_worker
 
 
 def test_xdist_workers_spread_over_every_gpu():
@@ -21,3 +23,17 @@ def test_slow_tests_start_first_on_gpus_in_their_own_order():
            "tests/test_b.py::test_fast", "tests/test_short_conv_fused.py::test_forward_backward_matches_oracle[reference-x]"]
     assert slow_first(ids) == [1, 2, 0, 3, 4]
     assert slow_first([]) == []
+
+
+def test_shards_split_the_run_order_without_overlap_or_loss():
+    """`--shard K/N`: the N parts together hold every test once, each part takes every N-th test of the run
+    order (so the slow tests at its front are shared out), and malformed values are refused by name."""
+    parts = [in_shard(7, (k, 3)) for k in (1, 2, 3)]
+    assert parts == [[0, 3, 6], [1, 4], [2, 5]]
+    assert sorted(i for part in parts for i in part) == list(range(7))
+    assert in_shard(5, (1, 1)) == list(range(5))
+    assert in_shard(0, (2, 2)) == []
+    assert parse_shard("2/3") == (2, 3)
+    for bad in ("0/2", "3/2", "1", "a/b", "1/0", "-1/2", ""):
+        with pytest.raises(pytest.UsageError, match="--shard: expected K/N"):
+            parse_shard(bad)
