@@ -176,7 +176,7 @@ def layers(args, device):
          lambda: triton_package.causal_conv1d_fwd(x, w, b, None, None, SILU, False)),
         ("ops.causal_conv1d, no grad", lambda: ops.causal_conv1d(x, w, b, None, None, SILU, False)),
         ("api causal_conv1d, no grad", lambda: ccmps.causal_conv1d(x, w, b, "silu")),
-        ("launch.conv_bwd_bdt (2 launches)", lambda: bwd(x, w, b, dout, SILU, allow_cpu=on_cpu)),
+        ("launch.conv_bwd_bdt (1 launch at B 1, T <= 1024)", lambda: bwd(x, w, b, dout, SILU, allow_cpu=on_cpu)),
         ("backend causal_conv1d_bwd", lambda: backend.causal_conv1d_bwd(x, w, b, None, None, dout, None, SILU)),
         ("launch.conv_bwd_bdt, no bias", lambda: bwd(x, w, None, dout, SILU, allow_cpu=on_cpu)),
         ("backend causal_conv1d_bwd, no bias",

@@ -3,7 +3,8 @@
 On `--device cpu` the shipped source runs through `cuda_harness` (compiled as C++, run on the CPU); on
 `--device cuda` through NVRTC on the GPU. The same launchers serve both (`allow_cpu=True` lets them take CPU
 tensors). Covered: every width 1..10, 16 and 17, both 16-bit dtypes, float32 weights, bias or none, identity and SiLU,
-T of one vector, of several passes and of several backward chunks, odd D, B = 1, strided views, the NaN
+T of one vector, of several passes and of several backward chunks, odd D, B = 1 (whose backward writes its
+gradients in one launch), strided views, the NaN
 pattern of the weight gradient, determinism, where the kernels do not apply, the dispatch from the public
 API, and the fall-back to the Triton kernels when the source does not compile. The launch plans: a call
 differing from a planned one in any part of the signature, misaligned views, the environment switch, the
@@ -90,6 +91,21 @@ def test_forward_backward_match_oracle(kernels, device, width, dtype, wdtype, wi
         x = randn(B, D, T, dtype=dtype, device=device, generator=gen)
         dout = randn(B, D, T, dtype=dtype, device=device, generator=gen)
         _check_against_oracle(kernels, x, weight, bias, activation, dout, f"B{B} D{D} T{T}")
+
+
+def test_the_backward_reduces_partial_sums_only_where_a_channel_has_several(kernels, device):
+    """The oracle cases above run both kinds of backward plan: B = 1 with one chunk (T <= 1024, or D large
+    enough to fill the GPU alone) writes the gradients in its one launch; several rows of partial sums per
+    channel (B > 1, or several chunks) are summed by the reduction launch."""
+    from causal_conv1d_mps import _activation
+
+    gen = seeded(5)
+    for (B, D, T), direct in (((1, 5, 8), True), ((1, 2, 1024), True), ((1, 1024, 4096), True),
+                              ((1, 2, 2064), False), ((2, 3, 4176), False), ((3, 1, 24), False)):
+        weight, bias = make_params(D, 4, torch.bfloat16, device, gen)
+        x = randn(B, D, T, dtype=torch.bfloat16, device=device, generator=gen)
+        plan = kernels._plan_backward(x, weight, bias, x, _activation.SILU)
+        assert (plan.reduce is None, plan.partials == 0) == (direct, direct), (B, D, T)
 
 
 def test_the_oracle_cases_reach_every_layout_of_the_forward(kernels):
@@ -557,7 +573,7 @@ def test_the_launchers_hand_the_driver_what_they_hand_the_harness(kernels, devic
     monkeypatch.setattr(kernels, "_backward_plans", {})
     expected = harness_launches()
 
-    counts = {"cc_conv_fwd_bdt": (4, 8), "cc_conv_bwd_bdt": (6, 13), "cc_reduce_partials": (3, 2)}
+    counts = {"cc_conv_fwd_bdt": (4, 8), "cc_conv_bwd_bdt": (8, 13), "cc_reduce_partials": (3, 2)}
     handles = {name: 0x100 * (i + 1) for i, name in enumerate(counts)}
     recorders = {handles[name]: RecordingDriver(*n) for name, n in counts.items()}
 
@@ -576,7 +592,16 @@ def test_the_launchers_hand_the_driver_what_they_hand_the_harness(kernels, devic
     fwd, conv, reduce = (r["args"] for r in launches)
     assert fwd[:4] == [t.data_ptr() for t in (x, weight, bias, out)]
     assert conv[:5] == [t.data_ptr() for t in (x, weight, bias, dout, dx)]
+    assert conv[6:8] == [dweight.data_ptr(), dbias.data_ptr()]
     assert reduce[:3] == [conv[5], dweight.data_ptr(), dbias.data_ptr()]
+
+    # one row per channel (B = 1, one chunk): one launch, which writes dweight and dbias itself
+    launches.clear()
+    one_row, dout_one = x[:1, :, :1024], dout[:1, :, :1024]
+    dx, dweight, dbias = kernels.conv_bwd_bdt(one_row, weight, bias, dout_one, silu, allow_cpu=True)
+    assert [r["func"] for r in launches] == [handles["cc_conv_bwd_bdt"]]
+    (conv,) = (r["args"] for r in launches)
+    assert conv[:8] == [t.data_ptr() for t in (one_row, weight, bias, dout_one, dx, dweight, dweight, dbias)]
 
 
 RECORDING_DRIVER_SOURCE = """

@@ -137,14 +137,16 @@ class _ForwardPlan:
 
 class BackwardPlan:
     """What a backward call of one signature needs beyond its pointers (both launchers' backwards): the conv
-    launch, the fixed-order reduction of the weight gradient, and the sizes of the buffers it allocates (the
-    float32 partial sums `[chunks * B, D, W + 1]`, flat; dweight `[D, W]`)."""
+    launch, the fixed-order reduction of the weight gradient (None where the conv launch writes the gradient
+    itself), and the sizes of the buffers it allocates (the float32 partial sums `[chunks * B, D, W + 1]`,
+    flat, 0 without a reduction; dweight `[D, W]`)."""
 
     __slots__ = ("conv", "reduce", "pointers", "partials", "dweight")
 
     def __init__(self, conv, reduce, partials: int, dweight: tuple[int, int]):
-        self.conv = conv.launch  # (x, weight, bias or weight, [mask or x: channel-last], dout, dx, partials)
-        self.reduce = reduce.launch  # (partials, dweight, dbias or dweight)
+        # (x, weight, bias or weight, [mask or x: channel-last], dout, dx, partials, [(B, D, T): dweight, dbias])
+        self.conv = conv.launch
+        self.reduce = None if reduce is None else reduce.launch  # (partials, dweight, dbias or dweight)
         self.pointers = conv.takes_pointers
         self.partials, self.dweight = partials, dweight
 
@@ -191,11 +193,6 @@ def _plan_backward(x: Tensor, weight: Tensor, bias: Tensor | None, dout: Tensor,
     dout_strides = _vector_strides(dout) if not reason and dout.dtype == x.dtype and dout.shape == x.shape else None
     if dout_strides is None:
         return None
-    defines = _defines(x, weight, bias, activation)
-    fn = _runtime.kernel("cc_conv_bwd_bdt", defines, x.device)
-    reduce = _runtime.kernel("cc_reduce_partials", defines, x.device) if fn is not None else None
-    if reduce is None:
-        return None
     B, D, T = x.shape
     W = weight.shape[1]
     n8 = T // 8
@@ -204,22 +201,32 @@ def _plan_backward(x: Tensor, weight: Tensor, bias: Tensor | None, dout: Tensor,
     chunks = min(passes, max(1, -(-_TARGET_BLOCKS // (B * D))), _MAX_GRID_YZ)
     chunk8 = -(-passes // chunks) * THREADS
     chunks = -(-n8 // chunk8)
-    conv = fn.prepare((D, B, chunks), (THREADS, 1, 1), 6,
+    defines = _defines(x, weight, bias, activation)
+    fn = _runtime.kernel("cc_conv_bwd_bdt", defines, x.device)
+    # one partial row per channel (B = 1, one chunk): the conv kernel writes the gradient, one launch fewer
+    direct = chunks * B == 1
+    reduce = None if fn is None or direct else _runtime.kernel("cc_reduce_partials", defines, x.device)
+    if fn is None or (reduce is None and not direct):
+        return None
+    conv = fn.prepare((D, B, chunks), (THREADS, 1, 1), 8,
                       (n8, chunk8, B, D, *x_strides, *dout_strides, *_new_like_strides(x),
                        *_weight_strides(weight, bias)))
+    if direct:
+        return BackwardPlan(conv, None, 0, (D, W))
     reduce = reduce.prepare((-(-D * (W + 1) // 256), 1, 1), (256, 1, 1), 3, (chunks * B, D))
     return BackwardPlan(conv, reduce, chunks * B * D * (W + 1), (D, W))
 
 
 def gradient_buffers(plan: BackwardPlan, x: Tensor, weight: Tensor, bias: Tensor | None):
     """(partials, dweight, dbias, the bias or its stand-in, dbias or its stand-in) of a backward call: the
-    flat float32 partial sums, dweight `[D, W]` contiguous in the weight's dtype (the reduction writes it so),
-    dbias `[D]`, or None without a bias (no placeholder is allocated); no kernel argument is ever a nil
-    pointer, so an absent bias passes the weight and its gradient dweight."""
+    flat float32 partial sums (dweight where the plan has no reduction: the kernel then leaves them alone),
+    dweight `[D, W]` contiguous in the weight's dtype (the reduction writes it so), dbias `[D]`, or None
+    without a bias (no placeholder is allocated); no kernel argument is ever a nil pointer, so an absent bias
+    passes the weight and its gradient dweight."""
     # (`new_empty` with sizes as separate ints is the cheapest allocation from Python: about 0.9 us)
-    partials = x.new_empty(plan.partials, dtype=torch.float32)
     D, W = plan.dweight
     dweight = weight.new_empty(D, W)
+    partials = x.new_empty(plan.partials, dtype=torch.float32) if plan.partials else dweight
     if bias is None:
         return partials, dweight, None, weight, dweight
     dbias = weight.new_empty(D)  # bias has weight's dtype
@@ -284,10 +291,12 @@ def conv_bwd_bdt(x: Tensor, weight: Tensor, bias: Tensor | None, dout: Tensor, a
         return None
     partials, dweight, dbias, b, db = gradient_buffers(plan, x, weight, bias)
     if plan.pointers:
-        partials_p = partials.data_ptr()
-        plan.conv(xp, weight.data_ptr(), b.data_ptr(), dout_p, dx_p, partials_p)
-        plan.reduce(partials_p, dweight.data_ptr(), db.data_ptr())
+        partials_p, dweight_p, db_p = partials.data_ptr(), dweight.data_ptr(), db.data_ptr()
+        plan.conv(xp, weight.data_ptr(), b.data_ptr(), dout_p, dx_p, partials_p, dweight_p, db_p)
+        if plan.reduce is not None:
+            plan.reduce(partials_p, dweight_p, db_p)
     else:
-        plan.conv(x, weight, b, dout, dx, partials)
-        plan.reduce(partials, dweight, db)
+        plan.conv(x, weight, b, dout, dx, partials, dweight, db)
+        if plan.reduce is not None:
+            plan.reduce(partials, dweight, db)
     return dx, dweight, dbias

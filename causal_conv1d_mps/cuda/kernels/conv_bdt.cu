@@ -147,11 +147,13 @@ extern "C" __global__ void __launch_bounds__(CC_FWD_THREADS) cc_conv_fwd_bdt(
 // in the reference);  dbias = sum_t dpre[t].
 // grid (D, B, chunks), block 128: block (d, b, c) walks steps [c * chunk8 * 8, ...) of row (b, d),
 // 1024 steps per pass, and writes one float32 partial row dw_part[(c * B + b) * D + d][0..W] (W: bias),
-// which the launcher sums in a fixed order.
+// which the launcher sums in a fixed order. With one row per channel (B = 1, one chunk) that row is the
+// gradient: the block writes dweight [D, W] (contiguous) and dbias [D] itself, in the weight's dtype, and
+// the launcher skips the reduction (its sum of one row, 0 + s, is s: s is never -0, being 0 + ... too).
 extern "C" __global__ void __launch_bounds__(CC_THREADS) cc_conv_bwd_bdt(
         const uint4* __restrict__ x, const cc_wt* __restrict__ weight, const cc_wt* __restrict__ bias,
         const uint4* __restrict__ dout, uint4* __restrict__ dx, float* __restrict__ dw_part,
-        int n8, int chunk8, int B, int D, int x_stride_b, int x_stride_d, int dout_stride_b, int dout_stride_d,
+        cc_wt* __restrict__ dweight, cc_wt* __restrict__ dbias, int n8, int chunk8, int B, int D, int x_stride_b, int x_stride_d, int dout_stride_b, int dout_stride_d,
         int dx_stride_b, int dx_stride_d, int w_stride_d, int w_stride_k, int bias_stride) {
     const int d = blockIdx.x, b = blockIdx.y, c = blockIdx.z, lane = threadIdx.x & 31;
     const uint4* xr = x + (long long)b * x_stride_b + (long long)d * x_stride_d;
@@ -218,7 +220,15 @@ extern "C" __global__ void __launch_bounds__(CC_THREADS) cc_conv_bwd_bdt(
         float s = 0.f;
 #pragma unroll
         for (int i = 0; i < CC_THREADS / 32; ++i) s += partial[i][threadIdx.x];
-        dw_part[((long long)c * B + b) * D * (CC_W + 1) + (long long)d * (CC_W + 1) + threadIdx.x] = s;
+        if (gridDim.z * B != 1) {
+            dw_part[((long long)c * B + b) * D * (CC_W + 1) + (long long)d * (CC_W + 1) + threadIdx.x] = s;
+        } else if (threadIdx.x < CC_W) {
+            dweight[d * CC_W + threadIdx.x] = cc_float_to_w(s);
+        } else {
+#if CC_HAS_BIAS
+            dbias[d] = cc_float_to_w(s);
+#endif
+        }
     }
 }
 
