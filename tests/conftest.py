@@ -104,7 +104,7 @@ def spread_worker(worker: str | None, devices: int) -> int | None:
     return int(worker[2:]) % devices
 
 
-# The slowest tests of the whole suite on 2 H200s (`--durations`, docs/results/h200-gpu-suite-session9.log): NCCL
+# The slowest tests of the whole suite on 2 H200s (`--durations`, docs/results/h200-gpu-suite-session10.log): NCCL
 # and gloo process groups, the self-check, the fuzzers, and the op oracle matrix through Triton (its compiles).
 # Under xdist a test that starts last and runs a minute is the run's tail, so on GPUs they start first.
 SLOW_ON_GPU = ("test_context_parallel.py::", "test_check.py::test_gpu_run", "test_fuzz.py::",
