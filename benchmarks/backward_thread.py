@@ -27,17 +27,8 @@ import torch.nn.functional as F  # noqa: E402
 import causal_conv1d_mps as ccmps  # noqa: E402
 from causal_conv1d_mps import ops  # noqa: E402
 
-
-class _Identity(torch.autograd.Function):
-    """The cheapest Python autograd Function: the engine's round trip by itself."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, dout):
-        return dout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from host_timing import Identity  # noqa: E402  (this folder: the scripts' shared helpers)
 
 
 def timed_backward_body(record: list, threads: set):
@@ -99,7 +90,7 @@ def main(argv=None) -> int:
         "eager fwd+bwd, bias": lambda: F.conv1d(xe, we, be, padding=W - 1, groups=D)[..., :T].backward(dout),
         "eager fwd+bwd, no bias": lambda: F.conv1d(xe, we, None, padding=W - 1, groups=D)[..., :T].backward(dout),
         "package fused (B,T,D) fwd+bwd, bias": lambda: ccmps.short_conv_fused(xf, wf, bf).backward(dout_btd),
-        "identity Function fwd+bwd": lambda: _Identity.apply(xg).backward(dout),
+        "identity Function fwd+bwd": lambda: Identity.apply(xg).backward(dout),
         "package forward alone (inputs require grad)": lambda: ccmps.causal_conv1d(xg, wg, bg, "silu"),
     }
     record, threads = [0.0, 0], set()

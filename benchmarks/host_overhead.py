@@ -45,7 +45,7 @@ from causal_conv1d_mps import _activation, ops  # noqa: E402
 from causal_conv1d_mps.integrations import transformers as cc_hf  # noqa: E402
 from causal_conv1d_mps.triton import _launch, launch_conv, launch_update  # noqa: E402
 from causal_conv1d_mps.triton import backend as triton_backend  # noqa: E402
-from host_timing import per_call_us  # noqa: E402  (this folder: the script's own)
+from host_timing import Identity, per_call_us  # noqa: E402  (this folder: the script's own)
 
 try:  # checkouts before the CUDA C++ decode step (before/after comparisons)
     from causal_conv1d_mps.cuda import launch_update as cuda_update  # noqa: E402
@@ -155,7 +155,7 @@ def workloads(args, device, dtype, stub):
     # (identity), the same with the engine's device threads off (the backward runs on the calling thread)
     xi = xg.detach().clone().requires_grad_()
     result[f"autograd engine, [B, D, T] = [{B}, {D}, {T}]"] = [
-        ("identity Function forward + .backward()", lambda: _Identity.apply(xi).backward(dout_bdt)),
+        ("identity Function forward + .backward()", lambda: Identity.apply(xi).backward(dout_bdt)),
         ("eager x * 1 forward + .backward()", lambda: (xi * 1).backward(dout_bdt)),
         ("api forward + .backward(), engine on this thread", lambda: _single_thread(
             lambda: ccmps.causal_conv1d(xg, wg, bg, "silu").backward(dout_bdt))),
@@ -209,18 +209,6 @@ def workloads(args, device, dtype, stub):
     ]
     result[f"decode step, B {B} D {D} W {Wd}, state [B, D, W]"] = layers
     return result
-
-
-class _Identity(torch.autograd.Function):
-    """The cheapest Python autograd Function: what the engine's round trip costs by itself."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, dout):
-        return dout
 
 
 def _single_thread(step):

@@ -1,7 +1,10 @@
 """Host time per call of back-to-back calls, shared by the host-overhead benchmarks (`host_overhead.py`,
-`cuda_launch_overhead.py`). It imports nothing of the package: `cuda_launch_overhead.py --compare` runs it
-beside another checkout's package."""
+`cuda_launch_overhead.py`, `backward_thread.py`), and the cheapest autograd Function they time as a yardstick.
+It imports nothing of the package: `cuda_launch_overhead.py --compare` runs it beside another checkout's
+package."""
 from __future__ import annotations
+
+import torch
 
 
 def per_call_us(fn, calls: int, repeats: int, sync, clock) -> float:
@@ -18,3 +21,15 @@ def per_call_us(fn, calls: int, repeats: int, sync, clock) -> float:
         sync()
         best = min(best, clock() - start)
     return best / calls * 1e6
+
+
+class Identity(torch.autograd.Function):
+    """The cheapest Python autograd Function: what the engine's round trip costs by itself."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dout):
+        return dout
