@@ -153,8 +153,9 @@ extern "C" __global__ void __launch_bounds__(CC_FWD_THREADS) cc_conv_fwd_bdt(
 extern "C" __global__ void __launch_bounds__(CC_THREADS) cc_conv_bwd_bdt(
         const uint4* __restrict__ x, const cc_wt* __restrict__ weight, const cc_wt* __restrict__ bias,
         const uint4* __restrict__ dout, uint4* __restrict__ dx, float* __restrict__ dw_part,
-        cc_wt* __restrict__ dweight, cc_wt* __restrict__ dbias, int n8, int chunk8, int B, int D, int x_stride_b, int x_stride_d, int dout_stride_b, int dout_stride_d,
-        int dx_stride_b, int dx_stride_d, int w_stride_d, int w_stride_k, int bias_stride) {
+        cc_wt* __restrict__ dweight, cc_wt* __restrict__ dbias, int n8, int chunk8, int B, int D,
+        int x_stride_b, int x_stride_d, int dout_stride_b, int dout_stride_d, int dx_stride_b, int dx_stride_d,
+        int w_stride_d, int w_stride_k, int bias_stride) {
     const int d = blockIdx.x, b = blockIdx.y, c = blockIdx.z, lane = threadIdx.x & 31;
     const uint4* xr = x + (long long)b * x_stride_b + (long long)d * x_stride_d;
     const uint4* gr = dout + (long long)b * dout_stride_b + (long long)d * dout_stride_d;
