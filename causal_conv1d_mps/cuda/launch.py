@@ -203,16 +203,17 @@ def _plan_backward(x: Tensor, weight: Tensor, bias: Tensor | None, dout: Tensor,
     chunks = -(-n8 // chunk8)
     defines = _defines(x, weight, bias, activation)
     fn = _runtime.kernel("cc_conv_bwd_bdt", defines, x.device)
-    # one partial row per channel (B = 1, one chunk): the conv kernel writes the gradient, one launch fewer
-    direct = chunks * B == 1
-    reduce = None if fn is None or direct else _runtime.kernel("cc_reduce_partials", defines, x.device)
-    if fn is None or (reduce is None and not direct):
+    if fn is None:
         return None
     conv = fn.prepare((D, B, chunks), (THREADS, 1, 1), 8,
                       (n8, chunk8, B, D, *x_strides, *dout_strides, *_new_like_strides(x),
                        *_weight_strides(weight, bias)))
-    if direct:
+    # one partial row per channel (B = 1, one chunk): the conv kernel writes the gradient, one launch fewer
+    if chunks * B == 1:
         return BackwardPlan(conv, None, 0, (D, W))
+    reduce = _runtime.kernel("cc_reduce_partials", defines, x.device)
+    if reduce is None:
+        return None
     reduce = reduce.prepare((-(-D * (W + 1) // 256), 1, 1), (256, 1, 1), 3, (chunks * B, D))
     return BackwardPlan(conv, reduce, chunks * B * D * (W + 1), (D, W))
 
