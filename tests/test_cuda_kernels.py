@@ -108,6 +108,20 @@ def test_the_backward_reduces_partial_sums_only_where_a_channel_has_several(kern
         assert (plan.reduce is None, plan.partials == 0) == (direct, direct), (B, D, T)
 
 
+def test_a_one_launch_backward_over_several_passes_matches_oracle(kernels, device, monkeypatch):
+    """The one-launch backward of a block that walks several passes of its row, the last one partly past T
+    (as B = 1 with D >= 1024 does on a GPU): here one chunk per row is forced by a target of one block."""
+    monkeypatch.setattr(kernels, "_TARGET_BLOCKS", 1)
+    monkeypatch.setattr(kernels, "_backward_plans", {})
+    gen = seeded(11)
+    for with_bias in (True, False):
+        weight, bias = make_params(3, 4, torch.float32, device, gen, with_bias)
+        x = randn(1, 3, 2064, dtype=torch.bfloat16, device=device, generator=gen)
+        dout = randn(1, 3, 2064, dtype=torch.bfloat16, device=device, generator=gen)
+        _check_against_oracle(kernels, x, weight, bias, "silu", dout, f"bias {with_bias}")
+    assert all(plan.reduce is None for plan in kernels._backward_plans.values())
+
+
 def test_the_oracle_cases_reach_every_layout_of_the_forward(kernels):
     """The shapes above run the forward with each (vectors per thread, threads per block) the launcher picks:
     T = 4176 128-thread blocks of 2 (W < 9) and 4 vectors; T = 2064 64-thread blocks of 4 vectors from W = 9
